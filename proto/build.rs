@@ -1,0 +1,18 @@
+//! Compiles `ferry/v1/*.proto` with protox (pure Rust, no system `protoc`) and
+//! writes the encoded descriptor set next to the generated code for reflection.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["ferry/v1/cluster.proto", "ferry/v1/config.proto", "ferry/v1/raft.proto"];
+    for file in files {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let fds = protox::compile(files, ["."])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out_dir.join("ferry_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
+    Ok(())
+}

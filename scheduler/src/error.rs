@@ -1,0 +1,66 @@
+//! The scheduler's error type and its one conversion to `tonic::Status`.
+
+use tonic::metadata::MetadataValue;
+
+/// Metadata key carrying the leader's address on "not leader" errors.
+pub const LEADER_ADDR_HEADER: &str = "x-ferry-leader-addr";
+/// Metadata key marking a call a follower forwarded (never forwarded again).
+pub const FORWARDED_HEADER: &str = "x-ferry-forwarded";
+
+/// What a scheduler operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The data directory could not be opened.
+    #[error(transparent)]
+    Storage(#[from] ferry_storage::Error),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    /// openraft refused to start or to initialize.
+    #[error("raft {op} failed: {reason}")]
+    Raft { op: &'static str, reason: String },
+    /// A request field is invalid.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request cannot be done in the current state of the cluster.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// This node is not the leader and the call cannot be forwarded.
+    #[error("not leader; {}", match (.leader_id, .leader_addr) {
+        (Some(id), Some(addr)) => format!("leader is node {id} at {addr}"),
+        _ => "no leader known yet, retry shortly".to_string(),
+    })]
+    NotLeader { leader_id: Option<u64>, leader_addr: Option<String> },
+    /// A peer could not be reached.
+    #[error("peer {addr} unreachable: {reason}")]
+    Unreachable { addr: String, reason: String },
+    /// Waiting for the local state machine took too long.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The node is shutting down or raft stopped.
+    #[error("scheduler is stopping: {0}")]
+    Stopped(String),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidArgument(_) | Error::Config(_) => tonic::Status::invalid_argument(msg),
+            Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
+            Error::NotLeader { leader_addr, .. } => {
+                let mut status = tonic::Status::unavailable(msg);
+                if let Some(value) = leader_addr.and_then(|a| MetadataValue::try_from(a).ok()) {
+                    status.metadata_mut().insert(LEADER_ADDR_HEADER, value);
+                }
+                status
+            }
+            Error::Unreachable { .. } | Error::Stopped(_) => tonic::Status::unavailable(msg),
+            Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),
+            Error::Storage(_) | Error::Bind { .. } | Error::Raft { .. } => tonic::Status::internal(msg),
+        }
+    }
+}

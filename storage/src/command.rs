@@ -1,0 +1,80 @@
+//! The commands that travel through the Raft log, and what applying them
+//! returns.
+//!
+//! Compatibility rule: variants are only ever appended, never reordered or
+//! removed, so older entries keep decoding (see [`crate::codec`]).
+
+use serde::{Deserialize, Serialize};
+
+/// One write to the replicated state, as logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Client-chosen idempotency id. A command whose id was applied before
+    /// (within the dedup window) is not applied again: it gets the first result.
+    /// Empty: no deduplication.
+    pub request_id: String,
+    /// What to do.
+    pub op: Op,
+}
+
+/// The operation a [`Command`] performs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Create or replace a configuration key.
+    Put {
+        /// The key (validated: 1..=4096 bytes).
+        key: String,
+        /// The value (validated: up to 1 MiB).
+        value: Vec<u8>,
+    },
+    /// Remove a configuration key.
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+/// The result of applying one log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum CommandResult {
+    /// A blank or membership entry: nothing to report.
+    #[default]
+    None,
+    /// A put took effect at `revision`.
+    Put {
+        /// Cluster revision after the put (the key's new modify revision).
+        revision: u64,
+        /// Revision at which the key was created.
+        create_revision: u64,
+        /// The key's version after the put (1 for a new key).
+        version: u64,
+    },
+    /// A delete was applied.
+    Delete {
+        /// Cluster revision after the delete (unchanged if nothing was deleted).
+        revision: u64,
+        /// Whether the key existed.
+        deleted: bool,
+    },
+    /// The command was refused by the state machine (it changed nothing).
+    Rejected {
+        /// Why, naming the field.
+        reason: String,
+    },
+}
+
+impl Command {
+    /// Checks the limits of every field; the error names the field and rule.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.request_id.len() > 128 {
+            return Err("request_id: must be at most 128 bytes".into());
+        }
+        match &self.op {
+            Op::Put { key, value } => {
+                crate::kv::validate_key(key)?;
+                crate::kv::validate_value(value)
+            }
+            Op::Delete { key } => crate::kv::validate_key(key),
+        }
+    }
+}

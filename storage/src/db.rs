@@ -1,0 +1,153 @@
+//! Opening a scheduler's data directory.
+//!
+//! One sled database holds everything: the `log` tree (big-endian u64 keys),
+//! the `meta` tree (vote, committed, last purged, `data_version`, current
+//! snapshot, state machine generation) and the state machine's trees. Snapshot
+//! files live beside it in `snapshots/`. A directory from an unknown format
+//! version, a corrupt one, or one locked by another process is refused with a
+//! clear [`Error`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::log_store::LogStore;
+use crate::state_machine::StateMachineStore;
+
+/// The data format version this binary writes and reads.
+pub const DATA_VERSION: u32 = 1;
+pub(crate) const KEY_DATA_VERSION: &[u8] = b"data_version";
+
+/// Tuning for [`open`].
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// sled's page cache, in bytes.
+    pub cache_bytes: u64,
+    /// Background flush interval. Durability of the log and vote does not
+    /// depend on it: those are flushed before openraft is told they are saved.
+    pub flush_every: Option<Duration>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self { cache_bytes: 64 * 1024 * 1024, flush_every: Some(Duration::from_millis(500)) }
+    }
+}
+
+/// An open data directory, shared by the log store and the state machine.
+#[derive(Clone, Debug)]
+pub struct DataDir {
+    pub(crate) path: PathBuf,
+    pub(crate) db: sled::Db,
+    pub(crate) meta: sled::Tree,
+}
+
+impl DataDir {
+    /// The directory this was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn snapshot_dir(&self) -> PathBuf {
+        self.path.join("snapshots")
+    }
+
+    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree, Error> {
+        self.db.open_tree(name).map_err(|source| Error::Sled { op: "open tree", source })
+    }
+}
+
+/// Opens (creating if needed) the data directory at `path` and returns the
+/// log store and state machine that openraft needs.
+pub fn open(path: &Path, options: &OpenOptions) -> Result<(LogStore, StateMachineStore), Error> {
+    let dir = open_dir(path, options)?;
+    let log = LogStore::new(dir.clone())?;
+    let sm = StateMachineStore::new(dir)?;
+    Ok((log, sm))
+}
+
+fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
+    std::fs::create_dir_all(path).map_err(|source| Error::Open { path: path.into(), source })?;
+    std::fs::create_dir_all(path.join("snapshots")).map_err(|source| Error::Open { path: path.into(), source })?;
+    let db = sled::Config::new()
+        .path(path.join("sled"))
+        .cache_capacity(options.cache_bytes)
+        .flush_every_ms(options.flush_every.map(|d| d.as_millis().max(1) as u64))
+        .open()
+        .map_err(|e| open_error(path, e))?;
+    let meta = db.open_tree("meta").map_err(|e| open_error(path, e))?;
+    match meta.get(KEY_DATA_VERSION).map_err(|e| open_error(path, e))? {
+        Some(raw) => {
+            let bytes: [u8; 4] = raw.as_ref().try_into().map_err(|_| Error::Corrupt {
+                path: path.into(),
+                reason: format!("data_version has {} bytes, expected 4", raw.len()),
+            })?;
+            let found = u32::from_be_bytes(bytes);
+            if found != DATA_VERSION {
+                return Err(Error::UnknownVersion { path: path.into(), found, supported: DATA_VERSION });
+            }
+        }
+        None => {
+            let has_data =
+                db.tree_names().iter().filter_map(|name| db.open_tree(name).ok()).any(|tree| !tree.is_empty());
+            if has_data {
+                return Err(Error::Corrupt {
+                    path: path.into(),
+                    reason: "it holds data but no data_version key (not written by ferry?)".into(),
+                });
+            }
+            meta.insert(KEY_DATA_VERSION, &DATA_VERSION.to_be_bytes()).map_err(|e| open_error(path, e))?;
+            db.flush().map_err(|e| open_error(path, e))?;
+        }
+    }
+    Ok(DataDir { path: path.into(), db, meta })
+}
+
+fn open_error(path: &Path, e: sled::Error) -> Error {
+    match e {
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
+            Error::Locked { path: path.into() }
+        }
+        sled::Error::Io(source) => Error::Open { path: path.into(), source },
+        sled::Error::Corruption { .. } => Error::Corrupt { path: path.into(), reason: e.to_string() },
+        other => Error::Sled { op: "open", source: other },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_open_of_a_locked_directory_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let _first = open(tmp.path(), &OpenOptions::default()).unwrap();
+        let err = open(tmp.path(), &OpenOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("in use by another running process"));
+    }
+
+    #[test]
+    fn unknown_data_version_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (log, _sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+            log.dir().meta.insert(KEY_DATA_VERSION, &9u32.to_be_bytes()).unwrap();
+            log.dir().db.flush().unwrap();
+        }
+        let err = open(tmp.path(), &OpenOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::UnknownVersion { found: 9, .. }), "{err}");
+    }
+
+    #[test]
+    fn data_without_version_is_corrupt() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(tmp.path().join("sled")).unwrap();
+            db.open_tree("log").unwrap().insert(b"x", b"y").unwrap();
+            db.flush().unwrap();
+        }
+        let err = open(tmp.path(), &OpenOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    }
+}

@@ -1,0 +1,31 @@
+//! Errors of the storage crate, each naming the operation that failed.
+
+use std::path::PathBuf;
+
+/// What went wrong while opening or using a data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another process holds the sled lock on this directory.
+    #[error(
+        "data directory {path} is in use by another running process (sled lock held); stop it or pick another --data"
+    )]
+    Locked { path: PathBuf },
+    /// The directory was written by a format this binary does not know.
+    #[error("data directory {path} has data format version {found}; this ferry supports version {supported}. Use a matching ferry binary")]
+    UnknownVersion { path: PathBuf, found: u32, supported: u32 },
+    /// The directory holds data but no (readable) format version, or sled found corruption.
+    #[error("data directory {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    /// An I/O error while opening.
+    #[error("cannot open data directory {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    /// sled failed.
+    #[error("storage {op} failed: {source}")]
+    Sled { op: &'static str, source: sled::Error },
+    /// A value could not be encoded or decoded.
+    #[error(transparent)]
+    Codec(#[from] crate::codec::CodecError),
+    /// A snapshot file could not be written or read.
+    #[error("snapshot {op} failed: {source}")]
+    Snapshot { op: &'static str, source: std::io::Error },
+}

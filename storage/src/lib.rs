@@ -1,0 +1,47 @@
+//! Ferry's replicated storage: the openraft log store and state machine on sled.
+//!
+//! openraft (storage-v2) drives two objects built by [`open`]:
+//! [`LogStore`] keeps the vote and the log, [`StateMachineStore`] applies
+//! committed [`Command`]s and builds and installs snapshots (files). Readers in
+//! the scheduler share the applied state through [`StateReader`].
+//!
+//! Layout:
+//! - [`db`]: opening the data directory, `data_version`, sled errors.
+//! - [`codec`]: the versioned binary encoding of log entries and RPC payloads.
+//! - [`command`]: the commands in the log and their results.
+//! - [`kv`]: configuration keys, their limits and revisions.
+//! - [`log_store`]: `RaftLogStorage`.
+//! - [`state_machine`]: `RaftStateMachine`, reads, digests.
+//! - [`snapshot`]: the snapshot file format.
+
+pub mod codec;
+pub mod command;
+pub mod db;
+pub mod error;
+pub mod kv;
+pub mod log_store;
+pub mod snapshot;
+pub mod state_machine;
+
+pub use command::{Command, CommandResult, Op};
+pub use db::{open, DataDir, OpenOptions};
+pub use error::Error;
+pub use kv::{KeyValue, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+pub use log_store::LogStore;
+pub use state_machine::{Digest, StateMachineStore, StateReader};
+
+/// Node ids are small integers chosen by the operator (`--id`).
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// openraft types for Ferry's scheduler group.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        SnapshotData = tokio::fs::File,
+);
+
+/// openraft's storage error for this type config.
+pub type RaftStorageError = openraft::StorageError<NodeId>;

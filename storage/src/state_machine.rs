@@ -1,0 +1,611 @@
+//! The replicated state machine on sled (`RaftStateMachine`), and the read
+//! side the scheduler serves from ([`StateReader`]).
+//!
+//! State lives in one *generation* of sled trees (`sm<N>_meta`, `sm<N>_kv`,
+//! `sm<N>_dedup`). `apply` changes a generation in one sled transaction, so the
+//! last applied log id, the revision and the keys never disagree. Installing a
+//! snapshot loads it into generation N+1 and then flips the `sm_generation`
+//! pointer, so a crash mid-install leaves the old state intact.
+//!
+//! Apply never reads clocks or randomness: its result depends only on the
+//! entries and the prior state. Applied state is not flushed on every apply:
+//! the log is durable, and after a crash openraft re-applies entries past the
+//! last applied id that reached disk. `purge` flushes the whole database before
+//! deleting entries, so the state covering a purged prefix is always on disk.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
+use openraft::{BasicNode, Entry, EntryPayload, LogId, OptionalSend, SnapshotMeta, StorageIOError, StoredMembership};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+
+use crate::codec;
+use crate::command::{Command, CommandResult, Op};
+use crate::db::DataDir;
+use crate::error::Error;
+use crate::kv::{KeyValue, StoredValue};
+use crate::snapshot::{self, Header, Record};
+use crate::{NodeId, RaftStorageError, TypeConfig};
+
+/// A request id is remembered for this many log entries after it was applied.
+pub const DEDUP_WINDOW: u64 = 100_000;
+const PRUNE_EVERY: u64 = 10_000;
+
+const KEY_GENERATION: &[u8] = b"sm_generation";
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
+const KEY_LAST_APPLIED: &[u8] = b"last_applied";
+const KEY_MEMBERSHIP: &[u8] = b"membership";
+const KEY_REVISION: &[u8] = b"revision";
+
+type Membership = StoredMembership<NodeId, BasicNode>;
+
+/// Called with the time each `apply` batch took (for the latency histogram).
+pub type ApplyObserver = Arc<dyn Fn(Duration, usize) + Send + Sync>;
+
+#[derive(Clone, Debug)]
+struct Trees {
+    generation: u64,
+    meta: sled::Tree,
+    kv: sled::Tree,
+    dedup: sled::Tree,
+}
+
+impl Trees {
+    fn open(dir: &DataDir, generation: u64) -> Result<Self, Error> {
+        Ok(Self {
+            generation,
+            meta: dir.tree(&format!("sm{generation}_meta"))?,
+            kv: dir.tree(&format!("sm{generation}_kv"))?,
+            dedup: dir.tree(&format!("sm{generation}_dedup"))?,
+        })
+    }
+
+    fn drop_from(self, dir: &DataDir) {
+        for name in ["meta", "kv", "dedup"] {
+            let _ = dir.db.drop_tree(format!("sm{}_{name}", self.generation));
+        }
+    }
+}
+
+struct Inner {
+    dir: DataDir,
+    trees: RwLock<Trees>,
+    applied: AtomicU64,
+    revision: AtomicU64,
+    snapshots_built: AtomicU64,
+    snapshots_installed: AtomicU64,
+}
+
+impl Inner {
+    fn trees(&self) -> Trees {
+        // A poisoned lock only means a panic elsewhere; the trees are still valid.
+        self.trees.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The state machine openraft drives. Clones share state.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    inner: Arc<Inner>,
+    observer: Option<ApplyObserver>,
+}
+
+impl std::fmt::Debug for StateMachineStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachineStore").field("path", &self.inner.dir.path).finish_non_exhaustive()
+    }
+}
+
+/// Read access to the applied state, shared with the scheduler's services.
+#[derive(Clone)]
+pub struct StateReader {
+    inner: Arc<Inner>,
+}
+
+/// A fingerprint of the applied state, for comparing replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    /// Log index the state reflects.
+    pub applied_index: u64,
+    /// Cluster revision.
+    pub revision: u64,
+    /// Number of keys.
+    pub keys: u64,
+    /// Hex BLAKE3 over revision and every key, value and revision field.
+    pub hex: String,
+}
+
+fn sled_err(op: &'static str) -> impl Fn(sled::Error) -> Error {
+    move |source| Error::Sled { op, source }
+}
+
+fn read_value<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &[u8],
+    what: &'static str,
+) -> Result<Option<T>, Error> {
+    match tree.get(key).map_err(sled_err("read"))? {
+        Some(raw) => Ok(Some(codec::decode(what, &raw)?)),
+        None => Ok(None),
+    }
+}
+
+impl StateMachineStore {
+    pub(crate) fn new(dir: DataDir) -> Result<Self, Error> {
+        let generation: u64 = read_value(&dir.meta, KEY_GENERATION, "sm generation")?.unwrap_or(0);
+        let trees = Trees::open(&dir, generation)?;
+        let last_applied: Option<LogId<NodeId>> = read_value(&trees.meta, KEY_LAST_APPLIED, "last applied")?.flatten();
+        let revision: u64 = read_value(&trees.meta, KEY_REVISION, "revision")?.unwrap_or(0);
+        // Leftovers of an install that crashed before the pointer flipped.
+        for name in dir.db.tree_names() {
+            let name = String::from_utf8_lossy(&name).into_owned();
+            if let Some(rest) = name.strip_prefix("sm") {
+                let gen = rest.split('_').next().and_then(|g| g.parse::<u64>().ok());
+                if gen.is_some_and(|g| g != generation) {
+                    let _ = dir.db.drop_tree(name.as_bytes());
+                }
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir,
+                trees: RwLock::new(trees),
+                applied: AtomicU64::new(last_applied.map(|l| l.index).unwrap_or(0)),
+                revision: AtomicU64::new(revision),
+                snapshots_built: AtomicU64::new(0),
+                snapshots_installed: AtomicU64::new(0),
+            }),
+            observer: None,
+        })
+    }
+
+    /// Reports every apply batch's duration to `observer`.
+    pub fn with_observer(mut self, observer: ApplyObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// A reader of the applied state.
+    pub fn reader(&self) -> StateReader {
+        StateReader { inner: self.inner.clone() }
+    }
+
+    fn apply_batch(&self, entries: &[Entry<TypeConfig>]) -> Result<Vec<CommandResult>, Error> {
+        let trees = self.inner.trees();
+        let result = (&trees.meta, &trees.kv, &trees.dedup).transaction(|(meta, kv, dedup)| {
+            let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
+            let mut results = Vec::with_capacity(entries.len());
+            let mut membership = None;
+            for entry in entries {
+                match &entry.payload {
+                    EntryPayload::Blank => results.push(CommandResult::None),
+                    EntryPayload::Membership(m) => {
+                        membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                        results.push(CommandResult::None);
+                    }
+                    EntryPayload::Normal(cmd) => {
+                        results.push(apply_command(kv, dedup, &mut revision, entry.log_id.index, cmd)?)
+                    }
+                }
+            }
+            if let Some(last) = entries.last() {
+                tx_write(meta, KEY_LAST_APPLIED, &Some(last.log_id), "last applied")?;
+            }
+            if let Some(m) = membership {
+                tx_write(meta, KEY_MEMBERSHIP, &m, "membership")?;
+            }
+            tx_write(meta, KEY_REVISION, &revision, "revision")?;
+            Ok((results, revision))
+        });
+        let (results, revision) = result.map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(source) => Error::Sled { op: "apply", source },
+        })?;
+        if let Some(last) = entries.last() {
+            self.inner.applied.store(last.log_id.index, Ordering::Release);
+            self.inner.revision.store(revision, Ordering::Release);
+            let (first, now) = (entries[0].log_id.index, last.log_id.index);
+            if now / PRUNE_EVERY != first.saturating_sub(1) / PRUNE_EVERY {
+                prune_dedup(&trees.dedup, now)?;
+            }
+        }
+        Ok(results)
+    }
+
+    /// Writes a snapshot file of the current state. Runs while openraft holds
+    /// the state machine (no apply in between), which makes it point-in-time.
+    fn write_snapshot(&self) -> Result<Snapshot<TypeConfig>, Error> {
+        let trees = self.inner.trees();
+        let last_log_id: Option<LogId<NodeId>> = read_value(&trees.meta, KEY_LAST_APPLIED, "last applied")?.flatten();
+        let last_membership: Membership = read_value(&trees.meta, KEY_MEMBERSHIP, "membership")?.unwrap_or_default();
+        let revision: u64 = read_value(&trees.meta, KEY_REVISION, "revision")?.unwrap_or(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let snapshot_id = match last_log_id {
+            Some(l) => format!("{}-{}-{nanos}", l.leader_id.term, l.index),
+            None => format!("0-0-{nanos}"),
+        };
+        let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
+        let header = Header { meta: meta.clone(), revision };
+
+        let dir = self.inner.dir.snapshot_dir();
+        let tmp = dir.join(format!("snap-{}.tmp", meta.snapshot_id));
+        let file = std::fs::File::create(&tmp).map_err(|source| Error::Snapshot { op: "create", source })?;
+        let mut w = snapshot::Writer::new(file, &header)?;
+        for item in trees.kv.iter() {
+            let (key, raw) = item.map_err(sled_err("read kv"))?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            w.record(&Record::Kv { key, value: codec::decode("kv value", &raw)? })?;
+        }
+        for item in trees.dedup.iter() {
+            let (id, raw) = item.map_err(sled_err("read dedup"))?;
+            let (index, result): (u64, CommandResult) = codec::decode("dedup entry", &raw)?;
+            w.record(&Record::Dedup { request_id: String::from_utf8_lossy(&id).into_owned(), index, result })?;
+        }
+        let file = w.finish()?;
+        file.sync_all().map_err(|source| Error::Snapshot { op: "fsync", source })?;
+        drop(file);
+        let name = format!("snap-{}.bin", meta.snapshot_id);
+        std::fs::rename(&tmp, dir.join(&name)).map_err(|source| Error::Snapshot { op: "rename", source })?;
+        snapshot::sync_dir(&dir)?;
+        self.set_current_snapshot(&meta, &name)?;
+        self.inner.snapshots_built.fetch_add(1, Ordering::Relaxed);
+        let file = std::fs::File::open(dir.join(&name)).map_err(|source| Error::Snapshot { op: "open", source })?;
+        Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
+    }
+
+    /// Records `name` as the current snapshot and deletes every other file.
+    fn set_current_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, name: &str) -> Result<(), Error> {
+        let raw = codec::encode("snapshot pointer", &(meta, name))?;
+        self.inner.dir.meta.insert(KEY_SNAPSHOT, raw).map_err(sled_err("record snapshot"))?;
+        self.inner.dir.db.flush().map_err(sled_err("flush"))?;
+        let dir = self.inner.dir.snapshot_dir();
+        if let Ok(listing) = std::fs::read_dir(&dir) {
+            for item in listing.flatten() {
+                if item.file_name().to_string_lossy() != name {
+                    let _ = std::fs::remove_file(item.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies a received snapshot into place, loads it into a fresh generation
+    /// and flips the generation pointer.
+    fn install(&self, meta: &SnapshotMeta<NodeId, BasicNode>, mut received: std::fs::File) -> Result<(), Error> {
+        use std::io::Seek;
+        let dir = self.inner.dir.snapshot_dir();
+        let name = format!("snap-{}.bin", meta.snapshot_id);
+        let tmp = dir.join(format!("snap-{}.tmp", meta.snapshot_id));
+        received.seek(std::io::SeekFrom::Start(0)).map_err(|source| Error::Snapshot { op: "seek", source })?;
+        {
+            let mut out = std::fs::File::create(&tmp).map_err(|source| Error::Snapshot { op: "create", source })?;
+            std::io::copy(&mut received, &mut out).map_err(|source| Error::Snapshot { op: "copy", source })?;
+            out.sync_all().map_err(|source| Error::Snapshot { op: "fsync", source })?;
+        }
+        std::fs::rename(&tmp, dir.join(&name)).map_err(|source| Error::Snapshot { op: "rename", source })?;
+        snapshot::sync_dir(&dir)?;
+
+        let file = std::fs::File::open(dir.join(&name)).map_err(|source| Error::Snapshot { op: "open", source })?;
+        let (mut reader, header) = snapshot::Reader::new(file)?;
+        let old = self.inner.trees();
+        let next = Trees::open(&self.inner.dir, old.generation + 1)?;
+        for tree in [&next.meta, &next.kv, &next.dedup] {
+            tree.clear().map_err(sled_err("clear"))?;
+        }
+        let mut batch_kv = sled::Batch::default();
+        let mut batch_dedup = sled::Batch::default();
+        let mut pending = 0;
+        while let Some(record) = reader.next_record()? {
+            match record {
+                Record::Kv { key, value } => batch_kv.insert(key.as_bytes(), codec::encode("kv value", &value)?),
+                Record::Dedup { request_id, index, result } => {
+                    batch_dedup.insert(request_id.as_bytes(), codec::encode("dedup entry", &(index, result))?)
+                }
+                Record::End { .. } => {}
+            }
+            pending += 1;
+            if pending == 1000 {
+                next.kv.apply_batch(std::mem::take(&mut batch_kv)).map_err(sled_err("load kv"))?;
+                next.dedup.apply_batch(std::mem::take(&mut batch_dedup)).map_err(sled_err("load dedup"))?;
+                pending = 0;
+            }
+        }
+        next.kv.apply_batch(batch_kv).map_err(sled_err("load kv"))?;
+        next.dedup.apply_batch(batch_dedup).map_err(sled_err("load dedup"))?;
+        // The meta openraft hands us is authoritative for log id and membership.
+        let put = |key: &[u8], raw: Vec<u8>| next.meta.insert(key, raw).map(|_| ()).map_err(sled_err("load meta"));
+        put(KEY_LAST_APPLIED, codec::encode("last applied", &meta.last_log_id)?)?;
+        put(KEY_MEMBERSHIP, codec::encode("membership", &meta.last_membership)?)?;
+        put(KEY_REVISION, codec::encode("revision", &header.revision)?)?;
+        self.inner.dir.db.flush().map_err(sled_err("flush"))?;
+
+        // The switch: one key, flushed.
+        let raw = codec::encode("sm generation", &next.generation)?;
+        self.inner.dir.meta.insert(KEY_GENERATION, raw).map_err(sled_err("switch generation"))?;
+        self.inner.dir.db.flush().map_err(sled_err("flush"))?;
+        *self.inner.trees.write().unwrap_or_else(|e| e.into_inner()) = next;
+        old.drop_from(&self.inner.dir);
+        self.inner.applied.store(meta.last_log_id.map(|l| l.index).unwrap_or(0), Ordering::Release);
+        self.inner.revision.store(header.revision, Ordering::Release);
+        self.set_current_snapshot(meta, &name)?;
+        self.inner.snapshots_installed.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
+        let Some((meta, name)): Option<(SnapshotMeta<NodeId, BasicNode>, String)> =
+            read_value(&self.inner.dir.meta, KEY_SNAPSHOT, "snapshot pointer")?
+        else {
+            return Ok(None);
+        };
+        let path = self.inner.dir.snapshot_dir().join(name);
+        let file = std::fs::File::open(&path).map_err(|source| Error::Snapshot { op: "open", source })?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
+    }
+}
+
+fn abort(e: Error) -> ConflictableTransactionError<Error> {
+    ConflictableTransactionError::Abort(e)
+}
+
+fn tx_read<T: serde::de::DeserializeOwned>(
+    tree: &TransactionalTree,
+    key: &[u8],
+    what: &'static str,
+) -> Result<Option<T>, ConflictableTransactionError<Error>> {
+    match tree.get(key)? {
+        Some(raw) => Ok(Some(codec::decode(what, &raw).map_err(|e| abort(e.into()))?)),
+        None => Ok(None),
+    }
+}
+
+fn tx_write<T: serde::Serialize>(
+    tree: &TransactionalTree,
+    key: &[u8],
+    value: &T,
+    what: &'static str,
+) -> Result<(), ConflictableTransactionError<Error>> {
+    tree.insert(key, codec::encode(what, value).map_err(|e| abort(e.into()))?)?;
+    Ok(())
+}
+
+/// Applies one command. Deterministic: depends only on the command, the index
+/// and the state.
+fn apply_command(
+    kv: &TransactionalTree,
+    dedup: &TransactionalTree,
+    revision: &mut u64,
+    index: u64,
+    cmd: &Command,
+) -> Result<CommandResult, ConflictableTransactionError<Error>> {
+    if !cmd.request_id.is_empty() {
+        if let Some((seen_at, result)) =
+            tx_read::<(u64, CommandResult)>(dedup, cmd.request_id.as_bytes(), "dedup entry")?
+        {
+            if seen_at + DEDUP_WINDOW >= index {
+                return Ok(result);
+            }
+        }
+    }
+    let result = match cmd.validate() {
+        Err(reason) => CommandResult::Rejected { reason },
+        Ok(()) => match &cmd.op {
+            Op::Put { key, value } => {
+                let prev: Option<StoredValue> = tx_read(kv, key.as_bytes(), "kv value")?;
+                *revision += 1;
+                let stored = StoredValue {
+                    value: value.clone(),
+                    create_revision: prev.as_ref().map(|p| p.create_revision).unwrap_or(*revision),
+                    mod_revision: *revision,
+                    version: prev.as_ref().map(|p| p.version + 1).unwrap_or(1),
+                };
+                tx_write(kv, key.as_bytes(), &stored, "kv value")?;
+                CommandResult::Put {
+                    revision: *revision,
+                    create_revision: stored.create_revision,
+                    version: stored.version,
+                }
+            }
+            Op::Delete { key } => {
+                if kv.remove(key.as_bytes())?.is_some() {
+                    *revision += 1;
+                    CommandResult::Delete { revision: *revision, deleted: true }
+                } else {
+                    CommandResult::Delete { revision: *revision, deleted: false }
+                }
+            }
+        },
+    };
+    if !cmd.request_id.is_empty() {
+        tx_write(dedup, cmd.request_id.as_bytes(), &(index, &result), "dedup entry")?;
+    }
+    Ok(result)
+}
+
+/// Drops request ids older than the window. Lookups check the window too, so
+/// when this runs does not change any result.
+fn prune_dedup(dedup: &sled::Tree, now: u64) -> Result<(), Error> {
+    let mut batch = sled::Batch::default();
+    for item in dedup.iter() {
+        let (id, raw) = item.map_err(sled_err("prune"))?;
+        let (index, _): (u64, CommandResult) = codec::decode("dedup entry", &raw)?;
+        if index + DEDUP_WINDOW < now {
+            batch.remove(id);
+        }
+    }
+    dedup.apply_batch(batch).map_err(sled_err("prune"))
+}
+
+fn to_raft(e: Error) -> RaftStorageError {
+    match e {
+        Error::Snapshot { .. } => StorageIOError::write_snapshot(None, &e).into(),
+        _ => StorageIOError::write_state_machine(&e).into(),
+    }
+}
+
+/// Hands a snapshot written by [`StateMachineStore::get_snapshot_builder`] to openraft.
+pub struct SnapshotBuilder {
+    built: Option<Result<Snapshot<TypeConfig>, RaftStorageError>>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        self.built.take().unwrap_or_else(|| {
+            Err(StorageIOError::write_snapshot(None, &std::io::Error::other("snapshot builder used twice")).into())
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, Membership), RaftStorageError> {
+        let trees = self.inner.trees();
+        let last: Option<LogId<NodeId>> = read_value(&trees.meta, KEY_LAST_APPLIED, "last applied")
+            .map_err(|e| StorageIOError::read_state_machine(&e))?
+            .flatten();
+        let membership: Membership = read_value(&trees.meta, KEY_MEMBERSHIP, "membership")
+            .map_err(|e| StorageIOError::read_state_machine(&e))?
+            .unwrap_or_default();
+        Ok((last, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, RaftStorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        let started = Instant::now();
+        let results = self.apply_batch(&entries).map_err(|e| {
+            let log_id = entries.last().map(|e| e.log_id).unwrap_or_default();
+            RaftStorageError::from(StorageIOError::apply(log_id, &e))
+        })?;
+        if let Some(observer) = &self.observer {
+            observer(started.elapsed(), entries.len());
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let this = self.clone();
+        let built =
+            tokio::task::spawn_blocking(move || this.write_snapshot().map_err(to_raft)).await.unwrap_or_else(|e| {
+                Err(StorageIOError::write_snapshot(None, &std::io::Error::other(e.to_string())).into())
+            });
+        SnapshotBuilder { built: Some(built) }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, RaftStorageError> {
+        // An anonymous file: created, opened, unlinked. It vanishes on its own
+        // if the transfer is abandoned.
+        let dir = self.inner.dir.snapshot_dir();
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let path = dir.join(format!("recv-{nanos}.part"));
+        let io = |e: std::io::Error| RaftStorageError::from(StorageIOError::write_snapshot(None, &e));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io)?;
+        std::fs::remove_file(&path).map_err(io)?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), RaftStorageError> {
+        let file = snapshot.into_std().await;
+        let this = self.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || this.install(&meta, file).map_err(to_raft))
+            .await
+            .unwrap_or_else(|e| Err(StorageIOError::write_snapshot(None, &std::io::Error::other(e.to_string())).into()))
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
+        self.current_snapshot().map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+    }
+}
+
+impl StateReader {
+    /// Index of the last applied log entry (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        self.inner.applied.load(Ordering::Acquire)
+    }
+
+    /// Current cluster revision.
+    pub fn revision(&self) -> u64 {
+        self.inner.revision.load(Ordering::Acquire)
+    }
+
+    /// Snapshots this node has built since it started.
+    pub fn snapshots_built(&self) -> u64 {
+        self.inner.snapshots_built.load(Ordering::Relaxed)
+    }
+
+    /// Snapshots this node has installed from a leader since it started.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.inner.snapshots_installed.load(Ordering::Relaxed)
+    }
+
+    /// One key, if present.
+    pub fn get(&self, key: &str) -> Result<Option<KeyValue>, Error> {
+        let trees = self.inner.trees();
+        let value: Option<StoredValue> = read_value(&trees.kv, key.as_bytes(), "kv value")?;
+        Ok(value.map(|v| v.with_key(key.to_owned())))
+    }
+
+    /// Keys starting with `prefix`, in order; at most `limit` (0 = all). The
+    /// flag says whether more keys matched.
+    pub fn list(&self, prefix: &str, limit: usize) -> Result<(Vec<KeyValue>, bool), Error> {
+        let trees = self.inner.trees();
+        let mut out = Vec::new();
+        for item in trees.kv.scan_prefix(prefix.as_bytes()) {
+            if limit != 0 && out.len() == limit {
+                return Ok((out, true));
+            }
+            let (key, raw) = item.map_err(sled_err("list"))?;
+            let value: StoredValue = codec::decode("kv value", &raw)?;
+            out.push(value.with_key(String::from_utf8_lossy(&key).into_owned()));
+        }
+        Ok((out, false))
+    }
+
+    /// A digest of the whole state at one applied index. Retries while applies
+    /// move the index underneath it.
+    pub fn digest(&self) -> Result<Digest, Error> {
+        loop {
+            let before = self.applied_index();
+            let trees = self.inner.trees();
+            let revision = self.revision();
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&revision.to_be_bytes());
+            let mut keys = 0u64;
+            for item in trees.kv.iter() {
+                let (key, raw) = item.map_err(sled_err("digest"))?;
+                let v: StoredValue = codec::decode("kv value", &raw)?;
+                for part in [&key[..], &v.value[..]] {
+                    hasher.update(&(part.len() as u64).to_be_bytes());
+                    hasher.update(part);
+                }
+                for n in [v.create_revision, v.mod_revision, v.version] {
+                    hasher.update(&n.to_be_bytes());
+                }
+                keys += 1;
+            }
+            if self.applied_index() == before {
+                return Ok(Digest {
+                    applied_index: before,
+                    revision,
+                    keys,
+                    hex: hasher.finalize().to_hex().to_string(),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,136 @@
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+use crate::command::{Command, CommandResult, Op};
+use crate::db::{open, OpenOptions};
+use crate::kv::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::TypeConfig;
+
+fn entry(index: u64, request_id: &str, op: Op) -> Entry<TypeConfig> {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Command { request_id: request_id.into(), op }),
+    }
+}
+
+fn put(key: &str, value: &str) -> Op {
+    Op::Put { key: key.into(), value: value.as_bytes().to_vec() }
+}
+
+#[tokio::test]
+async fn revisions_and_versions_follow_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+    let reader = sm.reader();
+    let r = sm
+        .apply(vec![
+            entry(1, "a", put("k", "v1")),
+            entry(2, "b", put("k", "v2")),
+            entry(3, "c", put("other", "x")),
+            entry(4, "d", Op::Delete { key: "k".into() }),
+            entry(5, "e", Op::Delete { key: "k".into() }),
+            entry(6, "f", put("k", "v3")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(r[0], CommandResult::Put { revision: 1, create_revision: 1, version: 1 });
+    assert_eq!(r[1], CommandResult::Put { revision: 2, create_revision: 1, version: 2 });
+    assert_eq!(r[3], CommandResult::Delete { revision: 4, deleted: true });
+    // Deleting a missing key changes nothing, not even the revision.
+    assert_eq!(r[4], CommandResult::Delete { revision: 4, deleted: false });
+    // Re-created: a new create revision, version starts over.
+    assert_eq!(r[5], CommandResult::Put { revision: 5, create_revision: 5, version: 1 });
+    let kv = reader.get("k").unwrap().unwrap();
+    assert_eq!((kv.value.as_slice(), kv.create_revision, kv.mod_revision, kv.version), (&b"v3"[..], 5, 5, 1));
+    assert_eq!(reader.revision(), 5);
+    assert_eq!(reader.applied_index(), 6);
+}
+
+#[tokio::test]
+async fn a_retried_request_id_gets_the_first_answer_and_applies_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+    let reader = sm.reader();
+    let first = sm.apply(vec![entry(1, "req-1", put("k", "v1"))]).await.unwrap();
+    let _ = sm.apply(vec![entry(2, "req-2", put("k", "v2"))]).await.unwrap();
+    // A client retries req-1 after the leader changed: same id, same command.
+    let retried = sm.apply(vec![entry(3, "req-1", put("k", "v1"))]).await.unwrap();
+    assert_eq!(first, retried);
+    let kv = reader.get("k").unwrap().unwrap();
+    assert_eq!(kv.value, b"v2", "the retry must not apply again");
+    assert_eq!(kv.version, 2);
+    assert_eq!(reader.revision(), 2);
+}
+
+#[tokio::test]
+async fn over_limit_commands_are_rejected_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+    let reader = sm.reader();
+    let long_key = "k".repeat(MAX_KEY_BYTES + 1);
+    let big = Op::Put { key: "big".into(), value: vec![0; MAX_VALUE_BYTES + 1] };
+    let r =
+        sm.apply(vec![entry(1, "", put("", "v")), entry(2, "", put(&long_key, "v")), entry(3, "", big)]).await.unwrap();
+    for (res, field) in r.iter().zip(["key", "key", "value"]) {
+        match res {
+            CommandResult::Rejected { reason } => assert!(reason.starts_with(field), "{reason}"),
+            other => panic!("expected rejection, got {other:?}"),
+        }
+    }
+    assert_eq!(reader.revision(), 0);
+    assert!(reader.list("", 0).unwrap().0.is_empty());
+    // Exactly at the limits is fine.
+    let ok = Op::Put { key: "k".repeat(MAX_KEY_BYTES), value: vec![1; MAX_VALUE_BYTES] };
+    let r = sm.apply(vec![entry(4, "", ok)]).await.unwrap();
+    assert!(matches!(r[0], CommandResult::Put { revision: 1, .. }));
+}
+
+#[tokio::test]
+async fn list_by_prefix_in_key_order_with_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+    let reader = sm.reader();
+    let ops: Vec<_> = ["app/b", "app/a", "other", "app/c"]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| entry(i as u64 + 1, "", put(k, k)))
+        .collect();
+    sm.apply(ops).await.unwrap();
+    let (all, more) = reader.list("app/", 0).unwrap();
+    assert_eq!(all.iter().map(|kv| kv.key.as_str()).collect::<Vec<_>>(), ["app/a", "app/b", "app/c"]);
+    assert!(!more);
+    let (two, more) = reader.list("app/", 2).unwrap();
+    assert_eq!(two.len(), 2);
+    assert!(more);
+}
+
+#[tokio::test]
+async fn snapshot_installs_into_an_identical_replica_and_survives_reopen() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let follower_dir = tempfile::tempdir().unwrap();
+    let (_l, mut leader) = open(leader_dir.path(), &OpenOptions::default()).unwrap();
+    let ops: Vec<_> = (1..=500u64)
+        .map(|i| entry(i, &format!("r{i}"), put(&format!("key/{i:04}"), &"v".repeat(i as usize))))
+        .collect();
+    leader.apply(ops).await.unwrap();
+    let snap = leader.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(500));
+    let want = leader.reader().digest().unwrap();
+
+    {
+        let (_f, mut follower) = open(follower_dir.path(), &OpenOptions::default()).unwrap();
+        follower.apply(vec![entry(1, "stale", put("stale", "x"))]).await.unwrap();
+        let current = leader.get_current_snapshot().await.unwrap().unwrap();
+        follower.install_snapshot(&current.meta, current.snapshot).await.unwrap();
+        assert_eq!(follower.reader().digest().unwrap(), want);
+        assert!(follower.reader().get("stale").unwrap().is_none());
+        // A retried request from before the snapshot is still recognised.
+        let again = follower.apply(vec![entry(501, "r7", put("key/0007", "changed"))]).await.unwrap();
+        assert!(matches!(again[0], CommandResult::Put { revision: 7, .. }));
+    }
+    let (_f, mut reopened) = open(follower_dir.path(), &OpenOptions::default()).unwrap();
+    let (applied, _) = reopened.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(501));
+    assert_eq!(reopened.reader().get("key/0007").unwrap().unwrap().value, b"v".repeat(7));
+    assert_eq!(reopened.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
+}
