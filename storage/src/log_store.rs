@@ -30,6 +30,8 @@ pub struct LogStore {
     log: sled::Tree,
     /// Last committed index openraft reported, for metrics (0 = none).
     committed: Arc<AtomicU64>,
+    /// fsyncs of appended entries since start (batching shows as entries/flush).
+    flushes: Arc<AtomicU64>,
 }
 
 impl LogStore {
@@ -37,7 +39,7 @@ impl LogStore {
         let log = dir.tree("log")?;
         let committed: Option<LogId<NodeId>> = read_meta(&dir.meta, KEY_COMMITTED, "committed")?;
         let committed = Arc::new(AtomicU64::new(committed.map(|c| c.index).unwrap_or(0)));
-        Ok(Self { dir, log, committed })
+        Ok(Self { dir, log, committed, flushes: Arc::new(AtomicU64::new(0)) })
     }
 
     /// The data directory behind this store.
@@ -48,6 +50,11 @@ impl LogStore {
     /// Commit index as last saved by openraft; shared, updated live.
     pub fn committed_index(&self) -> Arc<AtomicU64> {
         self.committed.clone()
+    }
+
+    /// Appends flushed to disk since this node started.
+    pub fn append_flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
     }
 
     /// Number of entries currently in the log (after purges).
@@ -162,6 +169,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
         let flushed = self.dir.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
+        self.flushes.fetch_add(1, Ordering::Relaxed);
         callback.log_io_completed(flushed);
         Ok(())
     }

@@ -1,0 +1,220 @@
+//! `ferry.v1.ClusterService`: status, membership changes and state digests.
+//!
+//! Membership changes run on the leader (a follower forwards them). Adding a
+//! node makes it a learner first and promotes it once it has caught up.
+//! Removing a node is refused when the voters left would not have a reachable
+//! quorum, since the change could then never commit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::pb::{self, cluster_service_client::ClusterServiceClient, cluster_service_server::ClusterService};
+use ferry_storage::NodeId;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers};
+use tonic::{Request, Response, Status};
+
+use crate::config::parse_host_port;
+use crate::error::Error;
+use crate::node::{forwarded, is_forwarded, Node};
+
+/// The ClusterService implementation.
+pub struct ClusterServiceImpl {
+    pub(crate) node: Arc<Node>,
+}
+
+fn members(node: &Node) -> Vec<pb::Member> {
+    let m = node.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    membership
+        .nodes()
+        .map(|(id, n)| pb::Member {
+            id: *id,
+            addr: n.addr.clone(),
+            kind: if voters.contains(id) { "voter" } else { "learner" }.into(),
+        })
+        .collect()
+}
+
+enum Outcome {
+    Done(u64),
+    Forward(String),
+}
+
+impl ClusterServiceImpl {
+    fn client(&self, addr: &str) -> Result<ClusterServiceClient<tonic::transport::Channel>, Status> {
+        Ok(ClusterServiceClient::new(self.node.peers.channel(addr)?))
+    }
+
+    /// Runs a membership change, mapping "not leader" to a forward target.
+    async fn change(&self, change: ChangeMembers<NodeId, BasicNode>, was_forwarded: bool) -> Result<Outcome, Status> {
+        match self.node.raft.change_membership(change, false).await {
+            Ok(resp) => Ok(Outcome::Done(resp.log_id.index)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Ok(Outcome::Forward(self.node.forward_target(&f, was_forwarded)?))
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(Error::FailedPrecondition(e.to_string()).into())
+            }
+            Err(RaftError::Fatal(f)) => Err(Error::Stopped(f.to_string()).into()),
+        }
+    }
+
+    /// Counts which of `ids` answer a status call within a short deadline.
+    async fn reachable(&self, ids: &BTreeSet<NodeId>, addrs: &BTreeMap<NodeId, String>) -> usize {
+        let mut up = 0;
+        for id in ids {
+            if *id == self.node.id {
+                up += 1;
+                continue;
+            }
+            let Some(addr) = addrs.get(id) else { continue };
+            let Ok(mut client) = self.client(addr) else { continue };
+            let mut req = Request::new(pb::StatusRequest {});
+            req.set_timeout(Duration::from_millis(800));
+            if client.status(req).await.is_ok() {
+                up += 1;
+            }
+        }
+        up
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterServiceImpl {
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let node = &self.node;
+        let m = node.raft.metrics().borrow().clone();
+        let leader = node.leader();
+        Ok(Response::new(pb::StatusResponse {
+            id: node.id,
+            addr: node.addr.clone(),
+            role: node.role().into(),
+            term: m.current_term,
+            leader_id: leader.as_ref().map(|l| l.0).unwrap_or(0),
+            leader_addr: leader.map(|l| l.1).unwrap_or_default(),
+            applied_index: node.reader.applied_index(),
+            commit_index: node.log.committed_index().load(std::sync::atomic::Ordering::Relaxed),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            snapshot_index: m.snapshot.map(|s| s.index).unwrap_or(0),
+            purged_index: m.purged.map(|p| p.index).unwrap_or(0),
+            revision: node.reader.revision(),
+            members: members(node),
+            version: env!("CARGO_PKG_VERSION").into(),
+            log_flushes: node.log.append_flushes(),
+        }))
+    }
+
+    async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Result<Response<pb::MembershipResponse>, Status> {
+        let was_forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        if req.id == 0 {
+            return Err(Error::InvalidArgument("id: must be at least 1".into()).into());
+        }
+        parse_host_port(&req.addr).map_err(|r| Error::InvalidArgument(format!("addr: {r}")))?;
+        {
+            let m = self.node.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            if let Some(existing) = membership.get_node(&req.id) {
+                let is_voter = membership.voter_ids().any(|v| v == req.id);
+                if existing.addr != req.addr || is_voter || req.learner_only {
+                    return Err(Error::InvalidArgument(format!(
+                        "id: node {} is already a member at {}",
+                        req.id, existing.addr
+                    ))
+                    .into());
+                }
+            }
+            if let Some((other, _)) = membership.nodes().find(|(id, n)| n.addr == req.addr && **id != req.id) {
+                return Err(Error::InvalidArgument(format!("addr: {} is already used by node {other}", req.addr)).into());
+            };
+        }
+        // Learner first; blocking until it has caught up with the log.
+        let learner = tokio::time::timeout(
+            self.node.config.snapshot_timeout,
+            self.node.raft.add_learner(req.id, BasicNode::new(&req.addr), true),
+        )
+        .await
+        .map_err(|_| Error::Timeout(format!("node {} did not catch up; is it running at {}?", req.id, req.addr)))?;
+        let index = match learner {
+            Ok(resp) => resp.log_id.index,
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                let addr = self.node.forward_target(&f, was_forwarded)?;
+                return self.client(&addr)?.add_node(forwarded(req, self.node.config.snapshot_timeout)).await;
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                return Err(Error::FailedPrecondition(e.to_string()).into())
+            }
+            Err(RaftError::Fatal(f)) => return Err(Error::Stopped(f.to_string()).into()),
+        };
+        let index = if req.learner_only {
+            index
+        } else {
+            match self.change(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])), was_forwarded).await? {
+                Outcome::Done(index) => index,
+                Outcome::Forward(addr) => {
+                    return self.client(&addr)?.add_node(forwarded(req, self.node.config.snapshot_timeout)).await
+                }
+            }
+        };
+        tracing::info!(id = req.id, addr = %req.addr, learner_only = req.learner_only, "node added");
+        Ok(Response::new(pb::MembershipResponse { log_index: index, members: members(&self.node) }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let was_forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        let m = self.node.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        if membership.get_node(&req.id).is_none() {
+            return Err(Error::InvalidArgument(format!("id: there is no node {} in the cluster", req.id)).into());
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let change = if voters.contains(&req.id) {
+            let remaining: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != req.id).collect();
+            if remaining.is_empty() {
+                return Err(Error::FailedPrecondition(format!("id: node {} is the last voter", req.id)).into());
+            }
+            if self.node.leader().map(|l| l.0) == Some(self.node.id) {
+                let addrs: BTreeMap<NodeId, String> = membership.nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+                let up = self.reachable(&remaining, &addrs).await;
+                let quorum = remaining.len() / 2 + 1;
+                if up < quorum {
+                    return Err(Error::FailedPrecondition(format!(
+                        "id: removing node {} leaves voters {remaining:?}, of which {up} are reachable; a quorum needs {quorum}",
+                        req.id
+                    ))
+                    .into());
+                }
+            }
+            ChangeMembers::RemoveVoters(BTreeSet::from([req.id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([req.id]))
+        };
+        match self.change(change, was_forwarded).await? {
+            Outcome::Done(index) => {
+                tracing::info!(id = req.id, "node removed");
+                Ok(Response::new(pb::MembershipResponse { log_index: index, members: members(&self.node) }))
+            }
+            Outcome::Forward(addr) => self.client(&addr)?.remove_node(forwarded(req, self.node.op_timeout())).await,
+        }
+    }
+
+    async fn state_digest(
+        &self,
+        _request: Request<pb::StateDigestRequest>,
+    ) -> Result<Response<pb::StateDigestResponse>, Status> {
+        let d = self.node.reader.digest().map_err(Error::from)?;
+        Ok(Response::new(pb::StateDigestResponse {
+            applied_index: d.applied_index,
+            revision: d.revision,
+            keys: d.keys,
+            digest: d.hex,
+        }))
+    }
+}

@@ -1,0 +1,106 @@
+//! Prometheus metrics of a scheduler, served on the admin port.
+//! Names follow `ferry_<component>_<what>_<unit>`.
+
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::node::Node;
+
+/// Every metric a scheduler exports. Gauges are refreshed at scrape time.
+pub struct Metrics {
+    registry: Registry,
+    term: Gauge<i64, AtomicI64>,
+    leader_id: Gauge<i64, AtomicI64>,
+    is_leader: Gauge<i64, AtomicI64>,
+    commit_index: Gauge<i64, AtomicI64>,
+    applied_index: Gauge<i64, AtomicI64>,
+    last_log_index: Gauge<i64, AtomicI64>,
+    log_entries: Gauge<i64, AtomicI64>,
+    snapshot_index: Gauge<i64, AtomicI64>,
+    revision: Gauge<i64, AtomicI64>,
+    snapshots_built: Counter<u64, AtomicU64>,
+    snapshots_installed: Counter<u64, AtomicU64>,
+    log_flushes: Counter<u64, AtomicU64>,
+    apply_seconds: Histogram,
+    applied_entries: Counter<u64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("ferry_raft");
+        let m = Self {
+            term: Gauge::default(),
+            leader_id: Gauge::default(),
+            is_leader: Gauge::default(),
+            commit_index: Gauge::default(),
+            applied_index: Gauge::default(),
+            last_log_index: Gauge::default(),
+            log_entries: Gauge::default(),
+            snapshot_index: Gauge::default(),
+            revision: Gauge::default(),
+            snapshots_built: Counter::default(),
+            snapshots_installed: Counter::default(),
+            log_flushes: Counter::default(),
+            apply_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            applied_entries: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("term", "Current Raft term", m.term.clone());
+        registry.register("leader_id", "Id of the known leader (0: none)", m.leader_id.clone());
+        registry.register("is_leader", "1 on the leader", m.is_leader.clone());
+        registry.register("commit_index", "Last committed log index", m.commit_index.clone());
+        registry.register("applied_index", "Last applied log index", m.applied_index.clone());
+        registry.register("last_log_index", "Last log index", m.last_log_index.clone());
+        registry.register("log_entries", "Entries in the log (after purges)", m.log_entries.clone());
+        registry.register("snapshot_index", "Log index of the current snapshot", m.snapshot_index.clone());
+        registry.register("revision", "Revision of the replicated state", m.revision.clone());
+        registry.register("snapshots_built", "Snapshots built by this node", m.snapshots_built.clone());
+        registry.register("snapshots_installed", "Snapshots installed from a leader", m.snapshots_installed.clone());
+        registry.register("log_flushes", "fsyncs of appended log entries", m.log_flushes.clone());
+        registry.register("apply_duration_seconds", "Time to apply one batch of entries", m.apply_seconds.clone());
+        registry.register("applied_entries", "Entries applied", m.applied_entries.clone());
+        Self { registry, ..m }
+    }
+}
+
+fn set_counter(c: &Counter<u64, AtomicU64>, value: u64) {
+    let have = c.get();
+    if value > have {
+        c.inc_by(value - have);
+    }
+}
+
+impl Metrics {
+    /// Records one apply batch.
+    pub fn observe_apply(&self, took: Duration, entries: usize) {
+        self.apply_seconds.observe(took.as_secs_f64());
+        self.applied_entries.inc_by(entries as u64);
+    }
+
+    /// Refreshes the gauges from `node` and renders the text format.
+    pub fn render(&self, node: &Node) -> String {
+        let m = node.raft.metrics().borrow().clone();
+        self.term.set(m.current_term as i64);
+        self.leader_id.set(m.current_leader.unwrap_or(0) as i64);
+        self.is_leader.set((m.current_leader == Some(node.id)) as i64);
+        self.commit_index.set(node.log.committed_index().load(std::sync::atomic::Ordering::Relaxed) as i64);
+        self.applied_index.set(node.reader.applied_index() as i64);
+        self.last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
+        self.log_entries.set(node.log.entry_count() as i64);
+        self.snapshot_index.set(m.snapshot.map(|s| s.index).unwrap_or(0) as i64);
+        self.revision.set(node.reader.revision() as i64);
+        set_counter(&self.snapshots_built, node.reader.snapshots_built());
+        set_counter(&self.snapshots_installed, node.reader.snapshots_installed());
+        set_counter(&self.log_flushes, node.log.append_flushes());
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}

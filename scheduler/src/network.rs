@@ -1,0 +1,189 @@
+//! Outbound Raft RPCs over tonic (`RaftNetworkFactory`).
+//!
+//! Payloads are openraft messages in Ferry's versioned encoding. Every call
+//! has a deadline (openraft's TTL for append/vote, `snapshot_timeout` for a
+//! snapshot). Snapshots go as one client stream of chunks read from the
+//! snapshot file, so memory stays flat whatever the snapshot size.
+
+use std::future::Future;
+use std::time::Duration;
+
+use ferry_proto::pb;
+use ferry_proto::pb::raft_service_client::RaftServiceClient;
+use ferry_storage::{codec, NodeId, TypeConfig};
+use openraft::error::{
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, SnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Snapshot, Vote};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tonic::transport::Channel;
+
+use crate::peers::{Peers, MAX_MESSAGE_BYTES};
+
+/// Bytes of snapshot data per stream message.
+const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+
+type RpcErr<E = RaftError<NodeId>> = RPCError<NodeId, BasicNode, E>;
+
+/// Builds a [`PeerNetwork`] per target.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    pub(crate) peers: Peers,
+    pub(crate) snapshot_timeout: Duration,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerNetwork {
+            target,
+            addr: node.addr.clone(),
+            channel: self.peers.channel(&node.addr).ok(),
+            snapshot_timeout: self.snapshot_timeout,
+        }
+    }
+}
+
+/// The connection to one peer.
+pub struct PeerNetwork {
+    target: NodeId,
+    addr: String,
+    /// `None` when the address could not even be parsed.
+    channel: Option<Channel>,
+    snapshot_timeout: Duration,
+}
+
+pub(crate) fn client(channel: Channel) -> RaftServiceClient<Channel> {
+    RaftServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+fn status_to_rpc<E: std::error::Error>(status: tonic::Status) -> RpcErr<E> {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            RPCError::Unreachable(Unreachable::new(&status))
+        }
+        _ => RPCError::Network(NetworkError::new(&status)),
+    }
+}
+
+impl PeerNetwork {
+    fn client<E: std::error::Error>(&self) -> Result<RaftServiceClient<Channel>, RpcErr<E>> {
+        let ch = self.channel.clone().ok_or_else(|| {
+            RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!("bad peer address {}", self.addr))))
+        })?;
+        Ok(client(ch))
+    }
+
+    /// Sends a unary call whose reply is `Result<Resp, E>` in the codec.
+    async fn unary<Req, Resp, E, F, Fut>(&self, what: &'static str, req: &Req, ttl: Duration, call: F) -> Result<Resp, RpcErr<E>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        E: std::error::Error + serde::de::DeserializeOwned,
+        F: FnOnce(RaftServiceClient<Channel>, tonic::Request<pb::RaftPayload>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<pb::RaftPayload>, tonic::Status>>,
+    {
+        let data = codec::encode(what, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(pb::RaftPayload { data });
+        request.set_timeout(ttl);
+        let reply = call(self.client()?, request).await.map_err(status_to_rpc)?;
+        let result: Result<Resp, E> =
+            codec::decode(what, &reply.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        self.unary("append entries", &rpc, option.hard_ttl(), |mut c, r| async move { c.append_entries(r).await })
+            .await
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
+        self.unary("vote", &rpc, option.hard_ttl(), |mut c, r| async move { c.vote(r).await }).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<RaftError<NodeId, InstallSnapshotError>>> {
+        // openraft 0.9 sends snapshots through `full_snapshot`, which Ferry
+        // implements as one stream; this chunk-at-a-time API is never used.
+        Err(RPCError::Network(NetworkError::new(&std::io::Error::other(
+            "ferry sends snapshots with full_snapshot (one stream)",
+        ))))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let io = |e: std::io::Error| StreamingError::Network(NetworkError::new(&e));
+        let header = codec::encode("snapshot header", &(&vote, &snapshot.meta))
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let mut file = snapshot.snapshot;
+        file.seek(std::io::SeekFrom::Start(0)).await.map_err(io)?;
+        // A reader task feeds a small bounded queue; it stops when the
+        // stream is dropped (cancel, timeout) because sends then fail.
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::SnapshotChunk>(4);
+        tokio::spawn(async move {
+            let mut header = Some(header);
+            loop {
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match file.read(&mut buf[filled..]).await {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) => {
+                            // Ends the stream early: the follower rejects a truncated snapshot.
+                            tracing::warn!(error = %e, "reading snapshot file for a follower failed");
+                            return;
+                        }
+                    }
+                }
+                buf.truncate(filled);
+                let last = filled < SNAPSHOT_CHUNK;
+                let chunk = pb::SnapshotChunk { header: header.take().unwrap_or_default(), data: buf };
+                if tx.send(chunk).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        let chunks = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut client = self.client::<Fatal<NodeId>>().map_err(|e| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            other => StreamingError::Network(NetworkError::new(&other)),
+        })?;
+        let mut request = tonic::Request::new(chunks);
+        request.set_timeout(self.snapshot_timeout);
+        let reply = tokio::select! {
+            reply = client.install_snapshot(request) => reply,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        let reply = reply.map_err(|status| match status_to_rpc::<Fatal<NodeId>>(status) {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            other => StreamingError::Network(NetworkError::new(&other)),
+        })?;
+        let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> = codec::decode("snapshot reply", &reply.into_inner().data)
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| StreamingError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e)))
+    }
+}

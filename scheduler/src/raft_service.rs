@@ -1,0 +1,70 @@
+//! Inbound Raft RPCs (`ferry.v1.RaftService`): decode, hand to openraft,
+//! encode the result (including openraft's own errors) for the sender.
+
+use std::sync::Arc;
+
+use ferry_proto::pb::{self, raft_service_server::RaftService};
+use ferry_storage::{codec, NodeId};
+use openraft::error::Fatal;
+use openraft::raft::{AppendEntriesRequest, SnapshotResponse, VoteRequest};
+use openraft::{BasicNode, Snapshot, SnapshotMeta, Vote};
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::node::Node;
+
+/// The RaftService implementation.
+pub struct RaftServiceImpl {
+    pub(crate) node: Arc<Node>,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &'static str, data: &[u8]) -> Result<T, Status> {
+    codec::decode(what, data).map_err(|e| Status::invalid_argument(format!("data: {e}")))
+}
+
+fn reply<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Response<pb::RaftPayload>, Status> {
+    let data = codec::encode(what, value).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(pb::RaftPayload { data }))
+}
+
+#[tonic::async_trait]
+impl RaftService for RaftServiceImpl {
+    async fn append_entries(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+        let req: AppendEntriesRequest<ferry_storage::TypeConfig> = decode("append entries", &request.into_inner().data)?;
+        let result = self.node.raft.append_entries(req).await;
+        reply("append entries", &result)
+    }
+
+    async fn vote(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+        let req: VoteRequest<NodeId> = decode("vote", &request.into_inner().data)?;
+        let result = self.node.raft.vote(req).await;
+        reply("vote", &result)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("stream: empty snapshot stream"))?;
+        let (vote, meta): (Vote<NodeId>, SnapshotMeta<NodeId, BasicNode>) = decode("snapshot header", &first.header)?;
+        let mut file = self.node.raft.begin_receiving_snapshot().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let io = |e: std::io::Error| Status::internal(format!("writing received snapshot: {e}"));
+        file.write_all(&first.data).await.map_err(io)?;
+        let mut bytes = first.data.len() as u64;
+        while let Some(chunk) = stream.message().await? {
+            file.write_all(&chunk.data).await.map_err(io)?;
+            bytes += chunk.data.len() as u64;
+        }
+        file.flush().await.map_err(io)?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes, "received snapshot; installing");
+        let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> =
+            self.node.raft.install_full_snapshot(vote, Snapshot { meta, snapshot: file }).await;
+        reply("snapshot reply", &result)
+    }
+
+    async fn read_index(&self, _request: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexResponse>, Status> {
+        let read_index = self.node.read_index().await?;
+        Ok(Response::new(pb::ReadIndexResponse { read_index }))
+    }
+}

@@ -1,0 +1,220 @@
+//! Starting and stopping a scheduler: open storage, start openraft, serve
+//! gRPC (Raft, config, cluster, health, reflection v1 + v1alpha) and admin
+//! HTTP, bootstrap a fresh cluster once, and shut down gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::pb::{
+    cluster_service_server::ClusterServiceServer, config_service_server::ConfigServiceServer,
+    raft_service_server::RaftServiceServer,
+};
+use ferry_storage::{OpenOptions, TypeConfig};
+use openraft::error::{InitializeError, RaftError};
+use openraft::{BasicNode, Raft, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cluster_service::ClusterServiceImpl;
+use crate::config::SchedulerConfig;
+use crate::config_service::ConfigServiceImpl;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::network::NetworkFactory;
+use crate::node::Node;
+use crate::peers::{Peers, MAX_MESSAGE_BYTES};
+use crate::raft_service::RaftServiceImpl;
+
+/// A running scheduler node.
+pub struct Scheduler {
+    node: Arc<Node>,
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn raft_config(c: &SchedulerConfig) -> Result<openraft::Config, Error> {
+    let ms = |d: Duration| d.as_millis().max(1) as u64;
+    openraft::Config {
+        cluster_name: "ferry".into(),
+        heartbeat_interval: ms(c.heartbeat_interval),
+        election_timeout_min: ms(c.election_timeout_min),
+        election_timeout_max: ms(c.election_timeout_max),
+        install_snapshot_timeout: ms(c.snapshot_timeout),
+        max_payload_entries: c.max_batch_entries,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every),
+        max_in_snapshot_log_to_keep: c.logs_to_keep,
+        purge_batch_size: 256,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| Error::Raft { op: "configure", reason: e.to_string() })
+}
+
+impl Scheduler {
+    /// Binds the configured listeners and starts.
+    pub async fn start(config: SchedulerConfig) -> Result<Self, Error> {
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind { addr: config.listen.to_string(), source })?;
+        let admin = match config.admin_listen {
+            Some(a) => Some(TcpListener::bind(a).await.map_err(|source| Error::Bind { addr: a.to_string(), source })?),
+            None => None,
+        };
+        Self::start_with(config, grpc, admin).await
+    }
+
+    /// Starts on listeners bound by the caller (ephemeral ports in tests and
+    /// `ferry dev`). `config.listen` is taken from `grpc`.
+    pub async fn start_with(
+        mut config: SchedulerConfig,
+        grpc: TcpListener,
+        admin: Option<TcpListener>,
+    ) -> Result<Self, Error> {
+        let addr = grpc.local_addr().map_err(|source| Error::Bind { addr: config.listen.to_string(), source })?;
+        config.listen = addr;
+        config.validate()?;
+        let members = config.members()?;
+        let raft_config = Arc::new(raft_config(&config)?);
+
+        let metrics = Arc::new(Metrics::default());
+        let (log, sm) = ferry_storage::open(&config.data, &OpenOptions::default())?;
+        let observed = metrics.clone();
+        let sm = sm.with_observer(Arc::new(move |took, n| observed.observe_apply(took, n)));
+        let reader = sm.reader();
+        let start_commit = log.committed_index().load(std::sync::atomic::Ordering::Relaxed);
+        let peers = Peers::default();
+        let network = NetworkFactory { peers: peers.clone(), snapshot_timeout: config.snapshot_timeout };
+        let raft = Raft::<TypeConfig>::new(config.id, raft_config, network, log.clone(), sm)
+            .await
+            .map_err(|e| Error::Raft { op: "start", reason: e.to_string() })?;
+
+        let node = Arc::new(Node {
+            id: config.id,
+            addr: config.advertised(),
+            raft: raft.clone(),
+            reader,
+            log,
+            peers,
+            config: config.clone(),
+            start_commit,
+            metrics,
+        });
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(serve_grpc(node.clone(), grpc, shutdown_rx.clone())));
+        let admin_addr = match admin {
+            Some(listener) => {
+                let a = listener.local_addr().ok();
+                let app = crate::admin::router(node.clone());
+                let mut rx = shutdown_rx.clone();
+                tasks.push(tokio::spawn(async move {
+                    let stop = async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    };
+                    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                        tracing::error!(error = %e, "admin HTTP server failed");
+                    }
+                }));
+                a
+            }
+            None => None,
+        };
+
+        let initialized = raft.is_initialized().await.map_err(|e| Error::Raft { op: "start", reason: e.to_string() })?;
+        if !initialized && !members.is_empty() {
+            let nodes: std::collections::BTreeMap<u64, BasicNode> =
+                members.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
+            match raft.initialize(nodes).await {
+                Ok(()) => tracing::info!(members = ?members, "initialized a new cluster"),
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                    tracing::info!("cluster already initialized by a peer")
+                }
+                Err(e) => return Err(Error::Raft { op: "initialize", reason: e.to_string() }),
+            }
+        } else if initialized {
+            tracing::info!("restarting on existing data; --initial-cluster is ignored");
+        }
+        tracing::info!(id = config.id, %addr, admin = ?admin_addr, data = %config.data.display(), "scheduler started");
+        Ok(Self { node, addr, admin_addr, shutdown, tasks })
+    }
+
+    /// The gRPC address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The admin HTTP address, if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The node's shared state (for in-process tools and tests).
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Stops serving, then stops Raft. In-flight calls finish first.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        if let Err(e) = self.node.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        tracing::info!(id = self.node.id, "scheduler stopped");
+    }
+}
+
+async fn serve_grpc(node: Arc<Node>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ConfigServiceServer<ConfigServiceImpl>>().await;
+    health.set_serving::<ClusterServiceServer<ClusterServiceImpl>>().await;
+    health.set_serving::<RaftServiceServer<RaftServiceImpl>>().await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (v1, v1alpha) = match (reflection().build_v1(), reflection().build_v1alpha()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "building reflection service failed");
+            return;
+        }
+    };
+    let raft = RaftServiceServer::new(RaftServiceImpl { node: node.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let config = ConfigServiceServer::new(ConfigServiceImpl { node: node.clone() })
+        .max_decoding_message_size(8 * 1024 * 1024);
+    let cluster = ClusterServiceServer::new(ClusterServiceImpl { node: node.clone() });
+
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .add_service(health_service)
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(raft)
+        .add_service(config)
+        .add_service(cluster)
+        .serve_with_incoming_shutdown(incoming, stop)
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
