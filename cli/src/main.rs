@@ -1,1 +1,35 @@
-fn main() {}
+//! `ferry`: the one binary. Parses flags and calls a library; exit codes are
+//! 0 for success, 1 for a failure or a missing key, 2 for bad input.
+
+mod args;
+mod client_cmd;
+mod daemon_cmd;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    let default_level = if cli.command.is_daemon() { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            args::Command::Scheduler(a) => daemon_cmd::scheduler(a).await,
+            args::Command::Dev(a) => daemon_cmd::dev(a).await,
+            args::Command::Cluster(c) => client_cmd::cluster(&cli.client, c).await,
+            args::Command::Config(c) => client_cmd::config(&cli.client, c).await,
+        }
+    });
+    ExitCode::from(code)
+}

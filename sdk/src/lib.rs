@@ -1,1 +1,23 @@
-//! placeholder
+//! The Rust client for Ferry.
+//!
+//! [`Client`] talks to any scheduler of a cluster: it tries the endpoints in
+//! turn when one is down, follows "not leader" hints, retries with backoff
+//! under a deadline, and reuses a write's request id across retries so the
+//! write applies once. Every call has a deadline.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), ferry_sdk::Error> {
+//! let client = ferry_sdk::Client::connect(["127.0.0.1:7001", "127.0.0.1:7002"])?;
+//! client.put("app/feature", b"on".to_vec()).await?;
+//! let kv = client.get("app/feature").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Layout: [`client`] (endpoints, retries, typed calls), [`error`].
+
+pub mod client;
+pub mod error;
+
+pub use client::{Client, ClientOptions, KeyValue, Put, Status};
+pub use error::Error;
+pub use ferry_proto::pb;

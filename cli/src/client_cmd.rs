@@ -1,0 +1,187 @@
+//! Client commands: `ferry cluster ...` and `ferry config ...`.
+
+use std::io::Write;
+
+use ferry_sdk::{Client, ClientOptions};
+use serde_json::json;
+
+use crate::args::{ClientArgs, ClusterCmd, ConfigCmd};
+
+fn client(args: &ClientArgs) -> Result<Client, ferry_sdk::Error> {
+    let options = ClientOptions { total_timeout: args.timeout, ..ClientOptions::default() };
+    Client::with_options(&args.endpoints, options)
+}
+
+/// Prints an SDK error and returns its exit code (2 for bad input).
+fn fail(e: ferry_sdk::Error) -> u8 {
+    eprintln!("error: {e}");
+    if e.is_invalid_argument() {
+        2
+    } else {
+        1
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{v}");
+}
+
+/// `ferry cluster ...`.
+pub async fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> u8 {
+    let c = match client(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match cmd {
+        ClusterCmd::Status => status(&c, args.json).await,
+        ClusterCmd::AddNode { id, addr, learner } => match c.add_node(id, &addr, learner).await {
+            Ok(r) => {
+                membership(args.json, &format!("added node {id} at {addr}"), r);
+                0
+            }
+            Err(e) => fail(e),
+        },
+        ClusterCmd::RemoveNode { id } => match c.remove_node(id).await {
+            Ok(r) => {
+                membership(args.json, &format!("removed node {id}"), r);
+                0
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
+fn membership(as_json: bool, what: &str, r: ferry_sdk::pb::MembershipResponse) {
+    if as_json {
+        let members: Vec<_> = r.members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "kind": m.kind})).collect();
+        print_json(&json!({"log_index": r.log_index, "members": members}));
+    } else {
+        println!("{what}");
+        for m in r.members {
+            println!("  {}  {}  {}", m.id, m.addr, m.kind);
+        }
+    }
+}
+
+async fn status(c: &Client, as_json: bool) -> u8 {
+    let first = match c.status().await {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    // Ask every member for its own view; an unreachable one shows as such.
+    let mut rows = Vec::new();
+    for m in &first.members {
+        let row = match c.status_of(&m.addr).await {
+            Ok(s) => json!({
+                "id": m.id, "addr": m.addr, "kind": m.kind, "role": s.role,
+                "term": s.term, "applied_index": s.applied_index, "commit_index": s.commit_index,
+                "last_log_index": s.last_log_index, "snapshot_index": s.snapshot_index,
+            }),
+            Err(_) => json!({"id": m.id, "addr": m.addr, "kind": m.kind, "role": "unreachable"}),
+        };
+        rows.push(row);
+    }
+    let leader = if first.leader_id == 0 { serde_json::Value::Null } else { json!(first.leader_id) };
+    if as_json {
+        print_json(&json!({"leader": leader, "term": first.term, "revision": first.revision, "members": rows}));
+    } else {
+        match first.leader_id {
+            0 => println!("leader: none known   term: {}   revision: {}", first.term, first.revision),
+            id => println!("leader: {id}   term: {}   revision: {}", first.term, first.revision),
+        }
+        println!("{:<4} {:<22} {:<8} {:<12} {:>10} {:>10}", "ID", "ADDR", "KIND", "ROLE", "APPLIED", "COMMIT");
+        for r in rows {
+            let num = |k: &str| r.get(k).and_then(|v| v.as_u64()).map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+            let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+            println!(
+                "{:<4} {:<22} {:<8} {:<12} {:>10} {:>10}",
+                num("id"),
+                s("addr"),
+                s("kind"),
+                s("role"),
+                num("applied_index"),
+                num("commit_index")
+            );
+        }
+    }
+    0
+}
+
+fn kv_json(kv: &ferry_sdk::KeyValue) -> serde_json::Value {
+    json!({
+        "key": kv.key,
+        "value": String::from_utf8_lossy(&kv.value),
+        "create_revision": kv.create_revision,
+        "mod_revision": kv.mod_revision,
+        "version": kv.version,
+    })
+}
+
+/// `ferry config ...`.
+pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
+    let c = match client(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match cmd {
+        ConfigCmd::Put { key, value } => match c.put(&key, value.into_bytes()).await {
+            Ok(p) => {
+                if args.json {
+                    print_json(&json!({"key": key, "revision": p.revision, "create_revision": p.create_revision, "version": p.version}));
+                } else {
+                    println!("OK revision {}", p.revision);
+                }
+                0
+            }
+            Err(e) => fail(e),
+        },
+        ConfigCmd::Get { key, serializable } => match c.get_with(&key, serializable).await {
+            Ok(Some(kv)) => {
+                if args.json {
+                    print_json(&kv_json(&kv));
+                } else {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&kv.value);
+                    let _ = out.write_all(b"\n");
+                }
+                0
+            }
+            Ok(None) => {
+                eprintln!("not found");
+                1
+            }
+            Err(e) => fail(e),
+        },
+        ConfigCmd::Delete { key } => match c.delete(&key).await {
+            Ok(deleted) => {
+                if args.json {
+                    print_json(&json!({"key": key, "deleted": deleted}));
+                } else if deleted {
+                    println!("deleted");
+                }
+                if deleted {
+                    0
+                } else {
+                    if !args.json {
+                        eprintln!("not found");
+                    }
+                    1
+                }
+            }
+            Err(e) => fail(e),
+        },
+        ConfigCmd::List { prefix, serializable } => match c.list(&prefix, serializable).await {
+            Ok(kvs) => {
+                if args.json {
+                    print_json(&serde_json::Value::Array(kvs.iter().map(kv_json).collect()));
+                } else {
+                    for kv in kvs {
+                        println!("{}={}", kv.key, String::from_utf8_lossy(&kv.value));
+                    }
+                }
+                0
+            }
+            Err(e) => fail(e),
+        },
+    }
+}

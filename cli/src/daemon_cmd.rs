@@ -1,0 +1,158 @@
+//! `ferry scheduler` and `ferry dev`: long-running commands that stop
+//! gracefully on SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ferry_scheduler::{Scheduler, SchedulerConfig};
+use tokio::net::TcpListener;
+
+use crate::args::{DevArgs, SchedulerArgs};
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn merge(a: SchedulerArgs) -> Result<SchedulerConfig, String> {
+    let mut c = match &a.config {
+        Some(path) => SchedulerConfig::from_toml_file(path).map_err(|e| e.to_string())?,
+        None => SchedulerConfig::default(),
+    };
+    if let Some(v) = a.id {
+        c.id = v;
+        if a.config.is_none() && a.data.is_none() {
+            c.data = PathBuf::from(format!("./data/s{v}"));
+        }
+    }
+    if let Some(v) = a.listen {
+        c.listen = v;
+    }
+    if a.advertise.is_some() {
+        c.advertise = a.advertise;
+    }
+    if a.admin_listen.is_some() {
+        c.admin_listen = a.admin_listen;
+    }
+    if let Some(v) = a.data {
+        c.data = v;
+    }
+    if let Some(v) = a.initial_cluster {
+        c.initial_cluster = v;
+    }
+    if let Some(v) = a.heartbeat_interval {
+        c.heartbeat_interval = v;
+    }
+    if let Some(v) = a.election_timeout_min {
+        c.election_timeout_min = v;
+    }
+    if let Some(v) = a.election_timeout_max {
+        c.election_timeout_max = v;
+    }
+    if let Some(v) = a.rpc_timeout {
+        c.rpc_timeout = v;
+    }
+    if let Some(v) = a.snapshot_timeout {
+        c.snapshot_timeout = v;
+    }
+    if let Some(v) = a.snapshot_every {
+        c.snapshot_every = v;
+    }
+    if let Some(v) = a.logs_to_keep {
+        c.logs_to_keep = v;
+    }
+    c.validate().map_err(|e| format!("invalid value for --{e}"))?;
+    Ok(c)
+}
+
+/// `ferry scheduler`.
+pub async fn scheduler(a: SchedulerArgs) -> u8 {
+    let config = match merge(a) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let scheduler = match Scheduler::start(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return if matches!(e, ferry_scheduler::Error::Config(_)) { 2 } else { 1 };
+        }
+    };
+    stop_signal().await;
+    tracing::info!("stopping on signal");
+    scheduler.shutdown().await;
+    0
+}
+
+async fn bind(port: u16, offset: u16) -> Result<TcpListener, String> {
+    let port = if port == 0 { 0 } else { port + offset };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+/// `ferry dev`: three schedulers in one process on loopback.
+pub async fn dev(a: DevArgs) -> u8 {
+    match run_dev(a).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+async fn run_dev(a: DevArgs) -> Result<(), String> {
+    let (root, temporary) = match a.data {
+        Some(d) => (d, false),
+        None => (std::env::temp_dir().join(format!("ferry-dev-{}", std::process::id())), true),
+    };
+    let mut grpc = Vec::new();
+    let mut admin = Vec::new();
+    for i in 0..3 {
+        grpc.push(bind(a.base_port, i).await?);
+        admin.push(bind(a.admin_base_port, i).await?);
+    }
+    let addrs: Vec<String> = grpc.iter().map(|l| l.local_addr().map(|a| a.to_string()).unwrap_or_default()).collect();
+    let members = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+    let mut nodes = Vec::new();
+    for (i, (g, ad)) in grpc.into_iter().zip(admin).enumerate() {
+        let id = i as u64 + 1;
+        let config = SchedulerConfig {
+            id,
+            data: root.join(format!("s{id}")),
+            initial_cluster: members.clone(),
+            ..SchedulerConfig::default()
+        };
+        nodes.push(Scheduler::start_with(config, g, Some(ad)).await.map_err(|e| e.to_string())?);
+    }
+    let endpoints = addrs.join(",");
+    println!("ferry dev: 3 schedulers running, data in {}", root.display());
+    for n in &nodes {
+        let admin = n.admin_addr().map(|a| a.to_string()).unwrap_or_default();
+        println!("  node {}  grpc {}  admin http://{admin}/metrics", n.node().id, n.addr());
+    }
+    println!("try:\n  export FERRY_ENDPOINTS={endpoints}\n  ferry cluster status\n  ferry config put greeting hello && ferry config get greeting");
+    println!("Ctrl-C stops the cluster.");
+    stop_signal().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+    if temporary {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! The client: endpoint failover, leader hints, retries and typed calls.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_proto::pb;
+use ferry_proto::pb::cluster_service_client::ClusterServiceClient;
+use ferry_proto::pb::config_service_client::ConfigServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::Error;
+
+/// Metadata key on "not leader" errors (mirrors the scheduler).
+const LEADER_ADDR_HEADER: &str = "x-ferry-leader-addr";
+/// Largest response the client accepts (a listing of many keys).
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Tuning for a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Deadline of one attempt against one endpoint.
+    pub request_timeout: Duration,
+    /// Deadline of a whole call, retries included.
+    pub total_timeout: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// First backoff between rounds over all endpoints (doubles, capped at 1 s).
+    pub backoff: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(5),
+            total_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_millis(800),
+            backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A key as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+    /// Revision at which the key was created.
+    pub create_revision: u64,
+    /// Revision of its last change.
+    pub mod_revision: u64,
+    /// Writes since creation.
+    pub version: u64,
+}
+
+/// The result of a put.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Put {
+    /// Cluster revision of the write (the key's modify revision).
+    pub revision: u64,
+    /// Revision at which the key was created.
+    pub create_revision: u64,
+    /// The key's version after the write.
+    pub version: u64,
+    /// The node that applied it.
+    pub member_id: u64,
+}
+
+/// One scheduler's view of the cluster.
+pub type Status = pb::StatusResponse;
+
+impl From<pb::KeyValue> for KeyValue {
+    fn from(kv: pb::KeyValue) -> Self {
+        Self {
+            key: kv.key,
+            value: kv.value,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            version: kv.version,
+        }
+    }
+}
+
+struct Target {
+    addr: String,
+    channel: Channel,
+}
+
+/// A client of a Ferry cluster. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Client {
+    targets: Arc<Mutex<Vec<Target>>>,
+    /// Index of the endpoint that answered last; calls start there.
+    preferred: Arc<AtomicUsize>,
+    options: ClientOptions,
+}
+
+fn channel(addr: &str, options: &ClientOptions) -> Result<Channel, Error> {
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| Error::InvalidEndpoint(format!("'{addr}' is not HOST:PORT")))?;
+    if host.is_empty() || port.parse::<u16>().map(|p| p == 0).unwrap_or(true) {
+        return Err(Error::InvalidEndpoint(format!("'{addr}' is not HOST:PORT")));
+    }
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::InvalidEndpoint(format!("'{addr}': {e}")))?
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(endpoint.connect_lazy())
+}
+
+/// Codes worth another attempt (elsewhere). Writes are safe to retry because
+/// they carry a request id the cluster deduplicates.
+fn retryable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Aborted
+    )
+}
+
+/// A fresh idempotency id for a write.
+pub fn request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+impl Client {
+    /// A client for `endpoints` (`host:port` each) with default options.
+    /// Connections are made lazily, on first use.
+    pub fn connect<I, S>(endpoints: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::with_options(endpoints, ClientOptions::default())
+    }
+
+    /// Like [`Client::connect`], with explicit options.
+    pub fn with_options<I, S>(endpoints: I, options: ClientOptions) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut targets = Vec::new();
+        for e in endpoints {
+            let addr = e.as_ref().trim().to_string();
+            if addr.is_empty() {
+                continue;
+            }
+            targets.push(Target { channel: channel(&addr, &options)?, addr });
+        }
+        if targets.is_empty() {
+            return Err(Error::InvalidEndpoint("at least one HOST:PORT is needed".into()));
+        }
+        Ok(Self { targets: Arc::new(Mutex::new(targets)), preferred: Arc::new(AtomicUsize::new(0)), options })
+    }
+
+    /// The endpoints this client knows (the configured ones and leaders it
+    /// learnt of).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.targets.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|t| t.addr.clone()).collect()
+    }
+
+    /// The channel to try for attempt `n`, and its index.
+    fn pick(&self, n: usize) -> (usize, String, Channel) {
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        let i = (self.preferred.load(Ordering::Relaxed) + n) % targets.len();
+        (i, targets[i].addr.clone(), targets[i].channel.clone())
+    }
+
+    /// Makes `addr` the preferred endpoint, adding it if new.
+    fn prefer(&self, addr: &str) {
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match targets.iter().position(|t| t.addr == addr) {
+            Some(i) => i,
+            None => match channel(addr, &self.options) {
+                Ok(ch) => {
+                    targets.push(Target { addr: addr.to_string(), channel: ch });
+                    targets.len() - 1
+                }
+                Err(_) => return,
+            },
+        };
+        self.preferred.store(i, Ordering::Relaxed);
+    }
+
+    /// Runs `call` against the endpoints until it succeeds, fails for a
+    /// reason retrying cannot fix, or the total deadline passes.
+    async fn call<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.options.total_timeout;
+        let mut backoff = self.options.backoff;
+        let mut attempt = 0usize;
+        loop {
+            let n = self.targets.lock().unwrap_or_else(|e| e.into_inner()).len();
+            let mut last = None;
+            for _ in 0..n {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let (i, addr, ch) = self.pick(attempt);
+                attempt += 1;
+                match call(ch, self.options.request_timeout.min(left)).await {
+                    Ok(v) => {
+                        self.preferred.store(i, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    Err(status) if retryable(status.code()) => {
+                        tracing::debug!(%addr, what, error = %status.message(), "attempt failed; trying the next endpoint");
+                        if let Some(leader) = status.metadata().get(LEADER_ADDR_HEADER).and_then(|v| v.to_str().ok()) {
+                            self.prefer(leader);
+                            attempt = 0;
+                        }
+                        last = Some(status);
+                    }
+                    Err(status) => return Err(Error::Rejected(status)),
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Unavailable {
+                    last: last.unwrap_or_else(|| tonic::Status::deadline_exceeded(format!("{what}: deadline passed"))),
+                });
+            }
+            tokio::time::sleep(backoff.min(left)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    fn config_client(ch: Channel) -> ConfigServiceClient<Channel> {
+        ConfigServiceClient::new(ch)
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
+    fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(timeout);
+        req
+    }
+
+    /// Creates or replaces `key`. Retried safely: the request id stays the same.
+    pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<Put, Error> {
+        let msg = pb::PutRequest { key: key.to_string(), value, request_id: request_id() };
+        let resp = self
+            .call("put", |ch, t| {
+                let msg = msg.clone();
+                async move { Self::config_client(ch).put(Self::request(msg, t)).await }
+            })
+            .await?
+            .into_inner();
+        let header = resp.header.unwrap_or_default();
+        Ok(Put {
+            revision: header.revision,
+            create_revision: resp.create_revision,
+            version: resp.version,
+            member_id: header.member_id,
+        })
+    }
+
+    /// Reads `key` (linearizable). `None` if it does not exist.
+    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, Error> {
+        self.get_with(key, false).await
+    }
+
+    /// Reads `key`; `serializable` reads the answering node's replica
+    /// without a read-index round trip (may be stale).
+    pub async fn get_with(&self, key: &str, serializable: bool) -> Result<Option<KeyValue>, Error> {
+        let msg = pb::GetRequest { key: key.to_string(), serializable };
+        let resp = self
+            .call("get", |ch, t| {
+                let msg = msg.clone();
+                async move { Self::config_client(ch).get(Self::request(msg, t)).await }
+            })
+            .await?;
+        Ok(resp.into_inner().kv.map(KeyValue::from))
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn delete(&self, key: &str) -> Result<bool, Error> {
+        let msg = pb::DeleteRequest { key: key.to_string(), request_id: request_id() };
+        let resp = self
+            .call("delete", |ch, t| {
+                let msg = msg.clone();
+                async move { Self::config_client(ch).delete(Self::request(msg, t)).await }
+            })
+            .await?;
+        Ok(resp.into_inner().deleted)
+    }
+
+    /// Every key starting with `prefix`, in key order (linearizable).
+    pub async fn list(&self, prefix: &str, serializable: bool) -> Result<Vec<KeyValue>, Error> {
+        let msg = pb::ListRequest { prefix: prefix.to_string(), serializable, limit: 0 };
+        let resp = self
+            .call("list", |ch, t| {
+                let msg = msg.clone();
+                async move { Self::config_client(ch).list(Self::request(msg, t)).await }
+            })
+            .await?;
+        Ok(resp.into_inner().kvs.into_iter().map(KeyValue::from).collect())
+    }
+
+    /// The status of whichever scheduler answers first.
+    pub async fn status(&self) -> Result<Status, Error> {
+        self.call("status", |ch, t| async move {
+            ClusterServiceClient::new(ch).status(Self::request(pb::StatusRequest {}, t)).await
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// The status of the scheduler at `addr` only (no failover).
+    pub async fn status_of(&self, addr: &str) -> Result<Status, Error> {
+        let ch = channel(addr, &self.options)?;
+        let mut client = ClusterServiceClient::new(ch);
+        client
+            .status(Self::request(pb::StatusRequest {}, self.options.request_timeout.min(Duration::from_secs(2))))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|last| Error::Unavailable { last })
+    }
+
+    /// A digest of the state at `addr` (no failover), for comparing replicas.
+    pub async fn state_digest_of(&self, addr: &str) -> Result<pb::StateDigestResponse, Error> {
+        let mut client = ClusterServiceClient::new(channel(addr, &self.options)?);
+        client
+            .state_digest(Self::request(pb::StateDigestRequest {}, self.options.request_timeout))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|last| Error::Unavailable { last })
+    }
+
+    /// Adds a scheduler (learner, then voter unless `learner_only`).
+    pub async fn add_node(&self, id: u64, addr: &str, learner_only: bool) -> Result<pb::MembershipResponse, Error> {
+        let msg = pb::AddNodeRequest { id, addr: addr.to_string(), learner_only };
+        let timeout = self.options.total_timeout.max(Duration::from_secs(60));
+        self.call("add-node", |ch, _| {
+            let msg = msg.clone();
+            async move { ClusterServiceClient::new(ch).add_node(Self::request(msg, timeout)).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// Removes a scheduler from the cluster.
+    pub async fn remove_node(&self, id: u64) -> Result<pb::MembershipResponse, Error> {
+        let msg = pb::RemoveNodeRequest { id };
+        self.call("remove-node", |ch, t| {
+            let msg = msg.clone();
+            async move { ClusterServiceClient::new(ch).remove_node(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+}

@@ -1,0 +1,34 @@
+//! Errors returned by the SDK.
+
+/// What a call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No endpoints, or one that is not `host:port`.
+    #[error("endpoints: {0}")]
+    InvalidEndpoint(String),
+    /// The server refused the request (bad argument, failed precondition, …).
+    #[error("{}", .0.message())]
+    Rejected(tonic::Status),
+    /// Every endpoint failed until the deadline; the last error is kept.
+    #[error("no scheduler could serve the call before the deadline: {}", .last.message())]
+    Unavailable {
+        /// The last failure seen.
+        last: tonic::Status,
+    },
+}
+
+impl Error {
+    /// The gRPC code behind the error.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Error::InvalidEndpoint(_) => tonic::Code::InvalidArgument,
+            Error::Rejected(s) => s.code(),
+            Error::Unavailable { last } => last.code(),
+        }
+    }
+
+    /// True when the caller's input was at fault (gRPC `InvalidArgument`).
+    pub fn is_invalid_argument(&self) -> bool {
+        self.code() == tonic::Code::InvalidArgument
+    }
+}
