@@ -127,7 +127,9 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
         ConfigCmd::Put { key, value } => match c.put(&key, value.into_bytes()).await {
             Ok(p) => {
                 if args.json {
-                    print_json(&json!({"key": key, "revision": p.revision, "create_revision": p.create_revision, "version": p.version}));
+                    print_json(
+                        &json!({"key": key, "revision": p.revision, "create_revision": p.create_revision, "version": p.version}),
+                    );
                 } else {
                     println!("OK revision {}", p.revision);
                 }

@@ -128,7 +128,9 @@ impl ClusterService for ClusterServiceImpl {
                 }
             }
             if let Some((other, _)) = membership.nodes().find(|(id, n)| n.addr == req.addr && **id != req.id) {
-                return Err(Error::InvalidArgument(format!("addr: {} is already used by node {other}", req.addr)).into());
+                return Err(
+                    Error::InvalidArgument(format!("addr: {} is already used by node {other}", req.addr)).into()
+                );
             };
         }
         // Learner first; blocking until it has caught up with the log.

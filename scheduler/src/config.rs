@@ -126,7 +126,8 @@ pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>, String> {
 impl SchedulerConfig {
     /// Reads a TOML file.
     pub fn from_toml_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| bad("config", format!("cannot read {}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| bad("config", format!("cannot read {}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| bad("config", format!("{}: {e}", path.display())))
     }
 
@@ -216,7 +217,8 @@ mod tests {
 
     #[test]
     fn toml_durations_are_human_strings() {
-        let c: SchedulerConfig = toml::from_str("id = 3\nheartbeat_interval = \"20ms\"\nlisten = \"127.0.0.1:9000\"").unwrap();
+        let c: SchedulerConfig =
+            toml::from_str("id = 3\nheartbeat_interval = \"20ms\"\nlisten = \"127.0.0.1:9000\"").unwrap();
         assert_eq!(c.id, 3);
         assert_eq!(c.heartbeat_interval, Duration::from_millis(20));
         assert!(toml::from_str::<SchedulerConfig>("nope = 1").is_err());

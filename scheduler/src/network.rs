@@ -84,7 +84,13 @@ impl PeerNetwork {
     }
 
     /// Sends a unary call whose reply is `Result<Resp, E>` in the codec.
-    async fn unary<Req, Resp, E, F, Fut>(&self, what: &'static str, req: &Req, ttl: Duration, call: F) -> Result<Resp, RpcErr<E>>
+    async fn unary<Req, Resp, E, F, Fut>(
+        &self,
+        what: &'static str,
+        req: &Req,
+        ttl: Duration,
+        call: F,
+    ) -> Result<Resp, RpcErr<E>>
     where
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
@@ -98,7 +104,8 @@ impl PeerNetwork {
         let reply = call(self.client()?, request).await.map_err(status_to_rpc)?;
         let result: Result<Resp, E> =
             codec::decode(what, &reply.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e)))
+        result
+            .map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e)))
     }
 }
 
@@ -108,8 +115,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.unary("append entries", &rpc, option.hard_ttl(), |mut c, r| async move { c.append_entries(r).await })
-            .await
+        self.unary("append entries", &rpc, option.hard_ttl(), |mut c, r| async move { c.append_entries(r).await }).await
     }
 
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
@@ -182,8 +188,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             RPCError::Unreachable(u) => StreamingError::Unreachable(u),
             other => StreamingError::Network(NetworkError::new(&other)),
         })?;
-        let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> = codec::decode("snapshot reply", &reply.into_inner().data)
-            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| StreamingError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e)))
+        let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> =
+            codec::decode("snapshot reply", &reply.into_inner().data)
+                .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| {
+            StreamingError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e))
+        })
     }
 }

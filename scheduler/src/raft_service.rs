@@ -30,7 +30,8 @@ fn reply<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Response<
 #[tonic::async_trait]
 impl RaftService for RaftServiceImpl {
     async fn append_entries(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
-        let req: AppendEntriesRequest<ferry_storage::TypeConfig> = decode("append entries", &request.into_inner().data)?;
+        let req: AppendEntriesRequest<ferry_storage::TypeConfig> =
+            decode("append entries", &request.into_inner().data)?;
         let result = self.node.raft.append_entries(req).await;
         reply("append entries", &result)
     }
@@ -48,7 +49,8 @@ impl RaftService for RaftServiceImpl {
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("stream: empty snapshot stream"))?;
         let (vote, meta): (Vote<NodeId>, SnapshotMeta<NodeId, BasicNode>) = decode("snapshot header", &first.header)?;
-        let mut file = self.node.raft.begin_receiving_snapshot().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut file =
+            self.node.raft.begin_receiving_snapshot().await.map_err(|e| Status::unavailable(e.to_string()))?;
         let io = |e: std::io::Error| Status::internal(format!("writing received snapshot: {e}"));
         file.write_all(&first.data).await.map_err(io)?;
         let mut bytes = first.data.len() as u64;
@@ -63,7 +65,10 @@ impl RaftService for RaftServiceImpl {
         reply("snapshot reply", &result)
     }
 
-    async fn read_index(&self, _request: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexResponse>, Status> {
+    async fn read_index(
+        &self,
+        _request: Request<pb::ReadIndexRequest>,
+    ) -> Result<Response<pb::ReadIndexResponse>, Status> {
         let read_index = self.node.read_index().await?;
         Ok(Response::new(pb::ReadIndexResponse { read_index }))
     }

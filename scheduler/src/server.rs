@@ -125,7 +125,8 @@ impl Scheduler {
             None => None,
         };
 
-        let initialized = raft.is_initialized().await.map_err(|e| Error::Raft { op: "start", reason: e.to_string() })?;
+        let initialized =
+            raft.is_initialized().await.map_err(|e| Error::Raft { op: "start", reason: e.to_string() })?;
         if !initialized && !members.is_empty() {
             let nodes: std::collections::BTreeMap<u64, BasicNode> =
                 members.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
@@ -192,8 +193,8 @@ async fn serve_grpc(node: Arc<Node>, listener: TcpListener, mut shutdown: watch:
     let raft = RaftServiceServer::new(RaftServiceImpl { node: node.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let config = ConfigServiceServer::new(ConfigServiceImpl { node: node.clone() })
-        .max_decoding_message_size(8 * 1024 * 1024);
+    let config =
+        ConfigServiceServer::new(ConfigServiceImpl { node: node.clone() }).max_decoding_message_size(8 * 1024 * 1024);
     let cluster = ClusterServiceServer::new(ClusterServiceImpl { node: node.clone() });
 
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

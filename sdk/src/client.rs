@@ -99,7 +99,8 @@ pub struct Client {
 }
 
 fn channel(addr: &str, options: &ClientOptions) -> Result<Channel, Error> {
-    let (host, port) = addr.rsplit_once(':').ok_or_else(|| Error::InvalidEndpoint(format!("'{addr}' is not HOST:PORT")))?;
+    let (host, port) =
+        addr.rsplit_once(':').ok_or_else(|| Error::InvalidEndpoint(format!("'{addr}' is not HOST:PORT")))?;
     if host.is_empty() || port.parse::<u16>().map(|p| p == 0).unwrap_or(true) {
         return Err(Error::InvalidEndpoint(format!("'{addr}' is not HOST:PORT")));
     }
@@ -117,7 +118,11 @@ fn channel(addr: &str, options: &ClientOptions) -> Result<Channel, Error> {
 fn retryable(code: tonic::Code) -> bool {
     matches!(
         code,
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Aborted
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::Aborted
     )
 }
 

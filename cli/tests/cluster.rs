@@ -1,0 +1,338 @@
+//! Three real `ferry scheduler` processes: replicate, lose the leader, keep
+//! writing, restart on the old data, and catch a lagging node up through a
+//! snapshot. Every wait polls a condition under a deadline.
+
+use std::future::Future;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_sdk::{Client, ClientOptions};
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+struct Node {
+    id: u64,
+    addr: String,
+    admin: String,
+    data: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn start(&mut self, members: &str) {
+        let log = std::fs::File::create(self.data.with_extension("log")).expect("log file");
+        let child = Command::new(FERRY)
+            .args(["scheduler", "--id", &self.id.to_string(), "--listen", &self.addr, "--admin-listen", &self.admin])
+            .arg("--data")
+            .arg(&self.data)
+            .args(["--initial-cluster", members, "--snapshot-every", "300", "--logs-to-keep", "20"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry scheduler");
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("SIGKILL");
+            c.wait().expect("reap");
+        }
+    }
+
+    fn metric(&self, name: &str) -> Option<f64> {
+        let mut s = std::net::TcpStream::connect(&self.admin).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        body.lines().find_map(|l| {
+            l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
+        })
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+    members: String,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut nodes: Vec<Node> = (1..=3)
+            .map(|id| Node {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                admin: format!("127.0.0.1:{}", free_port()),
+                data: dir.path().join(format!("s{id}")),
+                child: None,
+            })
+            .collect();
+        let members = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
+        for n in &mut nodes {
+            n.start(&members);
+        }
+        Self { _dir: dir, nodes, members }
+    }
+
+    fn node(&mut self, id: u64) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("node")
+    }
+
+    fn client(&self, ids: &[u64]) -> Client {
+        let addrs: Vec<_> = self.nodes.iter().filter(|n| ids.contains(&n.id)).map(|n| n.addr.clone()).collect();
+        let options = ClientOptions { total_timeout: Duration::from_secs(20), ..Default::default() };
+        Client::with_options(addrs, options).expect("client")
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(n.data.with_extension("log")).unwrap_or_default();
+            let tail: Vec<_> = text.lines().rev().take(15).collect();
+            out +=
+                &format!("--- node {} log tail ---\n{}\n", n.id, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        out
+    }
+}
+
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The leader that every node in `ids` agrees on.
+async fn agreed_leader(c: &Client, cluster: &Cluster, ids: &[u64]) -> u64 {
+    let addrs: Vec<_> = cluster.nodes.iter().filter(|n| ids.contains(&n.id)).map(|n| n.addr.clone()).collect();
+    wait_for("an agreed leader", Duration::from_secs(20), || {
+        let addrs = addrs.clone();
+        async move {
+            let mut leader = None;
+            for a in &addrs {
+                let s = c.status_of(a).await.ok()?;
+                if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
+                    return None;
+                }
+                leader = Some(s.leader_id);
+            }
+            leader.filter(|l| ids.contains(l))
+        }
+    })
+    .await
+}
+
+/// Waits until every node in `ids` has the same applied index and returns
+/// their (equal) digests.
+async fn converged_digest(c: &Client, cluster: &Cluster, ids: &[u64]) -> (u64, String) {
+    let addrs: Vec<_> = cluster.nodes.iter().filter(|n| ids.contains(&n.id)).map(|n| n.addr.clone()).collect();
+    let digests = wait_for("replicas at one applied index", Duration::from_secs(30), || {
+        let addrs = addrs.clone();
+        async move {
+            let mut ds = Vec::new();
+            for a in &addrs {
+                ds.push(c.state_digest_of(a).await.ok()?);
+            }
+            ds.windows(2).all(|w| w[0].applied_index == w[1].applied_index).then_some(ds)
+        }
+    })
+    .await;
+    for d in &digests[1..] {
+        assert_eq!(d.digest, digests[0].digest, "replicas differ at applied index {}", d.applied_index);
+        assert_eq!(d.revision, digests[0].revision);
+    }
+    (digests[0].keys, digests[0].digest.clone())
+}
+
+async fn write_keys(clients: &[Client], range: std::ops::Range<u32>) {
+    let mut tasks = Vec::new();
+    for worker in 0..8u32 {
+        let clients = clients.to_vec();
+        let range = range.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in range.filter(|i| i % 8 == worker) {
+                let c = &clients[i as usize % clients.len()];
+                c.put(&format!("key/{i:05}"), format!("value-{i}").into_bytes()).await.expect("put");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer task");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_survive_leader_kill_restart_and_snapshot_catch_up() {
+    let mut cluster = Cluster::start();
+    let all = cluster.client(&[1, 2, 3]);
+    let leader = agreed_leader(&all, &cluster, &[1, 2, 3]).await;
+
+    // 1000 keys, each written through one specific member (followers forward).
+    let pinned: Vec<Client> = (1..=3).map(|id| cluster.client(&[id])).collect();
+    write_keys(&pinned, 0..1000).await;
+    let (keys, _) = converged_digest(&all, &cluster, &[1, 2, 3]).await;
+    assert_eq!(keys, 1000);
+
+    // kill -9 the leader: the other two elect a new one and keep taking writes.
+    cluster.node(leader).kill9();
+    let rest: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let survivors = cluster.client(&rest);
+    let new_leader = agreed_leader(&survivors, &cluster, &rest).await;
+    assert_ne!(new_leader, leader);
+    write_keys(&[survivors.clone()], 1000..1200).await;
+    assert_eq!(survivors.get("key/01199").await.expect("get").expect("present").value, b"value-1199");
+
+    // Restart the killed node on its data directory: it catches up.
+    let members = cluster.members.clone();
+    cluster.node(leader).start(&members);
+    let (keys, digest) = converged_digest(&all, &cluster, &[1, 2, 3]).await;
+    assert_eq!(keys, 1200, "{}", cluster.logs());
+    let restarted = cluster.nodes.iter().find(|n| n.id == leader).expect("node");
+    let s = all.status_of(&restarted.addr).await.expect("status");
+    assert_eq!(s.members.len(), 3, "a restart must not re-initialize the membership");
+
+    // A follower falls behind a purged log and comes back through a snapshot.
+    let current = agreed_leader(&all, &cluster, &[1, 2, 3]).await;
+    let lagger = (1..=3).find(|id| *id != current).expect("a follower");
+    let lag_at = all.status_of(&cluster.node(lagger).addr.clone()).await.expect("status").last_log_index;
+    cluster.node(lagger).kill9();
+    let up: Vec<u64> = (1..=3).filter(|id| *id != lagger).collect();
+    let up_client = cluster.client(&up);
+    write_keys(&[up_client.clone()], 1200..2000).await;
+    let leader_addr = cluster.node(current).addr.clone();
+    wait_for("the leader to purge past the lagging node", Duration::from_secs(30), || {
+        let c = up_client.clone();
+        let addr = leader_addr.clone();
+        async move { (c.status_of(&addr).await.ok()?.purged_index > lag_at).then_some(()) }
+    })
+    .await;
+    cluster.node(lagger).start(&members);
+    let (keys, new_digest) = converged_digest(&all, &cluster, &[1, 2, 3]).await;
+    assert_eq!(keys, 2000, "{}", cluster.logs());
+    assert_ne!(new_digest, digest);
+    let installed = cluster.node(lagger).metric("ferry_raft_snapshots_installed_total").unwrap_or(0.0);
+    assert!(installed >= 1.0, "the lagging node must catch up through a snapshot\n{}", cluster.logs());
+    let v = cluster.client(&[lagger]).get_with("key/01999", true).await.expect("get").expect("present");
+    assert_eq!(v.value, b"value-1999");
+}
+
+fn ferry(args: &[&str]) -> std::process::Output {
+    Command::new(FERRY).args(args).output().expect("run ferry")
+}
+
+#[test]
+fn bad_flags_exit_2_and_name_the_flag() {
+    let out = ferry(&["scheduler", "--id", "1", "--initial-cluster", "1=nohost"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--initial-cluster"));
+
+    let out = ferry(&["scheduler", "--id", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--id"));
+
+    let out = ferry(&["scheduler", "--id", "2", "--listen", "127.0.0.1:7999", "--initial-cluster", "1=127.0.0.1:7001"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("initial-cluster"), "{out:?}");
+
+    let out = ferry(&["--endpoints", "nonsense", "config", "get", "k"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--endpoints"));
+}
+
+fn wait_child_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn start_single(data: &Path, port: u16) -> Child {
+    let addr = format!("127.0.0.1:{port}");
+    Command::new(FERRY)
+        .args(["scheduler", "--id", "1", "--listen", &addr, "--initial-cluster", &format!("1={addr}")])
+        .arg("--data")
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
+#[tokio::test]
+async fn single_node_cli_round_trip_and_locked_data_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut first = start_single(dir.path(), port);
+    let endpoint = format!("127.0.0.1:{port}");
+    let client = Client::connect([endpoint.as_str()]).expect("client");
+    wait_for("a single-node leader", Duration::from_secs(20), || async {
+        (client.status().await.ok()?.leader_id == 1).then_some(())
+    })
+    .await;
+
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--endpoints", endpoint.as_str()];
+        all.extend_from_slice(args);
+        ferry(&all)
+    };
+    assert!(cli(&["config", "put", "app/color", "blue"]).status.success());
+    let out = cli(&["config", "get", "app/color"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "blue\n");
+    let out = cli(&["--json", "config", "get", "app/color"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["value"], "blue");
+    assert_eq!(v["version"], 1);
+    let out = cli(&["config", "get", "app/missing"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "not found");
+    let big = "x".repeat(5000);
+    let out = cli(&["config", "put", &big, "v"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key: must be at most 4096 bytes"));
+    let out = cli(&["--json", "config", "list", "app/"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v.as_array().map(|a| a.len()), Some(1), "the rejected put changed nothing");
+
+    // A second scheduler on the same data directory is refused, not corrupted.
+    let mut second = start_single(dir.path(), free_port());
+    let status = wait_child_exit(&mut second, Duration::from_secs(10)).expect("second node must exit");
+    assert!(!status.success());
+    let mut err = String::new();
+    second.stderr.take().expect("stderr").read_to_string(&mut err).expect("read");
+    assert!(err.contains("in use by another running process"), "{err}");
+    assert_eq!(client.get("app/color").await.expect("get").expect("present").value, b"blue");
+
+    // SIGTERM stops it gracefully.
+    let pid = first.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    let status = wait_child_exit(&mut first, Duration::from_secs(10)).expect("graceful exit");
+    assert!(status.success(), "{status:?}");
+}
