@@ -42,7 +42,7 @@ pub struct ClientArgs {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run one scheduler node (a member of the Raft group).
-    Scheduler(SchedulerArgs),
+    Scheduler(Box<SchedulerArgs>),
     /// Run a three-node cluster in this process, for trying Ferry out.
     Dev(DevArgs),
     /// Inspect and change the scheduler group.

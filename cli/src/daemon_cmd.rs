@@ -1,11 +1,9 @@
 //! `ferry scheduler` and `ferry dev`: long-running commands that stop
 //! gracefully on SIGTERM or Ctrl-C.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use ferry_scheduler::{Scheduler, SchedulerConfig};
-use tokio::net::TcpListener;
+use ferry_scheduler::{LocalCluster, Scheduler, SchedulerConfig};
 
 use crate::args::{DevArgs, SchedulerArgs};
 
@@ -98,12 +96,6 @@ pub async fn scheduler(a: SchedulerArgs) -> u8 {
     0
 }
 
-async fn bind(port: u16, offset: u16) -> Result<TcpListener, String> {
-    let port = if port == 0 { 0 } else { port + offset };
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))
-}
-
 /// `ferry dev`: three schedulers in one process on loopback.
 pub async fn dev(a: DevArgs) -> u8 {
     match run_dev(a).await {
@@ -120,37 +112,19 @@ async fn run_dev(a: DevArgs) -> Result<(), String> {
         Some(d) => (d, false),
         None => (std::env::temp_dir().join(format!("ferry-dev-{}", std::process::id())), true),
     };
-    let mut grpc = Vec::new();
-    let mut admin = Vec::new();
-    for i in 0..3 {
-        grpc.push(bind(a.base_port, i).await?);
-        admin.push(bind(a.admin_base_port, i).await?);
-    }
-    let addrs: Vec<String> = grpc.iter().map(|l| l.local_addr().map(|a| a.to_string()).unwrap_or_default()).collect();
-    let members = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
-    let mut nodes = Vec::new();
-    for (i, (g, ad)) in grpc.into_iter().zip(admin).enumerate() {
-        let id = i as u64 + 1;
-        let config = SchedulerConfig {
-            id,
-            data: root.join(format!("s{id}")),
-            initial_cluster: members.clone(),
-            ..SchedulerConfig::default()
-        };
-        nodes.push(Scheduler::start_with(config, g, Some(ad)).await.map_err(|e| e.to_string())?);
-    }
+    let cluster =
+        LocalCluster::start(&root, 3, a.base_port, Some(a.admin_base_port), |_| {}).await.map_err(|e| e.to_string())?;
+    let addrs = cluster.endpoints();
     let endpoints = addrs.join(",");
     println!("ferry dev: 3 schedulers running, data in {}", root.display());
-    for n in &nodes {
+    for n in &cluster.nodes {
         let admin = n.admin_addr().map(|a| a.to_string()).unwrap_or_default();
         println!("  node {}  grpc {}  admin http://{admin}/metrics", n.node().id, n.addr());
     }
     println!("try:\n  export FERRY_ENDPOINTS={endpoints}\n  ferry cluster status\n  ferry config put greeting hello && ferry config get greeting");
     println!("Ctrl-C stops the cluster.");
     stop_signal().await;
-    for n in nodes {
-        n.shutdown().await;
-    }
+    cluster.shutdown().await;
     if temporary {
         let _ = std::fs::remove_dir_all(&root);
     }

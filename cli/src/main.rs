@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            args::Command::Scheduler(a) => daemon_cmd::scheduler(a).await,
+            args::Command::Scheduler(a) => daemon_cmd::scheduler(*a).await,
             args::Command::Dev(a) => daemon_cmd::dev(a).await,
             args::Command::Cluster(c) => client_cmd::cluster(&cli.client, c).await,
             args::Command::Config(c) => client_cmd::config(&cli.client, c).await,

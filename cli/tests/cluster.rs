@@ -203,7 +203,7 @@ async fn three_processes_survive_leader_kill_restart_and_snapshot_catch_up() {
     let survivors = cluster.client(&rest);
     let new_leader = agreed_leader(&survivors, &cluster, &rest).await;
     assert_ne!(new_leader, leader);
-    write_keys(&[survivors.clone()], 1000..1200).await;
+    write_keys(std::slice::from_ref(&survivors), 1000..1200).await;
     assert_eq!(survivors.get("key/01199").await.expect("get").expect("present").value, b"value-1199");
 
     // Restart the killed node on its data directory: it catches up.
@@ -222,7 +222,7 @@ async fn three_processes_survive_leader_kill_restart_and_snapshot_catch_up() {
     cluster.node(lagger).kill9();
     let up: Vec<u64> = (1..=3).filter(|id| *id != lagger).collect();
     let up_client = cluster.client(&up);
-    write_keys(&[up_client.clone()], 1200..2000).await;
+    write_keys(std::slice::from_ref(&up_client), 1200..2000).await;
     let leader_addr = cluster.node(current).addr.clone();
     wait_for("the leader to purge past the lagging node", Duration::from_secs(30), || {
         let c = up_client.clone();

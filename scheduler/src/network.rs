@@ -76,6 +76,8 @@ fn status_to_rpc<E: std::error::Error>(status: tonic::Status) -> RpcErr<E> {
 }
 
 impl PeerNetwork {
+    // The error type is openraft's `RPCError`, which its network trait returns.
+    #[allow(clippy::result_large_err)]
     fn client<E: std::error::Error>(&self) -> Result<RaftServiceClient<Channel>, RpcErr<E>> {
         let ch = self.channel.clone().ok_or_else(|| {
             RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!("bad peer address {}", self.addr))))

@@ -7,13 +7,14 @@ use std::time::Duration;
 use ferry_proto::pb::raft_service_client::RaftServiceClient;
 use ferry_proto::pb::{self, ResponseHeader};
 use ferry_storage::{Command, CommandResult, LogStore, NodeId, StateReader, TypeConfig};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::error::{CheckIsLeaderError, ForwardToLeader, RaftError};
 use openraft::{BasicNode, Raft, ServerState};
 
 use crate::config::SchedulerConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
+use crate::proposer::{Outcome, Proposer};
 
 /// Where a write went.
 pub enum Proposal {
@@ -43,6 +44,8 @@ pub struct Node {
     pub start_commit: u64,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Packs concurrent writes into shared log entries.
+    pub proposer: Proposer,
 }
 
 impl Node {
@@ -72,21 +75,16 @@ impl Node {
         }
     }
 
-    /// Proposes `cmd` and waits until it is applied, or says where the leader is.
+    /// Proposes `cmd` (batched with concurrent writes by the [`Proposer`])
+    /// and waits until it is applied, or says where the leader is.
     pub async fn propose(&self, cmd: Command, forwarded: bool) -> Result<Proposal, Error> {
-        let write = self.raft.client_write(cmd);
-        let result = tokio::time::timeout(self.op_timeout(), write)
+        let outcome = tokio::time::timeout(self.op_timeout(), self.proposer.propose(cmd))
             .await
             .map_err(|_| Error::Timeout("the write was not committed in time (is a quorum up?)".into()))?;
-        match result {
-            Ok(resp) => Ok(Proposal::Applied(resp.data)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Ok(Proposal::Forward(self.forward_target(&f, forwarded)?))
-            }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(Error::FailedPrecondition(e.to_string()))
-            }
-            Err(RaftError::Fatal(f)) => Err(Error::Stopped(f.to_string())),
+        match outcome {
+            Outcome::Applied(result) => Ok(Proposal::Applied(result)),
+            Outcome::NotLeader(f) => Ok(Proposal::Forward(self.forward_target(&f, forwarded)?)),
+            Outcome::Failed(reason) => Err(Error::Stopped(reason)),
         }
     }
 

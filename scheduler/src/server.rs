@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::network::NetworkFactory;
 use crate::node::Node;
 use crate::peers::{Peers, MAX_MESSAGE_BYTES};
+use crate::proposer::Proposer;
 use crate::raft_service::RaftServiceImpl;
 
 /// A running scheduler node.
@@ -102,6 +103,7 @@ impl Scheduler {
             config: config.clone(),
             start_commit,
             metrics,
+            proposer: Proposer::start(raft.clone()),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -356,9 +356,8 @@ impl Client {
     /// Removes a scheduler from the cluster.
     pub async fn remove_node(&self, id: u64) -> Result<pb::MembershipResponse, Error> {
         let msg = pb::RemoveNodeRequest { id };
-        self.call("remove-node", |ch, t| {
-            let msg = msg.clone();
-            async move { ClusterServiceClient::new(ch).remove_node(Self::request(msg, t)).await }
+        self.call("remove-node", |ch, t| async move {
+            ClusterServiceClient::new(ch).remove_node(Self::request(msg, t)).await
         })
         .await
         .map(|r| r.into_inner())

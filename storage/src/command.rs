@@ -32,6 +32,10 @@ pub enum Op {
         /// The key.
         key: String,
     },
+    /// Several commands, applied in order as if logged one after another
+    /// (each with its own request id and result). The scheduler packs writes
+    /// that arrive together into one entry so they share one fsync.
+    Batch(Vec<Command>),
 }
 
 /// The result of applying one log entry.
@@ -56,6 +60,8 @@ pub enum CommandResult {
         /// Whether the key existed.
         deleted: bool,
     },
+    /// The results of an [`Op::Batch`], one per command, in order.
+    Batch(Vec<CommandResult>),
     /// The command was refused by the state machine (it changed nothing).
     Rejected {
         /// Why, naming the field.
@@ -75,6 +81,15 @@ impl Command {
                 crate::kv::validate_value(value)
             }
             Op::Delete { key } => crate::kv::validate_key(key),
+            Op::Batch(commands) => {
+                for c in commands {
+                    if matches!(c.op, Op::Batch(_)) {
+                        return Err("op: a batch must not contain a batch".into());
+                    }
+                    c.validate()?;
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -58,7 +58,8 @@ impl DataDir {
 }
 
 /// Opens (creating if needed) the data directory at `path` and returns the
-/// log store and state machine that openraft needs.
+/// log store and state machine that openraft needs. Call it inside a tokio
+/// runtime: the log store starts its flusher task there.
 pub fn open(path: &Path, options: &OpenOptions) -> Result<(LogStore, StateMachineStore), Error> {
     let dir = open_dir(path, options)?;
     let log = LogStore::new(dir.clone())?;
@@ -118,8 +119,8 @@ fn open_error(path: &Path, e: sled::Error) -> Error {
 mod tests {
     use super::*;
 
-    #[test]
-    fn second_open_of_a_locked_directory_is_refused() {
+    #[tokio::test]
+    async fn second_open_of_a_locked_directory_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let _first = open(tmp.path(), &OpenOptions::default()).unwrap();
         let err = open(tmp.path(), &OpenOptions::default()).unwrap_err();
@@ -127,8 +128,8 @@ mod tests {
         assert!(err.to_string().contains("in use by another running process"));
     }
 
-    #[test]
-    fn unknown_data_version_is_refused() {
+    #[tokio::test]
+    async fn unknown_data_version_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         {
             let (log, _sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
@@ -139,8 +140,8 @@ mod tests {
         assert!(matches!(err, Error::UnknownVersion { found: 9, .. }), "{err}");
     }
 
-    #[test]
-    fn data_without_version_is_corrupt() {
+    #[tokio::test]
+    async fn data_without_version_is_corrupt() {
         let tmp = tempfile::tempdir().unwrap();
         {
             let db = sled::open(tmp.path().join("sled")).unwrap();

@@ -6,13 +6,17 @@
 //! the scheduler share the applied state through [`StateReader`].
 //!
 //! Layout:
-//! - [`db`]: opening the data directory, `data_version`, sled errors.
-//! - [`codec`]: the versioned binary encoding of log entries and RPC payloads.
-//! - [`command`]: the commands in the log and their results.
-//! - [`kv`]: configuration keys, their limits and revisions.
-//! - [`log_store`]: `RaftLogStorage`.
-//! - [`state_machine`]: `RaftStateMachine`, reads, digests.
-//! - [`snapshot`]: the snapshot file format.
+//! - [`db`] — opening the data directory, `data_version`, sled errors.
+//! - [`codec`] — the versioned binary encoding of log entries and RPC payloads.
+//! - [`command`] — the commands in the log and their results.
+//! - [`kv`] — configuration keys, their limits and revisions.
+//! - [`log_store`] — `RaftLogStorage`.
+//! - [`state_machine`] — `RaftStateMachine`, reads, digests.
+//! - [`snapshot`] — the snapshot file format.
+
+// openraft's `StorageError` is large (it carries ids and a backtrace-capable
+// source); its trait methods fix that return type, so boxing is not an option.
+#![allow(clippy::result_large_err)]
 
 pub mod codec;
 pub mod command;

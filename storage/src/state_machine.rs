@@ -390,6 +390,18 @@ fn apply_command(
             }
         }
     }
+    if let Op::Batch(commands) = &cmd.op {
+        // Each member is deduplicated and validated on its own, so one bad
+        // command rejects only itself.
+        let mut results = Vec::with_capacity(commands.len());
+        for c in commands {
+            results.push(match c.op {
+                Op::Batch(_) => CommandResult::Rejected { reason: "op: a batch must not contain a batch".into() },
+                _ => apply_command(kv, dedup, revision, index, c)?,
+            });
+        }
+        return Ok(CommandResult::Batch(results));
+    }
     let result = match cmd.validate() {
         Err(reason) => CommandResult::Rejected { reason },
         Ok(()) => match &cmd.op {
@@ -417,6 +429,7 @@ fn apply_command(
                     CommandResult::Delete { revision: *revision, deleted: false }
                 }
             }
+            Op::Batch(_) => CommandResult::Rejected { reason: "op: nested batch".into() },
         },
     };
     if !cmd.request_id.is_empty() {

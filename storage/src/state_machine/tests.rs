@@ -134,3 +134,30 @@ async fn snapshot_installs_into_an_identical_replica_and_survives_reopen() {
     assert_eq!(reopened.reader().get("key/0007").unwrap().unwrap().value, b"v".repeat(7));
     assert_eq!(reopened.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
 }
+
+#[tokio::test]
+async fn a_batch_applies_each_command_with_its_own_result_and_dedup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+    let reader = sm.reader();
+    sm.apply(vec![entry(1, "first", put("a", "1"))]).await.unwrap();
+    let batch = Op::Batch(vec![
+        Command { request_id: "first".into(), op: put("a", "ignored retry") },
+        Command { request_id: "b1".into(), op: put("b", "2") },
+        Command { request_id: "b2".into(), op: put("", "bad key") },
+        Command { request_id: "b3".into(), op: Op::Delete { key: "a".into() } },
+    ]);
+    let r = sm.apply(vec![entry(2, "", batch)]).await.unwrap();
+    let CommandResult::Batch(results) = &r[0] else { panic!("expected batch result, got {r:?}") };
+    assert_eq!(
+        results[0],
+        CommandResult::Put { revision: 1, create_revision: 1, version: 1 },
+        "retry answered from dedup"
+    );
+    assert_eq!(results[1], CommandResult::Put { revision: 2, create_revision: 2, version: 1 });
+    assert!(matches!(&results[2], CommandResult::Rejected { reason } if reason.starts_with("key")));
+    assert_eq!(results[3], CommandResult::Delete { revision: 3, deleted: true });
+    assert!(reader.get("a").unwrap().is_none());
+    assert_eq!(reader.get("b").unwrap().unwrap().value, b"2");
+    assert_eq!(reader.revision(), 3);
+}

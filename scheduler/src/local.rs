@@ -1,0 +1,94 @@
+//! Several schedulers in one process on loopback: `ferry dev`, benchmarks and
+//! tests. Each node is a full [`Scheduler`] on real sockets with its own data
+//! directory; only the process is shared.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tokio::net::TcpListener;
+
+use crate::config::SchedulerConfig;
+use crate::error::Error;
+use crate::server::Scheduler;
+
+/// A cluster of in-process schedulers.
+pub struct LocalCluster {
+    /// The nodes, ids 1..=n in order.
+    pub nodes: Vec<Scheduler>,
+}
+
+async fn bind(base: u16, offset: u16) -> Result<TcpListener, Error> {
+    let port = if base == 0 { 0 } else { base + offset };
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr: addr.to_string(), source })
+}
+
+impl LocalCluster {
+    /// Starts `n` nodes with data under `root`. gRPC ports are `grpc_base`,
+    /// `grpc_base + 1`, ... (0: ephemeral); admin ports likewise when
+    /// `admin_base` is set. `tweak` adjusts each node's config.
+    pub async fn start(
+        root: &Path,
+        n: u16,
+        grpc_base: u16,
+        admin_base: Option<u16>,
+        tweak: impl Fn(&mut SchedulerConfig),
+    ) -> Result<Self, Error> {
+        let mut grpc = Vec::new();
+        let mut admin = Vec::new();
+        for i in 0..n {
+            grpc.push(bind(grpc_base, i).await?);
+            admin.push(match admin_base {
+                Some(base) => Some(bind(base, i).await?),
+                None => None,
+            });
+        }
+        let mut addrs = Vec::new();
+        for l in &grpc {
+            addrs.push(l.local_addr().map_err(|source| Error::Bind { addr: "127.0.0.1".into(), source })?.to_string());
+        }
+        let members = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+        let mut nodes = Vec::new();
+        for (i, (g, a)) in grpc.into_iter().zip(admin).enumerate() {
+            let id = i as u64 + 1;
+            let mut config = SchedulerConfig {
+                id,
+                data: root.join(format!("s{id}")),
+                initial_cluster: members.clone(),
+                ..SchedulerConfig::default()
+            };
+            tweak(&mut config);
+            nodes.push(Scheduler::start_with(config, g, a).await?);
+        }
+        Ok(Self { nodes })
+    }
+
+    /// The gRPC addresses, node 1 first.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr().to_string()).collect()
+    }
+
+    /// Waits (up to `timeout`) until every node knows the same leader.
+    pub async fn wait_leader(&self, timeout: std::time::Duration) -> Option<u64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let leaders: Vec<_> = self.nodes.iter().map(|n| n.node().leader().map(|l| l.0)).collect();
+            if let Some(Some(first)) = leaders.first() {
+                if leaders.iter().all(|l| *l == Some(*first)) {
+                    return Some(*first);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops every node.
+    pub async fn shutdown(self) {
+        for n in self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
