@@ -150,22 +150,27 @@ pub enum ClusterCmd {
 pub enum ConfigCmd {
     /// Create or replace KEY.
     Put {
-        /// 1 to 4096 bytes.
+        /// The key: 1 to 4096 bytes.
         key: String,
-        /// Up to 1 MiB.
+        /// The value: up to 1 MiB.
         value: String,
     },
     /// Print KEY's value (exit 1 and "not found" on stderr if missing).
     Get {
+        /// The key to read.
         key: String,
         /// Read this node's replica without a read-index round trip.
         #[arg(long)]
         serializable: bool,
     },
     /// Delete KEY (exit 1 if it did not exist).
-    Delete { key: String },
+    Delete {
+        /// The key to delete.
+        key: String,
+    },
     /// Every key starting with PREFIX, in order.
     List {
+        /// Key prefix; empty lists every key.
         #[arg(default_value = "")]
         prefix: String,
         /// Read this node's replica without a read-index round trip.

@@ -310,6 +310,10 @@ async fn single_node_cli_round_trip_and_locked_data_dir() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["value"], "blue");
     assert_eq!(v["version"], 1);
+    // A dead endpoint first in the list: the client moves on to the live one.
+    let both = format!("127.0.0.1:{},{endpoint}", free_port());
+    let out = ferry(&["--endpoints", &both, "config", "get", "app/color"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "blue\n", "{out:?}");
     let out = cli(&["config", "get", "app/missing"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "not found");

@@ -216,6 +216,13 @@ mod tests {
     }
 
     #[test]
+    fn the_deploy_example_is_valid() {
+        let c: SchedulerConfig = toml::from_str(include_str!("../../deploy/scheduler.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.members().unwrap().len(), 3);
+    }
+
+    #[test]
     fn toml_durations_are_human_strings() {
         let c: SchedulerConfig =
             toml::from_str("id = 3\nheartbeat_interval = \"20ms\"\nlisten = \"127.0.0.1:9000\"").unwrap();
