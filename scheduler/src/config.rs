@@ -50,7 +50,10 @@ pub struct SchedulerConfig {
     /// Entries kept in the log behind the last snapshot, so briefly lagging
     /// followers catch up from the log instead of a snapshot.
     pub logs_to_keep: u64,
-    /// Most entries in one AppendEntries message.
+    /// Most entries in one AppendEntries message. openraft 0.9 times an
+    /// AppendEntries out after one heartbeat interval, so keep this times the
+    /// largest entry (about 1 MiB) well under what the network moves in
+    /// `heartbeat_interval`.
     pub max_batch_entries: u64,
 }
 
@@ -70,7 +73,7 @@ impl Default for SchedulerConfig {
             snapshot_timeout: Duration::from_secs(60),
             snapshot_every: 10_000,
             logs_to_keep: 1_000,
-            max_batch_entries: 64,
+            max_batch_entries: 4,
         }
     }
 }

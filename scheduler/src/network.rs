@@ -28,6 +28,17 @@ use crate::peers::{Peers, MAX_MESSAGE_BYTES};
 
 /// Bytes of snapshot data per stream message.
 const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+/// Payload bytes in one AppendEntries beyond its first entry. openraft 0.9
+/// gives an AppendEntries one heartbeat interval; a byte-bounded message
+/// keeps big values from timing out (and being resent) forever.
+const APPEND_BUDGET: usize = 1024 * 1024;
+
+fn entry_bytes(e: &openraft::Entry<TypeConfig>) -> usize {
+    match &e.payload {
+        openraft::EntryPayload::Normal(cmd) => cmd.size_hint() + 64,
+        _ => 256,
+    }
+}
 
 type RpcErr<E = RaftError<NodeId>> = RPCError<NodeId, BasicNode, E>;
 
@@ -114,10 +125,27 @@ impl PeerNetwork {
 impl RaftNetwork<TypeConfig> for PeerNetwork {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.unary("append entries", &rpc, option.hard_ttl(), |mut c, r| async move { c.append_entries(r).await }).await
+        // Send the longest prefix within the byte budget (at least one entry)
+        // and report a partial success; openraft sends the rest next.
+        let mut bytes = 0;
+        let cut = rpc.entries.iter().enumerate().position(|(i, e)| {
+            bytes += entry_bytes(e);
+            i > 0 && bytes > APPEND_BUDGET
+        });
+        let sent_upto = cut.map(|i| {
+            rpc.entries.truncate(i);
+            rpc.entries.last().map(|e| e.log_id)
+        });
+        let resp: AppendEntriesResponse<NodeId> = self
+            .unary("append entries", &rpc, option.hard_ttl(), |mut c, r| async move { c.append_entries(r).await })
+            .await?;
+        Ok(match (resp, sent_upto) {
+            (AppendEntriesResponse::Success, Some(upto)) => AppendEntriesResponse::PartialSuccess(upto),
+            (resp, _) => resp,
+        })
     }
 
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {

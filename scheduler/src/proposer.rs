@@ -16,8 +16,11 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Most commands in one entry.
 pub const MAX_BATCH: usize = 1024;
-/// Most value bytes in one entry (keeps AppendEntries messages bounded).
-pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Most key and value bytes in one batched entry. A single command larger
+/// than this (values go up to 1 MiB) is its own entry. Together with
+/// `max_batch_entries` this bounds an AppendEntries message, which openraft
+/// 0.9 must deliver within one heartbeat interval.
+pub const MAX_BATCH_BYTES: usize = 512 * 1024;
 /// Entries proposed but not yet applied.
 pub const IN_FLIGHT: usize = 2;
 
@@ -41,14 +44,6 @@ struct Pending {
 #[derive(Clone)]
 pub struct Proposer {
     tx: mpsc::Sender<Pending>,
-}
-
-fn weight(cmd: &Command) -> usize {
-    match &cmd.op {
-        Op::Put { key, value } => key.len() + value.len(),
-        Op::Delete { key } => key.len(),
-        Op::Batch(cs) => cs.iter().map(weight).sum(),
-    }
 }
 
 impl Proposer {
@@ -82,12 +77,12 @@ async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>) {
                 None => return,
             },
         };
-        let mut bytes = weight(&first.cmd);
+        let mut bytes = first.cmd.size_hint();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(p) => {
-                    let w = weight(&p.cmd);
+                    let w = p.cmd.size_hint();
                     if bytes + w > MAX_BATCH_BYTES {
                         carry = Some(p);
                         break;

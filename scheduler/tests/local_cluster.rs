@@ -173,3 +173,39 @@ async fn removing_a_voter_without_a_reachable_quorum_is_refused() {
     assert_eq!(status.members.len(), 3, "nothing changed");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_at_the_size_limit_replicate_to_every_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster(dir.path()).await;
+    let endpoints = c.endpoints();
+    let mut tasks = Vec::new();
+    for i in 0..24u8 {
+        // Through every member in turn, so followers forward 1 MiB writes.
+        let client = Client::connect([endpoints[i as usize % 3].as_str()]).expect("client");
+        tasks.push(tokio::spawn(async move {
+            let value = vec![i; ferry_storage::MAX_VALUE_BYTES];
+            client.put(&format!("big/{i:02}"), value).await.expect("1 MiB put");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    let client = Client::connect(&endpoints).expect("client");
+    let too_big = client.put("big/too", vec![0; ferry_storage::MAX_VALUE_BYTES + 1]).await.expect_err("over the limit");
+    assert!(too_big.is_invalid_argument() && too_big.to_string().contains("value:"), "{too_big}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let digests: Vec<_> = c.nodes.iter().map(|n| n.node().reader.digest().expect("digest")).collect();
+        if digests.iter().all(|d| d.applied_index == digests[0].applied_index) {
+            assert!(digests.iter().all(|d| d.hex == digests[0].hex && d.keys == 24), "{digests:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas did not converge: {digests:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v = client.get("big/23").await.expect("get").expect("present");
+    assert_eq!(v.value, vec![23u8; ferry_storage::MAX_VALUE_BYTES]);
+    c.shutdown().await;
+}

@@ -89,6 +89,16 @@ mod tests {
     }
 
     #[test]
+    fn byte_strings_encode_like_u8_sequences() {
+        #[derive(Serialize)]
+        struct Plain(Vec<u8>);
+        #[derive(Serialize)]
+        struct Bytes(#[serde(with = "serde_bytes")] Vec<u8>);
+        let v: Vec<u8> = (0..=255).collect();
+        assert_eq!(encode("x", &Plain(v.clone())).unwrap(), encode("x", &Bytes(v)).unwrap());
+    }
+
+    #[test]
     fn newer_format_version_is_rejected() {
         let mut bytes = encode("log entry", &Old::A(1)).unwrap();
         bytes[0] = FORMAT_VERSION + 1;

@@ -24,7 +24,9 @@ pub enum Op {
     Put {
         /// The key (validated: 1..=4096 bytes).
         key: String,
-        /// The value (validated: up to 1 MiB).
+        /// The value (validated: up to 1 MiB). Encoded as one byte string
+        /// (same postcard bytes as a `u8` sequence, much faster).
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     /// Remove a configuration key.
@@ -70,6 +72,16 @@ pub enum CommandResult {
 }
 
 impl Command {
+    /// Roughly how many bytes the command takes in the log (keys and values).
+    pub fn size_hint(&self) -> usize {
+        self.request_id.len()
+            + match &self.op {
+                Op::Put { key, value } => key.len() + value.len(),
+                Op::Delete { key } => key.len(),
+                Op::Batch(commands) => commands.iter().map(Command::size_hint).sum(),
+            }
+    }
+
     /// Checks the limits of every field; the error names the field and rule.
     pub fn validate(&self) -> Result<(), String> {
         if self.request_id.len() > 128 {

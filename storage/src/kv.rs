@@ -13,6 +13,7 @@ pub struct KeyValue {
     /// The key.
     pub key: String,
     /// The value.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Revision at which the key was created (again, after a delete).
     pub create_revision: u64,
@@ -25,6 +26,7 @@ pub struct KeyValue {
 /// The stored form of a key: everything but the key itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StoredValue {
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub create_revision: u64,
     pub mod_revision: u64,
