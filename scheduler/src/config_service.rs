@@ -33,8 +33,8 @@ fn invalid(reason: String) -> Status {
 impl ConfigServiceImpl {
     fn client(&self, addr: &str) -> Result<ConfigServiceClient<tonic::transport::Channel>, Status> {
         Ok(ConfigServiceClient::new(self.node.peers.channel(addr)?)
-            .max_decoding_message_size(8 * 1024 * 1024)
-            .max_encoding_message_size(8 * 1024 * 1024))
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024))
     }
 
     fn command(request_id: &str, op: Op) -> Result<Command, Status> {

@@ -59,7 +59,18 @@ impl RaftService for RaftServiceImpl {
             bytes += chunk.data.len() as u64;
         }
         file.flush().await.map_err(io)?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes, "received snapshot; installing");
+        // openraft stops the node if an install fails, so a snapshot cut short
+        // (sender died, network error, bad peer) is refused here instead.
+        let mut std_file = file.into_std().await;
+        let checked = tokio::task::spawn_blocking(move || {
+            ferry_storage::snapshot::verify(&mut std_file).map(|records| (records, std_file))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("verifying snapshot: {e}")))?;
+        let (records, std_file) =
+            checked.map_err(|e| Status::data_loss(format!("snapshot {}: {e}", meta.snapshot_id)))?;
+        let file = Box::new(tokio::fs::File::from_std(std_file));
+        tracing::info!(snapshot = %meta.snapshot_id, bytes, records, "received snapshot; installing");
         let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> =
             self.node.raft.install_full_snapshot(vote, Snapshot { meta, snapshot: file }).await;
         reply("snapshot reply", &result)

@@ -129,7 +129,14 @@ impl Scheduler {
 
         let initialized =
             raft.is_initialized().await.map_err(|e| Error::Raft { op: "start", reason: e.to_string() })?;
-        if !initialized && !members.is_empty() {
+        if !initialized && !members.is_empty() && peers_have_leader(&node, &members).await {
+            // A node whose data directory is empty but whose cluster already
+            // runs must not write its own first log: it waits for the leader.
+            tracing::warn!(
+                "data directory is empty but the cluster already has a leader; joining it without initializing. \
+                 If this node lost its data, remove it and add it back under a new id"
+            );
+        } else if !initialized && !members.is_empty() {
             let nodes: std::collections::BTreeMap<u64, BasicNode> =
                 members.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
             match raft.initialize(nodes).await {
@@ -172,6 +179,25 @@ impl Scheduler {
         }
         tracing::info!(id = self.node.id, "scheduler stopped");
     }
+}
+
+/// True if any other member of `members` answers and knows a leader.
+async fn peers_have_leader(node: &Node, members: &std::collections::BTreeMap<u64, String>) -> bool {
+    use ferry_proto::pb::cluster_service_client::ClusterServiceClient;
+    for (id, addr) in members {
+        if *id == node.id {
+            continue;
+        }
+        let Ok(channel) = node.peers.channel(addr) else { continue };
+        let mut req = tonic::Request::new(ferry_proto::pb::StatusRequest {});
+        req.set_timeout(Duration::from_millis(500));
+        if let Ok(resp) = ClusterServiceClient::new(channel).status(req).await {
+            if resp.into_inner().leader_id != 0 {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 async fn serve_grpc(node: Arc<Node>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {

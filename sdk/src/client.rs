@@ -113,17 +113,47 @@ fn channel(addr: &str, options: &ClientOptions) -> Result<Channel, Error> {
     Ok(endpoint.connect_lazy())
 }
 
-/// Codes worth another attempt (elsewhere). Writes are safe to retry because
-/// they carry a request id the cluster deduplicates.
-fn retryable(code: tonic::Code) -> bool {
-    matches!(
-        code,
-        tonic::Code::Unavailable
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
-            | tonic::Code::Unknown
-            | tonic::Code::Aborted
-    )
+/// Longest key, in bytes (the cluster's limit, checked before sending).
+pub const MAX_KEY_BYTES: usize = 4096;
+/// Largest value, in bytes (1 MiB).
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+
+/// Whether a failed attempt may be repeated.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Reads, and writes with a request id the cluster deduplicates: any
+    /// transient failure, including a deadline, is retried.
+    Idempotent,
+    /// Membership changes: retried only when the call surely did not run
+    /// (no connection), since a deadline may hide a change that committed.
+    OnlyUnsent,
+}
+
+/// Codes worth another attempt (elsewhere).
+fn retryable(code: tonic::Code, retry: Retry) -> bool {
+    match retry {
+        Retry::Idempotent => matches!(
+            code,
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+                | tonic::Code::Aborted
+        ),
+        Retry::OnlyUnsent => code == tonic::Code::Unavailable,
+    }
+}
+
+fn check_key(key: &str) -> Result<(), Error> {
+    // Same rules and words as the cluster's own check.
+    let reason = if key.is_empty() {
+        "key: must not be empty".to_string()
+    } else if key.len() > MAX_KEY_BYTES {
+        format!("key: must be at most {MAX_KEY_BYTES} bytes, got {}", key.len())
+    } else {
+        return Ok(());
+    };
+    Err(Error::Rejected(tonic::Status::invalid_argument(reason)))
 }
 
 /// A fresh idempotency id for a write.
@@ -193,7 +223,15 @@ impl Client {
 
     /// Runs `call` against the endpoints until it succeeds, fails for a
     /// reason retrying cannot fix, or the total deadline passes.
-    async fn call<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, Error>
+    async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, Error>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        self.call_with(what, Retry::Idempotent, call).await
+    }
+
+    async fn call_with<T, F, Fut>(&self, what: &str, retry: Retry, mut call: F) -> Result<T, Error>
     where
         F: FnMut(Channel, Duration) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
@@ -216,7 +254,7 @@ impl Client {
                         self.preferred.store(i, Ordering::Relaxed);
                         return Ok(v);
                     }
-                    Err(status) if retryable(status.code()) => {
+                    Err(status) if retryable(status.code(), retry) => {
                         tracing::debug!(%addr, what, error = %status.message(), "attempt failed; trying the next endpoint");
                         if let Some(leader) = status.metadata().get(LEADER_ADDR_HEADER).and_then(|v| v.to_str().ok()) {
                             self.prefer(leader);
@@ -252,6 +290,13 @@ impl Client {
 
     /// Creates or replaces `key`. Retried safely: the request id stays the same.
     pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<Put, Error> {
+        check_key(key)?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(Error::Rejected(tonic::Status::invalid_argument(format!(
+                "value: must be at most {MAX_VALUE_BYTES} bytes (1 MiB), got {}",
+                value.len()
+            ))));
+        }
         let msg = pb::PutRequest { key: key.to_string(), value, request_id: request_id() };
         let resp = self
             .call("put", |ch, t| {
@@ -289,6 +334,7 @@ impl Client {
 
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, Error> {
+        check_key(key)?;
         let msg = pb::DeleteRequest { key: key.to_string(), request_id: request_id() };
         let resp = self
             .call("delete", |ch, t| {
@@ -345,7 +391,7 @@ impl Client {
     pub async fn add_node(&self, id: u64, addr: &str, learner_only: bool) -> Result<pb::MembershipResponse, Error> {
         let msg = pb::AddNodeRequest { id, addr: addr.to_string(), learner_only };
         let timeout = self.options.total_timeout.max(Duration::from_secs(60));
-        self.call("add-node", |ch, _| {
+        self.call_with("add-node", Retry::OnlyUnsent, |ch, _| {
             let msg = msg.clone();
             async move { ClusterServiceClient::new(ch).add_node(Self::request(msg, timeout)).await }
         })
@@ -356,7 +402,7 @@ impl Client {
     /// Removes a scheduler from the cluster.
     pub async fn remove_node(&self, id: u64) -> Result<pb::MembershipResponse, Error> {
         let msg = pb::RemoveNodeRequest { id };
-        self.call("remove-node", |ch, t| async move {
+        self.call_with("remove-node", Retry::OnlyUnsent, |ch, t| async move {
             ClusterServiceClient::new(ch).remove_node(Self::request(msg, t)).await
         })
         .await

@@ -58,8 +58,7 @@ impl DataDir {
 }
 
 /// Opens (creating if needed) the data directory at `path` and returns the
-/// log store and state machine that openraft needs. Call it inside a tokio
-/// runtime: the log store starts its flusher task there.
+/// log store and state machine that openraft needs.
 pub fn open(path: &Path, options: &OpenOptions) -> Result<(LogStore, StateMachineStore), Error> {
     let dir = open_dir(path, options)?;
     let log = LogStore::new(dir.clone())?;

@@ -1,13 +1,12 @@
 //! The Raft log and vote on sled (`RaftLogStorage`).
 //!
-//! Durability: `save_vote` flushes before it returns; `append` writes the
-//! entries to sled and hands openraft's callback to a flusher task, which
-//! fires it only after an fsync that started after the write. The flusher
-//! takes every callback queued while the previous fsync ran, so concurrent
-//! client writes share one fsync (group commit) while each still reports
-//! "saved" only once it is on disk, in order. `purge` records the last purged
-//! id (flushed) before it deletes entries, so a crash mid-purge never leaves a
-//! hole.
+//! Durability: `save_vote` and `append` flush sled before they report
+//! success, so a vote or an entry openraft believes saved survives a crash.
+//! openraft 0.9 waits for each append to be flushed before it issues the
+//! next, so batching concurrent writes into few fsyncs happens one level up,
+//! in the scheduler's proposer (many commands per entry). `purge` records the
+//! last purged id (flushed) before it deletes entries, so a crash mid-purge
+//! never leaves a hole.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -35,32 +34,6 @@ pub struct LogStore {
     committed: Arc<AtomicU64>,
     /// fsyncs of appended entries since start (batching shows as entries/flush).
     flushes: Arc<AtomicU64>,
-    /// Callbacks waiting for the next group fsync.
-    flusher: tokio::sync::mpsc::Sender<(LogFlushed<TypeConfig>, sled::Db)>,
-}
-
-/// Waits for append callbacks, fsyncs once per batch, then fires them in
-/// order. Each callback comes with a database handle, so an idle flusher holds
-/// none and the database closes as soon as the stores are dropped. Ends when
-/// every `LogStore` clone (every sender) is gone.
-async fn run_flusher(flushes: Arc<AtomicU64>, mut rx: tokio::sync::mpsc::Receiver<(LogFlushed<TypeConfig>, sled::Db)>) {
-    let mut batch = Vec::new();
-    while let Some((first, db)) = rx.recv().await {
-        batch.push(first);
-        while let Ok((more, _)) = rx.try_recv() {
-            batch.push(more);
-        }
-        let result = db.flush_async().await;
-        drop(db);
-        flushes.fetch_add(1, Ordering::Relaxed);
-        for callback in batch.drain(..) {
-            let r = match &result {
-                Ok(_) => Ok(()),
-                Err(e) => Err(std::io::Error::other(e.to_string())),
-            };
-            callback.log_io_completed(r);
-        }
-    }
 }
 
 impl LogStore {
@@ -68,14 +41,7 @@ impl LogStore {
         let log = dir.tree("log")?;
         let committed: Option<LogId<NodeId>> = read_meta(&dir.meta, KEY_COMMITTED, "committed")?;
         let committed = Arc::new(AtomicU64::new(committed.map(|c| c.index).unwrap_or(0)));
-        let flushes = Arc::new(AtomicU64::new(0));
-        let (flusher, rx) = tokio::sync::mpsc::channel(4096);
-        let runtime = tokio::runtime::Handle::try_current().map_err(|e| Error::Open {
-            path: dir.path.clone(),
-            source: std::io::Error::other(format!("the log store needs a tokio runtime: {e}")),
-        })?;
-        runtime.spawn(run_flusher(flushes.clone(), rx));
-        Ok(Self { dir, log, committed, flushes, flusher })
+        Ok(Self { dir, log, committed, flushes: Arc::new(AtomicU64::new(0)) })
     }
 
     /// The data directory behind this store.
@@ -204,11 +170,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&index_key(entry.log_id.index), raw);
         }
         self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
-        // The flusher owns durability from here; it fsyncs after this write.
-        if let Err(returned) = self.flusher.send((callback, self.dir.db.clone())).await {
-            let flushed = self.dir.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
-            (returned.0).0.log_io_completed(flushed);
-        }
+        let flushed = self.dir.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        callback.log_io_completed(flushed);
         Ok(())
     }
 

@@ -73,6 +73,9 @@ impl Trees {
 struct Inner {
     dir: DataDir,
     trees: RwLock<Trees>,
+    /// Readers hold it shared, `apply` and `install` exclusively, so a listing
+    /// or digest is one point-in-time view and never meets a dropped tree.
+    view: RwLock<()>,
     applied: AtomicU64,
     revision: AtomicU64,
     snapshots_built: AtomicU64,
@@ -153,6 +156,7 @@ impl StateMachineStore {
             inner: Arc::new(Inner {
                 dir,
                 trees: RwLock::new(trees),
+                view: RwLock::new(()),
                 applied: AtomicU64::new(last_applied.map(|l| l.index).unwrap_or(0)),
                 revision: AtomicU64::new(revision),
                 snapshots_built: AtomicU64::new(0),
@@ -174,6 +178,7 @@ impl StateMachineStore {
     }
 
     fn apply_batch(&self, entries: &[Entry<TypeConfig>]) -> Result<Vec<CommandResult>, Error> {
+        let _exclusive = self.inner.view.write().unwrap_or_else(|e| e.into_inner());
         let trees = self.inner.trees();
         let result = (&trees.meta, &trees.kv, &trees.dedup).transaction(|(meta, kv, dedup)| {
             let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
@@ -250,16 +255,27 @@ impl StateMachineStore {
         let name = format!("snap-{}.bin", meta.snapshot_id);
         std::fs::rename(&tmp, dir.join(&name)).map_err(|source| Error::Snapshot { op: "rename", source })?;
         snapshot::sync_dir(&dir)?;
-        self.set_current_snapshot(&meta, &name)?;
+        self.set_current_snapshot(&meta, &name, None)?;
         self.inner.snapshots_built.fetch_add(1, Ordering::Relaxed);
         let file = std::fs::File::open(dir.join(&name)).map_err(|source| Error::Snapshot { op: "open", source })?;
         Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
     }
 
-    /// Records `name` as the current snapshot and deletes every other file.
-    fn set_current_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, name: &str) -> Result<(), Error> {
-        let raw = codec::encode("snapshot pointer", &(meta, name))?;
-        self.inner.dir.meta.insert(KEY_SNAPSHOT, raw).map_err(sled_err("record snapshot"))?;
+    /// Records `name` as the current snapshot (and, after an install, the
+    /// new state generation, in the same flushed batch), then deletes every
+    /// other snapshot file.
+    fn set_current_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        name: &str,
+        generation: Option<u64>,
+    ) -> Result<(), Error> {
+        let mut batch = sled::Batch::default();
+        batch.insert(KEY_SNAPSHOT, codec::encode("snapshot pointer", &(meta, name))?);
+        if let Some(g) = generation {
+            batch.insert(KEY_GENERATION, codec::encode("sm generation", &g)?);
+        }
+        self.inner.dir.meta.apply_batch(batch).map_err(sled_err("record snapshot"))?;
         self.inner.dir.db.flush().map_err(sled_err("flush"))?;
         let dir = self.inner.dir.snapshot_dir();
         if let Ok(listing) = std::fs::read_dir(&dir) {
@@ -297,20 +313,26 @@ impl StateMachineStore {
         }
         let mut batch_kv = sled::Batch::default();
         let mut batch_dedup = sled::Batch::default();
-        let mut pending = 0;
+        // Loaded in batches bounded by count and bytes, so memory stays flat.
+        let (mut pending, mut pending_bytes) = (0usize, 0usize);
         while let Some(record) = reader.next_record()? {
             match record {
-                Record::Kv { key, value } => batch_kv.insert(key.as_bytes(), codec::encode("kv value", &value)?),
+                Record::Kv { key, value } => {
+                    let raw = codec::encode("kv value", &value)?;
+                    pending_bytes += key.len() + raw.len();
+                    batch_kv.insert(key.as_bytes(), raw);
+                }
                 Record::Dedup { request_id, index, result } => {
-                    batch_dedup.insert(request_id.as_bytes(), codec::encode("dedup entry", &(index, result))?)
+                    pending_bytes += request_id.len() + 64;
+                    batch_dedup.insert(request_id.as_bytes(), codec::encode("dedup entry", &(index, result))?);
                 }
                 Record::End { .. } => {}
             }
             pending += 1;
-            if pending == 1000 {
+            if pending == 1000 || pending_bytes >= 16 * 1024 * 1024 {
                 next.kv.apply_batch(std::mem::take(&mut batch_kv)).map_err(sled_err("load kv"))?;
                 next.dedup.apply_batch(std::mem::take(&mut batch_dedup)).map_err(sled_err("load dedup"))?;
-                pending = 0;
+                (pending, pending_bytes) = (0, 0);
             }
         }
         next.kv.apply_batch(batch_kv).map_err(sled_err("load kv"))?;
@@ -322,15 +344,15 @@ impl StateMachineStore {
         put(KEY_REVISION, codec::encode("revision", &header.revision)?)?;
         self.inner.dir.db.flush().map_err(sled_err("flush"))?;
 
-        // The switch: one key, flushed.
-        let raw = codec::encode("sm generation", &next.generation)?;
-        self.inner.dir.meta.insert(KEY_GENERATION, raw).map_err(sled_err("switch generation"))?;
-        self.inner.dir.db.flush().map_err(sled_err("flush"))?;
+        // The switch: generation and snapshot pointers in one flushed batch,
+        // so a restart never pairs the new state with an older snapshot.
+        let _exclusive = self.inner.view.write().unwrap_or_else(|e| e.into_inner());
+        let generation = next.generation;
+        self.set_current_snapshot(meta, &name, Some(generation))?;
         *self.inner.trees.write().unwrap_or_else(|e| e.into_inner()) = next;
         old.drop_from(&self.inner.dir);
         self.inner.applied.store(meta.last_log_id.map(|l| l.index).unwrap_or(0), Ordering::Release);
         self.inner.revision.store(header.revision, Ordering::Release);
-        self.set_current_snapshot(meta, &name)?;
         self.inner.snapshots_installed.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -565,14 +587,17 @@ impl StateReader {
 
     /// One key, if present.
     pub fn get(&self, key: &str) -> Result<Option<KeyValue>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
         let trees = self.inner.trees();
         let value: Option<StoredValue> = read_value(&trees.kv, key.as_bytes(), "kv value")?;
         Ok(value.map(|v| v.with_key(key.to_owned())))
     }
 
     /// Keys starting with `prefix`, in order; at most `limit` (0 = all). The
-    /// flag says whether more keys matched.
+    /// flag says whether more keys matched. One point-in-time view: no apply
+    /// runs while it reads.
     pub fn list(&self, prefix: &str, limit: usize) -> Result<(Vec<KeyValue>, bool), Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
         let trees = self.inner.trees();
         let mut out = Vec::new();
         for item in trees.kv.scan_prefix(prefix.as_bytes()) {
@@ -586,37 +611,29 @@ impl StateReader {
         Ok((out, false))
     }
 
-    /// A digest of the whole state at one applied index. Retries while applies
-    /// move the index underneath it.
+    /// A digest of the whole state at one applied index (no apply runs
+    /// while it reads).
     pub fn digest(&self) -> Result<Digest, Error> {
-        loop {
-            let before = self.applied_index();
-            let trees = self.inner.trees();
-            let revision = self.revision();
-            let mut hasher = blake3::Hasher::new();
-            hasher.update(&revision.to_be_bytes());
-            let mut keys = 0u64;
-            for item in trees.kv.iter() {
-                let (key, raw) = item.map_err(sled_err("digest"))?;
-                let v: StoredValue = codec::decode("kv value", &raw)?;
-                for part in [&key[..], &v.value[..]] {
-                    hasher.update(&(part.len() as u64).to_be_bytes());
-                    hasher.update(part);
-                }
-                for n in [v.create_revision, v.mod_revision, v.version] {
-                    hasher.update(&n.to_be_bytes());
-                }
-                keys += 1;
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        let trees = self.inner.trees();
+        let applied_index = self.applied_index();
+        let revision = self.revision();
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&revision.to_be_bytes());
+        let mut keys = 0u64;
+        for item in trees.kv.iter() {
+            let (key, raw) = item.map_err(sled_err("digest"))?;
+            let v: StoredValue = codec::decode("kv value", &raw)?;
+            for part in [&key[..], &v.value[..]] {
+                hasher.update(&(part.len() as u64).to_be_bytes());
+                hasher.update(part);
             }
-            if self.applied_index() == before {
-                return Ok(Digest {
-                    applied_index: before,
-                    revision,
-                    keys,
-                    hex: hasher.finalize().to_hex().to_string(),
-                });
+            for n in [v.create_revision, v.mod_revision, v.version] {
+                hasher.update(&n.to_be_bytes());
             }
+            keys += 1;
         }
+        Ok(Digest { applied_index, revision, keys, hex: hasher.finalize().to_hex().to_string() })
     }
 }
 
