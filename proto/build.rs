@@ -6,7 +6,13 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["ferry/v1/cluster.proto", "ferry/v1/config.proto", "ferry/v1/raft.proto"];
+    let files = [
+        "ferry/v1/cluster.proto",
+        "ferry/v1/config.proto",
+        "ferry/v1/job.proto",
+        "ferry/v1/raft.proto",
+        "ferry/v1/worker.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::jobs::{Job, JobEvent, WorkerRecord};
+
 /// One write to the replicated state, as logged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
@@ -38,6 +40,12 @@ pub enum Op {
     /// (each with its own request id and result). The scheduler packs writes
     /// that arrive together into one entry so they share one fsync.
     Batch(Vec<Command>),
+    /// Register (or re-register) a worker.
+    RegisterWorker(WorkerRecord),
+    /// Start a file distribution job (validated and indexed by the leader).
+    CreateJob(Box<Job>),
+    /// Progress of jobs, batched.
+    JobEvents(Vec<JobEvent>),
 }
 
 /// The result of applying one log entry.
@@ -64,6 +72,8 @@ pub enum CommandResult {
     },
     /// The results of an [`Op::Batch`], one per command, in order.
     Batch(Vec<CommandResult>),
+    /// A worker, job or job-progress command took effect.
+    Done,
     /// The command was refused by the state machine (it changed nothing).
     Rejected {
         /// Why, naming the field.
@@ -79,6 +89,9 @@ impl Command {
                 Op::Put { key, value } => key.len() + value.len(),
                 Op::Delete { key } => key.len(),
                 Op::Batch(commands) => commands.iter().map(Command::size_hint).sum(),
+                Op::RegisterWorker(w) => 256 + w.name.len() + w.roots.iter().map(String::len).sum::<usize>(),
+                Op::CreateJob(job) => 512 + job.files.iter().map(|f| 64 + f.chunks.len() * 48).sum::<usize>(),
+                Op::JobEvents(events) => events.len() * 64,
             }
     }
 
@@ -93,6 +106,22 @@ impl Command {
                 crate::kv::validate_value(value)
             }
             Op::Delete { key } => crate::kv::validate_key(key),
+            Op::RegisterWorker(w) => {
+                if w.name.is_empty() || w.name.len() > 128 {
+                    return Err("name: must be 1 to 128 bytes".into());
+                }
+                Ok(())
+            }
+            Op::CreateJob(job) => {
+                if job.id.is_empty() {
+                    return Err("job id: must not be empty".into());
+                }
+                if job.targets.is_empty() {
+                    return Err("targets: the job has no targets".into());
+                }
+                Ok(())
+            }
+            Op::JobEvents(_) => Ok(()),
             Op::Batch(commands) => {
                 for c in commands {
                     if matches!(c.op, Op::Batch(_)) {

@@ -10,6 +10,7 @@
 //! - [`codec`] — the versioned binary encoding of log entries and RPC payloads.
 //! - [`command`] — the commands in the log and their results.
 //! - [`kv`] — configuration keys, their limits and revisions.
+//! - [`jobs`] — workers and file distribution jobs.
 //! - [`log_store`] — `RaftLogStorage`.
 //! - [`state_machine`] — `RaftStateMachine`, reads, digests.
 //! - [`snapshot`] — the snapshot file format.
@@ -22,6 +23,7 @@ pub mod codec;
 pub mod command;
 pub mod db;
 pub mod error;
+pub mod jobs;
 pub mod kv;
 pub mod log_store;
 pub mod snapshot;
@@ -30,6 +32,7 @@ pub mod state_machine;
 pub use command::{Command, CommandResult, Op};
 pub use db::{open, DataDir, OpenOptions};
 pub use error::Error;
+pub use jobs::{Chunk, FileEntry, Job, JobEvent, JobPhase, Target, TargetPhase, Via, WorkerRecord};
 pub use kv::{KeyValue, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use log_store::LogStore;
 pub use state_machine::{Digest, StateMachineStore, StateReader};

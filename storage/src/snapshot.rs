@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::codec;
 use crate::command::CommandResult;
 use crate::error::Error;
+use crate::jobs::{Job, WorkerRecord};
 use crate::kv::StoredValue;
 use crate::NodeId;
 
@@ -34,6 +35,8 @@ pub(crate) enum Record {
     Kv { key: String, value: StoredValue },
     Dedup { request_id: String, index: u64, result: CommandResult },
     End { records: u64 },
+    Worker(WorkerRecord),
+    Job(Box<Job>),
 }
 
 fn io_err(op: &'static str) -> impl Fn(std::io::Error) -> Error {

@@ -26,6 +26,7 @@ use crate::codec;
 use crate::command::{Command, CommandResult, Op};
 use crate::db::DataDir;
 use crate::error::Error;
+use crate::jobs::{Job, WorkerRecord};
 use crate::kv::{KeyValue, StoredValue};
 use crate::snapshot::{self, Header, Record};
 use crate::{NodeId, RaftStorageError, TypeConfig};
@@ -51,7 +52,11 @@ struct Trees {
     meta: sled::Tree,
     kv: sled::Tree,
     dedup: sled::Tree,
+    workers: sled::Tree,
+    jobs: sled::Tree,
 }
+
+const TREE_NAMES: [&str; 5] = ["meta", "kv", "dedup", "workers", "jobs"];
 
 impl Trees {
     fn open(dir: &DataDir, generation: u64) -> Result<Self, Error> {
@@ -60,11 +65,13 @@ impl Trees {
             meta: dir.tree(&format!("sm{generation}_meta"))?,
             kv: dir.tree(&format!("sm{generation}_kv"))?,
             dedup: dir.tree(&format!("sm{generation}_dedup"))?,
+            workers: dir.tree(&format!("sm{generation}_workers"))?,
+            jobs: dir.tree(&format!("sm{generation}_jobs"))?,
         })
     }
 
     fn drop_from(self, dir: &DataDir) {
-        for name in ["meta", "kv", "dedup"] {
+        for name in TREE_NAMES {
             let _ = dir.db.drop_tree(format!("sm{}_{name}", self.generation));
         }
     }
@@ -80,6 +87,9 @@ struct Inner {
     revision: AtomicU64,
     snapshots_built: AtomicU64,
     snapshots_installed: AtomicU64,
+    /// Bumped (to the applied index) after every apply or install, so job
+    /// watchers wake up.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Inner {
@@ -161,6 +171,7 @@ impl StateMachineStore {
                 revision: AtomicU64::new(revision),
                 snapshots_built: AtomicU64::new(0),
                 snapshots_installed: AtomicU64::new(0),
+                changed: tokio::sync::watch::channel(0).0,
             }),
             observer: None,
         })
@@ -180,31 +191,34 @@ impl StateMachineStore {
     fn apply_batch(&self, entries: &[Entry<TypeConfig>]) -> Result<Vec<CommandResult>, Error> {
         let _exclusive = self.inner.view.write().unwrap_or_else(|e| e.into_inner());
         let trees = self.inner.trees();
-        let result = (&trees.meta, &trees.kv, &trees.dedup).transaction(|(meta, kv, dedup)| {
-            let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
-            let mut results = Vec::with_capacity(entries.len());
-            let mut membership = None;
-            for entry in entries {
-                match &entry.payload {
-                    EntryPayload::Blank => results.push(CommandResult::None),
-                    EntryPayload::Membership(m) => {
-                        membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
-                        results.push(CommandResult::None);
-                    }
-                    EntryPayload::Normal(cmd) => {
-                        results.push(apply_command(kv, dedup, &mut revision, entry.log_id.index, cmd)?)
+        let result = (&trees.meta, &trees.kv, &trees.dedup, &trees.workers, &trees.jobs).transaction(
+            |(meta, kv, dedup, workers, jobs)| {
+                let tx = Tx { kv, dedup, workers, jobs };
+                let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
+                let mut results = Vec::with_capacity(entries.len());
+                let mut membership = None;
+                for entry in entries {
+                    match &entry.payload {
+                        EntryPayload::Blank => results.push(CommandResult::None),
+                        EntryPayload::Membership(m) => {
+                            membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                            results.push(CommandResult::None);
+                        }
+                        EntryPayload::Normal(cmd) => {
+                            results.push(apply_command(&tx, &mut revision, entry.log_id.index, cmd)?)
+                        }
                     }
                 }
-            }
-            if let Some(last) = entries.last() {
-                tx_write(meta, KEY_LAST_APPLIED, &Some(last.log_id), "last applied")?;
-            }
-            if let Some(m) = membership {
-                tx_write(meta, KEY_MEMBERSHIP, &m, "membership")?;
-            }
-            tx_write(meta, KEY_REVISION, &revision, "revision")?;
-            Ok((results, revision))
-        });
+                if let Some(last) = entries.last() {
+                    tx_write(meta, KEY_LAST_APPLIED, &Some(last.log_id), "last applied")?;
+                }
+                if let Some(m) = membership {
+                    tx_write(meta, KEY_MEMBERSHIP, &m, "membership")?;
+                }
+                tx_write(meta, KEY_REVISION, &revision, "revision")?;
+                Ok((results, revision))
+            },
+        );
         let (results, revision) = result.map_err(|e| match e {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(source) => Error::Sled { op: "apply", source },
@@ -216,6 +230,7 @@ impl StateMachineStore {
             if now / PRUNE_EVERY != first.saturating_sub(1) / PRUNE_EVERY {
                 prune_dedup(&trees.dedup, now)?;
             }
+            self.inner.changed.send_replace(now);
         }
         Ok(results)
     }
@@ -248,6 +263,14 @@ impl StateMachineStore {
             let (id, raw) = item.map_err(sled_err("read dedup"))?;
             let (index, result): (u64, CommandResult) = codec::decode("dedup entry", &raw)?;
             w.record(&Record::Dedup { request_id: String::from_utf8_lossy(&id).into_owned(), index, result })?;
+        }
+        for item in trees.workers.iter() {
+            let (_, raw) = item.map_err(sled_err("read workers"))?;
+            w.record(&Record::Worker(codec::decode("worker", &raw)?))?;
+        }
+        for item in trees.jobs.iter() {
+            let (_, raw) = item.map_err(sled_err("read jobs"))?;
+            w.record(&Record::Job(Box::new(codec::decode("job", &raw)?)))?;
         }
         let file = w.finish()?;
         file.sync_all().map_err(|source| Error::Snapshot { op: "fsync", source })?;
@@ -308,7 +331,7 @@ impl StateMachineStore {
         let (mut reader, header) = snapshot::Reader::new(file)?;
         let old = self.inner.trees();
         let next = Trees::open(&self.inner.dir, old.generation + 1)?;
-        for tree in [&next.meta, &next.kv, &next.dedup] {
+        for tree in [&next.meta, &next.kv, &next.dedup, &next.workers, &next.jobs] {
             tree.clear().map_err(sled_err("clear"))?;
         }
         let mut batch_kv = sled::Batch::default();
@@ -325,6 +348,16 @@ impl StateMachineStore {
                 Record::Dedup { request_id, index, result } => {
                     pending_bytes += request_id.len() + 64;
                     batch_dedup.insert(request_id.as_bytes(), codec::encode("dedup entry", &(index, result))?);
+                }
+                Record::Worker(w) => {
+                    let raw = codec::encode("worker", &w)?;
+                    pending_bytes += raw.len();
+                    next.workers.insert(w.name.as_bytes(), raw).map_err(sled_err("load workers"))?;
+                }
+                Record::Job(j) => {
+                    let raw = codec::encode("job", &j)?;
+                    pending_bytes += raw.len();
+                    next.jobs.insert(j.id.as_bytes(), raw).map_err(sled_err("load jobs"))?;
                 }
                 Record::End { .. } => {}
             }
@@ -353,6 +386,7 @@ impl StateMachineStore {
         old.drop_from(&self.inner.dir);
         self.inner.applied.store(meta.last_log_id.map(|l| l.index).unwrap_or(0), Ordering::Release);
         self.inner.revision.store(header.revision, Ordering::Release);
+        self.inner.changed.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
         self.inner.snapshots_installed.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -394,15 +428,23 @@ fn tx_write<T: serde::Serialize>(
     Ok(())
 }
 
+/// The trees one apply transaction works on.
+struct Tx<'a> {
+    kv: &'a TransactionalTree,
+    dedup: &'a TransactionalTree,
+    workers: &'a TransactionalTree,
+    jobs: &'a TransactionalTree,
+}
+
 /// Applies one command. Deterministic: depends only on the command, the index
 /// and the state.
 fn apply_command(
-    kv: &TransactionalTree,
-    dedup: &TransactionalTree,
+    tx: &Tx<'_>,
     revision: &mut u64,
     index: u64,
     cmd: &Command,
 ) -> Result<CommandResult, ConflictableTransactionError<Error>> {
+    let (kv, dedup) = (tx.kv, tx.dedup);
     if !cmd.request_id.is_empty() {
         if let Some((seen_at, result)) =
             tx_read::<(u64, CommandResult)>(dedup, cmd.request_id.as_bytes(), "dedup entry")?
@@ -419,7 +461,7 @@ fn apply_command(
         for c in commands {
             results.push(match c.op {
                 Op::Batch(_) => CommandResult::Rejected { reason: "op: a batch must not contain a batch".into() },
-                _ => apply_command(kv, dedup, revision, index, c)?,
+                _ => apply_command(tx, revision, index, c)?,
             });
         }
         return Ok(CommandResult::Batch(results));
@@ -452,6 +494,40 @@ fn apply_command(
                 }
             }
             Op::Batch(_) => CommandResult::Rejected { reason: "op: nested batch".into() },
+            Op::RegisterWorker(w) => {
+                tx_write(tx.workers, w.name.as_bytes(), w, "worker")?;
+                CommandResult::Done
+            }
+            Op::CreateJob(job) => {
+                if tx.jobs.get(job.id.as_bytes())?.is_some() {
+                    CommandResult::Rejected { reason: format!("job id: {} exists already", job.id) }
+                } else {
+                    tx_write(tx.jobs, job.id.as_bytes(), job, "job")?;
+                    CommandResult::Done
+                }
+            }
+            Op::JobEvents(events) => {
+                // Each touched job is decoded once and written once.
+                let mut touched: std::collections::BTreeMap<&str, Job> = std::collections::BTreeMap::new();
+                for event in events {
+                    let id = event.job();
+                    if !touched.contains_key(id) {
+                        match tx_read::<Job>(tx.jobs, id.as_bytes(), "job")? {
+                            Some(job) => {
+                                touched.insert(id, job);
+                            }
+                            None => continue,
+                        }
+                    }
+                    if let Some(job) = touched.get_mut(id) {
+                        job.apply(event);
+                    }
+                }
+                for (id, job) in &touched {
+                    tx_write(tx.jobs, id.as_bytes(), job, "job")?;
+                }
+                CommandResult::Done
+            }
         },
     };
     if !cmd.request_id.is_empty() {
@@ -585,6 +661,41 @@ impl StateReader {
         self.inner.snapshots_installed.load(Ordering::Relaxed)
     }
 
+    /// A receiver that changes after every apply (value: applied index).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
+    /// Every registered worker, by name.
+    pub fn workers(&self) -> Result<Vec<WorkerRecord>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        let trees = self.inner.trees();
+        let mut out = Vec::new();
+        for item in trees.workers.iter() {
+            let (_, raw) = item.map_err(sled_err("list workers"))?;
+            out.push(codec::decode("worker", &raw)?);
+        }
+        Ok(out)
+    }
+
+    /// One job.
+    pub fn job(&self, id: &str) -> Result<Option<Job>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        read_value(&self.inner.trees().jobs, id.as_bytes(), "job")
+    }
+
+    /// Every job, by id.
+    pub fn jobs(&self) -> Result<Vec<Job>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        let trees = self.inner.trees();
+        let mut out = Vec::new();
+        for item in trees.jobs.iter() {
+            let (_, raw) = item.map_err(sled_err("list jobs"))?;
+            out.push(codec::decode("job", &raw)?);
+        }
+        Ok(out)
+    }
+
     /// One key, if present.
     pub fn get(&self, key: &str) -> Result<Option<KeyValue>, Error> {
         let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
@@ -632,6 +743,16 @@ impl StateReader {
                 hasher.update(&n.to_be_bytes());
             }
             keys += 1;
+        }
+        // Workers and jobs are replicated too: fold in their encoded bytes.
+        for tree in [&trees.workers, &trees.jobs] {
+            for item in tree.iter() {
+                let (key, raw) = item.map_err(sled_err("digest"))?;
+                for part in [&key[..], &raw[..]] {
+                    hasher.update(&(part.len() as u64).to_be_bytes());
+                    hasher.update(part);
+                }
+            }
         }
         Ok(Digest { applied_index, revision, keys, hex: hasher.finalize().to_hex().to_string() })
     }

@@ -1,0 +1,81 @@
+//! `ferry.v1.ChunkService`: serves chunk bytes to peers as a stream of frames,
+//! read straight from the file that holds them (source file, staging file or
+//! installed file), with a cap on concurrent uploads. The receiver checks the
+//! hash; this side only reads.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+
+use ferry_proto::pb::{self, chunk_service_server::ChunkService};
+use tokio::sync::Semaphore;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::index::parse_hex;
+use crate::store::ChunkStore;
+
+/// Bytes per stream frame.
+pub const FRAME: usize = 256 * 1024;
+
+/// The ChunkService implementation.
+pub struct ChunkServer {
+    pub(crate) store: ChunkStore,
+    pub(crate) uploads: Arc<Semaphore>,
+    /// Test fault: flip a byte in every chunk served (a misbehaving peer).
+    pub(crate) corrupt: bool,
+}
+
+#[tonic::async_trait]
+impl ChunkService for ChunkServer {
+    type GetChunkStream = ReceiverStream<Result<pb::ChunkFrame, Status>>;
+
+    async fn get_chunk(&self, request: Request<pb::GetChunkRequest>) -> Result<Response<Self::GetChunkStream>, Status> {
+        let req = request.into_inner();
+        let hash = parse_hex(&req.hash).ok_or_else(|| Status::invalid_argument("hash: not a hex BLAKE3 hash"))?;
+        let loc =
+            self.store.get(&hash).ok_or_else(|| Status::not_found(format!("chunk {} is not held here", req.hash)))?;
+        if req.len != loc.len {
+            return Err(Status::invalid_argument(format!(
+                "len: chunk {} has {} bytes, not {}",
+                req.hash, loc.len, req.len
+            )));
+        }
+        let permit = self
+            .uploads
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("this worker is at its upload limit"))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let corrupt = self.corrupt;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let send = |item| tx.blocking_send(item).is_ok();
+            let mut file =
+                match std::fs::File::open(&loc.path).and_then(|mut f| f.seek(SeekFrom::Start(loc.offset)).map(|_| f)) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        send(Err(Status::not_found(format!("chunk file {}: {e}", loc.path.display()))));
+                        return;
+                    }
+                };
+            let mut left = loc.len as usize;
+            let mut first = true;
+            while left > 0 {
+                let mut buf = vec![0u8; left.min(FRAME)];
+                if let Err(e) = file.read_exact(&mut buf) {
+                    send(Err(Status::data_loss(format!("reading {}: {e}", loc.path.display()))));
+                    return;
+                }
+                if corrupt && first {
+                    buf[0] ^= 0xff;
+                }
+                first = false;
+                left -= buf.len();
+                if !send(Ok(pb::ChunkFrame { data: buf })) {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

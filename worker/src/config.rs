@@ -1,0 +1,126 @@
+//! The worker's configuration: a TOML file, overridden by flags, checked by
+//! [`WorkerConfig::validate`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything one worker needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Unique worker name in the fleet.
+    pub name: String,
+    /// Chunk service listener (peers pull from here).
+    pub listen: SocketAddr,
+    /// `host:port` peers use to reach `listen` (default: `listen`).
+    pub advertise: Option<String>,
+    /// Schedulers to connect to (`host:port`); the worker follows the leader.
+    pub schedulers: Vec<String>,
+    /// Data directory: chunk index and staging files.
+    pub data: PathBuf,
+    /// Directories this worker may read from and write to.
+    pub roots: Vec<PathBuf>,
+    /// Labels for selectors (`zone=a`, `role=bidder`).
+    pub labels: BTreeMap<String, String>,
+    /// Named reload hooks: name to shell command. Jobs may name only these.
+    pub hooks: BTreeMap<String, String>,
+    /// Most chunks served to peers at once.
+    pub max_uploads: usize,
+    /// Most chunks pulled at once.
+    pub max_downloads: usize,
+    /// Heartbeat to the leader.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Test fault: serve corrupted chunks to peers.
+    #[serde(skip)]
+    pub fault_corrupt_uploads: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7101)),
+            advertise: None,
+            schedulers: vec!["127.0.0.1:7001".into(), "127.0.0.1:7002".into(), "127.0.0.1:7003".into()],
+            data: PathBuf::from("./data/worker"),
+            roots: Vec::new(),
+            labels: BTreeMap::new(),
+            hooks: BTreeMap::new(),
+            max_uploads: 8,
+            max_downloads: 8,
+            heartbeat: Duration::from_secs(1),
+            fault_corrupt_uploads: false,
+        }
+    }
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    /// The field or flag.
+    pub field: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError { field, reason: reason.into() }
+}
+
+/// Checks a name: 1..=128 of `[A-Za-z0-9._-]`.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl WorkerConfig {
+    /// Reads a TOML file.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| bad("config", format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| bad("config", format!("{}: {e}", path.display())))
+    }
+
+    /// The address peers use.
+    pub fn advertised(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !valid_name(&self.name) {
+            return Err(bad("name", "must be 1 to 128 characters of letters, digits, '.', '_' or '-'"));
+        }
+        if self.roots.is_empty() {
+            return Err(bad("allow-root", "at least one allowed root is needed"));
+        }
+        if let Some(r) = self.roots.iter().find(|r| !r.is_absolute()) {
+            return Err(bad("allow-root", format!("{} is not an absolute path", r.display())));
+        }
+        if self.schedulers.is_empty() {
+            return Err(bad("schedulers", "at least one scheduler HOST:PORT is needed"));
+        }
+        for (name, cmd) in &self.hooks {
+            if !valid_name(name) {
+                return Err(bad("hook", format!("'{name}' is not a valid hook name")));
+            }
+            if cmd.trim().is_empty() {
+                return Err(bad("hook", format!("hook '{name}' has an empty command")));
+            }
+        }
+        for (k, v) in &self.labels {
+            if !valid_name(k) || v.is_empty() || v.contains([',', '=']) {
+                return Err(bad("labels", format!("'{k}={v}' is not a valid label")));
+            }
+        }
+        if self.max_uploads == 0 || self.max_downloads == 0 {
+            return Err(bad("max-uploads", "must be at least 1"));
+        }
+        Ok(())
+    }
+}

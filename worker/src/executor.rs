@@ -1,0 +1,399 @@
+//! What a worker does for the leader's commands.
+//!
+//! - **index** (as a source): chunk and hash files under the roots, remember
+//!   where each chunk is so peers can pull it.
+//! - **prepare** (as a target): check what it already holds. A destination
+//!   that is already identical is `unchanged`; otherwise chunks found locally
+//!   (the current destination file, any file in the chunk store) are copied
+//!   into the staging file at their offsets and reported, so they never move
+//!   over the network (delta transfer).
+//! - **pull**: stream one chunk from a peer, check its BLAKE3 while writing it
+//!   at its offset in the staging file (no second copy), then acknowledge.
+//! - **pack**: fsync, whole-file BLAKE3 check, atomic rename into place with
+//!   the source's mode, run the named hook, report fin.
+//! - **cancel**: drop the job's staging data.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_proto::pb::{self, chunk_service_client::ChunkServiceClient, worker_message::Msg};
+use tokio::sync::{mpsc, Semaphore};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::index::{self, hex, parse_hex};
+use crate::roots::Roots;
+use crate::store::{ChunkStore, Location};
+
+/// The current session's outbound queue (none while disconnected).
+#[derive(Clone, Default)]
+pub struct Outbox(Arc<Mutex<Option<mpsc::Sender<pb::WorkerMessage>>>>);
+
+impl Outbox {
+    /// Replaces the queue (on connect) or clears it (on disconnect).
+    pub fn set(&self, tx: Option<mpsc::Sender<pb::WorkerMessage>>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = tx;
+    }
+
+    /// Sends a message to the leader if a session is up; otherwise it is
+    /// dropped (the leader re-plans after a reconnect).
+    pub async fn send(&self, msg: Msg) {
+        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(tx) = tx {
+            let _ = tx.send(pb::WorkerMessage { msg: Some(msg) }).await;
+        }
+    }
+}
+
+struct WorkFile {
+    chunks: Vec<index::ChunkRef>,
+    size: u64,
+    mode: u32,
+    blake3: [u8; 32],
+    dest: PathBuf,
+    staging: PathBuf,
+    unchanged: bool,
+}
+
+struct JobWork {
+    files: Vec<WorkFile>,
+}
+
+/// Executes commands. Shared by the session and its spawned tasks.
+pub struct Executor {
+    pub(crate) name: String,
+    pub(crate) roots: Roots,
+    pub(crate) store: ChunkStore,
+    pub(crate) hooks: BTreeMap<String, String>,
+    pub(crate) downloads: Arc<Semaphore>,
+    pub(crate) outbox: Outbox,
+    jobs: Mutex<HashMap<String, Arc<JobWork>>>,
+    peers: Mutex<HashMap<String, Channel>>,
+}
+
+fn to_chunks(m: &pb::FileManifest) -> Result<Vec<index::ChunkRef>, String> {
+    m.chunks
+        .iter()
+        .map(|c| {
+            Ok(index::ChunkRef {
+                offset: c.offset,
+                len: c.len,
+                hash: parse_hex(&c.hash).ok_or_else(|| format!("bad chunk hash {}", c.hash))?,
+            })
+        })
+        .collect()
+}
+
+/// Reads `len` bytes at `loc` and returns them if they hash to `hash`.
+fn read_verified(loc: &Location, hash: &[u8; 32]) -> Option<Vec<u8>> {
+    let file = std::fs::File::open(&loc.path).ok()?;
+    let mut buf = vec![0u8; loc.len as usize];
+    file.read_exact_at(&mut buf, loc.offset).ok()?;
+    (blake3::hash(&buf).as_bytes() == hash).then_some(buf)
+}
+
+fn safe_job_dir(job_id: &str) -> String {
+    job_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
+}
+
+impl Executor {
+    /// A new executor.
+    pub fn new(
+        name: String,
+        roots: Roots,
+        store: ChunkStore,
+        hooks: BTreeMap<String, String>,
+        max_downloads: usize,
+    ) -> Self {
+        Self {
+            name,
+            roots,
+            store,
+            hooks,
+            downloads: Arc::new(Semaphore::new(max_downloads)),
+            outbox: Outbox::default(),
+            jobs: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Handles one command from the leader (spawned by the session).
+    pub async fn handle(self: Arc<Self>, cmd: pb::control_message::Msg) {
+        use pb::control_message::Msg as C;
+        match cmd {
+            C::Index(c) => {
+                let reply = self.clone().index(c).await;
+                self.outbox.send(Msg::Indexed(reply)).await;
+            }
+            C::Prepare(c) => {
+                let job_id = c.job_id.clone();
+                let this = self.clone();
+                let reply = tokio::task::spawn_blocking(move || this.prepare(c))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("prepare task failed: {e}")));
+                let prepared = match reply {
+                    Ok((unchanged, local)) => pb::Prepared { job_id, unchanged, error: String::new(), local },
+                    Err(error) => pb::Prepared { job_id, unchanged: vec![], error, local: vec![] },
+                };
+                self.outbox.send(Msg::Prepared(prepared)).await;
+            }
+            C::Pull(c) => {
+                let (job_id, file, chunk, from) = (c.job_id.clone(), c.file, c.chunk, c.from_worker.clone());
+                let error = self.pull(c).await.err().unwrap_or_default();
+                if !error.is_empty() {
+                    tracing::warn!(worker = %self.name, job = %job_id, file, chunk, %from, %error, "pull failed");
+                }
+                self.outbox.send(Msg::Ack(pb::ChunkAck { job_id, file, chunk, via: String::new(), from, error })).await;
+            }
+            C::Pack(c) => {
+                let fin = self.pack(c).await;
+                self.outbox.send(Msg::Fin(fin)).await;
+            }
+            C::Cancel(c) => self.cancel(&c.job_id),
+        }
+    }
+
+    async fn index(self: Arc<Self>, cmd: pb::IndexCommand) -> pb::IndexResult {
+        let request = cmd.request;
+        let this = self.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut files = Vec::new();
+            for path in &cmd.paths {
+                let resolved = this.roots.check_read(path)?;
+                let f = index::index_file(&resolved).map_err(|e| format!("{path}: {e}"))?;
+                for c in &f.chunks {
+                    let loc = Location { path: resolved.clone(), offset: c.offset, len: c.len };
+                    this.store.put(&c.hash, &loc).map_err(|e| e.to_string())?;
+                }
+                files.push(pb::FileManifest {
+                    path: path.clone(),
+                    size: f.size,
+                    mode: f.mode,
+                    blake3: hex(&f.blake3),
+                    chunks: f
+                        .chunks
+                        .iter()
+                        .map(|c| pb::ChunkRef { offset: c.offset, len: c.len, hash: hex(&c.hash) })
+                        .collect(),
+                });
+            }
+            Ok::<_, String>(files)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("index task failed: {e}")));
+        match result {
+            Ok(files) => pb::IndexResult { request, files, error: String::new() },
+            Err(error) => pb::IndexResult { request, files: vec![], error },
+        }
+    }
+
+    /// Blocking. Returns unchanged file indexes and locally found chunks
+    /// (`file << 32 | chunk`).
+    fn prepare(&self, cmd: pb::PrepareCommand) -> Result<(Vec<u32>, Vec<u64>), String> {
+        let mut files = Vec::new();
+        let (mut unchanged, mut local) = (Vec::new(), Vec::new());
+        for (i, tf) in cmd.files.iter().enumerate() {
+            let m = tf.manifest.as_ref().ok_or("a file without manifest")?;
+            let dest = self.roots.check_write(&tf.destination)?;
+            let chunks = to_chunks(m)?;
+            let blake3 = parse_hex(&m.blake3).ok_or("bad file hash")?;
+            // Staged beside the destination (same file system), so the final
+            // rename is atomic; the hidden name is never the final one.
+            let parent = dest.parent().ok_or("destination has no parent directory")?;
+            std::fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+            let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let staging = parent.join(format!(".{name}.ferry-{}.part", safe_job_dir(&cmd.job_id)));
+            let mut same = false;
+            if dest.is_file() {
+                let meta = std::fs::metadata(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+                if meta.len() == m.size && index::hash_file(&dest).ok() == Some(blake3) {
+                    same = true;
+                    for c in &chunks {
+                        let _ = self.store.put(&c.hash, &Location { path: dest.clone(), offset: c.offset, len: c.len });
+                    }
+                } else if let Ok(old) = index::index_file(&dest) {
+                    // The previous version: its chunks are candidates for reuse.
+                    for c in &old.chunks {
+                        let _ = self.store.put(&c.hash, &Location { path: dest.clone(), offset: c.offset, len: c.len });
+                    }
+                }
+            }
+            if same {
+                unchanged.push(i as u32);
+            } else {
+                let out = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true)
+                    .open(&staging)
+                    .map_err(|e| format!("staging {}: {e}", staging.display()))?;
+                out.set_len(m.size).map_err(|e| format!("staging {}: {e}", staging.display()))?;
+                for (c, chunk) in chunks.iter().enumerate() {
+                    let Some(loc) = self.store.get(&chunk.hash) else { continue };
+                    let here = Location { path: staging.clone(), offset: chunk.offset, len: chunk.len };
+                    match read_verified(&loc, &chunk.hash) {
+                        Some(bytes) => {
+                            if loc != here {
+                                out.write_all_at(&bytes, chunk.offset).map_err(|e| format!("staging write: {e}"))?;
+                            }
+                            let _ = self.store.put(&chunk.hash, &here);
+                            local.push(((i as u64) << 32) | c as u64);
+                        }
+                        None => self.store.forget(&chunk.hash),
+                    }
+                }
+            }
+            files.push(WorkFile { chunks, size: m.size, mode: m.mode, blake3, dest, staging, unchanged: same });
+        }
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(cmd.job_id, Arc::new(JobWork { files }));
+        Ok((unchanged, local))
+    }
+
+    fn work(&self, job_id: &str) -> Option<Arc<JobWork>> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(job_id).cloned()
+    }
+
+    fn peer(&self, addr: &str) -> Result<Channel, String> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ch) = peers.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("peer address {addr}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .initial_stream_window_size(Some(4 * 1024 * 1024))
+            .initial_connection_window_size(Some(16 * 1024 * 1024))
+            .connect_lazy();
+        peers.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    async fn pull(&self, cmd: pb::PullCommand) -> Result<(), String> {
+        let work = self.work(&cmd.job_id).ok_or("job not prepared on this worker")?;
+        let file = work.files.get(cmd.file as usize).ok_or("no such file in the job")?;
+        let chunk = *file.chunks.get(cmd.chunk as usize).ok_or("no such chunk in the file")?;
+        let _permit = self.downloads.acquire().await.map_err(|_| "worker stopping")?;
+        let mut client = ChunkServiceClient::new(self.peer(&cmd.from_addr)?).max_decoding_message_size(4 * 1024 * 1024);
+        let mut req = tonic::Request::new(pb::GetChunkRequest {
+            hash: hex(&chunk.hash),
+            len: chunk.len,
+            job_id: cmd.job_id.clone(),
+        });
+        req.set_timeout(Duration::from_secs(60));
+        let mut stream =
+            client.get_chunk(req).await.map_err(|s| format!("{}: {}", cmd.from_worker, s.message()))?.into_inner();
+        let out = std::fs::OpenOptions::new().write(true).open(&file.staging).map_err(|e| format!("staging: {e}"))?;
+        let out = Arc::new(out);
+        let mut hasher = blake3::Hasher::new();
+        let mut offset = chunk.offset;
+        while let Some(frame) = stream.message().await.map_err(|s| format!("{}: {}", cmd.from_worker, s.message()))? {
+            if offset + frame.data.len() as u64 > chunk.offset + chunk.len {
+                return Err(format!("{} sent more than {} bytes", cmd.from_worker, chunk.len));
+            }
+            hasher.update(&frame.data);
+            let (out, at) = (out.clone(), offset);
+            offset += frame.data.len() as u64;
+            tokio::task::spawn_blocking(move || out.write_all_at(&frame.data, at))
+                .await
+                .map_err(|e| format!("write task: {e}"))?
+                .map_err(|e| format!("staging write: {e}"))?;
+        }
+        if offset != chunk.offset + chunk.len {
+            return Err(format!("{} sent {} of {} bytes", cmd.from_worker, offset - chunk.offset, chunk.len));
+        }
+        if hasher.finalize().as_bytes() != &chunk.hash {
+            return Err(format!("chunk from {} failed its BLAKE3 check", cmd.from_worker));
+        }
+        let here = Location { path: file.staging.clone(), offset: chunk.offset, len: chunk.len };
+        self.store.put(&chunk.hash, &here).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    async fn pack(&self, cmd: pb::PackCommand) -> pb::TargetFin {
+        let fin = |ok: bool, reason: String, hook_exit: Option<i32>| pb::TargetFin {
+            job_id: cmd.job_id.clone(),
+            ok,
+            reason,
+            hook_exit,
+        };
+        let Some(work) = self.work(&cmd.job_id) else {
+            return fin(false, "job not prepared on this worker".into(), None);
+        };
+        let hook = if cmd.hook.is_empty() {
+            None
+        } else {
+            match self.hooks.get(&cmd.hook) {
+                Some(c) => Some(c.clone()),
+                None => return fin(false, format!("hook: this worker has no hook named {}", cmd.hook), None),
+            }
+        };
+        let (w, store) = (work.clone(), self.store.clone());
+        let installed = tokio::task::spawn_blocking(move || install_all(&w, &store))
+            .await
+            .unwrap_or_else(|e| Err(format!("install task failed: {e}")));
+        let paths = match installed {
+            Ok(p) => p,
+            Err(reason) => return fin(false, reason, None),
+        };
+        self.forget_job(&cmd.job_id);
+        match hook {
+            None => fin(true, String::new(), None),
+            Some(command) => match crate::hooks::run(&command, &cmd.job_id, &paths).await {
+                Ok(0) => fin(true, String::new(), Some(0)),
+                Ok(code) => fin(false, format!("hook {} exited with {code}", cmd.hook), Some(code)),
+                Err(e) => fin(false, format!("hook {}: {e}", cmd.hook), None),
+            },
+        }
+    }
+
+    /// Forgets a job and removes whatever it still has staged.
+    fn forget_job(&self, job_id: &str) {
+        if let Some(work) = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(job_id) {
+            for f in &work.files {
+                let _ = std::fs::remove_file(&f.staging);
+            }
+        }
+    }
+
+    fn cancel(&self, job_id: &str) {
+        self.forget_job(job_id);
+    }
+}
+
+/// Blocking: checks and moves every staged file into place. Returns the
+/// installed paths. Never leaves a partial file under a final name: the
+/// rename happens only after the whole-file hash matched.
+fn install_all(work: &JobWork, store: &ChunkStore) -> Result<Vec<String>, String> {
+    let mut paths = Vec::new();
+    for f in &work.files {
+        paths.push(f.dest.display().to_string());
+        if f.unchanged {
+            continue;
+        }
+        let file = std::fs::OpenOptions::new().write(true).open(&f.staging).map_err(|e| format!("staging: {e}"))?;
+        file.set_len(f.size).map_err(|e| format!("staging: {e}"))?;
+        file.sync_all().map_err(|e| format!("fsync {}: {e}", f.staging.display()))?;
+        drop(file);
+        let got = index::hash_file(&f.staging).map_err(|e| format!("hashing {}: {e}", f.staging.display()))?;
+        if got != f.blake3 {
+            return Err(format!("{} failed its whole-file BLAKE3 check", f.dest.display()));
+        }
+        std::fs::set_permissions(&f.staging, std::fs::Permissions::from_mode(f.mode))
+            .map_err(|e| format!("chmod {}: {e}", f.staging.display()))?;
+        let parent = f.dest.parent().unwrap_or(Path::new("/"));
+        std::fs::rename(&f.staging, &f.dest).map_err(|e| format!("rename into {}: {e}", f.dest.display()))?;
+        if let Ok(d) = std::fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+        for c in &f.chunks {
+            let _ = store.put(&c.hash, &Location { path: f.dest.clone(), offset: c.offset, len: c.len });
+        }
+    }
+    Ok(paths)
+}

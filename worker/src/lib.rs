@@ -1,0 +1,136 @@
+//! Ferry's worker daemon: one per machine.
+//!
+//! [`Worker::start`] opens the chunk store in the data directory, serves
+//! `ChunkService` to peers, and keeps a control session with the scheduler
+//! leader, executing its index, prepare, pull, pack and cancel commands.
+//! Everything it reads or writes stays under its allowed roots; it runs only
+//! hooks named in its own config.
+//!
+//! Layout:
+//! - [`config`] — `WorkerConfig` and its validation.
+//! - [`roots`] — path checks against the allowed roots.
+//! - [`index`] — FastCDC chunking and BLAKE3 hashing.
+//! - [`store`] — where each known chunk's bytes are.
+//! - [`chunk_server`] — serving chunks to peers.
+//! - [`executor`] — index, prepare, pull, pack, cancel.
+//! - [`hooks`] — running named hooks.
+//! - [`session`] — the control session with the leader.
+
+pub mod chunk_server;
+pub mod config;
+pub mod executor;
+pub mod hooks;
+pub mod index;
+pub mod roots;
+pub mod session;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::pb::{self, chunk_service_server::ChunkServiceServer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+pub use config::WorkerConfig;
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The data directory or a root could not be used.
+    #[error("{0}")]
+    Storage(String),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+/// A running worker.
+pub struct Worker {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Binds `config.listen` and starts.
+    pub async fn start(config: WorkerConfig) -> Result<Self, Error> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind { addr: config.listen.to_string(), source })?;
+        Self::start_with(config, listener).await
+    }
+
+    /// Starts on a listener bound by the caller (`config.listen` is taken from it).
+    pub async fn start_with(mut config: WorkerConfig, listener: TcpListener) -> Result<Self, Error> {
+        let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.to_string(), source })?;
+        config.listen = addr;
+        config.validate()?;
+        let roots = roots::Roots::new(&config.roots).map_err(|e| Error::Storage(format!("allowed roots: {e}")))?;
+        std::fs::create_dir_all(&config.data).map_err(|e| Error::Storage(format!("{}: {e}", config.data.display())))?;
+        let store = store::ChunkStore::open(&config.data).map_err(|e| Error::Storage(e.to_string()))?;
+
+        let exec = Arc::new(executor::Executor::new(
+            config.name.clone(),
+            roots.clone(),
+            store.clone(),
+            config.hooks.clone(),
+            config.max_downloads,
+        ));
+        let chunks = ChunkServerImpl::new(chunk_server::ChunkServer {
+            store,
+            uploads: Arc::new(Semaphore::new(config.max_uploads)),
+            corrupt: config.fault_corrupt_uploads,
+        });
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut stop = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let result = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .initial_stream_window_size(Some(4 * 1024 * 1024))
+                .initial_connection_window_size(Some(16 * 1024 * 1024))
+                .add_service(chunks)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "chunk server failed");
+            }
+        }));
+        let hello = pb::WorkerInfo {
+            name: config.name.clone(),
+            addr: config.advertised(),
+            labels: config.labels.clone().into_iter().collect(),
+            roots: roots.list().iter().map(|r| r.display().to_string()).collect(),
+            hooks: config.hooks.keys().cloned().collect(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        tasks.push(tokio::spawn(session::run(exec, hello, config.schedulers.clone(), config.heartbeat, rx)));
+        tracing::info!(name = %config.name, %addr, "worker started");
+        Ok(Self { addr, shutdown, tasks })
+    }
+
+    /// The chunk service address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops the session and the chunk server.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+type ChunkServerImpl = ChunkServiceServer<chunk_server::ChunkServer>;
