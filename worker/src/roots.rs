@@ -78,7 +78,7 @@ impl Roots {
         for part in rest.into_iter().rev() {
             resolved.push(part);
         }
-        if !self.inside(&resolved) || self.roots.iter().any(|r| *r == resolved) {
+        if !self.inside(&resolved) || self.roots.contains(&resolved) {
             return Err(format!("{path} is outside the allowed roots"));
         }
         Ok(resolved)
