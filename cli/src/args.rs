@@ -51,12 +51,17 @@ pub enum Command {
     /// Read and write replicated configuration keys.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Run a worker daemon (with flags), or list workers (`ferry worker list`).
+    Worker(WorkerCmd),
+    /// Push files to workers and follow the jobs.
+    #[command(subcommand)]
+    Job(JobCmd),
 }
 
 impl Command {
     /// Daemons log at info by default, client commands at warn.
     pub fn is_daemon(&self) -> bool {
-        matches!(self, Command::Scheduler(_) | Command::Dev(_))
+        matches!(self, Command::Scheduler(_) | Command::Dev(_)) || matches!(self, Command::Worker(w) if w.sub.is_none())
     }
 }
 
@@ -191,4 +196,129 @@ fn initial_cluster(s: &str) -> Result<String, String> {
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration like 500ms or 2s: {e}"))
+}
+
+/// `ferry worker`: run the daemon, or a subcommand.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct WorkerCmd {
+    #[command(subcommand)]
+    pub sub: Option<WorkerSub>,
+    #[command(flatten)]
+    pub run: Box<WorkerArgs>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkerSub {
+    /// Every registered worker: labels, state (up/down), last seen, version.
+    List,
+}
+
+/// Flags of the worker daemon; each overrides the same key of `--config`.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// TOML file with the same settings (keys use underscores); flags win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Unique name of this worker.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Chunk service listen address (peers pull from here).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// HOST:PORT peers use to reach --listen (default: --listen).
+    #[arg(long, value_parser = host_port)]
+    pub advertise: Option<String>,
+    /// Schedulers, comma-separated HOST:PORT (the worker follows the leader).
+    #[arg(long, value_delimiter = ',', value_parser = host_port)]
+    pub schedulers: Vec<String>,
+    /// Data directory (chunk index).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// A directory this worker may read from and write to (repeatable).
+    #[arg(long = "allow-root")]
+    pub allow_root: Vec<PathBuf>,
+    /// Labels for selectors: k=v,k2=v2.
+    #[arg(long, value_parser = labels)]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+    /// A named hook: NAME='command args' (repeatable). Jobs can run only these.
+    #[arg(long = "hook", value_parser = hook)]
+    pub hooks: Vec<(String, String)>,
+    /// Most chunks served to peers at once.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_uploads: Option<u64>,
+    /// Most chunks pulled at once.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_downloads: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    /// Push files from a source worker to targets. Exit 0 only when every
+    /// target installed its files or already had them.
+    Submit(Box<SubmitArgs>),
+    /// The report of a job.
+    Status {
+        /// Job id.
+        id: String,
+    },
+    /// Every job, one line each.
+    List,
+    /// Follow a job's progress until it ends.
+    Watch {
+        /// Job id.
+        id: String,
+    },
+    /// Stop a job: transfers stop, installed files stay, staged data goes.
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+}
+
+/// Flags of `ferry job submit`.
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// The worker that has the files.
+    #[arg(long)]
+    pub source: String,
+    /// Absolute path of a file on the source (repeatable).
+    #[arg(long = "file", required = true)]
+    pub files: Vec<String>,
+    /// Target workers, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub to: Vec<String>,
+    /// Targets by label selector: k=v,k2=v2 (all must match).
+    #[arg(long, default_value = "")]
+    pub selector: String,
+    /// Destination: absolute path, or relative to each target's first root;
+    /// ending in / means a directory. Default: the same path as the source.
+    #[arg(long, default_value = "")]
+    pub dest: String,
+    /// A hook named in each target's config, run after install.
+    #[arg(long, default_value = "")]
+    pub hook: String,
+    /// http:// URL that gets the final report as a JSON POST.
+    #[arg(long, default_value = "")]
+    pub callback: String,
+    /// Whole-job deadline (e.g. 10m).
+    #[arg(long, value_parser = duration)]
+    pub timeout: Option<Duration>,
+    /// Wait for the job to end, showing progress, and print the report.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+fn labels(s: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("'{part}' is not key=value"))?;
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+fn hook(s: &str) -> Result<(String, String), String> {
+    let (name, cmd) = s.split_once('=').ok_or_else(|| format!("'{s}' is not NAME=COMMAND"))?;
+    Ok((name.trim().to_string(), cmd.trim().to_string()))
 }

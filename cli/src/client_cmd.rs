@@ -7,13 +7,13 @@ use serde_json::json;
 
 use crate::args::{ClientArgs, ClusterCmd, ConfigCmd};
 
-fn client(args: &ClientArgs) -> Result<Client, ferry_sdk::Error> {
+pub(crate) fn client(args: &ClientArgs) -> Result<Client, ferry_sdk::Error> {
     let options = ClientOptions { total_timeout: args.timeout, ..ClientOptions::default() };
     Client::with_options(&args.endpoints, options)
 }
 
 /// Prints an SDK error and returns its exit code (2 for bad input).
-fn fail(e: ferry_sdk::Error) -> u8 {
+pub(crate) fn fail(e: ferry_sdk::Error) -> u8 {
     eprintln!("error: {e}");
     if e.is_invalid_argument() {
         2

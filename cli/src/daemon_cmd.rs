@@ -8,7 +8,7 @@ use ferry_scheduler::{LocalCluster, Scheduler, SchedulerConfig};
 use crate::args::{DevArgs, SchedulerArgs};
 
 /// Resolves when SIGTERM or SIGINT arrives.
-async fn stop_signal() {
+pub(crate) async fn stop_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

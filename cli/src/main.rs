@@ -4,6 +4,8 @@
 mod args;
 mod client_cmd;
 mod daemon_cmd;
+mod job_cmd;
+mod worker_cmd;
 
 use std::process::ExitCode;
 
@@ -29,6 +31,11 @@ fn main() -> ExitCode {
             args::Command::Dev(a) => daemon_cmd::dev(a).await,
             args::Command::Cluster(c) => client_cmd::cluster(&cli.client, c).await,
             args::Command::Config(c) => client_cmd::config(&cli.client, c).await,
+            args::Command::Worker(w) => match w.sub {
+                Some(args::WorkerSub::List) => worker_cmd::list(&cli.client).await,
+                None => worker_cmd::run(*w.run).await,
+            },
+            args::Command::Job(j) => job_cmd::run(&cli.client, j).await,
         }
     });
     ExitCode::from(code)

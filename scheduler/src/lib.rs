@@ -13,23 +13,32 @@
 //! - [`proposer`] — group commit of concurrent writes into one log entry.
 //! - [`network`] / [`peers`] — outbound Raft RPCs and the channel cache.
 //! - [`raft_service`], [`config_service`], [`cluster_service`] — inbound gRPC.
+//! - [`sessions`] — worker sessions on the leader and `WorkerService`.
+//! - [`job_service`], [`job_spec`], [`job_report`] — file distribution jobs.
+//! - [`planner`] — leader-only transfer planning; [`callback`] — job callbacks.
 //! - [`admin`], [`metrics`] — `/metrics`, `/healthz`, `/readyz`.
 //! - [`local`] — several nodes in one process (`ferry dev`, benches, tests).
 //! - [`error`] — the crate's error and its conversion to `tonic::Status`.
 
 pub mod admin;
+pub mod callback;
 pub mod cluster_service;
 pub mod config;
 pub mod config_service;
 pub mod error;
+pub mod job_report;
+pub mod job_service;
+pub mod job_spec;
 pub mod local;
 pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod peers;
+pub mod planner;
 pub mod proposer;
 pub mod raft_service;
 pub mod server;
+pub mod sessions;
 
 pub use config::SchedulerConfig;
 pub use error::Error;

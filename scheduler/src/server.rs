@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use ferry_proto::pb::{
     cluster_service_server::ClusterServiceServer, config_service_server::ConfigServiceServer,
-    raft_service_server::RaftServiceServer,
+    job_service_server::JobServiceServer, raft_service_server::RaftServiceServer,
+    worker_service_server::WorkerServiceServer,
 };
 use ferry_storage::{OpenOptions, TypeConfig};
 use openraft::error::{InitializeError, RaftError};
@@ -21,12 +22,14 @@ use crate::cluster_service::ClusterServiceImpl;
 use crate::config::SchedulerConfig;
 use crate::config_service::ConfigServiceImpl;
 use crate::error::Error;
+use crate::job_service::JobServiceImpl;
 use crate::metrics::Metrics;
 use crate::network::NetworkFactory;
 use crate::node::Node;
 use crate::peers::{Peers, MAX_MESSAGE_BYTES};
 use crate::proposer::Proposer;
 use crate::raft_service::RaftServiceImpl;
+use crate::sessions::{Sessions, WorkerServiceImpl};
 
 /// A running scheduler node.
 pub struct Scheduler {
@@ -107,8 +110,11 @@ impl Scheduler {
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (planner_tx, planner_rx) = tokio::sync::mpsc::channel(1024);
+        let sessions = Arc::new(Sessions::new(planner_tx));
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(serve_grpc(node.clone(), grpc, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(serve_grpc(node.clone(), sessions.clone(), grpc, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::planner::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
         let admin_addr = match admin {
             Some(listener) => {
                 let a = listener.local_addr().ok();
@@ -200,11 +206,18 @@ async fn peers_have_leader(node: &Node, members: &std::collections::BTreeMap<u64
     false
 }
 
-async fn serve_grpc(node: Arc<Node>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+async fn serve_grpc(
+    node: Arc<Node>,
+    sessions: Arc<Sessions>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ConfigServiceServer<ConfigServiceImpl>>().await;
     health.set_serving::<ClusterServiceServer<ClusterServiceImpl>>().await;
     health.set_serving::<RaftServiceServer<RaftServiceImpl>>().await;
+    health.set_serving::<JobServiceServer<JobServiceImpl>>().await;
+    health.set_serving::<WorkerServiceServer<WorkerServiceImpl>>().await;
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -224,6 +237,12 @@ async fn serve_grpc(node: Arc<Node>, listener: TcpListener, mut shutdown: watch:
     let config =
         ConfigServiceServer::new(ConfigServiceImpl { node: node.clone() }).max_decoding_message_size(8 * 1024 * 1024);
     let cluster = ClusterServiceServer::new(ClusterServiceImpl { node: node.clone() });
+    let jobs = JobServiceServer::new(JobServiceImpl { node: node.clone(), sessions: sessions.clone() })
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let workers = WorkerServiceServer::new(WorkerServiceImpl { node: node.clone(), sessions })
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
 
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let stop = async move {
@@ -241,6 +260,8 @@ async fn serve_grpc(node: Arc<Node>, listener: TcpListener, mut shutdown: watch:
         .add_service(raft)
         .add_service(config)
         .add_service(cluster)
+        .add_service(jobs)
+        .add_service(workers)
         .serve_with_incoming_shutdown(incoming, stop)
         .await;
     if let Err(e) = result {

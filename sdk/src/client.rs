@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use ferry_proto::pb;
 use ferry_proto::pb::cluster_service_client::ClusterServiceClient;
 use ferry_proto::pb::config_service_client::ConfigServiceClient;
+use ferry_proto::pb::job_service_client::JobServiceClient;
+use ferry_proto::pb::worker_service_client::WorkerServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::Error;
@@ -407,5 +409,86 @@ impl Client {
         })
         .await
         .map(|r| r.into_inner())
+    }
+
+    fn job_client(ch: Channel) -> JobServiceClient<Channel> {
+        JobServiceClient::new(ch)
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
+    /// Submits a job. Without `wait` it returns once the job is logged; with
+    /// `wait` it returns the final report (the call may take as long as the
+    /// job: up to its timeout). Retries reuse the request id, so a job is
+    /// created once.
+    pub async fn submit_job(&self, spec: pb::JobSpec, wait: bool) -> Result<pb::SubmitJobResponse, Error> {
+        let job_timeout = Duration::from_millis(if spec.timeout_ms == 0 { 600_000 } else { spec.timeout_ms });
+        let msg = pb::SubmitJobRequest { spec: Some(spec), wait, request_id: request_id() };
+        let per_call = if wait {
+            job_timeout + Duration::from_secs(60)
+        } else {
+            self.options.request_timeout.max(Duration::from_secs(320))
+        };
+        let this = Self {
+            options: ClientOptions { total_timeout: per_call + self.options.total_timeout, ..self.options.clone() },
+            ..self.clone()
+        };
+        this.call("submit-job", |ch, _| {
+            let msg = msg.clone();
+            async move { Self::job_client(ch).submit_job(Self::request(msg, per_call)).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// The report of one job.
+    pub async fn get_job(&self, job_id: &str) -> Result<pb::JobReport, Error> {
+        let msg = pb::GetJobRequest { job_id: job_id.to_string() };
+        self.call("get-job", |ch, t| {
+            let msg = msg.clone();
+            async move { Self::job_client(ch).get_job(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// Every job's report, oldest first.
+    pub async fn list_jobs(&self) -> Result<Vec<pb::JobReport>, Error> {
+        self.call("list-jobs", |ch, t| async move {
+            Self::job_client(ch).list_jobs(Self::request(pb::ListJobsRequest {}, t)).await
+        })
+        .await
+        .map(|r| r.into_inner().jobs)
+    }
+
+    /// A stream of progress events; the last has `done` set.
+    pub async fn watch_job(&self, job_id: &str) -> Result<tonic::Streaming<pb::JobEvent>, Error> {
+        let msg = pb::WatchJobRequest { job_id: job_id.to_string() };
+        self.call("watch-job", |ch, _| {
+            let msg = msg.clone();
+            async move { Self::job_client(ch).watch_job(tonic::Request::new(msg)).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// Cancels a job; installed files stay as they were.
+    pub async fn cancel_job(&self, job_id: &str) -> Result<pb::JobReport, Error> {
+        let msg = pb::CancelJobRequest { job_id: job_id.to_string() };
+        self.call("cancel-job", |ch, t| {
+            let msg = msg.clone();
+            async move { Self::job_client(ch).cancel_job(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// Every registered worker with its state (as the leader sees it).
+    pub async fn list_workers(&self) -> Result<Vec<pb::WorkerStatus>, Error> {
+        self.call("list-workers", |ch, t| async move {
+            WorkerServiceClient::new(ch).list_workers(Self::request(pb::ListWorkersRequest {}, t)).await
+        })
+        .await
+        .map(|r| r.into_inner().workers)
     }
 }

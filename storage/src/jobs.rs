@@ -247,7 +247,8 @@ impl Job {
         }
         let files = self.files.clone();
         match event {
-            JobEvent::Ack { target, file, chunk, via, at_ms, .. } => {
+            JobEvent::Ack { target, file, chunk, from, at_ms, .. } => {
+                let via = if *from == self.source { Via::Source } else { Via::Peer };
                 let Some(t) = self.target_mut(target) else { return };
                 let (f, c) = (*file as usize, *chunk as usize);
                 let Some(len) = files.get(f).and_then(|fe| fe.chunks.get(c)).map(|ch| ch.len) else { return };
@@ -267,12 +268,22 @@ impl Job {
                     t.started_ms = *at_ms;
                 }
             }
-            JobEvent::Prepared { target, unchanged, at_ms, .. } => {
+            JobEvent::Prepared { target, unchanged, local, at_ms, .. } => {
                 let Some(t) = self.target_mut(target) else { return };
                 if t.phase.is_terminal() {
                     return;
                 }
                 t.prepared = true;
+                for &(f, c) in local {
+                    let (f, c) = (f as usize, c as usize);
+                    let Some(len) = files.get(f).and_then(|fe| fe.chunks.get(c)).map(|ch| ch.len) else { continue };
+                    if !t.held[f][c] {
+                        t.held[f][c] = true;
+                        t.chunks_done += 1;
+                        t.bytes_done += len;
+                        t.bytes_reused += len;
+                    }
+                }
                 for &f in unchanged {
                     let f = f as usize;
                     let Some(fe) = files.get(f) else { continue };
@@ -342,8 +353,8 @@ pub enum JobEvent {
         file: u32,
         /// Chunk index.
         chunk: u32,
-        /// Where the bytes came from.
-        via: Via,
+        /// The worker it was pulled from (the source or a peer).
+        from: String,
         /// Leader time.
         at_ms: u64,
     },
@@ -355,6 +366,8 @@ pub enum JobEvent {
         target: String,
         /// Indexes of unchanged files.
         unchanged: Vec<u32>,
+        /// `(file, chunk)` found locally and copied into staging.
+        local: Vec<(u32, u32)>,
         /// Leader time.
         at_ms: u64,
     },
@@ -449,21 +462,27 @@ mod tests {
         }
     }
 
-    fn ack(target: &str, chunk: u32, via: Via) -> JobEvent {
-        JobEvent::Ack { job: "j1".into(), target: target.into(), file: 0, chunk, via, at_ms: 5 }
+    fn ack(target: &str, chunk: u32, from: &str) -> JobEvent {
+        JobEvent::Ack { job: "j1".into(), target: target.into(), file: 0, chunk, from: from.into(), at_ms: 5 }
     }
 
     #[test]
     fn acks_count_once_and_fins_settle_the_job() {
         let mut j = job();
-        j.apply(&ack("a", 0, Via::Source));
-        j.apply(&ack("a", 0, Via::Source));
-        j.apply(&ack("a", 1, Via::Peer));
+        j.apply(&ack("a", 0, "src"));
+        j.apply(&ack("a", 0, "src"));
+        j.apply(&ack("a", 1, "b"));
         let a = &j.targets[0];
         assert_eq!((a.chunks_done, a.bytes_done, a.bytes_from_source, a.bytes_from_peers), (2, 30, 10, 20));
         assert!(a.complete());
         assert_eq!(a.phase, TargetPhase::Transferring);
-        j.apply(&JobEvent::Prepared { job: "j1".into(), target: "b".into(), unchanged: vec![0], at_ms: 6 });
+        j.apply(&JobEvent::Prepared {
+            job: "j1".into(),
+            target: "b".into(),
+            unchanged: vec![0],
+            local: vec![],
+            at_ms: 6,
+        });
         assert_eq!(j.targets[1].bytes_reused, 30);
         for t in ["a", "b"] {
             let fin = JobEvent::Fin {
@@ -491,7 +510,7 @@ mod tests {
         assert_eq!(j.targets[0].phase, TargetPhase::Failed);
         assert_eq!(j.targets[1].phase, TargetPhase::Cancelled);
         // Late events change nothing.
-        j.apply(&ack("b", 0, Via::Source));
+        j.apply(&ack("b", 0, "src"));
         assert_eq!(j.targets[1].chunks_done, 0);
     }
 }

@@ -1,0 +1,115 @@
+//! `ferry worker`: the daemon, and `ferry worker list`.
+
+use std::path::PathBuf;
+
+use ferry_worker::{Worker, WorkerConfig};
+use serde_json::json;
+
+use crate::args::{ClientArgs, WorkerArgs};
+
+fn merge(a: WorkerArgs) -> Result<WorkerConfig, String> {
+    let mut c = match &a.config {
+        Some(p) => WorkerConfig::from_toml_file(p).map_err(|e| e.to_string())?,
+        None => WorkerConfig::default(),
+    };
+    if let Some(v) = a.name {
+        if a.config.is_none() && a.data.is_none() {
+            c.data = PathBuf::from(format!("./data/{v}"));
+        }
+        c.name = v;
+    }
+    if let Some(v) = a.listen {
+        c.listen = v;
+    }
+    if a.advertise.is_some() {
+        c.advertise = a.advertise;
+    }
+    if !a.schedulers.is_empty() {
+        c.schedulers = a.schedulers;
+    }
+    if let Some(v) = a.data {
+        c.data = v;
+    }
+    if !a.allow_root.is_empty() {
+        c.roots = a.allow_root;
+    }
+    if let Some(v) = a.labels {
+        c.labels = v;
+    }
+    for (name, cmd) in a.hooks {
+        c.hooks.insert(name, cmd);
+    }
+    if let Some(v) = a.max_uploads {
+        c.max_uploads = v as usize;
+    }
+    if let Some(v) = a.max_downloads {
+        c.max_downloads = v as usize;
+    }
+    c.validate().map_err(|e| format!("invalid value for --{e}"))?;
+    Ok(c)
+}
+
+/// Runs the worker until SIGTERM or Ctrl-C.
+pub async fn run(a: WorkerArgs) -> u8 {
+    let config = match merge(a) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let worker = match Worker::start(config).await {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return if matches!(e, ferry_worker::Error::Config(_)) { 2 } else { 1 };
+        }
+    };
+    crate::daemon_cmd::stop_signal().await;
+    tracing::info!("stopping on signal");
+    worker.shutdown().await;
+    0
+}
+
+/// `ferry worker list`.
+pub async fn list(args: &ClientArgs) -> u8 {
+    let c = match crate::client_cmd::client(args) {
+        Ok(c) => c,
+        Err(e) => return crate::client_cmd::fail(e),
+    };
+    let workers = match c.list_workers().await {
+        Ok(w) => w,
+        Err(e) => return crate::client_cmd::fail(e),
+    };
+    if args.json {
+        let rows: Vec<_> = workers
+            .iter()
+            .map(|w| {
+                let info = w.info.clone().unwrap_or_default();
+                json!({
+                    "name": info.name, "addr": info.addr, "labels": info.labels, "roots": info.roots,
+                    "hooks": info.hooks, "version": info.version, "state": w.state,
+                    "last_seen_unix_ms": w.last_seen_unix_ms,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+    } else {
+        println!("{:<16} {:<22} {:<6} {:<10} {:<24} ROOTS", "NAME", "ADDR", "STATE", "VERSION", "LABELS");
+        for w in workers {
+            let info = w.info.unwrap_or_default();
+            let mut labels: Vec<_> = info.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            println!(
+                "{:<16} {:<22} {:<6} {:<10} {:<24} {}",
+                info.name,
+                info.addr,
+                w.state,
+                info.version,
+                labels.join(","),
+                info.roots.join(",")
+            );
+        }
+    }
+    0
+}

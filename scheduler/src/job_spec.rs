@@ -1,0 +1,226 @@
+//! Checking a job request against the registered workers, before anything
+//! moves: every problem is an `InvalidArgument` naming the field.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path};
+
+use ferry_proto::pb;
+use ferry_storage::WorkerRecord;
+
+/// Default whole-job deadline.
+pub const DEFAULT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+
+/// A request that passed every check.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The source worker.
+    pub source: WorkerRecord,
+    /// Target names, sorted, with each file's destination on that target.
+    pub targets: Vec<(String, Vec<String>)>,
+    /// Deadline.
+    pub timeout_ms: u64,
+}
+
+/// Parses `k=v,k2=v2`.
+pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("selector: '{part}' is not key=value"))?;
+        if k.trim().is_empty() || v.trim().is_empty() {
+            return Err(format!("selector: '{part}' has an empty key or value"));
+        }
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+fn clean_absolute(p: &str) -> bool {
+    let path = Path::new(p);
+    path.is_absolute() && !path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+}
+
+fn under(path: &str, roots: &[String]) -> bool {
+    roots.iter().any(|r| Path::new(path).starts_with(r) && Path::new(path) != Path::new(r))
+}
+
+/// Where each file goes on a target with `roots`.
+pub fn destinations(dest: &str, files: &[String], roots: &[String]) -> Result<Vec<String>, String> {
+    if !dest.is_empty() && !dest.ends_with('/') && files.len() > 1 {
+        return Err("destination: several files need a directory destination ending in /".into());
+    }
+    let base = if dest.is_empty() || dest.starts_with('/') {
+        dest.to_string()
+    } else {
+        let root = roots.first().ok_or("destination: the target has no allowed root")?;
+        format!("{}/{dest}", root.trim_end_matches('/'))
+    };
+    let mut out = Vec::new();
+    for f in files {
+        let name = Path::new(f).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let d = if base.is_empty() {
+            f.clone()
+        } else if base.ends_with('/') {
+            format!("{base}{name}")
+        } else {
+            base.clone()
+        };
+        if !clean_absolute(&d) {
+            return Err(format!("destination: {d} must be an absolute path without . or .."));
+        }
+        if out.contains(&d) {
+            return Err(format!("destination: two files would both be written to {d}"));
+        }
+        out.push(d);
+    }
+    Ok(out)
+}
+
+/// Checks `spec` against the registered `workers`.
+pub fn check(spec: &pb::JobSpec, workers: &[WorkerRecord]) -> Result<Checked, String> {
+    let source = workers
+        .iter()
+        .find(|w| w.name == spec.source)
+        .ok_or_else(|| {
+            if spec.source.is_empty() {
+                "source: must name a worker".to_string()
+            } else {
+                format!("source: unknown worker {}", spec.source)
+            }
+        })?
+        .clone();
+    if spec.files.is_empty() {
+        return Err("files: at least one file is needed".into());
+    }
+    for f in &spec.files {
+        if !clean_absolute(f) {
+            return Err(format!("files: {f} must be an absolute path without . or .."));
+        }
+        if !under(f, &source.roots) {
+            return Err(format!("files: {f} is outside {}'s allowed roots", source.name));
+        }
+    }
+    let selector = parse_selector(&spec.selector)?;
+    let mut names: Vec<String> = Vec::new();
+    for t in spec.targets.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
+        if !workers.iter().any(|w| w.name == t) {
+            return Err(format!("targets: unknown worker {t}"));
+        }
+        names.push(t.to_string());
+    }
+    if !selector.is_empty() {
+        for w in workers {
+            if selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
+                names.push(w.name.clone());
+            }
+        }
+    }
+    if spec.targets.iter().all(|t| t.trim().is_empty()) && selector.is_empty() {
+        return Err("targets: name target workers or give a selector".into());
+    }
+    names.sort();
+    names.dedup();
+    names.retain(|n| *n != source.name);
+    if names.is_empty() {
+        return Err("targets: no worker matches (the source is never its own target)".into());
+    }
+    if !spec.callback_url.is_empty() && !spec.callback_url.starts_with("http://") {
+        return Err("callback_url: must be an http:// URL".into());
+    }
+    let mut targets = Vec::new();
+    for name in names {
+        let Some(w) = workers.iter().find(|w| w.name == name) else { continue };
+        if !spec.hook.is_empty() && !w.hooks.contains(&spec.hook) {
+            return Err(format!("hook: worker {name} has no hook named {}", spec.hook));
+        }
+        let dests = destinations(&spec.destination, &spec.files, &w.roots)?;
+        if let Some(d) = dests.iter().find(|d| !under(d, &w.roots)) {
+            return Err(format!("destination: {d} is outside {name}'s allowed roots"));
+        }
+        targets.push((name, dests));
+    }
+    let timeout_ms = if spec.timeout_ms == 0 { DEFAULT_TIMEOUT_MS } else { spec.timeout_ms };
+    Ok(Checked { source, targets, timeout_ms })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(name: &str, root: &str, labels: &[(&str, &str)]) -> WorkerRecord {
+        WorkerRecord {
+            name: name.into(),
+            addr: "127.0.0.1:1".into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            roots: vec![root.into()],
+            hooks: vec!["reload".into()],
+            version: "0".into(),
+            registered_ms: 0,
+        }
+    }
+
+    fn spec(f: impl FnOnce(&mut pb::JobSpec)) -> pb::JobSpec {
+        let mut s = pb::JobSpec {
+            source: "s".into(),
+            files: vec!["/srv/s/a.bin".into()],
+            targets: vec!["t1".into()],
+            ..Default::default()
+        };
+        f(&mut s);
+        s
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let ws = vec![
+            worker("s", "/srv/s", &[]),
+            worker("t1", "/srv/t1", &[("role", "bidder")]),
+            worker("t2", "/srv/t2", &[("role", "bidder")]),
+        ];
+        let err = |s: pb::JobSpec| check(&s, &ws).unwrap_err();
+        assert!(err(spec(|s| s.source = "nope".into())).starts_with("source:"));
+        assert!(err(spec(|s| s.files = vec![])).starts_with("files:"));
+        assert!(err(spec(|s| s.files = vec!["/etc/passwd".into()])).starts_with("files:"));
+        assert!(err(spec(|s| s.files = vec!["/srv/s/../x".into()])).starts_with("files:"));
+        assert!(err(spec(|s| s.targets = vec!["ghost".into()])).starts_with("targets: unknown worker ghost"));
+        assert!(err(spec(|s| s.targets = vec![])).starts_with("targets:"));
+        assert!(err(spec(|s| {
+            s.targets = vec![];
+            s.selector = "role=none".into()
+        }))
+        .starts_with("targets: no worker"));
+        assert!(err(spec(|s| s.destination = "/etc/x".into())).starts_with("destination:"));
+        assert!(err(spec(|s| s.hook = "rm-rf".into())).starts_with("hook:"));
+        assert!(err(spec(|s| s.selector = "role".into())).starts_with("selector:"));
+        assert!(err(spec(|s| {
+            s.files = vec!["/srv/s/a".into(), "/srv/s/b".into()];
+            s.destination = "/srv/t1/one".into()
+        }))
+        .starts_with("destination:"));
+        assert!(err(spec(|s| s.callback_url = "ftp://x".into())).starts_with("callback_url:"));
+    }
+
+    #[test]
+    fn destinations_follow_the_rules() {
+        let ws = vec![
+            worker("s", "/srv/s", &[]),
+            worker("t1", "/srv/t1", &[("role", "b")]),
+            worker("t2", "/srv/t2", &[("role", "b")]),
+        ];
+        let c = check(
+            &spec(|s| {
+                s.targets = vec![];
+                s.selector = "role=b".into();
+                s.destination = "in/".into();
+            }),
+            &ws,
+        )
+        .unwrap();
+        assert_eq!(
+            c.targets,
+            vec![("t1".into(), vec!["/srv/t1/in/a.bin".into()]), ("t2".into(), vec!["/srv/t2/in/a.bin".into()])]
+        );
+        let c = check(&spec(|s| s.destination = "/srv/t1/x/y.bin".into()), &ws).unwrap();
+        assert_eq!(c.targets[0].1, vec!["/srv/t1/x/y.bin".to_string()]);
+        assert_eq!(c.timeout_ms, DEFAULT_TIMEOUT_MS);
+    }
+}

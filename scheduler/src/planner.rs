@@ -1,0 +1,322 @@
+//! The transfer planner: leader-only soft state, rebuilt from the log.
+//!
+//! Every round (on each applied change, session change, pull failure, or
+//! every 100 ms) it walks the running jobs and, per target:
+//! - asks it to **prepare** (report what it already holds) once per session;
+//! - when it holds every chunk, tells it to **pack**;
+//! - otherwise sends **pull** commands: rarest chunk first, from the holder
+//!   with the fewest uploads in flight (the source and every target that has
+//!   acknowledged the chunk), preferring the target's own `zone` and peers
+//!   over the source, avoiding a holder that just failed for that chunk.
+//!
+//! Nothing here is logged. A new leader starts with an empty plan, re-sends
+//! prepare (idempotent on the worker) and plans from what the log says each
+//! target holds. It also fails targets that stay disconnected past the grace
+//! period and whole jobs past their timeout, and POSTs callbacks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_proto::pb::{self, control_message::Msg as Ctl};
+use ferry_storage::{Job, JobEvent, JobPhase, TargetPhase};
+use tokio::sync::{mpsc, watch};
+
+use crate::node::Node;
+use crate::sessions::{event, now_ms, PlannerEvent, Sessions};
+
+/// Pulls in flight per target.
+pub const PULLS_PER_TARGET: usize = 4;
+/// Uploads the planner assigns to one holder at once.
+pub const UPLOADS_PER_HOLDER: usize = 4;
+/// A pull with no answer for this long is planned again.
+pub const PULL_TIMEOUT: Duration = Duration::from_secs(60);
+/// A target disconnected for longer than this fails.
+pub const GRACE: Duration = Duration::from_secs(30);
+/// How long a holder that failed a pull is avoided for that chunk.
+pub const AVOID_FOR: Duration = Duration::from_secs(10);
+
+struct Inflight {
+    from: String,
+    since: Instant,
+    epoch: u64,
+}
+
+#[derive(Default)]
+struct JobPlan {
+    prepare_sent: HashMap<String, u64>,
+    pack_sent: HashMap<String, u64>,
+    inflight: HashMap<(String, u32, u32), Inflight>,
+    avoid: HashMap<(String, u32, u32, String), Instant>,
+    down_since: HashMap<String, Instant>,
+    failing: HashSet<String>,
+}
+
+#[derive(Default)]
+struct Plan {
+    jobs: HashMap<String, JobPlan>,
+    finished: HashSet<String>,
+    timed_out: HashSet<String>,
+}
+
+/// Runs the planner until `shutdown` turns true.
+pub async fn run(
+    node: Arc<Node>,
+    sessions: Arc<Sessions>,
+    mut events: mpsc::Receiver<PlannerEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changed = node.reader.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut plan = Plan::default();
+    let mut leading_since: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tick.tick() => {}
+            _ = sessions.changed.notified() => {}
+            ev = events.recv() => {
+                if let Some(PlannerEvent::PullFailed { job, target, file, chunk, from, error }) = ev {
+                    tracing::debug!(%job, %target, file, chunk, %from, %error, "pull failed; planning it elsewhere");
+                    if let Some(p) = plan.jobs.get_mut(&job) {
+                        p.inflight.remove(&(target.clone(), file, chunk));
+                        if !error.contains("upload limit") {
+                            p.avoid.insert((target, file, chunk, from), Instant::now());
+                        }
+                    }
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        if node.leader().map(|l| l.0) != Some(node.id) {
+            if leading_since.take().is_some() {
+                plan = Plan::default();
+                sessions.clear();
+            }
+            continue;
+        }
+        let since = *leading_since.get_or_insert_with(now_ms);
+        let jobs = match node.reader.jobs() {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(error = %e, "planner cannot read jobs");
+                continue;
+            }
+        };
+        round(&node, &sessions, &mut plan, &jobs, since);
+    }
+}
+
+fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], leading_since: u64) {
+    let now = now_ms();
+    // Uploads in flight per holder, across jobs.
+    let mut uploads: HashMap<String, usize> = HashMap::new();
+    for p in plan.jobs.values() {
+        for f in p.inflight.values() {
+            *uploads.entry(f.from.clone()).or_default() += 1;
+        }
+    }
+    // name -> (chunk service address, zone label)
+    let workers: HashMap<String, (String, String)> = node
+        .reader
+        .workers()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|w| {
+            let zone = w.labels.get("zone").cloned().unwrap_or_default();
+            (w.name, (w.addr, zone))
+        })
+        .collect();
+    for job in jobs {
+        if job.phase != JobPhase::Running {
+            finish(node, sessions, plan, job, leading_since);
+            continue;
+        }
+        if now > job.created_ms.saturating_add(job.timeout_ms) {
+            if plan.timed_out.insert(job.id.clone()) {
+                time_out(node, job);
+            }
+            continue;
+        }
+        let p = plan.jobs.entry(job.id.clone()).or_default();
+        p.avoid.retain(|_, at| at.elapsed() < AVOID_FOR);
+        for (ti, t) in job.targets.iter().enumerate() {
+            if t.phase.is_terminal() {
+                continue;
+            }
+            let Some(epoch) = sessions.epoch(&t.worker) else {
+                let since = *p.down_since.entry(t.worker.clone()).or_insert_with(Instant::now);
+                if since.elapsed() > GRACE && p.failing.insert(t.worker.clone()) {
+                    fail(node, job, &t.worker, format!("worker {} was disconnected for more than {GRACE:?}", t.worker));
+                }
+                continue;
+            };
+            p.down_since.remove(&t.worker);
+            if !t.prepared {
+                if p.prepare_sent.get(&t.worker) != Some(&epoch)
+                    && sessions.send(&t.worker, Ctl::Prepare(prepare(job, ti)))
+                {
+                    p.prepare_sent.insert(t.worker.clone(), epoch);
+                }
+                continue;
+            }
+            if t.complete() {
+                let pack = Ctl::Pack(pb::PackCommand { job_id: job.id.clone(), hook: job.hook.clone() });
+                if p.pack_sent.get(&t.worker) != Some(&epoch) && sessions.send(&t.worker, pack) {
+                    p.pack_sent.insert(t.worker.clone(), epoch);
+                }
+                continue;
+            }
+            // Forget pulls that finished, timed out, or belong to an old session.
+            p.inflight.retain(|(w, f, c), fl| {
+                if *w != t.worker {
+                    return true;
+                }
+                let keep = !t.held[*f as usize][*c as usize] && fl.since.elapsed() < PULL_TIMEOUT && fl.epoch == epoch;
+                if !keep {
+                    if let Some(n) = uploads.get_mut(&fl.from) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                keep
+            });
+            let mut busy = p.inflight.keys().filter(|(w, _, _)| *w == t.worker).count();
+            if busy >= PULLS_PER_TARGET {
+                continue;
+            }
+            // Missing chunks with their holders, rarest first.
+            let mut missing: Vec<(usize, u32, u32, Vec<&str>)> = Vec::new();
+            for (f, file) in t.held.iter().enumerate() {
+                for (c, held) in file.iter().enumerate() {
+                    let key = (t.worker.clone(), f as u32, c as u32);
+                    if *held || p.inflight.contains_key(&key) {
+                        continue;
+                    }
+                    let mut holders: Vec<&str> = Vec::new();
+                    if sessions.epoch(&job.source).is_some() {
+                        holders.push(&job.source);
+                    }
+                    for other in &job.targets {
+                        if other.worker != t.worker
+                            && other.held[f][c]
+                            && !matches!(other.phase, TargetPhase::Failed | TargetPhase::Cancelled)
+                            && sessions.epoch(&other.worker).is_some()
+                        {
+                            holders.push(&other.worker);
+                        }
+                    }
+                    missing.push((holders.len(), f as u32, c as u32, holders));
+                }
+            }
+            missing.sort_by_key(|m| (m.0, m.1, m.2));
+            let zone = workers.get(&t.worker).map(|w| w.1.clone()).unwrap_or_default();
+            for (_, f, c, holders) in missing {
+                if busy >= PULLS_PER_TARGET {
+                    break;
+                }
+                let choice = holders
+                    .into_iter()
+                    .filter(|h| !p.avoid.contains_key(&(t.worker.clone(), f, c, h.to_string())))
+                    .filter(|h| uploads.get(*h).copied().unwrap_or(0) < UPLOADS_PER_HOLDER)
+                    .min_by_key(|h| {
+                        let same_zone = !zone.is_empty() && workers.get(*h).map(|w| &w.1) == Some(&zone);
+                        (uploads.get(*h).copied().unwrap_or(0), !same_zone, *h == job.source, h.to_string())
+                    });
+                let Some(from) = choice else { continue };
+                let Some(from_addr) = workers.get(from).map(|w| w.0.clone()) else { continue };
+                let pull = pb::PullCommand {
+                    job_id: job.id.clone(),
+                    file: f,
+                    chunk: c,
+                    from_worker: from.to_string(),
+                    from_addr,
+                };
+                if !sessions.send(&t.worker, Ctl::Pull(pull)) {
+                    break;
+                }
+                p.inflight.insert(
+                    (t.worker.clone(), f, c),
+                    Inflight { from: from.to_string(), since: Instant::now(), epoch },
+                );
+                *uploads.entry(from.to_string()).or_default() += 1;
+                busy += 1;
+            }
+        }
+    }
+}
+
+fn prepare(job: &Job, target: usize) -> pb::PrepareCommand {
+    let t = &job.targets[target];
+    pb::PrepareCommand {
+        job_id: job.id.clone(),
+        files: job
+            .files
+            .iter()
+            .zip(&t.destinations)
+            .map(|(f, dest)| pb::TargetFile {
+                manifest: Some(crate::job_report::manifest(f)),
+                destination: dest.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn propose(node: &Arc<Node>, e: JobEvent) {
+    let node = node.clone();
+    tokio::spawn(async move {
+        if let Err(err) = node.propose(event(e), true).await {
+            tracing::warn!(error = %err, "planner could not record a job event");
+        }
+    });
+}
+
+fn fail(node: &Arc<Node>, job: &Job, target: &str, reason: String) {
+    tracing::warn!(job = %job.id, %target, %reason, "target failed");
+    propose(node, JobEvent::FailTarget { job: job.id.clone(), target: target.into(), reason, at_ms: now_ms() });
+}
+
+/// Fails every unfinished target of a job past its deadline, naming the
+/// files it did not get.
+fn time_out(node: &Arc<Node>, job: &Job) {
+    for t in job.targets.iter().filter(|t| !t.phase.is_terminal()) {
+        let missing: Vec<&str> = job
+            .files
+            .iter()
+            .zip(&t.held)
+            .filter(|(_, held)| held.iter().any(|h| !h))
+            .map(|(f, _)| f.path.as_str())
+            .collect();
+        let reason = if missing.is_empty() {
+            format!("job timed out after {} ms while installing", job.timeout_ms)
+        } else {
+            format!("job timed out after {} ms; not delivered: {}", job.timeout_ms, missing.join(", "))
+        };
+        fail(node, job, &t.worker, reason);
+    }
+}
+
+/// After a job ends: tell targets of a cancelled job to drop staged data,
+/// and POST the callback (at least once; a new leader re-sends callbacks of
+/// jobs that ended shortly before it took over).
+fn finish(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, job: &Job, leading_since: u64) {
+    plan.jobs.remove(&job.id);
+    if !plan.finished.insert(job.id.clone()) {
+        return;
+    }
+    if job.phase == JobPhase::Cancelled {
+        for t in &job.targets {
+            sessions.send(&t.worker, Ctl::Cancel(pb::CancelCommand { job_id: job.id.clone() }));
+        }
+    }
+    let recent = job.finished_ms + 60_000 >= leading_since;
+    if !job.callback_url.is_empty() && recent {
+        let url = job.callback_url.clone();
+        let body = crate::job_report::report_json(job);
+        let _ = node;
+        tokio::spawn(crate::callback::post_with_retries(url, body));
+    }
+}
