@@ -250,6 +250,15 @@ pub struct WorkerArgs {
     /// Most chunks pulled at once.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_downloads: Option<u64>,
+    /// Upload bandwidth cap, e.g. 100MiB/s.
+    #[arg(long, value_parser = ferry_worker::config::parse_rate)]
+    pub upload_limit: Option<u64>,
+    /// Download bandwidth cap, e.g. 100MiB/s.
+    #[arg(long, value_parser = ferry_worker::config::parse_rate)]
+    pub download_limit: Option<u64>,
+    /// Test fault injection: corrupt every chunk served to peers.
+    #[arg(long, hide = true)]
+    pub fault_corrupt_uploads: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -304,6 +313,9 @@ pub struct SubmitArgs {
     /// Whole-job deadline (e.g. 10m).
     #[arg(long, value_parser = duration)]
     pub timeout: Option<Duration>,
+    /// A target disconnected longer than this fails; back sooner, it resumes (default 30s).
+    #[arg(long, value_parser = duration)]
+    pub grace: Option<Duration>,
     /// Wait for the job to end, showing progress, and print the report.
     #[arg(long)]
     pub wait: bool,

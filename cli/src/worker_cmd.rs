@@ -45,6 +45,13 @@ fn merge(a: WorkerArgs) -> Result<WorkerConfig, String> {
     if let Some(v) = a.max_downloads {
         c.max_downloads = v as usize;
     }
+    if a.upload_limit.is_some() {
+        c.upload_limit = a.upload_limit;
+    }
+    if a.download_limit.is_some() {
+        c.download_limit = a.download_limit;
+    }
+    c.fault_corrupt_uploads = a.fault_corrupt_uploads;
     c.validate().map_err(|e| format!("invalid value for --{e}"))?;
     Ok(c)
 }

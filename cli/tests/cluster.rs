@@ -2,7 +2,8 @@
 //! writing, restart on the old data, and catch a lagging node up through a
 //! snapshot. Every wait polls a condition under a deadline.
 
-use std::future::Future;
+mod common;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,11 +11,7 @@ use std::time::{Duration, Instant};
 
 use ferry_sdk::{Client, ClientOptions};
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
+use common::{ferry, free_port, wait_for, FERRY};
 
 struct Node {
     id: u64,
@@ -108,21 +105,6 @@ impl Cluster {
                 &format!("--- node {} log tail ---\n{}\n", n.id, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
         }
         out
-    }
-}
-
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -238,10 +220,6 @@ async fn three_processes_survive_leader_kill_restart_and_snapshot_catch_up() {
     assert!(installed >= 1.0, "the lagging node must catch up through a snapshot\n{}", cluster.logs());
     let v = cluster.client(&[lagger]).get_with("key/01999", true).await.expect("get").expect("present");
     assert_eq!(v.value, b"value-1999");
-}
-
-fn ferry(args: &[&str]) -> std::process::Output {
-    Command::new(FERRY).args(args).output().expect("run ferry")
 }
 
 #[test]

@@ -34,6 +34,7 @@ pub fn report(job: &Job) -> pb::JobReport {
             hook: job.hook.clone(),
             callback_url: job.callback_url.clone(),
             timeout_ms: job.timeout_ms,
+            grace_ms: job.grace_ms,
         }),
         files: job
             .files

@@ -135,6 +135,7 @@ impl JobService for JobServiceImpl {
             hook: spec.hook.clone(),
             callback_url: spec.callback_url.clone(),
             timeout_ms: checked.timeout_ms,
+            grace_ms: checked.grace_ms,
             requested_targets: spec.targets.clone(),
             selector: spec.selector.clone(),
             destination: spec.destination.clone(),

@@ -9,6 +9,8 @@ use ferry_storage::WorkerRecord;
 
 /// Default whole-job deadline.
 pub const DEFAULT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+/// Default grace period for a disconnected target.
+pub const DEFAULT_GRACE_MS: u64 = 30 * 1000;
 
 /// A request that passed every check.
 #[derive(Debug, Clone)]
@@ -19,6 +21,8 @@ pub struct Checked {
     pub targets: Vec<(String, Vec<String>)>,
     /// Deadline.
     pub timeout_ms: u64,
+    /// Grace period for disconnected targets.
+    pub grace_ms: u64,
 }
 
 /// Parses `k=v,k2=v2`.
@@ -139,7 +143,8 @@ pub fn check(spec: &pb::JobSpec, workers: &[WorkerRecord]) -> Result<Checked, St
         targets.push((name, dests));
     }
     let timeout_ms = if spec.timeout_ms == 0 { DEFAULT_TIMEOUT_MS } else { spec.timeout_ms };
-    Ok(Checked { source, targets, timeout_ms })
+    let grace_ms = if spec.grace_ms == 0 { DEFAULT_GRACE_MS } else { spec.grace_ms };
+    Ok(Checked { source, targets, timeout_ms, grace_ms })
 }
 
 #[cfg(test)]

@@ -7,12 +7,13 @@
 //! - otherwise sends **pull** commands: rarest chunk first, from the holder
 //!   with the fewest uploads in flight (the source and every target that has
 //!   acknowledged the chunk), preferring the target's own `zone` and peers
-//!   over the source, avoiding a holder that just failed for that chunk.
+//!   over the source, avoiding for a while a holder that failed a pull or
+//!   sent a chunk with a bad hash.
 //!
 //! Nothing here is logged. A new leader starts with an empty plan, re-sends
 //! prepare (idempotent on the worker) and plans from what the log says each
-//! target holds. It also fails targets that stay disconnected past the grace
-//! period and whole jobs past their timeout, and POSTs callbacks.
+//! target holds. It also fails targets that stay disconnected past the job's
+//! grace period and whole jobs past their timeout, and POSTs callbacks.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -31,9 +32,7 @@ pub const PULLS_PER_TARGET: usize = 4;
 pub const UPLOADS_PER_HOLDER: usize = 4;
 /// A pull with no answer for this long is planned again.
 pub const PULL_TIMEOUT: Duration = Duration::from_secs(60);
-/// A target disconnected for longer than this fails.
-pub const GRACE: Duration = Duration::from_secs(30);
-/// How long a holder that failed a pull is avoided for that chunk.
+/// How long a target avoids a holder that failed a pull or sent a bad chunk.
 pub const AVOID_FOR: Duration = Duration::from_secs(10);
 
 struct Inflight {
@@ -47,7 +46,8 @@ struct JobPlan {
     prepare_sent: HashMap<String, u64>,
     pack_sent: HashMap<String, u64>,
     inflight: HashMap<(String, u32, u32), Inflight>,
-    avoid: HashMap<(String, u32, u32, String), Instant>,
+    /// (target, holder) pairs to skip for a while.
+    avoid: HashMap<(String, String), Instant>,
     down_since: HashMap<String, Instant>,
     failing: HashSet<String>,
 }
@@ -82,7 +82,7 @@ pub async fn run(
                     if let Some(p) = plan.jobs.get_mut(&job) {
                         p.inflight.remove(&(target.clone(), file, chunk));
                         if !error.contains("upload limit") {
-                            p.avoid.insert((target, file, chunk, from), Instant::now());
+                            p.avoid.insert((target, from), Instant::now());
                         }
                     }
                 }
@@ -150,8 +150,9 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
             }
             let Some(epoch) = sessions.epoch(&t.worker) else {
                 let since = *p.down_since.entry(t.worker.clone()).or_insert_with(Instant::now);
-                if since.elapsed() > GRACE && p.failing.insert(t.worker.clone()) {
-                    fail(node, job, &t.worker, format!("worker {} was disconnected for more than {GRACE:?}", t.worker));
+                let grace = Duration::from_millis(job.grace_ms);
+                if since.elapsed() > grace && p.failing.insert(t.worker.clone()) {
+                    fail(node, job, &t.worker, format!("worker {} was disconnected for more than {grace:?}", t.worker));
                 }
                 continue;
             };
@@ -220,7 +221,7 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
                 }
                 let choice = holders
                     .into_iter()
-                    .filter(|h| !p.avoid.contains_key(&(t.worker.clone(), f, c, h.to_string())))
+                    .filter(|h| !p.avoid.contains_key(&(t.worker.clone(), h.to_string())))
                     .filter(|h| uploads.get(*h).copied().unwrap_or(0) < UPLOADS_PER_HOLDER)
                     .min_by_key(|h| {
                         let same_zone = !zone.is_empty() && workers.get(*h).map(|w| &w.1) == Some(&zone);

@@ -204,6 +204,8 @@ pub struct Job {
     pub callback_url: String,
     /// Whole-job deadline.
     pub timeout_ms: u64,
+    /// How long a target may stay disconnected before it fails.
+    pub grace_ms: u64,
     /// Target names as requested.
     pub requested_targets: Vec<String>,
     /// Selector as requested.
@@ -453,6 +455,7 @@ mod tests {
             hook: String::new(),
             callback_url: String::new(),
             timeout_ms: 1000,
+            grace_ms: 1000,
             requested_targets: vec!["a".into(), "b".into()],
             selector: String::new(),
             destination: String::new(),

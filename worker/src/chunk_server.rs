@@ -23,6 +23,8 @@ pub struct ChunkServer {
     pub(crate) uploads: Arc<Semaphore>,
     /// Test fault: flip a byte in every chunk served (a misbehaving peer).
     pub(crate) corrupt: bool,
+    /// Upload cap.
+    pub(crate) bandwidth: crate::limiter::Bandwidth,
 }
 
 #[tonic::async_trait]
@@ -47,6 +49,8 @@ impl ChunkService for ChunkServer {
             .map_err(|_| Status::resource_exhausted("this worker is at its upload limit"))?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let corrupt = self.corrupt;
+        let bandwidth = self.bandwidth.clone();
+        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let send = |item| tx.blocking_send(item).is_ok();
@@ -71,6 +75,7 @@ impl ChunkService for ChunkServer {
                 }
                 first = false;
                 left -= buf.len();
+                runtime.block_on(bandwidth.take(buf.len()));
                 if !send(Ok(pb::ChunkFrame { data: buf })) {
                     return;
                 }

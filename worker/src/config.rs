@@ -32,6 +32,10 @@ pub struct WorkerConfig {
     pub max_uploads: usize,
     /// Most chunks pulled at once.
     pub max_downloads: usize,
+    /// Upload bandwidth cap in bytes per second (none if unset).
+    pub upload_limit: Option<u64>,
+    /// Download bandwidth cap in bytes per second (none if unset).
+    pub download_limit: Option<u64>,
     /// Heartbeat to the leader.
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
@@ -53,6 +57,8 @@ impl Default for WorkerConfig {
             hooks: BTreeMap::new(),
             max_uploads: 8,
             max_downloads: 8,
+            upload_limit: None,
+            download_limit: None,
             heartbeat: Duration::from_secs(1),
             fault_corrupt_uploads: false,
         }
@@ -71,6 +77,25 @@ pub struct ConfigError {
 
 fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError { field, reason: reason.into() }
+}
+
+/// Parses a rate like `100MiB/s`, `50MB`, `1048576` into bytes per second.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().trim_end_matches("/s");
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a rate like 100MiB/s"))?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "K" | "KB" => 1e3,
+        "KiB" => 1024.0,
+        "M" | "MB" => 1e6,
+        "MiB" => 1024.0 * 1024.0,
+        "G" | "GB" => 1e9,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("'{other}' is not a unit (B, KB, KiB, MB, MiB, GB, GiB)")),
+    };
+    Ok((n * mult) as u64)
 }
 
 /// Checks a name: 1..=128 of `[A-Za-z0-9._-]`.
@@ -120,6 +145,11 @@ impl WorkerConfig {
         }
         if self.max_uploads == 0 || self.max_downloads == 0 {
             return Err(bad("max-uploads", "must be at least 1"));
+        }
+        for (field, limit) in [("upload-limit", self.upload_limit), ("download-limit", self.download_limit)] {
+            if limit.is_some_and(|l| !(4096..=u32::MAX as u64).contains(&l)) {
+                return Err(bad(field, "must be between 4KiB/s and 4GiB/s"));
+            }
         }
         Ok(())
     }

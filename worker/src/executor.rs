@@ -69,6 +69,7 @@ pub struct Executor {
     pub(crate) hooks: BTreeMap<String, String>,
     pub(crate) downloads: Arc<Semaphore>,
     pub(crate) outbox: Outbox,
+    bandwidth: crate::limiter::Bandwidth,
     jobs: Mutex<HashMap<String, Arc<JobWork>>>,
     peers: Mutex<HashMap<String, Channel>>,
 }
@@ -106,6 +107,7 @@ impl Executor {
         store: ChunkStore,
         hooks: BTreeMap<String, String>,
         max_downloads: usize,
+        bandwidth: crate::limiter::Bandwidth,
     ) -> Self {
         Self {
             name,
@@ -114,6 +116,7 @@ impl Executor {
             hooks,
             downloads: Arc::new(Semaphore::new(max_downloads)),
             outbox: Outbox::default(),
+            bandwidth,
             jobs: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
         }
@@ -296,6 +299,7 @@ impl Executor {
             if offset + frame.data.len() as u64 > chunk.offset + chunk.len {
                 return Err(format!("{} sent more than {} bytes", cmd.from_worker, chunk.len));
             }
+            self.bandwidth.take(frame.data.len()).await;
             hasher.update(&frame.data);
             let (out, at) = (out.clone(), offset);
             offset += frame.data.len() as u64;

@@ -14,6 +14,7 @@
 //! - [`chunk_server`] — serving chunks to peers.
 //! - [`executor`] — index, prepare, pull, pack, cancel.
 //! - [`hooks`] — running named hooks.
+//! - [`limiter`] — upload and download bandwidth caps.
 //! - [`session`] — the control session with the leader.
 
 pub mod chunk_server;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod executor;
 pub mod hooks;
 pub mod index;
+pub mod limiter;
 pub mod roots;
 pub mod session;
 pub mod store;
@@ -81,11 +83,13 @@ impl Worker {
             store.clone(),
             config.hooks.clone(),
             config.max_downloads,
+            limiter::Bandwidth::new(config.download_limit),
         ));
         let chunks = ChunkServerImpl::new(chunk_server::ChunkServer {
             store,
             uploads: Arc::new(Semaphore::new(config.max_uploads)),
             corrupt: config.fault_corrupt_uploads,
+            bandwidth: limiter::Bandwidth::new(config.upload_limit),
         });
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();

@@ -1,0 +1,259 @@
+//! Helpers for tests that start real `ferry` processes: free ports, child
+//! processes killed on drop, and waiting on conditions with deadlines.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_sdk::{Client, ClientOptions};
+
+/// The binary under test.
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Runs `ferry ARGS` to completion.
+pub fn ferry(args: &[&str]) -> std::process::Output {
+    Command::new(FERRY).args(args).output().expect("run ferry")
+}
+
+/// A child `ferry` process with its stderr in a log file; SIGKILLed on drop.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `ferry ARGS`, logging to `log`.
+    pub fn spawn(args: &[String], log: &Path) -> Self {
+        let file = std::fs::File::create(log).expect("log file");
+        let child = Command::new(FERRY)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn ferry");
+        Self { child: Some(child), log: log.to_path_buf() }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A client with a generous deadline.
+pub fn client(addrs: Vec<String>) -> Client {
+    let options = ClientOptions { total_timeout: Duration::from_secs(20), ..Default::default() };
+    Client::with_options(addrs, options).expect("client")
+}
+
+/// Three scheduler processes on fresh ports.
+pub struct Schedulers {
+    pub ids: Vec<u64>,
+    pub addrs: Vec<String>,
+    pub admins: Vec<String>,
+    pub data: Vec<PathBuf>,
+    pub procs: Vec<Proc>,
+    pub members: String,
+    pub extra: Vec<String>,
+}
+
+impl Schedulers {
+    /// Starts three nodes under `dir` with `extra` flags each.
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        let ids = vec![1, 2, 3];
+        let addrs: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let admins: Vec<String> = ids.iter().map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let data: Vec<PathBuf> = ids.iter().map(|id| dir.join(format!("s{id}"))).collect();
+        let members = ids.iter().zip(&addrs).map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
+        let mut s = Self {
+            ids,
+            addrs,
+            admins,
+            data,
+            procs: Vec::new(),
+            members,
+            extra: extra.iter().map(|e| e.to_string()).collect(),
+        };
+        for i in 0..3 {
+            let p = s.spawn(i);
+            s.procs.push(p);
+        }
+        s
+    }
+
+    fn spawn(&self, i: usize) -> Proc {
+        let mut args: Vec<String> = vec![
+            "scheduler".into(),
+            "--id".into(),
+            self.ids[i].to_string(),
+            "--listen".into(),
+            self.addrs[i].clone(),
+            "--admin-listen".into(),
+            self.admins[i].clone(),
+            "--data".into(),
+            self.data[i].display().to_string(),
+            "--initial-cluster".into(),
+            self.members.clone(),
+        ];
+        args.extend(self.extra.iter().cloned());
+        Proc::spawn(&args, &self.data[i].with_extension("log"))
+    }
+
+    /// Restarts node `id` on its data directory.
+    pub fn restart(&mut self, id: u64) {
+        let i = (id - 1) as usize;
+        self.procs[i] = self.spawn(i);
+    }
+
+    /// SIGKILLs node `id`.
+    pub fn kill9(&mut self, id: u64) {
+        self.procs[(id - 1) as usize].kill9();
+    }
+
+    /// The address of node `id`.
+    pub fn addr(&self, id: u64) -> String {
+        self.addrs[(id - 1) as usize].clone()
+    }
+
+    /// A client for the nodes in `ids`.
+    pub fn client(&self, ids: &[u64]) -> Client {
+        client(ids.iter().map(|id| self.addr(*id)).collect())
+    }
+
+    /// Tails of every node's log (for failure messages).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (i, p) in self.procs.iter().enumerate() {
+            let text = p.log_text();
+            let tail: Vec<_> = text.lines().rev().take(15).collect();
+            out += &format!("--- scheduler {} ---\n{}\n", i + 1, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        out
+    }
+
+    /// Waits until every node in `ids` agrees on a leader among `ids`.
+    pub async fn agreed_leader(&self, ids: &[u64]) -> u64 {
+        let c = self.client(ids);
+        let addrs: Vec<String> = ids.iter().map(|id| self.addr(*id)).collect();
+        wait_for("an agreed leader", Duration::from_secs(20), || {
+            let (c, addrs) = (c.clone(), addrs.clone());
+            async move {
+                let mut leader = None;
+                for a in &addrs {
+                    let s = c.status_of(a).await.ok()?;
+                    if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
+                        return None;
+                    }
+                    leader = Some(s.leader_id);
+                }
+                leader.filter(|l| ids.contains(l))
+            }
+        })
+        .await
+    }
+}
+
+/// A worker process with its own root.
+pub struct WorkerProc {
+    pub name: String,
+    pub root: PathBuf,
+    pub proc: Proc,
+    pub args: Vec<String>,
+}
+
+impl WorkerProc {
+    /// Starts worker `name` under `dir` against `schedulers`, with `extra` flags.
+    pub fn start(dir: &Path, name: &str, schedulers: &[String], extra: &[&str]) -> Self {
+        let root = dir.join(format!("{name}-root"));
+        std::fs::create_dir_all(&root).expect("root");
+        std::fs::create_dir_all(dir.join(name)).expect("hook log dir");
+        let root = root.canonicalize().expect("canonical root");
+        let mut args: Vec<String> = vec![
+            "worker".into(),
+            "--name".into(),
+            name.into(),
+            // Port 0: the worker advertises the port it got (no race).
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--schedulers".into(),
+            schedulers.join(","),
+            "--data".into(),
+            dir.join(format!("{name}-data")).display().to_string(),
+            "--allow-root".into(),
+            root.display().to_string(),
+            "--hook".into(),
+            format!("reload=echo $FERRY_JOB_ID >> {}/hook.log", dir.join(name).display()),
+        ];
+        args.extend(extra.iter().map(|e| e.to_string()));
+        let proc = Proc::spawn(&args, &dir.join(format!("{name}.log")));
+        Self { name: name.into(), root, proc, args }
+    }
+
+    /// Starts it again with the same flags.
+    pub fn restart(&mut self) {
+        self.proc = Proc::spawn(&self.args, &self.proc.log.clone());
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Waits until the cluster lists every worker in `names` as up.
+pub async fn workers_up(c: &Client, names: &[&str]) {
+    wait_for("workers up", Duration::from_secs(20), || async {
+        let list = c.list_workers().await.ok()?;
+        let up =
+            names.iter().all(|n| list.iter().any(|w| w.state == "up" && w.info.as_ref().is_some_and(|i| i.name == *n)));
+        up.then_some(())
+    })
+    .await
+}

@@ -1,0 +1,313 @@
+//! File distribution over real processes: three schedulers, several workers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ferry_sdk::pb;
+
+fn hash(path: &std::path::Path) -> [u8; 32] {
+    *blake3::hash(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).as_bytes()
+}
+
+fn spec(source: &str, files: Vec<String>, f: impl FnOnce(&mut pb::JobSpec)) -> pb::JobSpec {
+    let mut s = pb::JobSpec { source: source.into(), files, ..Default::default() };
+    f(&mut s);
+    s
+}
+
+async fn finished(c: &ferry_sdk::Client, id: &str, timeout: Duration) -> pb::JobReport {
+    wait_for("the job to end", timeout, || async {
+        let r = c.get_job(id).await.ok()?;
+        (r.state != "running").then_some(r)
+    })
+    .await
+}
+
+fn moved(t: &pb::TargetReport) -> u64 {
+    t.bytes_from_source + t.bytes_from_peers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_four_targets_several_files_then_delta_then_unchanged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    let mut workers = vec![WorkerProc::start(dir.path(), "src", &sched.addrs, &["--labels", "role=source"])];
+    for (i, zone) in ["a", "a", "b", "b"].iter().enumerate() {
+        let labels = format!("role=t,zone={zone}");
+        workers.push(WorkerProc::start(dir.path(), &format!("t{i}"), &sched.addrs, &["--labels", &labels]));
+    }
+    workers_up(&c, &["src", "t0", "t1", "t2", "t3"]).await;
+
+    // Odd size, empty, smaller than a chunk, several chunks.
+    let root = workers[0].root.clone();
+    let files = [("odd.bin", 3 * 1024 * 1024 + 7), ("empty", 0), ("tiny.txt", 100), ("big.bin", 12 * 1024 * 1024)];
+    for (i, (name, len)) in files.iter().enumerate() {
+        std::fs::write(root.join(name), random_bytes(*len, i as u64 + 1)).expect("write source file");
+    }
+    let paths: Vec<String> = files.iter().map(|(n, _)| root.join(n).display().to_string()).collect();
+    let total: u64 = files.iter().map(|(_, l)| *l as u64).sum();
+    let resp = c
+        .submit_job(
+            spec("src", paths.clone(), |s| {
+                s.selector = "role=t".into();
+                s.destination = "in/".into();
+                s.hook = "reload".into();
+            }),
+            true,
+        )
+        .await
+        .expect("submit");
+    let r = resp.report.expect("report with wait");
+    assert_eq!(r.state, "succeeded", "{r:?}\n{}", sched.logs());
+    assert_eq!(r.total_bytes, total);
+    assert_eq!(r.files.len(), 4);
+    assert_eq!(r.targets.len(), 4);
+    for t in &r.targets {
+        assert_eq!(t.state, "installed", "{t:?}");
+        assert_eq!(t.bytes_done, total);
+        assert_eq!(t.bytes_from_source + t.bytes_from_peers + t.bytes_reused, total);
+        assert_eq!(t.hook_exit, Some(0));
+        let w = workers.iter().find(|w| w.name == t.worker).expect("worker");
+        for (name, _) in &files {
+            assert_eq!(hash(&w.root.join("in").join(name)), hash(&root.join(name)), "{name} on {}", t.worker);
+        }
+        let hook_log = std::fs::read_to_string(dir.path().join(&t.worker).join("hook.log")).unwrap_or_default();
+        assert!(hook_log.contains(&resp.job_id), "hook ran with the job id");
+    }
+    let from_source: u64 = r.targets.iter().map(|t| t.bytes_from_source).sum();
+    assert!(from_source < 4 * total, "peers must serve part of the data ({from_source} of {})", 4 * total);
+
+    // Change 1 MiB in the middle of the big file: only changed chunks move.
+    let big = root.join("big.bin");
+    let mut data = std::fs::read(&big).expect("read");
+    for b in &mut data[6 * 1024 * 1024..7 * 1024 * 1024] {
+        *b = b.wrapping_add(1);
+    }
+    std::fs::write(&big, &data).expect("write");
+    let big_path = vec![big.display().to_string()];
+    let r = c
+        .submit_job(
+            spec("src", big_path.clone(), |s| {
+                s.selector = "role=t".into();
+                s.destination = "in/".into();
+            }),
+            true,
+        )
+        .await
+        .expect("submit update")
+        .report
+        .expect("report");
+    assert_eq!(r.state, "succeeded");
+    for t in &r.targets {
+        let w = workers.iter().find(|w| w.name == t.worker).expect("worker");
+        assert_eq!(hash(&w.root.join("in/big.bin")), hash(&big));
+        assert!(moved(t) <= 8 * 1024 * 1024, "{} moved {} bytes for a 1 MiB change", t.worker, moved(t));
+        assert!(t.bytes_reused >= 4 * 1024 * 1024, "{} reused only {}", t.worker, t.bytes_reused);
+    }
+
+    // The same again: every target already has it.
+    let r = c
+        .submit_job(
+            spec("src", big_path, |s| {
+                s.selector = "role=t".into();
+                s.destination = "in/".into();
+            }),
+            true,
+        )
+        .await
+        .expect("submit again")
+        .report
+        .expect("report");
+    assert_eq!(r.state, "succeeded");
+    for t in &r.targets {
+        assert_eq!((t.state.as_str(), moved(t)), ("unchanged", 0), "{t:?}");
+    }
+
+    // The CLI reads the same report; exit 0 for success.
+    let out = ferry(&["--endpoints", &sched.addrs.join(","), "--json", "job", "status", &resp.job_id]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["state"], "succeeded");
+    assert_eq!(v["targets"].as_array().map(|a| a.len()), Some(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jobs_are_rejected_at_submit_and_move_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
+    let t = WorkerProc::start(dir.path(), "t", &sched.addrs, &["--labels", "role=t"]);
+    workers_up(&c, &["src", "t"]).await;
+    std::fs::write(src.root.join("a.bin"), b"payload").expect("write");
+    let a = src.root.join("a.bin").display().to_string();
+    let cases: Vec<(pb::JobSpec, &str)> = vec![
+        (spec("src", vec![a.clone()], |s| s.targets = vec!["ghost".into()]), "targets: unknown worker ghost"),
+        (spec("src", vec![a.clone()], |s| s.selector = "role=nobody".into()), "targets: no worker"),
+        (spec("src", vec![a.clone()], |_| {}), "targets:"),
+        (spec("src", vec!["/etc/passwd".into()], |s| s.targets = vec!["t".into()]), "files:"),
+        (
+            spec("src", vec![a.clone()], |s| {
+                s.targets = vec!["t".into()];
+                s.destination = "/etc/evil".into();
+            }),
+            "destination:",
+        ),
+        (
+            spec("src", vec![a.clone()], |s| {
+                s.targets = vec!["t".into()];
+                s.destination = "../../escape/".into();
+            }),
+            "destination:",
+        ),
+        (
+            spec("src", vec![a.clone()], |s| {
+                s.targets = vec!["t".into()];
+                s.destination = "in/".into();
+                s.hook = "rm-everything".into();
+            }),
+            "hook: worker t has no hook",
+        ),
+        (
+            spec("src", vec![format!("{}/missing.bin", src.root.display())], |s| {
+                s.targets = vec!["t".into()];
+                s.destination = "in/".into();
+            }),
+            "files:",
+        ),
+        (spec("nobody", vec![a.clone()], |s| s.targets = vec!["t".into()]), "source: unknown worker"),
+    ];
+    for (s, want) in cases {
+        let err = c.submit_job(s, true).await.expect_err(want);
+        assert!(err.is_invalid_argument(), "{want}: {err}");
+        assert!(err.to_string().contains(want), "expected '{want}' in '{err}'");
+    }
+    assert!(c.list_jobs().await.expect("list").is_empty(), "nothing was logged");
+    let entries: Vec<_> = std::fs::read_dir(&t.root).expect("read root").collect();
+    assert!(entries.is_empty(), "nothing was written on the target");
+    let out = ferry(&[
+        "--endpoints",
+        &sched.addrs.join(","),
+        "job",
+        "submit",
+        "--source",
+        "src",
+        "--file",
+        &a,
+        "--to",
+        "ghost",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("targets: unknown worker ghost"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_survives_a_leader_kill_and_a_dead_target_fails_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
+    // Capped downloads make the job last a few seconds.
+    let slow = ["--labels", "role=t", "--download-limit", "3MiB/s"];
+    let mut targets: Vec<WorkerProc> =
+        (0..3).map(|i| WorkerProc::start(dir.path(), &format!("t{i}"), &sched.addrs, &slow)).collect();
+    workers_up(&c, &["src", "t0", "t1", "t2"]).await;
+    let size = 9 * 1024 * 1024;
+    std::fs::write(src.root.join("data.bin"), random_bytes(size, 42)).expect("write");
+    let file = src.root.join("data.bin").display().to_string();
+    let resp = c
+        .submit_job(
+            spec("src", vec![file], |s| {
+                s.selector = "role=t".into();
+                s.destination = "in/".into();
+                s.grace_ms = 2000;
+            }),
+            false,
+        )
+        .await
+        .expect("submit");
+
+    // Mid-job: kill the scheduler leader, and kill target t2 for good.
+    wait_for("transfer under way", Duration::from_secs(20), || async {
+        let r = c.get_job(&resp.job_id).await.ok()?;
+        r.targets.iter().any(|t| t.bytes_done > 0).then_some(())
+    })
+    .await;
+    let leader = sched.agreed_leader(&[1, 2, 3]).await;
+    sched.kill9(leader);
+    targets[2].proc.kill9();
+
+    let rest: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let survivors = sched.client(&rest);
+    let r = finished(&survivors, &resp.job_id, Duration::from_secs(90)).await;
+    assert_eq!(r.state, "failed", "one target died: {r:?}");
+    for t in &r.targets {
+        if t.worker == "t2" {
+            assert_eq!(t.state, "failed");
+            assert!(t.reason.contains("disconnected"), "{}", t.reason);
+        } else {
+            assert_eq!(t.state, "installed", "{t:?}\n{}", sched.logs());
+            let w = targets.iter().find(|w| w.name == t.worker).expect("worker");
+            assert_eq!(hash(&w.root.join("in/data.bin")), hash(&src.root.join("data.bin")));
+        }
+    }
+    // Never a partial file under the final name on the dead target.
+    let partial = targets[2].root.join("in/data.bin");
+    assert!(!partial.exists() || hash(&partial) == hash(&src.root.join("data.bin")));
+    let out = ferry(&["--endpoints", &sched.addrs.join(","), "job", "status", &resp.job_id]);
+    assert_eq!(out.status.code(), Some(1), "a failed job exits 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_peer_is_detected_and_the_chunk_comes_from_elsewhere() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
+    let _bad = WorkerProc::start(dir.path(), "bad", &sched.addrs, &["--fault-corrupt-uploads"]);
+    // Capped, so chunks are planned over time, after `bad` reported holding them.
+    let good = WorkerProc::start(dir.path(), "good", &sched.addrs, &["--download-limit", "8MiB/s"]);
+    workers_up(&c, &["src", "bad", "good"]).await;
+    std::fs::write(src.root.join("f.bin"), random_bytes(24 * 1024 * 1024, 7)).expect("write");
+    let file = vec![src.root.join("f.bin").display().to_string()];
+    // `bad` gets the file first (its downloads are fine; its uploads are not).
+    let r = c
+        .submit_job(
+            spec("src", file.clone(), |s| {
+                s.targets = vec!["bad".into()];
+                s.destination = "in/".into();
+            }),
+            true,
+        )
+        .await
+        .expect("first job")
+        .report
+        .expect("report");
+    assert_eq!(r.state, "succeeded");
+    // Now `bad` holds every chunk and is preferred over the source as a peer.
+    let r = c
+        .submit_job(
+            spec("src", file, |s| {
+                s.targets = vec!["bad".into(), "good".into()];
+                s.destination = "in/".into();
+            }),
+            true,
+        )
+        .await
+        .expect("second job")
+        .report
+        .expect("report");
+    assert_eq!(r.state, "succeeded", "{r:?}");
+    let g = r.targets.iter().find(|t| t.worker == "good").expect("good");
+    assert_eq!(g.bytes_from_peers, 0, "no corrupt byte was accepted from the peer");
+    assert_eq!(hash(&good.root.join("in/f.bin")), hash(&src.root.join("f.bin")));
+    assert!(
+        good.proc.log_text().contains("failed its BLAKE3 check"),
+        "the corrupt chunk was detected:\n{}",
+        good.proc.log_text()
+    );
+}
