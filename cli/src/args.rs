@@ -56,12 +56,30 @@ pub enum Command {
     /// Push files to workers and follow the jobs.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Ferry's main job on loopback: 3 schedulers and 6 workers in this
+    /// process push a 200 MB file to every worker, then push a 1 MB change.
+    Demo(DemoArgs),
+}
+
+/// Flags of `ferry demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Size of the file to push (e.g. 200MB, 1GiB).
+    #[arg(long, default_value = "200MB", value_parser = ferry_worker::config::parse_rate)]
+    pub size: u64,
+    /// Number of workers (one is the source).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(2..=64))]
+    pub workers: u64,
+    /// Keep data here (default: a temporary directory removed at the end).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 impl Command {
     /// Daemons log at info by default, client commands at warn.
     pub fn is_daemon(&self) -> bool {
-        matches!(self, Command::Scheduler(_) | Command::Dev(_)) || matches!(self, Command::Worker(w) if w.sub.is_none())
+        matches!(self, Command::Scheduler(_) | Command::Dev(_) | Command::Demo(_))
+            || matches!(self, Command::Worker(w) if w.sub.is_none())
     }
 }
 

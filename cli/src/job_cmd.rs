@@ -71,7 +71,7 @@ fn output(args: &ClientArgs, r: &pb::JobReport) -> u8 {
 
 /// Follows a job with a progress bar (drawn only on a terminal) until it
 /// ends; returns the final report.
-async fn follow(c: &ferry_sdk::Client, id: &str) -> Result<pb::JobReport, ferry_sdk::Error> {
+pub(crate) async fn follow(c: &ferry_sdk::Client, id: &str) -> Result<pb::JobReport, ferry_sdk::Error> {
     let mut stream = c.watch_job(id).await?;
     let bar = ProgressBar::new(1);
     bar.set_style(

@@ -4,6 +4,7 @@
 mod args;
 mod client_cmd;
 mod daemon_cmd;
+mod demo_cmd;
 mod job_cmd;
 mod worker_cmd;
 
@@ -13,7 +14,13 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
-    let default_level = if cli.command.is_daemon() { "info" } else { "warn" };
+    // The demo shares two cores between three schedulers and six workers;
+    // openraft's retry chatter under that load would drown its output.
+    let default_level = match &cli.command {
+        args::Command::Demo(_) => "warn,openraft=off",
+        c if c.is_daemon() => "info",
+        _ => "warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -36,6 +43,7 @@ fn main() -> ExitCode {
                 None => worker_cmd::run(*w.run).await,
             },
             args::Command::Job(j) => job_cmd::run(&cli.client, j).await,
+            args::Command::Demo(d) => demo_cmd::run(d).await,
         }
     });
     ExitCode::from(code)

@@ -138,9 +138,9 @@ impl Scheduler {
         if !initialized && !members.is_empty() && peers_have_leader(&node, &members).await {
             // A node whose data directory is empty but whose cluster already
             // runs must not write its own first log: it waits for the leader.
-            tracing::warn!(
-                "data directory is empty but the cluster already has a leader; joining it without initializing. \
-                 If this node lost its data, remove it and add it back under a new id"
+            tracing::info!(
+                "the cluster already runs; joining it without initializing \
+                 (a node that lost its data must be removed and added back under a new id)"
             );
         } else if !initialized && !members.is_empty() {
             let nodes: std::collections::BTreeMap<u64, BasicNode> =

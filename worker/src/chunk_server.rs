@@ -50,18 +50,26 @@ impl ChunkService for ChunkServer {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let corrupt = self.corrupt;
         let bandwidth = self.bandwidth.clone();
+        let store = self.store.clone();
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let send = |item| tx.blocking_send(item).is_ok();
-            let mut file =
-                match std::fs::File::open(&loc.path).and_then(|mut f| f.seek(SeekFrom::Start(loc.offset)).map(|_| f)) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        send(Err(Status::not_found(format!("chunk file {}: {e}", loc.path.display()))));
-                        return;
-                    }
-                };
+            let open = |loc: &crate::store::Location| {
+                std::fs::File::open(&loc.path).and_then(|mut f| f.seek(SeekFrom::Start(loc.offset)).map(|_| f))
+            };
+            // A staging file may have just been renamed into place: look again.
+            let opened = open(&loc).or_else(|e| match store.get(&hash) {
+                Some(moved) if moved != loc && moved.len == loc.len => open(&moved),
+                _ => Err(e),
+            });
+            let mut file = match opened {
+                Ok(f) => f,
+                Err(e) => {
+                    send(Err(Status::not_found(format!("chunk file {}: {e}", loc.path.display()))));
+                    return;
+                }
+            };
             let mut left = loc.len as usize;
             let mut first = true;
             while left > 0 {
