@@ -311,3 +311,126 @@ async fn a_corrupt_peer_is_detected_and_the_chunk_comes_from_elsewhere() {
         good.proc.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_back_within_grace_resumes_and_cancel_leaves_no_final_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
+    let mut t = WorkerProc::start(dir.path(), "t", &sched.addrs, &["--download-limit", "3MiB/s"]);
+    workers_up(&c, &["src", "t"]).await;
+    std::fs::write(src.root.join("r.bin"), random_bytes(8 * 1024 * 1024, 3)).expect("write");
+    let file = vec![src.root.join("r.bin").display().to_string()];
+    let id = c
+        .submit_job(
+            spec("src", file.clone(), |s| {
+                s.targets = vec!["t".into()];
+                s.destination = "in/".into();
+                s.grace_ms = 30_000;
+            }),
+            false,
+        )
+        .await
+        .expect("submit")
+        .job_id;
+    wait_for("some chunks", Duration::from_secs(20), || async {
+        (c.get_job(&id).await.ok()?.targets[0].chunks_done > 0).then_some(())
+    })
+    .await;
+    t.proc.kill9();
+    t.restart();
+    let r = finished(&c, &id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, "succeeded", "{r:?}");
+    assert_eq!(hash(&t.root.join("in/r.bin")), hash(&src.root.join("r.bin")));
+
+    // Cancel a slow job midway: it ends cancelled, nothing is installed and
+    // the staging file goes away.
+    std::fs::write(src.root.join("c.bin"), random_bytes(12 * 1024 * 1024, 4)).expect("write");
+    let id = c
+        .submit_job(
+            spec("src", vec![src.root.join("c.bin").display().to_string()], |s| {
+                s.targets = vec!["t".into()];
+                s.destination = "in/".into();
+            }),
+            false,
+        )
+        .await
+        .expect("submit")
+        .job_id;
+    wait_for("some chunks", Duration::from_secs(20), || async {
+        (c.get_job(&id).await.ok()?.targets[0].chunks_done > 0).then_some(())
+    })
+    .await;
+    let r = c.cancel_job(&id).await.expect("cancel");
+    assert_eq!(r.state, "cancelled");
+    assert_eq!(r.targets[0].state, "cancelled");
+    let in_dir = t.root.join("in");
+    wait_for("staging removed", Duration::from_secs(10), || async {
+        let left: Vec<_> =
+            std::fs::read_dir(&in_dir).ok()?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        (!left.iter().any(|n| n.contains(".ferry-"))).then_some(())
+    })
+    .await;
+    assert!(!in_dir.join("c.bin").exists(), "a cancelled job installs nothing");
+    let out = ferry(&["--endpoints", &sched.addrs.join(","), "job", "status", &id]);
+    assert_eq!(out.status.code(), Some(1), "a cancelled job is not a success");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callback_url_gets_the_final_report() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
+    let _t = WorkerProc::start(dir.path(), "t", &sched.addrs, &[]);
+    workers_up(&c, &["src", "t"]).await;
+    std::fs::write(src.root.join("cb.bin"), b"callback payload").expect("write");
+    // A one-shot HTTP server that records the POST body.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/done", listener.local_addr().expect("addr"));
+    let server = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.expect("accept");
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = sock.read(&mut buf).await.expect("read");
+            req.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&req);
+            if let Some(head_end) = text.find("\r\n\r\n") {
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if req.len() >= head_end + 4 + len || n == 0 {
+                    break;
+                }
+            }
+        }
+        sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.expect("respond");
+        String::from_utf8_lossy(&req).into_owned()
+    });
+    let id = c
+        .submit_job(
+            spec("src", vec![src.root.join("cb.bin").display().to_string()], |s| {
+                s.targets = vec!["t".into()];
+                s.destination = "in/".into();
+                s.callback_url = url;
+            }),
+            false,
+        )
+        .await
+        .expect("submit")
+        .job_id;
+    let request =
+        tokio::time::timeout(Duration::from_secs(30), server).await.expect("callback in time").expect("server");
+    assert!(request.starts_with("POST /done"), "{request}");
+    let body = &request[request.find("\r\n\r\n").expect("body") + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).expect("json body");
+    assert_eq!(v["job_id"], id);
+    assert_eq!(v["state"], "succeeded");
+    assert_eq!(v["targets"][0]["state"], "installed");
+}

@@ -94,8 +94,9 @@ impl JobService for JobServiceImpl {
             req.request_id = new_request_id();
         }
         if let Some(addr) = self.leader_to_forward(was_forwarded)? {
-            let timeout =
-                Duration::from_millis(req.spec.as_ref().map(|s| s.timeout_ms).unwrap_or(0).max(600_000) + 60_000);
+            let job_ms =
+                req.spec.as_ref().map(|s| s.timeout_ms).unwrap_or(0).clamp(600_000, crate::job_spec::MAX_TIMEOUT_MS);
+            let timeout = Duration::from_millis(job_ms + 60_000);
             return self.client(&addr)?.submit_job(forwarded(req, timeout)).await;
         }
         let spec = req.spec.clone().ok_or_else(|| Status::invalid_argument("spec: missing"))?;
@@ -111,6 +112,7 @@ impl JobService for JobServiceImpl {
         if !indexed.error.is_empty() {
             return Err(Error::InvalidArgument(format!("files: {}", indexed.error)).into());
         }
+        crate::job_spec::check_manifest(&spec.files, &indexed.files).map_err(Status::internal)?;
         let mut files = Vec::new();
         for m in &indexed.files {
             let mut chunks = Vec::new();

@@ -9,6 +9,10 @@ use ferry_storage::WorkerRecord;
 
 /// Default whole-job deadline.
 pub const DEFAULT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+/// Longest deadline or grace period accepted.
+pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Largest chunk a source may report.
+pub const MAX_CHUNK_BYTES: u64 = 64 * 1024 * 1024;
 /// Default grace period for a disconnected target.
 pub const DEFAULT_GRACE_MS: u64 = 30 * 1000;
 
@@ -143,8 +147,35 @@ pub fn check(spec: &pb::JobSpec, workers: &[WorkerRecord]) -> Result<Checked, St
         targets.push((name, dests));
     }
     let timeout_ms = if spec.timeout_ms == 0 { DEFAULT_TIMEOUT_MS } else { spec.timeout_ms };
+    if timeout_ms > MAX_TIMEOUT_MS {
+        return Err(format!("timeout_ms: must be at most {MAX_TIMEOUT_MS} (7 days)"));
+    }
     let grace_ms = if spec.grace_ms == 0 { DEFAULT_GRACE_MS } else { spec.grace_ms };
+    if grace_ms > MAX_TIMEOUT_MS {
+        return Err(format!("grace_ms: must be at most {MAX_TIMEOUT_MS} (7 days)"));
+    }
     Ok(Checked { source, targets, timeout_ms, grace_ms })
+}
+
+/// Checks the manifest a source sent: one entry per requested file, in
+/// order, each covered by contiguous chunks of sane size.
+pub fn check_manifest(requested: &[String], files: &[pb::FileManifest]) -> Result<(), String> {
+    if files.len() != requested.len() || files.iter().zip(requested).any(|(f, r)| f.path != *r) {
+        return Err("the source's manifest does not match the requested files".into());
+    }
+    for f in files {
+        let mut next = 0u64;
+        for c in &f.chunks {
+            if c.offset != next || c.len == 0 || c.len > MAX_CHUNK_BYTES {
+                return Err(format!("the source's manifest of {} has a bad chunk at {}", f.path, c.offset));
+            }
+            next = next.checked_add(c.len).ok_or("chunk offsets overflow")?;
+        }
+        if next != f.size {
+            return Err(format!("the source's manifest of {} covers {next} of {} bytes", f.path, f.size));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -35,6 +35,11 @@ pub const PULL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a target avoids a holder that failed a pull or sent a bad chunk.
 pub const AVOID_FOR: Duration = Duration::from_secs(10);
 
+/// A failure proposal not yet applied is proposed again after this long.
+pub const RETRY_PROPOSAL: Duration = Duration::from_secs(3);
+/// Ended jobs younger than this still get cleanup (cancel) messages.
+pub const CLEANUP_WINDOW_MS: u64 = 10 * 60 * 1000;
+
 struct Inflight {
     from: String,
     since: Instant,
@@ -44,19 +49,37 @@ struct Inflight {
 #[derive(Default)]
 struct JobPlan {
     prepare_sent: HashMap<String, u64>,
+    /// Session epoch in which each target answered prepare.
+    prepared_in: HashMap<String, u64>,
     pack_sent: HashMap<String, u64>,
     inflight: HashMap<(String, u32, u32), Inflight>,
     /// (target, holder) pairs to skip for a while.
     avoid: HashMap<(String, String), Instant>,
     down_since: HashMap<String, Instant>,
-    failing: HashSet<String>,
+    /// When a failure was last proposed, per target ("" for the whole job).
+    proposed: HashMap<String, Instant>,
+}
+
+impl JobPlan {
+    /// True if a failure for `key` may be proposed (again) now.
+    fn may_propose(&mut self, key: &str) -> bool {
+        match self.proposed.get(key) {
+            Some(at) if at.elapsed() < RETRY_PROPOSAL => false,
+            _ => {
+                self.proposed.insert(key.to_string(), Instant::now());
+                true
+            }
+        }
+    }
 }
 
 #[derive(Default)]
 struct Plan {
     jobs: HashMap<String, JobPlan>,
-    finished: HashSet<String>,
-    timed_out: HashSet<String>,
+    /// Jobs whose callback this leader sent.
+    called_back: HashSet<String>,
+    /// (job, target) -> session epoch in which cleanup was sent.
+    cleanup_sent: HashMap<(String, String), u64>,
 }
 
 /// Runs the planner until `shutdown` turns true.
@@ -76,17 +99,27 @@ pub async fn run(
             _ = changed.changed() => {}
             _ = tick.tick() => {}
             _ = sessions.changed.notified() => {}
-            ev = events.recv() => {
-                if let Some(PlannerEvent::PullFailed { job, target, file, chunk, from, error }) = ev {
+            ev = events.recv() => match ev {
+                Some(PlannerEvent::PullFailed { job, target, file, chunk, from, error }) => {
                     tracing::debug!(%job, %target, file, chunk, %from, %error, "pull failed; planning it elsewhere");
                     if let Some(p) = plan.jobs.get_mut(&job) {
                         p.inflight.remove(&(target.clone(), file, chunk));
-                        if !error.contains("upload limit") {
-                            p.avoid.insert((target, from), Instant::now());
+                        // Busy or not-yet-known says nothing bad about the holder.
+                        let transient = ["upload limit", "already pulling", "not prepared", "already installed"];
+                        if !transient.iter().any(|t| error.contains(t)) {
+                            p.avoid.insert((target.clone(), from), Instant::now());
+                        }
+                        if error.contains("not prepared") {
+                            p.prepare_sent.remove(&target);
+                            p.prepared_in.remove(&target);
                         }
                     }
                 }
-            }
+                Some(PlannerEvent::Prepared { job, target, epoch }) => {
+                    plan.jobs.entry(job).or_default().prepared_in.insert(target, epoch);
+                }
+                None => {}
+            },
             _ = shutdown.changed() => return,
         }
         if *shutdown.borrow() {
@@ -113,7 +146,22 @@ pub async fn run(
 
 fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], leading_since: u64) {
     let now = now_ms();
-    // Uploads in flight per holder, across jobs.
+    let running: HashMap<&str, &Job> =
+        jobs.iter().filter(|j| j.phase == JobPhase::Running).map(|j| (j.id.as_str(), j)).collect();
+    // Forget pulls that finished, timed out, belong to an old session, or
+    // whose target is done; then count what each holder is serving.
+    plan.jobs.retain(|id, _| running.contains_key(id.as_str()));
+    for (id, p) in plan.jobs.iter_mut() {
+        let job = running[id.as_str()];
+        p.inflight.retain(|(w, f, c), fl| {
+            let Some(t) = job.targets.iter().find(|t| t.worker == *w) else { return false };
+            !t.phase.is_terminal()
+                && !t.held.get(*f as usize).and_then(|h| h.get(*c as usize)).copied().unwrap_or(true)
+                && fl.since.elapsed() < PULL_TIMEOUT
+                && sessions.epoch(w) == Some(fl.epoch)
+        });
+        p.avoid.retain(|_, at| at.elapsed() < AVOID_FOR);
+    }
     let mut uploads: HashMap<String, usize> = HashMap::new();
     for p in plan.jobs.values() {
         for f in p.inflight.values() {
@@ -133,17 +181,18 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
         .collect();
     for job in jobs {
         if job.phase != JobPhase::Running {
-            finish(node, sessions, plan, job, leading_since);
-            continue;
-        }
-        if now > job.created_ms.saturating_add(job.timeout_ms) {
-            if plan.timed_out.insert(job.id.clone()) {
-                time_out(node, job);
+            if now.saturating_sub(job.finished_ms) < CLEANUP_WINDOW_MS {
+                finish(sessions, plan, job, leading_since);
             }
             continue;
         }
         let p = plan.jobs.entry(job.id.clone()).or_default();
-        p.avoid.retain(|_, at| at.elapsed() < AVOID_FOR);
+        if now > job.created_ms.saturating_add(job.timeout_ms) {
+            if p.may_propose("") {
+                time_out(node, job);
+            }
+            continue;
+        }
         for (ti, t) in job.targets.iter().enumerate() {
             if t.phase.is_terminal() {
                 continue;
@@ -151,18 +200,21 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
             let Some(epoch) = sessions.epoch(&t.worker) else {
                 let since = *p.down_since.entry(t.worker.clone()).or_insert_with(Instant::now);
                 let grace = Duration::from_millis(job.grace_ms);
-                if since.elapsed() > grace && p.failing.insert(t.worker.clone()) {
+                if since.elapsed() > grace && p.may_propose(&t.worker) {
                     fail(node, job, &t.worker, format!("worker {} was disconnected for more than {grace:?}", t.worker));
                 }
                 continue;
             };
             p.down_since.remove(&t.worker);
-            if !t.prepared {
-                if p.prepare_sent.get(&t.worker) != Some(&epoch)
-                    && sessions.send(&t.worker, Ctl::Prepare(prepare(job, ti)))
-                {
+            // Prepare once per session: a restarted worker learns the job
+            // again (its answer is idempotent).
+            if p.prepare_sent.get(&t.worker) != Some(&epoch) {
+                if sessions.send(&t.worker, Ctl::Prepare(prepare(job, ti))) {
                     p.prepare_sent.insert(t.worker.clone(), epoch);
                 }
+                continue;
+            }
+            if !t.prepared || p.prepared_in.get(&t.worker) != Some(&epoch) {
                 continue;
             }
             if t.complete() {
@@ -172,19 +224,6 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
                 }
                 continue;
             }
-            // Forget pulls that finished, timed out, or belong to an old session.
-            p.inflight.retain(|(w, f, c), fl| {
-                if *w != t.worker {
-                    return true;
-                }
-                let keep = !t.held[*f as usize][*c as usize] && fl.since.elapsed() < PULL_TIMEOUT && fl.epoch == epoch;
-                if !keep {
-                    if let Some(n) = uploads.get_mut(&fl.from) {
-                        *n = n.saturating_sub(1);
-                    }
-                }
-                keep
-            });
             let mut busy = p.inflight.keys().filter(|(w, _, _)| *w == t.worker).count();
             if busy >= PULLS_PER_TARGET {
                 continue;
@@ -270,7 +309,7 @@ fn propose(node: &Arc<Node>, e: JobEvent) {
     let node = node.clone();
     tokio::spawn(async move {
         if let Err(err) = node.propose(event(e), true).await {
-            tracing::warn!(error = %err, "planner could not record a job event");
+            tracing::warn!(error = %err, "planner could not record a job event; it will try again");
         }
     });
 }
@@ -300,24 +339,26 @@ fn time_out(node: &Arc<Node>, job: &Job) {
     }
 }
 
-/// After a job ends: tell targets of a cancelled job to drop staged data,
-/// and POST the callback (at least once; a new leader re-sends callbacks of
-/// jobs that ended shortly before it took over).
-fn finish(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, job: &Job, leading_since: u64) {
-    plan.jobs.remove(&job.id);
-    if !plan.finished.insert(job.id.clone()) {
-        return;
-    }
-    if job.phase == JobPhase::Cancelled {
-        for t in &job.targets {
-            sessions.send(&t.worker, Ctl::Cancel(pb::CancelCommand { job_id: job.id.clone() }));
+/// After a job ends: tell every target that did not install (failed,
+/// cancelled) to drop its staged data, again after each reconnect; and POST
+/// the callback (at least once: a new leader re-sends callbacks of jobs that
+/// ended shortly before it took over).
+fn finish(sessions: &Sessions, plan: &mut Plan, job: &Job, leading_since: u64) {
+    for t in job.targets.iter().filter(|t| matches!(t.phase, TargetPhase::Failed | TargetPhase::Cancelled)) {
+        let Some(epoch) = sessions.epoch(&t.worker) else { continue };
+        let key = (job.id.clone(), t.worker.clone());
+        if plan.cleanup_sent.get(&key) != Some(&epoch)
+            && sessions.send(&t.worker, Ctl::Cancel(pb::CancelCommand { job_id: job.id.clone() }))
+        {
+            plan.cleanup_sent.insert(key, epoch);
         }
     }
-    let recent = job.finished_ms + 60_000 >= leading_since;
-    if !job.callback_url.is_empty() && recent {
-        let url = job.callback_url.clone();
-        let body = crate::job_report::report_json(job);
-        let _ = node;
-        tokio::spawn(crate::callback::post_with_retries(url, body));
+    if job.callback_url.is_empty()
+        || job.finished_ms + 60_000 < leading_since
+        || !plan.called_back.insert(job.id.clone())
+    {
+        return;
     }
+    let body = crate::job_report::report_json(job);
+    tokio::spawn(crate::callback::post_with_retries(job.callback_url.clone(), body));
 }

@@ -111,7 +111,9 @@ impl Scheduler {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (planner_tx, planner_rx) = tokio::sync::mpsc::channel(1024);
-        let sessions = Arc::new(Sessions::new(planner_tx));
+        let (progress_tx, progress_rx) = tokio::sync::mpsc::channel(64 * 1024);
+        let sessions = Arc::new(Sessions::new(planner_tx, progress_tx));
+        tokio::spawn(crate::sessions::run_event_batcher(node.clone(), progress_rx));
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(serve_grpc(node.clone(), sessions.clone(), grpc, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::planner::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));

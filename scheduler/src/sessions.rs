@@ -40,6 +40,29 @@ struct Session {
 pub enum PlannerEvent {
     /// A pull failed; plan it elsewhere.
     PullFailed { job: String, target: String, file: u32, chunk: u32, from: String, error: String },
+    /// A target answered prepare in its current session.
+    Prepared { job: String, target: String, epoch: u64 },
+}
+
+/// Most job events in one log entry.
+pub const EVENTS_PER_ENTRY: usize = 1024;
+
+/// Packs job events from all sessions into few log entries: it takes what
+/// queued up while the previous entry was being committed.
+pub async fn run_event_batcher(node: Arc<Node>, mut rx: mpsc::Receiver<JobEvent>) {
+    while let Some(first) = rx.recv().await {
+        let mut events = vec![first];
+        while events.len() < EVENTS_PER_ENTRY {
+            match rx.try_recv() {
+                Ok(e) => events.push(e),
+                Err(_) => break,
+            }
+        }
+        let cmd = Command { request_id: String::new(), op: Op::JobEvents(events) };
+        if let Err(e) = node.propose(cmd, true).await {
+            tracing::warn!(error = %e, "recording worker progress failed; the planner will ask again");
+        }
+    }
 }
 
 /// The leader's live sessions.
@@ -49,15 +72,18 @@ pub struct Sessions {
     seen: Mutex<HashMap<String, u64>>,
     next_epoch: AtomicU64,
     next_request: AtomicU64,
-    index_waiters: Mutex<HashMap<u64, oneshot::Sender<pb::IndexResult>>>,
+    /// Index requests waiting for their worker's answer: (worker, reply).
+    index_waiters: Mutex<HashMap<u64, (String, oneshot::Sender<pb::IndexResult>)>>,
     /// Woken when a session opens or closes.
     pub changed: Notify,
     events: mpsc::Sender<PlannerEvent>,
+    progress: mpsc::Sender<JobEvent>,
 }
 
 impl Sessions {
-    /// A registry whose planner events go to `events`.
-    pub fn new(events: mpsc::Sender<PlannerEvent>) -> Self {
+    /// A registry whose planner events go to `events` and whose job events
+    /// go to `progress` (the event batcher).
+    pub fn new(events: mpsc::Sender<PlannerEvent>, progress: mpsc::Sender<JobEvent>) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
@@ -66,6 +92,7 @@ impl Sessions {
             index_waiters: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             events,
+            progress,
         }
     }
 
@@ -101,7 +128,7 @@ impl Sessions {
     pub async fn index(&self, worker: &str, paths: Vec<String>, timeout: Duration) -> Result<pb::IndexResult, Error> {
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.index_waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(request, tx);
+        self.index_waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(request, (worker.to_string(), tx));
         if !self.send(worker, Ctl::Index(pb::IndexCommand { request, paths })) {
             self.index_waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&request);
             return Err(Error::FailedPrecondition(format!("source: worker {worker} is not connected")));
@@ -166,24 +193,23 @@ pub fn event(e: JobEvent) -> Command {
 }
 
 impl WorkerServiceImpl {
-    fn propose_in_background(&self, cmd: Command) {
-        let node = self.node.clone();
-        tokio::spawn(async move {
-            if let Err(e) = node.propose(cmd, true).await {
-                tracing::warn!(error = %e, "recording worker progress failed");
-            }
-        });
+    fn record(&self, e: JobEvent) {
+        if self.sessions.progress.try_send(e).is_err() {
+            tracing::warn!("job event queue full; the planner will ask again");
+        }
     }
 
-    fn handle(&self, worker: &str, msg: Msg) {
+    fn handle(&self, worker: &str, epoch: u64, msg: Msg) {
         let at_ms = now_ms();
         match msg {
             Msg::Hello(_) | Msg::Heartbeat(_) => {}
             Msg::Indexed(r) => {
-                if let Some(tx) =
-                    self.sessions.index_waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&r.request)
-                {
-                    let _ = tx.send(r);
+                let mut waiters = self.sessions.index_waiters.lock().unwrap_or_else(|e| e.into_inner());
+                // Only the worker that was asked may answer.
+                if waiters.get(&r.request).is_some_and(|(w, _)| w == worker) {
+                    if let Some((_, tx)) = waiters.remove(&r.request) {
+                        let _ = tx.send(r);
+                    }
                 }
             }
             Msg::Ack(a) if !a.error.is_empty() => {
@@ -196,35 +222,42 @@ impl WorkerServiceImpl {
                     error: a.error,
                 });
             }
-            Msg::Ack(a) => self.propose_in_background(event(JobEvent::Ack {
-                job: a.job_id.clone(),
+            Msg::Ack(a) => self.record(JobEvent::Ack {
+                job: a.job_id,
                 target: worker.into(),
                 file: a.file,
                 chunk: a.chunk,
                 from: a.from,
                 at_ms,
-            })),
-            Msg::Prepared(p) if !p.error.is_empty() => self.propose_in_background(event(JobEvent::FailTarget {
-                job: p.job_id.clone(),
+            }),
+            Msg::Prepared(p) if !p.error.is_empty() => self.record(JobEvent::FailTarget {
+                job: p.job_id,
                 target: worker.into(),
                 reason: format!("prepare: {}", p.error),
                 at_ms,
-            })),
-            Msg::Prepared(p) => self.propose_in_background(event(JobEvent::Prepared {
-                job: p.job_id.clone(),
-                target: worker.into(),
-                unchanged: p.unchanged,
-                local: p.local.iter().map(|v| ((v >> 32) as u32, *v as u32)).collect(),
-                at_ms,
-            })),
-            Msg::Fin(f) => self.propose_in_background(event(JobEvent::Fin {
-                job: f.job_id.clone(),
+            }),
+            Msg::Prepared(p) => {
+                let _ = self.sessions.events.try_send(PlannerEvent::Prepared {
+                    job: p.job_id.clone(),
+                    target: worker.to_string(),
+                    epoch,
+                });
+                self.record(JobEvent::Prepared {
+                    job: p.job_id,
+                    target: worker.into(),
+                    unchanged: p.unchanged,
+                    local: p.local.iter().map(|v| ((v >> 32) as u32, *v as u32)).collect(),
+                    at_ms,
+                })
+            }
+            Msg::Fin(f) => self.record(JobEvent::Fin {
+                job: f.job_id,
                 target: worker.into(),
                 ok: f.ok,
                 reason: f.reason,
                 hook_exit: f.hook_exit,
                 at_ms,
-            })),
+            }),
         }
     }
 }
@@ -273,7 +306,7 @@ impl WorkerService for WorkerServiceImpl {
                 match inbound.message().await {
                     Ok(Some(pb::WorkerMessage { msg: Some(msg) })) => {
                         this.sessions.touch(&name, epoch);
-                        this.handle(&name, msg);
+                        this.handle(&name, epoch, msg);
                     }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => break,

@@ -247,13 +247,12 @@ impl Job {
         if self.phase != JobPhase::Running {
             return;
         }
-        let files = self.files.clone();
         match event {
             JobEvent::Ack { target, file, chunk, from, at_ms, .. } => {
                 let via = if *from == self.source { Via::Source } else { Via::Peer };
-                let Some(t) = self.target_mut(target) else { return };
                 let (f, c) = (*file as usize, *chunk as usize);
-                let Some(len) = files.get(f).and_then(|fe| fe.chunks.get(c)).map(|ch| ch.len) else { return };
+                let Some(len) = self.files.get(f).and_then(|fe| fe.chunks.get(c)).map(|ch| ch.len) else { return };
+                let Some(t) = self.target_mut(target) else { return };
                 if t.phase.is_terminal() || t.held[f][c] {
                     return;
                 }
@@ -271,34 +270,47 @@ impl Job {
                 }
             }
             JobEvent::Prepared { target, unchanged, local, at_ms, .. } => {
+                // At the start of a session the worker's report is the truth:
+                // what it holds replaces what the log said (a restarted worker
+                // may have lost chunks it had acknowledged; those are pulled
+                // again). Bytes already moved stay counted as moved.
+                let lens: Vec<Vec<u64>> = self.files.iter().map(|f| f.chunks.iter().map(|c| c.len).collect()).collect();
+                let mut now: Vec<Vec<bool>> = lens.iter().map(|f| vec![false; f.len()]).collect();
+                let mut same = vec![false; lens.len()];
+                for &f in unchanged {
+                    if let Some(file) = now.get_mut(f as usize) {
+                        file.iter_mut().for_each(|h| *h = true);
+                        same[f as usize] = true;
+                    }
+                }
+                for &(f, c) in local {
+                    if let Some(h) = now.get_mut(f as usize).and_then(|file| file.get_mut(c as usize)) {
+                        *h = true;
+                    }
+                }
                 let Some(t) = self.target_mut(target) else { return };
                 if t.phase.is_terminal() {
                     return;
                 }
-                t.prepared = true;
-                for &(f, c) in local {
-                    let (f, c) = (f as usize, c as usize);
-                    let Some(len) = files.get(f).and_then(|fe| fe.chunks.get(c)).map(|ch| ch.len) else { continue };
-                    if !t.held[f][c] {
-                        t.held[f][c] = true;
-                        t.chunks_done += 1;
-                        t.bytes_done += len;
-                        t.bytes_reused += len;
-                    }
-                }
-                for &f in unchanged {
-                    let f = f as usize;
-                    let Some(fe) = files.get(f) else { continue };
-                    t.unchanged[f] = true;
-                    for (c, ch) in fe.chunks.iter().enumerate() {
-                        if !t.held[f][c] {
-                            t.held[f][c] = true;
-                            t.chunks_done += 1;
-                            t.bytes_done += ch.len;
-                            t.bytes_reused += ch.len;
+                for (f, file) in lens.iter().enumerate() {
+                    for (c, &len) in file.iter().enumerate() {
+                        match (t.held[f][c], now[f][c]) {
+                            (false, true) => {
+                                t.chunks_done += 1;
+                                t.bytes_done += len;
+                                t.bytes_reused += len;
+                            }
+                            (true, false) => {
+                                t.chunks_done -= 1;
+                                t.bytes_done -= len;
+                            }
+                            _ => {}
                         }
                     }
                 }
+                t.held = now;
+                t.unchanged = same;
+                t.prepared = true;
                 if t.started_ms == 0 {
                     t.started_ms = *at_ms;
                 }
@@ -310,7 +322,11 @@ impl Job {
                 }
                 t.hook_exit = *hook_exit;
                 t.finished_ms = *at_ms;
-                if *ok {
+                if *ok && !t.complete() {
+                    // Installed without holding every chunk: not believable.
+                    t.phase = TargetPhase::Failed;
+                    t.reason = "reported installed before holding every chunk".into();
+                } else if *ok {
                     t.phase =
                         if t.unchanged.iter().all(|u| *u) { TargetPhase::Unchanged } else { TargetPhase::Installed };
                 } else {
@@ -360,7 +376,9 @@ pub enum JobEvent {
         /// Leader time.
         at_ms: u64,
     },
-    /// A target reported which files are identical already.
+    /// A target reported, at the start of a session, which files are
+    /// identical already and which chunks it holds; this replaces what the
+    /// log said it held.
     Prepared {
         /// Job id.
         job: String,
@@ -487,6 +505,18 @@ mod tests {
             at_ms: 6,
         });
         assert_eq!(j.targets[1].bytes_reused, 30);
+        // A restarted target that lost chunk 1 says so: it is pulled again.
+        let lost = JobEvent::Prepared {
+            job: "j1".into(),
+            target: "a".into(),
+            unchanged: vec![],
+            local: vec![(0, 0)],
+            at_ms: 7,
+        };
+        j.apply(&lost);
+        assert!(!j.targets[0].complete());
+        assert_eq!((j.targets[0].chunks_done, j.targets[0].bytes_done), (1, 10));
+        j.apply(&ack("a", 1, "b"));
         for t in ["a", "b"] {
             let fin = JobEvent::Fin {
                 job: "j1".into(),

@@ -27,6 +27,14 @@ pub struct ChunkServer {
     pub(crate) bandwidth: crate::limiter::Bandwidth,
 }
 
+impl ChunkServer {
+    /// A server for the chunks in `store`, with at most `max_uploads` at once
+    /// and an upload cap.
+    pub fn new(store: ChunkStore, max_uploads: usize, bandwidth: crate::limiter::Bandwidth) -> Self {
+        Self { store, uploads: Arc::new(Semaphore::new(max_uploads)), corrupt: false, bandwidth }
+    }
+}
+
 #[tonic::async_trait]
 impl ChunkService for ChunkServer {
     type GetChunkStream = ReceiverStream<Result<pb::ChunkFrame, Status>>;

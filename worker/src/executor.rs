@@ -12,6 +12,11 @@
 //! - **pack**: fsync, whole-file BLAKE3 check, atomic rename into place with
 //!   the source's mode, run the named hook, report fin.
 //! - **cancel**: drop the job's staging data.
+//!
+//! Concurrency: a per-job gate lets pulls write in parallel but never while
+//! or after pack runs; a per-chunk state refuses a second pull of a region
+//! being written; a repeated prepare or pack (after a reconnect or a leader
+//! change) is answered from what this worker already did.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -57,9 +62,45 @@ struct WorkFile {
     unchanged: bool,
 }
 
+/// Where one chunk of a job stands on this worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// A pull is writing it now; a second pull is refused, so a region is
+    /// never written twice at once.
+    Pulling,
+    /// Written and verified.
+    Done,
+}
+
 struct JobWork {
     files: Vec<WorkFile>,
+    /// `None` until packed, then the fin it produced. Pulls hold it shared
+    /// while they write; pack holds it exclusively, so no write can touch a
+    /// file once pack starts, and a repeated pack replays the same fin.
+    gate: tokio::sync::RwLock<Option<pb::TargetFin>>,
+    chunks: Mutex<HashMap<(u32, u32), ChunkState>>,
 }
+
+impl JobWork {
+    fn chunk_state(&self) -> std::sync::MutexGuard<'_, HashMap<(u32, u32), ChunkState>> {
+        self.chunks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What a prepare reports: files identical already, and chunks held.
+    fn report(&self) -> (Vec<u32>, Vec<u64>) {
+        let unchanged = self.files.iter().enumerate().filter(|(_, f)| f.unchanged).map(|(i, _)| i as u32).collect();
+        let local = self
+            .chunk_state()
+            .iter()
+            .filter(|(_, s)| **s == ChunkState::Done)
+            .map(|((f, c), _)| ((*f as u64) << 32) | *c as u64)
+            .collect();
+        (unchanged, local)
+    }
+}
+
+/// Finished jobs remembered (to answer a repeated pack or prepare).
+const KEEP_FINISHED: usize = 256;
 
 /// Executes commands. Shared by the session and its spawned tasks.
 pub struct Executor {
@@ -71,20 +112,34 @@ pub struct Executor {
     pub(crate) outbox: Outbox,
     bandwidth: crate::limiter::Bandwidth,
     jobs: Mutex<HashMap<String, Arc<JobWork>>>,
+    /// Finished or cancelled job ids, oldest first (bounded).
+    ended: Mutex<std::collections::VecDeque<String>>,
+    cancelled: Mutex<std::collections::HashSet<String>>,
     peers: Mutex<HashMap<String, Channel>>,
 }
 
+/// Largest chunk accepted in a manifest.
+const MAX_MANIFEST_CHUNK: u64 = 64 * 1024 * 1024;
+
+/// Checks a manifest from the leader: chunks contiguous from 0 to `size`.
 fn to_chunks(m: &pb::FileManifest) -> Result<Vec<index::ChunkRef>, String> {
-    m.chunks
-        .iter()
-        .map(|c| {
-            Ok(index::ChunkRef {
-                offset: c.offset,
-                len: c.len,
-                hash: parse_hex(&c.hash).ok_or_else(|| format!("bad chunk hash {}", c.hash))?,
-            })
-        })
-        .collect()
+    let mut next = 0u64;
+    let mut out = Vec::with_capacity(m.chunks.len());
+    for c in &m.chunks {
+        if c.offset != next || c.len == 0 || c.len > MAX_MANIFEST_CHUNK {
+            return Err(format!("manifest of {}: chunk at {} does not follow on {next}", m.path, c.offset));
+        }
+        next = next.checked_add(c.len).ok_or("manifest: chunk offsets overflow")?;
+        out.push(index::ChunkRef {
+            offset: c.offset,
+            len: c.len,
+            hash: parse_hex(&c.hash).ok_or_else(|| format!("bad chunk hash {}", c.hash))?,
+        });
+    }
+    if next != m.size {
+        return Err(format!("manifest of {}: chunks cover {next} of {} bytes", m.path, m.size));
+    }
+    Ok(out)
 }
 
 /// Reads `len` bytes at `loc` and returns them if they hash to `hash`.
@@ -97,6 +152,18 @@ fn read_verified(loc: &Location, hash: &[u8; 32]) -> Option<Vec<u8>> {
 
 fn safe_job_dir(job_id: &str) -> String {
     job_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
+}
+
+/// Opens a staging file without following a symlink at its name.
+fn open_staging(path: &Path, create: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(create)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 impl Executor {
@@ -118,6 +185,8 @@ impl Executor {
             outbox: Outbox::default(),
             bandwidth,
             jobs: Mutex::new(HashMap::new()),
+            ended: Mutex::new(std::collections::VecDeque::new()),
+            cancelled: Mutex::new(std::collections::HashSet::new()),
             peers: Mutex::new(HashMap::new()),
         }
     }
@@ -154,7 +223,7 @@ impl Executor {
                 let fin = self.pack(c).await;
                 self.outbox.send(Msg::Fin(fin)).await;
             }
-            C::Cancel(c) => self.cancel(&c.job_id),
+            C::Cancel(c) => self.cancel(&c.job_id).await,
         }
     }
 
@@ -192,11 +261,23 @@ impl Executor {
         }
     }
 
-    /// Blocking. Returns unchanged file indexes and locally found chunks
-    /// (`file << 32 | chunk`).
+    fn is_cancelled(&self, job_id: &str) -> bool {
+        self.cancelled.lock().unwrap_or_else(|e| e.into_inner()).contains(job_id)
+    }
+
+    /// Blocking. Returns unchanged file indexes and chunks held
+    /// (`file << 32 | chunk`). Idempotent: a job this worker knows already
+    /// (a repeated prepare after a reconnect, or after pack) is reported as
+    /// it stands, without touching its files.
     fn prepare(&self, cmd: pb::PrepareCommand) -> Result<(Vec<u32>, Vec<u64>), String> {
+        if self.is_cancelled(&cmd.job_id) {
+            return Err("the job was cancelled".into());
+        }
+        if let Some(work) = self.work(&cmd.job_id) {
+            return Ok(work.report());
+        }
         let mut files = Vec::new();
-        let (mut unchanged, mut local) = (Vec::new(), Vec::new());
+        let mut done = HashMap::new();
         for (i, tf) in cmd.files.iter().enumerate() {
             let m = tf.manifest.as_ref().ok_or("a file without manifest")?;
             let dest = self.roots.check_write(&tf.destination)?;
@@ -223,16 +304,8 @@ impl Executor {
                     }
                 }
             }
-            if same {
-                unchanged.push(i as u32);
-            } else {
-                let out = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .read(true)
-                    .write(true)
-                    .open(&staging)
-                    .map_err(|e| format!("staging {}: {e}", staging.display()))?;
+            if !same {
+                let out = open_staging(&staging, true).map_err(|e| format!("staging {}: {e}", staging.display()))?;
                 out.set_len(m.size).map_err(|e| format!("staging {}: {e}", staging.display()))?;
                 for (c, chunk) in chunks.iter().enumerate() {
                     let Some(loc) = self.store.get(&chunk.hash) else { continue };
@@ -243,7 +316,7 @@ impl Executor {
                                 out.write_all_at(&bytes, chunk.offset).map_err(|e| format!("staging write: {e}"))?;
                             }
                             let _ = self.store.put(&chunk.hash, &here);
-                            local.push(((i as u64) << 32) | c as u64);
+                            done.insert((i as u32, c as u32), ChunkState::Done);
                         }
                         None => self.store.forget(&chunk.hash),
                     }
@@ -251,8 +324,17 @@ impl Executor {
             }
             files.push(WorkFile { chunks, size: m.size, mode: m.mode, blake3, dest, staging, unchanged: same });
         }
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(cmd.job_id, Arc::new(JobWork { files }));
-        Ok((unchanged, local))
+        let work = Arc::new(JobWork { files, gate: tokio::sync::RwLock::new(None), chunks: Mutex::new(done) });
+        let report = work.report();
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        // A cancel that came in while this ran wins.
+        if self.is_cancelled(&cmd.job_id) {
+            drop(jobs);
+            remove_staging(&work);
+            return Err("the job was cancelled".into());
+        }
+        jobs.insert(cmd.job_id, work);
+        Ok(report)
     }
 
     fn work(&self, job_id: &str) -> Option<Arc<JobWork>> {
@@ -279,8 +361,38 @@ impl Executor {
 
     async fn pull(&self, cmd: pb::PullCommand) -> Result<(), String> {
         let work = self.work(&cmd.job_id).ok_or("job not prepared on this worker")?;
+        let key = (cmd.file, cmd.chunk);
         let file = work.files.get(cmd.file as usize).ok_or("no such file in the job")?;
         let chunk = *file.chunks.get(cmd.chunk as usize).ok_or("no such chunk in the file")?;
+        let gate = work.gate.read().await;
+        if gate.is_some() {
+            return Err("job already installed on this worker".into());
+        }
+        {
+            let mut states = work.chunk_state();
+            match states.get(&key) {
+                Some(ChunkState::Done) => return Ok(()),
+                Some(ChunkState::Pulling) => return Err("already pulling this chunk".into()),
+                None => {
+                    states.insert(key, ChunkState::Pulling);
+                }
+            }
+        }
+        let result = self.fetch(&cmd, file, chunk).await;
+        let mut states = work.chunk_state();
+        match &result {
+            Ok(()) => states.insert(key, ChunkState::Done),
+            // The region holds nothing verified: another pull may write it.
+            Err(_) => states.remove(&key),
+        };
+        drop(states);
+        drop(gate);
+        result
+    }
+
+    /// Streams one chunk from a peer into its region of the staging file,
+    /// checking its length and BLAKE3.
+    async fn fetch(&self, cmd: &pb::PullCommand, file: &WorkFile, chunk: index::ChunkRef) -> Result<(), String> {
         let _permit = self.downloads.acquire().await.map_err(|_| "worker stopping")?;
         let mut client = ChunkServiceClient::new(self.peer(&cmd.from_addr)?).max_decoding_message_size(4 * 1024 * 1024);
         let mut req = tonic::Request::new(pb::GetChunkRequest {
@@ -291,12 +403,12 @@ impl Executor {
         req.set_timeout(Duration::from_secs(60));
         let mut stream =
             client.get_chunk(req).await.map_err(|s| format!("{}: {}", cmd.from_worker, s.message()))?.into_inner();
-        let out = std::fs::OpenOptions::new().write(true).open(&file.staging).map_err(|e| format!("staging: {e}"))?;
-        let out = Arc::new(out);
+        let out = Arc::new(open_staging(&file.staging, false).map_err(|e| format!("staging: {e}"))?);
         let mut hasher = blake3::Hasher::new();
+        let end = chunk.offset + chunk.len;
         let mut offset = chunk.offset;
         while let Some(frame) = stream.message().await.map_err(|s| format!("{}: {}", cmd.from_worker, s.message()))? {
-            if offset + frame.data.len() as u64 > chunk.offset + chunk.len {
+            if frame.data.len() as u64 > end - offset {
                 return Err(format!("{} sent more than {} bytes", cmd.from_worker, chunk.len));
             }
             self.bandwidth.take(frame.data.len()).await;
@@ -308,7 +420,7 @@ impl Executor {
                 .map_err(|e| format!("write task: {e}"))?
                 .map_err(|e| format!("staging write: {e}"))?;
         }
-        if offset != chunk.offset + chunk.len {
+        if offset != end {
             return Err(format!("{} sent {} of {} bytes", cmd.from_worker, offset - chunk.offset, chunk.len));
         }
         if hasher.finalize().as_bytes() != &chunk.hash {
@@ -316,6 +428,8 @@ impl Executor {
         }
         let here = Location { path: file.staging.clone(), offset: chunk.offset, len: chunk.len };
         self.store.put(&chunk.hash, &here).map_err(|e| e.to_string())?;
+        // Durable before the ack, so a restarted worker still finds it.
+        self.store.flush().await.map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -329,6 +443,21 @@ impl Executor {
         let Some(work) = self.work(&cmd.job_id) else {
             return fin(false, "job not prepared on this worker".into(), None);
         };
+        // Waits for running pulls; later pulls see the job packed.
+        let mut gate = work.gate.write().await;
+        if let Some(done) = gate.as_ref() {
+            return done.clone();
+        }
+        let missing = {
+            let states = work.chunk_state();
+            work.files.iter().enumerate().any(|(i, f)| {
+                !f.unchanged
+                    && (0..f.chunks.len()).any(|c| states.get(&(i as u32, c as u32)) != Some(&ChunkState::Done))
+            })
+        };
+        if missing {
+            return fin(false, "pack arrived before every chunk was held".into(), None);
+        }
         let hook = if cmd.hook.is_empty() {
             None
         } else {
@@ -341,32 +470,56 @@ impl Executor {
         let installed = tokio::task::spawn_blocking(move || install_all(&w, &store))
             .await
             .unwrap_or_else(|e| Err(format!("install task failed: {e}")));
-        let paths = match installed {
-            Ok(p) => p,
-            Err(reason) => return fin(false, reason, None),
-        };
-        self.forget_job(&cmd.job_id);
-        match hook {
-            None => fin(true, String::new(), None),
-            Some(command) => match crate::hooks::run(&command, &cmd.job_id, &paths).await {
-                Ok(0) => fin(true, String::new(), Some(0)),
-                Ok(code) => fin(false, format!("hook {} exited with {code}", cmd.hook), Some(code)),
-                Err(e) => fin(false, format!("hook {}: {e}", cmd.hook), None),
+        let result = match installed {
+            Err(reason) => {
+                remove_staging(&work);
+                fin(false, reason, None)
+            }
+            Ok(paths) => match hook {
+                None => fin(true, String::new(), None),
+                Some(command) => match crate::hooks::run(&command, &cmd.job_id, &paths).await {
+                    Ok(0) => fin(true, String::new(), Some(0)),
+                    Ok(code) => fin(false, format!("hook {} exited with {code}", cmd.hook), Some(code)),
+                    Err(e) => fin(false, format!("hook {}: {e}", cmd.hook), None),
+                },
             },
-        }
+        };
+        *gate = Some(result.clone());
+        drop(gate);
+        self.ended(&cmd.job_id);
+        result
     }
 
-    /// Forgets a job and removes whatever it still has staged.
-    fn forget_job(&self, job_id: &str) {
-        if let Some(work) = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(job_id) {
-            for f in &work.files {
-                let _ = std::fs::remove_file(&f.staging);
+    /// Remembers that a job ended; forgets the oldest beyond the bound.
+    fn ended(&self, job_id: &str) {
+        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        ended.push_back(job_id.to_string());
+        while ended.len() > KEEP_FINISHED {
+            if let Some(old) = ended.pop_front() {
+                self.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(&old);
+                self.cancelled.lock().unwrap_or_else(|e| e.into_inner()).remove(&old);
             }
         }
     }
 
-    fn cancel(&self, job_id: &str) {
-        self.forget_job(job_id);
+    /// Drops a job's staged data; installed files stay as they are.
+    async fn cancel(&self, job_id: &str) {
+        self.cancelled.lock().unwrap_or_else(|e| e.into_inner()).insert(job_id.to_string());
+        let work = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(job_id);
+        if let Some(work) = work {
+            // Wait for pulls writing into staging files, then remove them.
+            let gate = work.gate.write().await;
+            if gate.is_none() {
+                remove_staging(&work);
+            }
+        }
+        self.ended(job_id);
+    }
+}
+
+fn remove_staging(work: &JobWork) {
+    for f in &work.files {
+        let _ = std::fs::remove_file(&f.staging);
     }
 }
 
@@ -380,16 +533,17 @@ fn install_all(work: &JobWork, store: &ChunkStore) -> Result<Vec<String>, String
         if f.unchanged {
             continue;
         }
-        let file = std::fs::OpenOptions::new().write(true).open(&f.staging).map_err(|e| format!("staging: {e}"))?;
+        let file = open_staging(&f.staging, false).map_err(|e| format!("staging: {e}"))?;
         file.set_len(f.size).map_err(|e| format!("staging: {e}"))?;
         file.sync_all().map_err(|e| format!("fsync {}: {e}", f.staging.display()))?;
-        drop(file);
         let got = index::hash_file(&f.staging).map_err(|e| format!("hashing {}: {e}", f.staging.display()))?;
         if got != f.blake3 {
             return Err(format!("{} failed its whole-file BLAKE3 check", f.dest.display()));
         }
-        std::fs::set_permissions(&f.staging, std::fs::Permissions::from_mode(f.mode))
+        // fchmod on the handle; setuid, setgid and sticky bits are dropped.
+        file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o777))
             .map_err(|e| format!("chmod {}: {e}", f.staging.display()))?;
+        drop(file);
         let parent = f.dest.parent().unwrap_or(Path::new("/"));
         std::fs::rename(&f.staging, &f.dest).map_err(|e| format!("rename into {}: {e}", f.dest.display()))?;
         if let Ok(d) = std::fs::File::open(parent) {

@@ -39,6 +39,7 @@ pub enum StoreError {
 /// The chunk location index. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ChunkStore {
+    db: sled::Db,
     chunks: sled::Tree,
 }
 
@@ -56,7 +57,8 @@ impl ChunkStore {
                 db.insert(KEY_FORMAT, &[FORMAT])?;
             }
         }
-        Ok(Self { chunks: db.open_tree("chunks")? })
+        let chunks = db.open_tree("chunks")?;
+        Ok(Self { db, chunks })
     }
 
     /// Records that `hash` can be read at `loc`.
@@ -64,6 +66,12 @@ impl ChunkStore {
         if let Ok(raw) = postcard::to_stdvec(loc) {
             self.chunks.insert(hash, raw)?;
         }
+        Ok(())
+    }
+
+    /// Makes every recorded location durable (before a chunk is acknowledged).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
         Ok(())
     }
 

@@ -1,0 +1,245 @@
+//! `distribute`: one file of S bytes from a source worker to N targets, every
+//! worker capped at B bytes/s up and down, against the naive way in the same
+//! run: the source sending the file to each target over its one capped link.
+//!
+//! Bandwidth is capped with the workers' own `--upload-limit` and
+//! `--download-limit` (the naive copy uses the same limiter on the source's
+//! link). Workers are real `ferry worker` processes, so their peak RSS
+//! (`VmHWM`) is measured too. Prints the time T, T/(S/B), source egress / S,
+//! the naive time, and what a 1 MiB update moved.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_scheduler::LocalCluster;
+use ferry_sdk::{pb, Client};
+use ferry_worker::limiter::Bandwidth;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Flags of `distribute`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// File size S.
+    #[arg(long, default_value = "200MB", value_parser = ferry_worker::config::parse_rate)]
+    size: u64,
+    /// Targets N.
+    #[arg(long, default_value_t = 20)]
+    workers: usize,
+    /// Per-worker bandwidth B, up and down.
+    #[arg(long, default_value = "10MiB/s", value_parser = ferry_worker::config::parse_rate)]
+    bandwidth: u64,
+    /// The `ferry` binary (default: next to this one).
+    #[arg(long)]
+    ferry: Option<PathBuf>,
+    /// Skip the naive baseline (it takes N times S/B).
+    #[arg(long)]
+    no_naive: bool,
+    /// Scratch directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// Writes `len` pseudo-random bytes, streamed.
+pub fn write_random(path: &Path, len: u64, seed: u64) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut x = seed | 1;
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        for word in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes()[..word.len()]);
+        }
+        let n = left.min(block.len() as u64) as usize;
+        out.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    out.flush()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn push(c: &Client, file: &Path, targets: &[String]) -> anyhow::Result<(pb::JobReport, Duration)> {
+    let spec = pb::JobSpec {
+        source: "w0".into(),
+        files: vec![file.display().to_string()],
+        targets: targets.to_vec(),
+        destination: "in/".into(),
+        timeout_ms: 3_600_000,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let id = c.submit_job(spec, false).await?.job_id;
+    loop {
+        let r = c.get_job(&id).await?;
+        if r.state != "running" {
+            if r.state != "succeeded" {
+                bail!(
+                    "job ended {}: {:?}",
+                    r.state,
+                    r.targets.iter().map(|t| (&t.worker, &t.reason)).collect::<Vec<_>>()
+                );
+            }
+            return Ok((r, start.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The source sends the whole file to every target at once through one
+/// link capped at B.
+async fn naive(file: &Path, dir: &Path, targets: usize, bandwidth: u64) -> anyhow::Result<Duration> {
+    let link = Bandwidth::new(Some(bandwidth));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..targets {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let out = dir.join(format!("naive-{i}.bin"));
+        let receiver = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await?;
+            let mut f = tokio::fs::File::create(out).await?;
+            tokio::io::copy(&mut sock, &mut f).await?;
+            f.sync_all().await?;
+            anyhow::Ok(())
+        });
+        let (file, link) = (file.to_path_buf(), link.clone());
+        let sender = tokio::spawn(async move {
+            let mut sock = tokio::net::TcpStream::connect(addr).await?;
+            let mut f = tokio::fs::File::open(file).await?;
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = f.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                link.take(n).await;
+                sock.write_all(&buf[..n]).await?;
+            }
+            sock.shutdown().await?;
+            anyhow::Ok(())
+        });
+        tasks.push((sender, receiver));
+    }
+    for (s, r) in tasks {
+        s.await??;
+        r.await??;
+    }
+    Ok(start.elapsed())
+}
+
+/// Runs the benchmark.
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    let ferry = match a.ferry {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("ferry"),
+    };
+    if !ferry.exists() {
+        bail!("{} not found: build it (cargo build --release -p ferry) or pass --ferry", ferry.display());
+    }
+    let root = a.dir.unwrap_or_else(|| std::env::temp_dir().join(format!("ferry-bench-dist-{}", std::process::id())));
+    std::fs::create_dir_all(&root)?;
+    let cluster = LocalCluster::start(&root.join("schedulers"), 3, 0, None, |_| {}).await?;
+    cluster.wait_leader(Duration::from_secs(10)).await.context("no leader")?;
+    let endpoints = cluster.endpoints().join(",");
+    let rate = a.bandwidth.to_string();
+    let mut procs = Vec::new();
+    for i in 0..=a.workers {
+        let name = format!("w{i}");
+        std::fs::create_dir_all(root.join(&name).join("root"))?;
+        let child = Command::new(&ferry)
+            .args(["worker", "--name", &name, "--listen", "127.0.0.1:0", "--schedulers", &endpoints])
+            .arg("--data")
+            .arg(root.join(&name).join("data"))
+            .arg("--allow-root")
+            .arg(root.join(&name).join("root"))
+            .args(["--upload-limit", &rate, "--download-limit", &rate])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn worker")?;
+        procs.push(Proc(child));
+    }
+    let c = Client::connect(cluster.endpoints())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.list_workers().await?.iter().filter(|w| w.state == "up").count() <= a.workers {
+        if Instant::now() > deadline {
+            bail!("workers did not all connect");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let file = root.join("w0").join("root").canonicalize()?.join("data.bin");
+    write_random(&file, a.size, 7)?;
+    let targets: Vec<String> = (1..=a.workers).map(|i| format!("w{i}")).collect();
+    let (s, b) = (a.size as f64, a.bandwidth as f64);
+    let ideal = s / b;
+
+    let (r, t) = push(&c, &file, &targets).await?;
+    let egress: u64 = r.targets.iter().map(|t| t.bytes_from_source).sum();
+    let rss = procs.iter().map(|p| peak_rss_kib(p.0.id())).max().unwrap_or(0);
+
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&file)?;
+        f.seek(SeekFrom::Start(a.size / 2))?;
+        f.write_all(&vec![0x5a; (1 << 20).min(a.size as usize)])?;
+    }
+    let (r2, t2) = push(&c, &file, &targets).await?;
+    let moved = r2.targets.iter().map(|t| t.bytes_from_source + t.bytes_from_peers).max().unwrap_or(0);
+    let rss = rss.max(procs.iter().map(|p| peak_rss_kib(p.0.id())).max().unwrap_or(0));
+
+    println!(
+        "distribute: S = {:.0} MB to N = {} workers, B = {:.1} MiB/s per worker (capped by the workers' own rate limits)",
+        s / 1e6,
+        a.workers,
+        b / (1024.0 * 1024.0)
+    );
+    println!(
+        "  ferry:  T = {:.1}s   T/(S/B) = {:.2}   source egress / S = {:.2}",
+        t.as_secs_f64(),
+        t.as_secs_f64() / ideal,
+        egress as f64 / s
+    );
+    println!(
+        "  update: 1 MiB changed: {:.1}s, at most {:.1} MB moved to a target ({:.1}% of S)",
+        t2.as_secs_f64(),
+        moved as f64 / 1e6,
+        100.0 * moved as f64 / s
+    );
+    println!("  worker peak RSS (VmHWM, max over {} workers): {:.1} MiB", a.workers + 1, rss as f64 / 1024.0);
+    if !a.no_naive {
+        let naive_dir = root.join("naive");
+        std::fs::create_dir_all(&naive_dir)?;
+        let tn = naive(&file, &naive_dir, a.workers, a.bandwidth).await?;
+        println!(
+            "  naive:  source copies to every target over its capped link: {:.1}s ({:.1}x ferry's time)",
+            tn.as_secs_f64(),
+            tn.as_secs_f64() / t.as_secs_f64()
+        );
+    }
+    drop(procs);
+    cluster.shutdown().await;
+    std::fs::remove_dir_all(&root).ok();
+    Ok(())
+}
