@@ -252,7 +252,17 @@ fn wait_child_exit(child: &mut Child, timeout: Duration) -> Option<std::process:
     None
 }
 
-fn start_single(data: &Path, port: u16) -> Child {
+/// Kills the child if the test ends early (a failed assertion).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_single(data: &Path, port: u16) -> KillOnDrop {
     let addr = format!("127.0.0.1:{port}");
     Command::new(FERRY)
         .args(["scheduler", "--id", "1", "--listen", &addr, "--initial-cluster", &format!("1={addr}")])
@@ -261,6 +271,7 @@ fn start_single(data: &Path, port: u16) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .map(KillOnDrop)
         .expect("spawn")
 }
 
@@ -305,16 +316,16 @@ async fn single_node_cli_round_trip_and_locked_data_dir() {
 
     // A second scheduler on the same data directory is refused, not corrupted.
     let mut second = start_single(dir.path(), free_port());
-    let status = wait_child_exit(&mut second, Duration::from_secs(10)).expect("second node must exit");
+    let status = wait_child_exit(&mut second.0, Duration::from_secs(10)).expect("second node must exit");
     assert!(!status.success());
     let mut err = String::new();
-    second.stderr.take().expect("stderr").read_to_string(&mut err).expect("read");
+    second.0.stderr.take().expect("stderr").read_to_string(&mut err).expect("read");
     assert!(err.contains("in use by another running process"), "{err}");
     assert_eq!(client.get("app/color").await.expect("get").expect("present").value, b"blue");
 
     // SIGTERM stops it gracefully.
-    let pid = first.id().to_string();
+    let pid = first.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
-    let status = wait_child_exit(&mut first, Duration::from_secs(10)).expect("graceful exit");
+    let status = wait_child_exit(&mut first.0, Duration::from_secs(10)).expect("graceful exit");
     assert!(status.success(), "{status:?}");
 }

@@ -35,6 +35,8 @@ pub const PULL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a target avoids a holder that failed a pull or sent a bad chunk.
 pub const AVOID_FOR: Duration = Duration::from_secs(10);
 
+/// A pack with no fin in the log is sent again after this long.
+pub const PACK_RESEND: Duration = Duration::from_secs(10);
 /// A failure proposal not yet applied is proposed again after this long.
 pub const RETRY_PROPOSAL: Duration = Duration::from_secs(3);
 /// Ended jobs younger than this still get cleanup (cancel) messages.
@@ -49,9 +51,10 @@ struct Inflight {
 #[derive(Default)]
 struct JobPlan {
     prepare_sent: HashMap<String, u64>,
-    /// Session epoch in which each target answered prepare.
-    prepared_in: HashMap<String, u64>,
-    pack_sent: HashMap<String, u64>,
+    /// Session epoch in which each target answered prepare, and when.
+    prepared_in: HashMap<String, (u64, Instant)>,
+    /// Session epoch in which pack was sent, and when.
+    pack_sent: HashMap<String, (u64, Instant)>,
     inflight: HashMap<(String, u32, u32), Inflight>,
     /// (target, holder) pairs to skip for a while.
     avoid: HashMap<(String, String), Instant>,
@@ -116,7 +119,8 @@ pub async fn run(
                     }
                 }
                 Some(PlannerEvent::Prepared { job, target, epoch }) => {
-                    plan.jobs.entry(job).or_default().prepared_in.insert(target, epoch);
+                    tracing::debug!(%job, %target, epoch, "target prepared");
+                    plan.jobs.entry(job).or_default().prepared_in.insert(target, (epoch, Instant::now()));
                 }
                 None => {}
             },
@@ -210,17 +214,33 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
             // again (its answer is idempotent).
             if p.prepare_sent.get(&t.worker) != Some(&epoch) {
                 if sessions.send(&t.worker, Ctl::Prepare(prepare(job, ti))) {
+                    tracing::debug!(job = %job.id, target = %t.worker, epoch, "prepare sent");
                     p.prepare_sent.insert(t.worker.clone(), epoch);
                 }
                 continue;
             }
-            if !t.prepared || p.prepared_in.get(&t.worker) != Some(&epoch) {
-                continue;
+            match p.prepared_in.get(&t.worker) {
+                Some((e, _)) if *e == epoch && t.prepared => {}
+                // Answered, but the report has not reached the log (a lost
+                // proposal): ask again; the answer is idempotent.
+                Some((e, at)) if *e == epoch && at.elapsed() > RETRY_PROPOSAL => {
+                    p.prepare_sent.remove(&t.worker);
+                    p.prepared_in.remove(&t.worker);
+                    continue;
+                }
+                _ => continue,
             }
             if t.complete() {
                 let pack = Ctl::Pack(pb::PackCommand { job_id: job.id.clone(), hook: job.hook.clone() });
-                if p.pack_sent.get(&t.worker) != Some(&epoch) && sessions.send(&t.worker, pack) {
-                    p.pack_sent.insert(t.worker.clone(), epoch);
+                // Sent once per session, and again while no fin reached the
+                // log (the worker replays the fin of a pack it already did).
+                let due = match p.pack_sent.get(&t.worker) {
+                    Some((e, at)) => *e != epoch || at.elapsed() > PACK_RESEND,
+                    None => true,
+                };
+                if due && sessions.send(&t.worker, pack) {
+                    tracing::debug!(job = %job.id, target = %t.worker, epoch, "pack sent");
+                    p.pack_sent.insert(t.worker.clone(), (epoch, Instant::now()));
                 }
                 continue;
             }

@@ -58,9 +58,20 @@ pub async fn run_event_batcher(node: Arc<Node>, mut rx: mpsc::Receiver<JobEvent>
                 Err(_) => break,
             }
         }
+        // Events are idempotent, so a failed proposal (a leader change
+        // under load) is simply made again while this node leads.
         let cmd = Command { request_id: String::new(), op: Op::JobEvents(events) };
-        if let Err(e) = node.propose(cmd, true).await {
-            tracing::warn!(error = %e, "recording worker progress failed; the planner will ask again");
+        for attempt in 1..=5u32 {
+            match node.propose(cmd.clone(), true).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "recording worker progress failed");
+                    if node.leader().map(|l| l.0) != Some(node.id) {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt as u64)).await;
+                }
+            }
         }
     }
 }
