@@ -40,6 +40,9 @@ pub struct Args {
     /// Scratch directory.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Print aggregate progress every second during the first push.
+    #[arg(long)]
+    timeline: bool,
 }
 
 /// Writes `len` pseudo-random bytes, streamed.
@@ -80,7 +83,12 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn push(c: &Client, file: &Path, targets: &[String]) -> anyhow::Result<(pb::JobReport, Duration)> {
+async fn push(
+    c: &Client,
+    file: &Path,
+    targets: &[String],
+    timeline: bool,
+) -> anyhow::Result<(pb::JobReport, Duration)> {
     let spec = pb::JobSpec {
         source: "w0".into(),
         files: vec![file.display().to_string()],
@@ -91,8 +99,22 @@ async fn push(c: &Client, file: &Path, targets: &[String]) -> anyhow::Result<(pb
     };
     let start = Instant::now();
     let id = c.submit_job(spec, false).await?.job_id;
+    let mut next_print = Instant::now();
+    let mut last_bytes = 0u64;
     loop {
         let r = c.get_job(&id).await?;
+        if timeline && Instant::now() >= next_print {
+            let bytes: u64 = r.targets.iter().map(|t| t.bytes_done).sum();
+            let done = r.targets.iter().filter(|t| t.state == "installed").count();
+            println!(
+                "  t={:>5.1}s  received {:>7.1} MiB/s  targets done {done:>2}/{}",
+                start.elapsed().as_secs_f64(),
+                (bytes - last_bytes) as f64 / (1024.0 * 1024.0),
+                r.targets.len()
+            );
+            last_bytes = bytes;
+            next_print += Duration::from_secs(1);
+        }
         if r.state != "running" {
             if r.state != "succeeded" {
                 bail!(
@@ -196,7 +218,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let (s, b) = (a.size as f64, a.bandwidth as f64);
     let ideal = s / b;
 
-    let (r, t) = push(&c, &file, &targets).await?;
+    let (r, t) = push(&c, &file, &targets, a.timeline).await?;
     let egress: u64 = r.targets.iter().map(|t| t.bytes_from_source).sum();
     let rss = procs.iter().map(|p| peak_rss_kib(p.0.id())).max().unwrap_or(0);
 
@@ -205,7 +227,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         f.seek(SeekFrom::Start(a.size / 2))?;
         f.write_all(&vec![0x5a; (1 << 20).min(a.size as usize)])?;
     }
-    let (r2, t2) = push(&c, &file, &targets).await?;
+    let (r2, t2) = push(&c, &file, &targets, false).await?;
     let moved = r2.targets.iter().map(|t| t.bytes_from_source + t.bytes_from_peers).max().unwrap_or(0);
     let rss = rss.max(procs.iter().map(|p| peak_rss_kib(p.0.id())).max().unwrap_or(0));
 

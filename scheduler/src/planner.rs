@@ -4,8 +4,10 @@
 //! every 100 ms) it walks the running jobs and, per target:
 //! - asks it to **prepare** (report what it already holds) once per session;
 //! - when it holds every chunk, tells it to **pack**;
-//! - otherwise sends **pull** commands: rarest chunk first, from the holder
-//!   with the fewest uploads in flight (the source and every target that has
+//! - otherwise sends **pull** commands, one per target per pass so early
+//!   holders serve many targets: rarest chunk first (ties rotated per target,
+//!   so targets fetch different chunks and trade them), from the holder with
+//!   the fewest uploads in flight (the source and every target that has
 //!   acknowledged the chunk), preferring the target's own `zone` and peers
 //!   over the source, avoiding for a while a holder that failed a pull or
 //!   sent a chunk with a bad hash.
@@ -58,6 +60,9 @@ struct JobPlan {
     inflight: HashMap<(String, u32, u32), Inflight>,
     /// (target, holder) pairs to skip for a while.
     avoid: HashMap<(String, String), Instant>,
+    /// Chunks a target reported holding whose ack is not applied yet: the
+    /// slot is free and the target already serves them.
+    acked: HashSet<(String, u32, u32)>,
     down_since: HashMap<String, Instant>,
     /// When a failure was last proposed, per target ("" for the whole job).
     proposed: HashMap<String, Instant>,
@@ -118,6 +123,12 @@ pub async fn run(
                         }
                     }
                 }
+                Some(PlannerEvent::Acked { job, target, file, chunk }) => {
+                    if let Some(p) = plan.jobs.get_mut(&job) {
+                        p.inflight.remove(&(target.clone(), file, chunk));
+                        p.acked.insert((target, file, chunk));
+                    }
+                }
                 Some(PlannerEvent::Prepared { job, target, epoch }) => {
                     tracing::debug!(%job, %target, epoch, "target prepared");
                     plan.jobs.entry(job).or_default().prepared_in.insert(target, (epoch, Instant::now()));
@@ -165,6 +176,12 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
                 && sessions.epoch(w) == Some(fl.epoch)
         });
         p.avoid.retain(|_, at| at.elapsed() < AVOID_FOR);
+        p.acked.retain(|(w, f, c)| {
+            job.targets
+                .iter()
+                .find(|t| t.worker == *w)
+                .is_some_and(|t| !t.held.get(*f as usize).and_then(|h| h.get(*c as usize)).copied().unwrap_or(true))
+        });
     }
     let mut uploads: HashMap<String, usize> = HashMap::new();
     for p in plan.jobs.values() {
@@ -197,6 +214,7 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
             }
             continue;
         }
+        let mut eligible: Vec<(usize, u64)> = Vec::new();
         for (ti, t) in job.targets.iter().enumerate() {
             if t.phase.is_terminal() {
                 continue;
@@ -215,6 +233,7 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
             if p.prepare_sent.get(&t.worker) != Some(&epoch) {
                 if sessions.send(&t.worker, Ctl::Prepare(prepare(job, ti))) {
                     tracing::debug!(job = %job.id, target = %t.worker, epoch, "prepare sent");
+                    p.acked.retain(|(w, _, _)| *w != t.worker);
                     p.prepare_sent.insert(t.worker.clone(), epoch);
                 }
                 continue;
@@ -244,67 +263,103 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
                 }
                 continue;
             }
-            let mut busy = p.inflight.keys().filter(|(w, _, _)| *w == t.worker).count();
-            if busy >= PULLS_PER_TARGET {
+            eligible.push((ti, epoch));
+        }
+        plan_pulls(sessions, p, job, &eligible, &workers, &mut uploads);
+    }
+}
+
+/// Hands out pulls to `eligible` targets (index, session epoch) of `job`:
+/// one per target per pass, furthest-behind first, so the first holders'
+/// upload slots spread over many targets (the swarm grows as a tree, not a
+/// chain) and no target starves. Each target takes
+/// the rarest chunk it misses, ties broken by a rotation particular to the
+/// target so targets fetch different chunks and can trade them.
+fn plan_pulls(
+    sessions: &Sessions,
+    p: &mut JobPlan,
+    job: &Job,
+    eligible: &[(usize, u64)],
+    workers: &HashMap<String, (String, String)>,
+    uploads: &mut HashMap<String, usize>,
+) {
+    let held = |p: &JobPlan, ti: usize, f: usize, c: usize| {
+        let t = &job.targets[ti];
+        t.held[f][c] || p.acked.contains(&(t.worker.clone(), f as u32, c as u32))
+    };
+    let total_chunks: usize = job.files.iter().map(|f| f.chunks.len()).sum::<usize>().max(1);
+    let source_up = sessions.epoch(&job.source).is_some();
+    // Targets furthest behind pick first, so scarce upload slots go to
+    // laggards and targets finish close together.
+    let mut eligible = eligible.to_vec();
+    eligible.sort_by_key(|&(ti, _)| {
+        let t = &job.targets[ti];
+        t.chunks_done + p.acked.iter().filter(|(w, _, _)| *w == t.worker).count() as u64
+    });
+    for _pass in 0..PULLS_PER_TARGET {
+        let mut planned = false;
+        for &(ti, epoch) in &eligible {
+            let t = &job.targets[ti];
+            if p.inflight.keys().filter(|(w, _, _)| *w == t.worker).count() >= PULLS_PER_TARGET {
                 continue;
             }
-            // Missing chunks with their holders, rarest first.
-            let mut missing: Vec<(usize, u32, u32, Vec<&str>)> = Vec::new();
+            let rotation = ti * total_chunks / job.targets.len().max(1);
+            let mut best: Option<(usize, usize, u32, u32, Vec<&str>)> = None;
+            let mut flat = 0usize;
             for (f, file) in t.held.iter().enumerate() {
-                for (c, held) in file.iter().enumerate() {
-                    let key = (t.worker.clone(), f as u32, c as u32);
-                    if *held || p.inflight.contains_key(&key) {
+                for c in 0..file.len() {
+                    let order = (flat + total_chunks - rotation % total_chunks) % total_chunks;
+                    flat += 1;
+                    if held(p, ti, f, c) || p.inflight.contains_key(&(t.worker.clone(), f as u32, c as u32)) {
                         continue;
                     }
                     let mut holders: Vec<&str> = Vec::new();
-                    if sessions.epoch(&job.source).is_some() {
+                    if source_up {
                         holders.push(&job.source);
                     }
-                    for other in &job.targets {
-                        if other.worker != t.worker
-                            && other.held[f][c]
+                    for (oi, other) in job.targets.iter().enumerate() {
+                        if oi != ti
+                            && held(p, oi, f, c)
                             && !matches!(other.phase, TargetPhase::Failed | TargetPhase::Cancelled)
                             && sessions.epoch(&other.worker).is_some()
                         {
                             holders.push(&other.worker);
                         }
                     }
-                    missing.push((holders.len(), f as u32, c as u32, holders));
-                }
-            }
-            missing.sort_by_key(|m| (m.0, m.1, m.2));
-            let zone = workers.get(&t.worker).map(|w| w.1.clone()).unwrap_or_default();
-            for (_, f, c, holders) in missing {
-                if busy >= PULLS_PER_TARGET {
-                    break;
-                }
-                let choice = holders
-                    .into_iter()
-                    .filter(|h| !p.avoid.contains_key(&(t.worker.clone(), h.to_string())))
-                    .filter(|h| uploads.get(*h).copied().unwrap_or(0) < UPLOADS_PER_HOLDER)
-                    .min_by_key(|h| {
-                        let same_zone = !zone.is_empty() && workers.get(*h).map(|w| &w.1) == Some(&zone);
-                        (uploads.get(*h).copied().unwrap_or(0), !same_zone, *h == job.source, h.to_string())
+                    // Only holders that can take an upload now count.
+                    holders.retain(|h| {
+                        !p.avoid.contains_key(&(t.worker.clone(), h.to_string()))
+                            && uploads.get(*h).copied().unwrap_or(0) < UPLOADS_PER_HOLDER
                     });
-                let Some(from) = choice else { continue };
-                let Some(from_addr) = workers.get(from).map(|w| w.0.clone()) else { continue };
-                let pull = pb::PullCommand {
-                    job_id: job.id.clone(),
-                    file: f,
-                    chunk: c,
-                    from_worker: from.to_string(),
-                    from_addr,
-                };
-                if !sessions.send(&t.worker, Ctl::Pull(pull)) {
-                    break;
+                    if holders.is_empty() {
+                        continue;
+                    }
+                    let key = (holders.len(), order);
+                    if best.as_ref().is_none_or(|b| key < (b.0, b.1)) {
+                        best = Some((holders.len(), order, f as u32, c as u32, holders));
+                    }
                 }
-                p.inflight.insert(
-                    (t.worker.clone(), f, c),
-                    Inflight { from: from.to_string(), since: Instant::now(), epoch },
-                );
-                *uploads.entry(from.to_string()).or_default() += 1;
-                busy += 1;
             }
+            let Some((_, _, f, c, holders)) = best else { continue };
+            let zone = workers.get(&t.worker).map(|w| w.1.clone()).unwrap_or_default();
+            let from = holders.into_iter().min_by_key(|h| {
+                let same_zone = !zone.is_empty() && workers.get(*h).map(|w| &w.1) == Some(&zone);
+                (uploads.get(*h).copied().unwrap_or(0), !same_zone, *h == job.source, h.to_string())
+            });
+            let Some(from) = from else { continue };
+            let Some(from_addr) = workers.get(from).map(|w| w.0.clone()) else { continue };
+            let pull =
+                pb::PullCommand { job_id: job.id.clone(), file: f, chunk: c, from_worker: from.to_string(), from_addr };
+            if !sessions.send(&t.worker, Ctl::Pull(pull)) {
+                continue;
+            }
+            p.inflight
+                .insert((t.worker.clone(), f, c), Inflight { from: from.to_string(), since: Instant::now(), epoch });
+            *uploads.entry(from.to_string()).or_default() += 1;
+            planned = true;
+        }
+        if !planned {
+            break;
         }
     }
 }

@@ -110,7 +110,7 @@ impl Scheduler {
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let (planner_tx, planner_rx) = tokio::sync::mpsc::channel(1024);
+        let (planner_tx, planner_rx) = tokio::sync::mpsc::channel(16 * 1024);
         let (progress_tx, progress_rx) = tokio::sync::mpsc::channel(64 * 1024);
         let sessions = Arc::new(Sessions::new(planner_tx, progress_tx));
         tokio::spawn(crate::sessions::run_event_batcher(node.clone(), progress_rx));

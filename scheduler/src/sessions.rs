@@ -42,6 +42,8 @@ pub enum PlannerEvent {
     PullFailed { job: String, target: String, file: u32, chunk: u32, from: String, error: String },
     /// A target answered prepare in its current session.
     Prepared { job: String, target: String, epoch: u64 },
+    /// A target holds a chunk (its ack is on the way into the log).
+    Acked { job: String, target: String, file: u32, chunk: u32 },
 }
 
 /// Most job events in one log entry.
@@ -233,14 +235,22 @@ impl WorkerServiceImpl {
                     error: a.error,
                 });
             }
-            Msg::Ack(a) => self.record(JobEvent::Ack {
-                job: a.job_id,
-                target: worker.into(),
-                file: a.file,
-                chunk: a.chunk,
-                from: a.from,
-                at_ms,
-            }),
+            Msg::Ack(a) => {
+                let _ = self.sessions.events.try_send(PlannerEvent::Acked {
+                    job: a.job_id.clone(),
+                    target: worker.to_string(),
+                    file: a.file,
+                    chunk: a.chunk,
+                });
+                self.record(JobEvent::Ack {
+                    job: a.job_id,
+                    target: worker.into(),
+                    file: a.file,
+                    chunk: a.chunk,
+                    from: a.from,
+                    at_ms,
+                })
+            }
             Msg::Prepared(p) if !p.error.is_empty() => self.record(JobEvent::FailTarget {
                 job: p.job_id,
                 target: worker.into(),

@@ -99,6 +99,9 @@ impl JobWork {
     }
 }
 
+/// HTTP/2 stream window for pulls.
+const PULL_WINDOW: u32 = 512 * 1024;
+
 /// Finished jobs remembered (to answer a repeated pack or prepare).
 const KEEP_FINISHED: usize = 256;
 
@@ -352,8 +355,11 @@ impl Executor {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
-            .initial_stream_window_size(Some(4 * 1024 * 1024))
-            .initial_connection_window_size(Some(16 * 1024 * 1024))
+            // A small window: the sender runs at most this far ahead of what
+            // this worker consumes, so a download cap pushes back on the
+            // sender (as a slow link would) instead of tying up its upload.
+            .initial_stream_window_size(Some(PULL_WINDOW))
+            .initial_connection_window_size(Some(16 * PULL_WINDOW))
             .connect_lazy();
         peers.insert(addr.to_string(), ch.clone());
         Ok(ch)
