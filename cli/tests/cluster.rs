@@ -5,133 +5,28 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_sdk::{Client, ClientOptions};
+use ferry_sdk::Client;
 
-use common::{ferry, free_port, wait_for, FERRY};
+use common::{ferry, free_port, wait_for, Schedulers, FERRY};
 
-struct Node {
-    id: u64,
-    addr: String,
-    admin: String,
-    data: PathBuf,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn start(&mut self, members: &str) {
-        let log = std::fs::File::create(self.data.with_extension("log")).expect("log file");
-        let child = Command::new(FERRY)
-            .args(["scheduler", "--id", &self.id.to_string(), "--listen", &self.addr, "--admin-listen", &self.admin])
-            .arg("--data")
-            .arg(&self.data)
-            .args(["--initial-cluster", members, "--snapshot-every", "300", "--logs-to-keep", "20"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ferry scheduler");
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().expect("SIGKILL");
-            c.wait().expect("reap");
-        }
-    }
-
-    fn metric(&self, name: &str) -> Option<f64> {
-        let mut s = std::net::TcpStream::connect(&self.admin).ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        body.lines().find_map(|l| {
-            l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
-        })
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-struct Cluster {
-    _dir: tempfile::TempDir,
-    nodes: Vec<Node>,
-    members: String,
-}
-
-impl Cluster {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut nodes: Vec<Node> = (1..=3)
-            .map(|id| Node {
-                id,
-                addr: format!("127.0.0.1:{}", free_port()),
-                admin: format!("127.0.0.1:{}", free_port()),
-                data: dir.path().join(format!("s{id}")),
-                child: None,
-            })
-            .collect();
-        let members = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
-        for n in &mut nodes {
-            n.start(&members);
-        }
-        Self { _dir: dir, nodes, members }
-    }
-
-    fn node(&mut self, id: u64) -> &mut Node {
-        self.nodes.iter_mut().find(|n| n.id == id).expect("node")
-    }
-
-    fn client(&self, ids: &[u64]) -> Client {
-        let addrs: Vec<_> = self.nodes.iter().filter(|n| ids.contains(&n.id)).map(|n| n.addr.clone()).collect();
-        let options = ClientOptions { total_timeout: Duration::from_secs(20), ..Default::default() };
-        Client::with_options(addrs, options).expect("client")
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for n in &self.nodes {
-            let text = std::fs::read_to_string(n.data.with_extension("log")).unwrap_or_default();
-            let tail: Vec<_> = text.lines().rev().take(15).collect();
-            out +=
-                &format!("--- node {} log tail ---\n{}\n", n.id, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-        }
-        out
-    }
-}
-
-/// The leader that every node in `ids` agrees on.
-async fn agreed_leader(c: &Client, cluster: &Cluster, ids: &[u64]) -> u64 {
-    let addrs: Vec<_> = cluster.nodes.iter().filter(|n| ids.contains(&n.id)).map(|n| n.addr.clone()).collect();
-    wait_for("an agreed leader", Duration::from_secs(20), || {
-        let addrs = addrs.clone();
-        async move {
-            let mut leader = None;
-            for a in &addrs {
-                let s = c.status_of(a).await.ok()?;
-                if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
-                    return None;
-                }
-                leader = Some(s.leader_id);
-            }
-            leader.filter(|l| ids.contains(l))
-        }
-    })
-    .await
+/// A metric's value from a node's admin `/metrics`.
+fn metric(admin: &str, name: &str) -> Option<f64> {
+    let mut s = std::net::TcpStream::connect(admin).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
 /// Waits until every node in `ids` has the same applied index and returns
 /// their (equal) digests.
-async fn converged_digest(c: &Client, cluster: &Cluster, ids: &[u64]) -> (u64, String) {
-    let addrs: Vec<_> = cluster.nodes.iter().filter(|n| ids.contains(&n.id)).map(|n| n.addr.clone()).collect();
+async fn converged_digest(c: &Client, cluster: &Schedulers, ids: &[u64]) -> (u64, String) {
+    let addrs: Vec<_> = ids.iter().map(|id| cluster.addr(*id)).collect();
     let digests = wait_for("replicas at one applied index", Duration::from_secs(30), || {
         let addrs = addrs.clone();
         async move {
@@ -169,9 +64,10 @@ async fn write_keys(clients: &[Client], range: std::ops::Range<u32>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_survive_leader_kill_restart_and_snapshot_catch_up() {
-    let mut cluster = Cluster::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Schedulers::start(dir.path(), &["--snapshot-every", "300", "--logs-to-keep", "20"]);
     let all = cluster.client(&[1, 2, 3]);
-    let leader = agreed_leader(&all, &cluster, &[1, 2, 3]).await;
+    let leader = cluster.agreed_leader(&[1, 2, 3]).await;
 
     // 1000 keys, each written through one specific member (followers forward).
     let pinned: Vec<Client> = (1..=3).map(|id| cluster.client(&[id])).collect();
@@ -180,43 +76,42 @@ async fn three_processes_survive_leader_kill_restart_and_snapshot_catch_up() {
     assert_eq!(keys, 1000);
 
     // kill -9 the leader: the other two elect a new one and keep taking writes.
-    cluster.node(leader).kill9();
+    cluster.kill9(leader);
     let rest: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
     let survivors = cluster.client(&rest);
-    let new_leader = agreed_leader(&survivors, &cluster, &rest).await;
+    let new_leader = cluster.agreed_leader(&rest).await;
     assert_ne!(new_leader, leader);
     write_keys(std::slice::from_ref(&survivors), 1000..1200).await;
     assert_eq!(survivors.get("key/01199").await.expect("get").expect("present").value, b"value-1199");
 
     // Restart the killed node on its data directory: it catches up.
-    let members = cluster.members.clone();
-    cluster.node(leader).start(&members);
+    cluster.restart(leader);
     let (keys, digest) = converged_digest(&all, &cluster, &[1, 2, 3]).await;
     assert_eq!(keys, 1200, "{}", cluster.logs());
-    let restarted = cluster.nodes.iter().find(|n| n.id == leader).expect("node");
-    let s = all.status_of(&restarted.addr).await.expect("status");
+    let s = all.status_of(&cluster.addr(leader)).await.expect("status");
     assert_eq!(s.members.len(), 3, "a restart must not re-initialize the membership");
 
     // A follower falls behind a purged log and comes back through a snapshot.
-    let current = agreed_leader(&all, &cluster, &[1, 2, 3]).await;
+    let current = cluster.agreed_leader(&[1, 2, 3]).await;
     let lagger = (1..=3).find(|id| *id != current).expect("a follower");
-    let lag_at = all.status_of(&cluster.node(lagger).addr.clone()).await.expect("status").last_log_index;
-    cluster.node(lagger).kill9();
+    let lag_at = all.status_of(&cluster.addr(lagger)).await.expect("status").last_log_index;
+    cluster.kill9(lagger);
     let up: Vec<u64> = (1..=3).filter(|id| *id != lagger).collect();
     let up_client = cluster.client(&up);
     write_keys(std::slice::from_ref(&up_client), 1200..2000).await;
-    let leader_addr = cluster.node(current).addr.clone();
+    let leader_addr = cluster.addr(current);
     wait_for("the leader to purge past the lagging node", Duration::from_secs(30), || {
         let c = up_client.clone();
         let addr = leader_addr.clone();
         async move { (c.status_of(&addr).await.ok()?.purged_index > lag_at).then_some(()) }
     })
     .await;
-    cluster.node(lagger).start(&members);
+    cluster.restart(lagger);
     let (keys, new_digest) = converged_digest(&all, &cluster, &[1, 2, 3]).await;
     assert_eq!(keys, 2000, "{}", cluster.logs());
     assert_ne!(new_digest, digest);
-    let installed = cluster.node(lagger).metric("ferry_raft_snapshots_installed_total").unwrap_or(0.0);
+    let admin = cluster.admins[(lagger - 1) as usize].clone();
+    let installed = metric(&admin, "ferry_raft_snapshots_installed_total").unwrap_or(0.0);
     assert!(installed >= 1.0, "the lagging node must catch up through a snapshot\n{}", cluster.logs());
     let v = cluster.client(&[lagger]).get_with("key/01999", true).await.expect("get").expect("present");
     assert_eq!(v.value, b"value-1999");
