@@ -272,9 +272,14 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
 /// Hands out pulls to `eligible` targets (index, session epoch) of `job`:
 /// one per target per pass, furthest-behind first, so the first holders'
 /// upload slots spread over many targets (the swarm grows as a tree, not a
-/// chain) and no target starves. Each target takes
-/// the rarest chunk it misses, ties broken by a rotation particular to the
-/// target so targets fetch different chunks and can trade them.
+/// chain) and no target starves.
+///
+/// The source's upload is the scarce link: every byte must leave it once,
+/// so it only sends chunks no target holds or is fetching yet ("fresh"
+/// chunks), and serves copies only when nothing fresh is left (the end
+/// game). Each target takes the rarest chunk it misses (fewest copies held
+/// or in flight), ties broken by a rotation particular to the target, so
+/// targets fetch different chunks and trade them.
 fn plan_pulls(
     sessions: &Sessions,
     p: &mut JobPlan,
@@ -288,6 +293,25 @@ fn plan_pulls(
         t.held[f][c] || p.acked.contains(&(t.worker.clone(), f as u32, c as u32))
     };
     let total_chunks: usize = job.files.iter().map(|f| f.chunks.len()).sum::<usize>().max(1);
+    // Copies of each chunk held by or in flight to a target.
+    let mut copies: Vec<Vec<usize>> = job.files.iter().map(|f| vec![0; f.chunks.len()]).collect();
+    for (ti, t) in job.targets.iter().enumerate() {
+        if matches!(t.phase, TargetPhase::Failed | TargetPhase::Cancelled) {
+            continue;
+        }
+        for (f, file) in copies.iter_mut().enumerate() {
+            for (c, n) in file.iter_mut().enumerate() {
+                if held(p, ti, f, c) {
+                    *n += 1;
+                }
+            }
+        }
+    }
+    for (_, f, c) in p.inflight.keys() {
+        if let Some(n) = copies.get_mut(*f as usize).and_then(|file| file.get_mut(*c as usize)) {
+            *n += 1;
+        }
+    }
     let source_up = sessions.epoch(&job.source).is_some();
     // Targets furthest behind pick first, so scarce upload slots go to
     // laggards and targets finish close together.
@@ -298,23 +322,29 @@ fn plan_pulls(
     });
     for _pass in 0..PULLS_PER_TARGET {
         let mut planned = false;
+        // Once every chunk has left the source, it helps with copies.
+        let fresh_left = copies.iter().flatten().any(|n| *n == 0);
         for &(ti, epoch) in &eligible {
             let t = &job.targets[ti];
             if p.inflight.keys().filter(|(w, _, _)| *w == t.worker).count() >= PULLS_PER_TARGET {
                 continue;
             }
             let rotation = ti * total_chunks / job.targets.len().max(1);
-            let mut best: Option<(usize, usize, u32, u32, Vec<&str>)> = None;
+            let mut best: Option<((usize, usize), u32, u32, Vec<&str>)> = None;
             let mut flat = 0usize;
             for (f, file) in t.held.iter().enumerate() {
                 for c in 0..file.len() {
                     let order = (flat + total_chunks - rotation % total_chunks) % total_chunks;
                     flat += 1;
-                    if held(p, ti, f, c) || p.inflight.contains_key(&(t.worker.clone(), f as u32, c as u32)) {
+                    let key = (copies[f][c], order);
+                    if best.as_ref().is_some_and(|b| b.0 <= key)
+                        || held(p, ti, f, c)
+                        || p.inflight.contains_key(&(t.worker.clone(), f as u32, c as u32))
+                    {
                         continue;
                     }
                     let mut holders: Vec<&str> = Vec::new();
-                    if source_up {
+                    if source_up && (copies[f][c] == 0 || !fresh_left) {
                         holders.push(&job.source);
                     }
                     for (oi, other) in job.targets.iter().enumerate() {
@@ -331,20 +361,16 @@ fn plan_pulls(
                         !p.avoid.contains_key(&(t.worker.clone(), h.to_string()))
                             && uploads.get(*h).copied().unwrap_or(0) < UPLOADS_PER_HOLDER
                     });
-                    if holders.is_empty() {
-                        continue;
-                    }
-                    let key = (holders.len(), order);
-                    if best.as_ref().is_none_or(|b| key < (b.0, b.1)) {
-                        best = Some((holders.len(), order, f as u32, c as u32, holders));
+                    if !holders.is_empty() {
+                        best = Some((key, f as u32, c as u32, holders));
                     }
                 }
             }
-            let Some((_, _, f, c, holders)) = best else { continue };
+            let Some((_, f, c, holders)) = best else { continue };
             let zone = workers.get(&t.worker).map(|w| w.1.clone()).unwrap_or_default();
             let from = holders.into_iter().min_by_key(|h| {
                 let same_zone = !zone.is_empty() && workers.get(*h).map(|w| &w.1) == Some(&zone);
-                (uploads.get(*h).copied().unwrap_or(0), !same_zone, *h == job.source, h.to_string())
+                (*h == job.source, uploads.get(*h).copied().unwrap_or(0), !same_zone, h.to_string())
             });
             let Some(from) = from else { continue };
             let Some(from_addr) = workers.get(from).map(|w| w.0.clone()) else { continue };
@@ -355,6 +381,7 @@ fn plan_pulls(
             }
             p.inflight
                 .insert((t.worker.clone(), f, c), Inflight { from: from.to_string(), since: Instant::now(), epoch });
+            copies[f as usize][c as usize] += 1;
             *uploads.entry(from.to_string()).or_default() += 1;
             planned = true;
         }
