@@ -19,6 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["."])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("ferry_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
+    // Chunk frames are `bytes::Bytes`: decoded without a copy, handed to the
+    // staging writer as they are.
+    tonic_prost_build::configure()
+        .bytes(".ferry.v1.ChunkFrame.data")
+        .build_server(true).build_client(true).compile_fds(fds)?;
     Ok(())
 }

@@ -92,7 +92,7 @@ impl ChunkService for ChunkServer {
                 first = false;
                 left -= buf.len();
                 runtime.block_on(bandwidth.take(buf.len()));
-                if !send(Ok(pb::ChunkFrame { data: buf })) {
+                if !send(Ok(pb::ChunkFrame { data: buf.into() })) {
                     return;
                 }
             }
