@@ -244,6 +244,9 @@ pub struct WorkerArgs {
     /// Chunk service listen address (peers pull from here).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Admin HTTP listen address: /metrics, /healthz, /readyz.
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
     /// HOST:PORT peers use to reach --listen (default: --listen).
     #[arg(long, value_parser = host_port)]
     pub advertise: Option<String>,
@@ -274,6 +277,9 @@ pub struct WorkerArgs {
     /// Download bandwidth cap, e.g. 100MiB/s.
     #[arg(long, value_parser = ferry_worker::config::parse_rate)]
     pub download_limit: Option<u64>,
+    /// Bytes of replaced file versions kept for reuse, e.g. 2GiB (0: none; default 1GiB).
+    #[arg(long, value_parser = ferry_worker::config::parse_rate)]
+    pub store_limit: Option<u64>,
     /// Test fault injection: corrupt every chunk served to peers.
     #[arg(long, hide = true)]
     pub fault_corrupt_uploads: bool,

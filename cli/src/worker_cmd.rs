@@ -21,6 +21,12 @@ fn merge(a: WorkerArgs) -> Result<WorkerConfig, String> {
     if let Some(v) = a.listen {
         c.listen = v;
     }
+    if a.admin_listen.is_some() {
+        c.admin_listen = a.admin_listen;
+    }
+    if let Some(v) = a.store_limit {
+        c.store_limit = v;
+    }
     if a.advertise.is_some() {
         c.advertise = a.advertise;
     }

@@ -330,21 +330,21 @@ fn plan_pulls(
                 continue;
             }
             let rotation = ti * total_chunks / job.targets.len().max(1);
-            let mut best: Option<((usize, usize), u32, u32, Vec<&str>)> = None;
+            let mut best: Option<Candidate> = None;
             let mut flat = 0usize;
-            for (f, file) in t.held.iter().enumerate() {
-                for c in 0..file.len() {
+            for (f, file_copies) in copies.iter().enumerate() {
+                for (c, &n) in file_copies.iter().enumerate() {
                     let order = (flat + total_chunks - rotation % total_chunks) % total_chunks;
                     flat += 1;
-                    let key = (copies[f][c], order);
-                    if best.as_ref().is_some_and(|b| b.0 <= key)
+                    let key = (n, order);
+                    if best.as_ref().is_some_and(|b| b.key <= key)
                         || held(p, ti, f, c)
                         || p.inflight.contains_key(&(t.worker.clone(), f as u32, c as u32))
                     {
                         continue;
                     }
                     let mut holders: Vec<&str> = Vec::new();
-                    if source_up && (copies[f][c] == 0 || !fresh_left) {
+                    if source_up && (n == 0 || !fresh_left) {
                         holders.push(&job.source);
                     }
                     for (oi, other) in job.targets.iter().enumerate() {
@@ -362,11 +362,11 @@ fn plan_pulls(
                             && uploads.get(*h).copied().unwrap_or(0) < UPLOADS_PER_HOLDER
                     });
                     if !holders.is_empty() {
-                        best = Some((key, f as u32, c as u32, holders));
+                        best = Some(Candidate { key, file: f as u32, chunk: c as u32, holders });
                     }
                 }
             }
-            let Some((_, f, c, holders)) = best else { continue };
+            let Some(Candidate { file: f, chunk: c, holders, .. }) = best else { continue };
             let zone = workers.get(&t.worker).map(|w| w.1.clone()).unwrap_or_default();
             let from = holders.into_iter().min_by_key(|h| {
                 let same_zone = !zone.is_empty() && workers.get(*h).map(|w| &w.1) == Some(&zone);
@@ -389,6 +389,16 @@ fn plan_pulls(
             break;
         }
     }
+}
+
+/// The best chunk found so far for one target.
+struct Candidate<'a> {
+    /// (copies, rotated order): lower is better.
+    key: (usize, usize),
+    file: u32,
+    chunk: u32,
+    /// Holders with a free upload slot.
+    holders: Vec<&'a str>,
 }
 
 fn prepare(job: &Job, target: usize) -> pb::PrepareCommand {

@@ -25,13 +25,20 @@ pub struct ChunkServer {
     pub(crate) corrupt: bool,
     /// Upload cap.
     pub(crate) bandwidth: crate::limiter::Bandwidth,
+    pub(crate) metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 impl ChunkServer {
     /// A server for the chunks in `store`, with at most `max_uploads` at once
     /// and an upload cap.
     pub fn new(store: ChunkStore, max_uploads: usize, bandwidth: crate::limiter::Bandwidth) -> Self {
-        Self { store, uploads: Arc::new(Semaphore::new(max_uploads)), corrupt: false, bandwidth }
+        Self {
+            store,
+            uploads: Arc::new(Semaphore::new(max_uploads)),
+            corrupt: false,
+            bandwidth,
+            metrics: Arc::default(),
+        }
     }
 }
 
@@ -59,9 +66,12 @@ impl ChunkService for ChunkServer {
         let corrupt = self.corrupt;
         let bandwidth = self.bandwidth.clone();
         let store = self.store.clone();
+        let metrics = self.metrics.clone();
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            metrics.uploads_in_flight.inc();
+            let _in_flight = InFlight(&metrics.uploads_in_flight);
             let send = |item| tx.blocking_send(item).is_ok();
             let open = |loc: &crate::store::Location| {
                 std::fs::File::open(&loc.path).and_then(|mut f| f.seek(SeekFrom::Start(loc.offset)).map(|_| f))
@@ -92,11 +102,21 @@ impl ChunkService for ChunkServer {
                 first = false;
                 left -= buf.len();
                 runtime.block_on(bandwidth.take(buf.len()));
+                metrics.bytes_uploaded.inc_by(buf.len() as u64);
                 if !send(Ok(pb::ChunkFrame { data: buf.into() })) {
                     return;
                 }
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Lowers a gauge raised for the life of a task.
+pub(crate) struct InFlight<'a>(pub(crate) &'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -16,6 +16,8 @@ pub struct WorkerConfig {
     pub name: String,
     /// Chunk service listener (peers pull from here).
     pub listen: SocketAddr,
+    /// Admin HTTP listener: `/metrics`, `/healthz`, `/readyz` (none if unset).
+    pub admin_listen: Option<SocketAddr>,
     /// `host:port` peers use to reach `listen` (default: `listen`).
     pub advertise: Option<String>,
     /// Schedulers to connect to (`host:port`); the worker follows the leader.
@@ -36,6 +38,8 @@ pub struct WorkerConfig {
     pub upload_limit: Option<u64>,
     /// Download bandwidth cap in bytes per second (none if unset).
     pub download_limit: Option<u64>,
+    /// Bytes of replaced file versions kept for chunk reuse (0: keep none).
+    pub store_limit: u64,
     /// Heartbeat to the leader.
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
@@ -49,6 +53,7 @@ impl Default for WorkerConfig {
         Self {
             name: String::new(),
             listen: SocketAddr::from(([127, 0, 0, 1], 7101)),
+            admin_listen: None,
             advertise: None,
             schedulers: vec!["127.0.0.1:7001".into(), "127.0.0.1:7002".into(), "127.0.0.1:7003".into()],
             data: PathBuf::from("./data/worker"),
@@ -59,6 +64,7 @@ impl Default for WorkerConfig {
             max_downloads: 8,
             upload_limit: None,
             download_limit: None,
+            store_limit: 1 << 30,
             heartbeat: Duration::from_secs(1),
             fault_corrupt_uploads: false,
         }

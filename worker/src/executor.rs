@@ -29,8 +29,9 @@ use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::index::{self, hex, parse_hex};
+use crate::metrics::WorkerMetrics;
 use crate::roots::Roots;
-use crate::store::{ChunkStore, Location};
+use crate::store::{ChunkStore, Location, Retained};
 
 /// The current session's outbound queue (none while disconnected).
 #[derive(Clone, Default)]
@@ -54,6 +55,8 @@ impl Outbox {
 
 struct WorkFile {
     chunks: Vec<index::ChunkRef>,
+    /// Chunks of the file at the destination before this job, if it differs.
+    previous: Vec<index::ChunkRef>,
     size: u64,
     mode: u32,
     blake3: [u8; 32],
@@ -114,6 +117,8 @@ pub struct Executor {
     pub(crate) downloads: Arc<Semaphore>,
     pub(crate) outbox: Outbox,
     bandwidth: crate::limiter::Bandwidth,
+    pub(crate) metrics: Arc<WorkerMetrics>,
+    pub(crate) retained: Retained,
     jobs: Mutex<HashMap<String, Arc<JobWork>>>,
     /// Finished or cancelled job ids, oldest first (bounded).
     ended: Mutex<std::collections::VecDeque<String>>,
@@ -170,23 +175,24 @@ fn open_staging(path: &Path, create: bool) -> std::io::Result<std::fs::File> {
 }
 
 impl Executor {
-    /// A new executor.
+    /// A new executor for the worker `config` describes.
     pub fn new(
-        name: String,
+        config: &crate::WorkerConfig,
         roots: Roots,
         store: ChunkStore,
-        hooks: BTreeMap<String, String>,
-        max_downloads: usize,
-        bandwidth: crate::limiter::Bandwidth,
+        metrics: Arc<WorkerMetrics>,
+        retained: Retained,
     ) -> Self {
         Self {
-            name,
+            name: config.name.clone(),
             roots,
             store,
-            hooks,
-            downloads: Arc::new(Semaphore::new(max_downloads)),
+            hooks: config.hooks.clone(),
+            downloads: Arc::new(Semaphore::new(config.max_downloads)),
             outbox: Outbox::default(),
-            bandwidth,
+            bandwidth: crate::limiter::Bandwidth::new(config.download_limit),
+            metrics,
+            retained,
             jobs: Mutex::new(HashMap::new()),
             ended: Mutex::new(std::collections::VecDeque::new()),
             cancelled: Mutex::new(std::collections::HashSet::new()),
@@ -293,6 +299,7 @@ impl Executor {
             let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let staging = parent.join(format!(".{name}.ferry-{}.part", safe_job_dir(&cmd.job_id)));
             let mut same = false;
+            let mut previous = Vec::new();
             if dest.is_file() {
                 let meta = std::fs::metadata(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
                 if meta.len() == m.size && index::hash_file(&dest).ok() == Some(blake3) {
@@ -305,6 +312,7 @@ impl Executor {
                     for c in &old.chunks {
                         let _ = self.store.put(&c.hash, &Location { path: dest.clone(), offset: c.offset, len: c.len });
                     }
+                    previous = old.chunks;
                 }
             }
             if !same {
@@ -320,12 +328,22 @@ impl Executor {
                             }
                             let _ = self.store.put(&chunk.hash, &here);
                             done.insert((i as u32, c as u32), ChunkState::Done);
+                            self.metrics.chunks_reused.inc();
                         }
                         None => self.store.forget(&chunk.hash),
                     }
                 }
             }
-            files.push(WorkFile { chunks, size: m.size, mode: m.mode, blake3, dest, staging, unchanged: same });
+            files.push(WorkFile {
+                chunks,
+                previous,
+                size: m.size,
+                mode: m.mode,
+                blake3,
+                dest,
+                staging,
+                unchanged: same,
+            });
         }
         let work = Arc::new(JobWork { files, gate: tokio::sync::RwLock::new(None), chunks: Mutex::new(done) });
         let report = work.report();
@@ -384,7 +402,13 @@ impl Executor {
                 }
             }
         }
+        self.metrics.downloads_in_flight.inc();
         let result = self.fetch(&cmd, file, chunk).await;
+        self.metrics.downloads_in_flight.dec();
+        match &result {
+            Ok(()) => self.metrics.chunks_pulled.inc(),
+            Err(_) => self.metrics.pull_failures.inc(),
+        };
         let mut states = work.chunk_state();
         match &result {
             Ok(()) => states.insert(key, ChunkState::Done),
@@ -418,6 +442,7 @@ impl Executor {
                 return Err(format!("{} sent more than {} bytes", cmd.from_worker, chunk.len));
             }
             self.bandwidth.take(frame.data.len()).await;
+            self.metrics.bytes_downloaded.inc_by(frame.data.len() as u64);
             hasher.update(&frame.data);
             let (out, at) = (out.clone(), offset);
             offset += frame.data.len() as u64;
@@ -430,6 +455,7 @@ impl Executor {
             return Err(format!("{} sent {} of {} bytes", cmd.from_worker, offset - chunk.offset, chunk.len));
         }
         if hasher.finalize().as_bytes() != &chunk.hash {
+            self.metrics.bad_chunks.inc();
             return Err(format!("chunk from {} failed its BLAKE3 check", cmd.from_worker));
         }
         let here = Location { path: file.staging.clone(), offset: chunk.offset, len: chunk.len };
@@ -472,10 +498,14 @@ impl Executor {
                 None => return fin(false, format!("hook: this worker has no hook named {}", cmd.hook), None),
             }
         };
-        let (w, store) = (work.clone(), self.store.clone());
-        let installed = tokio::task::spawn_blocking(move || install_all(&w, &store))
+        let (w, store, retained) = (work.clone(), self.store.clone(), self.retained.clone());
+        let installed = tokio::task::spawn_blocking(move || install_all(&w, &store, &retained))
             .await
             .unwrap_or_else(|e| Err(format!("install task failed: {e}")));
+        if installed.is_ok() {
+            self.metrics.files_installed.inc_by(work.files.iter().filter(|f| !f.unchanged).count() as u64);
+            self.metrics.retained_bytes.set(self.retained.bytes() as i64);
+        }
         let result = match installed {
             Err(reason) => {
                 remove_staging(&work);
@@ -485,8 +515,14 @@ impl Executor {
                 None => fin(true, String::new(), None),
                 Some(command) => match crate::hooks::run(&command, &cmd.job_id, &paths).await {
                     Ok(0) => fin(true, String::new(), Some(0)),
-                    Ok(code) => fin(false, format!("hook {} exited with {code}", cmd.hook), Some(code)),
-                    Err(e) => fin(false, format!("hook {}: {e}", cmd.hook), None),
+                    Ok(code) => {
+                        self.metrics.hook_failures.inc();
+                        fin(false, format!("hook {} exited with {code}", cmd.hook), Some(code))
+                    }
+                    Err(e) => {
+                        self.metrics.hook_failures.inc();
+                        fin(false, format!("hook {}: {e}", cmd.hook), None)
+                    }
                 },
             },
         };
@@ -532,7 +568,7 @@ fn remove_staging(work: &JobWork) {
 /// Blocking: checks and moves every staged file into place. Returns the
 /// installed paths. Never leaves a partial file under a final name: the
 /// rename happens only after the whole-file hash matched.
-fn install_all(work: &JobWork, store: &ChunkStore) -> Result<Vec<String>, String> {
+fn install_all(work: &JobWork, store: &ChunkStore, retained: &Retained) -> Result<Vec<String>, String> {
     let mut paths = Vec::new();
     for f in &work.files {
         paths.push(f.dest.display().to_string());
@@ -551,6 +587,10 @@ fn install_all(work: &JobWork, store: &ChunkStore) -> Result<Vec<String>, String
             .map_err(|e| format!("chmod {}: {e}", f.staging.display()))?;
         drop(file);
         let parent = f.dest.parent().unwrap_or(Path::new("/"));
+        if !f.previous.is_empty() {
+            // Keep the version being replaced, so its chunks stay reusable.
+            retained.keep(store, &f.dest, &f.previous);
+        }
         std::fs::rename(&f.staging, &f.dest).map_err(|e| format!("rename into {}: {e}", f.dest.display()))?;
         if let Ok(d) = std::fs::File::open(parent) {
             let _ = d.sync_all();

@@ -16,6 +16,7 @@
 //! - [`hooks`] — running named hooks.
 //! - [`limiter`] — upload and download bandwidth caps.
 //! - [`session`] — the control session with the leader.
+//! - [`metrics`] — the admin port: metrics, health, readiness.
 
 pub mod chunk_server;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod executor;
 pub mod hooks;
 pub mod index;
 pub mod limiter;
+pub mod metrics;
 pub mod roots;
 pub mod session;
 pub mod store;
@@ -55,6 +57,7 @@ pub enum Error {
 /// A running worker.
 pub struct Worker {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -76,20 +79,23 @@ impl Worker {
         let roots = roots::Roots::new(&config.roots).map_err(|e| Error::Storage(format!("allowed roots: {e}")))?;
         std::fs::create_dir_all(&config.data).map_err(|e| Error::Storage(format!("{}: {e}", config.data.display())))?;
         let store = store::ChunkStore::open(&config.data).map_err(|e| Error::Storage(e.to_string()))?;
+        let retained = store::Retained::open(&config.data, config.store_limit, &store)
+            .map_err(|e| Error::Storage(format!("{}: {e}", config.data.display())))?;
+        let metrics = Arc::new(metrics::WorkerMetrics::default());
+        metrics.retained_bytes.set(retained.bytes() as i64);
+        let admin = match config.admin_listen {
+            Some(a) => Some(TcpListener::bind(a).await.map_err(|source| Error::Bind { addr: a.to_string(), source })?),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
 
-        let exec = Arc::new(executor::Executor::new(
-            config.name.clone(),
-            roots.clone(),
-            store.clone(),
-            config.hooks.clone(),
-            config.max_downloads,
-            limiter::Bandwidth::new(config.download_limit),
-        ));
+        let exec = Arc::new(executor::Executor::new(&config, roots.clone(), store.clone(), metrics.clone(), retained));
         let chunks = ChunkServerImpl::new(chunk_server::ChunkServer {
             store,
             uploads: Arc::new(Semaphore::new(config.max_uploads)),
             corrupt: config.fault_corrupt_uploads,
             bandwidth: limiter::Bandwidth::new(config.upload_limit),
+            metrics: metrics.clone(),
         });
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -110,6 +116,18 @@ impl Worker {
                 tracing::error!(error = %e, "chunk server failed");
             }
         }));
+        if let Some(listener) = admin {
+            let mut stop = rx.clone();
+            let app = metrics::router(metrics.clone());
+            tasks.push(tokio::spawn(async move {
+                let stop = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                    tracing::error!(error = %e, "admin HTTP server failed");
+                }
+            }));
+        }
         let hello = pb::WorkerInfo {
             name: config.name.clone(),
             addr: config.advertised(),
@@ -119,13 +137,18 @@ impl Worker {
             version: env!("CARGO_PKG_VERSION").into(),
         };
         tasks.push(tokio::spawn(session::run(exec, hello, config.schedulers.clone(), config.heartbeat, rx)));
-        tracing::info!(name = %config.name, %addr, "worker started");
-        Ok(Self { addr, shutdown, tasks })
+        tracing::info!(name = %config.name, %addr, admin = ?admin_addr, "worker started");
+        Ok(Self { addr, admin_addr, shutdown, tasks })
     }
 
     /// The chunk service address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin HTTP address, if `admin_listen` was set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Stops the session and the chunk server.

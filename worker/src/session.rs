@@ -101,6 +101,7 @@ async fn serve(
     };
     tracing::info!(scheduler = %addr, worker = %hello.name, "session open");
     exec.outbox.set(Some(tx.clone()));
+    exec.metrics.connected.set(1);
     let beat = {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -127,6 +128,7 @@ async fn serve(
         }
     };
     exec.outbox.set(None);
+    exec.metrics.connected.set(0);
     beat.abort();
     ended
 }

@@ -5,6 +5,8 @@
 //! miss, never a wrong byte.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -84,5 +86,133 @@ impl ChunkStore {
     /// Forgets `hash` (its location proved stale).
     pub fn forget(&self, hash: &[u8; 32]) {
         let _ = self.chunks.remove(hash);
+    }
+
+    /// Forgets every chunk recorded in `path`.
+    fn forget_file(&self, path: &Path) {
+        for (key, raw) in self.chunks.iter().flatten() {
+            if postcard::from_bytes::<Location>(&raw).is_ok_and(|l| l.path == path) {
+                let _ = self.chunks.remove(key);
+            }
+        }
+    }
+}
+
+/// Replaced versions of installed files, kept so their chunks stay
+/// reusable (an update that reverts, or moves data around, transfers
+/// nothing it had before). Each is a hard link under `retained/` in the data
+/// directory, so keeping one costs no copy; a destination on another file
+/// system is not kept. The oldest go first once the total passes the
+/// configured bound (`--store-limit`; 0 keeps none).
+#[derive(Clone, Debug)]
+pub struct Retained {
+    dir: PathBuf,
+    limit: u64,
+    bytes: Arc<AtomicU64>,
+    seq: Arc<AtomicU64>,
+}
+
+impl Retained {
+    /// The retained versions under `data_dir`, bounded to `limit` bytes
+    /// (trimmed now if the bound shrank).
+    pub fn open(data_dir: &Path, limit: u64, store: &ChunkStore) -> std::io::Result<Self> {
+        let dir = data_dir.join("retained");
+        std::fs::create_dir_all(&dir)?;
+        let r = Self { dir, limit, bytes: Arc::default(), seq: Arc::default() };
+        let last = r.list().last().and_then(|(name, _)| name.split('-').next()?.parse::<u64>().ok()).unwrap_or(0);
+        r.seq.store(last + 1, Ordering::Relaxed);
+        r.trim(store);
+        Ok(r)
+    }
+
+    /// Bytes kept now.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Blocking. Keeps the file at `path` (a regular file about to be
+    /// replaced) and records `chunks` (its content) there; then trims.
+    pub fn keep(&self, store: &ChunkStore, path: &Path, chunks: &[crate::index::ChunkRef]) {
+        if self.limit == 0 {
+            return;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(path) else { return };
+        if !meta.is_file() || meta.len() > self.limit {
+            return;
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let kept = self.dir.join(format!("{:020}-{name}", self.seq.fetch_add(1, Ordering::Relaxed)));
+        if let Err(e) = std::fs::hard_link(path, &kept) {
+            tracing::debug!(path = %path.display(), error = %e, "previous version not kept");
+            return;
+        }
+        for c in chunks {
+            let _ = store.put(&c.hash, &Location { path: kept.clone(), offset: c.offset, len: c.len });
+        }
+        self.trim(store);
+    }
+
+    /// (name, size) of every kept file, oldest first.
+    fn list(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Some((e.file_name().into_string().ok()?, e.metadata().ok()?.len())))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Removes the oldest kept files until the total fits the bound.
+    fn trim(&self, store: &ChunkStore) {
+        let kept = self.list();
+        let mut total: u64 = kept.iter().map(|(_, len)| len).sum();
+        for (name, len) in kept {
+            if total <= self.limit {
+                break;
+            }
+            let path = self.dir.join(&name);
+            store.forget_file(&path);
+            if std::fs::remove_file(&path).is_ok() {
+                total -= len;
+            }
+        }
+        self.bytes.store(total, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::ChunkRef;
+
+    #[test]
+    fn retained_versions_stay_within_the_bound_oldest_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ChunkStore::open(dir.path()).expect("store");
+        let kept = Retained::open(dir.path(), 25, &store).expect("retained");
+        let mut hashes = Vec::new();
+        for i in 0..3u8 {
+            let file = dir.path().join(format!("f{i}"));
+            std::fs::write(&file, [i; 10]).expect("write");
+            let hash = *blake3::hash(&[i; 10]).as_bytes();
+            kept.keep(&store, &file, &[ChunkRef { offset: 0, len: 10, hash }]);
+            // The file is replaced afterwards; the kept link still holds it.
+            std::fs::remove_file(&file).expect("remove");
+            hashes.push(hash);
+        }
+        assert_eq!(kept.bytes(), 20);
+        assert!(store.get(&hashes[0]).is_none(), "the oldest version went, and its chunks with it");
+        for h in &hashes[1..] {
+            let loc = store.get(h).expect("kept chunk");
+            assert_eq!(std::fs::read(&loc.path).expect("kept file").len(), 10);
+        }
+        // Reopened with a smaller bound, it trims at once; 0 keeps nothing.
+        let kept = Retained::open(dir.path(), 10, &store).expect("reopen");
+        assert_eq!(kept.bytes(), 10);
+        let none = Retained::open(dir.path(), 0, &store).expect("reopen");
+        assert_eq!(none.bytes(), 0);
+        assert!(hashes.iter().all(|h| store.get(h).is_none()));
     }
 }

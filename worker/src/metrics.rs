@@ -1,0 +1,112 @@
+//! The worker's admin HTTP port (`--admin-listen`): `/metrics` (Prometheus
+//! text, names `ferry_worker_*`), `/healthz` (the process runs) and `/readyz`
+//! (a control session with the leader is open).
+
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Count = Counter<u64, AtomicU64>;
+type Level = Gauge<i64, AtomicI64>;
+
+/// Every metric a worker exports. Cheap to share (`Arc`).
+pub struct WorkerMetrics {
+    registry: Registry,
+    /// Chunk bytes sent to peers.
+    pub bytes_uploaded: Count,
+    /// Chunk bytes received from peers (verified or not).
+    pub bytes_downloaded: Count,
+    /// Chunks pulled and verified.
+    pub chunks_pulled: Count,
+    /// Chunks found locally at prepare (not transferred).
+    pub chunks_reused: Count,
+    /// Pulls that failed (peer error, bad length, bad hash).
+    pub pull_failures: Count,
+    /// Chunks that failed their BLAKE3 check.
+    pub bad_chunks: Count,
+    /// Files moved into place.
+    pub files_installed: Count,
+    /// Hooks that exited non-zero or could not run.
+    pub hook_failures: Count,
+    /// Uploads being served now.
+    pub uploads_in_flight: Level,
+    /// Pulls running now.
+    pub downloads_in_flight: Level,
+    /// 1 while a control session with the leader is open.
+    pub connected: Level,
+    /// Bytes of replaced file versions kept for reuse.
+    pub retained_bytes: Level,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("ferry_worker"),
+            bytes_uploaded: Count::default(),
+            bytes_downloaded: Count::default(),
+            chunks_pulled: Count::default(),
+            chunks_reused: Count::default(),
+            pull_failures: Count::default(),
+            bad_chunks: Count::default(),
+            files_installed: Count::default(),
+            hook_failures: Count::default(),
+            uploads_in_flight: Level::default(),
+            downloads_in_flight: Level::default(),
+            connected: Level::default(),
+            retained_bytes: Level::default(),
+        };
+        let r = &mut m.registry;
+        r.register("uploaded_bytes", "Chunk bytes sent to peers", m.bytes_uploaded.clone());
+        r.register("downloaded_bytes", "Chunk bytes received from peers", m.bytes_downloaded.clone());
+        r.register("chunks_pulled", "Chunks pulled from peers and verified", m.chunks_pulled.clone());
+        r.register("chunks_reused", "Chunks found locally instead of transferred", m.chunks_reused.clone());
+        r.register("pull_failures", "Pulls that failed", m.pull_failures.clone());
+        r.register("bad_chunks", "Chunks that failed their BLAKE3 check", m.bad_chunks.clone());
+        r.register("files_installed", "Files moved into place", m.files_installed.clone());
+        r.register("hook_failures", "Hooks that failed", m.hook_failures.clone());
+        r.register("uploads_in_flight", "Uploads being served", m.uploads_in_flight.clone());
+        r.register("downloads_in_flight", "Pulls running", m.downloads_in_flight.clone());
+        r.register("session_connected", "1 while a session with the leader is open", m.connected.clone());
+        r.register("retained_bytes", "Bytes of replaced file versions kept for reuse", m.retained_bytes.clone());
+        m
+    }
+}
+
+impl WorkerMetrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The admin router.
+pub fn router(metrics: Arc<WorkerMetrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(metrics)
+}
+
+async fn render(State(m): State<Arc<WorkerMetrics>>) -> impl IntoResponse {
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
+}
+
+async fn readyz(State(m): State<Arc<WorkerMetrics>>) -> impl IntoResponse {
+    if m.connected.get() == 1 {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no session with the leader\n")
+    }
+}
