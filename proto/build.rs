@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // staging writer as they are.
     tonic_prost_build::configure()
         .bytes(".ferry.v1.ChunkFrame.data")
-        .build_server(true).build_client(true).compile_fds(fds)?;
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
     Ok(())
 }

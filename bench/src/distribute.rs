@@ -2,9 +2,12 @@
 //! worker capped at B bytes/s up and down, against the naive way in the same
 //! run: the source sending the file to each target over its one capped link.
 //!
-//! Bandwidth is capped with the workers' own `--upload-limit` and
-//! `--download-limit` (the naive copy uses the same limiter on the source's
-//! link). Workers are real `ferry worker` processes, so their peak RSS
+//! Bandwidth is capped, when run as root, with `tc tbf` on a network
+//! namespace per worker (see [`crate::netns`]; the naive copy then runs over
+//! the same capped links); otherwise with the workers' own `--upload-limit`
+//! and `--download-limit` (the naive copy uses the same limiter on the
+//! source's link). The output says which. Workers are real `ferry worker`
+//! processes, so their peak RSS
 //! (`VmHWM`) is measured too. Prints the time T, T/(S/B), source egress / S,
 //! the naive time, and what a 1 MiB update moved.
 
@@ -43,6 +46,10 @@ pub struct Args {
     /// Print aggregate progress every second during the first push.
     #[arg(long)]
     timeline: bool,
+    /// How links are capped: `tc` (network namespaces and tbf; needs root),
+    /// `limiter` (the workers' own rate limits), or `auto` (tc when root).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tc", "limiter"])]
+    link: String,
 }
 
 /// Writes `len` pseudo-random bytes, streamed.
@@ -130,13 +137,37 @@ async fn push(
 }
 
 /// The source sends the whole file to every target at once through one
-/// link capped at B.
-async fn naive(file: &Path, dir: &Path, targets: usize, bandwidth: u64) -> anyhow::Result<Duration> {
-    let link = Bandwidth::new(Some(bandwidth));
+/// link capped at B: the source's tbf-capped link in the lab, else a
+/// limiter shared by the source's connections on loopback.
+async fn naive(
+    file: &Path,
+    dir: &Path,
+    targets: usize,
+    bandwidth: u64,
+    lab: Option<&crate::netns::Lab>,
+) -> anyhow::Result<Duration> {
+    let link = Bandwidth::new(if lab.is_some() { None } else { Some(bandwidth) });
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..targets {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let (listener, sock) = match lab {
+            Some(lab) => {
+                let ip = lab.ip(i + 1);
+                let l = lab.inside(i + 1, move || {
+                    let l = std::net::TcpListener::bind((ip, 0))?;
+                    l.set_nonblocking(true)?;
+                    Ok(l)
+                })?;
+                let addr = l.local_addr()?;
+                let s = lab.inside(0, move || {
+                    let s = std::net::TcpStream::connect(addr)?;
+                    s.set_nonblocking(true)?;
+                    Ok(s)
+                })?;
+                (tokio::net::TcpListener::from_std(l)?, Some(tokio::net::TcpStream::from_std(s)?))
+            }
+            None => (tokio::net::TcpListener::bind("127.0.0.1:0").await?, None),
+        };
         let addr = listener.local_addr()?;
         let out = dir.join(format!("naive-{i}.bin"));
         let receiver = tokio::spawn(async move {
@@ -148,7 +179,10 @@ async fn naive(file: &Path, dir: &Path, targets: usize, bandwidth: u64) -> anyho
         });
         let (file, link) = (file.to_path_buf(), link.clone());
         let sender = tokio::spawn(async move {
-            let mut sock = tokio::net::TcpStream::connect(addr).await?;
+            let mut sock = match sock {
+                Some(s) => s,
+                None => tokio::net::TcpStream::connect(addr).await?,
+            };
             let mut f = tokio::fs::File::open(file).await?;
             let mut buf = vec![0u8; 256 * 1024];
             loop {
@@ -182,7 +216,18 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     let root = a.dir.unwrap_or_else(|| std::env::temp_dir().join(format!("ferry-bench-dist-{}", std::process::id())));
     std::fs::create_dir_all(&root)?;
-    let cluster = LocalCluster::start(&root.join("schedulers"), 3, 0, None, |_| {}).await?;
+    let lab = match (a.link.as_str(), crate::netns::Lab::unavailable()) {
+        ("tc", Some(why)) => bail!("--link tc: {why}"),
+        ("limiter", _) | ("auto", Some(_)) => None,
+        _ => Some(crate::netns::Lab::create(a.workers + 1, a.bandwidth)?),
+    };
+    let how = match (&lab, crate::netns::Lab::unavailable()) {
+        (Some(_), _) => "capped by tc tbf on one network namespace per worker".to_string(),
+        (None, Some(why)) => format!("capped by the workers' own rate limits; tc needs root: {why}"),
+        (None, None) => "capped by the workers' own rate limits".to_string(),
+    };
+    let ip = lab.as_ref().map(|l| std::net::IpAddr::V4(l.host_ip())).unwrap_or([127, 0, 0, 1].into());
+    let cluster = LocalCluster::start_on(ip, &root.join("schedulers"), 3, 0, None, |_| {}).await?;
     cluster.wait_leader(Duration::from_secs(10)).await.context("no leader")?;
     let endpoints = cluster.endpoints().join(",");
     let rate = a.bandwidth.to_string();
@@ -190,13 +235,24 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     for i in 0..=a.workers {
         let name = format!("w{i}");
         std::fs::create_dir_all(root.join(&name).join("root"))?;
-        let child = Command::new(&ferry)
-            .args(["worker", "--name", &name, "--listen", "127.0.0.1:0", "--schedulers", &endpoints])
+        let mut cmd = match &lab {
+            Some(lab) => {
+                let mut c = lab.command(i, &ferry);
+                c.args(["worker", "--listen", &format!("{}:7100", lab.ip(i))]);
+                c
+            }
+            None => {
+                let mut c = Command::new(&ferry);
+                c.args(["worker", "--listen", "127.0.0.1:0", "--upload-limit", &rate, "--download-limit", &rate]);
+                c
+            }
+        };
+        let child = cmd
+            .args(["--name", &name, "--schedulers", &endpoints])
             .arg("--data")
             .arg(root.join(&name).join("data"))
             .arg("--allow-root")
             .arg(root.join(&name).join("root"))
-            .args(["--upload-limit", &rate, "--download-limit", &rate])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -232,7 +288,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let rss = rss.max(procs.iter().map(|p| peak_rss_kib(p.0.id())).max().unwrap_or(0));
 
     println!(
-        "distribute: S = {:.0} MB to N = {} workers, B = {:.1} MiB/s per worker (capped by the workers' own rate limits)",
+        "distribute: S = {:.0} MB to N = {} workers, B = {:.1} MiB/s per worker ({how})",
         s / 1e6,
         a.workers,
         b / (1024.0 * 1024.0)
@@ -253,7 +309,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     if !a.no_naive {
         let naive_dir = root.join("naive");
         std::fs::create_dir_all(&naive_dir)?;
-        let tn = naive(&file, &naive_dir, a.workers, a.bandwidth).await?;
+        let tn = naive(&file, &naive_dir, a.workers, a.bandwidth, lab.as_ref()).await?;
         println!(
             "  naive:  source copies to every target over its capped link: {:.1}s ({:.1}x ferry's time)",
             tn.as_secs_f64(),
@@ -262,6 +318,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     drop(procs);
     cluster.shutdown().await;
+    drop(lab);
     std::fs::remove_dir_all(&root).ok();
     Ok(())
 }

@@ -9,6 +9,7 @@
 
 mod distribute;
 mod kv_put;
+mod netns;
 mod stream;
 
 use std::path::PathBuf;

@@ -25,6 +25,18 @@ async fn finished(c: &ferry_sdk::Client, id: &str, timeout: Duration) -> pb::Job
     .await
 }
 
+/// A plain HTTP/1.0 GET: (status, body).
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the admin port");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
 fn moved(t: &pb::TargetReport) -> u64 {
     t.bytes_from_source + t.bytes_from_peers
 }
@@ -36,9 +48,17 @@ async fn one_source_four_targets_several_files_then_delta_then_unchanged() {
     let c = sched.client(&[1, 2, 3]);
     sched.agreed_leader(&[1, 2, 3]).await;
     let mut workers = vec![WorkerProc::start(dir.path(), "src", &sched.addrs, &["--labels", "role=source"])];
+    // t0 serves its admin port; t3 keeps no replaced versions.
+    let admin = format!("127.0.0.1:{}", free_port());
     for (i, zone) in ["a", "a", "b", "b"].iter().enumerate() {
         let labels = format!("role=t,zone={zone}");
-        workers.push(WorkerProc::start(dir.path(), &format!("t{i}"), &sched.addrs, &["--labels", &labels]));
+        let mut extra = vec!["--labels", &labels];
+        match i {
+            0 => extra.extend(["--admin-listen", &admin]),
+            3 => extra.extend(["--store-limit", "0"]),
+            _ => {}
+        }
+        workers.push(WorkerProc::start(dir.path(), &format!("t{i}"), &sched.addrs, &extra));
     }
     workers_up(&c, &["src", "t0", "t1", "t2", "t3"]).await;
 
@@ -83,7 +103,8 @@ async fn one_source_four_targets_several_files_then_delta_then_unchanged() {
 
     // Change 1 MiB in the middle of the big file: only changed chunks move.
     let big = root.join("big.bin");
-    let mut data = std::fs::read(&big).expect("read");
+    let original = std::fs::read(&big).expect("read");
+    let mut data = original.clone();
     for b in &mut data[6 * 1024 * 1024..7 * 1024 * 1024] {
         *b = b.wrapping_add(1);
     }
@@ -112,7 +133,7 @@ async fn one_source_four_targets_several_files_then_delta_then_unchanged() {
     // The same again: every target already has it.
     let r = c
         .submit_job(
-            spec("src", big_path, |s| {
+            spec("src", big_path.clone(), |s| {
                 s.selector = "role=t".into();
                 s.destination = "in/".into();
             }),
@@ -126,6 +147,48 @@ async fn one_source_four_targets_several_files_then_delta_then_unchanged() {
     for t in &r.targets {
         assert_eq!((t.state.as_str(), moved(t)), ("unchanged", 0), "{t:?}");
     }
+
+    // Roll back to the first version: targets kept it when it was replaced
+    // and move nothing, except t3, which keeps no replaced versions.
+    std::fs::write(&big, &original).expect("write");
+    let r = c
+        .submit_job(
+            spec("src", big_path, |s| {
+                s.selector = "role=t".into();
+                s.destination = "in/".into();
+            }),
+            true,
+        )
+        .await
+        .expect("submit rollback")
+        .report
+        .expect("report");
+    assert_eq!(r.state, "succeeded");
+    for t in &r.targets {
+        let w = workers.iter().find(|w| w.name == t.worker).expect("worker");
+        assert_eq!(hash(&w.root.join("in/big.bin")), hash(&big));
+        if t.worker == "t3" {
+            assert!(moved(t) > 0, "t3 keeps nothing, yet moved nothing: {t:?}");
+        } else {
+            assert_eq!((moved(t), t.bytes_reused), (0, original.len() as u64), "{t:?}");
+        }
+    }
+
+    // t0's admin port: ready, and its metrics saw the work.
+    let (status, _) = http_get(&admin, "/readyz").await;
+    assert_eq!(status, 200);
+    let (status, metrics) = http_get(&admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in\n{metrics}"))
+    };
+    assert!(value("ferry_worker_files_installed_total") >= 6.0, "{metrics}");
+    assert!(value("ferry_worker_chunks_reused_total") > 0.0, "{metrics}");
+    assert!(value("ferry_worker_downloaded_bytes_total") >= total as f64, "{metrics}");
+    assert_eq!(value("ferry_worker_session_connected"), 1.0);
 
     // The CLI reads the same report; exit 0 for success.
     let out = ferry(&["--endpoints", &sched.addrs.join(","), "--json", "job", "status", &resp.job_id]);
@@ -260,6 +323,51 @@ async fn a_job_survives_a_leader_kill_and_a_dead_target_fails_alone() {
     assert!(!partial.exists() || hash(&partial) == hash(&src.root.join("data.bin")));
     let out = ferry(&["--endpoints", &sched.addrs.join(","), "job", "status", &resp.job_id]);
     assert_eq!(out.status.code(), Some(1), "a failed job exits 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_source_dies_peers_share_what_they_hold_and_the_report_names_missing_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    // A slow source: the job cannot finish before it is killed.
+    let mut src = WorkerProc::start(dir.path(), "src", &sched.addrs, &["--upload-limit", "2MiB/s"]);
+    let targets: Vec<WorkerProc> = (0..2)
+        .map(|i| WorkerProc::start(dir.path(), &format!("t{i}"), &sched.addrs, &["--labels", "role=t"]))
+        .collect();
+    workers_up(&c, &["src", "t0", "t1"]).await;
+    std::fs::write(src.root.join("big.bin"), random_bytes(24 * 1024 * 1024, 9)).expect("write");
+    std::fs::write(src.root.join("small.txt"), b"hello").expect("write");
+    let files = ["big.bin", "small.txt"].map(|n| src.root.join(n).display().to_string()).to_vec();
+    let resp = c
+        .submit_job(
+            spec("src", files, |s| {
+                s.selector = "role=t".into();
+                s.destination = "in/".into();
+                s.timeout_ms = 12_000;
+            }),
+            false,
+        )
+        .await
+        .expect("submit");
+    let held_at_kill = wait_for("a first chunk on a target", Duration::from_secs(20), || async {
+        let r = c.get_job(&resp.job_id).await.ok()?;
+        let most = r.targets.iter().map(|t| t.bytes_done).max()?;
+        (most > 0).then_some(most)
+    })
+    .await;
+    src.proc.kill9();
+
+    let r = finished(&c, &resp.job_id, Duration::from_secs(60)).await;
+    assert_eq!(r.state, "failed", "{r:?}");
+    for t in &r.targets {
+        assert_eq!(t.state, "failed", "{t:?}");
+        assert!(t.reason.contains("not delivered") && t.reason.contains("big.bin"), "{}", t.reason);
+        // What one target held when the source died reached the other.
+        assert!(t.bytes_done >= held_at_kill, "{} has {} of the {held_at_kill} a peer held", t.worker, t.bytes_done);
+        let w = targets.iter().find(|w| w.name == t.worker).expect("worker");
+        assert!(!w.root.join("in/big.bin").exists(), "no partial file under the final name");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 //! tests. Each node is a full [`Scheduler`] on real sockets with its own data
 //! directory; only the process is shared.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
 use tokio::net::TcpListener;
@@ -17,9 +17,9 @@ pub struct LocalCluster {
     pub nodes: Vec<Scheduler>,
 }
 
-async fn bind(base: u16, offset: u16) -> Result<TcpListener, Error> {
+async fn bind(ip: IpAddr, base: u16, offset: u16) -> Result<TcpListener, Error> {
     let port = if base == 0 { 0 } else { base + offset };
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = SocketAddr::new(ip, port);
     TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr: addr.to_string(), source })
 }
 
@@ -34,18 +34,30 @@ impl LocalCluster {
         admin_base: Option<u16>,
         tweak: impl Fn(&mut SchedulerConfig),
     ) -> Result<Self, Error> {
+        Self::start_on(IpAddr::V4(Ipv4Addr::LOCALHOST), root, n, grpc_base, admin_base, tweak).await
+    }
+
+    /// Like [`LocalCluster::start`], listening on `ip` instead of loopback.
+    pub async fn start_on(
+        ip: IpAddr,
+        root: &Path,
+        n: u16,
+        grpc_base: u16,
+        admin_base: Option<u16>,
+        tweak: impl Fn(&mut SchedulerConfig),
+    ) -> Result<Self, Error> {
         let mut grpc = Vec::new();
         let mut admin = Vec::new();
         for i in 0..n {
-            grpc.push(bind(grpc_base, i).await?);
+            grpc.push(bind(ip, grpc_base, i).await?);
             admin.push(match admin_base {
-                Some(base) => Some(bind(base, i).await?),
+                Some(base) => Some(bind(ip, base, i).await?),
                 None => None,
             });
         }
         let mut addrs = Vec::new();
         for l in &grpc {
-            addrs.push(l.local_addr().map_err(|source| Error::Bind { addr: "127.0.0.1".into(), source })?.to_string());
+            addrs.push(l.local_addr().map_err(|source| Error::Bind { addr: ip.to_string(), source })?.to_string());
         }
         let members = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
         let mut nodes = Vec::new();

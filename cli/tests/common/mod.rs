@@ -174,21 +174,19 @@ impl Schedulers {
     pub async fn agreed_leader(&self, ids: &[u64]) -> u64 {
         let c = self.client(ids);
         let addrs: Vec<String> = ids.iter().map(|id| self.addr(*id)).collect();
-        wait_for("an agreed leader", Duration::from_secs(20), || {
-            let (c, addrs) = (c.clone(), addrs.clone());
-            async move {
-                let mut leader = None;
-                for a in &addrs {
-                    let s = c.status_of(a).await.ok()?;
-                    if s.leader_id == 0 || leader.is_some_and(|l| l != s.leader_id) {
-                        return None;
-                    }
-                    leader = Some(s.leader_id);
-                }
-                leader.filter(|l| ids.contains(l))
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut seen = Vec::new();
+            for a in &addrs {
+                seen.push(c.status_of(a).await.map(|s| (s.leader_id, s.term)).map_err(|e| e.to_string()));
             }
-        })
-        .await
+            let leaders: Vec<u64> = seen.iter().filter_map(|s| s.as_ref().ok().map(|s| s.0)).collect();
+            if leaders.len() == addrs.len() && leaders.iter().all(|l| *l == leaders[0] && ids.contains(l)) {
+                return leaders[0];
+            }
+            assert!(Instant::now() < deadline, "no agreed leader; last seen (leader, term): {seen:?}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
