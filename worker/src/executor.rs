@@ -243,7 +243,7 @@ impl Executor {
             let mut files = Vec::new();
             for path in &cmd.paths {
                 let resolved = this.roots.check_read(path)?;
-                let f = index::index_file(&resolved).map_err(|e| format!("{path}: {e}"))?;
+                let f = this.store.index(&resolved).map_err(|e| format!("{path}: {e}"))?;
                 for c in &f.chunks {
                     let loc = Location { path: resolved.clone(), offset: c.offset, len: c.len };
                     this.store.put(&c.hash, &loc).map_err(|e| e.to_string())?;
@@ -301,13 +301,13 @@ impl Executor {
             let mut same = false;
             let mut previous = Vec::new();
             if dest.is_file() {
-                let meta = std::fs::metadata(&dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-                if meta.len() == m.size && index::hash_file(&dest).ok() == Some(blake3) {
+                let current = self.store.index(&dest).ok();
+                if current.as_ref().is_some_and(|c| c.size == m.size && c.blake3 == blake3) {
                     same = true;
                     for c in &chunks {
                         let _ = self.store.put(&c.hash, &Location { path: dest.clone(), offset: c.offset, len: c.len });
                     }
-                } else if let Ok(old) = index::index_file(&dest) {
+                } else if let Some(old) = current {
                     // The previous version: its chunks are candidates for reuse.
                     for c in &old.chunks {
                         let _ = self.store.put(&c.hash, &Location { path: dest.clone(), offset: c.offset, len: c.len });
@@ -598,6 +598,14 @@ fn install_all(work: &JobWork, store: &ChunkStore, retained: &Retained) -> Resul
         for c in &f.chunks {
             let _ = store.put(&c.hash, &Location { path: f.dest.clone(), offset: c.offset, len: c.len });
         }
+        let installed = index::IndexedFile {
+            path: f.dest.display().to_string(),
+            size: f.size,
+            mode: f.mode & 0o777,
+            blake3: f.blake3,
+            chunks: f.chunks.clone(),
+        };
+        store.remember_installed(&f.dest, &installed);
     }
     Ok(paths)
 }

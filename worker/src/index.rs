@@ -15,7 +15,7 @@ pub const AVG_CHUNK: usize = 2 * 1024 * 1024;
 pub const MAX_CHUNK: usize = 8 * 1024 * 1024;
 
 /// One chunk of an indexed file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChunkRef {
     /// Offset in the file.
     pub offset: u64,
@@ -26,7 +26,7 @@ pub struct ChunkRef {
 }
 
 /// A file's manifest.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IndexedFile {
     /// Path as given.
     pub path: String,

@@ -43,6 +43,33 @@ pub enum StoreError {
 pub struct ChunkStore {
     db: sled::Db,
     chunks: sled::Tree,
+    /// path -> (stamp, index) of files indexed before.
+    files: sled::Tree,
+}
+
+/// What identifies one state of a file: if any of these changed, so may
+/// have its bytes (a write always moves ctime, which users cannot set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+        })
+    }
 }
 
 impl ChunkStore {
@@ -60,7 +87,8 @@ impl ChunkStore {
             }
         }
         let chunks = db.open_tree("chunks")?;
-        Ok(Self { db, chunks })
+        let files = db.open_tree("files")?;
+        Ok(Self { db, chunks, files })
     }
 
     /// Records that `hash` can be read at `loc`.
@@ -86,6 +114,46 @@ impl ChunkStore {
     /// Forgets `hash` (its location proved stale).
     pub fn forget(&self, hash: &[u8; 32]) {
         let _ = self.chunks.remove(hash);
+    }
+
+    /// Blocking. The index of the file at `path`: remembered from an earlier
+    /// call if the file has not changed since (same inode, size, mtime and
+    /// ctime), else computed and remembered. Re-hashing a 200 MB file on
+    /// every update would cost seconds of CPU per job.
+    pub fn index(&self, path: &Path) -> std::io::Result<crate::index::IndexedFile> {
+        let key = path.as_os_str().as_encoded_bytes();
+        let before = Stamp::of(path);
+        if let (Some(now), Ok(Some(raw))) = (before, self.files.get(key)) {
+            if let Ok((stamp, file)) = postcard::from_bytes::<(Stamp, crate::index::IndexedFile)>(&raw) {
+                if stamp == now {
+                    return Ok(file);
+                }
+            }
+        }
+        let file = crate::index::index_file(path)?;
+        // Remembered only if nothing moved while it was read.
+        if before.is_some() && before == Stamp::of(path) {
+            self.remember(path, before, &file);
+        }
+        Ok(file)
+    }
+
+    /// Blocking. Records that the file at `path`, as it is now, has `file`'s
+    /// content (after an install that checked it).
+    pub fn remember_installed(&self, path: &Path, file: &crate::index::IndexedFile) {
+        self.remember(path, Stamp::of(path), file);
+    }
+
+    fn remember(&self, path: &Path, stamp: Option<Stamp>, file: &crate::index::IndexedFile) {
+        let key = path.as_os_str().as_encoded_bytes();
+        match stamp.and_then(|s| postcard::to_stdvec(&(s, file)).ok()) {
+            Some(raw) => {
+                let _ = self.files.insert(key, raw);
+            }
+            None => {
+                let _ = self.files.remove(key);
+            }
+        }
     }
 
     /// Forgets every chunk recorded in `path`.
@@ -186,6 +254,21 @@ impl Retained {
 mod tests {
     use super::*;
     use crate::index::ChunkRef;
+
+    #[test]
+    fn a_file_is_indexed_again_only_when_it_changed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ChunkStore::open(dir.path()).expect("store");
+        let file = dir.path().join("f");
+        std::fs::write(&file, vec![7u8; 3 << 20]).expect("write");
+        let first = store.index(&file).expect("index");
+        assert_eq!(store.index(&file).expect("again"), first);
+        // Same size, new bytes: the stamp moved, so the index is new.
+        std::fs::write(&file, vec![8u8; 3 << 20]).expect("rewrite");
+        let second = store.index(&file).expect("index changed");
+        assert_ne!(second.blake3, first.blake3);
+        assert_eq!(second, crate::index::index_file(&file).expect("fresh index"));
+    }
 
     #[test]
     fn retained_versions_stay_within_the_bound_oldest_first() {
