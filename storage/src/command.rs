@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::jobs::{Job, JobEvent, WorkerRecord};
+use crate::kv::Txn;
 
 /// One write to the replicated state, as logged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +47,8 @@ pub enum Op {
     CreateJob(Box<Job>),
     /// Progress of jobs, batched.
     JobEvents(Vec<JobEvent>),
+    /// Compare-and-write on configuration keys, atomically.
+    Txn(Box<Txn>),
 }
 
 /// The result of applying one log entry.
@@ -79,6 +82,15 @@ pub enum CommandResult {
         /// Why, naming the field.
         reason: String,
     },
+    /// A transaction ran.
+    Txn {
+        /// Whether every compare held (so `success` was applied).
+        succeeded: bool,
+        /// Cluster revision after it.
+        revision: u64,
+        /// The first compare that did not hold, in words (empty if none).
+        failed: String,
+    },
 }
 
 impl Command {
@@ -92,6 +104,13 @@ impl Command {
                 Op::RegisterWorker(w) => 256 + w.name.len() + w.roots.iter().map(String::len).sum::<usize>(),
                 Op::CreateJob(job) => 512 + job.files.iter().map(|f| 64 + f.chunks.len() * 48).sum::<usize>(),
                 Op::JobEvents(events) => events.len() * 64,
+                Op::Txn(t) => {
+                    let op_size = |o: &crate::kv::TxnOp| match o {
+                        crate::kv::TxnOp::Put { key, value } => key.len() + value.len(),
+                        crate::kv::TxnOp::Delete { key } => key.len(),
+                    };
+                    t.compares.len() * 64 + t.success.iter().chain(&t.failure).map(op_size).sum::<usize>()
+                }
             }
     }
 
@@ -122,6 +141,7 @@ impl Command {
                 Ok(())
             }
             Op::JobEvents(_) => Ok(()),
+            Op::Txn(t) => t.validate(),
             Op::Batch(commands) => {
                 for c in commands {
                     if matches!(c.op, Op::Batch(_)) {

@@ -63,3 +63,118 @@ pub fn validate_value(value: &[u8]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Revisions of history kept: every change within the last this many
+/// revisions can be read back (`get` at a revision, `history`, `watch`
+/// from a revision). Older changes are compacted one for one as new ones
+/// are applied, so every replica compacts at the same revisions.
+pub const HISTORY_REVISIONS: u64 = 10_000;
+
+/// What a change did to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// Created or replaced.
+    Put,
+    /// Removed.
+    Delete,
+}
+
+/// One change to a key, as the history and watches report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key after the change. For a delete: empty value, version 0,
+    /// `mod_revision` the revision of the delete.
+    pub kv: KeyValue,
+}
+
+/// The key of a key's history entry: length-prefixed key, then revision, so
+/// one key's revisions are contiguous and ordered.
+pub(crate) fn history_key(key: &str, revision: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + key.len() + 8);
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&revision.to_be_bytes());
+    out
+}
+
+/// A condition of a transaction on one key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compare {
+    /// The key exists and its last change was at this revision.
+    ModRevision {
+        /// The key.
+        key: String,
+        /// Its expected modify revision.
+        revision: u64,
+    },
+    /// The key does not exist.
+    Absent {
+        /// The key.
+        key: String,
+    },
+}
+
+/// A write inside a transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxnOp {
+    /// Create or replace a key.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    /// Remove a key (nothing happens if it is absent).
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+/// Compare, then write: if every compare holds, `success` is applied, else
+/// `failure`, all in one log entry (atomic).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Txn {
+    /// Conditions, all of which must hold.
+    pub compares: Vec<Compare>,
+    /// Writes when they hold.
+    pub success: Vec<TxnOp>,
+    /// Writes when one does not.
+    pub failure: Vec<TxnOp>,
+}
+
+/// Most compares and writes in one transaction.
+pub const MAX_TXN_OPS: usize = 128;
+
+impl Txn {
+    /// Checks keys, values and sizes; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.compares.len() > MAX_TXN_OPS || self.success.len() + self.failure.len() > MAX_TXN_OPS {
+            return Err(format!("txn: at most {MAX_TXN_OPS} compares and {MAX_TXN_OPS} writes"));
+        }
+        for c in &self.compares {
+            match c {
+                Compare::ModRevision { key, revision } => {
+                    validate_key(key).map_err(|e| format!("compare {e}"))?;
+                    if *revision == 0 {
+                        return Err("compare: mod revision 0 never matches; compare absence instead".into());
+                    }
+                }
+                Compare::Absent { key } => validate_key(key).map_err(|e| format!("compare {e}"))?,
+            }
+        }
+        for op in self.success.iter().chain(&self.failure) {
+            match op {
+                TxnOp::Put { key, value } => {
+                    validate_key(key)?;
+                    validate_value(value)?;
+                }
+                TxnOp::Delete { key } => validate_key(key)?,
+            }
+        }
+        Ok(())
+    }
+}

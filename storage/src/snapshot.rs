@@ -32,11 +32,25 @@ pub(crate) struct Header {
 /// Everything after the header.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum Record {
-    Kv { key: String, value: StoredValue },
-    Dedup { request_id: String, index: u64, result: CommandResult },
-    End { records: u64 },
+    Kv {
+        key: String,
+        value: StoredValue,
+    },
+    Dedup {
+        request_id: String,
+        index: u64,
+        result: CommandResult,
+    },
+    End {
+        records: u64,
+    },
     Worker(WorkerRecord),
     Job(Box<Job>),
+    /// One change in the key history, at its revision.
+    Event {
+        revision: u64,
+        event: crate::kv::Event,
+    },
 }
 
 fn io_err(op: &'static str) -> impl Fn(std::io::Error) -> Error {

@@ -27,7 +27,7 @@ use crate::command::{Command, CommandResult, Op};
 use crate::db::DataDir;
 use crate::error::Error;
 use crate::jobs::{Job, WorkerRecord};
-use crate::kv::{KeyValue, StoredValue};
+use crate::kv::{self, Compare, Event, EventKind, KeyValue, StoredValue, TxnOp};
 use crate::snapshot::{self, Header, Record};
 use crate::{NodeId, RaftStorageError, TypeConfig};
 
@@ -54,9 +54,13 @@ struct Trees {
     dedup: sled::Tree,
     workers: sled::Tree,
     jobs: sled::Tree,
+    /// revision (big-endian) -> the change made at it.
+    events: sled::Tree,
+    /// [`kv::history_key`] (key, revision) -> nothing: each key's changes.
+    history: sled::Tree,
 }
 
-const TREE_NAMES: [&str; 5] = ["meta", "kv", "dedup", "workers", "jobs"];
+const TREE_NAMES: [&str; 7] = ["meta", "kv", "dedup", "workers", "jobs", "events", "history"];
 
 impl Trees {
     fn open(dir: &DataDir, generation: u64) -> Result<Self, Error> {
@@ -67,6 +71,8 @@ impl Trees {
             dedup: dir.tree(&format!("sm{generation}_dedup"))?,
             workers: dir.tree(&format!("sm{generation}_workers"))?,
             jobs: dir.tree(&format!("sm{generation}_jobs"))?,
+            events: dir.tree(&format!("sm{generation}_events"))?,
+            history: dir.tree(&format!("sm{generation}_history"))?,
         })
     }
 
@@ -191,34 +197,33 @@ impl StateMachineStore {
     fn apply_batch(&self, entries: &[Entry<TypeConfig>]) -> Result<Vec<CommandResult>, Error> {
         let _exclusive = self.inner.view.write().unwrap_or_else(|e| e.into_inner());
         let trees = self.inner.trees();
-        let result = (&trees.meta, &trees.kv, &trees.dedup, &trees.workers, &trees.jobs).transaction(
-            |(meta, kv, dedup, workers, jobs)| {
-                let tx = Tx { kv, dedup, workers, jobs };
-                let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
-                let mut results = Vec::with_capacity(entries.len());
-                let mut membership = None;
-                for entry in entries {
-                    match &entry.payload {
-                        EntryPayload::Blank => results.push(CommandResult::None),
-                        EntryPayload::Membership(m) => {
-                            membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
-                            results.push(CommandResult::None);
-                        }
-                        EntryPayload::Normal(cmd) => {
-                            results.push(apply_command(&tx, &mut revision, entry.log_id.index, cmd)?)
-                        }
+        let all = (&trees.meta, &trees.kv, &trees.dedup, &trees.workers, &trees.jobs, &trees.events, &trees.history);
+        let result = all.transaction(|(meta, kv, dedup, workers, jobs, events, history)| {
+            let tx = Tx { kv, dedup, workers, jobs, events, history };
+            let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
+            let mut results = Vec::with_capacity(entries.len());
+            let mut membership = None;
+            for entry in entries {
+                match &entry.payload {
+                    EntryPayload::Blank => results.push(CommandResult::None),
+                    EntryPayload::Membership(m) => {
+                        membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                        results.push(CommandResult::None);
+                    }
+                    EntryPayload::Normal(cmd) => {
+                        results.push(apply_command(&tx, &mut revision, entry.log_id.index, cmd)?)
                     }
                 }
-                if let Some(last) = entries.last() {
-                    tx_write(meta, KEY_LAST_APPLIED, &Some(last.log_id), "last applied")?;
-                }
-                if let Some(m) = membership {
-                    tx_write(meta, KEY_MEMBERSHIP, &m, "membership")?;
-                }
-                tx_write(meta, KEY_REVISION, &revision, "revision")?;
-                Ok((results, revision))
-            },
-        );
+            }
+            if let Some(last) = entries.last() {
+                tx_write(meta, KEY_LAST_APPLIED, &Some(last.log_id), "last applied")?;
+            }
+            if let Some(m) = membership {
+                tx_write(meta, KEY_MEMBERSHIP, &m, "membership")?;
+            }
+            tx_write(meta, KEY_REVISION, &revision, "revision")?;
+            Ok((results, revision))
+        });
         let (results, revision) = result.map_err(|e| match e {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(source) => Error::Sled { op: "apply", source },
@@ -271,6 +276,11 @@ impl StateMachineStore {
         for item in trees.jobs.iter() {
             let (_, raw) = item.map_err(sled_err("read jobs"))?;
             w.record(&Record::Job(Box::new(codec::decode("job", &raw)?)))?;
+        }
+        for item in trees.events.iter() {
+            let (rev, raw) = item.map_err(sled_err("read events"))?;
+            let revision = rev_of(&rev)?;
+            w.record(&Record::Event { revision, event: codec::decode("event", &raw)? })?;
         }
         let file = w.finish()?;
         file.sync_all().map_err(|source| Error::Snapshot { op: "fsync", source })?;
@@ -331,7 +341,7 @@ impl StateMachineStore {
         let (mut reader, header) = snapshot::Reader::new(file)?;
         let old = self.inner.trees();
         let next = Trees::open(&self.inner.dir, old.generation + 1)?;
-        for tree in [&next.meta, &next.kv, &next.dedup, &next.workers, &next.jobs] {
+        for tree in [&next.meta, &next.kv, &next.dedup, &next.workers, &next.jobs, &next.events, &next.history] {
             tree.clear().map_err(sled_err("clear"))?;
         }
         let mut batch_kv = sled::Batch::default();
@@ -358,6 +368,14 @@ impl StateMachineStore {
                     let raw = codec::encode("job", &j)?;
                     pending_bytes += raw.len();
                     next.jobs.insert(j.id.as_bytes(), raw).map_err(sled_err("load jobs"))?;
+                }
+                Record::Event { revision, event } => {
+                    let raw = codec::encode("event", &event)?;
+                    pending_bytes += raw.len();
+                    next.events.insert(revision.to_be_bytes(), raw).map_err(sled_err("load events"))?;
+                    next.history
+                        .insert(kv::history_key(&event.kv.key, revision), &[])
+                        .map_err(sled_err("load history"))?;
                 }
                 Record::End { .. } => {}
             }
@@ -434,6 +452,81 @@ struct Tx<'a> {
     dedup: &'a TransactionalTree,
     workers: &'a TransactionalTree,
     jobs: &'a TransactionalTree,
+    events: &'a TransactionalTree,
+    history: &'a TransactionalTree,
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<Error>>;
+
+fn rev_of(raw: &[u8]) -> Result<u64, Error> {
+    raw.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::Corrupt { path: "events".into(), reason: "an event key is not 8 bytes".into() })
+}
+
+impl Tx<'_> {
+    /// Records the change made at `revision` and compacts the change that
+    /// falls out of the history window (one in, one out).
+    fn record(&self, revision: u64, event: &Event) -> TxResult<()> {
+        tx_write(self.events, &revision.to_be_bytes(), event, "event")?;
+        self.history.insert(kv::history_key(&event.kv.key, revision), &[])?;
+        if revision > kv::HISTORY_REVISIONS {
+            let old = revision - kv::HISTORY_REVISIONS;
+            if let Some(raw) = self.events.remove(&old.to_be_bytes())? {
+                let gone: Event = codec::decode("event", &raw).map_err(|e| abort(e.into()))?;
+                self.history.remove(kv::history_key(&gone.kv.key, old))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn put(&self, revision: &mut u64, key: &str, value: &[u8]) -> TxResult<StoredValue> {
+        let prev: Option<StoredValue> = tx_read(self.kv, key.as_bytes(), "kv value")?;
+        *revision += 1;
+        let stored = StoredValue {
+            value: value.to_vec(),
+            create_revision: prev.as_ref().map(|p| p.create_revision).unwrap_or(*revision),
+            mod_revision: *revision,
+            version: prev.as_ref().map(|p| p.version + 1).unwrap_or(1),
+        };
+        tx_write(self.kv, key.as_bytes(), &stored, "kv value")?;
+        self.record(*revision, &Event { kind: EventKind::Put, kv: stored.clone().with_key(key.to_owned()) })?;
+        Ok(stored)
+    }
+
+    fn delete(&self, revision: &mut u64, key: &str) -> TxResult<bool> {
+        if self.kv.remove(key.as_bytes())?.is_none() {
+            return Ok(false);
+        }
+        *revision += 1;
+        let kv =
+            KeyValue { key: key.to_owned(), value: vec![], create_revision: 0, mod_revision: *revision, version: 0 };
+        self.record(*revision, &Event { kind: EventKind::Delete, kv })?;
+        Ok(true)
+    }
+
+    /// The first compare that does not hold, in words.
+    fn failed_compare(&self, compares: &[Compare]) -> TxResult<Option<String>> {
+        for c in compares {
+            match c {
+                Compare::ModRevision { key, revision } => {
+                    match tx_read::<StoredValue>(self.kv, key.as_bytes(), "kv value")? {
+                        None => return Ok(Some(format!("key {key} does not exist"))),
+                        Some(v) if v.mod_revision != *revision => {
+                            return Ok(Some(format!("key {key} has mod revision {}, not {revision}", v.mod_revision)))
+                        }
+                        Some(_) => {}
+                    }
+                }
+                Compare::Absent { key } => {
+                    if let Some(v) = tx_read::<StoredValue>(self.kv, key.as_bytes(), "kv value")? {
+                        return Ok(Some(format!("key {key} exists (mod revision {})", v.mod_revision)));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Applies one command. Deterministic: depends only on the command, the index
@@ -444,7 +537,7 @@ fn apply_command(
     index: u64,
     cmd: &Command,
 ) -> Result<CommandResult, ConflictableTransactionError<Error>> {
-    let (kv, dedup) = (tx.kv, tx.dedup);
+    let dedup = tx.dedup;
     if !cmd.request_id.is_empty() {
         if let Some((seen_at, result)) =
             tx_read::<(u64, CommandResult)>(dedup, cmd.request_id.as_bytes(), "dedup entry")?
@@ -470,15 +563,7 @@ fn apply_command(
         Err(reason) => CommandResult::Rejected { reason },
         Ok(()) => match &cmd.op {
             Op::Put { key, value } => {
-                let prev: Option<StoredValue> = tx_read(kv, key.as_bytes(), "kv value")?;
-                *revision += 1;
-                let stored = StoredValue {
-                    value: value.clone(),
-                    create_revision: prev.as_ref().map(|p| p.create_revision).unwrap_or(*revision),
-                    mod_revision: *revision,
-                    version: prev.as_ref().map(|p| p.version + 1).unwrap_or(1),
-                };
-                tx_write(kv, key.as_bytes(), &stored, "kv value")?;
+                let stored = tx.put(revision, key, value)?;
                 CommandResult::Put {
                     revision: *revision,
                     create_revision: stored.create_revision,
@@ -486,11 +571,26 @@ fn apply_command(
                 }
             }
             Op::Delete { key } => {
-                if kv.remove(key.as_bytes())?.is_some() {
-                    *revision += 1;
-                    CommandResult::Delete { revision: *revision, deleted: true }
-                } else {
-                    CommandResult::Delete { revision: *revision, deleted: false }
+                let deleted = tx.delete(revision, key)?;
+                CommandResult::Delete { revision: *revision, deleted }
+            }
+            Op::Txn(txn) => {
+                let failed = tx.failed_compare(&txn.compares)?;
+                let ops = if failed.is_none() { &txn.success } else { &txn.failure };
+                for op in ops {
+                    match op {
+                        TxnOp::Put { key, value } => {
+                            tx.put(revision, key, value)?;
+                        }
+                        TxnOp::Delete { key } => {
+                            tx.delete(revision, key)?;
+                        }
+                    }
+                }
+                CommandResult::Txn {
+                    succeeded: failed.is_none(),
+                    revision: *revision,
+                    failed: failed.unwrap_or_default(),
                 }
             }
             Op::Batch(_) => CommandResult::Rejected { reason: "op: nested batch".into() },
@@ -720,6 +820,111 @@ impl StateReader {
             out.push(value.with_key(String::from_utf8_lossy(&key).into_owned()));
         }
         Ok((out, false))
+    }
+
+    /// Keys starting with `prefix` and the revision they are at, read at one
+    /// point in time.
+    pub fn list_at_revision(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        let revision = self.revision();
+        let trees = self.inner.trees();
+        let mut out = Vec::new();
+        for item in trees.kv.scan_prefix(prefix.as_bytes()) {
+            let (key, raw) = item.map_err(sled_err("list"))?;
+            let value: StoredValue = codec::decode("kv value", &raw)?;
+            out.push(value.with_key(String::from_utf8_lossy(&key).into_owned()));
+        }
+        Ok((out, revision))
+    }
+
+    /// The newest revision whose change is no longer in the history: reads
+    /// at it or before, and watches from it or before, are compacted.
+    pub fn compacted(&self) -> Result<u64, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        let trees = self.inner.trees();
+        match trees.events.first().map_err(sled_err("events"))? {
+            Some((rev, _)) => Ok(rev_of(&rev)?.saturating_sub(1)),
+            None => Ok(self.revision()),
+        }
+    }
+
+    /// `key` as it was at `revision` (`Ok(None)`: absent then), or
+    /// `Err(compacted)` when the history no longer tells.
+    pub fn get_at(&self, key: &str, revision: u64) -> Result<Result<Option<KeyValue>, u64>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        let trees = self.inner.trees();
+        let compacted = match trees.events.first().map_err(sled_err("events"))? {
+            Some((rev, _)) => rev_of(&rev)?.saturating_sub(1),
+            None => self.revision(),
+        };
+        let last_change = |upto: u64| -> Result<Option<u64>, Error> {
+            let range = kv::history_key(key, 0)..=kv::history_key(key, upto);
+            match trees.history.range(range).next_back() {
+                Some(item) => {
+                    let (k, _) = item.map_err(sled_err("history"))?;
+                    Ok(Some(rev_of(&k[k.len() - 8..])?))
+                }
+                None => Ok(None),
+            }
+        };
+        if let Some(rev) = last_change(revision)? {
+            let event: Event = read_value(&trees.events, &rev.to_be_bytes(), "event")?
+                .ok_or_else(|| Error::Corrupt { path: "history".into(), reason: format!("no event at {rev}") })?;
+            return Ok(Ok((event.kind == EventKind::Put).then_some(event.kv)));
+        }
+        if revision <= compacted {
+            return Ok(Err(compacted));
+        }
+        // No change in (compacted, revision]: if none since either, the
+        // current state is the state then; otherwise it is compacted away.
+        if last_change(u64::MAX)?.is_some() {
+            return Ok(Err(compacted));
+        }
+        let value: Option<StoredValue> = read_value(&trees.kv, key.as_bytes(), "kv value")?;
+        Ok(Ok(value.map(|v| v.with_key(key.to_owned()))))
+    }
+
+    /// Changes to `key` still in the history, oldest first: the newest
+    /// `limit` (0 = all).
+    pub fn history(&self, key: &str, limit: usize) -> Result<Vec<(u64, Event)>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        let trees = self.inner.trees();
+        let mut out = Vec::new();
+        for item in trees.history.range(kv::history_key(key, 0)..=kv::history_key(key, u64::MAX)).rev() {
+            if limit != 0 && out.len() == limit {
+                break;
+            }
+            let (k, _) = item.map_err(sled_err("history"))?;
+            let rev = rev_of(&k[k.len() - 8..])?;
+            if let Some(event) = read_value::<Event>(&trees.events, &rev.to_be_bytes(), "event")? {
+                out.push((rev, event));
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Changes to keys starting with `prefix` at revisions `from..=` (at
+    /// most `max`), and the last revision looked at. The caller checks
+    /// `from` against [`StateReader::compacted`] first.
+    pub fn events(&self, from: u64, prefix: &str, max: usize) -> Result<(Vec<(u64, Event)>, u64), Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        let trees = self.inner.trees();
+        let mut last = self.revision();
+        let mut out = Vec::new();
+        for item in trees.events.range(from.to_be_bytes()..) {
+            let (k, raw) = item.map_err(sled_err("events"))?;
+            let rev = rev_of(&k)?;
+            if out.len() == max {
+                last = rev - 1;
+                break;
+            }
+            let event: Event = codec::decode("event", &raw)?;
+            if event.kv.key.starts_with(prefix) {
+                out.push((rev, event));
+            }
+        }
+        Ok((out, last.max(from.saturating_sub(1))))
     }
 
     /// A digest of the whole state at one applied index (no apply runs

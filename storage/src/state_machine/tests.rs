@@ -161,3 +161,73 @@ async fn a_batch_applies_each_command_with_its_own_result_and_dedup() {
     assert_eq!(reader.get("b").unwrap().unwrap().value, b"2");
     assert_eq!(reader.revision(), 3);
 }
+
+#[tokio::test]
+async fn history_reads_at_past_revisions_and_transactions_compare_first() {
+    use crate::kv::{Compare, EventKind, Txn, TxnOp, HISTORY_REVISIONS};
+    let tmp = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+    let reader = sm.reader();
+    sm.apply(vec![
+        entry(1, "", put("k", "v1")),
+        entry(2, "", put("other", "x")),
+        entry(3, "", put("k", "v2")),
+        entry(4, "", Op::Delete { key: "k".into() }),
+    ])
+    .await
+    .unwrap();
+    let at = |rev| reader.get_at("k", rev).unwrap().unwrap().map(|kv| kv.value);
+    assert_eq!((at(1), at(2), at(3), at(4)), (Some(b"v1".to_vec()), Some(b"v1".to_vec()), Some(b"v2".to_vec()), None));
+    let h = reader.history("k", 0).unwrap();
+    let kinds: Vec<(u64, EventKind)> = h.iter().map(|(r, e)| (*r, e.kind)).collect();
+    assert_eq!(kinds, vec![(1, EventKind::Put), (3, EventKind::Put), (4, EventKind::Delete)]);
+    let (events, last) = reader.events(2, "k", 100).unwrap();
+    assert_eq!((events.iter().map(|(r, _)| *r).collect::<Vec<_>>(), last), (vec![3, 4], 4));
+
+    // Compare-and-set: absent holds now; a stale mod revision does not.
+    let txn = |compares, success| Op::Txn(Box::new(Txn { compares, success, failure: vec![] }));
+    let set = |v: &str| vec![TxnOp::Put { key: "k".into(), value: v.as_bytes().to_vec() }];
+    let r = sm
+        .apply(vec![
+            entry(5, "", txn(vec![Compare::Absent { key: "k".into() }], set("v3"))),
+            entry(6, "", txn(vec![Compare::ModRevision { key: "k".into(), revision: 3 }], set("v4"))),
+            entry(7, "", txn(vec![Compare::ModRevision { key: "k".into(), revision: 5 }], set("v5"))),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(r[0], CommandResult::Txn { succeeded: true, revision: 5, failed: String::new() });
+    assert_eq!(
+        r[1],
+        CommandResult::Txn { succeeded: false, revision: 5, failed: "key k has mod revision 5, not 3".into() }
+    );
+    assert_eq!(r[2], CommandResult::Txn { succeeded: true, revision: 6, failed: String::new() });
+    assert_eq!(reader.get("k").unwrap().unwrap().value, b"v5");
+
+    // One in, one out: the history keeps the last HISTORY_REVISIONS changes.
+    let mut index = 8;
+    for batch in 0..(HISTORY_REVISIONS / 1000 + 1) {
+        let entries: Vec<_> = (0..1000)
+            .map(|i| {
+                index += 1;
+                entry(index, "", put(&format!("fill/{batch}/{i}"), "x"))
+            })
+            .collect();
+        sm.apply(entries).await.unwrap();
+    }
+    let compacted = reader.compacted().unwrap();
+    assert_eq!(compacted, reader.revision() - HISTORY_REVISIONS);
+    assert!(reader.get_at("k", 3).unwrap().is_err(), "revision 3 is compacted");
+    assert_eq!(reader.history("k", 0).unwrap().len(), 0);
+    // Unchanged since the window began: its current value answers.
+    assert_eq!(reader.get_at("k", compacted + 1).unwrap().unwrap().unwrap().value, b"v5");
+    // A snapshot carries the history: a fresh replica answers the same.
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let tmp2 = tempfile::tempdir().unwrap();
+    let (_log2, mut sm2) = open(tmp2.path(), &OpenOptions::default()).unwrap();
+    sm2.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    let r2 = sm2.reader();
+    assert_eq!(r2.compacted().unwrap(), compacted);
+    let last = reader.revision();
+    assert_eq!(r2.events(last, "", 10).unwrap(), reader.events(last, "", 10).unwrap());
+    assert_eq!(r2.get_at("fill/10/999", last).unwrap().unwrap().map(|kv| kv.mod_revision), Some(last));
+}
