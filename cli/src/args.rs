@@ -177,6 +177,9 @@ pub enum ConfigCmd {
         key: String,
         /// The value: up to 1 MiB.
         value: String,
+        /// Only if KEY's modify revision is N (0: only if KEY does not exist).
+        #[arg(long = "if-mod-rev", value_name = "N")]
+        if_mod_rev: Option<u64>,
     },
     /// Print KEY's value (exit 1 and "not found" on stderr if missing).
     Get {
@@ -185,11 +188,36 @@ pub enum ConfigCmd {
         /// Read this node's replica without a read-index round trip.
         #[arg(long)]
         serializable: bool,
+        /// KEY as it was at revision N.
+        #[arg(long = "rev", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        rev: Option<u64>,
     },
     /// Delete KEY (exit 1 if it did not exist).
     Delete {
         /// The key to delete.
         key: String,
+        /// Only if KEY's modify revision is N.
+        #[arg(long = "if-mod-rev", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        if_mod_rev: Option<u64>,
+    },
+    /// KEY's changes still kept, oldest first: revision, type, value.
+    History {
+        /// The key.
+        key: String,
+        /// Only the newest N changes.
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Print changes under PREFIX as they happen, one per line, until
+    /// interrupted (--json: one object per line with type, key, value,
+    /// revision).
+    Watch {
+        /// Key prefix; empty watches every key.
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Start at revision N (earlier changes included); default: now.
+        #[arg(long = "rev", value_name = "N", default_value_t = 0)]
+        rev: u64,
     },
     /// Every key starting with PREFIX, in order.
     List {

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use ferry_sdk::{Client, ClientOptions};
+use ferry_sdk::{pb, Client, ClientOptions};
 use serde_json::json;
 
 use crate::args::{ClientArgs, ClusterCmd, ConfigCmd};
@@ -49,6 +49,55 @@ pub async fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> u8 {
             Err(e) => fail(e),
         },
     }
+}
+
+/// One event as JSON: type, key, value (UTF-8, lossy), revision, and the
+/// key's create revision and version.
+fn event_json(e: &pb::Event, revision: u64) -> serde_json::Value {
+    let kind = if e.r#type == pb::event::Type::Delete as i32 { "DELETE" } else { "PUT" };
+    let kv = e.kv.clone().unwrap_or_default();
+    json!({
+        "type": kind,
+        "key": kv.key,
+        "value": String::from_utf8_lossy(&kv.value),
+        "revision": revision,
+        "create_revision": kv.create_revision,
+        "version": kv.version,
+    })
+}
+
+async fn watch(c: &Client, prefix: &str, rev: u64, json_out: bool) -> u8 {
+    let mut w = c.watch(prefix, rev);
+    while let Some(msg) = w.next().await {
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("watch: {e}; retrying");
+                continue;
+            }
+        };
+        let at = msg.header.as_ref().map(|h| h.revision).unwrap_or(0);
+        for e in &msg.events {
+            // A snapshot's values are as of the header's revision.
+            let revision = if msg.snapshot { at } else { e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(at) };
+            let mut line = event_json(e, revision);
+            if msg.snapshot {
+                line["snapshot"] = json!(true);
+            }
+            if json_out {
+                print_json(&line);
+            } else {
+                let kind = line["type"].as_str().unwrap_or("");
+                let tag = if msg.snapshot { " (current value)" } else { "" };
+                println!(
+                    "{revision} {kind} {}={}{tag}",
+                    line["key"].as_str().unwrap_or(""),
+                    line["value"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    0
 }
 
 fn membership(as_json: bool, what: &str, r: ferry_sdk::pb::MembershipResponse) {
@@ -124,7 +173,10 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
         Err(e) => return fail(e),
     };
     match cmd {
-        ConfigCmd::Put { key, value } => match c.put(&key, value.into_bytes()).await {
+        ConfigCmd::Put { key, value, if_mod_rev } => match match if_mod_rev {
+            None => c.put(&key, value.into_bytes()).await,
+            Some(rev) => c.put_if(&key, value.into_bytes(), rev).await,
+        } {
             Ok(p) => {
                 if args.json {
                     print_json(
@@ -137,7 +189,10 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
             }
             Err(e) => fail(e),
         },
-        ConfigCmd::Get { key, serializable } => match c.get_with(&key, serializable).await {
+        ConfigCmd::Get { key, serializable, rev } => match match rev {
+            None => c.get_with(&key, serializable).await,
+            Some(rev) => c.get_at(&key, rev).await,
+        } {
             Ok(Some(kv)) => {
                 if args.json {
                     print_json(&kv_json(&kv));
@@ -154,7 +209,10 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
             }
             Err(e) => fail(e),
         },
-        ConfigCmd::Delete { key } => match c.delete(&key).await {
+        ConfigCmd::Delete { key, if_mod_rev } => match match if_mod_rev {
+            None => c.delete(&key).await,
+            Some(rev) => c.delete_if(&key, rev).await,
+        } {
             Ok(deleted) => {
                 if args.json {
                     print_json(&json!({"key": key, "deleted": deleted}));
@@ -185,5 +243,25 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
             }
             Err(e) => fail(e),
         },
+        ConfigCmd::History { key, limit } => match c.history(&key, limit).await {
+            Ok(h) => {
+                for e in h.events {
+                    let line = event_json(&e, e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0));
+                    if args.json {
+                        print_json(&line);
+                    } else {
+                        println!(
+                            "{} {} {}",
+                            line["revision"],
+                            line["type"].as_str().unwrap_or(""),
+                            line["value"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                0
+            }
+            Err(e) => fail(e),
+        },
+        ConfigCmd::Watch { prefix, rev } => watch(&c, &prefix, rev, args.json).await,
     }
 }

@@ -2,10 +2,15 @@
 //! log (a follower forwards them to the leader); reads pass a read-index
 //! barrier unless the caller asks for a serializable read.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_proto::pb::{self, config_service_client::ConfigServiceClient, config_service_server::ConfigService};
+use ferry_storage::kv::{Compare, Event, EventKind, Txn, TxnOp};
 use ferry_storage::{kv, Command, CommandResult, KeyValue, Op};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -30,6 +35,138 @@ fn invalid(reason: String) -> Status {
     Error::InvalidArgument(reason).into()
 }
 
+fn event_to_pb(event: Event) -> pb::Event {
+    let kind = match event.kind {
+        EventKind::Put => pb::event::Type::Put,
+        EventKind::Delete => pb::event::Type::Delete,
+    };
+    pb::Event { r#type: kind as i32, kv: Some(to_pb(event.kv)) }
+}
+
+/// The compare a put or delete with `if_mod_revision` stands for.
+fn compare_for(key: &str, if_mod_revision: u64) -> Compare {
+    match if_mod_revision {
+        0 => Compare::Absent { key: key.to_string() },
+        revision => Compare::ModRevision { key: key.to_string(), revision },
+    }
+}
+
+fn txn_from_pb(req: &pb::TxnRequest) -> Result<Txn, Status> {
+    let compares = req
+        .compares
+        .iter()
+        .map(|c| match c.target {
+            Some(pb::compare::Target::ModRevision(revision)) => {
+                Ok(Compare::ModRevision { key: c.key.clone(), revision })
+            }
+            Some(pb::compare::Target::Absent(true)) => Ok(Compare::Absent { key: c.key.clone() }),
+            _ => Err(invalid(format!("compares: the compare on {} needs mod_revision or absent = true", c.key))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ops = |ops: &[pb::TxnOp], field: &str| {
+        ops.iter()
+            .map(|o| match &o.op {
+                Some(pb::txn_op::Op::Put(p)) => Ok(TxnOp::Put { key: p.key.clone(), value: p.value.clone() }),
+                Some(pb::txn_op::Op::Delete(d)) => Ok(TxnOp::Delete { key: d.key.clone() }),
+                None => Err(invalid(format!("{field}: an op without put or delete"))),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(Txn { compares, success: ops(&req.success, "success")?, failure: ops(&req.failure, "failure")? })
+}
+
+/// Events sent in one watch message at most.
+const WATCH_BATCH: usize = 1000;
+
+/// Feeds one watch stream until the client goes away.
+async fn run_watch(
+    node: Arc<Node>,
+    req: pb::WatchRequest,
+    tx: &mpsc::Sender<Result<pb::WatchResponse, Status>>,
+) -> Result<(), Status> {
+    let reader = node.reader.clone();
+    let mut changed = reader.subscribe();
+    let every = Duration::from_millis(match req.progress_interval_ms {
+        0 => 5000,
+        ms => ms.max(100) as u64,
+    });
+    let header = |revision: u64| {
+        let mut h = node.header();
+        h.revision = revision;
+        h
+    };
+    let mut next = if req.start_revision == 0 { reader.revision() + 1 } else { req.start_revision };
+    let mut idle_since = tokio::time::Instant::now();
+    loop {
+        let compacted = reader.compacted().map_err(Error::from)?;
+        if next <= compacted {
+            // Behind the history (at the start, or a watcher too slow to
+            // keep up): the current values at R, then changes after R.
+            let (kvs, revision) = reader.list_at_revision(&req.prefix).map_err(Error::from)?;
+            let mut events: Vec<pb::Event> =
+                kvs.into_iter().map(|kv| event_to_pb(Event { kind: EventKind::Put, kv })).collect();
+            loop {
+                let rest = events.split_off(events.len().min(WATCH_BATCH));
+                let msg = pb::WatchResponse {
+                    header: Some(header(revision)),
+                    events,
+                    snapshot: true,
+                    compact_revision: compacted,
+                    progress: false,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return Ok(());
+                }
+                if rest.is_empty() {
+                    break;
+                }
+                events = rest;
+            }
+            next = revision + 1;
+            idle_since = tokio::time::Instant::now();
+        }
+        let (events, upto) = reader.events(next, &req.prefix, WATCH_BATCH).map_err(Error::from)?;
+        if !events.is_empty() {
+            let msg = pb::WatchResponse {
+                header: Some(header(upto)),
+                events: events.into_iter().map(|(_, e)| event_to_pb(e)).collect(),
+                snapshot: false,
+                compact_revision: compacted,
+                progress: false,
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return Ok(());
+            }
+            idle_since = tokio::time::Instant::now();
+        }
+        if upto >= next {
+            next = upto + 1;
+            continue;
+        }
+        tokio::select! {
+            r = changed.changed() => {
+                if r.is_err() {
+                    return Err(Status::unavailable("this scheduler is stopping; watch again from the last revision + 1"));
+                }
+            }
+            _ = tokio::time::sleep_until(idle_since + every) => {
+                let msg = pb::WatchResponse {
+                    header: Some(header(next - 1)),
+                    events: vec![],
+                    snapshot: false,
+                    compact_revision: compacted,
+                    progress: true,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return Ok(());
+                }
+                idle_since = tokio::time::Instant::now();
+            }
+            _ = tx.closed() => return Ok(()),
+        }
+    }
+}
+
 impl ConfigServiceImpl {
     fn client(&self, addr: &str) -> Result<ConfigServiceClient<tonic::transport::Channel>, Status> {
         Ok(ConfigServiceClient::new(self.node.peers.channel(addr)?)
@@ -50,7 +187,15 @@ impl ConfigService for ConfigServiceImpl {
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let was_forwarded = is_forwarded(&request);
         let mut req = request.into_inner();
-        let cmd = Self::command(&req.request_id, Op::Put { key: req.key.clone(), value: req.value.clone() })?;
+        let op = match req.if_mod_revision {
+            None => Op::Put { key: req.key.clone(), value: req.value.clone() },
+            Some(rev) => Op::Txn(Box::new(Txn {
+                compares: vec![compare_for(&req.key, rev)],
+                success: vec![TxnOp::Put { key: req.key.clone(), value: req.value.clone() }],
+                failure: vec![],
+            })),
+        };
+        let cmd = Self::command(&req.request_id, op)?;
         req.request_id = cmd.request_id.clone();
         match self.node.propose(cmd, was_forwarded).await? {
             Proposal::Forward(addr) => self.client(&addr)?.put(forwarded(req, self.node.op_timeout())).await,
@@ -58,6 +203,21 @@ impl ConfigService for ConfigServiceImpl {
                 let mut header = self.node.header();
                 header.revision = revision;
                 Ok(Response::new(pb::PutResponse { header: Some(header), create_revision, version }))
+            }
+            Proposal::Applied(CommandResult::Txn { succeeded: true, revision, .. }) => {
+                // The put's own revision: read its create revision and
+                // version back from the history.
+                let kv = self.node.reader.get_at(&req.key, revision).map_err(Error::from)?.ok().flatten();
+                let mut header = self.node.header();
+                header.revision = revision;
+                Ok(Response::new(pb::PutResponse {
+                    header: Some(header),
+                    create_revision: kv.as_ref().map(|k| k.create_revision).unwrap_or(revision),
+                    version: kv.map(|k| k.version).unwrap_or(1),
+                }))
+            }
+            Proposal::Applied(CommandResult::Txn { failed, .. }) => {
+                Err(Error::FailedPrecondition(format!("not applied: {failed}")).into())
             }
             Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
             Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for put: {other:?}"))),
@@ -68,6 +228,26 @@ impl ConfigService for ConfigServiceImpl {
         let req = request.into_inner();
         kv::validate_key(&req.key).map_err(invalid)?;
         self.node.read_barrier(req.serializable).await?;
+        if req.revision != 0 {
+            let current = self.node.reader.revision();
+            if req.revision > current {
+                return Err(Status::out_of_range(format!(
+                    "revision: {} is in the future (current revision {current})",
+                    req.revision
+                )));
+            }
+            return match self.node.reader.get_at(&req.key, req.revision).map_err(Error::from)? {
+                Ok(kv) => {
+                    let mut header = self.node.header();
+                    header.revision = req.revision;
+                    Ok(Response::new(pb::GetResponse { header: Some(header), kv: kv.map(to_pb) }))
+                }
+                Err(compacted) => Err(Status::out_of_range(format!(
+                    "revision: {} is compacted (history kept after revision {compacted})",
+                    req.revision
+                ))),
+            };
+        }
         let kv = self.node.reader.get(&req.key).map_err(Error::from)?;
         Ok(Response::new(pb::GetResponse { header: Some(self.node.header()), kv: kv.map(to_pb) }))
     }
@@ -75,7 +255,15 @@ impl ConfigService for ConfigServiceImpl {
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         let was_forwarded = is_forwarded(&request);
         let mut req = request.into_inner();
-        let cmd = Self::command(&req.request_id, Op::Delete { key: req.key.clone() })?;
+        let op = match req.if_mod_revision {
+            None => Op::Delete { key: req.key.clone() },
+            Some(rev) => Op::Txn(Box::new(Txn {
+                compares: vec![compare_for(&req.key, rev)],
+                success: vec![TxnOp::Delete { key: req.key.clone() }],
+                failure: vec![],
+            })),
+        };
+        let cmd = Self::command(&req.request_id, op)?;
         req.request_id = cmd.request_id.clone();
         match self.node.propose(cmd, was_forwarded).await? {
             Proposal::Forward(addr) => self.client(&addr)?.delete(forwarded(req, self.node.op_timeout())).await,
@@ -83,6 +271,14 @@ impl ConfigService for ConfigServiceImpl {
                 let mut header = self.node.header();
                 header.revision = revision;
                 Ok(Response::new(pb::DeleteResponse { header: Some(header), deleted }))
+            }
+            Proposal::Applied(CommandResult::Txn { succeeded: true, revision, .. }) => {
+                let mut header = self.node.header();
+                header.revision = revision;
+                Ok(Response::new(pb::DeleteResponse { header: Some(header), deleted: true }))
+            }
+            Proposal::Applied(CommandResult::Txn { failed, .. }) => {
+                Err(Error::FailedPrecondition(format!("not applied: {failed}")).into())
             }
             Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
             Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for delete: {other:?}"))),
@@ -101,5 +297,53 @@ impl ConfigService for ConfigServiceImpl {
             kvs: kvs.into_iter().map(to_pb).collect(),
             more,
         }))
+    }
+
+    async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        let req = request.into_inner();
+        kv::validate_key(&req.key).map_err(invalid)?;
+        self.node.read_barrier(req.serializable).await?;
+        let events = self.node.reader.history(&req.key, req.limit as usize).map_err(Error::from)?;
+        let compact_revision = self.node.reader.compacted().map_err(Error::from)?;
+        Ok(Response::new(pb::HistoryResponse {
+            header: Some(self.node.header()),
+            events: events.into_iter().map(|(_, e)| event_to_pb(e)).collect(),
+            compact_revision,
+        }))
+    }
+
+    async fn txn(&self, request: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let was_forwarded = is_forwarded(&request);
+        let mut req = request.into_inner();
+        let txn = txn_from_pb(&req)?;
+        let cmd = Self::command(&req.request_id, Op::Txn(Box::new(txn)))?;
+        req.request_id = cmd.request_id.clone();
+        match self.node.propose(cmd, was_forwarded).await? {
+            Proposal::Forward(addr) => self.client(&addr)?.txn(forwarded(req, self.node.op_timeout())).await,
+            Proposal::Applied(CommandResult::Txn { succeeded, revision, failed }) => {
+                let mut header = self.node.header();
+                header.revision = revision;
+                Ok(Response::new(pb::TxnResponse { header: Some(header), succeeded, failed }))
+            }
+            Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
+            Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for txn: {other:?}"))),
+        }
+    }
+
+    type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        if req.prefix.len() > kv::MAX_KEY_BYTES {
+            return Err(invalid(format!("prefix: must be at most {} bytes", kv::MAX_KEY_BYTES)));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            if let Err(status) = run_watch(node, req, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -299,7 +299,31 @@ impl Client {
                 value.len()
             ))));
         }
-        let msg = pb::PutRequest { key: key.to_string(), value, request_id: request_id() };
+        let msg = pb::PutRequest { key: key.to_string(), value, request_id: request_id(), if_mod_revision: None };
+        self.put_request(msg).await
+    }
+
+    /// Compare-and-set: writes `key` only if its modify revision is
+    /// `if_mod_revision` (0: only if it does not exist). Otherwise
+    /// [`Error::Rejected`] with `FailedPrecondition`, naming what differed.
+    pub async fn put_if(&self, key: &str, value: Vec<u8>, if_mod_revision: u64) -> Result<Put, Error> {
+        check_key(key)?;
+        let msg = pb::PutRequest {
+            key: key.to_string(),
+            value,
+            request_id: request_id(),
+            if_mod_revision: Some(if_mod_revision),
+        };
+        self.put_request(msg).await
+    }
+
+    async fn put_request(&self, msg: pb::PutRequest) -> Result<Put, Error> {
+        if msg.value.len() > MAX_VALUE_BYTES {
+            return Err(Error::Rejected(tonic::Status::invalid_argument(format!(
+                "value: must be at most {MAX_VALUE_BYTES} bytes (1 MiB), got {}",
+                msg.value.len()
+            ))));
+        }
         let resp = self
             .call("put", |ch, t| {
                 let msg = msg.clone();
@@ -324,7 +348,7 @@ impl Client {
     /// Reads `key`; `serializable` reads the answering node's replica
     /// without a read-index round trip (may be stale).
     pub async fn get_with(&self, key: &str, serializable: bool) -> Result<Option<KeyValue>, Error> {
-        let msg = pb::GetRequest { key: key.to_string(), serializable };
+        let msg = pb::GetRequest { key: key.to_string(), serializable, revision: 0 };
         let resp = self
             .call("get", |ch, t| {
                 let msg = msg.clone();
@@ -334,10 +358,107 @@ impl Client {
         Ok(resp.into_inner().kv.map(KeyValue::from))
     }
 
+    /// `key` as it was at `revision`; `OutOfRange` if that is compacted.
+    pub async fn get_at(&self, key: &str, revision: u64) -> Result<Option<KeyValue>, Error> {
+        let msg = pb::GetRequest { key: key.to_string(), serializable: false, revision };
+        let resp = self
+            .call("get", |ch, t| {
+                let msg = msg.clone();
+                async move { Self::config_client(ch).get(Self::request(msg, t)).await }
+            })
+            .await?;
+        Ok(resp.into_inner().kv.map(KeyValue::from))
+    }
+
+    /// The changes to `key` still in the history, oldest first (the newest
+    /// `limit`; 0 = all).
+    pub async fn history(&self, key: &str, limit: u32) -> Result<pb::HistoryResponse, Error> {
+        let msg = pb::HistoryRequest { key: key.to_string(), limit, serializable: false };
+        self.call("history", |ch, t| {
+            let msg = msg.clone();
+            async move { Self::config_client(ch).history(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// Compare, then write, atomically. A request id is set if missing, so
+    /// retries apply once.
+    pub async fn txn(&self, mut msg: pb::TxnRequest) -> Result<pb::TxnResponse, Error> {
+        if msg.request_id.is_empty() {
+            msg.request_id = request_id();
+        }
+        self.call("txn", |ch, t| {
+            let msg = msg.clone();
+            async move { Self::config_client(ch).txn(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// Watches keys under `prefix` from `start_revision` (0: from now). The
+    /// returned [`Watch`] reconnects on its own (to any scheduler) and
+    /// resumes after the last revision it delivered, so it sees every
+    /// change once and in order across leader changes.
+    pub fn watch(&self, prefix: &str, start_revision: u64) -> Watch {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let client = self.clone();
+        let prefix = prefix.to_string();
+        tokio::spawn(async move {
+            let mut next = start_revision;
+            loop {
+                let msg = pb::WatchRequest { prefix: prefix.clone(), start_revision: next, progress_interval_ms: 0 };
+                let stream = client
+                    .call("watch", |ch, _| {
+                        let msg = msg.clone();
+                        async move { Self::config_client(ch).watch(tonic::Request::new(msg)).await }
+                    })
+                    .await;
+                let mut stream = match stream {
+                    Ok(s) => s.into_inner(),
+                    Err(e) => {
+                        if tx.send(Err(e)).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                while let Ok(Some(resp)) = stream.message().await {
+                    let revision = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
+                    if revision + 1 > next {
+                        next = revision + 1;
+                    }
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return;
+                    }
+                }
+                tracing::debug!(next, "watch stream ended; resuming");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        Watch { rx }
+    }
+
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, Error> {
         check_key(key)?;
-        let msg = pb::DeleteRequest { key: key.to_string(), request_id: request_id() };
+        let msg = pb::DeleteRequest { key: key.to_string(), request_id: request_id(), if_mod_revision: None };
+        self.delete_request(msg).await
+    }
+
+    /// Compare-and-delete: only if `key`'s modify revision is `if_mod_revision`.
+    pub async fn delete_if(&self, key: &str, if_mod_revision: u64) -> Result<bool, Error> {
+        check_key(key)?;
+        let msg = pb::DeleteRequest {
+            key: key.to_string(),
+            request_id: request_id(),
+            if_mod_revision: Some(if_mod_revision),
+        };
+        self.delete_request(msg).await
+    }
+
+    async fn delete_request(&self, msg: pb::DeleteRequest) -> Result<bool, Error> {
         let resp = self
             .call("delete", |ch, t| {
                 let msg = msg.clone();
@@ -490,5 +611,20 @@ impl Client {
         })
         .await
         .map(|r| r.into_inner().workers)
+    }
+}
+
+/// A watch on keys under a prefix (see [`Client::watch`]). Dropping it stops
+/// the watch.
+pub struct Watch {
+    rx: tokio::sync::mpsc::Receiver<Result<pb::WatchResponse, Error>>,
+}
+
+impl Watch {
+    /// The next message: changes (in revision order), a snapshot of the
+    /// current values (when the start revision was compacted), or progress.
+    /// An `Err` reports a failed reconnect; the watch keeps trying.
+    pub async fn next(&mut self) -> Option<Result<pb::WatchResponse, Error>> {
+        self.rx.recv().await
     }
 }

@@ -1,0 +1,155 @@
+//! Configuration keys over real scheduler processes: watches across leader
+//! kills, history, reads at a past revision, compare-and-set.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{ferry, Schedulers, FERRY};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_sees_every_revision_once_and_in_order_across_two_leader_kills() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    let leader = sched.agreed_leader(&[1, 2, 3]).await;
+    let start = c.put("w/start", b"0".to_vec()).await.expect("first put").revision;
+
+    // The watcher talks to the leader first, so killing it cuts the stream.
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
+    let watcher = sched.client(&[leader, others[0], others[1]]);
+    let mut watch = watcher.watch("w/", start);
+    let collector = tokio::spawn(async move {
+        let mut seen: Vec<(u64, String)> = Vec::new();
+        while let Some(msg) = watch.next().await {
+            let Ok(msg) = msg else { continue };
+            assert!(!msg.snapshot, "nothing was compacted, so no snapshot is due");
+            for e in msg.events {
+                let kv = e.kv.expect("event kv");
+                seen.push((kv.mod_revision, kv.key.clone()));
+                if kv.key == "w/end" {
+                    return seen;
+                }
+            }
+        }
+        seen
+    });
+
+    let mut expected = vec![(start, "w/start".to_string())];
+    let mut killed = leader;
+    for i in 0..240 {
+        if i == 80 {
+            sched.kill9(killed);
+        }
+        if i == 160 {
+            // Bring the first one back, then kill whoever leads now.
+            sched.restart(killed);
+            killed = sched.agreed_leader(&[1, 2, 3]).await;
+            sched.kill9(killed);
+        }
+        // Keys outside the prefix take revisions the watcher must skip.
+        if i % 3 == 0 {
+            c.put(&format!("other/{i}"), b"x".to_vec()).await.expect("put other");
+        }
+        let key = format!("w/{i}");
+        let p = c.put(&key, i.to_string().into_bytes()).await.expect("put during failovers");
+        expected.push((p.revision, key));
+    }
+    let end = c.put("w/end", b"end".to_vec()).await.expect("last put");
+    expected.push((end.revision, "w/end".into()));
+
+    let seen = tokio::time::timeout(Duration::from_secs(60), collector)
+        .await
+        .expect("the watch delivered w/end within 60 s")
+        .expect("collector");
+    assert_eq!(seen, expected, "every revision once, in order\n{}", sched.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_past_reads_and_compare_and_set_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    let endpoints = sched.addrs.join(",");
+    let run = |args: &[&str]| {
+        let mut all = vec!["--endpoints", &endpoints, "--json"];
+        all.extend_from_slice(args);
+        let out = ferry(&all);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let rev = |stdout: &str| -> u64 {
+        serde_json::from_str::<serde_json::Value>(stdout).expect("json")["revision"].as_u64().expect("revision")
+    };
+
+    // A `watch --json` process started before the writes prints each change.
+    let mut watcher = Command::new(FERRY)
+        .args(["--endpoints", &endpoints, "--json", "config", "watch", "color"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn watch");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (code, out, _) = run(&["config", "put", "color", "red"]);
+    assert_eq!(code, Some(0));
+    let r1 = rev(&out);
+    let (_, out, _) = run(&["config", "put", "color", "blue"]);
+    let r2 = rev(&out);
+
+    // Compare-and-set: a stale revision and "must be absent" both refuse.
+    let (code, _, err) = run(&["config", "put", "color", "green", "--if-mod-rev", &r1.to_string()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("key color has mod revision {r2}, not {r1}")), "{err}");
+    let (code, _, err) = run(&["config", "put", "color", "green", "--if-mod-rev", "0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("key color exists"), "{err}");
+    let (code, out, _) = run(&["config", "put", "color", "green", "--if-mod-rev", &r2.to_string()]);
+    assert_eq!(code, Some(0));
+    let r3 = rev(&out);
+    let (code, _, err) = run(&["config", "put", "fresh", "1", "--if-mod-rev", "5"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("key fresh does not exist"), "{err}");
+
+    // Past reads and history.
+    let (code, out, _) = run(&["config", "get", "color", "--rev", &r1.to_string()]);
+    assert_eq!(code, Some(0));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).expect("json")["value"], "red");
+    let (code, out, _) = run(&["config", "history", "color"]);
+    assert_eq!(code, Some(0));
+    let values: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json line")["value"].as_str().unwrap_or("").into()
+        })
+        .collect();
+    assert_eq!(values, ["red", "blue", "green"]);
+    let (code, _, err) = run(&["config", "get", "color", "--rev", "999999"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("in the future"), "{err}");
+
+    // The watcher printed the three changes, one JSON object per line.
+    let stdout = watcher.stdout.take().expect("stdout");
+    let lines = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout).lines().take(3).map(|l| l.expect("line")).collect::<Vec<_>>()
+    });
+    let lines = tokio::time::timeout(Duration::from_secs(20), lines).await.expect("three watch lines").expect("reader");
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    let got: Vec<(String, String, u64)> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            (
+                v["type"].as_str().unwrap_or("").into(),
+                v["value"].as_str().unwrap_or("").into(),
+                v["revision"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String, u64)> =
+        [("red", r1), ("blue", r2), ("green", r3)].iter().map(|(v, r)| ("PUT".into(), v.to_string(), *r)).collect();
+    assert_eq!(got, want);
+}
