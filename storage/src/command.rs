@@ -49,6 +49,29 @@ pub enum Op {
     JobEvents(Vec<JobEvent>),
     /// Compare-and-write on configuration keys, atomically.
     Txn(Box<Txn>),
+    /// Create a lease (its id chosen by the proposer; an existing id is refused).
+    LeaseGrant {
+        /// Lease id, not 0.
+        id: u64,
+        /// Time to live.
+        ttl_ms: u64,
+    },
+    /// End leases and delete every key bound to them (explicit revokes and
+    /// the leader's expiries, batched).
+    LeaseRevoke {
+        /// The leases; unknown ids are skipped.
+        ids: Vec<u64>,
+    },
+    /// Create or replace a key bound to a lease (it goes when the lease ends).
+    PutLeased {
+        /// The key.
+        key: String,
+        /// The value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        /// A live lease.
+        lease: u64,
+    },
 }
 
 /// The result of applying one log entry.
@@ -82,6 +105,20 @@ pub enum CommandResult {
         /// Why, naming the field.
         reason: String,
     },
+    /// A lease was granted.
+    LeaseGranted {
+        /// Its id.
+        id: u64,
+        /// Its TTL.
+        ttl_ms: u64,
+    },
+    /// Leases ended.
+    LeasesRevoked {
+        /// Cluster revision after their keys were deleted.
+        revision: u64,
+        /// The ids that existed.
+        revoked: Vec<u64>,
+    },
     /// A transaction ran.
     Txn {
         /// Whether every compare held (so `success` was applied).
@@ -104,6 +141,9 @@ impl Command {
                 Op::RegisterWorker(w) => 256 + w.name.len() + w.roots.iter().map(String::len).sum::<usize>(),
                 Op::CreateJob(job) => 512 + job.files.iter().map(|f| 64 + f.chunks.len() * 48).sum::<usize>(),
                 Op::JobEvents(events) => events.len() * 64,
+                Op::LeaseGrant { .. } => 16,
+                Op::LeaseRevoke { ids } => ids.len() * 8,
+                Op::PutLeased { key, value, .. } => key.len() + value.len() + 8,
                 Op::Txn(t) => {
                     let op_size = |o: &crate::kv::TxnOp| match o {
                         crate::kv::TxnOp::Put { key, value } => key.len() + value.len(),
@@ -142,6 +182,21 @@ impl Command {
             }
             Op::JobEvents(_) => Ok(()),
             Op::Txn(t) => t.validate(),
+            Op::LeaseGrant { id, ttl_ms } => {
+                if *id == 0 {
+                    return Err("id: a lease id is never 0".into());
+                }
+                crate::kv::validate_ttl(*ttl_ms)
+            }
+            Op::LeaseRevoke { .. } => Ok(()),
+            Op::PutLeased { key, value, lease } => {
+                crate::kv::validate_key(key)?;
+                crate::kv::validate_value(value)?;
+                if *lease == 0 {
+                    return Err("lease: 0 is not a lease id".into());
+                }
+                Ok(())
+            }
             Op::Batch(commands) => {
                 for c in commands {
                     if matches!(c.op, Op::Batch(_)) {

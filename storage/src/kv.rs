@@ -178,3 +178,28 @@ impl Txn {
         Ok(())
     }
 }
+
+/// Shortest lease TTL.
+pub const MIN_LEASE_TTL_MS: u64 = 1000;
+/// Longest lease TTL.
+pub const MAX_LEASE_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// A lease as replicated: its TTL and the keys bound to it. When it runs
+/// out is leader soft state (the leader's monotonic clock), never logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Id (never 0).
+    pub id: u64,
+    /// Time to live without a keep-alive.
+    pub ttl_ms: u64,
+    /// Keys removed when the lease ends.
+    pub keys: Vec<String>,
+}
+
+/// `ttl`: 1 s to 1 day.
+pub fn validate_ttl(ttl_ms: u64) -> Result<(), String> {
+    if !(MIN_LEASE_TTL_MS..=MAX_LEASE_TTL_MS).contains(&ttl_ms) {
+        return Err(format!("ttl: must be between 1s and 1 day, got {ttl_ms} ms"));
+    }
+    Ok(())
+}

@@ -51,6 +51,8 @@ pub(crate) enum Record {
         revision: u64,
         event: crate::kv::Event,
     },
+    /// A lease and its keys.
+    Lease(crate::kv::Lease),
 }
 
 fn io_err(op: &'static str) -> impl Fn(std::io::Error) -> Error {

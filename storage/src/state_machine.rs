@@ -58,9 +58,13 @@ struct Trees {
     events: sled::Tree,
     /// [`kv::history_key`] (key, revision) -> nothing: each key's changes.
     history: sled::Tree,
+    /// lease id (big-endian) -> [`kv::Lease`].
+    leases: sled::Tree,
+    /// key -> the lease (big-endian id) it is bound to.
+    key_lease: sled::Tree,
 }
 
-const TREE_NAMES: [&str; 7] = ["meta", "kv", "dedup", "workers", "jobs", "events", "history"];
+const TREE_NAMES: [&str; 9] = ["meta", "kv", "dedup", "workers", "jobs", "events", "history", "leases", "key_lease"];
 
 impl Trees {
     fn open(dir: &DataDir, generation: u64) -> Result<Self, Error> {
@@ -73,6 +77,8 @@ impl Trees {
             jobs: dir.tree(&format!("sm{generation}_jobs"))?,
             events: dir.tree(&format!("sm{generation}_events"))?,
             history: dir.tree(&format!("sm{generation}_history"))?,
+            leases: dir.tree(&format!("sm{generation}_leases"))?,
+            key_lease: dir.tree(&format!("sm{generation}_key_lease"))?,
         })
     }
 
@@ -197,9 +203,19 @@ impl StateMachineStore {
     fn apply_batch(&self, entries: &[Entry<TypeConfig>]) -> Result<Vec<CommandResult>, Error> {
         let _exclusive = self.inner.view.write().unwrap_or_else(|e| e.into_inner());
         let trees = self.inner.trees();
-        let all = (&trees.meta, &trees.kv, &trees.dedup, &trees.workers, &trees.jobs, &trees.events, &trees.history);
-        let result = all.transaction(|(meta, kv, dedup, workers, jobs, events, history)| {
-            let tx = Tx { kv, dedup, workers, jobs, events, history };
+        let all = (
+            &trees.meta,
+            &trees.kv,
+            &trees.dedup,
+            &trees.workers,
+            &trees.jobs,
+            &trees.events,
+            &trees.history,
+            &trees.leases,
+            &trees.key_lease,
+        );
+        let result = all.transaction(|(meta, kv, dedup, workers, jobs, events, history, leases, key_lease)| {
+            let tx = Tx { kv, dedup, workers, jobs, events, history, leases, key_lease };
             let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
             let mut results = Vec::with_capacity(entries.len());
             let mut membership = None;
@@ -277,6 +293,10 @@ impl StateMachineStore {
             let (_, raw) = item.map_err(sled_err("read jobs"))?;
             w.record(&Record::Job(Box::new(codec::decode("job", &raw)?)))?;
         }
+        for item in trees.leases.iter() {
+            let (_, raw) = item.map_err(sled_err("read leases"))?;
+            w.record(&Record::Lease(codec::decode("lease", &raw)?))?;
+        }
         for item in trees.events.iter() {
             let (rev, raw) = item.map_err(sled_err("read events"))?;
             let revision = rev_of(&rev)?;
@@ -341,7 +361,17 @@ impl StateMachineStore {
         let (mut reader, header) = snapshot::Reader::new(file)?;
         let old = self.inner.trees();
         let next = Trees::open(&self.inner.dir, old.generation + 1)?;
-        for tree in [&next.meta, &next.kv, &next.dedup, &next.workers, &next.jobs, &next.events, &next.history] {
+        for tree in [
+            &next.meta,
+            &next.kv,
+            &next.dedup,
+            &next.workers,
+            &next.jobs,
+            &next.events,
+            &next.history,
+            &next.leases,
+            &next.key_lease,
+        ] {
             tree.clear().map_err(sled_err("clear"))?;
         }
         let mut batch_kv = sled::Batch::default();
@@ -376,6 +406,16 @@ impl StateMachineStore {
                     next.history
                         .insert(kv::history_key(&event.kv.key, revision), &[])
                         .map_err(sled_err("load history"))?;
+                }
+                Record::Lease(lease) => {
+                    let raw = codec::encode("lease", &lease)?;
+                    pending_bytes += raw.len();
+                    for key in &lease.keys {
+                        next.key_lease
+                            .insert(key.as_bytes(), &lease.id.to_be_bytes())
+                            .map_err(sled_err("load leases"))?;
+                    }
+                    next.leases.insert(lease.id.to_be_bytes(), raw).map_err(sled_err("load leases"))?;
                 }
                 Record::End { .. } => {}
             }
@@ -454,6 +494,8 @@ struct Tx<'a> {
     jobs: &'a TransactionalTree,
     events: &'a TransactionalTree,
     history: &'a TransactionalTree,
+    leases: &'a TransactionalTree,
+    key_lease: &'a TransactionalTree,
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<Error>>;
@@ -480,7 +522,37 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Binds `key` to `lease` (0: to none), unbinding it from any other.
+    fn bind(&self, key: &str, lease: u64) -> TxResult<()> {
+        let old =
+            self.key_lease.get(key.as_bytes())?.and_then(|raw| raw.as_ref().try_into().ok().map(u64::from_be_bytes));
+        if old == Some(lease) || (old.is_none() && lease == 0) {
+            return Ok(());
+        }
+        if let Some(old) = old {
+            if let Some(mut l) = tx_read::<kv::Lease>(self.leases, &old.to_be_bytes(), "lease")? {
+                l.keys.retain(|k| k != key);
+                tx_write(self.leases, &old.to_be_bytes(), &l, "lease")?;
+            }
+            self.key_lease.remove(key.as_bytes())?;
+        }
+        if lease != 0 {
+            if let Some(mut l) = tx_read::<kv::Lease>(self.leases, &lease.to_be_bytes(), "lease")? {
+                l.keys.push(key.to_owned());
+                tx_write(self.leases, &lease.to_be_bytes(), &l, "lease")?;
+                self.key_lease.insert(key.as_bytes(), &lease.to_be_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
     fn put(&self, revision: &mut u64, key: &str, value: &[u8]) -> TxResult<StoredValue> {
+        // A plain put unbinds the key from its lease, as in etcd.
+        self.bind(key, 0)?;
+        self.put_value(revision, key, value)
+    }
+
+    fn put_value(&self, revision: &mut u64, key: &str, value: &[u8]) -> TxResult<StoredValue> {
         let prev: Option<StoredValue> = tx_read(self.kv, key.as_bytes(), "kv value")?;
         *revision += 1;
         let stored = StoredValue {
@@ -498,6 +570,7 @@ impl Tx<'_> {
         if self.kv.remove(key.as_bytes())?.is_none() {
             return Ok(false);
         }
+        self.bind(key, 0)?;
         *revision += 1;
         let kv =
             KeyValue { key: key.to_owned(), value: vec![], create_revision: 0, mod_revision: *revision, version: 0 };
@@ -573,6 +646,51 @@ fn apply_command(
             Op::Delete { key } => {
                 let deleted = tx.delete(revision, key)?;
                 CommandResult::Delete { revision: *revision, deleted }
+            }
+            Op::LeaseGrant { id, ttl_ms } => {
+                if tx.leases.get(id.to_be_bytes())?.is_some() {
+                    CommandResult::Rejected { reason: format!("id: lease {id} exists already") }
+                } else {
+                    let lease = kv::Lease { id: *id, ttl_ms: *ttl_ms, keys: vec![] };
+                    tx_write(tx.leases, &id.to_be_bytes(), &lease, "lease")?;
+                    CommandResult::LeaseGranted { id: *id, ttl_ms: *ttl_ms }
+                }
+            }
+            Op::LeaseRevoke { ids } => {
+                let mut revoked = Vec::new();
+                for id in ids {
+                    let Some(lease) = tx_read::<kv::Lease>(tx.leases, &id.to_be_bytes(), "lease")? else { continue };
+                    for key in &lease.keys {
+                        tx.key_lease.remove(key.as_bytes())?;
+                        if tx.kv.remove(key.as_bytes())?.is_some() {
+                            *revision += 1;
+                            let kv = KeyValue {
+                                key: key.clone(),
+                                value: vec![],
+                                create_revision: 0,
+                                mod_revision: *revision,
+                                version: 0,
+                            };
+                            tx.record(*revision, &Event { kind: EventKind::Delete, kv })?;
+                        }
+                    }
+                    tx.leases.remove(&id.to_be_bytes())?;
+                    revoked.push(*id);
+                }
+                CommandResult::LeasesRevoked { revision: *revision, revoked }
+            }
+            Op::PutLeased { key, value, lease } => {
+                if tx.leases.get(lease.to_be_bytes())?.is_none() {
+                    CommandResult::Rejected { reason: format!("lease: unknown lease id {lease}") }
+                } else {
+                    tx.bind(key, *lease)?;
+                    let stored = tx.put_value(revision, key, value)?;
+                    CommandResult::Put {
+                        revision: *revision,
+                        create_revision: stored.create_revision,
+                        version: stored.version,
+                    }
+                }
             }
             Op::Txn(txn) => {
                 let failed = tx.failed_compare(&txn.compares)?;
@@ -835,6 +953,24 @@ impl StateReader {
             out.push(value.with_key(String::from_utf8_lossy(&key).into_owned()));
         }
         Ok((out, revision))
+    }
+
+    /// Every lease, by id.
+    pub fn leases(&self) -> Result<Vec<kv::Lease>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        let trees = self.inner.trees();
+        let mut out = Vec::new();
+        for item in trees.leases.iter() {
+            let (_, raw) = item.map_err(sled_err("leases"))?;
+            out.push(codec::decode("lease", &raw)?);
+        }
+        Ok(out)
+    }
+
+    /// One lease.
+    pub fn lease(&self, id: u64) -> Result<Option<kv::Lease>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        read_value(&self.inner.trees().leases, &id.to_be_bytes(), "lease")
     }
 
     /// The newest revision whose change is no longer in the history: reads

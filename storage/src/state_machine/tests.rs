@@ -231,3 +231,35 @@ async fn history_reads_at_past_revisions_and_transactions_compare_first() {
     assert_eq!(r2.events(last, "", 10).unwrap(), reader.events(last, "", 10).unwrap());
     assert_eq!(r2.get_at("fill/10/999", last).unwrap().unwrap().map(|kv| kv.mod_revision), Some(last));
 }
+
+#[tokio::test]
+async fn revoking_a_lease_deletes_its_keys_and_a_plain_put_unbinds_a_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+    let reader = sm.reader();
+    let leased = |key: &str, lease| Op::PutLeased { key: key.into(), value: b"v".to_vec(), lease };
+    let r = sm
+        .apply(vec![
+            entry(1, "", Op::LeaseGrant { id: 7, ttl_ms: 5000 }),
+            entry(2, "", Op::LeaseGrant { id: 7, ttl_ms: 5000 }),
+            entry(3, "", leased("a", 7)),
+            entry(4, "", leased("b", 7)),
+            entry(5, "", leased("c", 8)),
+            entry(6, "", put("b", "kept")),
+            entry(7, "", Op::LeaseGrant { id: 9, ttl_ms: 500 }),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(r[0], CommandResult::LeaseGranted { id: 7, ttl_ms: 5000 });
+    assert!(matches!(&r[1], CommandResult::Rejected { reason } if reason.contains("exists")));
+    assert!(matches!(&r[4], CommandResult::Rejected { reason } if reason == "lease: unknown lease id 8"));
+    assert!(matches!(&r[6], CommandResult::Rejected { reason } if reason.starts_with("ttl:")));
+    assert_eq!(reader.lease(7).unwrap().unwrap().keys, vec!["a".to_string()]);
+    let r = sm.apply(vec![entry(8, "", Op::LeaseRevoke { ids: vec![7, 99] })]).await.unwrap();
+    assert_eq!(r[0], CommandResult::LeasesRevoked { revision: 4, revoked: vec![7] });
+    assert!(reader.get("a").unwrap().is_none());
+    assert_eq!(reader.get("b").unwrap().unwrap().value, b"kept", "a plain put unbound b");
+    assert!(reader.leases().unwrap().is_empty());
+    let (events, _) = reader.events(4, "", 10).unwrap();
+    assert_eq!(events[0].1.kind, crate::kv::EventKind::Delete);
+}
