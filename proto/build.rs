@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ferry/v1/cluster.proto",
         "ferry/v1/config.proto",
         "ferry/v1/job.proto",
+        "ferry/v1/lease.proto",
         "ferry/v1/raft.proto",
         "ferry/v1/worker.proto",
     ];

@@ -51,6 +51,9 @@ pub enum Command {
     /// Read and write replicated configuration keys.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Leases: a TTL keys can be bound to.
+    #[command(subcommand)]
+    Lease(LeaseCmd),
     /// Run a worker daemon (with flags), or list workers (`ferry worker list`).
     Worker(WorkerCmd),
     /// Push files to workers and follow the jobs.
@@ -178,8 +181,11 @@ pub enum ConfigCmd {
         /// The value: up to 1 MiB.
         value: String,
         /// Only if KEY's modify revision is N (0: only if KEY does not exist).
-        #[arg(long = "if-mod-rev", value_name = "N")]
+        #[arg(long = "if-mod-rev", value_name = "N", conflicts_with = "lease")]
         if_mod_rev: Option<u64>,
+        /// Bind KEY to lease ID: it is deleted when the lease ends.
+        #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+        lease: Option<u64>,
     },
     /// Print KEY's value (exit 1 and "not found" on stderr if missing).
     Get {
@@ -238,6 +244,40 @@ fn host_port(s: &str) -> Result<String, String> {
 fn initial_cluster(s: &str) -> Result<String, String> {
     ferry_scheduler::config::parse_initial_cluster(s)?;
     Ok(s.to_string())
+}
+
+/// `ferry lease ...`.
+#[derive(Subcommand, Debug)]
+pub enum LeaseCmd {
+    /// A new lease; prints its id.
+    Grant {
+        /// Time to live: 1s to 24h (e.g. 10s).
+        #[arg(value_parser = lease_ttl)]
+        ttl: Duration,
+    },
+    /// Keep lease ID alive until interrupted (prints each renewal).
+    Keepalive {
+        /// The lease.
+        id: u64,
+    },
+    /// End lease ID now; its keys are deleted.
+    Revoke {
+        /// The lease.
+        id: u64,
+    },
+    /// Lease ID's TTL, time left and keys.
+    Ttl {
+        /// The lease.
+        id: u64,
+    },
+}
+
+fn lease_ttl(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&d) {
+        return Err(format!("'{s}' is out of range: a lease TTL is 1s to 24h"));
+    }
+    Ok(d)
 }
 
 fn duration(s: &str) -> Result<Duration, String> {

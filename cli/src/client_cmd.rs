@@ -5,7 +5,7 @@ use std::io::Write;
 use ferry_sdk::{pb, Client, ClientOptions};
 use serde_json::json;
 
-use crate::args::{ClientArgs, ClusterCmd, ConfigCmd};
+use crate::args::{ClientArgs, ClusterCmd, ConfigCmd, LeaseCmd};
 
 pub(crate) fn client(args: &ClientArgs) -> Result<Client, ferry_sdk::Error> {
     let options = ClientOptions { total_timeout: args.timeout, ..ClientOptions::default() };
@@ -173,9 +173,10 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
         Err(e) => return fail(e),
     };
     match cmd {
-        ConfigCmd::Put { key, value, if_mod_rev } => match match if_mod_rev {
-            None => c.put(&key, value.into_bytes()).await,
-            Some(rev) => c.put_if(&key, value.into_bytes(), rev).await,
+        ConfigCmd::Put { key, value, if_mod_rev, lease } => match match (if_mod_rev, lease) {
+            (Some(rev), _) => c.put_if(&key, value.into_bytes(), rev).await,
+            (None, Some(lease)) => c.put_with_lease(&key, value.into_bytes(), lease).await,
+            (None, None) => c.put(&key, value.into_bytes()).await,
         } {
             Ok(p) => {
                 if args.json {
@@ -263,5 +264,69 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
             Err(e) => fail(e),
         },
         ConfigCmd::Watch { prefix, rev } => watch(&c, &prefix, rev, args.json).await,
+    }
+}
+
+/// `ferry lease ...`.
+pub async fn lease(args: &ClientArgs, cmd: LeaseCmd) -> u8 {
+    let c = match client(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match cmd {
+        LeaseCmd::Grant { ttl } => match c.grant(ttl).await {
+            Ok(id) => {
+                if args.json {
+                    print_json(&json!({"id": id, "ttl_ms": ttl.as_millis() as u64}));
+                } else {
+                    println!("{id}");
+                }
+                0
+            }
+            Err(e) => fail(e),
+        },
+        LeaseCmd::Keepalive { id } => {
+            let mut k = c.keep_alive(id);
+            while let Some(answer) = k.next().await {
+                match answer {
+                    Ok(r) if r.ttl_ms == 0 => {
+                        eprintln!("lease {id} no longer exists");
+                        return 1;
+                    }
+                    Ok(r) if args.json => print_json(&json!({"id": r.id, "ttl_ms": r.ttl_ms})),
+                    Ok(r) => println!("lease {} renewed for {} ms", r.id, r.ttl_ms),
+                    Err(e) => eprintln!("keep-alive: {e}; retrying"),
+                }
+            }
+            0
+        }
+        LeaseCmd::Revoke { id } => match c.revoke(id).await {
+            Ok(()) => {
+                if !args.json {
+                    println!("revoked");
+                }
+                0
+            }
+            Err(e) => fail(e),
+        },
+        LeaseCmd::Ttl { id } => match c.time_to_live(id).await {
+            Ok(r) => {
+                if args.json {
+                    print_json(
+                        &json!({"id": r.id, "ttl_ms": r.ttl_ms, "remaining_ms": r.remaining_ms, "keys": r.keys}),
+                    );
+                } else {
+                    println!(
+                        "lease {} ttl {} ms, {} ms left, keys: {}",
+                        r.id,
+                        r.ttl_ms,
+                        r.remaining_ms,
+                        r.keys.join(",")
+                    );
+                }
+                0
+            }
+            Err(e) => fail(e),
+        },
     }
 }

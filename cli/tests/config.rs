@@ -153,3 +153,67 @@ async fn history_past_reads_and_compare_and_set_from_the_cli() {
         [("red", r1), ("blue", r2), ("green", r3)].iter().map(|(v, r)| ("PUT".into(), v.to_string(), *r)).collect();
     assert_eq!(got, want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_lease_survives_two_leader_kills_and_an_abandoned_one_expires() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    let mut leader = sched.agreed_leader(&[1, 2, 3]).await;
+    let ttl = Duration::from_secs(2);
+    let kept = c.grant(ttl).await.expect("grant");
+    let abandoned = c.grant(ttl).await.expect("grant");
+    c.put_with_lease("svc/kept", b"a".to_vec(), kept).await.expect("put kept");
+    c.put_with_lease("svc/abandoned", b"b".to_vec(), abandoned).await.expect("put abandoned");
+    let mut keeper = c.keep_alive(kept);
+    let renewals = tokio::spawn(async move {
+        let mut n = 0u32;
+        while let Some(answer) = keeper.next().await {
+            match answer {
+                // Gone: only after the revoke below (the key checks prove
+                // it lived through the kills).
+                Ok(r) if r.ttl_ms == 0 => return n,
+                Ok(_) => n += 1,
+                Err(_) => {}
+            }
+        }
+        n
+    });
+
+    for round in 0..2 {
+        sched.kill9(leader);
+        // Longer than the TTL without this leader.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        sched.restart(leader);
+        leader = sched.agreed_leader(&[1, 2, 3]).await;
+        assert!(c.get("svc/kept").await.expect("get").is_some(), "kept lease ended after kill {}", round + 1);
+    }
+    // Each new leader gave it a full TTL again; it ends within a TTL after
+    // the last election.
+    common::wait_for("the abandoned lease to expire", Duration::from_secs(10), || async {
+        c.get("svc/abandoned").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(c.get("svc/kept").await.expect("get").is_some());
+    let ttl_left = c.time_to_live(kept).await.expect("ttl");
+    assert_eq!(ttl_left.keys, vec!["svc/kept".to_string()]);
+    assert!(ttl_left.remaining_ms <= 2000);
+
+    // Bad input changes nothing.
+    let e = c.grant(Duration::from_millis(500)).await.expect_err("ttl below 1s");
+    assert!(e.is_invalid_argument() && e.to_string().contains("ttl:"), "{e}");
+    let e = c.put_with_lease("svc/x", b"x".to_vec(), 12345).await.expect_err("unknown lease");
+    assert!(e.is_invalid_argument() && e.to_string().contains("lease: unknown lease id 12345"), "{e}");
+    assert!(c.get("svc/x").await.expect("get").is_none());
+    let out = ferry(&["--endpoints", &sched.addrs.join(","), "lease", "grant", "25h"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = ferry(&["--endpoints", &sched.addrs.join(","), "lease", "revoke", "777"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown lease id 777"));
+
+    // Revoking ends it at once, with its key.
+    c.revoke(kept).await.expect("revoke");
+    assert!(c.get("svc/kept").await.expect("get").is_none());
+    let renewed = tokio::time::timeout(Duration::from_secs(10), renewals).await.expect("keeper ends").expect("task");
+    assert!(renewed >= 6, "renewed only {renewed} times over ~8 s");
+}

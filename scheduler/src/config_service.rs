@@ -188,7 +188,13 @@ impl ConfigService for ConfigServiceImpl {
         let was_forwarded = is_forwarded(&request);
         let mut req = request.into_inner();
         let op = match req.if_mod_revision {
+            None if req.lease != 0 => {
+                Op::PutLeased { key: req.key.clone(), value: req.value.clone(), lease: req.lease }
+            }
             None => Op::Put { key: req.key.clone(), value: req.value.clone() },
+            Some(_) if req.lease != 0 => {
+                return Err(invalid("lease: a compare-and-set put cannot bind a lease (put first, then bind)".into()))
+            }
             Some(rev) => Op::Txn(Box::new(Txn {
                 compares: vec![compare_for(&req.key, rev)],
                 success: vec![TxnOp::Put { key: req.key.clone(), value: req.value.clone() }],

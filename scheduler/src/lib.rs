@@ -16,6 +16,7 @@
 //! - [`sessions`] — worker sessions on the leader and `WorkerService`.
 //! - [`job_service`], [`job_spec`], [`job_report`] — file distribution jobs.
 //! - [`planner`] — leader-only transfer planning; [`callback`] — job callbacks.
+//! - [`lease_service`] — leases and their clock on the leader.
 //! - [`admin`], [`metrics`] — `/metrics`, `/healthz`, `/readyz`.
 //! - [`local`] — several nodes in one process (`ferry dev`, benches, tests).
 //! - [`error`] — the crate's error and its conversion to `tonic::Status`.
@@ -29,6 +30,7 @@ pub mod error;
 pub mod job_report;
 pub mod job_service;
 pub mod job_spec;
+pub mod lease_service;
 pub mod local;
 pub mod metrics;
 pub mod network;

@@ -23,6 +23,7 @@ use crate::config::SchedulerConfig;
 use crate::config_service::ConfigServiceImpl;
 use crate::error::Error;
 use crate::job_service::JobServiceImpl;
+use crate::lease_service::LeaseServiceImpl;
 use crate::metrics::Metrics;
 use crate::network::NetworkFactory;
 use crate::node::Node;
@@ -30,6 +31,7 @@ use crate::peers::{Peers, MAX_MESSAGE_BYTES};
 use crate::proposer::Proposer;
 use crate::raft_service::RaftServiceImpl;
 use crate::sessions::{Sessions, WorkerServiceImpl};
+use ferry_proto::pb::lease_service_server::LeaseServiceServer;
 
 /// A running scheduler node.
 pub struct Scheduler {
@@ -115,7 +117,9 @@ impl Scheduler {
         let sessions = Arc::new(Sessions::new(planner_tx, progress_tx));
         tokio::spawn(crate::sessions::run_event_batcher(node.clone(), progress_rx));
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(serve_grpc(node.clone(), sessions.clone(), grpc, shutdown_rx.clone())));
+        let clock = Arc::new(crate::lease_service::LeaseClock::default());
+        tasks.push(tokio::spawn(serve_grpc(node.clone(), sessions.clone(), clock.clone(), grpc, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::lease_service::run_expiry(node.clone(), clock, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::planner::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
         let admin_addr = match admin {
             Some(listener) => {
@@ -211,6 +215,7 @@ async fn peers_have_leader(node: &Node, members: &std::collections::BTreeMap<u64
 async fn serve_grpc(
     node: Arc<Node>,
     sessions: Arc<Sessions>,
+    clock: Arc<crate::lease_service::LeaseClock>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -220,6 +225,7 @@ async fn serve_grpc(
     health.set_serving::<RaftServiceServer<RaftServiceImpl>>().await;
     health.set_serving::<JobServiceServer<JobServiceImpl>>().await;
     health.set_serving::<WorkerServiceServer<WorkerServiceImpl>>().await;
+    health.set_serving::<LeaseServiceServer<LeaseServiceImpl>>().await;
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -239,6 +245,7 @@ async fn serve_grpc(
     let config =
         ConfigServiceServer::new(ConfigServiceImpl { node: node.clone() }).max_decoding_message_size(8 * 1024 * 1024);
     let cluster = ClusterServiceServer::new(ClusterServiceImpl { node: node.clone() });
+    let leases = LeaseServiceServer::new(LeaseServiceImpl { node: node.clone(), clock });
     let jobs = JobServiceServer::new(JobServiceImpl { node: node.clone(), sessions: sessions.clone() })
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
@@ -264,6 +271,7 @@ async fn serve_grpc(
         .add_service(cluster)
         .add_service(jobs)
         .add_service(workers)
+        .add_service(leases)
         .serve_with_incoming_shutdown(incoming, stop)
         .await;
     if let Err(e) = result {

@@ -9,6 +9,7 @@ use ferry_proto::pb;
 use ferry_proto::pb::cluster_service_client::ClusterServiceClient;
 use ferry_proto::pb::config_service_client::ConfigServiceClient;
 use ferry_proto::pb::job_service_client::JobServiceClient;
+use ferry_proto::pb::lease_service_client::LeaseServiceClient;
 use ferry_proto::pb::worker_service_client::WorkerServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
@@ -299,8 +300,98 @@ impl Client {
                 value.len()
             ))));
         }
-        let msg = pb::PutRequest { key: key.to_string(), value, request_id: request_id(), if_mod_revision: None };
+        let msg =
+            pb::PutRequest { key: key.to_string(), value, request_id: request_id(), if_mod_revision: None, lease: 0 };
         self.put_request(msg).await
+    }
+
+    /// Creates or replaces `key` bound to `lease`: it is deleted when the
+    /// lease ends.
+    pub async fn put_with_lease(&self, key: &str, value: Vec<u8>, lease: u64) -> Result<Put, Error> {
+        check_key(key)?;
+        let msg =
+            pb::PutRequest { key: key.to_string(), value, request_id: request_id(), if_mod_revision: None, lease };
+        self.put_request(msg).await
+    }
+
+    /// A new lease with `ttl` (1 s to 1 day); returns its id.
+    pub async fn grant(&self, ttl: Duration) -> Result<u64, Error> {
+        let msg = pb::LeaseGrantRequest { ttl_ms: ttl.as_millis() as u64, request_id: request_id() };
+        self.call("lease grant", |ch, t| {
+            let msg = msg.clone();
+            async move { LeaseServiceClient::new(ch).grant(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner().id)
+    }
+
+    /// Ends a lease now; its keys are deleted.
+    pub async fn revoke(&self, id: u64) -> Result<(), Error> {
+        let msg = pb::LeaseRevokeRequest { id, request_id: request_id() };
+        self.call("lease revoke", |ch, t| {
+            let msg = msg.clone();
+            async move { LeaseServiceClient::new(ch).revoke(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// A lease's TTL, time left on the leader's clock, and keys.
+    pub async fn time_to_live(&self, id: u64) -> Result<pb::LeaseTimeToLiveResponse, Error> {
+        self.call("lease ttl", |ch, t| async move {
+            LeaseServiceClient::new(ch).time_to_live(Self::request(pb::LeaseTimeToLiveRequest { id }, t)).await
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// Keeps lease `id` alive from a background task until the returned
+    /// handle is dropped: a keep-alive every third of the TTL, on a stream
+    /// to the leader that follows leader changes. Each answer is passed on
+    /// (`ttl_ms == 0`: the lease is gone, and the task stops).
+    pub fn keep_alive(&self, id: u64) -> KeepAlive {
+        let (out, rx) = tokio::sync::mpsc::channel(16);
+        let client = self.clone();
+        let task = tokio::spawn(async move {
+            let mut every = Duration::from_millis(300);
+            loop {
+                let opened = client
+                    .call("lease keep-alive", |ch, _| async move {
+                        let (tx, requests) = tokio::sync::mpsc::channel(4);
+                        let _ = tx.send(pb::LeaseKeepAliveRequest { id }).await;
+                        let stream = LeaseServiceClient::new(ch)
+                            .keep_alive(tokio_stream::wrappers::ReceiverStream::new(requests))
+                            .await?
+                            .into_inner();
+                        Ok((tx, stream))
+                    })
+                    .await;
+                let (tx, mut stream) = match opened {
+                    Ok(s) => s,
+                    Err(e) => {
+                        if out.send(Err(e)).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(every).await;
+                        continue;
+                    }
+                };
+                while let Ok(Some(resp)) = stream.message().await {
+                    let gone = resp.ttl_ms == 0;
+                    every = Duration::from_millis((resp.ttl_ms / 3).max(100));
+                    if out.send(Ok(resp)).await.is_err() || gone {
+                        return;
+                    }
+                    tokio::time::sleep(every).await;
+                    if tx.send(pb::LeaseKeepAliveRequest { id }).await.is_err() {
+                        break;
+                    }
+                }
+                tracing::debug!(id, "keep-alive stream ended; reconnecting");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        KeepAlive { rx, task }
     }
 
     /// Compare-and-set: writes `key` only if its modify revision is
@@ -313,6 +404,7 @@ impl Client {
             value,
             request_id: request_id(),
             if_mod_revision: Some(if_mod_revision),
+            lease: 0,
         };
         self.put_request(msg).await
     }
@@ -626,5 +718,24 @@ impl Watch {
     /// An `Err` reports a failed reconnect; the watch keeps trying.
     pub async fn next(&mut self) -> Option<Result<pb::WatchResponse, Error>> {
         self.rx.recv().await
+    }
+}
+
+/// Keeps a lease alive while it lives (see [`Client::keep_alive`]).
+pub struct KeepAlive {
+    rx: tokio::sync::mpsc::Receiver<Result<pb::LeaseKeepAliveResponse, Error>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KeepAlive {
+    /// The next answer (or a failed reconnect; the task keeps trying).
+    pub async fn next(&mut self) -> Option<Result<pb::LeaseKeepAliveResponse, Error>> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

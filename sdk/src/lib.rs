@@ -18,6 +18,6 @@
 pub mod client;
 pub mod error;
 
-pub use client::{Client, ClientOptions, KeyValue, Put, Status, Watch, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+pub use client::{Client, ClientOptions, KeepAlive, KeyValue, Put, Status, Watch, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use error::Error;
 pub use ferry_proto::pb;
