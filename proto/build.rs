@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ferry/v1/job.proto",
         "ferry/v1/lease.proto",
         "ferry/v1/raft.proto",
+        "ferry/v1/registry.proto",
         "ferry/v1/worker.proto",
     ];
     for file in files {

@@ -54,6 +54,9 @@ pub enum Command {
     /// Leases: a TTL keys can be bound to.
     #[command(subcommand)]
     Lease(LeaseCmd),
+    /// The service registry: instances bound to leases.
+    #[command(subcommand)]
+    Registry(RegistryCmd),
     /// Run a worker daemon (with flags), or list workers (`ferry worker list`).
     Worker(WorkerCmd),
     /// Push files to workers and follow the jobs.
@@ -272,6 +275,63 @@ pub enum LeaseCmd {
     },
 }
 
+/// `ferry registry ...`.
+#[derive(Subcommand, Debug)]
+pub enum RegistryCmd {
+    /// Register an instance and keep it registered until interrupted
+    /// (Ctrl-C deregisters it; a killed process drops out after --ttl).
+    #[command(disable_version_flag = true)]
+    Register {
+        /// The service.
+        service: String,
+        /// Instance id, unique in the service.
+        #[arg(long)]
+        id: String,
+        /// HOST:PORT clients reach it at.
+        #[arg(long, value_parser = host_port)]
+        addr: String,
+        /// Relative share of traffic (default 100).
+        #[arg(long, default_value_t = 100)]
+        weight: u32,
+        /// Version of the instance.
+        #[arg(long, default_value = "")]
+        version: String,
+        /// Gray (canary) instance.
+        #[arg(long)]
+        gray: bool,
+        /// A consumer of the service, not a provider.
+        #[arg(long)]
+        consumer: bool,
+        /// Metadata: k=v,k2=v2.
+        #[arg(long, value_parser = labels)]
+        meta: Option<std::collections::BTreeMap<String, String>>,
+        /// Labels: k=v,k2=v2.
+        #[arg(long, value_parser = labels)]
+        labels: Option<std::collections::BTreeMap<String, String>>,
+        /// Lease TTL: the instance goes this long after the last renewal.
+        #[arg(long, default_value = "10s", value_parser = lease_ttl)]
+        ttl: Duration,
+    },
+    /// The instances of SERVICE.
+    List {
+        /// The service.
+        service: String,
+    },
+    /// Print SERVICE's instance list after every change until interrupted.
+    Watch {
+        /// The service.
+        service: String,
+    },
+    /// Remove an instance now.
+    Deregister {
+        /// The service.
+        service: String,
+        /// Instance id.
+        #[arg(long)]
+        id: String,
+    },
+}
+
 fn lease_ttl(s: &str) -> Result<Duration, String> {
     let d = duration(s)?;
     if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&d) {
@@ -425,4 +485,15 @@ fn labels(s: &str) -> Result<std::collections::BTreeMap<String, String>, String>
 fn hook(s: &str) -> Result<(String, String), String> {
     let (name, cmd) = s.split_once('=').ok_or_else(|| format!("'{s}' is not NAME=COMMAND"))?;
     Ok((name.trim().to_string(), cmd.trim().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_subcommand_is_well_formed() {
+        // Catches clashing flag names (such as --version) in any subcommand.
+        super::Cli::command().debug_assert();
+    }
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 use ferry_sdk::{pb, Client, ClientOptions};
 use serde_json::json;
 
-use crate::args::{ClientArgs, ClusterCmd, ConfigCmd, LeaseCmd};
+use crate::args::{ClientArgs, ClusterCmd, ConfigCmd, LeaseCmd, RegistryCmd};
 
 pub(crate) fn client(args: &ClientArgs) -> Result<Client, ferry_sdk::Error> {
     let options = ClientOptions { total_timeout: args.timeout, ..ClientOptions::default() };
@@ -325,6 +325,107 @@ pub async fn lease(args: &ClientArgs, cmd: LeaseCmd) -> u8 {
                     );
                 }
                 0
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
+fn instance_json(i: &pb::Instance) -> serde_json::Value {
+    json!({
+        "service": i.service, "id": i.id, "address": i.address, "port": i.port, "version": i.version,
+        "weight": i.weight, "gray": i.gray, "consumer": i.consumer, "labels": i.labels, "metadata": i.metadata,
+    })
+}
+
+fn print_instances(r: &pb::ListInstancesResponse, json_out: bool) {
+    let revision = r.header.as_ref().map(|h| h.revision).unwrap_or(0);
+    if json_out {
+        print_json(
+            &json!({"revision": revision, "instances": r.instances.iter().map(instance_json).collect::<Vec<_>>()}),
+        );
+        return;
+    }
+    println!("revision {revision}: {} instance(s)", r.instances.len());
+    for i in &r.instances {
+        let flags =
+            [(i.gray, " gray"), (i.consumer, " consumer")].iter().filter(|f| f.0).map(|f| f.1).collect::<String>();
+        println!("  {} {}:{} weight {} version {}{flags}", i.id, i.address, i.port, i.weight, i.version);
+    }
+}
+
+/// `ferry registry ...`.
+pub async fn registry(args: &ClientArgs, cmd: RegistryCmd) -> u8 {
+    let c = match client(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match cmd {
+        RegistryCmd::Register { service, id, addr, weight, version, gray, consumer, meta, labels, ttl } => {
+            let (host, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), "0"));
+            let instance = pb::Instance {
+                service: service.clone(),
+                id: id.clone(),
+                address: host.to_string(),
+                port: port.parse().unwrap_or(0),
+                version,
+                methods: vec![],
+                weight,
+                gray,
+                labels: labels.unwrap_or_default().into_iter().collect(),
+                metadata: meta.unwrap_or_default().into_iter().collect(),
+                consumer,
+            };
+            let lease = match c.register(instance, ttl).await {
+                Ok(l) => l,
+                Err(e) => return fail(e),
+            };
+            println!("registered {service}/{id} (lease {lease}); keeping it alive until interrupted");
+            let mut keeper = c.keep_alive(lease);
+            loop {
+                tokio::select! {
+                    answer = keeper.next() => match answer {
+                        Some(Ok(r)) if r.ttl_ms == 0 => {
+                            eprintln!("the lease ended; {service}/{id} is no longer registered");
+                            return 1;
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => eprintln!("keep-alive: {e}; retrying"),
+                        None => return 1,
+                    },
+                    _ = crate::daemon_cmd::stop_signal() => {
+                        drop(keeper);
+                        return match c.deregister(&service, &id).await {
+                            Ok(_) => 0,
+                            Err(e) => fail(e),
+                        };
+                    }
+                }
+            }
+        }
+        RegistryCmd::List { service } => match c.instances(&service).await {
+            Ok(r) => {
+                print_instances(&r, args.json);
+                0
+            }
+            Err(e) => fail(e),
+        },
+        RegistryCmd::Watch { service } => {
+            let mut stream = match c.watch_instances(&service).await {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            while let Ok(Some(r)) = stream.message().await {
+                print_instances(&r, args.json);
+            }
+            eprintln!("watch ended");
+            1
+        }
+        RegistryCmd::Deregister { service, id } => match c.deregister(&service, &id).await {
+            Ok(true) => 0,
+            Ok(false) => {
+                eprintln!("not found");
+                1
             }
             Err(e) => fail(e),
         },

@@ -217,3 +217,68 @@ async fn a_kept_lease_survives_two_leader_kills_and_an_abandoned_one_expires() {
     let renewed = tokio::time::timeout(Duration::from_secs(10), renewals).await.expect("keeper ends").expect("task");
     assert!(renewed >= 6, "renewed only {renewed} times over ~8 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_instance_outlives_a_leader_kill_and_goes_when_its_process_is_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    let leader = sched.agreed_leader(&[1, 2, 3]).await;
+    let endpoints = sched.addrs.join(",");
+    let register = |id: &str, addr: &str, extra: &[&str]| {
+        let mut args: Vec<String> =
+            ["--endpoints", &endpoints, "registry", "register", "bidder", "--id", id, "--addr", addr]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        args.extend(["--ttl", "2s"].iter().chain(extra).map(|s| s.to_string()));
+        common::Proc::spawn(&args, &dir.path().join(format!("{id}.log")))
+    };
+    let mut b1 = register("b1", "10.0.0.1:8080", &[]);
+    let _b2 = register("b2", "10.0.0.2:8080", &["--weight", "50", "--gray", "--meta", "dc=east"]);
+    let mut watch = c.watch_instances("bidder").await.expect("watch");
+    let ids = |r: &ferry_sdk::pb::ListInstancesResponse| r.instances.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
+    common::wait_for("both instances", Duration::from_secs(20), || async {
+        (ids(&c.instances("bidder").await.ok()?) == ["b1", "b2"]).then_some(())
+    })
+    .await;
+    let r = c.instances("bidder").await.expect("list");
+    let b2 = &r.instances[1];
+    assert_eq!((b2.address.as_str(), b2.port, b2.weight, b2.gray), ("10.0.0.2", 8080, 50, true));
+    assert_eq!(b2.metadata.get("dc").map(String::as_str), Some("east"));
+
+    // The registrars keep their leases alive through a failover.
+    sched.kill9(leader);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ids(&c.instances("bidder").await.expect("list")), ["b1", "b2"]);
+
+    // Killed without deregistering: gone within the TTL plus an election.
+    b1.kill9();
+    common::wait_for("b1 to drop out", Duration::from_secs(10), || async {
+        (ids(&c.instances("bidder").await.ok()?) == ["b2"]).then_some(())
+    })
+    .await;
+    // The watcher saw the lists in order, ending with b2 alone.
+    let mut last = Vec::new();
+    while let Ok(Ok(Some(r))) = tokio::time::timeout(Duration::from_millis(500), watch.message()).await {
+        last = ids(&r);
+    }
+    assert_eq!(last, ["b2"]);
+
+    // Explicit deregistration removes at once; bad input is refused.
+    let out = ferry(&["--endpoints", &endpoints, "registry", "deregister", "bidder", "--id", "b2"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(c.instances("bidder").await.expect("list").instances.is_empty());
+    let out = ferry(&["--endpoints", &endpoints, "registry", "register", "bidder", "--id", "bad", "--addr", "h:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no valid port"), "{}", String::from_utf8_lossy(&out.stderr));
+    let bad = ferry_sdk::pb::Instance {
+        service: "bidder".into(),
+        id: "bad".into(),
+        address: "h".into(),
+        ..Default::default()
+    };
+    let e = c.register(bad, Duration::from_secs(2)).await.expect_err("port 0");
+    assert!(e.is_invalid_argument() && e.to_string().contains("port: must be 1 to 65535"), "{e}");
+    assert!(c.instances("bidder").await.expect("list").instances.is_empty());
+}

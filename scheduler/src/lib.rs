@@ -17,6 +17,7 @@
 //! - [`job_service`], [`job_spec`], [`job_report`] — file distribution jobs.
 //! - [`planner`] — leader-only transfer planning; [`callback`] — job callbacks.
 //! - [`lease_service`] — leases and their clock on the leader.
+//! - [`registry_service`] — service instances bound to leases.
 //! - [`admin`], [`metrics`] — `/metrics`, `/healthz`, `/readyz`.
 //! - [`local`] — several nodes in one process (`ferry dev`, benches, tests).
 //! - [`error`] — the crate's error and its conversion to `tonic::Status`.
@@ -39,6 +40,7 @@ pub mod peers;
 pub mod planner;
 pub mod proposer;
 pub mod raft_service;
+pub mod registry_service;
 pub mod server;
 pub mod sessions;
 

@@ -30,8 +30,10 @@ use crate::node::Node;
 use crate::peers::{Peers, MAX_MESSAGE_BYTES};
 use crate::proposer::Proposer;
 use crate::raft_service::RaftServiceImpl;
+use crate::registry_service::RegistryServiceImpl;
 use crate::sessions::{Sessions, WorkerServiceImpl};
 use ferry_proto::pb::lease_service_server::LeaseServiceServer;
+use ferry_proto::pb::registry_service_server::RegistryServiceServer;
 
 /// A running scheduler node.
 pub struct Scheduler {
@@ -226,6 +228,7 @@ async fn serve_grpc(
     health.set_serving::<JobServiceServer<JobServiceImpl>>().await;
     health.set_serving::<WorkerServiceServer<WorkerServiceImpl>>().await;
     health.set_serving::<LeaseServiceServer<LeaseServiceImpl>>().await;
+    health.set_serving::<RegistryServiceServer<RegistryServiceImpl>>().await;
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -245,7 +248,8 @@ async fn serve_grpc(
     let config =
         ConfigServiceServer::new(ConfigServiceImpl { node: node.clone() }).max_decoding_message_size(8 * 1024 * 1024);
     let cluster = ClusterServiceServer::new(ClusterServiceImpl { node: node.clone() });
-    let leases = LeaseServiceServer::new(LeaseServiceImpl { node: node.clone(), clock });
+    let leases = LeaseServiceServer::new(LeaseServiceImpl { node: node.clone(), clock: clock.clone() });
+    let registry = RegistryServiceServer::new(RegistryServiceImpl { node: node.clone(), clock });
     let jobs = JobServiceServer::new(JobServiceImpl { node: node.clone(), sessions: sessions.clone() })
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
@@ -272,6 +276,7 @@ async fn serve_grpc(
         .add_service(jobs)
         .add_service(workers)
         .add_service(leases)
+        .add_service(registry)
         .serve_with_incoming_shutdown(incoming, stop)
         .await;
     if let Err(e) = result {

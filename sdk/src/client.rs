@@ -10,6 +10,7 @@ use ferry_proto::pb::cluster_service_client::ClusterServiceClient;
 use ferry_proto::pb::config_service_client::ConfigServiceClient;
 use ferry_proto::pb::job_service_client::JobServiceClient;
 use ferry_proto::pb::lease_service_client::LeaseServiceClient;
+use ferry_proto::pb::registry_service_client::RegistryServiceClient;
 use ferry_proto::pb::worker_service_client::WorkerServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
@@ -340,6 +341,57 @@ impl Client {
     pub async fn time_to_live(&self, id: u64) -> Result<pb::LeaseTimeToLiveResponse, Error> {
         self.call("lease ttl", |ch, t| async move {
             LeaseServiceClient::new(ch).time_to_live(Self::request(pb::LeaseTimeToLiveRequest { id }, t)).await
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// Registers (or replaces) a service instance bound to a new lease of
+    /// `ttl`; returns the lease, which the caller keeps alive
+    /// ([`Client::keep_alive`]) to stay registered.
+    pub async fn register(&self, instance: pb::Instance, ttl: Duration) -> Result<u64, Error> {
+        let msg = pb::RegisterRequest {
+            instance: Some(instance),
+            lease: 0,
+            ttl_ms: ttl.as_millis() as u64,
+            request_id: request_id(),
+        };
+        self.call("register", |ch, t| {
+            let msg = msg.clone();
+            async move { RegistryServiceClient::new(ch).register(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner().lease)
+    }
+
+    /// Removes an instance now; returns whether it was registered.
+    pub async fn deregister(&self, service: &str, id: &str) -> Result<bool, Error> {
+        let msg = pb::DeregisterRequest { service: service.into(), id: id.into(), request_id: request_id() };
+        self.call("deregister", |ch, t| {
+            let msg = msg.clone();
+            async move { RegistryServiceClient::new(ch).deregister(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner().deregistered)
+    }
+
+    /// The instances of `service` (linearizable).
+    pub async fn instances(&self, service: &str) -> Result<pb::ListInstancesResponse, Error> {
+        let msg = pb::ListInstancesRequest { service: service.into() };
+        self.call("list instances", |ch, t| {
+            let msg = msg.clone();
+            async move { RegistryServiceClient::new(ch).list(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// The full instance list of `service`, again after every change.
+    pub async fn watch_instances(&self, service: &str) -> Result<tonic::Streaming<pb::ListInstancesResponse>, Error> {
+        let msg = pb::WatchInstancesRequest { service: service.into() };
+        self.call("watch instances", |ch, _| {
+            let msg = msg.clone();
+            async move { RegistryServiceClient::new(ch).watch(tonic::Request::new(msg)).await }
         })
         .await
         .map(|r| r.into_inner())
