@@ -135,6 +135,10 @@ pub struct SchedulerArgs {
     /// Log entries kept behind a snapshot for lagging followers.
     #[arg(long)]
     pub logs_to_keep: Option<u64>,
+    /// Registry protect threshold: when more than this share of a service's
+    /// instances would expire at once, keep them as suspect (default 0.5).
+    #[arg(long)]
+    pub registry_protect_threshold: Option<f64>,
 }
 
 /// Flags of `ferry dev`.

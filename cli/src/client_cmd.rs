@@ -334,7 +334,8 @@ pub async fn lease(args: &ClientArgs, cmd: LeaseCmd) -> u8 {
 fn instance_json(i: &pb::Instance) -> serde_json::Value {
     json!({
         "service": i.service, "id": i.id, "address": i.address, "port": i.port, "version": i.version,
-        "weight": i.weight, "gray": i.gray, "consumer": i.consumer, "labels": i.labels, "metadata": i.metadata,
+        "weight": i.weight, "gray": i.gray, "consumer": i.consumer, "suspect": i.suspect,
+        "labels": i.labels, "metadata": i.metadata,
     })
 }
 
@@ -348,8 +349,11 @@ fn print_instances(r: &pb::ListInstancesResponse, json_out: bool) {
     }
     println!("revision {revision}: {} instance(s)", r.instances.len());
     for i in &r.instances {
-        let flags =
-            [(i.gray, " gray"), (i.consumer, " consumer")].iter().filter(|f| f.0).map(|f| f.1).collect::<String>();
+        let flags = [(i.gray, " gray"), (i.consumer, " consumer"), (i.suspect, " SUSPECT")]
+            .iter()
+            .filter(|f| f.0)
+            .map(|f| f.1)
+            .collect::<String>();
         println!("  {} {}:{} weight {} version {}{flags}", i.id, i.address, i.port, i.weight, i.version);
     }
 }
@@ -375,6 +379,7 @@ pub async fn registry(args: &ClientArgs, cmd: RegistryCmd) -> u8 {
                 labels: labels.unwrap_or_default().into_iter().collect(),
                 metadata: meta.unwrap_or_default().into_iter().collect(),
                 consumer,
+                suspect: false,
             };
             let lease = match c.register(instance, ttl).await {
                 Ok(l) => l,

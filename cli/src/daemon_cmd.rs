@@ -67,6 +67,9 @@ fn merge(a: SchedulerArgs) -> Result<SchedulerConfig, String> {
     if let Some(v) = a.snapshot_every {
         c.snapshot_every = v;
     }
+    if let Some(v) = a.registry_protect_threshold {
+        c.registry_protect_threshold = v;
+    }
     if let Some(v) = a.logs_to_keep {
         c.logs_to_keep = v;
     }

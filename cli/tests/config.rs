@@ -282,3 +282,58 @@ async fn a_registered_instance_outlives_a_leader_kill_and_goes_when_its_process_
     assert!(e.is_invalid_argument() && e.to_string().contains("port: must be 1 to 65535"), "{e}");
     assert!(c.instances("bidder").await.expect("list").instances.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mass_expiry_trips_the_protect_threshold_and_keeps_instances_as_suspect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    let mut keepers = Vec::new();
+    for i in 0..4 {
+        let instance = ferry_sdk::pb::Instance {
+            service: "relay".into(),
+            id: format!("r{i}"),
+            address: format!("10.0.1.{i}"),
+            port: 443,
+            ..Default::default()
+        };
+        let lease = c.register(instance, Duration::from_secs(2)).await.expect("register");
+        let mut keep = c.keep_alive(lease);
+        keepers.push(tokio::spawn(async move { while keep.next().await.is_some() {} }));
+    }
+    let state = |r: &ferry_sdk::pb::ListInstancesResponse| {
+        r.instances.iter().map(|i| (i.id.clone(), i.suspect)).collect::<Vec<_>>()
+    };
+    let all_up: Vec<(String, bool)> = (0..4).map(|i| (format!("r{i}"), false)).collect();
+    assert_eq!(state(&c.instances("relay").await.expect("list")), all_up);
+
+    // One of four stops renewing: under the threshold, so it goes.
+    keepers[0].abort();
+    common::wait_for("r0 to expire", Duration::from_secs(15), || async {
+        (state(&c.instances("relay").await.ok()?).len() == 3).then_some(())
+    })
+    .await;
+
+    // Two of the remaining three stop together: a mass expiry. They stay,
+    // flagged suspect, and the service never drops under them.
+    keepers[1].abort();
+    keepers[2].abort();
+    let flagged = vec![("r1".to_string(), true), ("r2".to_string(), true), ("r3".to_string(), false)];
+    common::wait_for("r1 and r2 flagged suspect", Duration::from_secs(15), || async {
+        (state(&c.instances("relay").await.ok()?) == flagged).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(state(&c.instances("relay").await.expect("list")), flagged, "suspects are kept");
+
+    // Deregistering always removes. With r1 gone, one expired of two is no
+    // longer over the threshold, so r2's lease is revoked too.
+    assert!(c.deregister("relay", "r1").await.expect("deregister"));
+    assert!(!state(&c.instances("relay").await.expect("list")).iter().any(|(id, _)| id == "r1"));
+    common::wait_for("r2 to go once under the threshold", Duration::from_secs(10), || async {
+        (state(&c.instances("relay").await.ok()?) == [("r3".to_string(), false)]).then_some(())
+    })
+    .await;
+    keepers[3].abort();
+}

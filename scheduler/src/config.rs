@@ -55,6 +55,10 @@ pub struct SchedulerConfig {
     /// largest entry (about 1 MiB) well under what the network moves in
     /// `heartbeat_interval`.
     pub max_batch_entries: u64,
+    /// Service registry protect threshold: when more than this share of a
+    /// service's instances would expire at once, they are flagged `suspect`
+    /// and kept instead of removed (1.0: never protect).
+    pub registry_protect_threshold: f64,
 }
 
 impl Default for SchedulerConfig {
@@ -74,6 +78,7 @@ impl Default for SchedulerConfig {
             snapshot_every: 10_000,
             logs_to_keep: 1_000,
             max_batch_entries: 4,
+            registry_protect_threshold: 0.5,
         }
     }
 }
@@ -148,6 +153,9 @@ impl SchedulerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.id == 0 {
             return Err(bad("id", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.registry_protect_threshold) {
+            return Err(bad("registry-protect-threshold", "must be between 0 and 1"));
         }
         if let Some(a) = &self.advertise {
             parse_host_port(a).map_err(|r| bad("advertise", r))?;

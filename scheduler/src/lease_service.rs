@@ -6,6 +6,14 @@
 //! never ends a lease early), renews on keep-alive, and revokes expired
 //! leases through the log in batches of at most [`EXPIRE_BATCH`] per tick,
 //! oldest deadline first, so a mass expiry is spread rather than a storm.
+//!
+//! Registry protection: before revoking, the leader counts, per service,
+//! the instances whose leases run out now or that are flagged `suspect`
+//! already. If that is more than the protect threshold's share of the
+//! service, those leases are kept and their instances flagged `suspect`
+//! instead (consumers never see a service emptied by a mass expiry). A
+//! renewed lease clears the flag; once the share falls back under the
+//! threshold, the remaining expired leases are revoked.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -14,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::pb::{self, lease_service_client::LeaseServiceClient, lease_service_server::LeaseService};
 use ferry_storage::{kv, Command, CommandResult, Op};
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -23,6 +32,9 @@ use crate::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
 
 /// Expired leases revoked per tick at most.
 pub const EXPIRE_BATCH: usize = 500;
+/// Registry leases that lapse within this long of each other count as one
+/// mass expiry for the protect threshold (they are revoked this much later).
+pub const PROTECT_WINDOW: Duration = Duration::from_secs(1);
 /// How often the leader looks for expired leases.
 pub const TICK: Duration = Duration::from_millis(100);
 /// A revoke proposed but not yet applied is proposed again after this long.
@@ -56,6 +68,8 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leading = false;
     let mut proposed: HashMap<u64, Instant> = HashMap::new();
+    // Leases kept by the protect threshold (their instances are suspect).
+    let mut protected: std::collections::HashSet<u64> = std::collections::HashSet::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -68,6 +82,7 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
             if leading {
                 clock.lock().clear();
                 proposed.clear();
+                protected.clear();
                 leading = false;
             }
             continue;
@@ -81,28 +96,57 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
         };
         let now = Instant::now();
         let mut expired: Vec<(Instant, u64)> = Vec::new();
+        // Every lease whose deadline passed (due or not).
+        let mut lapsed: std::collections::HashSet<u64> = std::collections::HashSet::new();
         {
             let mut deadlines = clock.lock();
             if !leading {
                 // A new leader: every lease gets its full TTL from now.
                 deadlines.clear();
                 leading = true;
+                protected = leases.iter().filter(|l| has_suspect(&node, l)).map(|l| l.id).collect();
             }
             let live: std::collections::HashSet<u64> = leases.iter().map(|l| l.id).collect();
             deadlines.retain(|id, _| live.contains(id));
             proposed.retain(|id, at| live.contains(id) && at.elapsed() < RETRY);
             for l in &leases {
                 let deadline = *deadlines.entry(l.id).or_insert_with(|| now + Duration::from_millis(l.ttl_ms));
-                if deadline <= now && !proposed.contains_key(&l.id) {
+                if deadline <= now {
+                    lapsed.insert(l.id);
+                }
+                // Registry leases wait one window, so instances expiring
+                // together are judged together.
+                let wait = if l.keys.iter().any(|k| service_of(k).is_some()) { PROTECT_WINDOW } else { Duration::ZERO };
+                if deadline + wait <= now && !proposed.contains_key(&l.id) {
                     expired.push((deadline, l.id));
                 }
+            }
+        }
+        // Protected leases renewed since: clear their instances' flag.
+        let renewed: Vec<u64> = protected.iter().copied().filter(|id| !lapsed.contains(id)).collect();
+        for id in renewed {
+            protected.remove(&id);
+            if let Some(lease) = leases.iter().find(|l| l.id == id) {
+                flag(&node, lease, false);
             }
         }
         if expired.is_empty() {
             continue;
         }
         expired.sort();
-        let ids: Vec<u64> = expired.into_iter().take(EXPIRE_BATCH).map(|(_, id)| id).collect();
+        let candidates: Vec<u64> = expired.into_iter().take(EXPIRE_BATCH).map(|(_, id)| id).collect();
+        let keep = protect(&node, &leases, &candidates, &lapsed);
+        for lease in leases.iter().filter(|l| keep.contains(&l.id)) {
+            if protected.insert(lease.id) {
+                tracing::warn!(lease = lease.id, "mass expiry: keeping the lease's instances as suspect");
+                flag(&node, lease, true);
+            }
+        }
+        let ids: Vec<u64> = candidates.into_iter().filter(|id| !keep.contains(id)).collect();
+        protected.retain(|id| !ids.contains(id));
+        if ids.is_empty() {
+            continue;
+        }
         for id in &ids {
             proposed.insert(*id, now);
         }
@@ -115,6 +159,93 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
             }
         });
     }
+}
+
+/// The service of a registry key (`registry/<service>/<id>`).
+fn service_of(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix("registry/")?;
+    let (service, id) = rest.split_once('/')?;
+    (!id.is_empty()).then_some(service)
+}
+
+fn instance(node: &Node, key: &str) -> Option<pb::Instance> {
+    let kv = node.reader.get(key).ok()??;
+    pb::Instance::decode(kv.value.as_slice()).ok()
+}
+
+fn has_suspect(node: &Node, lease: &kv::Lease) -> bool {
+    lease.keys.iter().any(|k| service_of(k).is_some() && instance(node, k).is_some_and(|i| i.suspect))
+}
+
+/// Of the expiring leases `candidates`, those to keep: leases with an
+/// instance of a service where the instances whose leases lapsed (within
+/// the window) or that are suspect already are more than the threshold's
+/// share.
+fn protect(
+    node: &Node,
+    leases: &[kv::Lease],
+    candidates: &[u64],
+    lapsed: &std::collections::HashSet<u64>,
+) -> std::collections::HashSet<u64> {
+    let threshold = node.config.registry_protect_threshold;
+    let mut keep = std::collections::HashSet::new();
+    if threshold >= 1.0 {
+        return keep;
+    }
+    let mut by_service: HashMap<&str, Vec<(u64, &str)>> = HashMap::new();
+    for lease in leases.iter().filter(|l| candidates.contains(&l.id)) {
+        for key in &lease.keys {
+            if let Some(service) = service_of(key) {
+                by_service.entry(service).or_default().push((lease.id, key));
+            }
+        }
+    }
+    let lapsed_keys: std::collections::HashSet<&str> =
+        leases.iter().filter(|l| lapsed.contains(&l.id)).flat_map(|l| l.keys.iter().map(String::as_str)).collect();
+    for (service, expiring) in by_service {
+        let Ok((kvs, _)) = node.reader.list_at_revision(&crate::registry_service::prefix(service)) else { continue };
+        let total = kvs.len();
+        let gone = kvs
+            .iter()
+            .filter(|kv| {
+                lapsed_keys.contains(kv.key.as_str())
+                    || pb::Instance::decode(kv.value.as_slice()).is_ok_and(|i| i.suspect)
+            })
+            .count();
+        if total > 0 && gone as f64 > threshold * total as f64 {
+            keep.extend(expiring.iter().map(|(id, _)| *id));
+        }
+    }
+    keep
+}
+
+/// Sets or clears `suspect` on the registry instances bound to `lease`
+/// (only those that differ), in one log entry.
+fn flag(node: &Arc<Node>, lease: &kv::Lease, suspect: bool) {
+    let commands: Vec<Command> = lease
+        .keys
+        .iter()
+        .filter(|k| service_of(k).is_some())
+        .filter_map(|k| {
+            let mut i = instance(node, k)?;
+            if i.suspect == suspect {
+                return None;
+            }
+            i.suspect = suspect;
+            let op = Op::PutLeased { key: k.clone(), value: i.encode_to_vec(), lease: lease.id };
+            Some(Command { request_id: new_request_id(), op })
+        })
+        .collect();
+    if commands.is_empty() {
+        return;
+    }
+    let node = node.clone();
+    tokio::spawn(async move {
+        let cmd = Command { request_id: new_request_id(), op: Op::Batch(commands) };
+        if let Err(e) = node.propose(cmd, true).await {
+            tracing::warn!(error = %e, "could not flag registry instances; will try again");
+        }
+    });
 }
 
 /// The LeaseService implementation.

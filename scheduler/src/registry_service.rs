@@ -85,6 +85,8 @@ impl RegistryService for RegistryServiceImpl {
         if instance.weight == 0 {
             instance.weight = DEFAULT_WEIGHT;
         }
+        // Only the cluster flags instances.
+        instance.suspect = false;
         if req.request_id.is_empty() {
             req.request_id = new_request_id();
         }
