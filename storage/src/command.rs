@@ -72,6 +72,30 @@ pub enum Op {
         /// A live lease.
         lease: u64,
     },
+    /// Add or replace the gray variant of `key` for `selector`.
+    GraySet {
+        /// The key.
+        key: String,
+        /// Who sees the variant (not empty).
+        selector: crate::kv::Selector,
+        /// The variant's value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    /// Make a variant the key's main value (a put) and remove it.
+    GrayPromote {
+        /// The key.
+        key: String,
+        /// Which variant; empty: the only one.
+        selector: crate::kv::Selector,
+    },
+    /// Remove a variant of `key`; an empty selector removes them all.
+    GrayDrop {
+        /// The key.
+        key: String,
+        /// Which variant.
+        selector: crate::kv::Selector,
+    },
 }
 
 /// The result of applying one log entry.
@@ -144,6 +168,8 @@ impl Command {
                 Op::LeaseGrant { .. } => 16,
                 Op::LeaseRevoke { ids } => ids.len() * 8,
                 Op::PutLeased { key, value, .. } => key.len() + value.len() + 8,
+                Op::GraySet { key, value, .. } => key.len() + value.len() + 64,
+                Op::GrayPromote { key, .. } | Op::GrayDrop { key, .. } => key.len() + 64,
                 Op::Txn(t) => {
                     let op_size = |o: &crate::kv::TxnOp| match o {
                         crate::kv::TxnOp::Put { key, value } => key.len() + value.len(),
@@ -189,6 +215,15 @@ impl Command {
                 crate::kv::validate_ttl(*ttl_ms)
             }
             Op::LeaseRevoke { .. } => Ok(()),
+            Op::GraySet { key, selector, value } => {
+                crate::kv::validate_key(key)?;
+                crate::kv::validate_value(value)?;
+                if selector.is_empty() {
+                    return Err("selector: a gray variant needs at least one key=value".into());
+                }
+                Ok(())
+            }
+            Op::GrayPromote { key, .. } | Op::GrayDrop { key, .. } => crate::kv::validate_key(key),
             Op::PutLeased { key, value, lease } => {
                 crate::kv::validate_key(key)?;
                 crate::kv::validate_value(value)?;

@@ -203,3 +203,58 @@ pub fn validate_ttl(ttl_ms: u64) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Most gray variants one key can have.
+pub const MAX_VARIANTS: usize = 16;
+
+/// A label selector: every `key=value` pair must match.
+pub type Selector = std::collections::BTreeMap<String, String>;
+
+/// A gray variant of a key: readers whose labels match `selector` get
+/// `value` instead of the key's main value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Variant {
+    /// Who sees it.
+    pub selector: Selector,
+    /// What they see.
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+    /// Cluster revision when it was set.
+    pub revision: u64,
+}
+
+/// Parses `k=v,k2=v2`; the error names the field.
+pub fn parse_selector(s: &str) -> Result<Selector, String> {
+    let mut out = Selector::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("selector: '{part}' is not key=value"))?;
+        let (k, v) = (k.trim(), v.trim());
+        let ok = |t: &str| {
+            !t.is_empty()
+                && t.len() <= 128
+                && t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        };
+        if !ok(k) || !ok(v) {
+            return Err(format!("selector: '{part}' must be key=value of letters, digits, '.', '_' or '-'"));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+/// Renders a selector as `k=v,k2=v2`.
+pub fn selector_text(s: &Selector) -> String {
+    s.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// The variant `labels` see: the matching one with the most pairs (the
+/// earliest set among equals).
+pub fn pick_variant<'a>(variants: &'a [Variant], labels: &Selector) -> Option<&'a Variant> {
+    variants.iter().filter(|v| v.selector.iter().all(|(k, val)| labels.get(k) == Some(val))).fold(
+        None,
+        |best: Option<&Variant>, v| match best {
+            Some(b) if b.selector.len() >= v.selector.len() => Some(b),
+            _ => Some(v),
+        },
+    )
+}

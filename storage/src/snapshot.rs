@@ -53,6 +53,11 @@ pub(crate) enum Record {
     },
     /// A lease and its keys.
     Lease(crate::kv::Lease),
+    /// The gray variants of a key.
+    Gray {
+        key: String,
+        variants: Vec<crate::kv::Variant>,
+    },
 }
 
 fn io_err(op: &'static str) -> impl Fn(std::io::Error) -> Error {

@@ -62,9 +62,12 @@ struct Trees {
     leases: sled::Tree,
     /// key -> the lease (big-endian id) it is bound to.
     key_lease: sled::Tree,
+    /// key -> its gray variants (`Vec<kv::Variant>`).
+    gray: sled::Tree,
 }
 
-const TREE_NAMES: [&str; 9] = ["meta", "kv", "dedup", "workers", "jobs", "events", "history", "leases", "key_lease"];
+const TREE_NAMES: [&str; 10] =
+    ["meta", "kv", "dedup", "workers", "jobs", "events", "history", "leases", "key_lease", "gray"];
 
 impl Trees {
     fn open(dir: &DataDir, generation: u64) -> Result<Self, Error> {
@@ -79,6 +82,7 @@ impl Trees {
             history: dir.tree(&format!("sm{generation}_history"))?,
             leases: dir.tree(&format!("sm{generation}_leases"))?,
             key_lease: dir.tree(&format!("sm{generation}_key_lease"))?,
+            gray: dir.tree(&format!("sm{generation}_gray"))?,
         })
     }
 
@@ -213,9 +217,10 @@ impl StateMachineStore {
             &trees.history,
             &trees.leases,
             &trees.key_lease,
+            &trees.gray,
         );
-        let result = all.transaction(|(meta, kv, dedup, workers, jobs, events, history, leases, key_lease)| {
-            let tx = Tx { kv, dedup, workers, jobs, events, history, leases, key_lease };
+        let result = all.transaction(|(meta, kv, dedup, workers, jobs, events, history, leases, key_lease, gray)| {
+            let tx = Tx { kv, dedup, workers, jobs, events, history, leases, key_lease, gray };
             let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
             let mut results = Vec::with_capacity(entries.len());
             let mut membership = None;
@@ -297,6 +302,11 @@ impl StateMachineStore {
             let (_, raw) = item.map_err(sled_err("read leases"))?;
             w.record(&Record::Lease(codec::decode("lease", &raw)?))?;
         }
+        for item in trees.gray.iter() {
+            let (key, raw) = item.map_err(sled_err("read gray"))?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            w.record(&Record::Gray { key, variants: codec::decode("gray variants", &raw)? })?;
+        }
         for item in trees.events.iter() {
             let (rev, raw) = item.map_err(sled_err("read events"))?;
             let revision = rev_of(&rev)?;
@@ -371,6 +381,7 @@ impl StateMachineStore {
             &next.history,
             &next.leases,
             &next.key_lease,
+            &next.gray,
         ] {
             tree.clear().map_err(sled_err("clear"))?;
         }
@@ -416,6 +427,11 @@ impl StateMachineStore {
                             .map_err(sled_err("load leases"))?;
                     }
                     next.leases.insert(lease.id.to_be_bytes(), raw).map_err(sled_err("load leases"))?;
+                }
+                Record::Gray { key, variants } => {
+                    let raw = codec::encode("gray variants", &variants)?;
+                    pending_bytes += raw.len();
+                    next.gray.insert(key.as_bytes(), raw).map_err(sled_err("load gray"))?;
                 }
                 Record::End { .. } => {}
             }
@@ -496,6 +512,7 @@ struct Tx<'a> {
     history: &'a TransactionalTree,
     leases: &'a TransactionalTree,
     key_lease: &'a TransactionalTree,
+    gray: &'a TransactionalTree,
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<Error>>;
@@ -571,6 +588,8 @@ impl Tx<'_> {
             return Ok(false);
         }
         self.bind(key, 0)?;
+        // A deleted key's gray variants go with it.
+        self.gray.remove(key.as_bytes())?;
         *revision += 1;
         let kv =
             KeyValue { key: key.to_owned(), value: vec![], create_revision: 0, mod_revision: *revision, version: 0 };
@@ -678,6 +697,75 @@ fn apply_command(
                     revoked.push(*id);
                 }
                 CommandResult::LeasesRevoked { revision: *revision, revoked }
+            }
+            Op::GraySet { key, selector, value } => {
+                let mut variants: Vec<kv::Variant> =
+                    tx_read(tx.gray, key.as_bytes(), "gray variants")?.unwrap_or_default();
+                let variant = kv::Variant { selector: selector.clone(), value: value.clone(), revision: *revision };
+                let at = variants.iter().position(|v| v.selector == *selector);
+                if at.is_none() && variants.len() >= kv::MAX_VARIANTS {
+                    CommandResult::Rejected {
+                        reason: format!("selector: key {key} has {} variants already", kv::MAX_VARIANTS),
+                    }
+                } else {
+                    match at {
+                        Some(i) => variants[i] = variant,
+                        None => variants.push(variant),
+                    }
+                    tx_write(tx.gray, key.as_bytes(), &variants, "gray variants")?;
+                    CommandResult::Done
+                }
+            }
+            Op::GrayPromote { key, selector } => {
+                let mut variants: Vec<kv::Variant> =
+                    tx_read(tx.gray, key.as_bytes(), "gray variants")?.unwrap_or_default();
+                let at = if selector.is_empty() && variants.len() == 1 {
+                    Some(0)
+                } else {
+                    variants.iter().position(|v| v.selector == *selector)
+                };
+                match at {
+                    None => CommandResult::Rejected {
+                        reason: if selector.is_empty() && variants.len() > 1 {
+                            format!("selector: key {key} has {} variants; name one", variants.len())
+                        } else {
+                            format!("selector: key {key} has no variant for '{}'", kv::selector_text(selector))
+                        },
+                    },
+                    Some(i) => {
+                        let variant = variants.remove(i);
+                        tx.bind(key, 0)?;
+                        let stored = tx.put_value(revision, key, &variant.value)?;
+                        if variants.is_empty() {
+                            tx.gray.remove(key.as_bytes())?;
+                        } else {
+                            tx_write(tx.gray, key.as_bytes(), &variants, "gray variants")?;
+                        }
+                        CommandResult::Put {
+                            revision: *revision,
+                            create_revision: stored.create_revision,
+                            version: stored.version,
+                        }
+                    }
+                }
+            }
+            Op::GrayDrop { key, selector } => {
+                let mut variants: Vec<kv::Variant> =
+                    tx_read(tx.gray, key.as_bytes(), "gray variants")?.unwrap_or_default();
+                let before = variants.len();
+                variants.retain(|v| !selector.is_empty() && v.selector != *selector);
+                if variants.len() == before {
+                    CommandResult::Rejected {
+                        reason: format!("selector: key {key} has no variant for '{}'", kv::selector_text(selector)),
+                    }
+                } else {
+                    if variants.is_empty() {
+                        tx.gray.remove(key.as_bytes())?;
+                    } else {
+                        tx_write(tx.gray, key.as_bytes(), &variants, "gray variants")?;
+                    }
+                    CommandResult::Done
+                }
             }
             Op::PutLeased { key, value, lease } => {
                 if tx.leases.get(lease.to_be_bytes())?.is_none() {
@@ -965,6 +1053,30 @@ impl StateReader {
             out.push(codec::decode("lease", &raw)?);
         }
         Ok(out)
+    }
+
+    /// The gray variants of `key`.
+    pub fn variants(&self, key: &str) -> Result<Vec<kv::Variant>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        Ok(read_value(&self.inner.trees().gray, key.as_bytes(), "gray variants")?.unwrap_or_default())
+    }
+
+    /// `key` as a reader with `labels` sees it: the matching gray variant's
+    /// value if there is one (and its selector), else the main value.
+    pub fn get_for(&self, key: &str, labels: &kv::Selector) -> Result<Option<(KeyValue, Option<kv::Selector>)>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        let trees = self.inner.trees();
+        let main: Option<StoredValue> = read_value(&trees.kv, key.as_bytes(), "kv value")?;
+        let variants: Vec<kv::Variant> = read_value(&trees.gray, key.as_bytes(), "gray variants")?.unwrap_or_default();
+        let Some(main) = main else { return Ok(None) };
+        let mut kv = main.with_key(key.to_owned());
+        match kv::pick_variant(&variants, labels) {
+            Some(v) => {
+                kv.value = v.value.clone();
+                Ok(Some((kv, Some(v.selector.clone()))))
+            }
+            None => Ok(Some((kv, None))),
+        }
     }
 
     /// One lease.

@@ -263,3 +263,46 @@ async fn revoking_a_lease_deletes_its_keys_and_a_plain_put_unbinds_a_key() {
     let (events, _) = reader.events(4, "", 10).unwrap();
     assert_eq!(events[0].1.kind, crate::kv::EventKind::Delete);
 }
+
+#[tokio::test]
+async fn gray_variants_serve_matching_readers_and_promote_or_drop_in_one_step() {
+    use crate::kv::parse_selector;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+    let reader = sm.reader();
+    let sel = |s: &str| parse_selector(s).unwrap();
+    let gray = |s: &str, v: &str| Op::GraySet { key: "k".into(), selector: sel(s), value: v.as_bytes().to_vec() };
+    let r = sm
+        .apply(vec![
+            entry(1, "", put("k", "main")),
+            entry(2, "", gray("zone=a", "for-a")),
+            entry(3, "", gray("zone=a,role=bidder", "for-a-bidders")),
+            entry(4, "", Op::GraySet { key: "k".into(), selector: sel(""), value: b"x".to_vec() }),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(&r[3], CommandResult::Rejected { reason } if reason.starts_with("selector:")));
+    let seen = |labels: &str| reader.get_for("k", &sel(labels)).unwrap().map(|(kv, _)| kv.value);
+    assert_eq!(seen(""), Some(b"main".to_vec()));
+    assert_eq!(seen("zone=b"), Some(b"main".to_vec()));
+    assert_eq!(seen("zone=a"), Some(b"for-a".to_vec()));
+    assert_eq!(seen("zone=a,role=bidder,host=h1"), Some(b"for-a-bidders".to_vec()), "the most specific wins");
+    assert_eq!(reader.revision(), 1, "variants do not move the revision");
+
+    let r = sm
+        .apply(vec![
+            entry(5, "", Op::GrayPromote { key: "k".into(), selector: sel("") }),
+            entry(6, "", Op::GrayPromote { key: "k".into(), selector: sel("zone=a") }),
+            entry(7, "", Op::GrayDrop { key: "k".into(), selector: sel("zone=z") }),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(&r[0], CommandResult::Rejected { reason } if reason.contains("2 variants; name one")));
+    assert!(matches!(r[1], CommandResult::Put { revision: 2, version: 2, .. }));
+    assert!(matches!(&r[2], CommandResult::Rejected { reason } if reason.contains("no variant for 'zone=z'")));
+    assert_eq!(reader.get("k").unwrap().unwrap().value, b"for-a");
+    assert_eq!(reader.variants("k").unwrap().len(), 1);
+    sm.apply(vec![entry(8, "", Op::GrayDrop { key: "k".into(), selector: sel("") })]).await.unwrap();
+    assert!(reader.variants("k").unwrap().is_empty());
+    assert_eq!(seen("zone=a,role=bidder"), Some(b"for-a".to_vec()));
+}
