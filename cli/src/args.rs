@@ -204,7 +204,14 @@ pub enum ConfigCmd {
         /// KEY as it was at revision N.
         #[arg(long = "rev", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         rev: Option<u64>,
+        /// Read as a reader with these labels (k=v,k2=v2) sees it: a
+        /// matching gray variant, else the main value.
+        #[arg(long, conflicts_with = "rev", value_parser = labels)]
+        labels: Option<std::collections::BTreeMap<String, String>>,
     },
+    /// Gray variants: values that only readers matching a selector see.
+    #[command(subcommand)]
+    Gray(GrayCmd),
     /// Delete KEY (exit 1 if it did not exist).
     Delete {
         /// The key to delete.
@@ -251,6 +258,42 @@ fn host_port(s: &str) -> Result<String, String> {
 fn initial_cluster(s: &str) -> Result<String, String> {
     ferry_scheduler::config::parse_initial_cluster(s)?;
     Ok(s.to_string())
+}
+
+/// `ferry config gray ...`.
+#[derive(Subcommand, Debug)]
+pub enum GrayCmd {
+    /// Give readers matching SELECTOR the value VALUE for KEY.
+    Set {
+        /// The key.
+        key: String,
+        /// The variant's value.
+        value: String,
+        /// Who sees it: k=v,k2=v2 (all must match).
+        #[arg(long)]
+        selector: String,
+    },
+    /// Make a variant KEY's main value (the only one, or --selector's).
+    Promote {
+        /// The key.
+        key: String,
+        /// Which variant.
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
+    /// Remove a variant of KEY (--selector's, or all).
+    Drop {
+        /// The key.
+        key: String,
+        /// Which variant; default: all.
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
+    /// KEY's variants.
+    List {
+        /// The key.
+        key: String,
+    },
 }
 
 /// `ferry lease ...`.

@@ -5,7 +5,7 @@ use std::io::Write;
 use ferry_sdk::{pb, Client, ClientOptions};
 use serde_json::json;
 
-use crate::args::{ClientArgs, ClusterCmd, ConfigCmd, LeaseCmd, RegistryCmd};
+use crate::args::{ClientArgs, ClusterCmd, ConfigCmd, GrayCmd, LeaseCmd, RegistryCmd};
 
 pub(crate) fn client(args: &ClientArgs) -> Result<Client, ferry_sdk::Error> {
     let options = ClientOptions { total_timeout: args.timeout, ..ClientOptions::default() };
@@ -190,7 +190,27 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
             }
             Err(e) => fail(e),
         },
-        ConfigCmd::Get { key, serializable, rev } => match match rev {
+        ConfigCmd::Get { key, labels: Some(labels), .. } => match c.get_with_labels(&key, &labels).await {
+            Ok(Some((kv, variant))) => {
+                if args.json {
+                    let mut v = kv_json(&kv);
+                    v["variant"] = json!(variant);
+                    print_json(&v);
+                } else {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(&kv.value);
+                    let _ = out.write_all(b"\n");
+                }
+                0
+            }
+            Ok(None) => {
+                eprintln!("not found");
+                1
+            }
+            Err(e) => fail(e),
+        },
+        ConfigCmd::Gray(g) => gray(&c, g, args.json).await,
+        ConfigCmd::Get { key, serializable, rev, labels: None } => match match rev {
             None => c.get_with(&key, serializable).await,
             Some(rev) => c.get_at(&key, rev).await,
         } {
@@ -434,5 +454,29 @@ pub async fn registry(args: &ClientArgs, cmd: RegistryCmd) -> u8 {
             }
             Err(e) => fail(e),
         },
+    }
+}
+
+async fn gray(c: &Client, cmd: GrayCmd, json_out: bool) -> u8 {
+    use pb::gray_request::Action;
+    let result = match &cmd {
+        GrayCmd::Set { key, value, selector } => c.gray(Action::Set, key, selector, value.clone().into_bytes()).await,
+        GrayCmd::Promote { key, selector } => c.gray(Action::Promote, key, selector, vec![]).await,
+        GrayCmd::Drop { key, selector } => c.gray(Action::Drop, key, selector, vec![]).await,
+        GrayCmd::List { key } => c.gray(Action::List, key, "", vec![]).await,
+    };
+    match result {
+        Ok(variants) => {
+            for v in variants {
+                let value = String::from_utf8_lossy(&v.value);
+                if json_out {
+                    print_json(&json!({"selector": v.selector, "value": value, "revision": v.revision}));
+                } else {
+                    println!("{} {value}", v.selector);
+                }
+            }
+            0
+        }
+        Err(e) => fail(e),
     }
 }

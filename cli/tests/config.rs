@@ -337,3 +337,48 @@ async fn a_mass_expiry_trips_the_protect_threshold_and_keeps_instances_as_suspec
     .await;
     keepers[3].abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gray_variants_from_the_cli_set_read_promote_drop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    let endpoints = sched.addrs.join(",");
+    let run = |args: &[&str]| {
+        let mut all = vec!["--endpoints", &endpoints];
+        all.extend_from_slice(args);
+        let out = ferry(&all);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(run(&["config", "put", "rate", "100"]).0, Some(0));
+    assert_eq!(run(&["config", "gray", "set", "rate", "150", "--selector", "zone=a"]).0, Some(0));
+    assert_eq!(run(&["config", "gray", "set", "rate", "200", "--selector", "zone=a,role=canary"]).0, Some(0));
+    let get = |labels: &str| run(&["config", "get", "rate", "--labels", labels]).1;
+    assert_eq!(run(&["config", "get", "rate"]).1, "100");
+    assert_eq!(get("zone=b"), "100");
+    assert_eq!(get("zone=a"), "150");
+    assert_eq!(get("zone=a,role=canary"), "200");
+    let (_, json, _) = run(&["--json", "config", "get", "rate", "--labels", "zone=a"]);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&json).expect("json")["variant"], "zone=a");
+
+    // Bad selectors and ambiguous promotes are refused and change nothing.
+    let (code, _, err) = run(&["config", "gray", "set", "rate", "1", "--selector", "zone"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("selector:"), "{err}");
+    let (code, _, err) = run(&["config", "gray", "promote", "rate"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("2 variants; name one"), "{err}");
+    assert_eq!(run(&["config", "get", "rate"]).1, "100");
+
+    // Promote one (it becomes the main value), drop the rest.
+    assert_eq!(run(&["config", "gray", "promote", "rate", "--selector", "zone=a"]).0, Some(0));
+    assert_eq!(run(&["config", "get", "rate"]).1, "150");
+    assert_eq!(run(&["config", "gray", "list", "rate"]).1, "role=canary,zone=a 200");
+    assert_eq!(run(&["config", "gray", "drop", "rate"]).0, Some(0));
+    assert_eq!(get("zone=a,role=canary"), "150");
+    assert_eq!(run(&["config", "gray", "list", "rate"]).1, "");
+}

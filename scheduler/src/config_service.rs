@@ -239,6 +239,18 @@ impl ConfigService for ConfigServiceImpl {
         let req = request.into_inner();
         kv::validate_key(&req.key).map_err(invalid)?;
         self.node.read_barrier(req.serializable).await?;
+        if !req.labels.is_empty() {
+            if req.revision != 0 {
+                return Err(invalid("labels: gray variants are read at the current revision only".into()));
+            }
+            let labels: kv::Selector = req.labels.into_iter().collect();
+            let found = self.node.reader.get_for(&req.key, &labels).map_err(Error::from)?;
+            let (kv, variant) = match found {
+                Some((kv, v)) => (Some(to_pb(kv)), v.map(|s| kv::selector_text(&s)).unwrap_or_default()),
+                None => (None, String::new()),
+            };
+            return Ok(Response::new(pb::GetResponse { header: Some(self.node.header()), kv, variant }));
+        }
         if req.revision != 0 {
             let current = self.node.reader.revision();
             if req.revision > current {
@@ -251,7 +263,11 @@ impl ConfigService for ConfigServiceImpl {
                 Ok(kv) => {
                     let mut header = self.node.header();
                     header.revision = req.revision;
-                    Ok(Response::new(pb::GetResponse { header: Some(header), kv: kv.map(to_pb) }))
+                    Ok(Response::new(pb::GetResponse {
+                        header: Some(header),
+                        kv: kv.map(to_pb),
+                        variant: String::new(),
+                    }))
                 }
                 Err(compacted) => Err(Status::out_of_range(format!(
                     "revision: {} is compacted (history kept after revision {compacted})",
@@ -260,7 +276,11 @@ impl ConfigService for ConfigServiceImpl {
             };
         }
         let kv = self.node.reader.get(&req.key).map_err(Error::from)?;
-        Ok(Response::new(pb::GetResponse { header: Some(self.node.header()), kv: kv.map(to_pb) }))
+        Ok(Response::new(pb::GetResponse {
+            header: Some(self.node.header()),
+            kv: kv.map(to_pb),
+            variant: String::new(),
+        }))
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
@@ -339,6 +359,45 @@ impl ConfigService for ConfigServiceImpl {
             Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
             Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for txn: {other:?}"))),
         }
+    }
+
+    async fn gray(&self, request: Request<pb::GrayRequest>) -> Result<Response<pb::GrayResponse>, Status> {
+        use pb::gray_request::Action;
+        let was_forwarded = is_forwarded(&request);
+        let mut req = request.into_inner();
+        kv::validate_key(&req.key).map_err(invalid)?;
+        let selector = kv::parse_selector(&req.selector).map_err(invalid)?;
+        let action =
+            Action::try_from(req.action).map_err(|_| invalid(format!("action: unknown action {}", req.action)))?;
+        let op = match action {
+            Action::List => None,
+            Action::Set => Some(Op::GraySet { key: req.key.clone(), selector, value: req.value.clone() }),
+            Action::Promote => Some(Op::GrayPromote { key: req.key.clone(), selector }),
+            Action::Drop => Some(Op::GrayDrop { key: req.key.clone(), selector }),
+        };
+        let mut header = self.node.header();
+        if let Some(op) = op {
+            let cmd = Self::command(&req.request_id, op)?;
+            req.request_id = cmd.request_id.clone();
+            match self.node.propose(cmd, was_forwarded).await? {
+                Proposal::Forward(addr) => {
+                    return self.client(&addr)?.gray(forwarded(req, self.node.op_timeout())).await
+                }
+                Proposal::Applied(CommandResult::Rejected { reason }) => return Err(invalid(reason)),
+                Proposal::Applied(CommandResult::Put { revision, .. }) => header.revision = revision,
+                Proposal::Applied(_) => {}
+            }
+        } else {
+            self.node.read_barrier(false).await?;
+        }
+        let variants = self.node.reader.variants(&req.key).map_err(Error::from)?;
+        Ok(Response::new(pb::GrayResponse {
+            header: Some(header),
+            variants: variants
+                .into_iter()
+                .map(|v| pb::Variant { selector: kv::selector_text(&v.selector), value: v.value, revision: v.revision })
+                .collect(),
+        }))
     }
 
     type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;

@@ -492,7 +492,7 @@ impl Client {
     /// Reads `key`; `serializable` reads the answering node's replica
     /// without a read-index round trip (may be stale).
     pub async fn get_with(&self, key: &str, serializable: bool) -> Result<Option<KeyValue>, Error> {
-        let msg = pb::GetRequest { key: key.to_string(), serializable, revision: 0 };
+        let msg = pb::GetRequest { key: key.to_string(), serializable, ..Default::default() };
         let resp = self
             .call("get", |ch, t| {
                 let msg = msg.clone();
@@ -504,7 +504,7 @@ impl Client {
 
     /// `key` as it was at `revision`; `OutOfRange` if that is compacted.
     pub async fn get_at(&self, key: &str, revision: u64) -> Result<Option<KeyValue>, Error> {
-        let msg = pb::GetRequest { key: key.to_string(), serializable: false, revision };
+        let msg = pb::GetRequest { key: key.to_string(), revision, ..Default::default() };
         let resp = self
             .call("get", |ch, t| {
                 let msg = msg.clone();
@@ -512,6 +512,54 @@ impl Client {
             })
             .await?;
         Ok(resp.into_inner().kv.map(KeyValue::from))
+    }
+
+    /// `key` as a reader with `labels` sees it: a matching gray variant's
+    /// value, else the main value; with the variant's selector (empty: the
+    /// main value).
+    pub async fn get_with_labels(
+        &self,
+        key: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<(KeyValue, String)>, Error> {
+        let msg = pb::GetRequest {
+            key: key.to_string(),
+            labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            ..Default::default()
+        };
+        let resp = self
+            .call("get", |ch, t| {
+                let msg = msg.clone();
+                async move { Self::config_client(ch).get(Self::request(msg, t)).await }
+            })
+            .await?
+            .into_inner();
+        Ok(resp.kv.map(|kv| (KeyValue::from(kv), resp.variant)))
+    }
+
+    /// Gray variants of `key`: list, set (`selector` required), promote
+    /// (empty selector: the only variant) or drop (empty: all). Returns the
+    /// variants after the action.
+    pub async fn gray(
+        &self,
+        action: pb::gray_request::Action,
+        key: &str,
+        selector: &str,
+        value: Vec<u8>,
+    ) -> Result<Vec<pb::Variant>, Error> {
+        let msg = pb::GrayRequest {
+            action: action as i32,
+            key: key.to_string(),
+            selector: selector.to_string(),
+            value,
+            request_id: request_id(),
+        };
+        self.call("gray", |ch, t| {
+            let msg = msg.clone();
+            async move { Self::config_client(ch).gray(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner().variants)
     }
 
     /// The changes to `key` still in the history, oldest first (the newest
