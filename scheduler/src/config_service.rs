@@ -97,6 +97,14 @@ async fn run_watch(
     };
     let mut next = if req.start_revision == 0 { reader.revision() + 1 } else { req.start_revision };
     let mut idle_since = tokio::time::Instant::now();
+    if req.start_revision == 0 {
+        // Tell a watcher "from now" where now is, so a reconnect before the
+        // first change resumes from there instead of from a later "now".
+        let msg = pb::WatchResponse { header: Some(header(next - 1)), progress: true, ..Default::default() };
+        if tx.send(Ok(msg)).await.is_err() {
+            return Ok(());
+        }
+    }
     loop {
         let compacted = reader.compacted().map_err(Error::from)?;
         if next <= compacted {
@@ -113,6 +121,7 @@ async fn run_watch(
                     snapshot: true,
                     compact_revision: compacted,
                     progress: false,
+                    more: !rest.is_empty(),
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     return Ok(());
@@ -135,9 +144,8 @@ async fn run_watch(
             let msg = pb::WatchResponse {
                 header: Some(header(upto)),
                 events: events.into_iter().map(|(_, e)| event_to_pb(e)).collect(),
-                snapshot: false,
                 compact_revision: compacted,
-                progress: false,
+                ..Default::default()
             };
             if tx.send(Ok(msg)).await.is_err() {
                 return Ok(());
@@ -157,10 +165,9 @@ async fn run_watch(
             _ = tokio::time::sleep_until(idle_since + every) => {
                 let msg = pb::WatchResponse {
                     header: Some(header(next - 1)),
-                    events: vec![],
-                    snapshot: false,
                     compact_revision: compacted,
                     progress: true,
+                    ..Default::default()
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     return Ok(());
@@ -288,6 +295,9 @@ impl ConfigService for ConfigServiceImpl {
         let mut req = request.into_inner();
         let op = match req.if_mod_revision {
             None => Op::Delete { key: req.key.clone() },
+            Some(0) => {
+                return Err(invalid("if_mod_revision: a compare-and-delete needs the key's mod revision, not 0".into()))
+            }
             Some(rev) => Op::Txn(Box::new(Txn {
                 compares: vec![compare_for(&req.key, rev)],
                 success: vec![TxnOp::Delete { key: req.key.clone() }],

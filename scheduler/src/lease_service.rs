@@ -35,6 +35,15 @@ pub const EXPIRE_BATCH: usize = 500;
 /// Registry leases that lapse within this long of each other count as one
 /// mass expiry for the protect threshold (they are revoked this much later).
 pub const PROTECT_WINDOW: Duration = Duration::from_secs(1);
+/// Services with fewer instances than this are never protected: a lone
+/// instance that dies must go.
+pub const PROTECT_MIN_INSTANCES: usize = 3;
+/// A protected lease is revoked anyway once it has lapsed this many TTLs
+/// ago (at least [`PROTECT_MIN_HOLD`]): protection bridges an outage, it
+/// does not keep dead instances forever.
+pub const PROTECT_MAX_TTLS: u32 = 10;
+/// See [`PROTECT_MAX_TTLS`].
+pub const PROTECT_MIN_HOLD: Duration = Duration::from_secs(60);
 /// How often the leader looks for expired leases.
 pub const TICK: Duration = Duration::from_millis(100);
 /// A revoke proposed but not yet applied is proposed again after this long.
@@ -135,7 +144,19 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
         }
         expired.sort();
         let candidates: Vec<u64> = expired.into_iter().take(EXPIRE_BATCH).map(|(_, id)| id).collect();
-        let keep = protect(&node, &leases, &candidates, &lapsed);
+        let mut keep = protect(&node, &leases, &candidates, &lapsed);
+        // Protection ends: leases lapsed too long ago go regardless.
+        {
+            let deadlines = clock.lock();
+            keep.retain(|id| {
+                let hold = leases
+                    .iter()
+                    .find(|l| l.id == *id)
+                    .map(|l| (Duration::from_millis(l.ttl_ms) * PROTECT_MAX_TTLS).max(PROTECT_MIN_HOLD))
+                    .unwrap_or(PROTECT_MIN_HOLD);
+                deadlines.get(id).is_some_and(|d| now.saturating_duration_since(*d) < hold)
+            });
+        }
         for lease in leases.iter().filter(|l| keep.contains(&l.id)) {
             if protected.insert(lease.id) {
                 tracing::warn!(lease = lease.id, "mass expiry: keeping the lease's instances as suspect");
@@ -212,7 +233,7 @@ fn protect(
                     || pb::Instance::decode(kv.value.as_slice()).is_ok_and(|i| i.suspect)
             })
             .count();
-        if total > 0 && gone as f64 > threshold * total as f64 {
+        if total >= PROTECT_MIN_INSTANCES && gone as f64 > threshold * total as f64 {
             keep.extend(expiring.iter().map(|(id, _)| *id));
         }
     }
@@ -227,12 +248,19 @@ fn flag(node: &Arc<Node>, lease: &kv::Lease, suspect: bool) {
         .iter()
         .filter(|k| service_of(k).is_some())
         .filter_map(|k| {
-            let mut i = instance(node, k)?;
+            let kv = node.reader.get(k).ok()??;
+            let mut i = pb::Instance::decode(kv.value.as_slice()).ok()?;
             if i.suspect == suspect {
                 return None;
             }
             i.suspect = suspect;
-            let op = Op::PutLeased { key: k.clone(), value: i.encode_to_vec(), lease: lease.id };
+            // Only if unchanged since read: an instance that re-registered
+            // meanwhile (a new lease) must not be bound back to this one.
+            let op = Op::Txn(Box::new(kv::Txn {
+                compares: vec![kv::Compare::ModRevision { key: k.clone(), revision: kv.mod_revision }],
+                success: vec![kv::TxnOp::PutLeased { key: k.clone(), value: i.encode_to_vec(), lease: lease.id }],
+                failure: vec![],
+            }));
             Some(Command { request_id: new_request_id(), op })
         })
         .collect();
@@ -340,9 +368,10 @@ impl LeaseService for LeaseServiceImpl {
         let (node, clock) = (self.node.clone(), self.clock.clone());
         tokio::spawn(async move {
             while let Ok(Some(req)) = incoming.message().await {
-                // Leadership may move while the stream is open: then end it,
-                // and the client goes to the new leader.
-                if node.leader().map(|l| l.0) != Some(node.id) {
+                // Leadership may move (or this leader may be cut off from
+                // the majority) while the stream is open: then end it, and
+                // the client goes to the new leader.
+                if !node.leads_with_quorum() {
                     let leader = node.leader();
                     let status: Status =
                         Error::NotLeader { leader_id: leader.as_ref().map(|l| l.0), leader_addr: leader.map(|l| l.1) }

@@ -62,6 +62,17 @@ impl Node {
         Some((id, addr))
     }
 
+    /// True if this node leads and a quorum acknowledged it within two
+    /// maximum election timeouts: a leader cut off from the majority stops
+    /// answering soon after a new one can have been elected (and the new
+    /// one starts every lease afresh), well within any lease TTL (1 s+),
+    /// while a loaded but healthy leader is not turned away.
+    pub fn leads_with_quorum(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        let bound = 2 * self.config.election_timeout_max.as_millis() as u64;
+        m.current_leader == Some(self.id) && m.millis_since_quorum_ack.is_some_and(|ms| ms < bound)
+    }
+
     fn not_leader(&self, f: &ForwardToLeader<NodeId, BasicNode>) -> Error {
         Error::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()) }
     }

@@ -428,7 +428,11 @@ impl Client {
                         continue;
                     }
                 };
-                while let Ok(Some(resp)) = stream.message().await {
+                // A leader that vanished without a reset must not hold the
+                // renewals up past the TTL: wait at most a third of it.
+                while let Ok(Ok(Some(resp))) =
+                    tokio::time::timeout(every.max(Duration::from_millis(500)), stream.message()).await
+                {
                     let gone = resp.ttl_ms == 0;
                     every = Duration::from_millis((resp.ttl_ms / 3).max(100));
                     if out.send(Ok(resp)).await.is_err() || gone {
@@ -618,7 +622,8 @@ impl Client {
                 };
                 while let Ok(Some(resp)) = stream.message().await {
                     let revision = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
-                    if revision + 1 > next {
+                    // Past a snapshot only after its last part.
+                    if revision + 1 > next && !(resp.snapshot && resp.more) {
                         next = revision + 1;
                     }
                     if tx.send(Ok(resp)).await.is_err() {

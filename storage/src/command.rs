@@ -174,6 +174,7 @@ impl Command {
                     let op_size = |o: &crate::kv::TxnOp| match o {
                         crate::kv::TxnOp::Put { key, value } => key.len() + value.len(),
                         crate::kv::TxnOp::Delete { key } => key.len(),
+                        crate::kv::TxnOp::PutLeased { key, value, .. } => key.len() + value.len() + 8,
                     };
                     t.compares.len() * 64 + t.success.iter().chain(&t.failure).map(op_size).sum::<usize>()
                 }

@@ -132,6 +132,17 @@ pub enum TxnOp {
         /// The key.
         key: String,
     },
+    /// Create or replace a key bound to a lease (skipped if the lease no
+    /// longer exists).
+    PutLeased {
+        /// The key.
+        key: String,
+        /// The value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        /// The lease.
+        lease: u64,
+    },
 }
 
 /// Compare, then write: if every compare holds, `success` is applied, else
@@ -173,6 +184,10 @@ impl Txn {
                     validate_value(value)?;
                 }
                 TxnOp::Delete { key } => validate_key(key)?,
+                TxnOp::PutLeased { key, value, .. } => {
+                    validate_key(key)?;
+                    validate_value(value)?;
+                }
             }
         }
         Ok(())

@@ -58,6 +58,11 @@ pub(crate) enum Record {
         key: String,
         variants: Vec<crate::kv::Variant>,
     },
+    /// A key's history base (see the state machine).
+    Base {
+        key: String,
+        base: crate::state_machine::Base,
+    },
 }
 
 fn io_err(op: &'static str) -> impl Fn(std::io::Error) -> Error {

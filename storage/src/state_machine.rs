@@ -64,10 +64,20 @@ struct Trees {
     key_lease: sled::Tree,
     /// key -> its gray variants (`Vec<kv::Variant>`).
     gray: sled::Tree,
+    /// key -> [`Base`]: how many of its changes the history holds, and its
+    /// newest change that was compacted away (the state before them).
+    base: sled::Tree,
 }
 
-const TREE_NAMES: [&str; 10] =
-    ["meta", "kv", "dedup", "workers", "jobs", "events", "history", "leases", "key_lease", "gray"];
+const TREE_NAMES: [&str; 11] =
+    ["meta", "kv", "dedup", "workers", "jobs", "events", "history", "leases", "key_lease", "gray", "base"];
+
+/// Per key: changes in the history window, and the newest compacted one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Base {
+    pub(crate) in_history: u64,
+    pub(crate) compacted: Option<Event>,
+}
 
 impl Trees {
     fn open(dir: &DataDir, generation: u64) -> Result<Self, Error> {
@@ -83,6 +93,7 @@ impl Trees {
             leases: dir.tree(&format!("sm{generation}_leases"))?,
             key_lease: dir.tree(&format!("sm{generation}_key_lease"))?,
             gray: dir.tree(&format!("sm{generation}_gray"))?,
+            base: dir.tree(&format!("sm{generation}_base"))?,
         })
     }
 
@@ -218,33 +229,35 @@ impl StateMachineStore {
             &trees.leases,
             &trees.key_lease,
             &trees.gray,
+            &trees.base,
         );
-        let result = all.transaction(|(meta, kv, dedup, workers, jobs, events, history, leases, key_lease, gray)| {
-            let tx = Tx { kv, dedup, workers, jobs, events, history, leases, key_lease, gray };
-            let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
-            let mut results = Vec::with_capacity(entries.len());
-            let mut membership = None;
-            for entry in entries {
-                match &entry.payload {
-                    EntryPayload::Blank => results.push(CommandResult::None),
-                    EntryPayload::Membership(m) => {
-                        membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
-                        results.push(CommandResult::None);
-                    }
-                    EntryPayload::Normal(cmd) => {
-                        results.push(apply_command(&tx, &mut revision, entry.log_id.index, cmd)?)
+        let result =
+            all.transaction(|(meta, kv, dedup, workers, jobs, events, history, leases, key_lease, gray, base)| {
+                let tx = Tx { kv, dedup, workers, jobs, events, history, leases, key_lease, gray, base };
+                let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
+                let mut results = Vec::with_capacity(entries.len());
+                let mut membership = None;
+                for entry in entries {
+                    match &entry.payload {
+                        EntryPayload::Blank => results.push(CommandResult::None),
+                        EntryPayload::Membership(m) => {
+                            membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                            results.push(CommandResult::None);
+                        }
+                        EntryPayload::Normal(cmd) => {
+                            results.push(apply_command(&tx, &mut revision, entry.log_id.index, cmd)?)
+                        }
                     }
                 }
-            }
-            if let Some(last) = entries.last() {
-                tx_write(meta, KEY_LAST_APPLIED, &Some(last.log_id), "last applied")?;
-            }
-            if let Some(m) = membership {
-                tx_write(meta, KEY_MEMBERSHIP, &m, "membership")?;
-            }
-            tx_write(meta, KEY_REVISION, &revision, "revision")?;
-            Ok((results, revision))
-        });
+                if let Some(last) = entries.last() {
+                    tx_write(meta, KEY_LAST_APPLIED, &Some(last.log_id), "last applied")?;
+                }
+                if let Some(m) = membership {
+                    tx_write(meta, KEY_MEMBERSHIP, &m, "membership")?;
+                }
+                tx_write(meta, KEY_REVISION, &revision, "revision")?;
+                Ok((results, revision))
+            });
         let (results, revision) = result.map_err(|e| match e {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(source) => Error::Sled { op: "apply", source },
@@ -301,6 +314,11 @@ impl StateMachineStore {
         for item in trees.leases.iter() {
             let (_, raw) = item.map_err(sled_err("read leases"))?;
             w.record(&Record::Lease(codec::decode("lease", &raw)?))?;
+        }
+        for item in trees.base.iter() {
+            let (key, raw) = item.map_err(sled_err("read base"))?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            w.record(&Record::Base { key, base: codec::decode("history base", &raw)? })?;
         }
         for item in trees.gray.iter() {
             let (key, raw) = item.map_err(sled_err("read gray"))?;
@@ -382,6 +400,7 @@ impl StateMachineStore {
             &next.leases,
             &next.key_lease,
             &next.gray,
+            &next.base,
         ] {
             tree.clear().map_err(sled_err("clear"))?;
         }
@@ -427,6 +446,11 @@ impl StateMachineStore {
                             .map_err(sled_err("load leases"))?;
                     }
                     next.leases.insert(lease.id.to_be_bytes(), raw).map_err(sled_err("load leases"))?;
+                }
+                Record::Base { key, base } => {
+                    let raw = codec::encode("history base", &base)?;
+                    pending_bytes += raw.len();
+                    next.base.insert(key.as_bytes(), raw).map_err(sled_err("load base"))?;
                 }
                 Record::Gray { key, variants } => {
                     let raw = codec::encode("gray variants", &variants)?;
@@ -513,6 +537,7 @@ struct Tx<'a> {
     leases: &'a TransactionalTree,
     key_lease: &'a TransactionalTree,
     gray: &'a TransactionalTree,
+    base: &'a TransactionalTree,
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<Error>>;
@@ -529,11 +554,29 @@ impl Tx<'_> {
     fn record(&self, revision: u64, event: &Event) -> TxResult<()> {
         tx_write(self.events, &revision.to_be_bytes(), event, "event")?;
         self.history.insert(kv::history_key(&event.kv.key, revision), &[])?;
+        let key = event.kv.key.as_bytes();
+        let mut base: Base =
+            tx_read(self.base, key, "history base")?.unwrap_or(Base { in_history: 0, compacted: None });
+        base.in_history += 1;
+        tx_write(self.base, key, &base, "history base")?;
         if revision > kv::HISTORY_REVISIONS {
             let old = revision - kv::HISTORY_REVISIONS;
             if let Some(raw) = self.events.remove(&old.to_be_bytes())? {
                 let gone: Event = codec::decode("event", &raw).map_err(|e| abort(e.into()))?;
                 self.history.remove(kv::history_key(&gone.kv.key, old))?;
+                // The key's state before its remaining changes is this one;
+                // with none remaining, its current state says it all (and
+                // `note_prior` records it again before the next change).
+                let key = gone.kv.key.clone();
+                if let Some(mut base) = tx_read::<Base>(self.base, key.as_bytes(), "history base")? {
+                    base.in_history = base.in_history.saturating_sub(1);
+                    if base.in_history == 0 {
+                        self.base.remove(key.as_bytes())?;
+                    } else {
+                        base.compacted = Some(gone);
+                        tx_write(self.base, key.as_bytes(), &base, "history base")?;
+                    }
+                }
             }
         }
         Ok(())
@@ -569,8 +612,21 @@ impl Tx<'_> {
         self.put_value(revision, key, value)
     }
 
+    /// Before the first change of `key` in the history window: remembers
+    /// its state until now (`prev`), so reads at earlier revisions of the
+    /// window still find it once older changes are compacted.
+    fn note_prior(&self, key: &str, prev: Option<&StoredValue>) -> TxResult<()> {
+        let base: Option<Base> = tx_read(self.base, key.as_bytes(), "history base")?;
+        if base.is_some_and(|b| b.in_history > 0) {
+            return Ok(());
+        }
+        let compacted = prev.map(|p| Event { kind: EventKind::Put, kv: p.clone().with_key(key.to_owned()) });
+        tx_write(self.base, key.as_bytes(), &Base { in_history: 0, compacted }, "history base")
+    }
+
     fn put_value(&self, revision: &mut u64, key: &str, value: &[u8]) -> TxResult<StoredValue> {
         let prev: Option<StoredValue> = tx_read(self.kv, key.as_bytes(), "kv value")?;
+        self.note_prior(key, prev.as_ref())?;
         *revision += 1;
         let stored = StoredValue {
             value: value.to_vec(),
@@ -584,9 +640,11 @@ impl Tx<'_> {
     }
 
     fn delete(&self, revision: &mut u64, key: &str) -> TxResult<bool> {
-        if self.kv.remove(key.as_bytes())?.is_none() {
+        let Some(raw) = self.kv.remove(key.as_bytes())? else {
             return Ok(false);
-        }
+        };
+        let prev: StoredValue = codec::decode("kv value", &raw).map_err(|e| abort(e.into()))?;
+        self.note_prior(key, Some(&prev))?;
         self.bind(key, 0)?;
         // A deleted key's gray variants go with it.
         self.gray.remove(key.as_bytes())?;
@@ -681,17 +739,7 @@ fn apply_command(
                     let Some(lease) = tx_read::<kv::Lease>(tx.leases, &id.to_be_bytes(), "lease")? else { continue };
                     for key in &lease.keys {
                         tx.key_lease.remove(key.as_bytes())?;
-                        if tx.kv.remove(key.as_bytes())?.is_some() {
-                            *revision += 1;
-                            let kv = KeyValue {
-                                key: key.clone(),
-                                value: vec![],
-                                create_revision: 0,
-                                mod_revision: *revision,
-                                version: 0,
-                            };
-                            tx.record(*revision, &Event { kind: EventKind::Delete, kv })?;
-                        }
+                        tx.delete(revision, key)?;
                     }
                     tx.leases.remove(&id.to_be_bytes())?;
                     revoked.push(*id);
@@ -790,6 +838,12 @@ fn apply_command(
                         }
                         TxnOp::Delete { key } => {
                             tx.delete(revision, key)?;
+                        }
+                        TxnOp::PutLeased { key, value, lease } => {
+                            if tx.leases.get(lease.to_be_bytes())?.is_some() {
+                                tx.bind(key, *lease)?;
+                                tx.put_value(revision, key, value)?;
+                            }
                         }
                     }
                 }
@@ -1123,9 +1177,24 @@ impl StateReader {
         if revision <= compacted {
             return Ok(Err(compacted));
         }
-        // No change in (compacted, revision]: if none since either, the
-        // current state is the state then; otherwise it is compacted away.
-        if last_change(u64::MAX)?.is_some() {
+        // No change in (compacted, revision]: the state then is the newest
+        // compacted change, if the key has changes after; if it has none
+        // since either, its current state.
+        if let Some(later) = last_change(u64::MAX)? {
+            let base: Option<Base> = read_value(&trees.base, key.as_bytes(), "history base")?;
+            if let Some(event) = base.and_then(|b| b.compacted) {
+                return Ok(Ok((event.kind == EventKind::Put).then_some(event.kv)));
+            }
+            // No change before the window: absent then if created later.
+            let first = trees.history.range(kv::history_key(key, 0)..=kv::history_key(key, later)).next();
+            if let Some(item) = first {
+                let (k, _) = item.map_err(sled_err("history"))?;
+                let rev = rev_of(&k[k.len() - 8..])?;
+                let event: Option<Event> = read_value(&trees.events, &rev.to_be_bytes(), "event")?;
+                if event.is_some_and(|e| e.kind == EventKind::Put && e.kv.create_revision == rev) {
+                    return Ok(Ok(None));
+                }
+            }
             return Ok(Err(compacted));
         }
         let value: Option<StoredValue> = read_value(&trees.kv, key.as_bytes(), "kv value")?;

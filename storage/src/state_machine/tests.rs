@@ -220,16 +220,27 @@ async fn history_reads_at_past_revisions_and_transactions_compare_first() {
     assert_eq!(reader.history("k", 0).unwrap().len(), 0);
     // Unchanged since the window began: its current value answers.
     assert_eq!(reader.get_at("k", compacted + 1).unwrap().unwrap().unwrap().value, b"v5");
+    // Changed again now: the window's early revisions still read v5 (from
+    // the key's newest compacted change), the new one reads v6.
+    index += 1;
+    sm.apply(vec![entry(index, "", put("k", "v6"))]).await.unwrap();
+    let now = reader.revision();
+    let early = reader.compacted().unwrap() + 1;
+    assert_eq!(reader.get_at("k", early).unwrap().unwrap().unwrap().value, b"v5");
+    assert_eq!(reader.get_at("k", now).unwrap().unwrap().unwrap().value, b"v6");
+    // A key created inside the window was absent before it.
+    assert_eq!(reader.get_at("fill/10/999", early).unwrap(), Ok(None));
     // A snapshot carries the history: a fresh replica answers the same.
     let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
     let tmp2 = tempfile::tempdir().unwrap();
     let (_log2, mut sm2) = open(tmp2.path(), &OpenOptions::default()).unwrap();
     sm2.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
     let r2 = sm2.reader();
-    assert_eq!(r2.compacted().unwrap(), compacted);
+    assert_eq!(r2.compacted().unwrap(), reader.compacted().unwrap());
     let last = reader.revision();
     assert_eq!(r2.events(last, "", 10).unwrap(), reader.events(last, "", 10).unwrap());
-    assert_eq!(r2.get_at("fill/10/999", last).unwrap().unwrap().map(|kv| kv.mod_revision), Some(last));
+    assert_eq!(r2.get_at("fill/10/999", last - 1).unwrap().unwrap().map(|kv| kv.mod_revision), Some(last - 1));
+    assert_eq!(r2.get_at("k", early).unwrap().unwrap().unwrap().value, b"v5", "the base travels in snapshots");
 }
 
 #[tokio::test]
