@@ -8,7 +8,8 @@
 //! oldest deadline first, so a mass expiry is spread rather than a storm.
 //!
 //! Registry protection: before revoking, the leader counts, per service,
-//! the instances whose leases run out now or that are flagged `suspect`
+//! the instances whose leases have run out or are within half a TTL of it
+//! (live holders renew every third of a TTL) or that are flagged `suspect`
 //! already. If that is more than the protect threshold's share of the
 //! service, those leases are kept and their instances flagged `suspect`
 //! instead (consumers never see a service emptied by a mass expiry). A
@@ -32,9 +33,6 @@ use crate::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
 
 /// Expired leases revoked per tick at most.
 pub const EXPIRE_BATCH: usize = 500;
-/// Registry leases that lapse within this long of each other count as one
-/// mass expiry for the protect threshold (they are revoked this much later).
-pub const PROTECT_WINDOW: Duration = Duration::from_secs(1);
 /// Services with fewer instances than this are never protected: a lone
 /// instance that dies must go.
 pub const PROTECT_MIN_INSTANCES: usize = 3;
@@ -105,8 +103,12 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
         };
         let now = Instant::now();
         let mut expired: Vec<(Instant, u64)> = Vec::new();
-        // Every lease whose deadline passed (due or not).
+        // Every lease whose deadline passed.
         let mut lapsed: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        // Leases past or within half a TTL of their deadline: a live holder
+        // renews every third of a TTL, so its deadline stays further off;
+        // holders that died together all fall in here together (one window).
+        let mut failing: std::collections::HashSet<u64> = std::collections::HashSet::new();
         {
             let mut deadlines = clock.lock();
             if !leading {
@@ -123,10 +125,10 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
                 if deadline <= now {
                     lapsed.insert(l.id);
                 }
-                // Registry leases wait one window, so instances expiring
-                // together are judged together.
-                let wait = if l.keys.iter().any(|k| service_of(k).is_some()) { PROTECT_WINDOW } else { Duration::ZERO };
-                if deadline + wait <= now && !proposed.contains_key(&l.id) {
+                if deadline <= now + Duration::from_millis(l.ttl_ms / 2) {
+                    failing.insert(l.id);
+                }
+                if deadline <= now && !proposed.contains_key(&l.id) {
                     expired.push((deadline, l.id));
                 }
             }
@@ -144,7 +146,7 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
         }
         expired.sort();
         let candidates: Vec<u64> = expired.into_iter().take(EXPIRE_BATCH).map(|(_, id)| id).collect();
-        let mut keep = protect(&node, &leases, &candidates, &lapsed);
+        let mut keep = protect(&node, &leases, &candidates, &failing);
         // Protection ends: leases lapsed too long ago go regardless.
         {
             let deadlines = clock.lock();
@@ -199,14 +201,14 @@ fn has_suspect(node: &Node, lease: &kv::Lease) -> bool {
 }
 
 /// Of the expiring leases `candidates`, those to keep: leases with an
-/// instance of a service where the instances whose leases lapsed (within
-/// the window) or that are suspect already are more than the threshold's
-/// share.
+/// instance of a service where the instances whose leases are failing
+/// (lapsed, or within half a TTL of it) or that are suspect already are more
+/// than the threshold's share.
 fn protect(
     node: &Node,
     leases: &[kv::Lease],
     candidates: &[u64],
-    lapsed: &std::collections::HashSet<u64>,
+    failing: &std::collections::HashSet<u64>,
 ) -> std::collections::HashSet<u64> {
     let threshold = node.config.registry_protect_threshold;
     let mut keep = std::collections::HashSet::new();
@@ -221,15 +223,15 @@ fn protect(
             }
         }
     }
-    let lapsed_keys: std::collections::HashSet<&str> =
-        leases.iter().filter(|l| lapsed.contains(&l.id)).flat_map(|l| l.keys.iter().map(String::as_str)).collect();
+    let failing_keys: std::collections::HashSet<&str> =
+        leases.iter().filter(|l| failing.contains(&l.id)).flat_map(|l| l.keys.iter().map(String::as_str)).collect();
     for (service, expiring) in by_service {
         let Ok((kvs, _)) = node.reader.list_at_revision(&crate::registry_service::prefix(service)) else { continue };
         let total = kvs.len();
         let gone = kvs
             .iter()
             .filter(|kv| {
-                lapsed_keys.contains(kv.key.as_str())
+                failing_keys.contains(kv.key.as_str())
                     || pb::Instance::decode(kv.value.as_slice()).is_ok_and(|i| i.suspect)
             })
             .count();
@@ -241,7 +243,7 @@ fn protect(
 }
 
 /// Sets or clears `suspect` on the registry instances bound to `lease`
-/// (only those that differ), in one log entry.
+/// (only those that differ and have not changed since read).
 fn flag(node: &Arc<Node>, lease: &kv::Lease, suspect: bool) {
     let commands: Vec<Command> = lease
         .keys
@@ -267,13 +269,18 @@ fn flag(node: &Arc<Node>, lease: &kv::Lease, suspect: bool) {
     if commands.is_empty() {
         return;
     }
-    let node = node.clone();
-    tokio::spawn(async move {
-        let cmd = Command { request_id: new_request_id(), op: Op::Batch(commands) };
-        if let Err(e) = node.propose(cmd, true).await {
-            tracing::warn!(error = %e, "could not flag registry instances; will try again");
-        }
-    });
+    // One proposal each: the proposer packs concurrent proposals into a
+    // batch itself, and a batch must not contain a batch.
+    for cmd in commands {
+        let node = node.clone();
+        tokio::spawn(async move {
+            match node.propose(cmd, true).await {
+                Ok(Proposal::Applied(CommandResult::Txn { succeeded: true, .. })) | Ok(Proposal::Forward(_)) => {}
+                Ok(Proposal::Applied(other)) => tracing::debug!(result = ?other, "registry instance not flagged"),
+                Err(e) => tracing::warn!(error = %e, "could not flag a registry instance"),
+            }
+        });
+    }
 }
 
 /// The LeaseService implementation.

@@ -78,12 +78,15 @@ async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>) {
             },
         };
         let mut bytes = first.cmd.size_hint();
+        // A batch goes alone: a batch must not contain a batch.
+        let alone = |p: &Pending| matches!(p.cmd.op, Op::Batch(_));
+        let single = alone(&first);
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH && !single {
             match rx.try_recv() {
                 Ok(p) => {
                     let w = p.cmd.size_hint();
-                    if bytes + w > MAX_BATCH_BYTES {
+                    if bytes + w > MAX_BATCH_BYTES || alone(&p) {
                         carry = Some(p);
                         break;
                     }
