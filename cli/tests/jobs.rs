@@ -37,6 +37,16 @@ async fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Pushes `files` from `src` to every `role=t` worker's `in/`, waiting for
+/// the report.
+async fn push_to_targets(c: &ferry_sdk::Client, files: Vec<String>) -> pb::JobReport {
+    let spec = spec("src", files, |s| {
+        s.selector = "role=t".into();
+        s.destination = "in/".into();
+    });
+    c.submit_job(spec, true).await.expect("submit").report.expect("report with wait")
+}
+
 fn moved(t: &pb::TargetReport) -> u64 {
     t.bytes_from_source + t.bytes_from_peers
 }
@@ -110,18 +120,7 @@ async fn one_source_four_targets_several_files_then_delta_then_unchanged() {
     }
     std::fs::write(&big, &data).expect("write");
     let big_path = vec![big.display().to_string()];
-    let r = c
-        .submit_job(
-            spec("src", big_path.clone(), |s| {
-                s.selector = "role=t".into();
-                s.destination = "in/".into();
-            }),
-            true,
-        )
-        .await
-        .expect("submit update")
-        .report
-        .expect("report");
+    let r = push_to_targets(&c, big_path.clone()).await;
     assert_eq!(r.state, "succeeded");
     for t in &r.targets {
         let w = workers.iter().find(|w| w.name == t.worker).expect("worker");
@@ -131,18 +130,7 @@ async fn one_source_four_targets_several_files_then_delta_then_unchanged() {
     }
 
     // The same again: every target already has it.
-    let r = c
-        .submit_job(
-            spec("src", big_path.clone(), |s| {
-                s.selector = "role=t".into();
-                s.destination = "in/".into();
-            }),
-            true,
-        )
-        .await
-        .expect("submit again")
-        .report
-        .expect("report");
+    let r = push_to_targets(&c, big_path.clone()).await;
     assert_eq!(r.state, "succeeded");
     for t in &r.targets {
         assert_eq!((t.state.as_str(), moved(t)), ("unchanged", 0), "{t:?}");
@@ -151,18 +139,7 @@ async fn one_source_four_targets_several_files_then_delta_then_unchanged() {
     // Roll back to the first version: targets kept it when it was replaced
     // and move nothing, except t3, which keeps no replaced versions.
     std::fs::write(&big, &original).expect("write");
-    let r = c
-        .submit_job(
-            spec("src", big_path, |s| {
-                s.selector = "role=t".into();
-                s.destination = "in/".into();
-            }),
-            true,
-        )
-        .await
-        .expect("submit rollback")
-        .report
-        .expect("report");
+    let r = push_to_targets(&c, big_path).await;
     assert_eq!(r.state, "succeeded");
     for t in &r.targets {
         let w = workers.iter().find(|w| w.name == t.worker).expect("worker");
