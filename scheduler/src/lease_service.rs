@@ -51,6 +51,8 @@ const RETRY: Duration = Duration::from_secs(3);
 #[derive(Default)]
 pub struct LeaseClock {
     deadlines: Mutex<HashMap<u64, Instant>>,
+    /// Leases renewed by a keep-alive since the expiry loop last looked.
+    renewed: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl LeaseClock {
@@ -61,6 +63,12 @@ impl LeaseClock {
     /// Restarts `id`'s TTL now.
     pub fn renew(&self, id: u64, ttl_ms: u64) {
         self.lock().insert(id, Instant::now() + Duration::from_millis(ttl_ms));
+        self.renewed.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+    }
+
+    /// The leases renewed since the last call.
+    fn take_renewed(&self) -> std::collections::HashSet<u64> {
+        std::mem::take(&mut *self.renewed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Time left on `id`, if this node tracks it.
@@ -133,8 +141,12 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
                 }
             }
         }
-        // Protected leases renewed since: clear their instances' flag.
-        let renewed: Vec<u64> = protected.iter().copied().filter(|id| !lapsed.contains(id)).collect();
+        // Protected leases a keep-alive renewed since: clear their flag. (A
+        // new leader's fresh deadlines are not renewals: suspects stay
+        // suspect until their holders come back.)
+        let renewed_now = clock.take_renewed();
+        let renewed: Vec<u64> =
+            protected.iter().copied().filter(|id| renewed_now.contains(id) && !lapsed.contains(id)).collect();
         for id in renewed {
             protected.remove(&id);
             if let Some(lease) = leases.iter().find(|l| l.id == id) {
