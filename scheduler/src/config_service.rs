@@ -277,7 +277,7 @@ impl ConfigService for ConfigServiceImpl {
                     }))
                 }
                 Err(compacted) => Err(Status::out_of_range(format!(
-                    "revision: {} is compacted (history kept after revision {compacted})",
+                    "revision: {} is compacted (the oldest readable revision is {compacted})",
                     req.revision
                 ))),
             };

@@ -15,7 +15,7 @@ use crate::log_store::LogStore;
 use crate::state_machine::StateMachineStore;
 
 /// The data format version this binary writes and reads.
-pub const DATA_VERSION: u32 = 1;
+pub const DATA_VERSION: u32 = 2;
 pub(crate) const KEY_DATA_VERSION: &[u8] = b"data_version";
 
 /// Tuning for [`open`].

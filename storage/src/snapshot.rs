@@ -46,10 +46,11 @@ pub(crate) enum Record {
     },
     Worker(WorkerRecord),
     Job(Box<Job>),
-    /// One change in the key history, at its revision.
-    Event {
+    /// One change in the key history, at its revision, with the key's
+    /// state before it.
+    Change {
         revision: u64,
-        event: crate::kv::Event,
+        change: crate::state_machine::Change,
     },
     /// A lease and its keys.
     Lease(crate::kv::Lease),
@@ -57,11 +58,6 @@ pub(crate) enum Record {
     Gray {
         key: String,
         variants: Vec<crate::kv::Variant>,
-    },
-    /// A key's history base (see the state machine).
-    Base {
-        key: String,
-        base: crate::state_machine::Base,
     },
 }
 

@@ -54,7 +54,8 @@ struct Trees {
     dedup: sled::Tree,
     workers: sled::Tree,
     jobs: sled::Tree,
-    /// revision (big-endian) -> the change made at it.
+    /// revision (big-endian) -> [`Change`]: the change made at it and the
+    /// key's state before it.
     events: sled::Tree,
     /// [`kv::history_key`] (key, revision) -> nothing: each key's changes.
     history: sled::Tree,
@@ -64,19 +65,19 @@ struct Trees {
     key_lease: sled::Tree,
     /// key -> its gray variants (`Vec<kv::Variant>`).
     gray: sled::Tree,
-    /// key -> [`Base`]: how many of its changes the history holds, and its
-    /// newest change that was compacted away (the state before them).
-    base: sled::Tree,
 }
 
-const TREE_NAMES: [&str; 11] =
-    ["meta", "kv", "dedup", "workers", "jobs", "events", "history", "leases", "key_lease", "gray", "base"];
+const TREE_NAMES: [&str; 10] =
+    ["meta", "kv", "dedup", "workers", "jobs", "events", "history", "leases", "key_lease", "gray"];
 
-/// Per key: changes in the history window, and the newest compacted one.
+/// One change in the history window, with the key's state just before it
+/// (`None`: absent). The first change after a revision R therefore says
+/// what the key was at R, so reads inside the window need nothing else once
+/// older changes are compacted.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct Base {
-    pub(crate) in_history: u64,
-    pub(crate) compacted: Option<Event>,
+pub(crate) struct Change {
+    pub(crate) event: Event,
+    pub(crate) prev: Option<StoredValue>,
 }
 
 impl Trees {
@@ -93,7 +94,6 @@ impl Trees {
             leases: dir.tree(&format!("sm{generation}_leases"))?,
             key_lease: dir.tree(&format!("sm{generation}_key_lease"))?,
             gray: dir.tree(&format!("sm{generation}_gray"))?,
-            base: dir.tree(&format!("sm{generation}_base"))?,
         })
     }
 
@@ -229,35 +229,33 @@ impl StateMachineStore {
             &trees.leases,
             &trees.key_lease,
             &trees.gray,
-            &trees.base,
         );
-        let result =
-            all.transaction(|(meta, kv, dedup, workers, jobs, events, history, leases, key_lease, gray, base)| {
-                let tx = Tx { kv, dedup, workers, jobs, events, history, leases, key_lease, gray, base };
-                let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
-                let mut results = Vec::with_capacity(entries.len());
-                let mut membership = None;
-                for entry in entries {
-                    match &entry.payload {
-                        EntryPayload::Blank => results.push(CommandResult::None),
-                        EntryPayload::Membership(m) => {
-                            membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
-                            results.push(CommandResult::None);
-                        }
-                        EntryPayload::Normal(cmd) => {
-                            results.push(apply_command(&tx, &mut revision, entry.log_id.index, cmd)?)
-                        }
+        let result = all.transaction(|(meta, kv, dedup, workers, jobs, events, history, leases, key_lease, gray)| {
+            let tx = Tx { kv, dedup, workers, jobs, events, history, leases, key_lease, gray };
+            let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
+            let mut results = Vec::with_capacity(entries.len());
+            let mut membership = None;
+            for entry in entries {
+                match &entry.payload {
+                    EntryPayload::Blank => results.push(CommandResult::None),
+                    EntryPayload::Membership(m) => {
+                        membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                        results.push(CommandResult::None);
+                    }
+                    EntryPayload::Normal(cmd) => {
+                        results.push(apply_command(&tx, &mut revision, entry.log_id.index, cmd)?)
                     }
                 }
-                if let Some(last) = entries.last() {
-                    tx_write(meta, KEY_LAST_APPLIED, &Some(last.log_id), "last applied")?;
-                }
-                if let Some(m) = membership {
-                    tx_write(meta, KEY_MEMBERSHIP, &m, "membership")?;
-                }
-                tx_write(meta, KEY_REVISION, &revision, "revision")?;
-                Ok((results, revision))
-            });
+            }
+            if let Some(last) = entries.last() {
+                tx_write(meta, KEY_LAST_APPLIED, &Some(last.log_id), "last applied")?;
+            }
+            if let Some(m) = membership {
+                tx_write(meta, KEY_MEMBERSHIP, &m, "membership")?;
+            }
+            tx_write(meta, KEY_REVISION, &revision, "revision")?;
+            Ok((results, revision))
+        });
         let (results, revision) = result.map_err(|e| match e {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(source) => Error::Sled { op: "apply", source },
@@ -315,11 +313,6 @@ impl StateMachineStore {
             let (_, raw) = item.map_err(sled_err("read leases"))?;
             w.record(&Record::Lease(codec::decode("lease", &raw)?))?;
         }
-        for item in trees.base.iter() {
-            let (key, raw) = item.map_err(sled_err("read base"))?;
-            let key = String::from_utf8_lossy(&key).into_owned();
-            w.record(&Record::Base { key, base: codec::decode("history base", &raw)? })?;
-        }
         for item in trees.gray.iter() {
             let (key, raw) = item.map_err(sled_err("read gray"))?;
             let key = String::from_utf8_lossy(&key).into_owned();
@@ -328,7 +321,7 @@ impl StateMachineStore {
         for item in trees.events.iter() {
             let (rev, raw) = item.map_err(sled_err("read events"))?;
             let revision = rev_of(&rev)?;
-            w.record(&Record::Event { revision, event: codec::decode("event", &raw)? })?;
+            w.record(&Record::Change { revision, change: codec::decode("change", &raw)? })?;
         }
         let file = w.finish()?;
         file.sync_all().map_err(|source| Error::Snapshot { op: "fsync", source })?;
@@ -400,7 +393,6 @@ impl StateMachineStore {
             &next.leases,
             &next.key_lease,
             &next.gray,
-            &next.base,
         ] {
             tree.clear().map_err(sled_err("clear"))?;
         }
@@ -429,12 +421,12 @@ impl StateMachineStore {
                     pending_bytes += raw.len();
                     next.jobs.insert(j.id.as_bytes(), raw).map_err(sled_err("load jobs"))?;
                 }
-                Record::Event { revision, event } => {
-                    let raw = codec::encode("event", &event)?;
+                Record::Change { revision, change } => {
+                    let raw = codec::encode("change", &change)?;
                     pending_bytes += raw.len();
                     next.events.insert(revision.to_be_bytes(), raw).map_err(sled_err("load events"))?;
                     next.history
-                        .insert(kv::history_key(&event.kv.key, revision), &[])
+                        .insert(kv::history_key(&change.event.kv.key, revision), &[])
                         .map_err(sled_err("load history"))?;
                 }
                 Record::Lease(lease) => {
@@ -446,11 +438,6 @@ impl StateMachineStore {
                             .map_err(sled_err("load leases"))?;
                     }
                     next.leases.insert(lease.id.to_be_bytes(), raw).map_err(sled_err("load leases"))?;
-                }
-                Record::Base { key, base } => {
-                    let raw = codec::encode("history base", &base)?;
-                    pending_bytes += raw.len();
-                    next.base.insert(key.as_bytes(), raw).map_err(sled_err("load base"))?;
                 }
                 Record::Gray { key, variants } => {
                     let raw = codec::encode("gray variants", &variants)?;
@@ -537,7 +524,6 @@ struct Tx<'a> {
     leases: &'a TransactionalTree,
     key_lease: &'a TransactionalTree,
     gray: &'a TransactionalTree,
-    base: &'a TransactionalTree,
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<Error>>;
@@ -549,34 +535,17 @@ fn rev_of(raw: &[u8]) -> Result<u64, Error> {
 }
 
 impl Tx<'_> {
-    /// Records the change made at `revision` and compacts the change that
-    /// falls out of the history window (one in, one out).
-    fn record(&self, revision: u64, event: &Event) -> TxResult<()> {
-        tx_write(self.events, &revision.to_be_bytes(), event, "event")?;
+    /// Records the change made at `revision` (and the key's state before
+    /// it), and compacts the change that falls out of the history window
+    /// (one in, one out).
+    fn record(&self, revision: u64, event: Event, prev: Option<StoredValue>) -> TxResult<()> {
         self.history.insert(kv::history_key(&event.kv.key, revision), &[])?;
-        let key = event.kv.key.as_bytes();
-        let mut base: Base =
-            tx_read(self.base, key, "history base")?.unwrap_or(Base { in_history: 0, compacted: None });
-        base.in_history += 1;
-        tx_write(self.base, key, &base, "history base")?;
+        tx_write(self.events, &revision.to_be_bytes(), &Change { event, prev }, "change")?;
         if revision > kv::HISTORY_REVISIONS {
             let old = revision - kv::HISTORY_REVISIONS;
             if let Some(raw) = self.events.remove(&old.to_be_bytes())? {
-                let gone: Event = codec::decode("event", &raw).map_err(|e| abort(e.into()))?;
-                self.history.remove(kv::history_key(&gone.kv.key, old))?;
-                // The key's state before its remaining changes is this one;
-                // with none remaining, its current state says it all (and
-                // `note_prior` records it again before the next change).
-                let key = gone.kv.key.clone();
-                if let Some(mut base) = tx_read::<Base>(self.base, key.as_bytes(), "history base")? {
-                    base.in_history = base.in_history.saturating_sub(1);
-                    if base.in_history == 0 {
-                        self.base.remove(key.as_bytes())?;
-                    } else {
-                        base.compacted = Some(gone);
-                        tx_write(self.base, key.as_bytes(), &base, "history base")?;
-                    }
-                }
+                let gone: Change = codec::decode("change", &raw).map_err(|e| abort(e.into()))?;
+                self.history.remove(kv::history_key(&gone.event.kv.key, old))?;
             }
         }
         Ok(())
@@ -612,21 +581,8 @@ impl Tx<'_> {
         self.put_value(revision, key, value)
     }
 
-    /// Before the first change of `key` in the history window: remembers
-    /// its state until now (`prev`), so reads at earlier revisions of the
-    /// window still find it once older changes are compacted.
-    fn note_prior(&self, key: &str, prev: Option<&StoredValue>) -> TxResult<()> {
-        let base: Option<Base> = tx_read(self.base, key.as_bytes(), "history base")?;
-        if base.is_some_and(|b| b.in_history > 0) {
-            return Ok(());
-        }
-        let compacted = prev.map(|p| Event { kind: EventKind::Put, kv: p.clone().with_key(key.to_owned()) });
-        tx_write(self.base, key.as_bytes(), &Base { in_history: 0, compacted }, "history base")
-    }
-
     fn put_value(&self, revision: &mut u64, key: &str, value: &[u8]) -> TxResult<StoredValue> {
         let prev: Option<StoredValue> = tx_read(self.kv, key.as_bytes(), "kv value")?;
-        self.note_prior(key, prev.as_ref())?;
         *revision += 1;
         let stored = StoredValue {
             value: value.to_vec(),
@@ -635,7 +591,7 @@ impl Tx<'_> {
             version: prev.as_ref().map(|p| p.version + 1).unwrap_or(1),
         };
         tx_write(self.kv, key.as_bytes(), &stored, "kv value")?;
-        self.record(*revision, &Event { kind: EventKind::Put, kv: stored.clone().with_key(key.to_owned()) })?;
+        self.record(*revision, Event { kind: EventKind::Put, kv: stored.clone().with_key(key.to_owned()) }, prev)?;
         Ok(stored)
     }
 
@@ -644,14 +600,13 @@ impl Tx<'_> {
             return Ok(false);
         };
         let prev: StoredValue = codec::decode("kv value", &raw).map_err(|e| abort(e.into()))?;
-        self.note_prior(key, Some(&prev))?;
         self.bind(key, 0)?;
         // A deleted key's gray variants go with it.
         self.gray.remove(key.as_bytes())?;
         *revision += 1;
         let kv =
             KeyValue { key: key.to_owned(), value: vec![], create_revision: 0, mod_revision: *revision, version: 0 };
-        self.record(*revision, &Event { kind: EventKind::Delete, kv })?;
+        self.record(*revision, Event { kind: EventKind::Delete, kv }, Some(prev))?;
         Ok(true)
     }
 
@@ -1151,7 +1106,8 @@ impl StateReader {
     }
 
     /// `key` as it was at `revision` (`Ok(None)`: absent then), or
-    /// `Err(compacted)` when the history no longer tells.
+    /// `Err(compacted)` when the history no longer tells (`revision` is
+    /// below the compacted revision).
     pub fn get_at(&self, key: &str, revision: u64) -> Result<Result<Option<KeyValue>, u64>, Error> {
         let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
         let trees = self.inner.trees();
@@ -1159,43 +1115,19 @@ impl StateReader {
             Some((rev, _)) => rev_of(&rev)?.saturating_sub(1),
             None => self.revision(),
         };
-        let last_change = |upto: u64| -> Result<Option<u64>, Error> {
-            let range = kv::history_key(key, 0)..=kv::history_key(key, upto);
-            match trees.history.range(range).next_back() {
-                Some(item) => {
-                    let (k, _) = item.map_err(sled_err("history"))?;
-                    Ok(Some(rev_of(&k[k.len() - 8..])?))
-                }
-                None => Ok(None),
-            }
-        };
-        if let Some(rev) = last_change(revision)? {
-            let event: Event = read_value(&trees.events, &rev.to_be_bytes(), "event")?
-                .ok_or_else(|| Error::Corrupt { path: "history".into(), reason: format!("no event at {rev}") })?;
-            return Ok(Ok((event.kind == EventKind::Put).then_some(event.kv)));
-        }
-        if revision <= compacted {
+        if revision < compacted {
             return Ok(Err(compacted));
         }
-        // No change in (compacted, revision]: the state then is the newest
-        // compacted change, if the key has changes after; if it has none
-        // since either, its current state.
-        if let Some(later) = last_change(u64::MAX)? {
-            let base: Option<Base> = read_value(&trees.base, key.as_bytes(), "history base")?;
-            if let Some(event) = base.and_then(|b| b.compacted) {
-                return Ok(Ok((event.kind == EventKind::Put).then_some(event.kv)));
-            }
-            // No change before the window: absent then if created later.
-            let first = trees.history.range(kv::history_key(key, 0)..=kv::history_key(key, later)).next();
-            if let Some(item) = first {
-                let (k, _) = item.map_err(sled_err("history"))?;
-                let rev = rev_of(&k[k.len() - 8..])?;
-                let event: Option<Event> = read_value(&trees.events, &rev.to_be_bytes(), "event")?;
-                if event.is_some_and(|e| e.kind == EventKind::Put && e.kv.create_revision == rev) {
-                    return Ok(Ok(None));
-                }
-            }
-            return Ok(Err(compacted));
+        // Every change after `compacted` is in the window: the key's first
+        // change after `revision` knows its state then; with none, its
+        // current state is that state.
+        let after = kv::history_key(key, revision.saturating_add(1))..=kv::history_key(key, u64::MAX);
+        if let Some(item) = trees.history.range(after).next() {
+            let (k, _) = item.map_err(sled_err("history"))?;
+            let rev = rev_of(&k[k.len() - 8..])?;
+            let change: Change = read_value(&trees.events, &rev.to_be_bytes(), "change")?
+                .ok_or_else(|| Error::Corrupt { path: "history".into(), reason: format!("no change at {rev}") })?;
+            return Ok(Ok(change.prev.map(|v| v.with_key(key.to_owned()))));
         }
         let value: Option<StoredValue> = read_value(&trees.kv, key.as_bytes(), "kv value")?;
         Ok(Ok(value.map(|v| v.with_key(key.to_owned()))))
@@ -1213,8 +1145,8 @@ impl StateReader {
             }
             let (k, _) = item.map_err(sled_err("history"))?;
             let rev = rev_of(&k[k.len() - 8..])?;
-            if let Some(event) = read_value::<Event>(&trees.events, &rev.to_be_bytes(), "event")? {
-                out.push((rev, event));
+            if let Some(change) = read_value::<Change>(&trees.events, &rev.to_be_bytes(), "change")? {
+                out.push((rev, change.event));
             }
         }
         out.reverse();
@@ -1236,9 +1168,9 @@ impl StateReader {
                 last = rev - 1;
                 break;
             }
-            let event: Event = codec::decode("event", &raw)?;
-            if event.kv.key.starts_with(prefix) {
-                out.push((rev, event));
+            let change: Change = codec::decode("change", &raw)?;
+            if change.event.kv.key.starts_with(prefix) {
+                out.push((rev, change.event));
             }
         }
         Ok((out, last.max(from.saturating_sub(1))))

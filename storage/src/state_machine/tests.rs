@@ -217,11 +217,13 @@ async fn history_reads_at_past_revisions_and_transactions_compare_first() {
     let compacted = reader.compacted().unwrap();
     assert_eq!(compacted, reader.revision() - HISTORY_REVISIONS);
     assert!(reader.get_at("k", 3).unwrap().is_err(), "revision 3 is compacted");
+    assert_eq!(reader.get_at("k", compacted - 1).unwrap(), Err(compacted), "below the window");
+    assert_eq!(reader.get_at("k", compacted).unwrap().unwrap().unwrap().value, b"v5", "the window's first revision");
     assert_eq!(reader.history("k", 0).unwrap().len(), 0);
     // Unchanged since the window began: its current value answers.
     assert_eq!(reader.get_at("k", compacted + 1).unwrap().unwrap().unwrap().value, b"v5");
-    // Changed again now: the window's early revisions still read v5 (from
-    // the key's newest compacted change), the new one reads v6.
+    // Changed again now: the window's early revisions still read v5 (the
+    // new change's prior state), the new one reads v6.
     index += 1;
     sm.apply(vec![entry(index, "", put("k", "v6"))]).await.unwrap();
     let now = reader.revision();
@@ -240,7 +242,7 @@ async fn history_reads_at_past_revisions_and_transactions_compare_first() {
     let last = reader.revision();
     assert_eq!(r2.events(last, "", 10).unwrap(), reader.events(last, "", 10).unwrap());
     assert_eq!(r2.get_at("fill/10/999", last - 1).unwrap().unwrap().map(|kv| kv.mod_revision), Some(last - 1));
-    assert_eq!(r2.get_at("k", early).unwrap().unwrap().unwrap().value, b"v5", "the base travels in snapshots");
+    assert_eq!(r2.get_at("k", early).unwrap().unwrap().unwrap().value, b"v5", "the history travels in snapshots");
 }
 
 #[tokio::test]
