@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ferry/v1/config.proto",
         "ferry/v1/job.proto",
         "ferry/v1/lease.proto",
+        "ferry/v1/probe.proto",
         "ferry/v1/raft.proto",
         "ferry/v1/registry.proto",
         "ferry/v1/worker.proto",

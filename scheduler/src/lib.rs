@@ -17,6 +17,7 @@
 //! - [`job_service`], [`job_spec`], [`job_report`] — file distribution jobs.
 //! - [`planner`] — leader-only transfer planning; [`callback`] — job callbacks.
 //! - [`lease_service`] — leases and their clock on the leader.
+//! - [`probe_service`] — probe definitions, results, rankings, stale alerts.
 //! - [`registry_service`] — service instances bound to leases.
 //! - [`admin`], [`metrics`] — `/metrics`, `/healthz`, `/readyz`.
 //! - [`local`] — several nodes in one process (`ferry dev`, benches, tests).
@@ -38,6 +39,7 @@ pub mod network;
 pub mod node;
 pub mod peers;
 pub mod planner;
+pub mod probe_service;
 pub mod proposer;
 pub mod raft_service;
 pub mod registry_service;

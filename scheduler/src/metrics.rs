@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -28,11 +29,12 @@ pub struct Metrics {
     log_flushes: Counter<u64, AtomicU64>,
     apply_seconds: Histogram,
     applied_entries: Counter<u64, AtomicU64>,
+    probe_stale: Family<Vec<(String, String)>, Gauge<i64, AtomicI64>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("ferry_raft");
+        let mut root = Registry::default();
         let m = Self {
             term: Gauge::default(),
             leader_id: Gauge::default(),
@@ -48,8 +50,10 @@ impl Default for Metrics {
             log_flushes: Counter::default(),
             apply_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             applied_entries: Counter::default(),
+            probe_stale: Family::default(),
             registry: Registry::default(),
         };
+        let registry = root.sub_registry_with_prefix("ferry_raft");
         registry.register("term", "Current Raft term", m.term.clone());
         registry.register("leader_id", "Id of the known leader (0: none)", m.leader_id.clone());
         registry.register("is_leader", "1 on the leader", m.is_leader.clone());
@@ -64,7 +68,12 @@ impl Default for Metrics {
         registry.register("log_flushes", "fsyncs of appended log entries", m.log_flushes.clone());
         registry.register("apply_duration_seconds", "Time to apply one batch of entries", m.apply_seconds.clone());
         registry.register("applied_entries", "Entries applied", m.applied_entries.clone());
-        Self { registry, ..m }
+        root.sub_registry_with_prefix("ferry_probe").register(
+            "stale",
+            "1 while a probe is stale (results stopped or its output unchanged too long)",
+            m.probe_stale.clone(),
+        );
+        Self { registry: root, ..m }
     }
 }
 
@@ -97,6 +106,12 @@ impl Metrics {
         set_counter(&self.snapshots_built, node.reader.snapshots_built());
         set_counter(&self.snapshots_installed, node.reader.snapshots_installed());
         set_counter(&self.log_flushes, node.log.append_flushes());
+        if let Ok(states) = crate::probe_service::statuses(node) {
+            self.probe_stale.clear();
+            for s in states {
+                self.probe_stale.get_or_create(&vec![("probe".to_string(), s.name)]).set(s.stale as i64);
+            }
+        }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::warn!(error = %e, "encoding metrics failed");

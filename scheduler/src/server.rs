@@ -28,11 +28,13 @@ use crate::metrics::Metrics;
 use crate::network::NetworkFactory;
 use crate::node::Node;
 use crate::peers::{Peers, MAX_MESSAGE_BYTES};
+use crate::probe_service::ProbeServiceImpl;
 use crate::proposer::Proposer;
 use crate::raft_service::RaftServiceImpl;
 use crate::registry_service::RegistryServiceImpl;
 use crate::sessions::{Sessions, WorkerServiceImpl};
 use ferry_proto::pb::lease_service_server::LeaseServiceServer;
+use ferry_proto::pb::probe_service_server::ProbeServiceServer;
 use ferry_proto::pb::registry_service_server::RegistryServiceServer;
 
 /// A running scheduler node.
@@ -122,6 +124,7 @@ impl Scheduler {
         let clock = Arc::new(crate::lease_service::LeaseClock::default());
         tasks.push(tokio::spawn(serve_grpc(node.clone(), sessions.clone(), clock.clone(), grpc, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::lease_service::run_expiry(node.clone(), clock, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::probe_service::run_alerts(node.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::planner::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
         let admin_addr = match admin {
             Some(listener) => {
@@ -229,6 +232,7 @@ async fn serve_grpc(
     health.set_serving::<WorkerServiceServer<WorkerServiceImpl>>().await;
     health.set_serving::<LeaseServiceServer<LeaseServiceImpl>>().await;
     health.set_serving::<RegistryServiceServer<RegistryServiceImpl>>().await;
+    health.set_serving::<ProbeServiceServer<ProbeServiceImpl>>().await;
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -250,6 +254,7 @@ async fn serve_grpc(
     let cluster = ClusterServiceServer::new(ClusterServiceImpl { node: node.clone() });
     let leases = LeaseServiceServer::new(LeaseServiceImpl { node: node.clone(), clock: clock.clone() });
     let registry = RegistryServiceServer::new(RegistryServiceImpl { node: node.clone(), clock });
+    let probes = ProbeServiceServer::new(ProbeServiceImpl { node: node.clone() });
     let jobs = JobServiceServer::new(JobServiceImpl { node: node.clone(), sessions: sessions.clone() })
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
@@ -277,6 +282,7 @@ async fn serve_grpc(
         .add_service(workers)
         .add_service(leases)
         .add_service(registry)
+        .add_service(probes)
         .serve_with_incoming_shutdown(incoming, stop)
         .await;
     if let Err(e) = result {

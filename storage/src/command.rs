@@ -96,6 +96,20 @@ pub enum Op {
         /// Which variant.
         selector: crate::kv::Selector,
     },
+    /// Add or replace a probe definition.
+    ProbeDefine(Box<crate::probes::ProbeDef>),
+    /// Remove a probe and its results.
+    ProbeDelete {
+        /// The probe.
+        name: String,
+    },
+    /// A worker's latest results for a probe (replacing its earlier ones).
+    ProbeReport {
+        /// The probe.
+        probe: String,
+        /// The worker's results and output state.
+        state: crate::probes::WorkerProbe,
+    },
 }
 
 /// The result of applying one log entry.
@@ -170,6 +184,9 @@ impl Command {
                 Op::PutLeased { key, value, .. } => key.len() + value.len() + 8,
                 Op::GraySet { key, value, .. } => key.len() + value.len() + 64,
                 Op::GrayPromote { key, .. } | Op::GrayDrop { key, .. } => key.len() + 64,
+                Op::ProbeDefine(def) => 256 + def.targets.iter().map(|t| t.url.len() + t.host.len()).sum::<usize>(),
+                Op::ProbeDelete { name } => name.len(),
+                Op::ProbeReport { probe, state } => probe.len() + state.worker.len() + 64 + state.results.len() * 64,
                 Op::Txn(t) => {
                     let op_size = |o: &crate::kv::TxnOp| match o {
                         crate::kv::TxnOp::Put { key, value } => key.len() + value.len(),
@@ -230,6 +247,18 @@ impl Command {
                 crate::kv::validate_value(value)?;
                 if *lease == 0 {
                     return Err("lease: 0 is not a lease id".into());
+                }
+                Ok(())
+            }
+            Op::ProbeDefine(def) => crate::probes::validate_def(def),
+            Op::ProbeDelete { name } => crate::probes::validate_name(name),
+            Op::ProbeReport { probe, state } => {
+                crate::probes::validate_name(probe)?;
+                if state.worker.is_empty() || state.worker.len() > 128 || state.worker.contains('\0') {
+                    return Err("worker: must be 1 to 128 bytes".into());
+                }
+                if state.results.len() > crate::probes::MAX_TARGETS {
+                    return Err(format!("results: at most {} per report", crate::probes::MAX_TARGETS));
                 }
                 Ok(())
             }

@@ -26,6 +26,7 @@ pub mod error;
 pub mod jobs;
 pub mod kv;
 pub mod log_store;
+pub mod probes;
 pub mod snapshot;
 pub mod state_machine;
 

@@ -59,6 +59,13 @@ pub(crate) enum Record {
         key: String,
         variants: Vec<crate::kv::Variant>,
     },
+    /// A probe definition.
+    ProbeDef(crate::probes::ProbeDef),
+    /// One worker's latest results for a probe.
+    ProbeResults {
+        probe: String,
+        state: crate::probes::WorkerProbe,
+    },
 }
 
 fn io_err(op: &'static str) -> impl Fn(std::io::Error) -> Error {

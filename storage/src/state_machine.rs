@@ -28,6 +28,7 @@ use crate::db::DataDir;
 use crate::error::Error;
 use crate::jobs::{Job, WorkerRecord};
 use crate::kv::{self, Compare, Event, EventKind, KeyValue, StoredValue, TxnOp};
+use crate::probes;
 use crate::snapshot::{self, Header, Record};
 use crate::{NodeId, RaftStorageError, TypeConfig};
 
@@ -65,10 +66,12 @@ struct Trees {
     key_lease: sled::Tree,
     /// key -> its gray variants (`Vec<kv::Variant>`).
     gray: sled::Tree,
+    /// Probe definitions and results (see [`crate::probes`]).
+    probes: sled::Tree,
 }
 
-const TREE_NAMES: [&str; 10] =
-    ["meta", "kv", "dedup", "workers", "jobs", "events", "history", "leases", "key_lease", "gray"];
+const TREE_NAMES: [&str; 11] =
+    ["meta", "kv", "dedup", "workers", "jobs", "events", "history", "leases", "key_lease", "gray", "probes"];
 
 /// One change in the history window, with the key's state just before it
 /// (`None`: absent). The first change after a revision R therefore says
@@ -94,6 +97,7 @@ impl Trees {
             leases: dir.tree(&format!("sm{generation}_leases"))?,
             key_lease: dir.tree(&format!("sm{generation}_key_lease"))?,
             gray: dir.tree(&format!("sm{generation}_gray"))?,
+            probes: dir.tree(&format!("sm{generation}_probes"))?,
         })
     }
 
@@ -229,33 +233,35 @@ impl StateMachineStore {
             &trees.leases,
             &trees.key_lease,
             &trees.gray,
+            &trees.probes,
         );
-        let result = all.transaction(|(meta, kv, dedup, workers, jobs, events, history, leases, key_lease, gray)| {
-            let tx = Tx { kv, dedup, workers, jobs, events, history, leases, key_lease, gray };
-            let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
-            let mut results = Vec::with_capacity(entries.len());
-            let mut membership = None;
-            for entry in entries {
-                match &entry.payload {
-                    EntryPayload::Blank => results.push(CommandResult::None),
-                    EntryPayload::Membership(m) => {
-                        membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
-                        results.push(CommandResult::None);
-                    }
-                    EntryPayload::Normal(cmd) => {
-                        results.push(apply_command(&tx, &mut revision, entry.log_id.index, cmd)?)
+        let result =
+            all.transaction(|(meta, kv, dedup, workers, jobs, events, history, leases, key_lease, gray, probes)| {
+                let tx = Tx { kv, dedup, workers, jobs, events, history, leases, key_lease, gray, probes };
+                let mut revision: u64 = tx_read(meta, KEY_REVISION, "revision")?.unwrap_or(0);
+                let mut results = Vec::with_capacity(entries.len());
+                let mut membership = None;
+                for entry in entries {
+                    match &entry.payload {
+                        EntryPayload::Blank => results.push(CommandResult::None),
+                        EntryPayload::Membership(m) => {
+                            membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                            results.push(CommandResult::None);
+                        }
+                        EntryPayload::Normal(cmd) => {
+                            results.push(apply_command(&tx, &mut revision, entry.log_id.index, cmd)?)
+                        }
                     }
                 }
-            }
-            if let Some(last) = entries.last() {
-                tx_write(meta, KEY_LAST_APPLIED, &Some(last.log_id), "last applied")?;
-            }
-            if let Some(m) = membership {
-                tx_write(meta, KEY_MEMBERSHIP, &m, "membership")?;
-            }
-            tx_write(meta, KEY_REVISION, &revision, "revision")?;
-            Ok((results, revision))
-        });
+                if let Some(last) = entries.last() {
+                    tx_write(meta, KEY_LAST_APPLIED, &Some(last.log_id), "last applied")?;
+                }
+                if let Some(m) = membership {
+                    tx_write(meta, KEY_MEMBERSHIP, &m, "membership")?;
+                }
+                tx_write(meta, KEY_REVISION, &revision, "revision")?;
+                Ok((results, revision))
+            });
         let (results, revision) = result.map_err(|e| match e {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(source) => Error::Sled { op: "apply", source },
@@ -317,6 +323,16 @@ impl StateMachineStore {
             let (key, raw) = item.map_err(sled_err("read gray"))?;
             let key = String::from_utf8_lossy(&key).into_owned();
             w.record(&Record::Gray { key, variants: codec::decode("gray variants", &raw)? })?;
+        }
+        for item in trees.probes.scan_prefix(b"d/") {
+            let (_, raw) = item.map_err(sled_err("read probes"))?;
+            w.record(&Record::ProbeDef(codec::decode("probe", &raw)?))?;
+        }
+        for item in trees.probes.scan_prefix(b"r/") {
+            let (key, raw) = item.map_err(sled_err("read probes"))?;
+            let probe = key[2..].split(|b| *b == 0).next().unwrap_or_default();
+            let probe = String::from_utf8_lossy(probe).into_owned();
+            w.record(&Record::ProbeResults { probe, state: codec::decode("probe results", &raw)? })?;
         }
         for item in trees.events.iter() {
             let (rev, raw) = item.map_err(sled_err("read events"))?;
@@ -393,6 +409,7 @@ impl StateMachineStore {
             &next.leases,
             &next.key_lease,
             &next.gray,
+            &next.probes,
         ] {
             tree.clear().map_err(sled_err("clear"))?;
         }
@@ -443,6 +460,23 @@ impl StateMachineStore {
                     let raw = codec::encode("gray variants", &variants)?;
                     pending_bytes += raw.len();
                     next.gray.insert(key.as_bytes(), raw).map_err(sled_err("load gray"))?;
+                }
+                Record::ProbeDef(def) => {
+                    let raw = codec::encode("probe", &def)?;
+                    pending_bytes += raw.len();
+                    next.probes.insert(probes::def_key(&def.name), raw).map_err(sled_err("load probes"))?;
+                }
+                Record::ProbeResults { probe, state } => {
+                    let raw = codec::encode("probe results", &state)?;
+                    pending_bytes += raw.len();
+                    let key = probes::workers_key(&probe);
+                    let mut workers: Vec<String> = read_value(&next.probes, &key, "probe workers")?.unwrap_or_default();
+                    workers.push(state.worker.clone());
+                    next.probes
+                        .insert(key, codec::encode("probe workers", &workers)?)
+                        .map_err(sled_err("load probes"))?;
+                    let key = probes::results_key(&probe, &state.worker);
+                    next.probes.insert(key, raw).map_err(sled_err("load probes"))?;
                 }
                 Record::End { .. } => {}
             }
@@ -524,6 +558,7 @@ struct Tx<'a> {
     leases: &'a TransactionalTree,
     key_lease: &'a TransactionalTree,
     gray: &'a TransactionalTree,
+    probes: &'a TransactionalTree,
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<Error>>;
@@ -767,6 +802,37 @@ fn apply_command(
                     } else {
                         tx_write(tx.gray, key.as_bytes(), &variants, "gray variants")?;
                     }
+                    CommandResult::Done
+                }
+            }
+            Op::ProbeDefine(def) => {
+                tx_write(tx.probes, &probes::def_key(&def.name), def, "probe")?;
+                CommandResult::Done
+            }
+            Op::ProbeDelete { name } => {
+                if tx.probes.remove(probes::def_key(name))?.is_none() {
+                    CommandResult::Rejected { reason: format!("name: no probe named {name}") }
+                } else {
+                    let workers: Vec<String> =
+                        tx_read(tx.probes, &probes::workers_key(name), "probe workers")?.unwrap_or_default();
+                    for w in workers {
+                        tx.probes.remove(probes::results_key(name, &w))?;
+                    }
+                    tx.probes.remove(probes::workers_key(name))?;
+                    CommandResult::Done
+                }
+            }
+            Op::ProbeReport { probe, state } => {
+                if tx.probes.get(probes::def_key(probe))?.is_none() {
+                    CommandResult::Rejected { reason: format!("probe: no probe named {probe}") }
+                } else {
+                    let key = probes::workers_key(probe);
+                    let mut workers: Vec<String> = tx_read(tx.probes, &key, "probe workers")?.unwrap_or_default();
+                    if !workers.contains(&state.worker) {
+                        workers.push(state.worker.clone());
+                        tx_write(tx.probes, &key, &workers, "probe workers")?;
+                    }
+                    tx_write(tx.probes, &probes::results_key(probe, &state.worker), state, "probe results")?;
                     CommandResult::Done
                 }
             }
@@ -1088,6 +1154,34 @@ impl StateReader {
         }
     }
 
+    /// Every probe definition, by name.
+    pub fn probes(&self) -> Result<Vec<probes::ProbeDef>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for item in self.inner.trees().probes.scan_prefix(b"d/") {
+            let (_, raw) = item.map_err(sled_err("probes"))?;
+            out.push(codec::decode("probe", &raw)?);
+        }
+        Ok(out)
+    }
+
+    /// One probe definition.
+    pub fn probe(&self, name: &str) -> Result<Option<probes::ProbeDef>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        read_value(&self.inner.trees().probes, &probes::def_key(name), "probe")
+    }
+
+    /// What each worker last reported for probe `name`, by worker name.
+    pub fn probe_results(&self, name: &str) -> Result<Vec<probes::WorkerProbe>, Error> {
+        let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for item in self.inner.trees().probes.scan_prefix(probes::results_prefix(name)) {
+            let (_, raw) = item.map_err(sled_err("probe results"))?;
+            out.push(codec::decode("probe results", &raw)?);
+        }
+        Ok(out)
+    }
+
     /// One lease.
     pub fn lease(&self, id: u64) -> Result<Option<kv::Lease>, Error> {
         let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
@@ -1095,7 +1189,7 @@ impl StateReader {
     }
 
     /// The newest revision whose change is no longer in the history: reads
-    /// at it or before, and watches from it or before, are compacted.
+    /// before it, and watches from it or before, are compacted.
     pub fn compacted(&self) -> Result<u64, Error> {
         let _shared = self.inner.view.read().unwrap_or_else(|e| e.into_inner());
         let trees = self.inner.trees();

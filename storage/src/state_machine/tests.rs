@@ -319,3 +319,67 @@ async fn gray_variants_serve_matching_readers_and_promote_or_drop_in_one_step() 
     assert!(reader.variants("k").unwrap().is_empty());
     assert_eq!(seen("zone=a,role=bidder"), Some(b"for-a".to_vec()));
 }
+
+#[tokio::test]
+async fn probe_results_replace_per_worker_travel_in_snapshots_and_go_with_their_probe() {
+    use crate::probes::{ProbeDef, ProbeResult, ProbeTarget, WorkerProbe};
+    let tmp = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+    let reader = sm.reader();
+    let def = ProbeDef {
+        name: "relays".into(),
+        targets: vec![ProbeTarget { url: "http://10.0.0.1/2M".into(), host: "cdn.example".into() }],
+        interval_ms: 60_000,
+        timeout_ms: 10_000,
+        selector: Default::default(),
+        output: None,
+        stale_after_ms: 180_000,
+        output_stale_after_ms: 0,
+        alert_url: String::new(),
+    };
+    let report = |worker: &str, total_us: u64| Op::ProbeReport {
+        probe: "relays".into(),
+        state: WorkerProbe {
+            worker: worker.into(),
+            results: vec![ProbeResult {
+                target: 0,
+                ttfb_us: 1,
+                total_us,
+                bytes: 2,
+                error: String::new(),
+                measured_unix_ms: 5,
+            }],
+            output_digest: String::new(),
+            output_changed_unix_ms: 0,
+            output_error: String::new(),
+        },
+    };
+    let r = sm.apply(vec![entry(1, "", report("w1", 10))]).await.unwrap();
+    assert!(matches!(&r[0], CommandResult::Rejected { reason } if reason.starts_with("probe:")), "{r:?}");
+    sm.apply(vec![
+        entry(2, "", Op::ProbeDefine(Box::new(def.clone()))),
+        entry(3, "", report("w1", 10)),
+        entry(4, "", report("w2", 20)),
+        entry(5, "", report("w1", 30)),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(reader.probes().unwrap(), vec![def.clone()]);
+    let totals: Vec<(String, u64)> =
+        reader.probe_results("relays").unwrap().into_iter().map(|w| (w.worker, w.results[0].total_us)).collect();
+    assert_eq!(totals, vec![("w1".into(), 30), ("w2".into(), 20)]);
+
+    let snap = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let tmp2 = tempfile::tempdir().unwrap();
+    let (_log2, mut sm2) = open(tmp2.path(), &OpenOptions::default()).unwrap();
+    sm2.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    assert_eq!(sm2.reader().probe_results("relays").unwrap(), reader.probe_results("relays").unwrap());
+
+    // Deleting the probe takes its results along (on the replica too).
+    for s in [&mut sm, &mut sm2] {
+        s.apply(vec![entry(6, "", Op::ProbeDelete { name: "relays".into() })]).await.unwrap();
+        let r = s.reader();
+        assert!(r.probe("relays").unwrap().is_none());
+        assert!(r.probe_results("relays").unwrap().is_empty());
+    }
+}
