@@ -85,14 +85,8 @@ impl Worker {
         config.validate()?;
         let roots = roots::Roots::new(&config.roots).map_err(|e| Error::Storage(format!("allowed roots: {e}")))?;
         materializer::check_paths(&config.config_files, &roots)?;
-        let config_client = if config.config_files.is_empty() {
-            None
-        } else {
-            Some(
-                ferry_sdk::Client::connect(&config.schedulers)
-                    .map_err(|e| config::ConfigError { field: "schedulers", reason: e.to_string() })?,
-            )
-        };
+        let config_client =
+            if config.config_files.is_empty() { None } else { Some(materializer::client(&config.schedulers)?) };
         std::fs::create_dir_all(&config.data).map_err(|e| Error::Storage(format!("{}: {e}", config.data.display())))?;
         let store = store::ChunkStore::open(&config.data).map_err(|e| Error::Storage(e.to_string()))?;
         let retained = store::Retained::open(&config.data, config.store_limit, &store)

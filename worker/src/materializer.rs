@@ -14,7 +14,9 @@
 //! Nothing is written unless every read of a render succeeded, so when the
 //! cluster is unreachable the last good file stays in place, untouched; the
 //! render is retried with backoff. A key rule whose key does not exist (yet,
-//! or any more) leaves its file as it is.
+//! or any more), or a prefix rule with no key under its prefix, leaves its
+//! file as it is: an empty answer is more often a wrong name or a fresh
+//! cluster than a wish to empty the file.
 //!
 //! Gray variants are set and dropped without a watch event (and without a
 //! new revision), so only the resync (`config_resync`) picks those changes
@@ -39,6 +41,19 @@ use crate::roots::Roots;
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 /// Longest pause between retries of a failed render.
 const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// A client for `schedulers` whose calls give up after a few seconds: a
+/// render that cannot read is retried by the materializer with backoff, and
+/// a short deadline keeps shutdown and logging prompt.
+pub fn client(schedulers: &[String]) -> Result<ferry_sdk::Client, ConfigError> {
+    let options = ferry_sdk::ClientOptions {
+        request_timeout: Duration::from_secs(3),
+        total_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    ferry_sdk::Client::with_options(schedulers, options)
+        .map_err(|e| ConfigError { field: "schedulers", reason: e.to_string() })
+}
 
 /// Checks every rule's path on disk, symlinks resolved: it must stay in an
 /// allowed root, and an existing file there must be a regular file.
@@ -72,7 +87,8 @@ pub struct Materializer {
 
 /// Why a render wrote nothing.
 enum Skip {
-    /// The key does not exist: the file is left as it is.
+    /// The key does not exist, or no key is under the prefix: the file is
+    /// left as it is.
     Missing,
     /// A read, the rendering or the write failed: retried later.
     Failed(String),
@@ -125,7 +141,13 @@ impl Materializer {
                 _ = shutdown.changed() => return,
                 msg = watch.next() => match msg {
                     None => return,
-                    Some(Err(e)) => tracing::debug!(rule = %what, error = %e, "config watch reconnecting"),
+                    Some(Err(e)) => {
+                        let why = format!("watch: {e}");
+                        if last_problem != why {
+                            tracing::warn!(rule = %what, %path, error = %e, "config watch cannot reach the cluster; the file stays as it is, retrying");
+                            last_problem = why;
+                        }
+                    }
                     Some(Ok(resp)) => {
                         let first = !connected;
                         connected = true;
@@ -154,7 +176,7 @@ impl Materializer {
                         Err(Skip::Missing) => {
                             due = None;
                             if last_problem != "missing" {
-                                tracing::warn!(rule = %what, %path, "the key does not exist; the file is left as it is");
+                                tracing::warn!(rule = %what, %path, "nothing to render (no such key, or no key under the prefix); the file is left as it is");
                                 last_problem = "missing".into();
                             }
                         }
@@ -256,6 +278,9 @@ impl Materializer {
                     if let Some(v) = value {
                         entries.insert(name, v);
                     }
+                }
+                if entries.is_empty() {
+                    return Err(Skip::Missing);
                 }
                 entries
             }
