@@ -105,7 +105,7 @@ async fn config_files_follow_puts_and_gray_variants_and_outlive_the_cluster() {
     // w2 (zone=b) resyncs every 300 ms: it picks up gray variants, which
     // change without a watch event.
     let r2 = root_of(dir.path(), "w2");
-    let color2 = r2.join("color");
+    let (color2, flag) = (r2.join("color"), r2.join("flag"));
     let admin2 = format!("127.0.0.1:{}", common::free_port());
     let mut w2 = WorkerProc::start(
         dir.path(),
@@ -120,6 +120,10 @@ async fn config_files_follow_puts_and_gray_variants_and_outlive_the_cluster() {
             "300ms",
             "--config-file",
             &format!("app/color={}", color2.display()),
+            "--hook",
+            "broken=exit 3",
+            "--config-file",
+            &format!("app/flag={}:raw:broken", flag.display()),
         ],
     );
 
@@ -134,6 +138,15 @@ async fn config_files_follow_puts_and_gray_variants_and_outlive_the_cluster() {
     file_becomes(&color1, "blue").await;
     file_becomes(&color2, "blue").await;
     assert_eq!(std::fs::metadata(&motd).expect("motd").mode() & 0o777, 0o644);
+
+    // A failing hook is counted; the file it followed stays.
+    cli(&endpoints, &["config", "put", "app/flag", "on"]);
+    file_becomes(&flag, "on").await;
+    wait_for("the failed hook to be counted", Duration::from_secs(20), || async {
+        (metric(&admin2, "ferry_worker_config_hook_failures_total")? == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(read(&flag), "on");
 
     // The hook ran once for the motd, with the path, revision and key.
     let motd_lines: Vec<String> =
