@@ -455,6 +455,17 @@ pub struct WorkerArgs {
     /// Bytes of replaced file versions kept for reuse, e.g. 2GiB (0: none; default 1GiB).
     #[arg(long, value_parser = ferry_worker::config::parse_rate)]
     pub store_limit: Option<u64>,
+    /// Write config into a file: KEY=PATH[:raw[:HOOK]] writes one key's
+    /// value; PREFIX=PATH:json|properties[:HOOK] every key under a prefix
+    /// (names without the prefix). Repeatable; adds to the TOML's
+    /// [[config_files]]. PATH must be under an allowed root, HOOK a --hook.
+    #[arg(long = "config-file", value_name = "KEY_OR_PREFIX=PATH[:FORMAT[:HOOK]]",
+          value_parser = ferry_worker::config::ConfigFileRule::from_spec)]
+    pub config_files: Vec<ferry_worker::config::ConfigFileRule>,
+    /// How often config files are read again without a change event
+    /// (picks up gray variants), e.g. 30s.
+    #[arg(long, value_parser = duration)]
+    pub config_resync: Option<Duration>,
     /// Test fault injection: corrupt every chunk served to peers.
     #[arg(long, hide = true)]
     pub fault_corrupt_uploads: bool,

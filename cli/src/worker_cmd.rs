@@ -57,6 +57,10 @@ fn merge(a: WorkerArgs) -> Result<WorkerConfig, String> {
     if a.download_limit.is_some() {
         c.download_limit = a.download_limit;
     }
+    c.config_files.extend(a.config_files);
+    if let Some(v) = a.config_resync {
+        c.config_resync = v;
+    }
     c.fault_corrupt_uploads = a.fault_corrupt_uploads;
     c.validate().map_err(|e| format!("invalid value for --{e}"))?;
     Ok(c)

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,13 @@ pub struct WorkerConfig {
     /// Heartbeat to the leader.
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// Config keys written into local files (`[[config_files]]` tables).
+    pub config_files: Vec<ConfigFileRule>,
+    /// How often every config file is read again even without a watch
+    /// event: gray variants change without one, and a file edited by hand
+    /// is put back.
+    #[serde(with = "humantime_serde")]
+    pub config_resync: Duration,
     /// Test fault: serve corrupted chunks to peers.
     #[serde(skip)]
     pub fault_corrupt_uploads: bool,
@@ -66,8 +73,133 @@ impl Default for WorkerConfig {
             download_limit: None,
             store_limit: 1 << 30,
             heartbeat: Duration::from_secs(1),
+            config_files: Vec::new(),
+            config_resync: Duration::from_secs(30),
             fault_corrupt_uploads: false,
         }
+    }
+}
+
+/// How a config file is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    /// The value of one key, byte for byte.
+    Raw,
+    /// A JSON object of names to string values, names in key order.
+    Json,
+    /// `name=value` lines, in key order.
+    Properties,
+}
+
+impl std::str::FromStr for FileFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(Self::Raw),
+            "json" => Ok(Self::Json),
+            "properties" => Ok(Self::Properties),
+            other => Err(format!("'{other}' is not a format (raw, json, properties)")),
+        }
+    }
+}
+
+/// One `[[config_files]]` rule: a key or a prefix of the replicated config,
+/// rendered into a local file under the allowed roots, then a named hook.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFileRule {
+    /// One key (exclusive with `prefix`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Every key under this prefix (exclusive with `key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// The file to write: absolute, below an allowed root.
+    pub path: PathBuf,
+    /// Default: `raw` for a key, `json` for a prefix. `raw` needs `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<FileFormat>,
+    /// A hook named in `hooks`, run after the file changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+    /// Prefix rules only: names in the file leave out the prefix
+    /// (default true). Key rules always use the whole key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strip_prefix: Option<bool>,
+}
+
+impl ConfigFileRule {
+    /// Parses the `--config-file` flag: `KEY=PATH[:FORMAT[:HOOK]]`. With
+    /// `raw` (the default) the left side is a key; with `json` or
+    /// `properties` it is a prefix, stripped from the names.
+    pub fn from_spec(spec: &str) -> Result<Self, String> {
+        let (target, rest) =
+            spec.split_once('=').ok_or_else(|| format!("'{spec}' is not KEY_OR_PREFIX=PATH[:FORMAT[:HOOK]]"))?;
+        let mut parts = rest.splitn(3, ':');
+        let path = PathBuf::from(parts.next().unwrap_or_default());
+        let format: FileFormat = parts.next().filter(|f| !f.is_empty()).unwrap_or("raw").parse()?;
+        let hook = parts.next().filter(|h| !h.is_empty()).map(str::to_string);
+        let (key, prefix) = match format {
+            FileFormat::Raw => (Some(target.to_string()), None),
+            _ => (None, Some(target.to_string())),
+        };
+        Ok(Self { key, prefix, path, format: Some(format), hook, strip_prefix: None })
+    }
+
+    /// The format, with its default applied.
+    pub fn format(&self) -> FileFormat {
+        self.format.unwrap_or(if self.key.is_some() { FileFormat::Raw } else { FileFormat::Json })
+    }
+
+    /// What the watch covers: the key, or the prefix.
+    pub fn watched(&self) -> &str {
+        self.key.as_deref().or(self.prefix.as_deref()).unwrap_or_default()
+    }
+
+    /// How the rule is named in logs and errors: `key "a/b"` or `prefix "a/"`.
+    pub fn describe(&self) -> String {
+        match (&self.key, &self.prefix) {
+            (Some(k), _) => format!("key {k:?}"),
+            (None, Some(p)) => format!("prefix {p:?}"),
+            (None, None) => "no key or prefix".into(),
+        }
+    }
+
+    /// Checks the rule against the worker's roots and hooks, without
+    /// touching the disk (the worker checks symlinks when it starts).
+    fn validate(&self, roots: &[PathBuf], hooks: &BTreeMap<String, String>) -> Result<(), String> {
+        match (&self.key, &self.prefix) {
+            (Some(_), Some(_)) => return Err("key, prefix: set one, not both".into()),
+            (None, None) => return Err("key, prefix: set one of them".into()),
+            (Some(k), None) if k.is_empty() => return Err("key: must not be empty".into()),
+            (None, Some(p)) if p.is_empty() => return Err("prefix: must not be empty".into()),
+            _ => {}
+        }
+        if self.format() == FileFormat::Raw && self.key.is_none() {
+            return Err("format: raw writes the value of one key; use key, or format json or properties".into());
+        }
+        if self.strip_prefix.is_some() && self.prefix.is_none() {
+            return Err("strip_prefix: only with prefix".into());
+        }
+        let p = &self.path;
+        if !p.is_absolute() {
+            return Err(format!("path: {} is not an absolute path", p.display()));
+        }
+        if p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+            return Err(format!("path: {} contains . or ..", p.display()));
+        }
+        if !roots.iter().any(|r| p.starts_with(r) && p != r) {
+            return Err(format!("path: {} is outside the allowed roots", p.display()));
+        }
+        if let Some(h) = &self.hook {
+            if !hooks.contains_key(h) {
+                let names: Vec<&str> = hooks.keys().map(String::as_str).collect();
+                return Err(format!("hook: {h:?} is not a hook of this worker (hooks: [{}])", names.join(", ")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -157,6 +289,117 @@ impl WorkerConfig {
                 return Err(bad(field, "must be between 4KiB/s and 4GiB/s"));
             }
         }
+        self.validate_config_files()
+    }
+
+    fn validate_config_files(&self) -> Result<(), ConfigError> {
+        if self.config_resync < Duration::from_millis(100) {
+            return Err(bad("config-resync", "must be at least 100ms"));
+        }
+        let mut paths: BTreeMap<&Path, usize> = BTreeMap::new();
+        for (i, rule) in self.config_files.iter().enumerate() {
+            let at = |reason: String| bad(CONFIG_FILE_FIELD, format!("rule {} ({}): {reason}", i + 1, rule.describe()));
+            rule.validate(&self.roots, &self.hooks).map_err(at)?;
+            if let Some(first) = paths.insert(&rule.path, i + 1) {
+                return Err(at(format!("path: {} is written by rule {first} already", rule.path.display())));
+            }
+        }
         Ok(())
+    }
+}
+
+/// The field named by errors in `config_files` rules (`--config-file`
+/// on the command line); the reason names the rule and its bad part.
+pub const CONFIG_FILE_FIELD: &str = "config-file";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker_with(rules: &str) -> Result<WorkerConfig, String> {
+        // Top-level keys in `rules` come before any table.
+        let text = format!("name = \"w1\"\nroots = [\"/srv/ferry\"]\n{rules}\n[hooks]\nreload = \"true\"\n");
+        toml::from_str::<WorkerConfig>(&text).map_err(|e| e.to_string())
+    }
+
+    fn problem(rules: &str) -> String {
+        let c = worker_with(rules).expect("parses");
+        let err = c.validate().expect_err("must be refused");
+        assert_eq!(err.field, CONFIG_FILE_FIELD);
+        err.reason
+    }
+
+    #[test]
+    fn config_file_rules_parse_with_defaults() {
+        let c = worker_with(
+            r#"
+            config_resync = "2s"
+            [[config_files]]
+            key = "app/motd"
+            path = "/srv/ferry/motd"
+            hook = "reload"
+            [[config_files]]
+            prefix = "app/db/"
+            path = "/srv/ferry/db.json"
+            [[config_files]]
+            prefix = "app/env/"
+            path = "/srv/ferry/app.env"
+            format = "properties"
+            strip_prefix = false
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.config_resync, Duration::from_secs(2));
+        let f: Vec<FileFormat> = c.config_files.iter().map(|r| r.format()).collect();
+        assert_eq!(f, [FileFormat::Raw, FileFormat::Json, FileFormat::Properties]);
+        assert_eq!(c.config_files[0].hook.as_deref(), Some("reload"));
+        assert_eq!(c.config_files[2].strip_prefix, Some(false));
+        assert!(worker_with("[[config_files]]\nkey = \"k\"\npath = \"/srv/ferry/x\"\nmode = 1\n").is_err());
+        assert!(worker_with("[[config_files]]\nkey = \"k\"\npath = \"/srv/ferry/x\"\nformat = \"yaml\"\n").is_err());
+    }
+
+    #[test]
+    fn bad_config_file_rules_name_the_rule_and_the_field() {
+        let r = problem("[[config_files]]\nkey = \"k\"\npath = \"/etc/passwd\"\n");
+        assert!(r.starts_with("rule 1 (key \"k\"): path: /etc/passwd is outside the allowed roots"), "{r}");
+        let r = problem("[[config_files]]\nkey = \"k\"\npath = \"/srv/ferry/../x\"\n");
+        assert!(r.contains("path: /srv/ferry/../x contains . or .."), "{r}");
+        let r = problem("[[config_files]]\nkey = \"k\"\npath = \"x.conf\"\n");
+        assert!(r.contains("path: x.conf is not an absolute path"), "{r}");
+        let r = problem("[[config_files]]\nkey = \"k\"\npath = \"/srv/ferry\"\n");
+        assert!(r.contains("outside the allowed roots"), "the root itself is not a file: {r}");
+        let r = problem("[[config_files]]\nkey = \"k\"\npath = \"/srv/ferry/x\"\nhook = \"restart\"\n");
+        assert!(r.contains("hook: \"restart\" is not a hook of this worker (hooks: [reload])"), "{r}");
+        let r = problem("[[config_files]]\nprefix = \"p/\"\npath = \"/srv/ferry/x\"\nformat = \"raw\"\n");
+        assert!(r.contains("format: raw writes the value of one key"), "{r}");
+        let r = problem("[[config_files]]\nkey = \"k\"\nprefix = \"p/\"\npath = \"/srv/ferry/x\"\n");
+        assert!(r.contains("key, prefix: set one, not both"), "{r}");
+        let r = problem("[[config_files]]\npath = \"/srv/ferry/x\"\n");
+        assert!(r.contains("key, prefix: set one of them"), "{r}");
+        let r = problem("[[config_files]]\nkey = \"k\"\npath = \"/srv/ferry/x\"\nstrip_prefix = true\n");
+        assert!(r.contains("strip_prefix: only with prefix"), "{r}");
+        let r = problem(
+            "[[config_files]]\nkey = \"a\"\npath = \"/srv/ferry/x\"\n[[config_files]]\nkey = \"b\"\npath = \"/srv/ferry/x\"\n",
+        );
+        assert!(r.starts_with("rule 2 (key \"b\"): path: /srv/ferry/x is written by rule 1 already"), "{r}");
+        let c = worker_with("config_resync = \"1ms\"").unwrap();
+        assert_eq!(c.validate().unwrap_err().field, "config-resync");
+    }
+
+    #[test]
+    fn the_flag_form_reads_key_path_format_and_hook() {
+        let r = ConfigFileRule::from_spec("app/motd=/srv/ferry/motd").unwrap();
+        assert_eq!((r.key.as_deref(), r.format(), r.hook.as_deref()), (Some("app/motd"), FileFormat::Raw, None));
+        let r = ConfigFileRule::from_spec("app/db/=/srv/ferry/db.json:json:reload").unwrap();
+        assert_eq!(r.prefix.as_deref(), Some("app/db/"));
+        assert_eq!(r.key, None);
+        assert_eq!((r.format(), r.hook.as_deref()), (FileFormat::Json, Some("reload")));
+        let r = ConfigFileRule::from_spec("app/env/=/srv/ferry/app.env:properties").unwrap();
+        assert_eq!((r.prefix.as_deref(), r.format()), (Some("app/env/"), FileFormat::Properties));
+        let r = ConfigFileRule::from_spec("k=/srv/ferry/k::reload").unwrap();
+        assert_eq!((r.format(), r.hook.as_deref()), (FileFormat::Raw, Some("reload")));
+        assert!(ConfigFileRule::from_spec("/srv/ferry/k").unwrap_err().contains("KEY_OR_PREFIX=PATH"));
+        assert!(ConfigFileRule::from_spec("k=/srv/ferry/k:yaml").unwrap_err().contains("'yaml' is not a format"));
     }
 }

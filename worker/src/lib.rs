@@ -2,7 +2,8 @@
 //!
 //! [`Worker::start`] opens the chunk store in the data directory, serves
 //! `ChunkService` to peers, and keeps a control session with the scheduler
-//! leader, executing its index, prepare, pull, pack and cancel commands.
+//! leader, executing its index, prepare, pull, pack and cancel commands, and
+//! keeps the config files its rules name in step with the cluster's config.
 //! Everything it reads or writes stays under its allowed roots; it runs only
 //! hooks named in its own config.
 //!
@@ -16,15 +17,21 @@
 //! - [`hooks`] — running named hooks.
 //! - [`limiter`] — upload and download bandwidth caps.
 //! - [`session`] — the control session with the leader.
+//! - [`materializer`] — config keys into local files, then a hook.
+//! - [`render`] — the file formats (`raw`, `json`, `properties`).
+//! - [`atomic_file`] — replace a file atomically, only when it changes.
 //! - [`metrics`] — the admin port: metrics, health, readiness.
 
+pub mod atomic_file;
 pub mod chunk_server;
 pub mod config;
 pub mod executor;
 pub mod hooks;
 pub mod index;
 pub mod limiter;
+pub mod materializer;
 pub mod metrics;
+pub mod render;
 pub mod roots;
 pub mod session;
 pub mod store;
@@ -77,6 +84,9 @@ impl Worker {
         config.listen = addr;
         config.validate()?;
         let roots = roots::Roots::new(&config.roots).map_err(|e| Error::Storage(format!("allowed roots: {e}")))?;
+        materializer::check_paths(&config.config_files, &roots)?;
+        let config_client =
+            if config.config_files.is_empty() { None } else { Some(materializer::client(&config.schedulers)?) };
         std::fs::create_dir_all(&config.data).map_err(|e| Error::Storage(format!("{}: {e}", config.data.display())))?;
         let store = store::ChunkStore::open(&config.data).map_err(|e| Error::Storage(e.to_string()))?;
         let retained = store::Retained::open(&config.data, config.store_limit, &store)
@@ -136,6 +146,10 @@ impl Worker {
             hooks: config.hooks.keys().cloned().collect(),
             version: env!("CARGO_PKG_VERSION").into(),
         };
+        if let Some(client) = config_client {
+            let m = Arc::new(materializer::Materializer::new(&config, client, roots.clone(), metrics.clone()));
+            tasks.extend(m.spawn(&config.config_files, rx.clone()));
+        }
         tasks.push(tokio::spawn(session::run(exec, hello, config.schedulers.clone(), config.heartbeat, rx)));
         tracing::info!(name = %config.name, %addr, admin = ?admin_addr, "worker started");
         Ok(Self { addr, admin_addr, shutdown, tasks })

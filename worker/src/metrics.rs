@@ -44,6 +44,15 @@ pub struct WorkerMetrics {
     pub connected: Level,
     /// Bytes of replaced file versions kept for reuse.
     pub retained_bytes: Level,
+    /// Config files created or replaced (content changed).
+    pub config_files_written: Count,
+    /// Config file hooks that exited non-zero or could not run.
+    pub config_hook_failures: Count,
+    /// Config file renders that failed (cluster unreachable, a value the
+    /// format cannot carry, a write error); the file stayed as it was.
+    pub config_errors: Count,
+    /// Newest cluster revision a config file was rendered at.
+    pub config_revision: Level,
 }
 
 impl Default for WorkerMetrics {
@@ -62,6 +71,10 @@ impl Default for WorkerMetrics {
             downloads_in_flight: Level::default(),
             connected: Level::default(),
             retained_bytes: Level::default(),
+            config_files_written: Count::default(),
+            config_hook_failures: Count::default(),
+            config_errors: Count::default(),
+            config_revision: Level::default(),
         };
         let r = &mut m.registry;
         r.register("uploaded_bytes", "Chunk bytes sent to peers", m.bytes_uploaded.clone());
@@ -76,6 +89,10 @@ impl Default for WorkerMetrics {
         r.register("downloads_in_flight", "Pulls running", m.downloads_in_flight.clone());
         r.register("session_connected", "1 while a session with the leader is open", m.connected.clone());
         r.register("retained_bytes", "Bytes of replaced file versions kept for reuse", m.retained_bytes.clone());
+        r.register("config_files_written", "Config files created or replaced", m.config_files_written.clone());
+        r.register("config_hook_failures", "Config file hooks that failed", m.config_hook_failures.clone());
+        r.register("config_errors", "Config file renders that failed (file kept)", m.config_errors.clone());
+        r.register("config_revision", "Newest revision a config file was rendered at", m.config_revision.clone());
         m
     }
 }
