@@ -57,6 +57,9 @@ pub enum Command {
     /// The service registry: instances bound to leases.
     #[command(subcommand)]
     Registry(RegistryCmd),
+    /// Probes: workers time downloads from several targets and rank them.
+    #[command(subcommand)]
+    Probe(ProbeCmd),
     /// Run a worker daemon (with flags), or list workers (`ferry worker list`).
     Worker(WorkerCmd),
     /// Push files to workers and follow the jobs.
@@ -377,6 +380,92 @@ pub enum RegistryCmd {
         #[arg(long)]
         id: String,
     },
+}
+
+/// `ferry probe ...`.
+#[derive(Subcommand, Debug)]
+pub enum ProbeCmd {
+    /// Add or replace a probe.
+    Define {
+        /// The probe's name.
+        name: String,
+        /// URL to download, optionally @HOST to send as the Host header
+        /// (http://10.0.0.1:8081/2M.dat@cdn.example.com); repeat per target.
+        #[arg(long = "target", required = true, value_parser = probe_target)]
+        targets: Vec<(String, String)>,
+        /// Time between rounds (1s to 1 day).
+        #[arg(long, default_value = "60s", value_parser = duration)]
+        interval: Duration,
+        /// Time limit of one download (default: the interval).
+        #[arg(long, value_parser = duration)]
+        download_timeout: Option<Duration>,
+        /// Which workers run it: k=v,k2=v2 (default: every worker).
+        #[arg(long, default_value = "")]
+        selector: String,
+        /// File each running worker renders its ranking into (absolute,
+        /// under the worker's allowed roots).
+        #[arg(long)]
+        output: Option<String>,
+        /// Line template of the output: {rank} {url} {host} {ip} {total_ms}
+        /// {ttfb_ms} {bytes} {error} (default "{url}").
+        #[arg(long, default_value = "", requires = "output")]
+        template: String,
+        /// Only the best N targets in the output (0: all).
+        #[arg(long, default_value_t = 0, requires = "output")]
+        top: u32,
+        /// Hook (named in the workers' config) run after the output changes.
+        #[arg(long, default_value = "", requires = "output")]
+        hook: String,
+        /// Stale when no result arrived for this long (default 3 intervals).
+        #[arg(long, value_parser = duration)]
+        stale_after: Option<Duration>,
+        /// Stale when a worker's output has not changed for this long.
+        #[arg(long, value_parser = duration, requires = "output")]
+        output_stale_after: Option<Duration>,
+        /// http:// URL that gets a JSON POST when the probe turns stale.
+        #[arg(long, default_value = "")]
+        alert: String,
+    },
+    /// Every probe definition.
+    List,
+    /// The latest result per worker and target.
+    Results {
+        /// The probe.
+        name: String,
+        /// Only this worker's.
+        #[arg(long)]
+        worker: Option<String>,
+    },
+    /// Targets ranked by total time, errors last (median over workers, or
+    /// one worker's own).
+    Best {
+        /// The probe.
+        name: String,
+        /// This worker's ranking.
+        #[arg(long)]
+        worker: Option<String>,
+        /// Print the ranking again whenever it changes, until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Freshness of every probe (stale ones, and why).
+    Status,
+    /// Remove a probe and its results.
+    Delete {
+        /// The probe.
+        name: String,
+    },
+}
+
+/// `URL[@HOST]`: the Host part is split at the last '@' after the path begins.
+fn probe_target(s: &str) -> Result<(String, String), String> {
+    let s = s.trim();
+    let after_scheme = s.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = s[after_scheme..].find('/').map(|i| i + after_scheme).unwrap_or(s.len());
+    match s[path_start..].rfind('@') {
+        Some(i) => Ok((s[..path_start + i].to_string(), s[path_start + i + 1..].to_string())),
+        None => Ok((s.to_string(), String::new())),
+    }
 }
 
 fn lease_ttl(s: &str) -> Result<Duration, String> {

@@ -5,7 +5,7 @@ use std::io::Write;
 use ferry_sdk::{pb, Client, ClientOptions};
 use serde_json::json;
 
-use crate::args::{ClientArgs, ClusterCmd, ConfigCmd, GrayCmd, LeaseCmd, RegistryCmd};
+use crate::args::{ClientArgs, ClusterCmd, ConfigCmd, GrayCmd, LeaseCmd, ProbeCmd, RegistryCmd};
 
 pub(crate) fn client(args: &ClientArgs) -> Result<Client, ferry_sdk::Error> {
     let options = ClientOptions { total_timeout: args.timeout, ..ClientOptions::default() };
@@ -478,5 +478,203 @@ async fn gray(c: &Client, cmd: GrayCmd, json_out: bool) -> u8 {
             0
         }
         Err(e) => fail(e),
+    }
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+fn ranking_json(ranking: &[pb::RankedTarget]) -> serde_json::Value {
+    json!(ranking
+        .iter()
+        .map(|r| json!({
+            "rank": r.rank, "target": r.target, "url": r.url, "host": r.host,
+            "total_ms": r.total_us as f64 / 1000.0, "ttfb_ms": r.ttfb_us as f64 / 1000.0,
+            "bytes": r.bytes, "ok": r.ok, "errors": r.errors, "error": r.error,
+        }))
+        .collect::<Vec<_>>())
+}
+
+fn print_ranking(name: &str, ranking: &[pb::RankedTarget], json_out: bool) {
+    if json_out {
+        print_json(&json!({"probe": name, "ranking": ranking_json(ranking)}));
+        return;
+    }
+    for r in ranking {
+        let host = if r.host.is_empty() { String::new() } else { format!(" (Host: {})", r.host) };
+        if r.ok > 0 {
+            println!(
+                "{:>3}. {}{host}  {:.1} ms (first byte {:.1} ms), {} bytes, {} ok / {} failed",
+                r.rank,
+                r.url,
+                r.total_us as f64 / 1000.0,
+                r.ttfb_us as f64 / 1000.0,
+                r.bytes,
+                r.ok,
+                r.errors
+            );
+        } else if r.errors > 0 {
+            println!("{:>3}. {}{host}  FAILED: {}", r.rank, r.url, r.error);
+        } else {
+            println!("{:>3}. {}{host}  not measured yet", r.rank, r.url);
+        }
+    }
+}
+
+/// `ferry probe ...`.
+pub async fn probe(args: &ClientArgs, cmd: ProbeCmd) -> u8 {
+    let c = match client(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match cmd {
+        ProbeCmd::Define {
+            name,
+            targets,
+            interval,
+            download_timeout,
+            selector,
+            output,
+            template,
+            top,
+            hook,
+            stale_after,
+            output_stale_after,
+            alert,
+        } => {
+            let spec = pb::ProbeSpec {
+                name: name.clone(),
+                targets: targets.into_iter().map(|(url, host)| pb::ProbeTarget { url, host }).collect(),
+                interval_ms: ms(interval),
+                timeout_ms: download_timeout.map(ms).unwrap_or(0),
+                selector,
+                output: output.map(|path| pb::ProbeOutput { path, template, top, hook }),
+                stale_after_ms: stale_after.map(ms).unwrap_or(0),
+                output_stale_after_ms: output_stale_after.map(ms).unwrap_or(0),
+                alert_url: alert,
+            };
+            match c.define_probe(spec).await {
+                Ok(_) => {
+                    if args.json {
+                        print_json(&json!({"probe": name, "defined": true}));
+                    } else {
+                        println!("defined probe {name}");
+                    }
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+        ProbeCmd::List => match c.probes(None).await {
+            Ok(specs) => {
+                for s in &specs {
+                    if args.json {
+                        let targets: Vec<_> = s.targets.iter().map(|t| json!({"url": t.url, "host": t.host})).collect();
+                        print_json(&json!({
+                            "name": s.name, "targets": targets, "interval_ms": s.interval_ms,
+                            "timeout_ms": s.timeout_ms, "selector": s.selector,
+                            "output": s.output.as_ref().map(|o| json!({"path": o.path, "template": o.template, "top": o.top, "hook": o.hook})),
+                            "stale_after_ms": s.stale_after_ms, "output_stale_after_ms": s.output_stale_after_ms,
+                            "alert_url": s.alert_url,
+                        }));
+                    } else {
+                        let every = humantime::format_duration(std::time::Duration::from_millis(s.interval_ms));
+                        let sel = if s.selector.is_empty() { "every worker".to_string() } else { s.selector.clone() };
+                        let out = s.output.as_ref().map(|o| format!(", output {}", o.path)).unwrap_or_default();
+                        println!("{}: {} target(s) every {every} on {sel}{out}", s.name, s.targets.len());
+                    }
+                }
+                0
+            }
+            Err(e) => fail(e),
+        },
+        ProbeCmd::Results { name, worker } => match c.probe_results(&name, worker.as_deref()).await {
+            Ok(results) => {
+                for r in &results {
+                    if args.json {
+                        print_json(&json!({
+                            "worker": r.worker, "target": r.target, "url": r.url, "host": r.host,
+                            "ttfb_ms": r.ttfb_us as f64 / 1000.0, "total_ms": r.total_us as f64 / 1000.0,
+                            "bytes": r.bytes, "error": r.error, "measured_unix_ms": r.measured_unix_ms,
+                        }));
+                    } else if r.error.is_empty() {
+                        println!(
+                            "{} {}  {:.1} ms (first byte {:.1} ms), {} bytes",
+                            r.worker,
+                            r.url,
+                            r.total_us as f64 / 1000.0,
+                            r.ttfb_us as f64 / 1000.0,
+                            r.bytes
+                        );
+                    } else {
+                        println!("{} {}  FAILED: {}", r.worker, r.url, r.error);
+                    }
+                }
+                0
+            }
+            Err(e) => fail(e),
+        },
+        ProbeCmd::Best { name, worker, watch: false } => match c.probe_best(&name, worker.as_deref()).await {
+            Ok(ranking) => {
+                print_ranking(&name, &ranking, args.json);
+                0
+            }
+            Err(e) => fail(e),
+        },
+        ProbeCmd::Best { name, worker, watch: true } => {
+            let mut stream = match c.watch_probe_best(&name, worker.as_deref()).await {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            loop {
+                tokio::select! {
+                    msg = stream.message() => match msg {
+                        Ok(Some(r)) => {
+                            print_ranking(&name, &r.ranking, args.json);
+                            if !args.json {
+                                println!();
+                            }
+                            let _ = std::io::stdout().flush();
+                        }
+                        Ok(None) => return 1,
+                        Err(status) => {
+                            eprintln!("error: {}", status.message());
+                            return 1;
+                        }
+                    },
+                    _ = crate::daemon_cmd::stop_signal() => return 0,
+                }
+            }
+        }
+        ProbeCmd::Status => match c.probe_status().await {
+            Ok(states) => {
+                for s in &states {
+                    if args.json {
+                        print_json(&json!({
+                            "probe": s.name, "stale": s.stale, "reasons": s.reasons,
+                            "workers": s.workers, "last_result_unix_ms": s.last_result_unix_ms,
+                        }));
+                    } else if s.stale {
+                        println!("{}: STALE ({})", s.name, s.reasons.join("; "));
+                    } else {
+                        println!("{}: ok, {} worker(s) reporting", s.name, s.workers);
+                    }
+                }
+                0
+            }
+            Err(e) => fail(e),
+        },
+        ProbeCmd::Delete { name } => match c.delete_probe(&name).await {
+            Ok(true) => {
+                println!("deleted probe {name}");
+                0
+            }
+            Ok(false) => {
+                eprintln!("error: no probe named {name}");
+                1
+            }
+            Err(e) => fail(e),
+        },
     }
 }

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             args::Command::Config(c) => client_cmd::config(&cli.client, c).await,
             args::Command::Lease(c) => client_cmd::lease(&cli.client, c).await,
             args::Command::Registry(c) => client_cmd::registry(&cli.client, c).await,
+            args::Command::Probe(c) => client_cmd::probe(&cli.client, c).await,
             args::Command::Worker(w) => match w.sub {
                 Some(args::WorkerSub::List) => worker_cmd::list(&cli.client).await,
                 None => worker_cmd::run(*w.run).await,

@@ -4,24 +4,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_sdk::Client;
 
-use common::{ferry, free_port, wait_for, Schedulers, FERRY};
-
-/// A metric's value from a node's admin `/metrics`.
-fn metric(admin: &str, name: &str) -> Option<f64> {
-    let mut s = std::net::TcpStream::connect(admin).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-}
+use common::{ferry, free_port, metric, wait_for, Schedulers, FERRY};
 
 /// Waits until every node in `ids` has the same applied index and returns
 /// their (equal) digests.

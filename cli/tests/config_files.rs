@@ -4,22 +4,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{ferry, wait_for, Schedulers, WorkerProc};
-
-/// A metric's value from a worker's admin `/metrics` (0 if absent).
-fn metric(admin: &str, name: &str) -> Option<f64> {
-    let mut s = std::net::TcpStream::connect(admin).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-}
+use common::{ferry, metric, wait_for, Schedulers, WorkerProc};
 
 /// `ferry --endpoints .. --json ARGS`; the revision it printed.
 fn cli(endpoints: &str, args: &[&str]) -> u64 {

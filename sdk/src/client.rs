@@ -10,6 +10,7 @@ use ferry_proto::pb::cluster_service_client::ClusterServiceClient;
 use ferry_proto::pb::config_service_client::ConfigServiceClient;
 use ferry_proto::pb::job_service_client::JobServiceClient;
 use ferry_proto::pb::lease_service_client::LeaseServiceClient;
+use ferry_proto::pb::probe_service_client::ProbeServiceClient;
 use ferry_proto::pb::registry_service_client::RegistryServiceClient;
 use ferry_proto::pb::worker_service_client::WorkerServiceClient;
 use tonic::transport::{Channel, Endpoint};
@@ -384,6 +385,97 @@ impl Client {
         })
         .await
         .map(|r| r.into_inner())
+    }
+
+    /// Adds or replaces a probe definition.
+    pub async fn define_probe(&self, spec: pb::ProbeSpec) -> Result<pb::DefineProbeResponse, Error> {
+        let msg = pb::DefineProbeRequest { spec: Some(spec), request_id: request_id() };
+        self.call("define probe", |ch, t| {
+            let msg = msg.clone();
+            async move { ProbeServiceClient::new(ch).define_probe(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// Removes a probe and its results; `false` if there was none.
+    pub async fn delete_probe(&self, name: &str) -> Result<bool, Error> {
+        let msg = pb::DeleteProbeRequest { name: name.into(), request_id: request_id() };
+        self.call("delete probe", |ch, t| {
+            let msg = msg.clone();
+            async move { ProbeServiceClient::new(ch).delete_probe(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner().deleted)
+    }
+
+    /// Every probe definition, or (with `worker`) those that worker runs.
+    pub async fn probes(&self, worker: Option<&str>) -> Result<Vec<pb::ProbeSpec>, Error> {
+        let msg = pb::ListProbesRequest { worker: worker.unwrap_or_default().into() };
+        self.call("list probes", |ch, t| {
+            let msg = msg.clone();
+            async move { ProbeServiceClient::new(ch).list_probes(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner().probes)
+    }
+
+    /// Reports one round of a probe (what workers call). Retried safely.
+    pub async fn report_probe(&self, mut report: pb::ReportRequest) -> Result<(), Error> {
+        report.request_id = request_id();
+        self.call("report probe", |ch, t| {
+            let msg = report.clone();
+            async move { ProbeServiceClient::new(ch).report(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The latest result per worker and target (`worker`: only its).
+    pub async fn probe_results(&self, probe: &str, worker: Option<&str>) -> Result<Vec<pb::ProbeResult>, Error> {
+        let msg = pb::GetResultsRequest { probe: probe.into(), worker: worker.unwrap_or_default().into() };
+        self.call("probe results", |ch, t| {
+            let msg = msg.clone();
+            async move { ProbeServiceClient::new(ch).get_results(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner().results)
+    }
+
+    /// The probe's targets ranked by total time, errors last: as `worker`
+    /// measured them, or by the median over every worker.
+    pub async fn probe_best(&self, probe: &str, worker: Option<&str>) -> Result<Vec<pb::RankedTarget>, Error> {
+        let msg = pb::BestRequest { probe: probe.into(), worker: worker.unwrap_or_default().into() };
+        self.call("best", |ch, t| {
+            let msg = msg.clone();
+            async move { ProbeServiceClient::new(ch).best(Self::request(msg, t)).await }
+        })
+        .await
+        .map(|r| r.into_inner().ranking)
+    }
+
+    /// The ranking, again whenever it changes order.
+    pub async fn watch_probe_best(
+        &self,
+        probe: &str,
+        worker: Option<&str>,
+    ) -> Result<tonic::Streaming<pb::BestResponse>, Error> {
+        let msg = pb::BestRequest { probe: probe.into(), worker: worker.unwrap_or_default().into() };
+        self.call("watch best", |ch, _| {
+            let msg = msg.clone();
+            async move { ProbeServiceClient::new(ch).watch_best(tonic::Request::new(msg)).await }
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// Every probe's freshness.
+    pub async fn probe_status(&self) -> Result<Vec<pb::ProbeState>, Error> {
+        self.call("probe status", |ch, t| async move {
+            ProbeServiceClient::new(ch).status(Self::request(pb::ProbeStatusRequest {}, t)).await
+        })
+        .await
+        .map(|r| r.into_inner().probes)
     }
 
     /// The full instance list of `service`, again after every change.

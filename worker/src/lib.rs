@@ -18,6 +18,7 @@
 //! - [`limiter`] — upload and download bandwidth caps.
 //! - [`session`] — the control session with the leader.
 //! - [`materializer`] — config keys into local files, then a hook.
+//! - [`probes`] — the probe runner: timed downloads, rankings, output files.
 //! - [`render`] — the file formats (`raw`, `json`, `properties`).
 //! - [`atomic_file`] — replace a file atomically, only when it changes.
 //! - [`metrics`] — the admin port: metrics, health, readiness.
@@ -31,6 +32,7 @@ pub mod index;
 pub mod limiter;
 pub mod materializer;
 pub mod metrics;
+pub mod probes;
 pub mod render;
 pub mod roots;
 pub mod session;
@@ -150,6 +152,14 @@ impl Worker {
             let m = Arc::new(materializer::Materializer::new(&config, client, roots.clone(), metrics.clone()));
             tasks.extend(m.spawn(&config.config_files, rx.clone()));
         }
+        let probes = probes::ProbeRunner::new(
+            &config.name,
+            materializer::client(&config.schedulers)?,
+            roots.clone(),
+            config.hooks.clone(),
+            metrics.clone(),
+        );
+        tasks.push(Arc::new(probes).spawn(rx.clone()));
         tasks.push(tokio::spawn(session::run(exec, hello, config.schedulers.clone(), config.heartbeat, rx)));
         tracing::info!(name = %config.name, %addr, admin = ?admin_addr, "worker started");
         Ok(Self { addr, admin_addr, shutdown, tasks })

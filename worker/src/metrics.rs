@@ -53,6 +53,12 @@ pub struct WorkerMetrics {
     pub config_errors: Count,
     /// Newest cluster revision a config file was rendered at.
     pub config_revision: Level,
+    /// Probe downloads made.
+    pub probe_downloads: Count,
+    /// Probe downloads that failed (error, timeout, non-2xx status).
+    pub probe_failures: Count,
+    /// Probe output files created or replaced (the ranking changed).
+    pub probe_outputs_written: Count,
 }
 
 impl Default for WorkerMetrics {
@@ -75,6 +81,9 @@ impl Default for WorkerMetrics {
             config_hook_failures: Count::default(),
             config_errors: Count::default(),
             config_revision: Level::default(),
+            probe_downloads: Count::default(),
+            probe_failures: Count::default(),
+            probe_outputs_written: Count::default(),
         };
         let r = &mut m.registry;
         r.register("uploaded_bytes", "Chunk bytes sent to peers", m.bytes_uploaded.clone());
@@ -93,6 +102,9 @@ impl Default for WorkerMetrics {
         r.register("config_hook_failures", "Config file hooks that failed", m.config_hook_failures.clone());
         r.register("config_errors", "Config file renders that failed (file kept)", m.config_errors.clone());
         r.register("config_revision", "Newest revision a config file was rendered at", m.config_revision.clone());
+        r.register("probe_downloads", "Probe downloads made", m.probe_downloads.clone());
+        r.register("probe_failures", "Probe downloads that failed", m.probe_failures.clone());
+        r.register("probe_outputs_written", "Probe output files written", m.probe_outputs_written.clone());
         m
     }
 }
