@@ -65,9 +65,6 @@ async fn download(client: &HttpClient, target: &pb::ProbeTarget, timeout: Durati
         pb::ProbeResult { url: target.url.clone(), host: target.host.clone(), measured_unix_ms, ..Default::default() };
     let outcome = tokio::time::timeout(timeout, async {
         let uri: hyper::Uri = target.url.parse().map_err(|e| format!("bad URL: {e}"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err("only http:// targets can be probed by this worker".to_string());
-        }
         let mut req = hyper::Request::get(uri).header(hyper::header::USER_AGENT, "ferry-probe");
         if !target.host.is_empty() {
             req = req.header(hyper::header::HOST, target.host.as_str());
@@ -101,7 +98,22 @@ async fn download(client: &HttpClient, target: &pb::ProbeTarget, timeout: Durati
     result
 }
 
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+type HttpClient =
+    Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Empty<Bytes>>;
+
+/// A client for `http://` and `https://` (rustls, Mozilla's roots) that
+/// keeps no idle connection: every download connects anew, as a client would.
+fn http_client() -> HttpClient {
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector)
+}
 
 /// This worker's ranking of one round: successes by total time, failures last.
 pub fn rank(results: &[pb::ProbeResult]) -> Vec<&pb::ProbeResult> {
@@ -159,9 +171,7 @@ impl ProbeRunner {
         hooks: BTreeMap<String, String>,
         metrics: Arc<WorkerMetrics>,
     ) -> Self {
-        // No idle connections: every download connects anew, as a client would.
-        let http = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http();
-        Self { worker: worker.to_string(), client, roots, hooks, metrics, http }
+        Self { worker: worker.to_string(), client, roots, hooks, metrics, http: http_client() }
     }
 
     /// Follows the definitions until `shutdown`: starts, restarts (on a
@@ -312,6 +322,29 @@ impl ProbeRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn https_targets_speak_tls() {
+        // A server that answers TLS with plain HTTP: the worker's TLS
+        // handshake fails (it does not fall back to plain text).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = conn.read(&mut request).await;
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+                let _ = conn.shutdown().await;
+            }
+        });
+        let target = pb::ProbeTarget { url: format!("https://{addr}/obj"), host: "relay.example".into() };
+        let r = download(&http_client(), &target, Duration::from_secs(5)).await;
+        assert!(r.error.starts_with("request failed"), "{r:?}");
+        let plain = pb::ProbeTarget { url: format!("http://{addr}/obj"), host: String::new() };
+        let r = download(&http_client(), &plain, Duration::from_secs(5)).await;
+        assert_eq!((r.error.as_str(), r.bytes), ("", 0), "{r:?}");
+    }
 
     #[test]
     fn offsets_spread_a_fleet_over_the_interval_and_runs_land_on_them() {
