@@ -13,17 +13,16 @@ use anyhow::{bail, Context};
 use ferry_scheduler::LocalCluster;
 use ferry_sdk::{Client, ClientOptions};
 
+use crate::stats::{median, Latencies};
+
 struct Run {
     ops_per_sec: f64,
-    p50: Duration,
-    p99: Duration,
+    /// Seconds.
+    p50: f64,
+    /// Seconds.
+    p99: f64,
     /// Puts (warm-up included) per log fsync on the leader.
     puts_per_flush: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// One fsync per 264-byte append, on the same file system: what a store that
@@ -97,16 +96,15 @@ async fn one_run(endpoints: &[String], leader: &str, clients: usize, duration: D
         puts += done;
     }
     let after = probe.status_of(leader).await?;
-    latencies.sort();
-    if latencies.is_empty() {
+    let latencies = Latencies::new(latencies);
+    if latencies.len() == 0 {
         bail!("no put completed");
     }
-    let pick = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     let flushes = after.log_flushes.saturating_sub(before.log_flushes).max(1);
     Ok(Run {
         ops_per_sec: latencies.len() as f64 / duration.as_secs_f64(),
-        p50: pick(0.50),
-        p99: pick(0.99),
+        p50: latencies.quantile(0.50),
+        p99: latencies.quantile(0.99),
         puts_per_flush: puts as f64 / flushes as f64,
     })
 }
@@ -139,8 +137,8 @@ pub async fn run(
             runs.push(one_run(&endpoints, &leader, c, duration).await?);
         }
         let ops = median(runs.iter().map(|r| r.ops_per_sec).collect());
-        let p50 = median(runs.iter().map(|r| r.p50.as_secs_f64()).collect());
-        let p99 = median(runs.iter().map(|r| r.p99.as_secs_f64()).collect());
+        let p50 = median(runs.iter().map(|r| r.p50).collect());
+        let p99 = median(runs.iter().map(|r| r.p99).collect());
         let epf = median(runs.iter().map(|r| r.puts_per_flush).collect());
         println!("{c:>8} {ops:>12.0} {:>9.2}ms {:>9.2}ms {epf:>14.1} {:>12.2}", p50 * 1e3, p99 * 1e3, ops / baseline);
     }

@@ -10,6 +10,7 @@
 mod distribute;
 mod kv_put;
 mod netns;
+mod stats;
 mod stream;
 
 use std::path::PathBuf;
