@@ -1,19 +1,21 @@
 //! `ferry-bench`: benchmarks that print figures and ratios against a baseline
 //! measured in the same run. Never used by tests; figures are medians.
 //!
-//! - `kv-put` — replicated puts at several concurrencies ([`kv_put`]).
+//! - `kv` — puts at several concurrencies and watch delivery latency,
+//!   against etcd in the same run with feature `etcd` ([`kv`]).
 //! - `distribute` — one file to N capped workers vs. the naive fan-out
 //!   ([`distribute`]).
 //! - `stream` — gRPC chunk streaming vs. a plain TCP copy on loopback
 //!   ([`stream`]).
 
 mod distribute;
-mod kv_put;
+#[cfg(feature = "etcd")]
+mod etcd;
+mod kv;
+mod kv_target;
 mod netns;
+mod stats;
 mod stream;
-
-use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -26,24 +28,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Replicated puts: throughput and latency at several concurrencies.
-    KvPut {
-        /// A running cluster (HOST:PORT,...); default: start three nodes here.
-        #[arg(long, value_delimiter = ',')]
-        endpoints: Vec<String>,
-        /// Concurrent clients, one run each.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
-        clients: Vec<usize>,
-        /// Measured time per run (after a short warm-up).
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-        duration: Duration,
-        /// Repeat each run this many times and report the median.
-        #[arg(long, default_value_t = 3)]
-        repeat: usize,
-        /// Where the in-process cluster and the baseline put their data.
-        #[arg(long)]
-        data: Option<PathBuf>,
-    },
+    /// Puts and watch latency, against etcd in the same run (feature
+    /// `etcd`; otherwise Ferry only).
+    #[command(alias = "kv-put")]
+    Kv(kv::Args),
     /// S bytes to N workers with capped bandwidth, against the source
     /// copying to every target over the same capped link.
     Distribute(distribute::Args),
@@ -54,9 +42,7 @@ enum Bench {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
-        Bench::KvPut { endpoints, clients, duration, repeat, data } => {
-            kv_put::run(endpoints, clients, duration, repeat.max(1), data).await
-        }
+        Bench::Kv(a) => kv::run(a).await,
         Bench::Distribute(a) => distribute::run(a).await,
         Bench::Stream(a) => stream::run(a).await,
     }

@@ -12,6 +12,8 @@ use ferry_worker::limiter::Bandwidth;
 use ferry_worker::store::{ChunkStore, Location};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::stats::median;
+
 /// Flags of `stream`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,11 +29,6 @@ pub struct Args {
     /// Scratch directory.
     #[arg(long)]
     dir: Option<PathBuf>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 async fn grpc_once(addr: &str, chunks: &[(String, u64)], concurrency: usize) -> anyhow::Result<Duration> {
