@@ -30,7 +30,7 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        Self { cache_bytes: 64 * 1024 * 1024, flush_every: Some(Duration::from_millis(500)) }
+        Self { cache_bytes: 64 * 1024 * 1024, flush_every: None }
     }
 }
 
