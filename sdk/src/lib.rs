@@ -13,11 +13,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layout: [`client`] (endpoints, retries, typed calls), [`error`].
+//! Layout: [`client`] (endpoints, retries, typed calls), [`balancer`]
+//! (client-side balancing, failover, outlier ejection, gray routing over a
+//! service's instances), [`error`].
 
+pub mod balancer;
 pub mod client;
 pub mod error;
 
+pub use balancer::{Balancer, BalancerOptions, Request, Strategy};
 pub use client::{Client, ClientOptions, KeepAlive, KeyValue, Put, Status, Watch, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use error::Error;
 pub use ferry_proto::pb;
