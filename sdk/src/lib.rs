@@ -21,7 +21,7 @@ pub mod balancer;
 pub mod client;
 pub mod error;
 
-pub use balancer::{Balancer, BalancerOptions, Request, Strategy};
+pub use balancer::{Balancer, BalancerOptions, Policy, Request, Strategy};
 pub use client::{Client, ClientOptions, KeepAlive, KeyValue, Put, Status, Watch, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use error::Error;
 pub use ferry_proto::pb;

@@ -17,11 +17,12 @@
 //! The returned [`Pick`] is a guard: finishing it with an [`Outcome`] feeds
 //! the in-flight counts, the latency EWMA and outlier ejection. Time comes
 //! from a [`Clock`] and randomness from a seedable RNG, so tests and
-//! simulations are exact.
+//! simulations are exact. [`Balancer::call`] adds the failover policies.
 //!
 //! Layout: [`pick`] (strategies), [`eject`] (outlier state machine), `hash`
-//! (ketama ring).
+//! (ketama ring), [`call`] (failover, fail fast, forking).
 
+pub mod call;
 pub mod eject;
 mod hash;
 pub mod pick;
@@ -37,6 +38,7 @@ use ferry_proto::pb;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+pub use call::{CallError, InstanceFault, Policy};
 pub use eject::EjectionOptions;
 pub use pick::Strategy;
 
