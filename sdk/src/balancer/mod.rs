@@ -1,7 +1,8 @@
 //! Client-side load balancing over the instances of one service.
 //!
 //! A [`Balancer`] holds the service's instance list (fed by
-//! [`Balancer::update`]) and answers [`Balancer::pick`] for each request:
+//! [`Balancer::update`], or by the registry watch through
+//! [`Balancer::follow`]) and answers [`Balancer::pick`] for each request:
 //!
 //! 1. **Version**: a request for a version sees only instances of it.
 //! 2. **Ejection**: instances ejected as outliers are out, except one that is
@@ -20,10 +21,12 @@
 //! simulations are exact. [`Balancer::call`] adds the failover policies.
 //!
 //! Layout: [`pick`] (strategies), [`eject`] (outlier state machine), `hash`
-//! (ketama ring), [`call`] (failover, fail fast, forking).
+//! (ketama ring), [`call`] (failover, fail fast, forking), [`follow`] (registry
+//! watch, tower `Discover`, balanced tonic channel).
 
 pub mod call;
 pub mod eject;
+pub mod follow;
 mod hash;
 pub mod pick;
 #[cfg(test)]
