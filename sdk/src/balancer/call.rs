@@ -247,6 +247,19 @@ mod tests {
         assert_eq!(seen, ["a", "b"]);
     }
 
+    #[test]
+    fn balancer_picks_and_calls_can_cross_tasks() {
+        // Users spawn calls: the balancer, a pick and a call's future are Send.
+        fn send_sync<T: Send + Sync>(_: &T) {}
+        fn send<T: Send>(_: &T) {}
+        let b = balancer(&["a"]);
+        send_sync(&b);
+        send(&b.pick(&Request::new()));
+        let req = Request::new();
+        let call = b.call(&req, Policy::Forking { fanout: 2 }, |i| async move { Ok::<_, TestError>(i.id) });
+        send(&call);
+    }
+
     #[tokio::test]
     async fn fail_fast_makes_one_attempt() {
         let b = balancer(&["a", "b"]);

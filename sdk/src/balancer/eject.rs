@@ -5,7 +5,7 @@
 //! has passed it is *due*: the next request routed to its group is its one
 //! trial (half-open). Success restores it; failure ejects it again, for
 //! longer. The share of instances ejected at once is capped by the balancer,
-//! which knows the whole list (see [`Outlier::on_failure`]'s `may_eject`).
+//! which knows the whole list.
 
 use std::time::{Duration, Instant};
 
