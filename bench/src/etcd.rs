@@ -7,9 +7,8 @@
 //! the future that owns it is dropped), and each member asks the kernel to
 //! kill it if the bench process dies without unwinding.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -17,6 +16,7 @@ use etcd_client::{Client, ConnectOptions, EventType, KvClient, WatchOptions, Wat
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::kv_target::{Conn, Target, Watch};
+use crate::procs::{free_ports, log_tail, spawn_logged};
 
 /// How long three fresh members get to elect a leader.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,21 +40,6 @@ pub struct Etcd {
     version: String,
 }
 
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    // All bound at once so they differ; released just before etcd binds them.
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .context("finding free ports")?;
-    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(5)..].join("\n")
-}
-
 fn connect_options() -> ConnectOptions {
     ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(10))
 }
@@ -75,7 +60,6 @@ impl Etcd {
         for i in 0..3 {
             let client_url = format!("http://127.0.0.1:{}", ports[2 * i]);
             let log = dir.join(format!("m{i}.log"));
-            let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
             let mut cmd = Command::new(bin);
             cmd.arg("--name")
                 .arg(format!("m{i}"))
@@ -85,23 +69,8 @@ impl Etcd {
                 .args(["--listen-peer-urls", &peer_url(i), "--initial-advertise-peer-urls", &peer_url(i)])
                 .args(["--initial-cluster", &initial_cluster, "--initial-cluster-state", "new"])
                 .args(["--initial-cluster-token", &format!("ferry-bench-{}", std::process::id())])
-                .args(["--logger", "zap", "--log-level", "warn"])
-                .stdin(Stdio::null())
-                .stdout(out.try_clone()?)
-                .stderr(out);
-            // SAFETY: prctl is async-signal-safe and touches no memory of
-            // ours. PR_SET_PDEATHSIG fires when the thread that forked dies;
-            // we fork from a runtime worker (or the main) thread, which
-            // lives as long as the bench.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+                .args(["--logger", "zap", "--log-level", "warn"]);
+            let child = spawn_logged(cmd, &log).with_context(|| format!("starting {}", bin.display()))?;
             etcd.members.push(Member { child, client_url, log });
         }
         etcd.wait_leader().await?;

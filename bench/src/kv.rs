@@ -6,8 +6,9 @@
 //! watcher measures from the start of each put call to the event's arrival,
 //! on an otherwise idle store and under a closed-loop put load.
 //!
-//! Ferry runs in this process (unless `--endpoints` names a running
-//! cluster); etcd runs as three processes. Both keep their data on the same
+//! Ferry runs as three `ferry scheduler` processes (the `ferry` binary beside
+//! the bench, or `--ferry`; in this process if there is none, or on a
+//! running cluster with `--endpoints`); etcd runs as three processes. Both keep their data on the same
 //! file system and both fsync their logs; clients of both talk to the leader.
 //! The machine is shared, so ratios within one run matter, not absolute
 //! figures: each workload runs on both sides back to back, alternating which
@@ -22,6 +23,7 @@ use ferry_scheduler::LocalCluster;
 use tokio::task::JoinSet;
 
 use crate::kv_target::{Conn, Ferry, Target, Watch};
+use crate::procs::FerryProcs;
 use crate::stats::{median, Latencies};
 
 /// Flags of `kv`.
@@ -46,6 +48,11 @@ pub struct Args {
     /// workload (0: only the idle one).
     #[arg(long, default_value_t = 64)]
     watch_load: usize,
+    /// The `ferry` binary to run the three nodes as processes (default: the
+    /// one beside this bench, if built; else the nodes run in this process,
+    /// sharing its runtime with the clients).
+    #[arg(long)]
+    ferry: Option<PathBuf>,
     /// The etcd binary (default: `etcd` on PATH).
     #[arg(long)]
     etcd: Option<PathBuf>,
@@ -372,16 +379,25 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     // Dropped last: after the clusters that write into it.
     let root = tempfile::Builder::new().prefix("ferry-bench-kv-").tempdir_in(&parent).context("data directory")?;
-    let cluster = if a.endpoints.is_empty() {
+    let bin = a.ferry.clone().or_else(crate::procs::ferry_beside_bench);
+    let (mut procs, mut in_process) = (None, None);
+    let (endpoints, where_) = if !a.endpoints.is_empty() {
+        (a.endpoints.clone(), "running cluster".to_string())
+    } else if let Some(bin) = &bin {
+        let p = FerryProcs::start(bin, &root.path().join("ferry")).await?;
+        let endpoints = p.endpoints();
+        procs = Some(p);
+        (endpoints, format!("3 processes of {}", bin.display()))
+    } else {
         let cluster = LocalCluster::start(&root.path().join("ferry"), 3, 0, None, |_| {}).await?;
         cluster.wait_leader(Duration::from_secs(10)).await.context("no Ferry leader elected")?;
-        Some(cluster)
-    } else {
-        None
+        let endpoints = cluster.endpoints();
+        in_process = Some(cluster);
+        let note = "3 nodes in this process, sharing its runtime with the clients (`cargo build --release -p ferry` \
+                    to run them as processes, as etcd's are)";
+        (endpoints, note.to_string())
     };
-    let endpoints = cluster.as_ref().map_or_else(|| a.endpoints.clone(), |c| c.endpoints());
     let ferry = Ferry::new(&endpoints).await?;
-    let where_ = if cluster.is_some() { "3 nodes in this process" } else { "running cluster" };
     println!("Ferry: {where_}, leader {}", ferry.leader());
     let etcd = match start_etcd(&a, &root.path().join("etcd")).await {
         Ok(etcd) => Some(etcd),
@@ -445,9 +461,10 @@ async fn bench(a: Args) -> anyhow::Result<()> {
         &watches,
         true,
     );
-    if let Some(cluster) = cluster {
+    if let Some(cluster) = in_process {
         cluster.shutdown().await;
     }
+    drop(procs);
     Ok(())
 }
 

@@ -14,6 +14,7 @@ mod etcd;
 mod kv;
 mod kv_target;
 mod netns;
+mod procs;
 mod stats;
 mod stream;
 
