@@ -198,7 +198,8 @@ impl Worker {
 type ChunkServerImpl = ChunkServiceServer<chunk_server::ChunkServer>;
 
 /// The reflection services (v1, and v1alpha for grpcurl 1.8) over Ferry's
-/// and the health service's descriptors.
+/// and the health service's descriptors. They advertise only what this
+/// listener serves: the descriptor set also holds the schedulers' services.
 fn reflection() -> Result<
     (
         v1::ServerReflectionServer<impl v1::ServerReflection>,
@@ -206,12 +207,18 @@ fn reflection() -> Result<
     ),
     Error,
 > {
-    let builder = || {
+    use tonic::server::NamedService;
+    let builder = |reflection_name: &str| {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(ChunkServerImpl::NAME)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name(reflection_name)
     };
-    let v1 = builder().build_v1().map_err(|e| Error::Reflection(e.to_string()))?;
-    let v1alpha = builder().build_v1alpha().map_err(|e| Error::Reflection(e.to_string()))?;
+    let v1 = builder("grpc.reflection.v1.ServerReflection").build_v1().map_err(|e| Error::Reflection(e.to_string()))?;
+    let v1alpha = builder("grpc.reflection.v1alpha.ServerReflection")
+        .build_v1alpha()
+        .map_err(|e| Error::Reflection(e.to_string()))?;
     Ok((v1, v1alpha))
 }
