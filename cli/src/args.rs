@@ -198,6 +198,9 @@ pub enum ClusterCmd {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         id: u64,
     },
+    /// Every member's state digest: replicas at the same applied index must
+    /// show the same digest (exit 1 if a member does not answer).
+    Digest,
 }
 
 #[derive(Subcommand, Debug)]
