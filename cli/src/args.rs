@@ -68,6 +68,24 @@ pub enum Command {
     /// Ferry's main job on loopback: 3 schedulers and 6 workers in this
     /// process push a 200 MB file to every worker, then push a 1 MB change.
     Demo(DemoArgs),
+    /// Print a shell completion script, e.g.
+    /// `ferry completions bash > /etc/bash_completion.d/ferry`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+/// Shells `ferry completions` writes scripts for.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shell {
+    /// Bash: source it, or put it in `/etc/bash_completion.d/ferry`.
+    Bash,
+    /// Zsh: save it as `_ferry` in a directory on `$fpath`.
+    Zsh,
+    /// Fish: save it as `~/.config/fish/completions/ferry.fish`.
+    Fish,
 }
 
 /// Flags of `ferry demo`.
@@ -180,6 +198,9 @@ pub enum ClusterCmd {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         id: u64,
     },
+    /// Every member's state digest: replicas at the same applied index must
+    /// show the same digest (exit 1 if a member does not answer).
+    Digest,
 }
 
 #[derive(Subcommand, Debug)]
@@ -642,5 +663,16 @@ mod tests {
     fn every_subcommand_is_well_formed() {
         // Catches clashing flag names (such as --version) in any subcommand.
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_take_bash_zsh_or_fish_only() {
+        use clap::Parser;
+        for (name, shell) in [("bash", super::Shell::Bash), ("zsh", super::Shell::Zsh), ("fish", super::Shell::Fish)] {
+            let cli = super::Cli::try_parse_from(["ferry", "completions", name]).expect(name);
+            assert!(matches!(cli.command, super::Command::Completions { shell: s } if s == shell), "{name}");
+        }
+        let err = super::Cli::try_parse_from(["ferry", "completions", "tcsh"]).expect_err("tcsh is not supported");
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
     }
 }

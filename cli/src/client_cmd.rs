@@ -48,7 +48,50 @@ pub async fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> u8 {
             }
             Err(e) => fail(e),
         },
+        ClusterCmd::Digest => digest(&c, args.json).await,
     }
+}
+
+/// `ferry cluster digest`: each member's own digest (no failover).
+async fn digest(c: &Client, as_json: bool) -> u8 {
+    let first = match c.status().await {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let mut code = 0;
+    let mut rows = Vec::new();
+    for m in &first.members {
+        rows.push(match c.state_digest_of(&m.addr).await {
+            Ok(d) => json!({
+                "id": m.id, "addr": m.addr, "applied_index": d.applied_index,
+                "revision": d.revision, "keys": d.keys, "digest": d.digest,
+            }),
+            Err(e) => {
+                code = 1;
+                json!({"id": m.id, "addr": m.addr, "error": e.to_string()})
+            }
+        });
+    }
+    if as_json {
+        print_json(&json!({"members": rows}));
+        return code;
+    }
+    println!("{:<4} {:<22} {:>10} {:>10} {:>8}  DIGEST", "ID", "ADDR", "APPLIED", "REVISION", "KEYS");
+    for r in &rows {
+        let num = |k: &str| r.get(k).and_then(|v| v.as_u64()).map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+        let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let digest = if r.get("error").is_some() { format!("unreachable: {}", s("error")) } else { s("digest") };
+        println!(
+            "{:<4} {:<22} {:>10} {:>10} {:>8}  {}",
+            num("id"),
+            s("addr"),
+            num("applied_index"),
+            num("revision"),
+            num("keys"),
+            digest
+        );
+    }
+    code
 }
 
 /// One event as JSON: type, key, value (UTF-8, lossy), revision, and the

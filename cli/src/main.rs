@@ -3,6 +3,7 @@
 
 mod args;
 mod client_cmd;
+mod completions_cmd;
 mod daemon_cmd;
 mod demo_cmd;
 mod job_cmd;
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
             },
             args::Command::Job(j) => job_cmd::run(&cli.client, j).await,
             args::Command::Demo(d) => demo_cmd::run(d).await,
+            args::Command::Completions { shell } => completions_cmd::run(shell),
         }
     });
     ExitCode::from(code)

@@ -105,6 +105,17 @@ async fn three_processes_survive_leader_kill_restart_and_snapshot_catch_up() {
     assert!(installed >= 1.0, "the lagging node must catch up through a snapshot\n{}", cluster.logs());
     let v = cluster.client(&[lagger]).get_with("key/01999", true).await.expect("get").expect("present");
     assert_eq!(v.value, b"value-1999");
+
+    // The CLI shows the same digest for every member.
+    let endpoints = cluster.addrs.join(",");
+    let out = ferry(&["--endpoints", &endpoints, "--json", "cluster", "digest"]);
+    assert!(out.status.success(), "cluster digest: {}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cluster digest --json");
+    let members = shown["members"].as_array().expect("members");
+    assert_eq!(members.len(), 3, "{shown}");
+    for m in members {
+        assert_eq!((m["digest"].as_str(), m["keys"].as_u64()), (Some(new_digest.as_str()), Some(2000)), "{shown}");
+    }
 }
 
 #[test]

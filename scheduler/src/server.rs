@@ -234,12 +234,34 @@ async fn serve_grpc(
     health.set_serving::<RegistryServiceServer<RegistryServiceImpl>>().await;
     health.set_serving::<ProbeServiceServer<ProbeServiceImpl>>().await;
 
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection advertises only what this listener serves: the descriptor
+    // set also holds the workers' ChunkService.
+    let reflection = |reflection_name: &str| {
+        use ferry_proto::pb::*;
+        [
+            raft_service_server::SERVICE_NAME,
+            config_service_server::SERVICE_NAME,
+            cluster_service_server::SERVICE_NAME,
+            job_service_server::SERVICE_NAME,
+            worker_service_server::SERVICE_NAME,
+            lease_service_server::SERVICE_NAME,
+            registry_service_server::SERVICE_NAME,
+            probe_service_server::SERVICE_NAME,
+            "grpc.health.v1.Health",
+            reflection_name,
+        ]
+        .into_iter()
+        .fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(name),
+        )
     };
-    let (v1, v1alpha) = match (reflection().build_v1(), reflection().build_v1alpha()) {
+    let (v1, v1alpha) = match (
+        reflection("grpc.reflection.v1.ServerReflection").build_v1(),
+        reflection("grpc.reflection.v1alpha.ServerReflection").build_v1alpha(),
+    ) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "building reflection service failed");

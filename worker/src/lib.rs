@@ -1,7 +1,8 @@
 //! Ferry's worker daemon: one per machine.
 //!
 //! [`Worker::start`] opens the chunk store in the data directory, serves
-//! `ChunkService` to peers, and keeps a control session with the scheduler
+//! `ChunkService` to peers (with gRPC health and reflection v1 + v1alpha on
+//! the same listener, so grpcurl can inspect it), and keeps a control session with the scheduler
 //! leader, executing its index, prepare, pull, pack and cancel commands, and
 //! keeps the config files its rules name in step with the cluster's config.
 //! Everything it reads or writes stays under its allowed roots; it runs only
@@ -46,6 +47,7 @@ use ferry_proto::pb::{self, chunk_service_server::ChunkServiceServer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use tonic_reflection::server::{v1, v1alpha};
 
 pub use config::WorkerConfig;
 
@@ -61,6 +63,9 @@ pub enum Error {
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    /// The reflection service could not be built from the descriptor sets.
+    #[error("building the reflection service: {0}")]
+    Reflection(String),
 }
 
 /// A running worker.
@@ -109,6 +114,9 @@ impl Worker {
             bandwidth: limiter::Bandwidth::new(config.upload_limit),
             metrics: metrics.clone(),
         });
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<ChunkServerImpl>().await;
+        let (reflection_v1, reflection_v1alpha) = reflection()?;
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut stop = rx.clone();
@@ -119,6 +127,9 @@ impl Worker {
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
                 .initial_stream_window_size(Some(4 * 1024 * 1024))
                 .initial_connection_window_size(Some(16 * 1024 * 1024))
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
                 .add_service(chunks)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
@@ -185,3 +196,29 @@ impl Worker {
 }
 
 type ChunkServerImpl = ChunkServiceServer<chunk_server::ChunkServer>;
+
+/// The reflection services (v1, and v1alpha for grpcurl 1.8) over Ferry's
+/// and the health service's descriptors. They advertise only what this
+/// listener serves: the descriptor set also holds the schedulers' services.
+fn reflection() -> Result<
+    (
+        v1::ServerReflectionServer<impl v1::ServerReflection>,
+        v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>,
+    ),
+    Error,
+> {
+    use tonic::server::NamedService;
+    let builder = |reflection_name: &str| {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ferry_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(ChunkServerImpl::NAME)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name(reflection_name)
+    };
+    let v1 = builder("grpc.reflection.v1.ServerReflection").build_v1().map_err(|e| Error::Reflection(e.to_string()))?;
+    let v1alpha = builder("grpc.reflection.v1alpha.ServerReflection")
+        .build_v1alpha()
+        .map_err(|e| Error::Reflection(e.to_string()))?;
+    Ok((v1, v1alpha))
+}

