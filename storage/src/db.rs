@@ -18,12 +18,6 @@ use crate::state_machine::StateMachineStore;
 pub const DATA_VERSION: u32 = 2;
 pub(crate) const KEY_DATA_VERSION: &[u8] = b"data_version";
 
-/// sled's segment size (its default is 512 KiB). The file grows a segment
-/// at a time, and a flush right after it grew waited tens of milliseconds on
-/// this VM's disk; larger segments make that 16 times rarer. Fixed when a
-/// directory is created.
-const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
-
 /// Tuning for [`open`].
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -78,7 +72,6 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
     let db = sled::Config::new()
         .path(path.join("sled"))
         .cache_capacity(options.cache_bytes)
-        .segment_size(SEGMENT_BYTES)
         .flush_every_ms(options.flush_every.map(|d| d.as_millis().max(1) as u64))
         .open()
         .map_err(|e| open_error(path, e))?;
