@@ -10,35 +10,44 @@ use std::time::Duration;
 
 use common::{ferry, free_port, wait_for, Schedulers, WorkerProc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// What one local HTTP server saw: the request heads it answered.
 type Seen = Arc<Mutex<Vec<String>>>;
 
-/// Serves a `size`-byte body after `delay` to every request; records heads.
-async fn object_server(size: usize, delay: Duration) -> (String, Seen) {
+/// Accepts connections on a fresh loopback port and runs `handle` on each,
+/// with the log of what the server saw.
+async fn serve<F, Fut>(handle: F) -> (String, Seen)
+where
+    F: Fn(TcpStream, Seen) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let seen: Seen = Arc::default();
     let log = seen.clone();
     tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else { return };
-            let log = log.clone();
-            tokio::spawn(async move {
-                let head = read_head(&mut conn).await;
-                log.lock().expect("lock").push(head);
-                tokio::time::sleep(delay).await;
-                let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n");
-                let _ = conn.write_all(reply.as_bytes()).await;
-                let _ = conn.write_all(&vec![b'x'; size]).await;
-            });
+        while let Ok((conn, _)) = listener.accept().await {
+            tokio::spawn(handle(conn, log.clone()));
         }
     });
     (addr, seen)
 }
 
-async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
+/// Serves a `size`-byte body after `delay` to every request; records heads.
+async fn object_server(size: usize, delay: Duration) -> (String, Seen) {
+    serve(move |mut conn, log| async move {
+        let head = read_head(&mut conn).await;
+        log.lock().expect("lock").push(head);
+        tokio::time::sleep(delay).await;
+        let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n");
+        let _ = conn.write_all(reply.as_bytes()).await;
+        let _ = conn.write_all(&vec![b'x'; size]).await;
+    })
+    .await
+}
+
+async fn read_head(conn: &mut TcpStream) -> String {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -52,26 +61,16 @@ async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
 
 /// Answers every request with 200 and records what was POSTed.
 async fn alert_receiver() -> (String, Seen) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let seen: Seen = Arc::default();
-    let log = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else { return };
-            let log = log.clone();
-            tokio::spawn(async move {
-                let mut request = read_head(&mut conn).await;
-                let mut rest = vec![0u8; 4096];
-                if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(200), conn.read(&mut rest)).await {
-                    request.push_str(&String::from_utf8_lossy(&rest[..n]));
-                }
-                log.lock().expect("lock").push(request);
-                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
-            });
+    serve(|mut conn, log| async move {
+        let mut request = read_head(&mut conn).await;
+        let mut rest = vec![0u8; 4096];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(200), conn.read(&mut rest)).await {
+            request.push_str(&String::from_utf8_lossy(&rest[..n]));
         }
-    });
-    (addr, seen)
+        log.lock().expect("lock").push(request);
+        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+    })
+    .await
 }
 
 /// `ferry --endpoints E --json ARGS`, parsed as one JSON value per line.
@@ -135,7 +134,7 @@ async fn a_probe_ranks_two_servers_by_speed_renders_once_and_alerts_when_stale()
         "--target",
         &closed_url,
         "--interval",
-        "1s",
+        "2s",
         "--selector",
         "zone=a",
         "--output",
@@ -145,7 +144,7 @@ async fn a_probe_ranks_two_servers_by_speed_renders_once_and_alerts_when_stale()
         "--hook",
         "reload",
         "--stale-after",
-        "3s",
+        "6s",
         "--alert",
         &format!("http://{alert}/alerts"),
     ]);

@@ -108,7 +108,7 @@ impl Metrics {
         set_counter(&self.log_flushes, node.log.append_flushes());
         if let Ok(states) = crate::probe_service::statuses(node) {
             self.probe_stale.clear();
-            for s in states {
+            for (_, s) in states {
                 self.probe_stale.get_or_create(&vec![("probe".to_string(), s.name)]).set(s.stale as i64);
             }
         }

@@ -84,7 +84,9 @@ pub fn to_def(spec: pb::ProbeSpec) -> Result<ProbeDef, Status> {
             return Err(invalid("alert_url: only http:// is supported for alerts".into()));
         }
     }
-    let timeout_ms = if spec.timeout_ms == 0 { spec.interval_ms } else { spec.timeout_ms };
+    // Default: the interval shared by the targets, downloaded one by one.
+    let timeout_ms =
+        if spec.timeout_ms == 0 { spec.interval_ms / (targets.len() as u64).max(1) } else { spec.timeout_ms };
     let stale_after_ms = if spec.stale_after_ms == 0 {
         spec.interval_ms.saturating_mul(DEFAULT_STALE_INTERVALS)
     } else {
@@ -100,6 +102,7 @@ pub fn to_def(spec: pb::ProbeSpec) -> Result<ProbeDef, Status> {
         stale_after_ms,
         output_stale_after_ms: spec.output_stale_after_ms,
         alert_url: spec.alert_url,
+        defined_unix_ms: now_ms(),
     };
     probes::validate_def(&def).map_err(invalid)?;
     if def.stale_after_ms < def.interval_ms {
@@ -181,7 +184,9 @@ pub fn freshness(def: &ProbeDef, reports: &[WorkerProbe], now: u64) -> pb::Probe
     let mut reasons = Vec::new();
     let age = |t: u64| humantime::format_duration(Duration::from_secs(now.saturating_sub(t) / 1000)).to_string();
     if last == 0 {
-        reasons.push("no results yet".to_string());
+        if now.saturating_sub(def.defined_unix_ms) > def.stale_after_ms {
+            reasons.push(format!("no results since it was defined {} ago", age(def.defined_unix_ms)));
+        }
     } else if now.saturating_sub(last) > def.stale_after_ms {
         reasons.push(format!("no results for {}", age(last)));
     } else {
@@ -203,13 +208,11 @@ pub fn freshness(def: &ProbeDef, reports: &[WorkerProbe], now: u64) -> pb::Probe
             reasons.push(format!("worker {}: output unchanged for {}", r.worker, age(r.output_changed_unix_ms)));
         }
     }
-    // A probe that never ran is not stale until it has had time to.
-    let young = last == 0 && reports.is_empty();
     pb::ProbeState {
         name: def.name.clone(),
         workers: reports.len() as u32,
         last_result_unix_ms: last,
-        stale: !reasons.is_empty() && !young,
+        stale: !reasons.is_empty(),
         reasons,
     }
 }
@@ -463,18 +466,19 @@ impl ProbeService for ProbeServiceImpl {
         _request: Request<pb::ProbeStatusRequest>,
     ) -> Result<Response<pb::ProbeStatusResponse>, Status> {
         self.node.read_barrier(false).await?;
-        let probes = statuses(&self.node).map_err(Status::from)?;
+        let probes = statuses(&self.node).map_err(Status::from)?.into_iter().map(|(_, s)| s).collect();
         Ok(Response::new(pb::ProbeStatusResponse { header: Some(self.node.header()), probes }))
     }
 }
 
-/// Every probe's freshness now.
-pub fn statuses(node: &Node) -> Result<Vec<pb::ProbeState>, Error> {
+/// Every probe with its freshness now, from one read of the definitions.
+pub fn statuses(node: &Node) -> Result<Vec<(ProbeDef, pb::ProbeState)>, Error> {
     let now = now_ms();
     let mut out = Vec::new();
     for def in node.reader.probes()? {
         let reports = node.reader.probe_results(&def.name)?;
-        out.push(freshness(&def, &reports, now));
+        let state = freshness(&def, &reports, now);
+        out.push((def, state));
     }
     Ok(out)
 }
@@ -494,8 +498,10 @@ pub async fn run_alerts(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
             alerted.clear();
             continue;
         }
-        let (Ok(defs), Ok(states)) = (node.reader.probes(), statuses(&node)) else { continue };
-        for (def, state) in defs.iter().zip(states) {
+        let Ok(probes) = statuses(&node) else { continue };
+        // Forget probes deleted meanwhile, so one redefined alerts again.
+        alerted.retain(|name| probes.iter().any(|(d, _)| &d.name == name));
+        for (def, state) in probes {
             if !state.stale {
                 alerted.remove(&def.name);
                 continue;
@@ -533,6 +539,7 @@ mod tests {
             stale_after_ms: 180_000,
             output_stale_after_ms: 0,
             alert_url: String::new(),
+            defined_unix_ms: 0,
         }
     }
 
@@ -590,7 +597,11 @@ mod tests {
 
         let state = freshness(&d, &[report("w3", vec![old])], now);
         assert_eq!(state.reasons, vec!["no results for 10m".to_string()]);
-        assert!(!freshness(&d, &[], now).stale, "a probe nobody ran yet is not stale");
+        d.defined_unix_ms = now - 60_000;
+        assert!(!freshness(&d, &[], now).stale, "a probe nobody ran yet is not stale at first");
+        d.defined_unix_ms = now - 600_000;
+        let state = freshness(&d, &[], now);
+        assert_eq!(state.reasons, vec!["no results since it was defined 10m ago".to_string()]);
     }
 
     #[test]

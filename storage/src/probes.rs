@@ -60,6 +60,9 @@ pub struct ProbeDef {
     pub output_stale_after_ms: u64,
     /// Where to POST an alert when the probe turns stale (empty: nowhere).
     pub alert_url: String,
+    /// The defining leader's wall clock (unix ms), so a probe nobody
+    /// reports for turns stale too.
+    pub defined_unix_ms: u64,
 }
 
 /// One download's figures.
@@ -115,8 +118,15 @@ pub fn validate_def(def: &ProbeDef) -> Result<(), String> {
     if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&def.interval_ms) {
         return Err("interval: must be between 1s and 1 day".into());
     }
-    if def.timeout_ms == 0 || def.timeout_ms > def.interval_ms {
-        return Err("timeout: must be more than 0 and at most the interval".into());
+    // Targets are downloaded one after another: a round must fit its interval.
+    let round = def.timeout_ms.saturating_mul(def.targets.len() as u64);
+    if def.timeout_ms == 0 || round > def.interval_ms {
+        return Err(format!(
+            "timeout: {} targets of at most {} ms each must fit the {} ms interval",
+            def.targets.len(),
+            def.timeout_ms,
+            def.interval_ms
+        ));
     }
     Ok(())
 }

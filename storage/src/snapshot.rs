@@ -46,18 +46,22 @@ pub(crate) enum Record {
     },
     Worker(WorkerRecord),
     Job(Box<Job>),
-    /// One change in the key history, at its revision, with the key's
-    /// state before it.
-    Change {
-        revision: u64,
-        change: crate::state_machine::Change,
-    },
+    /// Format 1's history event. Never written; read as an error.
+    OldEvent,
     /// A lease and its keys.
     Lease(crate::kv::Lease),
     /// The gray variants of a key.
     Gray {
         key: String,
         variants: Vec<crate::kv::Variant>,
+    },
+    /// Format 1's history base. Never written; read as an error.
+    OldBase,
+    /// One change in the key history, at its revision, with the key's
+    /// state before it.
+    Change {
+        revision: u64,
+        change: crate::state_machine::Change,
     },
     /// A probe definition.
     ProbeDef(crate::probes::ProbeDef),

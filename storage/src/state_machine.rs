@@ -478,6 +478,14 @@ impl StateMachineStore {
                     let key = probes::results_key(&probe, &state.worker);
                     next.probes.insert(key, raw).map_err(sled_err("load probes"))?;
                 }
+                Record::OldEvent | Record::OldBase => {
+                    return Err(Error::Corrupt {
+                        path: dir.join(&name),
+                        reason: "a snapshot of data format 1 (before this version's key history); \
+                                 upgrade every scheduler before installing snapshots"
+                            .into(),
+                    })
+                }
                 Record::End { .. } => {}
             }
             pending += 1;
@@ -806,6 +814,17 @@ fn apply_command(
                 }
             }
             Op::ProbeDefine(def) => {
+                // Results are per target index and selected worker: with
+                // other targets or workers they would describe the wrong ones.
+                let old: Option<probes::ProbeDef> = tx_read(tx.probes, &probes::def_key(&def.name), "probe")?;
+                if old.is_some_and(|o| o.targets != def.targets || o.selector != def.selector) {
+                    let workers: Vec<String> =
+                        tx_read(tx.probes, &probes::workers_key(&def.name), "probe workers")?.unwrap_or_default();
+                    for w in workers {
+                        tx.probes.remove(probes::results_key(&def.name, &w))?;
+                    }
+                    tx.probes.remove(probes::workers_key(&def.name))?;
+                }
                 tx_write(tx.probes, &probes::def_key(&def.name), def, "probe")?;
                 CommandResult::Done
             }
@@ -1218,7 +1237,7 @@ impl StateReader {
         let after = kv::history_key(key, revision.saturating_add(1))..=kv::history_key(key, u64::MAX);
         if let Some(item) = trees.history.range(after).next() {
             let (k, _) = item.map_err(sled_err("history"))?;
-            let rev = rev_of(&k[k.len() - 8..])?;
+            let rev = rev_of(k.get(k.len().saturating_sub(8)..).unwrap_or_default())?;
             let change: Change = read_value(&trees.events, &rev.to_be_bytes(), "change")?
                 .ok_or_else(|| Error::Corrupt { path: "history".into(), reason: format!("no change at {rev}") })?;
             return Ok(Ok(change.prev.map(|v| v.with_key(key.to_owned()))));
@@ -1238,7 +1257,7 @@ impl StateReader {
                 break;
             }
             let (k, _) = item.map_err(sled_err("history"))?;
-            let rev = rev_of(&k[k.len() - 8..])?;
+            let rev = rev_of(k.get(k.len().saturating_sub(8)..).unwrap_or_default())?;
             if let Some(change) = read_value::<Change>(&trees.events, &rev.to_be_bytes(), "change")? {
                 out.push((rev, change.event));
             }

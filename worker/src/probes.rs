@@ -160,6 +160,9 @@ pub struct ProbeRunner {
 struct OutputState {
     digest: String,
     changed_unix_ms: u64,
+    /// The file changed but its hook has not succeeded yet: run it again
+    /// next round.
+    hook_pending: bool,
 }
 
 impl ProbeRunner {
@@ -297,25 +300,23 @@ impl ProbeRunner {
             .await
             .map_err(|e| format!("output: {e}"))?
             .map_err(|e| format!("output: writing {}: {e}", out.path))?;
-        if written == Outcome::Unchanged {
-            if state.digest != digest {
-                state.digest = digest;
-            }
-            return Ok(());
-        }
         state.digest = digest;
-        state.changed_unix_ms = now_ms();
-        self.metrics.probe_outputs_written.inc();
-        tracing::info!(probe, path = %out.path, "probe output changed");
-        if let Some(command) = hook {
-            let env = [("FERRY_PROBE", probe.to_string()), ("FERRY_PROBE_OUTPUT", out.path.clone())];
-            match crate::hooks::run_with_env(command, &env).await {
-                Ok(0) => {}
-                Ok(code) => return Err(format!("output.hook: {} exited with {code}", out.hook)),
-                Err(e) => return Err(format!("output.hook: {e}")),
-            }
+        if written == Outcome::Written {
+            state.changed_unix_ms = now_ms();
+            state.hook_pending = true;
+            self.metrics.probe_outputs_written.inc();
+            tracing::info!(probe, path = %out.path, "probe output changed");
         }
-        Ok(())
+        let Some(command) = hook.filter(|_| state.hook_pending) else { return Ok(()) };
+        let env = [("FERRY_PROBE", probe.to_string()), ("FERRY_PROBE_OUTPUT", out.path.clone())];
+        match crate::hooks::run_with_env(command, &env).await {
+            Ok(0) => {
+                state.hook_pending = false;
+                Ok(())
+            }
+            Ok(code) => Err(format!("output.hook: {} exited with {code} (run again next round)", out.hook)),
+            Err(e) => Err(format!("output.hook: {e} (run again next round)")),
+        }
     }
 }
 

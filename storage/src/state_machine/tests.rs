@@ -336,6 +336,7 @@ async fn probe_results_replace_per_worker_travel_in_snapshots_and_go_with_their_
         stale_after_ms: 180_000,
         output_stale_after_ms: 0,
         alert_url: String::new(),
+        defined_unix_ms: 0,
     };
     let report = |worker: &str, total_us: u64| Op::ProbeReport {
         probe: "relays".into(),
@@ -375,9 +376,19 @@ async fn probe_results_replace_per_worker_travel_in_snapshots_and_go_with_their_
     sm2.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
     assert_eq!(sm2.reader().probe_results("relays").unwrap(), reader.probe_results("relays").unwrap());
 
+    // Redefined with the same targets (a new interval): results stay; with
+    // other targets they would describe the wrong URLs, so they go.
+    let slower = ProbeDef { interval_ms: 120_000, ..def.clone() };
+    sm2.apply(vec![entry(6, "", Op::ProbeDefine(Box::new(slower.clone())))]).await.unwrap();
+    assert_eq!(sm2.reader().probe_results("relays").unwrap().len(), 2);
+    let moved =
+        ProbeDef { targets: vec![ProbeTarget { url: "http://10.0.0.9/2M".into(), host: String::new() }], ..slower };
+    sm2.apply(vec![entry(7, "", Op::ProbeDefine(Box::new(moved)))]).await.unwrap();
+    assert!(sm2.reader().probe_results("relays").unwrap().is_empty());
+
     // Deleting the probe takes its results along (on the replica too).
-    for s in [&mut sm, &mut sm2] {
-        s.apply(vec![entry(6, "", Op::ProbeDelete { name: "relays".into() })]).await.unwrap();
+    for (s, index) in [(&mut sm, 6), (&mut sm2, 8)] {
+        s.apply(vec![entry(index, "", Op::ProbeDelete { name: "relays".into() })]).await.unwrap();
         let r = s.reader();
         assert!(r.probe("relays").unwrap().is_none());
         assert!(r.probe_results("relays").unwrap().is_empty());
