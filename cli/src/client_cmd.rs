@@ -710,7 +710,11 @@ pub async fn probe(args: &ClientArgs, cmd: ProbeCmd) -> u8 {
         },
         ProbeCmd::Delete { name } => match c.delete_probe(&name).await {
             Ok(true) => {
-                println!("deleted probe {name}");
+                if args.json {
+                    print_json(&json!({"probe": name, "deleted": true}));
+                } else {
+                    println!("deleted probe {name}");
+                }
                 0
             }
             Ok(false) => {

@@ -328,7 +328,9 @@ impl ProbeService for ProbeServiceImpl {
         request: Request<pb::ListProbesRequest>,
     ) -> Result<Response<pb::ListProbesResponse>, Status> {
         let req = request.into_inner();
-        self.node.read_barrier(false).await?;
+        // Workers poll this every few seconds: a serializable read for them
+        // (a definition reaches them a moment later), linearizable for users.
+        self.node.read_barrier(!req.worker.is_empty()).await?;
         let mut defs = self.node.reader.probes().map_err(Error::from)?;
         if !req.worker.is_empty() {
             let labels = self
@@ -352,6 +354,9 @@ impl ProbeService for ProbeServiceImpl {
         let was_forwarded = is_forwarded(&request);
         let mut req = request.into_inner();
         probes::validate_name(&req.probe).map_err(|e| invalid(e.replacen("name", "probe", 1)))?;
+        if !self.node.reader.workers().map_err(Error::from)?.iter().any(|w| w.name == req.worker) {
+            return Err(invalid(format!("worker: no registered worker named {:?}", req.worker)));
+        }
         if req.request_id.is_empty() {
             req.request_id = new_request_id();
         }

@@ -225,17 +225,16 @@ impl ProbeRunner {
         let timeout = Duration::from_millis(spec.timeout_ms.clamp(1, spec.interval_ms.max(1)));
         let mut output = OutputState::default();
         if let Some(out) = &spec.output {
-            // An existing file counts as the last output (and its age too).
-            if let Ok(path) = self.roots.check_write(&out.path) {
-                if let (Ok(bytes), Ok(meta)) = (std::fs::read(&path), std::fs::metadata(&path)) {
-                    output.digest = blake3::hash(&bytes).to_hex().to_string();
-                    output.changed_unix_ms = meta
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                        .map(|d| d.as_millis() as u64)
-                        .unwrap_or(0);
-                }
+            // An existing file's age counts as the output's (its content is
+            // compared at the first round). Not followed, not read here.
+            let meta = self.roots.check_write(&out.path).ok().and_then(|p| std::fs::symlink_metadata(p).ok());
+            if let Some(meta) = meta.filter(|m| m.is_file()) {
+                output.changed_unix_ms = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
             }
         }
         loop {

@@ -42,14 +42,7 @@ pub trait InstanceFault {
 
 impl InstanceFault for tonic::Status {
     fn is_instance_fault(&self) -> bool {
-        matches!(
-            self.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::ResourceExhausted
-                | tonic::Code::Unknown
-                | tonic::Code::Aborted
-        )
+        matches!(self.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted)
     }
 }
 
