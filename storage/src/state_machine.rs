@@ -471,7 +471,9 @@ impl StateMachineStore {
                     pending_bytes += raw.len();
                     let key = probes::workers_key(&probe);
                     let mut workers: Vec<String> = read_value(&next.probes, &key, "probe workers")?.unwrap_or_default();
-                    workers.push(state.worker.clone());
+                    if let Err(at) = workers.binary_search(&state.worker) {
+                        workers.insert(at, state.worker.clone());
+                    }
                     next.probes
                         .insert(key, codec::encode("probe workers", &workers)?)
                         .map_err(sled_err("load probes"))?;
@@ -845,13 +847,17 @@ fn apply_command(
                 if tx.probes.get(probes::def_key(probe))?.is_none() {
                     CommandResult::Rejected { reason: format!("probe: no probe named {probe}") }
                 } else {
-                    let key = probes::workers_key(probe);
-                    let mut workers: Vec<String> = tx_read(tx.probes, &key, "probe workers")?.unwrap_or_default();
-                    if !workers.contains(&state.worker) {
-                        workers.push(state.worker.clone());
-                        tx_write(tx.probes, &key, &workers, "probe workers")?;
+                    let results = probes::results_key(probe, &state.worker);
+                    // Only a worker's first report touches the (sorted) list.
+                    if tx.probes.get(&results)?.is_none() {
+                        let key = probes::workers_key(probe);
+                        let mut workers: Vec<String> = tx_read(tx.probes, &key, "probe workers")?.unwrap_or_default();
+                        if let Err(at) = workers.binary_search(&state.worker) {
+                            workers.insert(at, state.worker.clone());
+                            tx_write(tx.probes, &key, &workers, "probe workers")?;
+                        }
                     }
-                    tx_write(tx.probes, &probes::results_key(probe, &state.worker), state, "probe results")?;
+                    tx_write(tx.probes, &results, state, "probe results")?;
                     CommandResult::Done
                 }
             }
@@ -1311,8 +1317,19 @@ impl StateReader {
             }
             keys += 1;
         }
-        // Workers and jobs are replicated too: fold in their encoded bytes.
-        for tree in [&trees.workers, &trees.jobs] {
+        // The other replicated trees too, as encoded (dedup aside: it only
+        // remembers answers to retried requests).
+        let others = [
+            &trees.workers,
+            &trees.jobs,
+            &trees.events,
+            &trees.history,
+            &trees.leases,
+            &trees.key_lease,
+            &trees.gray,
+            &trees.probes,
+        ];
+        for tree in others {
             for item in tree.iter() {
                 let (key, raw) = item.map_err(sled_err("digest"))?;
                 for part in [&key[..], &raw[..]] {
