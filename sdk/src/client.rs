@@ -1,6 +1,7 @@
 //! The client: endpoint failover, leader hints, retries and typed calls.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use ferry_proto::pb::registry_service_client::RegistryServiceClient;
 use ferry_proto::pb::worker_service_client::WorkerServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::cache::{Cache, Cached};
 use crate::error::Error;
 
 /// Metadata key on "not leader" errors (mirrors the scheduler).
@@ -33,6 +35,11 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// First backoff between rounds over all endpoints (doubles, capped at 1 s).
     pub backoff: Duration,
+    /// Directory of the local cache ([`crate::cache`]): the `*_or_cached`
+    /// calls and [`crate::Balancer::follow`] keep their last views there and
+    /// serve them, marked stale, while the cluster is unreachable. `None`
+    /// (the default): no cache.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -42,6 +49,7 @@ impl Default for ClientOptions {
             total_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_millis(800),
             backoff: Duration::from_millis(50),
+            cache_dir: None,
         }
     }
 }
@@ -101,6 +109,8 @@ pub struct Client {
     /// Index of the endpoint that answered last; calls start there.
     preferred: Arc<AtomicUsize>,
     options: ClientOptions,
+    /// Present when `options.cache_dir` is set.
+    cache: Option<Cache>,
 }
 
 fn channel(addr: &str, options: &ClientOptions) -> Result<Channel, Error> {
@@ -161,6 +171,27 @@ fn check_key(key: &str) -> Result<(), Error> {
     Err(Error::Rejected(tonic::Status::invalid_argument(reason)))
 }
 
+/// Runs cache I/O off the runtime; `None` if the blocking task panicked.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
+/// Stores `list` as the cached instances of `service`; a failure is logged
+/// (the cache is an aid, never a reason to fail a read).
+pub(crate) async fn store_instances(cache: Cache, service: String, list: pb::ListInstancesResponse) {
+    blocking(move || {
+        if let Err(e) = cache.store_instances(&service, &list) {
+            tracing::debug!(%service, error = %e, "cannot write the registry cache");
+        }
+    })
+    .await;
+}
+
+/// The cached instances of `service` and their revision, if any.
+pub(crate) async fn load_instances(cache: Cache, service: String) -> Option<(u64, pb::ListInstancesResponse)> {
+    blocking(move || cache.load_instances(&service)).await.flatten()
+}
+
 /// A fresh idempotency id for a write.
 pub fn request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
@@ -194,7 +225,8 @@ impl Client {
         if targets.is_empty() {
             return Err(Error::InvalidEndpoint("at least one HOST:PORT is needed".into()));
         }
-        Ok(Self { targets: Arc::new(Mutex::new(targets)), preferred: Arc::new(AtomicUsize::new(0)), options })
+        let cache = options.cache_dir.clone().map(Cache::new);
+        Ok(Self { targets: Arc::new(Mutex::new(targets)), preferred: Arc::new(AtomicUsize::new(0)), options, cache })
     }
 
     /// The endpoints this client knows (the configured ones and leaders it
@@ -385,6 +417,43 @@ impl Client {
         })
         .await
         .map(|r| r.into_inner())
+    }
+
+    /// The instances of `service` (linearizable) through the local cache:
+    /// a successful list is stored and returned with `stale: false`; when
+    /// the cluster cannot be reached ([`Error::Unavailable`]) the cached list
+    /// is returned with `stale: true`, if there is one. Otherwise the call's
+    /// error. Without `cache_dir` it is [`Client::instances`].
+    pub async fn instances_or_cached(&self, service: &str) -> Result<Cached<pb::ListInstancesResponse>, Error> {
+        let list = self.instances(service).await;
+        let Some(cache) = self.cache.clone() else {
+            return list.map(|l| Cached {
+                revision: l.header.as_ref().map_or(0, |h| h.revision),
+                value: l,
+                stale: false,
+            });
+        };
+        let service = service.to_string();
+        match list {
+            Ok(list) => {
+                let revision = list.header.as_ref().map_or(0, |h| h.revision);
+                store_instances(cache, service, list.clone()).await;
+                Ok(Cached { value: list, revision, stale: false })
+            }
+            Err(err @ Error::Unavailable { .. }) => match load_instances(cache, service).await {
+                Some((revision, list)) => {
+                    tracing::debug!(error = %err, revision, "cluster unreachable; serving the cached instances");
+                    Ok(Cached { value: list, revision, stale: true })
+                }
+                None => Err(err),
+            },
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The local cache, when `cache_dir` is set.
+    pub fn cache(&self) -> Option<&Cache> {
+        self.cache.as_ref()
     }
 
     /// Adds or replaces a probe definition.
@@ -596,6 +665,55 @@ impl Client {
             })
             .await?;
         Ok(resp.into_inner().kv.map(KeyValue::from))
+    }
+
+    /// Reads `key` (linearizable) through the local cache: a successful read
+    /// (the key's absence included) is stored and returned with
+    /// `stale: false`. When the cluster cannot be reached
+    /// ([`Error::Unavailable`]) and the cache holds a read of `key`, that
+    /// read is returned with `stale: true` and the revision it was read at.
+    /// Otherwise the call's error. Without `cache_dir` it is [`Client::get`]
+    /// with a revision.
+    pub async fn get_or_cached(&self, key: &str) -> Result<Cached<Option<KeyValue>>, Error> {
+        check_key(key)?;
+        let msg = pb::GetRequest { key: key.to_string(), ..Default::default() };
+        let read = self
+            .call("get", |ch, t| {
+                let msg = msg.clone();
+                async move { Self::config_client(ch).get(Self::request(msg, t)).await }
+            })
+            .await
+            .map(|r| r.into_inner());
+        let to_cached = |revision: u64, read: pb::GetResponse, stale: bool| Cached {
+            value: read.kv.map(KeyValue::from),
+            revision,
+            stale,
+        };
+        let Some(cache) = self.cache.clone() else {
+            return read.map(|r| to_cached(r.header.as_ref().map_or(0, |h| h.revision), r, false));
+        };
+        let key = key.to_string();
+        match read {
+            Ok(read) => {
+                let revision = read.header.as_ref().map_or(0, |h| h.revision);
+                let stored = read.clone();
+                blocking(move || {
+                    if let Err(e) = cache.store_config(&key, &stored) {
+                        tracing::debug!(%key, error = %e, "cannot write the config cache");
+                    }
+                })
+                .await;
+                Ok(to_cached(revision, read, false))
+            }
+            Err(err @ Error::Unavailable { .. }) => match blocking(move || cache.load_config(&key)).await.flatten() {
+                Some((revision, read)) => {
+                    tracing::debug!(error = %err, revision, "cluster unreachable; serving the cached read");
+                    Ok(to_cached(revision, read, true))
+                }
+                None => Err(err),
+            },
+            Err(err) => Err(err),
+        }
     }
 
     /// `key` as it was at `revision`; `OutOfRange` if that is compacted.

@@ -15,13 +15,16 @@
 //!
 //! Layout: [`client`] (endpoints, retries, typed calls), [`balancer`]
 //! (client-side balancing, failover, outlier ejection, gray routing over a
-//! service's instances), [`error`].
+//! service's instances), [`cache`] (the last reads kept on disk, served
+//! stale while the cluster is unreachable), [`error`].
 
 pub mod balancer;
+pub mod cache;
 pub mod client;
 pub mod error;
 
 pub use balancer::{Balancer, BalancerOptions, Policy, Request, Strategy};
+pub use cache::{Cache, Cached};
 pub use client::{Client, ClientOptions, KeepAlive, KeyValue, Put, Status, Watch, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use error::Error;
 pub use ferry_proto::pb;

@@ -21,6 +21,7 @@ use tonic::transport::channel::Change;
 use tonic::transport::Channel;
 
 use super::{Balancer, Instance};
+use crate::client::{load_instances, store_instances};
 use crate::Client;
 
 /// First wait before re-opening a failed watch (doubles up to [`MAX_BACKOFF`]).
@@ -37,18 +38,33 @@ impl Balancer {
     /// re-opened with backoff; the re-opened watch starts with the full list,
     /// so nothing is missed. The task stops when the balancer is dropped.
     /// Needs a tokio runtime.
+    ///
+    /// With the client's cache ([`crate::ClientOptions::cache_dir`]) every
+    /// non-empty list the watch sends is stored, and when the first attempt
+    /// to open the watch finds the cluster unreachable the balancer is seeded
+    /// from the stored list (stale) until the watch is back and replaces it.
     pub fn follow(&self, client: Client, service: impl Into<String>) {
         let service = service.into();
         let weak = Arc::downgrade(&self.inner);
         let task = tokio::spawn(async move {
             let mut backoff = FIRST_BACKOFF;
+            // Whether a list was applied (live or cached): the cached list
+            // stands in once, before the first live one, never over it.
+            let mut applied = false;
             loop {
                 match client.watch_instances(&service).await {
                     Ok(mut stream) => loop {
                         match stream.message().await {
                             Ok(Some(list)) => {
+                                // An empty list is not stored, as `update` does not
+                                // apply it over a non-empty one: a restart must not
+                                // start from a glitch.
+                                if let (false, Some(cache)) = (list.instances.is_empty(), client.cache()) {
+                                    store_instances(cache.clone(), service.clone(), list.clone()).await;
+                                }
                                 let Some(inner) = weak.upgrade() else { return };
                                 Balancer { inner }.update(list.instances);
+                                applied = true;
                                 backoff = FIRST_BACKOFF;
                             }
                             Ok(None) => {
@@ -61,7 +77,18 @@ impl Balancer {
                             }
                         }
                     },
-                    Err(e) => tracing::debug!(%service, error = %e, "cannot open the instance watch; retrying"),
+                    Err(e) => {
+                        tracing::debug!(%service, error = %e, "cannot open the instance watch; retrying");
+                        let unreachable = matches!(e, crate::Error::Unavailable { .. });
+                        if let (false, true, Some(cache)) = (applied, unreachable, client.cache()) {
+                            applied = true;
+                            if let Some((revision, list)) = load_instances(cache.clone(), service.clone()).await {
+                                let Some(inner) = weak.upgrade() else { return };
+                                tracing::debug!(%service, revision, "seeding from the cached instance list (stale)");
+                                Balancer { inner }.update(list.instances);
+                            }
+                        }
+                    }
                 }
                 if weak.strong_count() == 0 {
                     return;
