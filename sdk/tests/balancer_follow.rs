@@ -2,78 +2,34 @@
 //! `RegistryService` on `127.0.0.1:0` whose watch streams the test drives
 //! by hand, so each step is observed rather than timed.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use common::{instances, FakeRegistry, Running, WatchItem};
 use ferry_sdk::balancer::Instance;
+use ferry_sdk::pb;
 use ferry_sdk::pb::registry_service_client::RegistryServiceClient;
-use ferry_sdk::pb::registry_service_server::{RegistryService, RegistryServiceServer};
-use ferry_sdk::pb::{self, ListInstancesResponse};
 use ferry_sdk::{Balancer, BalancerOptions, Client};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::{Request, Response, Status};
+use tonic::Request;
 
-type WatchItem = Result<ListInstancesResponse, Status>;
-
-/// Answers `List` with one instance named after itself (so a caller sees
-/// which server answered) and serves queued watch streams, one per `Watch`.
-struct FakeRegistry {
-    name: String,
+/// A registry whose `List` answers one instance named `name` (so a caller
+/// sees which server answered), serving the queued watch streams.
+async fn serve(
+    name: &str,
     watches: Arc<Mutex<VecDeque<mpsc::Receiver<WatchItem>>>>,
-}
-
-#[tonic::async_trait]
-impl RegistryService for FakeRegistry {
-    async fn register(&self, _: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn deregister(&self, _: Request<pb::DeregisterRequest>) -> Result<Response<pb::DeregisterResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn list(&self, _: Request<pb::ListInstancesRequest>) -> Result<Response<ListInstancesResponse>, Status> {
-        let me = pb::Instance { id: self.name.clone(), ..Default::default() };
-        Ok(Response::new(ListInstancesResponse { header: None, instances: vec![me] }))
-    }
-
-    type WatchStream = ReceiverStream<WatchItem>;
-
-    async fn watch(&self, _: Request<pb::WatchInstancesRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let next = self.watches.lock().unwrap().pop_front();
-        next.map(|rx| Response::new(ReceiverStream::new(rx))).ok_or_else(|| Status::unavailable("no watch queued"))
-    }
-}
-
-async fn serve(name: &str, watches: Arc<Mutex<VecDeque<mpsc::Receiver<WatchItem>>>>) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("bind")?;
-    let addr = listener.local_addr()?;
-    let registry = FakeRegistry { name: name.into(), watches };
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(RegistryServiceServer::new(registry))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    Ok(addr)
+) -> anyhow::Result<(SocketAddr, Running)> {
+    let registry = FakeRegistry { list: Arc::new(Mutex::new(instances(&[name], 0))), watches };
+    common::serve(registry, "127.0.0.1:0".parse()?).await
 }
 
 fn list(ids: &[&str]) -> WatchItem {
-    let instances = ids
-        .iter()
-        .map(|id| pb::Instance {
-            service: "svc".into(),
-            id: (*id).into(),
-            address: "10.0.0.1".into(),
-            port: 80,
-            weight: 100,
-            ..Default::default()
-        })
-        .collect();
-    Ok(ListInstancesResponse { header: None, instances })
+    Ok(instances(ids, 0))
 }
 
 fn ids(b: &Balancer) -> Vec<String> {
@@ -97,7 +53,7 @@ async fn follow_applies_the_watch_keeps_the_last_non_empty_list_and_reconnects()
     let (tx1, rx1) = mpsc::channel(8);
     let (tx2, rx2) = mpsc::channel(8);
     let queue = Arc::new(Mutex::new(VecDeque::from([rx1, rx2])));
-    let addr = serve("registry", queue.clone()).await?;
+    let (addr, _server) = serve("registry", queue.clone()).await?;
 
     let balancer = Balancer::new(BalancerOptions::default());
     balancer.follow(Client::connect([addr.to_string()])?, "svc");
@@ -125,8 +81,8 @@ async fn follow_applies_the_watch_keeps_the_last_non_empty_list_and_reconnects()
 #[tokio::test]
 async fn channel_routes_calls_to_the_live_instances() -> anyhow::Result<()> {
     let none = || Arc::new(Mutex::new(VecDeque::new()));
-    let a = serve("a", none()).await?;
-    let b = serve("b", none()).await?;
+    let (a, _a) = serve("a", none()).await?;
+    let (b, _b) = serve("b", none()).await?;
     let at = |id: &str, addr: SocketAddr| Instance::new(id, addr.ip().to_string(), addr.port());
 
     let balancer = Balancer::new(BalancerOptions::default());

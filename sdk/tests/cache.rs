@@ -5,92 +5,16 @@
 //! balancer started while it is down serves the cached list until the watch
 //! replaces it.
 
-use std::collections::VecDeque;
+mod common;
+
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ferry_sdk::pb::registry_service_server::{RegistryService, RegistryServiceServer};
-use ferry_sdk::pb::{self, ListInstancesResponse};
+use common::{instances as list, serve, FakeRegistry as Registry};
+use ferry_sdk::pb::ListInstancesResponse;
 use ferry_sdk::{Balancer, BalancerOptions, Client, ClientOptions};
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::{Request, Response, Status};
-
-type WatchItem = Result<ListInstancesResponse, Status>;
-
-/// The registry's state, shared across restarts.
-#[derive(Clone, Default)]
-struct Registry {
-    list: Arc<Mutex<ListInstancesResponse>>,
-    watches: Arc<Mutex<VecDeque<mpsc::Receiver<WatchItem>>>>,
-}
-
-#[tonic::async_trait]
-impl RegistryService for Registry {
-    async fn register(&self, _: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn deregister(&self, _: Request<pb::DeregisterRequest>) -> Result<Response<pb::DeregisterResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-
-    async fn list(&self, _: Request<pb::ListInstancesRequest>) -> Result<Response<ListInstancesResponse>, Status> {
-        Ok(Response::new(self.list.lock().unwrap().clone()))
-    }
-
-    type WatchStream = ReceiverStream<WatchItem>;
-
-    async fn watch(&self, _: Request<pb::WatchInstancesRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let next = self.watches.lock().unwrap().pop_front();
-        next.map(|rx| Response::new(ReceiverStream::new(rx))).ok_or_else(|| Status::unavailable("no watch queued"))
-    }
-}
-
-/// A running server; `stop` shuts it down and waits until the port is free.
-struct Running {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-}
-
-impl Running {
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        self.task.await.context("server task")?.context("server")?;
-        Ok(())
-    }
-}
-
-async fn serve(registry: Registry, addr: SocketAddr) -> anyhow::Result<(SocketAddr, Running)> {
-    let listener = tokio::net::TcpListener::bind(addr).await.context("bind")?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = oneshot::channel();
-    let task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(RegistryServiceServer::new(registry))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stopped.await;
-            }),
-    );
-    Ok((addr, Running { stop, task }))
-}
-
-fn list(ids: &[&str], revision: u64) -> ListInstancesResponse {
-    let instances = ids
-        .iter()
-        .map(|id| pb::Instance {
-            service: "svc".into(),
-            id: (*id).into(),
-            address: "10.0.0.1".into(),
-            port: 80,
-            weight: 100,
-            ..Default::default()
-        })
-        .collect();
-    ListInstancesResponse { header: Some(pb::ResponseHeader { revision, ..Default::default() }), instances }
-}
+use tokio::sync::mpsc;
 
 fn client(addr: SocketAddr, cache: &std::path::Path) -> anyhow::Result<Client> {
     let options = ClientOptions {
