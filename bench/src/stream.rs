@@ -111,7 +111,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             .initial_stream_window_size(Some(4 * 1024 * 1024))
             .initial_connection_window_size(Some(16 * 1024 * 1024))
             .add_service(server)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
     );
     let mib = a.size as f64 / (1024.0 * 1024.0);
     let (mut grpc, mut tcp) = (Vec::new(), Vec::new());

@@ -17,6 +17,7 @@ use openraft::{BasicNode, Raft, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
 
 use crate::cluster_service::ClusterServiceImpl;
 use crate::config::SchedulerConfig;
@@ -284,7 +285,10 @@ async fn serve_grpc(
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's `tcp_nodelay` applies only to listeners tonic binds
+    // itself; without it Nagle holds small replies (a Raft ack, a put's
+    // trailers) behind the peer's delayed ACK for up to 40 ms.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop = async move {
         let _ = shutdown.wait_for(|s| *s).await;
     };

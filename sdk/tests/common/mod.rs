@@ -12,7 +12,8 @@ use anyhow::Context;
 use ferry_sdk::pb::registry_service_server::{RegistryService, RegistryServiceServer};
 use ferry_sdk::pb::{self, ListInstancesResponse};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 /// One message of a watch stream.
@@ -88,7 +89,7 @@ pub async fn serve(registry: FakeRegistry, addr: SocketAddr) -> anyhow::Result<(
     let task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(RegistryServiceServer::new(registry))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
                 let _ = stopped.await;
             }),
     );
