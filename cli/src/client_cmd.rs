@@ -1,4 +1,5 @@
-//! Client commands: `ferry cluster ...` and `ferry config ...`.
+//! Client commands: `ferry cluster ...`, `ferry config ...` (but `config
+//! txn`, in `txn_cmd`), `ferry lease ...`, `ferry registry ...`, `ferry probe ...`.
 
 use std::io::Write;
 
@@ -327,6 +328,7 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
             Err(e) => fail(e),
         },
         ConfigCmd::Watch { prefix, rev } => watch(&c, &prefix, rev, args.json).await,
+        ConfigCmd::Txn(t) => crate::txn_cmd::run(&c, &t, args.json).await,
     }
 }
 
