@@ -407,12 +407,17 @@ fn instance_json(i: &pb::Instance) -> serde_json::Value {
 fn print_instances(r: &pb::ListInstancesResponse, json_out: bool) {
     let revision = r.header.as_ref().map(|h| h.revision).unwrap_or(0);
     if json_out {
-        print_json(
-            &json!({"revision": revision, "instances": r.instances.iter().map(instance_json).collect::<Vec<_>>()}),
-        );
+        print_json(&json!({
+            "revision": revision,
+            "instances": r.instances.iter().map(instance_json).collect::<Vec<_>>(),
+            "deregistered": r.deregistered,
+        }));
         return;
     }
     println!("revision {revision}: {} instance(s)", r.instances.len());
+    if !r.deregistered.is_empty() {
+        println!("  deregistered: {}", r.deregistered.join(", "));
+    }
     for i in &r.instances {
         let flags = [(i.gray, " gray"), (i.consumer, " consumer"), (i.suspect, " SUSPECT")]
             .iter()
@@ -444,7 +449,7 @@ pub async fn registry(args: &ClientArgs, cmd: RegistryCmd) -> u8 {
                 labels: labels.unwrap_or_default().into_iter().collect(),
                 metadata: meta.unwrap_or_default().into_iter().collect(),
                 consumer,
-                suspect: false,
+                ..Default::default()
             };
             let lease = match c.register(instance, ttl).await {
                 Ok(l) => l,

@@ -487,3 +487,78 @@ async fn config_txn_from_the_cli_applies_one_branch_atomically_and_exits_by_outc
     assert!(err.contains("key: must be at most 4096 bytes"), "{err}");
     assert_eq!(run(&["--json", "config", "history", "stock"]).1, before, "bad input changed nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_listing_names_deregistered_instances_not_expired_ones_and_a_balancer_empties_on_it() {
+    use ferry_sdk::pb;
+    use prost::Message;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    let instance = |id: &str| pb::Instance {
+        service: "pay".into(),
+        id: id.into(),
+        address: "10.0.2.1".into(),
+        port: 443,
+        ..Default::default()
+    };
+    let ids = |r: &pb::ListInstancesResponse| r.instances.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
+
+    // a is kept alive and deregistered; b's lease is left to end.
+    let lease = c.register(instance("a"), Duration::from_secs(5)).await.expect("register a");
+    let keep_a = c.keep_alive(lease);
+    c.register(instance("b"), Duration::from_secs(1)).await.expect("register b");
+    let balancer = ferry_sdk::Balancer::new(ferry_sdk::BalancerOptions::default());
+    balancer.follow(c.clone(), "pay");
+    tokio::time::timeout(Duration::from_secs(20), balancer.ready()).await.expect("balancer ready");
+
+    assert!(c.deregister("pay", "a").await.expect("deregister a"));
+    drop(keep_a);
+    common::wait_for("b's lease to end", Duration::from_secs(20), || async {
+        c.instances("pay").await.ok()?.instances.is_empty().then_some(())
+    })
+    .await;
+    let listing = c.instances("pay").await.expect("list");
+    assert_eq!(listing.deregistered, ["a"], "b expired: it is not named");
+    assert!(!c.deregister("pay", "a").await.expect("deregister again"), "already gone");
+
+    // The key's history keeps why a went: a marked write, then the delete.
+    let h = c.history("registry/pay/a", 0).await.expect("history");
+    let kinds: Vec<(i32, bool)> = h
+        .events
+        .iter()
+        .map(|e| {
+            let value = e.kv.as_ref().map(|kv| kv.value.clone()).unwrap_or_default();
+            (e.r#type, pb::Instance::decode(value.as_slice()).is_ok_and(|i| i.deregistered))
+        })
+        .collect();
+    let (put, delete) = (pb::event::Type::Put as i32, pb::event::Type::Delete as i32);
+    assert_eq!(kinds, [(put, false), (put, true), (delete, false)]);
+
+    // A new instance, deregistered: the balancer holding only it empties,
+    // and a watch says who was deregistered.
+    let lease = c.register(instance("c"), Duration::from_secs(5)).await.expect("register c");
+    let _keep_c = c.keep_alive(lease);
+    common::wait_for("the balancer to hold c only", Duration::from_secs(20), || async {
+        let held: Vec<String> = balancer.instances().iter().map(|i| i.id.clone()).collect();
+        (held == ["c"]).then_some(())
+    })
+    .await;
+    let mut watch = c.watch_instances("pay").await.expect("watch");
+    let first = watch.message().await.expect("watch message").expect("a list");
+    assert_eq!((ids(&first), first.deregistered.len()), (vec!["c".to_string()], 0));
+    assert!(c.deregister("pay", "c").await.expect("deregister c"));
+    let next = watch.message().await.expect("watch message").expect("a list");
+    assert!(next.instances.is_empty());
+    assert_eq!(next.deregistered, ["a", "c"]);
+    common::wait_for("the balancer to empty", Duration::from_secs(20), || async {
+        balancer.instances().is_empty().then_some(())
+    })
+    .await;
+
+    // Registered again: no longer named.
+    c.register(instance("a"), Duration::from_secs(5)).await.expect("register a again");
+    let relisted = watch.message().await.expect("watch message").expect("a list");
+    assert_eq!((ids(&relisted), relisted.deregistered.len()), (vec!["a".to_string()], 0));
+}
