@@ -72,11 +72,13 @@ pub struct Instance {
     /// Kept by the protect threshold after its lease ran out: used only when
     /// no healthy instance is left.
     pub suspect: bool,
-    /// Methods it serves.
+    /// Methods it serves, as registered (informational: routing does not
+    /// look at them).
     pub methods: Vec<String>,
-    /// Labels.
+    /// Labels it registered with (`zone=a`, ...), for the application's own
+    /// filtering; routing does not look at them.
     pub labels: BTreeMap<String, String>,
-    /// Free-form metadata.
+    /// Free-form metadata it registered with.
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -274,7 +276,8 @@ pub struct BalancerOptions {
     /// balancer receives count as warm: they were serving before it looked.
     /// Zero disables warm-up.
     pub warm_up: Duration,
-    /// Outlier ejection.
+    /// When instances that keep failing are taken out, and for how long
+    /// ([`EjectionOptions`]); `consecutive_failures: 0` turns it off.
     pub ejection: EjectionOptions,
     /// Share (0..=100 %) of keyed requests that go to gray instances as a
     /// canary, chosen by a hash of the key (stable per key). Unkeyed
@@ -286,7 +289,9 @@ pub struct BalancerOptions {
     pub virtual_nodes: u32,
     /// Seed of the RNG behind random strategies; `None` seeds from entropy.
     pub seed: Option<u64>,
-    /// Source of time.
+    /// Source of time for warm-up, ejection backoff and latency: the
+    /// system's monotonic clock by default, a [`ManualClock`] in tests and
+    /// simulations.
     pub clock: Arc<dyn Clock>,
 }
 
