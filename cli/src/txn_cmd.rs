@@ -69,10 +69,11 @@ pub(crate) fn request(args: &TxnArgs) -> Result<pb::TxnRequest, String> {
                 rev => pb::compare::Target::ModRevision(*rev),
             }),
         })
-        .chain(args.if_absent.iter().map(|key| pb::Compare {
-            key: key.clone(),
-            target: Some(pb::compare::Target::Absent(true)),
-        }))
+        .chain(
+            args.if_absent
+                .iter()
+                .map(|key| pb::Compare { key: key.clone(), target: Some(pb::compare::Target::Absent(true)) }),
+        )
         .collect();
     let success = args.put.iter().map(|(k, v)| put(k, v)).chain(args.delete.iter().map(|k| delete(k))).collect();
     let failure =
@@ -153,7 +154,7 @@ mod tests {
             "conflicts=1",
         ]))
         .expect("valid");
-        let targets: Vec<_> = req.compares.iter().map(|c| (c.key.as_str(), c.target.clone())).collect();
+        let targets: Vec<_> = req.compares.iter().map(|c| (c.key.as_str(), c.target)).collect();
         assert_eq!(
             targets,
             [

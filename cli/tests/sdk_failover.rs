@@ -89,9 +89,8 @@ async fn writes_through_a_leader_kill_complete_or_fail_retryably_and_none_applie
 
     let killed = Arc::new(AtomicBool::new(false));
     let acked: Vec<Arc<AtomicU64>> = (0..WRITERS).map(|_| Arc::new(AtomicU64::new(0))).collect();
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|w| tokio::spawn(writer(c.clone(), w, acked[w].clone(), killed.clone())))
-        .collect();
+    let writers: Vec<_> =
+        (0..WRITERS).map(|w| tokio::spawn(writer(c.clone(), w, acked[w].clone(), killed.clone()))).collect();
 
     wait_for("every writer to get going", Duration::from_secs(60), || async {
         acked.iter().all(|a| a.load(Ordering::SeqCst) >= ROUNDS_EACH_SIDE).then_some(())

@@ -105,7 +105,7 @@ fn print_progress(report: &pb::JobReport) {
         .targets
         .iter()
         .map(|t| {
-            let pct = if report.total_bytes == 0 { 100 } else { t.bytes_done * 100 / report.total_bytes };
+            let pct = (t.bytes_done * 100).checked_div(report.total_bytes).unwrap_or(100);
             format!("{} {} {pct}%", t.worker, t.state)
         })
         .collect();

@@ -59,17 +59,23 @@ impl Balancer {
                     Ok(mut stream) => loop {
                         match stream.message().await {
                             Ok(Some(list)) => {
+                                // A non-empty list is stored before it is applied, so
+                                // whoever sees the balancer change finds the cache
+                                // current. An empty one is stored only once it emptied
+                                // the balancer (every instance deregistered): a restart
+                                // must not start from expiry or a glitch.
+                                let cache = client.cache().cloned();
+                                if let (false, Some(cache)) = (list.instances.is_empty(), cache.clone()) {
+                                    store_instances(cache, service.clone(), list.clone()).await;
+                                }
                                 let Some(inner) = weak.upgrade() else { return };
                                 let balancer = Balancer { inner };
-                                let changed = balancer.update_from_registry(&list);
-                                // An empty list is stored only when it emptied the
-                                // balancer (every instance deregistered): a restart
-                                // must not start from expiry or a glitch.
-                                let store = !list.instances.is_empty()
-                                    || (changed && !list.deregistered.is_empty() && balancer.instances().is_empty());
+                                let emptied = balancer.update_from_registry(&list)
+                                    && !list.deregistered.is_empty()
+                                    && balancer.instances().is_empty();
                                 drop(balancer);
-                                if let (true, Some(cache)) = (store, client.cache()) {
-                                    store_instances(cache.clone(), service.clone(), list).await;
+                                if let (true, Some(cache)) = (emptied, cache) {
+                                    store_instances(cache, service.clone(), list).await;
                                 }
                                 applied = true;
                                 backoff = FIRST_BACKOFF;
