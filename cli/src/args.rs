@@ -263,6 +263,11 @@ pub enum ConfigCmd {
         #[arg(long = "rev", value_name = "N", default_value_t = 0)]
         rev: u64,
     },
+    /// Compare, then write, atomically (one log entry): when every --if-*
+    /// holds, the --put/--delete writes apply, else the --else-* ones.
+    /// Exit 0 when the compares held, 1 when one did not (why on stderr;
+    /// only --else-* writes applied), 2 for bad input.
+    Txn(Box<TxnArgs>),
     /// Every key starting with PREFIX, in order.
     List {
         /// Key prefix; empty lists every key.
@@ -272,6 +277,57 @@ pub enum ConfigCmd {
         #[arg(long)]
         serializable: bool,
     },
+}
+
+/// Flags of `ferry config txn`. Each is repeatable; a key may be written
+/// once per branch, so the order of the flags does not matter.
+#[derive(Args, Debug)]
+pub struct TxnArgs {
+    /// Compare: KEY exists and was last changed at revision N (0: KEY does
+    /// not exist, as with `config put --if-mod-rev 0`).
+    #[arg(long = "if-mod-rev", value_name = "KEY=N", value_parser = key_revision)]
+    pub if_mod_rev: Vec<(String, u64)>,
+    /// Compare: KEY does not exist.
+    #[arg(long = "if-absent", value_name = "KEY", value_parser = txn_key)]
+    pub if_absent: Vec<String>,
+    /// When the compares hold: create or replace KEY (split at the first '=').
+    #[arg(long, value_name = "KEY=VALUE", value_parser = key_value)]
+    pub put: Vec<(String, String)>,
+    /// When the compares hold: delete KEY (nothing happens if it is absent).
+    #[arg(long, value_name = "KEY", value_parser = txn_key)]
+    pub delete: Vec<String>,
+    /// When a compare does not hold: create or replace KEY.
+    #[arg(long = "else-put", value_name = "KEY=VALUE", value_parser = key_value)]
+    pub else_put: Vec<(String, String)>,
+    /// When a compare does not hold: delete KEY.
+    #[arg(long = "else-delete", value_name = "KEY", value_parser = txn_key)]
+    pub else_delete: Vec<String>,
+}
+
+fn txn_key(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("the key must not be empty".into());
+    }
+    Ok(s.to_string())
+}
+
+/// `KEY=VALUE`, split at the first '=' (the value may contain '=').
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        Some(_) => Err(format!("'{s}' has an empty key")),
+        None => Err(format!("'{s}' is not KEY=VALUE")),
+    }
+}
+
+/// `KEY=N`, split at the last '=' (the key may contain '=').
+fn key_revision(s: &str) -> Result<(String, u64), String> {
+    let (k, n) = s.rsplit_once('=').ok_or_else(|| format!("'{s}' is not KEY=N"))?;
+    if k.is_empty() {
+        return Err(format!("'{s}' has an empty key"));
+    }
+    let n = n.trim().parse::<u64>().map_err(|_| format!("'{s}': N must be a revision (a whole number), got '{n}'"))?;
+    Ok((k.to_string(), n))
 }
 
 fn host_port(s: &str) -> Result<String, String> {

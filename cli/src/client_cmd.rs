@@ -1,4 +1,5 @@
-//! Client commands: `ferry cluster ...` and `ferry config ...`.
+//! Client commands: `ferry cluster ...`, `ferry config ...` (but `config
+//! txn`, in `txn_cmd`), `ferry lease ...`, `ferry registry ...`, `ferry probe ...`.
 
 use std::io::Write;
 
@@ -327,6 +328,7 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
             Err(e) => fail(e),
         },
         ConfigCmd::Watch { prefix, rev } => watch(&c, &prefix, rev, args.json).await,
+        ConfigCmd::Txn(t) => crate::txn_cmd::run(&c, &t, args.json).await,
     }
 }
 
@@ -405,12 +407,17 @@ fn instance_json(i: &pb::Instance) -> serde_json::Value {
 fn print_instances(r: &pb::ListInstancesResponse, json_out: bool) {
     let revision = r.header.as_ref().map(|h| h.revision).unwrap_or(0);
     if json_out {
-        print_json(
-            &json!({"revision": revision, "instances": r.instances.iter().map(instance_json).collect::<Vec<_>>()}),
-        );
+        print_json(&json!({
+            "revision": revision,
+            "instances": r.instances.iter().map(instance_json).collect::<Vec<_>>(),
+            "deregistered": r.deregistered,
+        }));
         return;
     }
     println!("revision {revision}: {} instance(s)", r.instances.len());
+    if !r.deregistered.is_empty() {
+        println!("  deregistered: {}", r.deregistered.join(", "));
+    }
     for i in &r.instances {
         let flags = [(i.gray, " gray"), (i.consumer, " consumer"), (i.suspect, " SUSPECT")]
             .iter()
@@ -442,7 +449,7 @@ pub async fn registry(args: &ClientArgs, cmd: RegistryCmd) -> u8 {
                 labels: labels.unwrap_or_default().into_iter().collect(),
                 metadata: meta.unwrap_or_default().into_iter().collect(),
                 consumer,
-                suspect: false,
+                ..Default::default()
             };
             let lease = match c.register(instance, ttl).await {
                 Ok(l) => l,

@@ -7,6 +7,7 @@ mod completions_cmd;
 mod daemon_cmd;
 mod demo_cmd;
 mod job_cmd;
+mod txn_cmd;
 mod worker_cmd;
 
 use std::process::ExitCode;

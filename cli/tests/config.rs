@@ -389,3 +389,176 @@ async fn gray_variants_from_the_cli_set_read_promote_drop() {
     assert_eq!(get("zone=a,role=canary"), "150");
     assert_eq!(run(&["config", "gray", "list", "rate"]).1, "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_txn_from_the_cli_applies_one_branch_atomically_and_exits_by_outcome() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    let endpoints = sched.addrs.join(",");
+    let run = |args: &[&str]| {
+        let mut all = vec!["--endpoints", &endpoints];
+        all.extend_from_slice(args);
+        let out = ferry(&all);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let json = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("json");
+    let get = |key: &str| run(&["config", "get", key]);
+
+    let (code, out, _) = run(&["--json", "config", "put", "stock", "10"]);
+    assert_eq!(code, Some(0));
+    let r1 = json(&out)["revision"].as_u64().expect("revision");
+
+    // The compares hold: both puts and the delete apply, exit 0.
+    assert_eq!(run(&["config", "put", "stale", "x"]).0, Some(0));
+    let (code, out, err) = run(&[
+        "--json",
+        "config",
+        "txn",
+        "--if-mod-rev",
+        &format!("stock={r1}"),
+        "--if-absent",
+        "order/1",
+        "--put",
+        "stock=9",
+        "--put",
+        "order/1=a=1",
+        "--delete",
+        "stale",
+        "--else-put",
+        "conflicts=1",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let r2 = json(&out)["revision"].as_u64().expect("revision");
+    assert_eq!(json(&out)["succeeded"], true);
+    assert!(r2 > r1);
+    assert_eq!(get("stock").1, "9");
+    assert_eq!(get("order/1").1, "a=1", "the value is split at the first '='");
+    assert_eq!(get("stale").0, Some(1), "deleted");
+    assert_eq!(get("conflicts").0, Some(1), "the else branch did not apply");
+
+    // A stale revision: exit 1 with what differed; only the else branch applies.
+    let (code, out, err) = run(&[
+        "config",
+        "txn",
+        "--if-mod-rev",
+        &format!("stock={r1}"),
+        "--put",
+        "stock=8",
+        "--else-put",
+        "conflicts=1",
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(err.contains("not applied: key stock has mod revision"), "{err}");
+    assert!(out.starts_with("else writes applied"), "{out}");
+    assert_eq!(get("stock").1, "9");
+    assert_eq!(get("conflicts").1, "1");
+
+    // A key that must be absent exists: nothing applies, and --json says why.
+    let (code, out, _) = run(&["--json", "config", "txn", "--if-absent", "order/1", "--put", "order/1=b"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(json(&out)["succeeded"], false);
+    assert!(json(&out)["failed"].as_str().unwrap_or("").contains("key order/1 exists"), "{out}");
+    assert_eq!(get("order/1").1, "a=1");
+
+    // --if-mod-rev KEY=0 means "absent", as for `config put`.
+    let (code, _, err) = run(&["config", "txn", "--if-mod-rev", "lock=0", "--put", "lock=me"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(get("lock").1, "me");
+
+    // Bad input: exit 2, the message names the flag or field, nothing changes.
+    let before = run(&["--json", "config", "history", "stock"]).1;
+    let (code, _, err) = run(&["config", "txn", "--put", "stock"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--put"), "{err}");
+    let (code, _, err) = run(&["config", "txn", "--put", "stock=1", "--delete", "stock"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--put/--delete: key stock is written twice"), "{err}");
+    let (code, _, err) = run(&["config", "txn", "--put", "stock=1", "--else-delete", "stock"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("need a compare"), "{err}");
+    let long = format!("{}=v", "k".repeat(5000));
+    let (code, _, err) = run(&["config", "txn", "--put", "stock=1", "--put", &long]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("key: must be at most 4096 bytes"), "{err}");
+    assert_eq!(run(&["--json", "config", "history", "stock"]).1, before, "bad input changed nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_listing_names_deregistered_instances_not_expired_ones_and_a_balancer_empties_on_it() {
+    use ferry_sdk::pb;
+    use prost::Message;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    let instance = |id: &str| pb::Instance {
+        service: "pay".into(),
+        id: id.into(),
+        address: "10.0.2.1".into(),
+        port: 443,
+        ..Default::default()
+    };
+    let ids = |r: &pb::ListInstancesResponse| r.instances.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
+
+    // a is kept alive and deregistered; b's lease is left to end.
+    let lease = c.register(instance("a"), Duration::from_secs(5)).await.expect("register a");
+    let keep_a = c.keep_alive(lease);
+    c.register(instance("b"), Duration::from_secs(1)).await.expect("register b");
+    let balancer = ferry_sdk::Balancer::new(ferry_sdk::BalancerOptions::default());
+    balancer.follow(c.clone(), "pay");
+    tokio::time::timeout(Duration::from_secs(20), balancer.ready()).await.expect("balancer ready");
+
+    assert!(c.deregister("pay", "a").await.expect("deregister a"));
+    drop(keep_a);
+    common::wait_for("b's lease to end", Duration::from_secs(20), || async {
+        c.instances("pay").await.ok()?.instances.is_empty().then_some(())
+    })
+    .await;
+    let listing = c.instances("pay").await.expect("list");
+    assert_eq!(listing.deregistered, ["a"], "b expired: it is not named");
+    assert!(!c.deregister("pay", "a").await.expect("deregister again"), "already gone");
+
+    // The key's history keeps why a went: a marked write, then the delete.
+    let h = c.history("registry/pay/a", 0).await.expect("history");
+    let kinds: Vec<(i32, bool)> = h
+        .events
+        .iter()
+        .map(|e| {
+            let value = e.kv.as_ref().map(|kv| kv.value.clone()).unwrap_or_default();
+            (e.r#type, pb::Instance::decode(value.as_slice()).is_ok_and(|i| i.deregistered))
+        })
+        .collect();
+    let (put, delete) = (pb::event::Type::Put as i32, pb::event::Type::Delete as i32);
+    assert_eq!(kinds, [(put, false), (put, true), (delete, false)]);
+
+    // A new instance, deregistered: the balancer holding only it empties,
+    // and a watch says who was deregistered.
+    let lease = c.register(instance("c"), Duration::from_secs(5)).await.expect("register c");
+    let _keep_c = c.keep_alive(lease);
+    common::wait_for("the balancer to hold c only", Duration::from_secs(20), || async {
+        let held: Vec<String> = balancer.instances().iter().map(|i| i.id.clone()).collect();
+        (held == ["c"]).then_some(())
+    })
+    .await;
+    let mut watch = c.watch_instances("pay").await.expect("watch");
+    let first = watch.message().await.expect("watch message").expect("a list");
+    assert_eq!((ids(&first), first.deregistered.len()), (vec!["c".to_string()], 0));
+    assert!(c.deregister("pay", "c").await.expect("deregister c"));
+    let next = watch.message().await.expect("watch message").expect("a list");
+    assert!(next.instances.is_empty());
+    assert_eq!(next.deregistered, ["a", "c"]);
+    common::wait_for("the balancer to empty", Duration::from_secs(20), || async {
+        balancer.instances().is_empty().then_some(())
+    })
+    .await;
+
+    // Registered again: no longer named.
+    c.register(instance("a"), Duration::from_secs(5)).await.expect("register a again");
+    let relisted = watch.message().await.expect("watch message").expect("a list");
+    assert_eq!((ids(&relisted), relisted.deregistered.len()), (vec!["a".to_string()], 0));
+}

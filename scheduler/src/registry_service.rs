@@ -4,6 +4,12 @@
 //! (within its TTL plus an election, as leases are); deregistering removes
 //! it at once. Built on the config keys, so instances have revisions,
 //! history and watches like any key.
+//!
+//! Deregistering writes the instance once more, marked `deregistered`, and
+//! deletes it in the same log entry; a lease that ends only deletes. An
+//! empty listing names the instances that were deregistered explicitly, so
+//! clients can tell a service emptied on purpose from one whose instances
+//! expired (and keep the latter).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -61,6 +67,50 @@ fn validate(i: &pb::Instance) -> Result<(), Status> {
 /// instances (written there by hand).
 fn decode(kvs: Vec<ferry_storage::KeyValue>) -> Vec<pb::Instance> {
     kvs.into_iter().filter_map(|kv| pb::Instance::decode(kv.value.as_slice()).ok()).collect()
+}
+
+/// Ids of the instances under `prefix` whose last change in the history is
+/// an explicit deregistration: a write marked `deregistered` followed by the
+/// delete (see [`RegistryService::deregister`]). A key deleted without that
+/// write (its lease ended, or a plain delete) or written again since does
+/// not count. Reads the whole history window (at most
+/// [`kv::HISTORY_REVISIONS`] changes), so it runs only for empty listings.
+fn deregistered(node: &Node, prefix: &str) -> Result<Vec<String>, Error> {
+    let from = node.reader.compacted()? + 1;
+    let (events, _) = node.reader.events(from, prefix, usize::MAX)?;
+    // Per id: whether its last write was the marked one.
+    let mut marked: std::collections::HashMap<&str, bool> = std::collections::HashMap::new();
+    let mut gone = std::collections::BTreeSet::new();
+    for (_, event) in &events {
+        let Some(id) = event.kv.key.strip_prefix(prefix) else { continue };
+        match event.kind {
+            kv::EventKind::Put => {
+                gone.remove(id);
+                let explicit = pb::Instance::decode(event.kv.value.as_slice()).is_ok_and(|i| i.deregistered);
+                marked.insert(id, explicit);
+            }
+            kv::EventKind::Delete => {
+                if marked.remove(id) == Some(true) {
+                    gone.insert(id);
+                } else {
+                    gone.remove(id);
+                }
+            }
+        }
+    }
+    Ok(gone.into_iter().map(str::to_string).collect())
+}
+
+/// The instances of a service now; when there are none, with the ids that
+/// were deregistered explicitly.
+fn listing(node: &Node, service: &str) -> Result<pb::ListInstancesResponse, Error> {
+    let prefix = prefix(service);
+    let (kvs, revision) = node.reader.list_at_revision(&prefix)?;
+    let mut header = node.header();
+    header.revision = revision;
+    let instances = decode(kvs);
+    let deregistered = if instances.is_empty() { deregistered(node, &prefix)? } else { Vec::new() };
+    Ok(pb::ListInstancesResponse { header: Some(header), instances, deregistered })
 }
 
 /// The RegistryService implementation.
@@ -145,13 +195,44 @@ impl RegistryService for RegistryServiceImpl {
             req.request_id = new_request_id();
         }
         let key = format!("{}{}", prefix(&req.service), req.id);
-        let cmd = Command { request_id: req.request_id.clone(), op: Op::Delete { key } };
+        // The instance is written once more, marked `deregistered`, and
+        // deleted, in one log entry: watchers see one change (the instance
+        // gone) and the key's history keeps why it went, which a lease that
+        // ends does not write (see `deregistered`). Read after a read
+        // barrier so the marked value is the instance's latest; an instance
+        // that changed meanwhile is still removed.
+        self.node.read_barrier(false).await?;
+        let op = match self.node.reader.get(&key).map_err(Error::from)? {
+            // Nothing to mark; a retried id that did apply gets its first
+            // answer (the transaction's) all the same.
+            None => Op::Delete { key },
+            Some(current) => {
+                let mut marked = pb::Instance::decode(current.value.as_slice()).unwrap_or_default();
+                marked.service = req.service.clone();
+                marked.id = req.id.clone();
+                marked.deregistered = true;
+                Op::Txn(Box::new(kv::Txn {
+                    compares: vec![],
+                    success: vec![
+                        kv::TxnOp::Put { key: key.clone(), value: marked.encode_to_vec() },
+                        kv::TxnOp::Delete { key },
+                    ],
+                    failure: vec![],
+                }))
+            }
+        };
+        let cmd = Command { request_id: req.request_id.clone(), op };
         match self.node.propose(cmd, was_forwarded).await? {
             Proposal::Forward(addr) => self.client(&addr)?.deregister(forwarded(req, self.node.op_timeout())).await,
             Proposal::Applied(CommandResult::Delete { revision, deleted }) => {
                 let mut header = self.node.header();
                 header.revision = revision;
                 Ok(Response::new(pb::DeregisterResponse { header: Some(header), deregistered: deleted }))
+            }
+            Proposal::Applied(CommandResult::Txn { revision, succeeded, .. }) => {
+                let mut header = self.node.header();
+                header.revision = revision;
+                Ok(Response::new(pb::DeregisterResponse { header: Some(header), deregistered: succeeded }))
             }
             Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
             Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for deregister: {other:?}"))),
@@ -167,10 +248,7 @@ impl RegistryService for RegistryServiceImpl {
             return Err(invalid("service: must be 1 to 128 of letters, digits, '.', '_' or '-'".into()));
         }
         self.node.read_barrier(false).await?;
-        let (kvs, revision) = self.node.reader.list_at_revision(&prefix(&req.service)).map_err(Error::from)?;
-        let mut header = self.node.header();
-        header.revision = revision;
-        Ok(Response::new(pb::ListInstancesResponse { header: Some(header), instances: decode(kvs) }))
+        Ok(Response::new(listing(&self.node, &req.service)?))
     }
 
     type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ListInstancesResponse, Status>> + Send>>;
@@ -188,16 +266,14 @@ impl RegistryService for RegistryServiceImpl {
             let mut next = 0u64;
             loop {
                 // The full list after every change under the prefix.
-                let (kvs, revision) = match node.reader.list_at_revision(&prefix) {
-                    Ok(v) => v,
+                let msg = match listing(&node, &req.service) {
+                    Ok(msg) => msg,
                     Err(e) => {
-                        let _ = tx.send(Err(Error::from(e).into())).await;
+                        let _ = tx.send(Err(e.into())).await;
                         return;
                     }
                 };
-                let mut header = node.header();
-                header.revision = revision;
-                let msg = pb::ListInstancesResponse { header: Some(header), instances: decode(kvs) };
+                let revision = msg.header.as_ref().map_or(0, |h| h.revision);
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
                 }

@@ -189,6 +189,7 @@ mod tests {
         pb::ListInstancesResponse {
             header: Some(pb::ResponseHeader { revision: rev, ..Default::default() }),
             instances: ids.iter().map(|id| pb::Instance { id: (*id).into(), ..Default::default() }).collect(),
+            deregistered: vec![],
         }
     }
 

@@ -24,16 +24,53 @@ const LEADER_ADDR_HEADER: &str = "x-ferry-leader-addr";
 /// Largest response the client accepts (a listing of many keys).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Tuning for a [`Client`].
+/// Tuning for a [`Client`]: deadlines, the retry budget and the local cache.
+///
+/// Start from the defaults and set what you need; struct update syntax is
+/// the builder:
+///
+/// ```
+/// use std::time::Duration;
+/// let options = ferry_sdk::ClientOptions {
+///     request_timeout: Duration::from_secs(2),
+///     total_timeout: Duration::from_secs(10),
+///     ..Default::default()
+/// };
+/// assert_eq!(options.connect_timeout, Duration::from_millis(800));
+/// ```
+///
+/// **Retry budget.** A call may take up to `total_timeout`. Within it the
+/// client tries the endpoints in turn, starting with the one that answered
+/// last and jumping to the leader a "not leader" answer names, each attempt
+/// bounded by `request_timeout`; after a round in which every endpoint
+/// failed it pauses for `backoff` (doubling each round, at most 1 s). Reads
+/// and writes are retried on `Unavailable`, `DeadlineExceeded`, `Cancelled`,
+/// `Unknown` and `Aborted`: writes keep their request id across attempts,
+/// so one that applied before its answer was lost is answered from the
+/// cluster's record instead of applying again. Membership changes
+/// ([`Client::add_node`], [`Client::remove_node`]) are retried only when
+/// the call surely did not reach a node. When the budget runs out the call
+/// fails with [`Error::Unavailable`] and the last failure.
+///
+/// **Connections** are plain HTTP/2 (`http://`), opened lazily, with TCP
+/// no-delay and HTTP/2 keepalive pings every 10 s (5 s to answer) so a
+/// paused node is noticed. **TLS is not supported yet**: it is planned for
+/// later; until then run the client on a trusted network (or through a
+/// tunnel).
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// Deadline of one attempt against one endpoint.
+    /// Deadline of one attempt against one endpoint (default 5 s). Streams
+    /// (watches, keep-alives, job progress) are not bounded by it once open.
     pub request_timeout: Duration,
-    /// Deadline of a whole call, retries included.
+    /// Deadline of a whole call, retries included: the retry budget
+    /// (default 15 s). [`Client::submit_job`] with `wait` adds the job's
+    /// own timeout to it.
     pub total_timeout: Duration,
-    /// TCP connect timeout.
+    /// TCP connect timeout per attempt (default 800 ms): what a down
+    /// endpoint costs before the next one is tried.
     pub connect_timeout: Duration,
-    /// First backoff between rounds over all endpoints (doubles, capped at 1 s).
+    /// First pause after a round in which every endpoint failed (default
+    /// 50 ms); it doubles each round, up to 1 s.
     pub backoff: Duration,
     /// Directory of the local cache ([`crate::cache`]): the `*_or_cached`
     /// calls and [`crate::Balancer::follow`] keep their last views there and
@@ -1030,13 +1067,20 @@ pub struct Watch {
 impl Watch {
     /// The next message: changes (in revision order), a snapshot of the
     /// current values (when the start revision was compacted), or progress.
-    /// An `Err` reports a failed reconnect; the watch keeps trying.
+    /// An `Err` reports a failed reconnect; the watch keeps trying, so
+    /// `None` does not come while the `Watch` lives.
     pub async fn next(&mut self) -> Option<Result<pb::WatchResponse, Error>> {
         self.rx.recv().await
     }
 }
 
 /// Keeps a lease alive while it lives (see [`Client::keep_alive`]).
+///
+/// Dropping it stops the renewals; it does not revoke the lease, which then
+/// ends one TTL after the last renewal, taking its keys and registry
+/// instances with it (a new leader first gives every lease its full TTL
+/// again). To remove them at once, call [`Client::revoke`] (or
+/// [`Client::deregister`] for an instance) before dropping it.
 pub struct KeepAlive {
     rx: tokio::sync::mpsc::Receiver<Result<pb::LeaseKeepAliveResponse, Error>>,
     task: tokio::task::JoinHandle<()>,

@@ -1,6 +1,10 @@
 //! Errors returned by the SDK.
 
 /// What a call can fail with.
+///
+/// Only [`Error::Unavailable`] is worth retrying: the client already
+/// retried until its budget ([`crate::ClientOptions::total_timeout`]) ran
+/// out. [`Error::Rejected`] is the cluster's answer and stays the same.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No endpoints, or one that is not `host:port`.
@@ -10,6 +14,8 @@ pub enum Error {
     #[error("{}", .0.message())]
     Rejected(tonic::Status),
     /// Every endpoint failed until the deadline; the last error is kept.
+    /// A write that fails so applied once or not at all (its retries shared
+    /// one request id); read before writing again if that matters.
     #[error("no scheduler could serve the call before the deadline: {}", .last.message())]
     Unavailable {
         /// The last failure seen.

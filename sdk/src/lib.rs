@@ -13,10 +13,19 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Tuning (per-attempt and whole-call deadlines, the retry budget, the
+//! cache directory) is in [`ClientOptions`]. Connections are plain HTTP/2;
+//! TLS is not supported yet (planned). Runnable examples are in
+//! `sdk/examples/`: `push_job` (submit a job and follow its progress),
+//! `watch_config` (print a prefix's changes, resuming by itself) and
+//! `balancer` (register instances and call them through a [`Balancer`]).
+//!
 //! Layout: [`client`] (endpoints, retries, typed calls), [`balancer`]
 //! (client-side balancing, failover, outlier ejection, gray routing over a
 //! service's instances), [`cache`] (the last reads kept on disk, served
 //! stale while the cluster is unreachable), [`error`].
+
+#![warn(missing_docs)]
 
 pub mod balancer;
 pub mod cache;

@@ -79,6 +79,45 @@ async fn follow_applies_the_watch_keeps_the_last_non_empty_list_and_reconnects()
 }
 
 #[tokio::test]
+async fn follow_empties_the_balancer_only_once_every_instance_was_deregistered() -> anyhow::Result<()> {
+    let (tx1, rx1) = mpsc::channel(8);
+    let (tx2, rx2) = mpsc::channel(8);
+    let (_tx3, rx3) = mpsc::channel(8);
+    let queue = Arc::new(Mutex::new(VecDeque::from([rx1, rx2, rx3])));
+    let (addr, _server) = serve("registry", queue.clone()).await?;
+    let cache = tempfile::tempdir()?;
+    let options = ferry_sdk::ClientOptions { cache_dir: Some(cache.path().to_path_buf()), ..Default::default() };
+    let client = Client::with_options([addr.to_string()], options)?;
+
+    let balancer = Balancer::new(BalancerOptions::default());
+    balancer.follow(client.clone(), "svc");
+    tx1.send(list(&["a", "b"])).await?;
+    tokio::time::timeout(Duration::from_secs(10), balancer.ready()).await.context("first list")?;
+
+    // Empty: a was deregistered, b is not named (its lease ended). Then the
+    // watch breaks, so the balancer has applied the list once it re-opens.
+    let mut empty = instances(&[], 0);
+    empty.deregistered = vec!["a".into()];
+    tx1.send(Ok(empty)).await?;
+    drop(tx1);
+    wait_until("the watch to be re-opened", || queue.lock().unwrap().len() == 1).await?;
+    assert_eq!(ids(&balancer), ["b"], "the expired instance is kept, the deregistered one goes");
+    let cached = |client: &Client| client.cache().and_then(|c| c.load_instances("svc")).map(|(_, l)| l.instances.len());
+    assert_eq!(cached(&client), Some(2), "a list that did not empty the balancer is not stored");
+
+    // Empty again, now naming b too: every instance it held was deregistered.
+    let mut empty = instances(&[], 0);
+    empty.deregistered = vec!["a".into(), "b".into()];
+    tx2.send(Ok(empty)).await?;
+    drop(tx2);
+    wait_until("the watch to be re-opened again", || queue.lock().unwrap().is_empty()).await?;
+    assert!(ids(&balancer).is_empty(), "{:?}", ids(&balancer));
+    assert!(balancer.pick(&ferry_sdk::Request::new()).is_none());
+    assert_eq!(cached(&client), Some(0), "the emptied list is stored, so a restart does not resurrect a and b");
+    Ok(())
+}
+
+#[tokio::test]
 async fn channel_routes_calls_to_the_live_instances() -> anyhow::Result<()> {
     let none = || Arc::new(Mutex::new(VecDeque::new()));
     let (a, _a) = serve("a", none()).await?;

@@ -33,14 +33,17 @@ const CHANGE_BUFFER: usize = 64;
 
 impl Balancer {
     /// Follows the registry's instance list of `service` from a background
-    /// task: every list the watch sends goes through [`Balancer::update`]
-    /// (so an empty list does not wipe a non-empty one). A broken watch is
+    /// task: every list the watch sends goes through
+    /// [`Balancer::update_from_registry`] (so an empty list wipes the
+    /// instances only when they were deregistered explicitly; instances
+    /// whose leases ended are kept). A broken watch is
     /// re-opened with backoff; the re-opened watch starts with the full list,
     /// so nothing is missed. The task stops when the balancer is dropped.
     /// Needs a tokio runtime.
     ///
     /// With the client's cache ([`crate::ClientOptions::cache_dir`]) every
-    /// non-empty list the watch sends is stored, and when the first attempt
+    /// non-empty list the watch sends is stored (an empty one only when it
+    /// emptied the balancer), and when the first attempt
     /// to open the watch finds the cluster unreachable the balancer is seeded
     /// from the stored list (stale) until the watch is back and replaces it.
     pub fn follow(&self, client: Client, service: impl Into<String>) {
@@ -56,14 +59,24 @@ impl Balancer {
                     Ok(mut stream) => loop {
                         match stream.message().await {
                             Ok(Some(list)) => {
-                                // An empty list is not stored, as `update` does not
-                                // apply it over a non-empty one: a restart must not
-                                // start from a glitch.
-                                if let (false, Some(cache)) = (list.instances.is_empty(), client.cache()) {
-                                    store_instances(cache.clone(), service.clone(), list.clone()).await;
+                                // A non-empty list is stored before it is applied, so
+                                // whoever sees the balancer change finds the cache
+                                // current. An empty one is stored only once it emptied
+                                // the balancer (every instance deregistered): a restart
+                                // must not start from expiry or a glitch.
+                                let cache = client.cache().cloned();
+                                if let (false, Some(cache)) = (list.instances.is_empty(), cache.clone()) {
+                                    store_instances(cache, service.clone(), list.clone()).await;
                                 }
                                 let Some(inner) = weak.upgrade() else { return };
-                                Balancer { inner }.update(list.instances);
+                                let balancer = Balancer { inner };
+                                let emptied = balancer.update_from_registry(&list)
+                                    && !list.deregistered.is_empty()
+                                    && balancer.instances().is_empty();
+                                drop(balancer);
+                                if let (true, Some(cache)) = (emptied, cache) {
+                                    store_instances(cache, service.clone(), list).await;
+                                }
                                 applied = true;
                                 backoff = FIRST_BACKOFF;
                             }
@@ -85,7 +98,7 @@ impl Balancer {
                             if let Some((revision, list)) = load_instances(cache.clone(), service.clone()).await {
                                 let Some(inner) = weak.upgrade() else { return };
                                 tracing::debug!(%service, revision, "seeding from the cached instance list (stale)");
-                                Balancer { inner }.update(list.instances);
+                                Balancer { inner }.update_from_registry(&list);
                             }
                         }
                     }

@@ -72,11 +72,13 @@ pub struct Instance {
     /// Kept by the protect threshold after its lease ran out: used only when
     /// no healthy instance is left.
     pub suspect: bool,
-    /// Methods it serves.
+    /// Methods it serves, as registered (informational: routing does not
+    /// look at them).
     pub methods: Vec<String>,
-    /// Labels.
+    /// Labels it registered with (`zone=a`, ...), for the application's own
+    /// filtering; routing does not look at them.
     pub labels: BTreeMap<String, String>,
-    /// Free-form metadata.
+    /// Free-form metadata it registered with.
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -274,7 +276,8 @@ pub struct BalancerOptions {
     /// balancer receives count as warm: they were serving before it looked.
     /// Zero disables warm-up.
     pub warm_up: Duration,
-    /// Outlier ejection.
+    /// When instances that keep failing are taken out, and for how long
+    /// ([`EjectionOptions`]); `consecutive_failures: 0` turns it off.
     pub ejection: EjectionOptions,
     /// Share (0..=100 %) of keyed requests that go to gray instances as a
     /// canary, chosen by a hash of the key (stable per key). Unkeyed
@@ -286,7 +289,9 @@ pub struct BalancerOptions {
     pub virtual_nodes: u32,
     /// Seed of the RNG behind random strategies; `None` seeds from entropy.
     pub seed: Option<u64>,
-    /// Source of time.
+    /// Source of time for warm-up, ejection backoff and latency: the
+    /// system's monotonic clock by default, a [`ManualClock`] in tests and
+    /// simulations.
     pub clock: Arc<dyn Clock>,
 }
 
@@ -391,9 +396,11 @@ impl Balancer {
     ///
     /// An empty list is ignored once a non-empty one was applied, and false
     /// is returned: from a list alone one cannot tell deregistration of every
-    /// instance from a glitch, and keeping stale instances (which then fail
-    /// and get ejected) is the lesser harm. The cluster itself never empties
-    /// a service through mass expiry (protect threshold).
+    /// instance from expiry or a glitch, and keeping stale instances (which
+    /// then fail and get ejected) is the lesser harm. The cluster's listings
+    /// do tell: [`Balancer::update_from_registry`] empties the balancer when
+    /// every instance was deregistered explicitly. The cluster itself never
+    /// empties a service through mass expiry (protect threshold).
     pub fn update<I, T>(&self, instances: I) -> bool
     where
         I: IntoIterator<Item = T>,
@@ -406,12 +413,46 @@ impl Balancer {
                 by_id.insert(i.id.clone(), i);
             }
         }
-        let now = self.inner.options.clock.now();
-        let mut state = self.lock();
+        let state = self.lock();
         if by_id.is_empty() && state.seeded {
             tracing::debug!("ignoring an empty instance list; keeping the last non-empty one");
             return false;
         }
+        self.replace(state, by_id)
+    }
+
+    /// Applies a listing from the registry (`List`, or a message of its
+    /// watch): a non-empty list as [`Balancer::update`] does. An empty one
+    /// names the instances that were deregistered explicitly
+    /// (`deregistered`); those are dropped, and the instances the balancer
+    /// holds that are not named there (their leases ended, or the list is a
+    /// glitch) are kept, so the balancer empties only when every instance it
+    /// held was deregistered. Returns whether the list changed.
+    pub fn update_from_registry(&self, list: &pb::ListInstancesResponse) -> bool {
+        if !list.instances.is_empty() {
+            return self.update(list.instances.iter().cloned());
+        }
+        let state = self.lock();
+        let kept: BTreeMap<String, Instance> = state
+            .slots
+            .iter()
+            .filter(|s| !list.deregistered.contains(&s.instance.id))
+            .map(|s| (s.instance.id.clone(), Instance::clone(&s.instance)))
+            .collect();
+        if kept.len() == state.slots.len() && state.seeded {
+            tracing::debug!("ignoring an empty instance list: its instances were not deregistered");
+            return false;
+        }
+        if !kept.is_empty() {
+            tracing::debug!(kept = kept.len(), "empty instance list: keeping the instances not deregistered");
+        }
+        self.replace(state, kept)
+    }
+
+    /// Installs `by_id` as the list, keeping what was learnt of the ids that
+    /// stay, and publishes it.
+    fn replace(&self, mut state: std::sync::MutexGuard<'_, State>, by_id: BTreeMap<String, Instance>) -> bool {
+        let now = self.inner.options.clock.now();
         let first = !state.seeded;
         let mut old: HashMap<String, Slot> = state.slots.drain(..).map(|s| (s.instance.id.clone(), s)).collect();
         let slots: Vec<Slot> = by_id

@@ -282,6 +282,43 @@ fn an_empty_update_does_not_wipe_a_non_empty_list() {
     assert_eq!(picked(&b, &Request::new()).as_deref(), Some("a"));
 }
 
+/// A registry listing of `ids`, with `deregistered` named when it is empty.
+fn listing(ids: &[&str], deregistered: &[&str]) -> pb::ListInstancesResponse {
+    pb::ListInstancesResponse {
+        header: None,
+        instances: ids
+            .iter()
+            .map(|id| pb::Instance { id: (*id).into(), address: "10.0.0.1".into(), port: 80, ..Default::default() })
+            .collect(),
+        deregistered: deregistered.iter().map(|id| (*id).to_string()).collect(),
+    }
+}
+
+fn ids(b: &Balancer) -> Vec<String> {
+    b.instances().iter().map(|i| i.id.clone()).collect()
+}
+
+#[test]
+fn an_empty_listing_empties_the_balancer_only_when_every_instance_was_deregistered() {
+    let b = Balancer::new(options(Strategy::RoundRobin, &ManualClock::new()));
+    assert!(b.update_from_registry(&listing(&["a", "b"], &[])));
+    // Expired (not named as deregistered): kept.
+    assert!(!b.update_from_registry(&listing(&[], &[])));
+    assert!(!b.update_from_registry(&listing(&[], &["x"])), "others' deregistrations change nothing");
+    assert_eq!(ids(&b), ["a", "b"]);
+    // a deregistered, b expired: only b is kept.
+    assert!(b.update_from_registry(&listing(&[], &["a", "x"])));
+    assert_eq!(ids(&b), ["b"]);
+    assert_eq!(picked(&b, &Request::new()).as_deref(), Some("b"));
+    // Every instance held was deregistered: empty.
+    assert!(b.update_from_registry(&listing(&[], &["a", "b"])));
+    assert!(ids(&b).is_empty());
+    assert_eq!(picked(&b, &Request::new()), None);
+    // A non-empty listing replaces the list as `update` does.
+    assert!(b.update_from_registry(&listing(&["c"], &[])));
+    assert_eq!(ids(&b), ["c"]);
+}
+
 #[test]
 fn state_survives_an_update_that_keeps_the_id() {
     let clock = ManualClock::new();

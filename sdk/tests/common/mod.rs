@@ -63,7 +63,11 @@ pub fn instances(ids: &[&str], revision: u64) -> ListInstancesResponse {
             ..Default::default()
         })
         .collect();
-    ListInstancesResponse { header: Some(pb::ResponseHeader { revision, ..Default::default() }), instances }
+    ListInstancesResponse {
+        header: Some(pb::ResponseHeader { revision, ..Default::default() }),
+        instances,
+        deregistered: vec![],
+    }
 }
 
 /// A running server; stopped (and its port freed) by `stop` or on drop.
