@@ -19,6 +19,8 @@ use tonic::transport::{Channel, Endpoint};
 use crate::cache::{Cache, Cached};
 use crate::error::Error;
 
+/// Unread answers a [`KeepAlive`] keeps (see [`Client::keep_alive`]).
+pub const KEEP_ALIVE_BUFFER: usize = 16;
 /// Metadata key on "not leader" errors (mirrors the scheduler).
 const LEADER_ADDR_HEADER: &str = "x-ferry-leader-addr";
 /// Largest response the client accepts (a listing of many keys).
@@ -599,8 +601,18 @@ impl Client {
     /// handle is dropped: a keep-alive every third of the TTL, on a stream
     /// to the leader that follows leader changes. Each answer is passed on
     /// (`ttl_ms == 0`: the lease is gone, and the task stops).
+    ///
+    /// Reading the answers ([`KeepAlive::next`]) is optional: the renewals
+    /// never wait for the reader. At most [`KEEP_ALIVE_BUFFER`] unread
+    /// answers are kept; newer ones are dropped until the reader catches up,
+    /// except the last (the lease is gone), which waits for room.
     pub fn keep_alive(&self, id: u64) -> KeepAlive {
-        let (out, rx) = tokio::sync::mpsc::channel(16);
+        let (out, rx) = tokio::sync::mpsc::channel(KEEP_ALIVE_BUFFER);
+        // Passes an answer on unless the reader is behind; false when the
+        // handle is gone (its drop aborts this task, so that is brief).
+        let report = |out: &tokio::sync::mpsc::Sender<_>, answer| {
+            !matches!(out.try_send(answer), Err(tokio::sync::mpsc::error::TrySendError::Closed(_)))
+        };
         let client = self.clone();
         let task = tokio::spawn(async move {
             let mut every = Duration::from_millis(300);
@@ -619,7 +631,7 @@ impl Client {
                 let (tx, mut stream) = match opened {
                     Ok(s) => s,
                     Err(e) => {
-                        if out.send(Err(e)).await.is_err() {
+                        if !report(&out, Err(e)) {
                             return;
                         }
                         tokio::time::sleep(every).await;
@@ -631,9 +643,14 @@ impl Client {
                 while let Ok(Ok(Some(resp))) =
                     tokio::time::timeout(every.max(Duration::from_millis(500)), stream.message()).await
                 {
-                    let gone = resp.ttl_ms == 0;
+                    if resp.ttl_ms == 0 {
+                        // Nothing is left to renew, so waiting for room
+                        // costs nothing, and the reader learns the end.
+                        let _ = out.send(Ok(resp)).await;
+                        return;
+                    }
                     every = Duration::from_millis((resp.ttl_ms / 3).max(100));
-                    if out.send(Ok(resp)).await.is_err() || gone {
+                    if !report(&out, Ok(resp)) {
                         return;
                     }
                     tokio::time::sleep(every).await;
@@ -1088,6 +1105,8 @@ pub struct KeepAlive {
 
 impl KeepAlive {
     /// The next answer (or a failed reconnect; the task keeps trying).
+    /// Answers that arrived while [`KEEP_ALIVE_BUFFER`] were waiting unread
+    /// were dropped; `None` once the task ended (after the lease was gone).
     pub async fn next(&mut self) -> Option<Result<pb::LeaseKeepAliveResponse, Error>> {
         self.rx.recv().await
     }

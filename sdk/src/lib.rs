@@ -34,6 +34,8 @@ pub mod error;
 
 pub use balancer::{Balancer, BalancerOptions, Policy, Request, Strategy};
 pub use cache::{Cache, Cached};
-pub use client::{Client, ClientOptions, KeepAlive, KeyValue, Put, Status, Watch, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+pub use client::{
+    Client, ClientOptions, KeepAlive, KeyValue, Put, Status, Watch, KEEP_ALIVE_BUFFER, MAX_KEY_BYTES, MAX_VALUE_BYTES,
+};
 pub use error::Error;
 pub use ferry_proto::pb;
