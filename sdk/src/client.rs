@@ -421,6 +421,7 @@ impl Client {
     /// Registers (or replaces) a service instance bound to a new lease of
     /// `ttl`; returns the lease, which the caller keeps alive
     /// ([`Client::keep_alive`]) to stay registered.
+    /// [`Client::register_kept`] does both and returns one handle.
     pub async fn register(&self, instance: pb::Instance, ttl: Duration) -> Result<u64, Error> {
         let msg = pb::RegisterRequest {
             instance: Some(instance),

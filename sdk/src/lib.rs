@@ -20,7 +20,8 @@
 //! `watch_config` (print a prefix's changes, resuming by itself) and
 //! `balancer` (register instances and call them through a [`Balancer`]).
 //!
-//! Layout: [`client`] (endpoints, retries, typed calls), [`balancer`]
+//! Layout: [`client`] (endpoints, retries, typed calls), [`registration`]
+//! (an instance kept registered by its handle), [`balancer`]
 //! (client-side balancing, failover, outlier ejection, gray routing over a
 //! service's instances), [`cache`] (the last reads kept on disk, served
 //! stale while the cluster is unreachable), [`error`].
@@ -31,6 +32,7 @@ pub mod balancer;
 pub mod cache;
 pub mod client;
 pub mod error;
+pub mod registration;
 
 pub use balancer::{Balancer, BalancerOptions, Policy, Request, Strategy};
 pub use cache::{Cache, Cached};
@@ -39,3 +41,4 @@ pub use client::{
 };
 pub use error::Error;
 pub use ferry_proto::pb;
+pub use registration::Registration;
