@@ -451,15 +451,18 @@ pub async fn registry(args: &ClientArgs, cmd: RegistryCmd) -> u8 {
                 consumer,
                 ..Default::default()
             };
-            let lease = match c.register(instance, ttl).await {
-                Ok(l) => l,
+            let mut registration = match c.register_kept(instance, ttl).await {
+                Ok(r) => r,
                 Err(e) => return fail(e),
             };
-            println!("registered {service}/{id} (lease {lease}); keeping it alive until interrupted");
-            let mut keeper = c.keep_alive(lease);
+            println!("registered {service}/{id} (lease {}); keeping it alive until interrupted", registration.lease());
+            // Listening from before the first answer: a signal between two
+            // answers must not be missed.
+            let stop = crate::daemon_cmd::stop_signal();
+            tokio::pin!(stop);
             loop {
                 tokio::select! {
-                    answer = keeper.next() => match answer {
+                    answer = registration.next() => match answer {
                         Some(Ok(r)) if r.ttl_ms == 0 => {
                             eprintln!("the lease ended; {service}/{id} is no longer registered");
                             return 1;
@@ -468,9 +471,8 @@ pub async fn registry(args: &ClientArgs, cmd: RegistryCmd) -> u8 {
                         Some(Err(e)) => eprintln!("keep-alive: {e}; retrying"),
                         None => return 1,
                     },
-                    _ = crate::daemon_cmd::stop_signal() => {
-                        drop(keeper);
-                        return match c.deregister(&service, &id).await {
+                    _ = &mut stop => {
+                        return match registration.deregister().await {
                             Ok(_) => 0,
                             Err(e) => fail(e),
                         };

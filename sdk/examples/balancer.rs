@@ -30,8 +30,8 @@ async fn main() -> anyhow::Result<()> {
     let endpoints = if endpoints.is_empty() { vec!["127.0.0.1:7001".to_string()] } else { endpoints };
     let client = Client::connect(&endpoints)?;
 
-    // Two instances bound to leases kept alive while this program runs.
-    let mut keep = Vec::new();
+    // Two instances, kept registered while their handles live.
+    let mut registrations = Vec::new();
     for (id, port, gray) in [("web-1", 9001, false), ("web-2", 9002, true)] {
         let instance = pb::Instance {
             service: "demo-svc".into(),
@@ -43,8 +43,7 @@ async fn main() -> anyhow::Result<()> {
             gray,
             ..Default::default()
         };
-        let lease = client.register(instance, Duration::from_secs(10)).await.context("register")?;
-        keep.push(client.keep_alive(lease));
+        registrations.push(client.register_kept(instance, Duration::from_secs(10)).await.context("register")?);
     }
 
     let balancer = Balancer::new(BalancerOptions { strategy: Strategy::ConsistentHash, ..BalancerOptions::default() });
@@ -70,8 +69,10 @@ async fn main() -> anyhow::Result<()> {
         .await;
     println!("failover result: {result:?}");
 
-    for id in ["web-1", "web-2"] {
-        client.deregister("demo-svc", id).await?;
+    // Deregistered, not just dropped: gone at once, and followers of the
+    // service know it was on purpose.
+    for registration in registrations {
+        registration.deregister().await?;
     }
     Ok(())
 }
