@@ -9,6 +9,18 @@ use std::time::Duration;
 
 use common::{ferry, Schedulers, FERRY};
 
+/// `ferry --endpoints ENDPOINTS ARGS`: exit code, trimmed stdout, stderr.
+fn run_at(endpoints: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["--endpoints", endpoints];
+    all.extend_from_slice(args);
+    let out = ferry(&all);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_sees_every_revision_once_and_in_order_across_two_leader_kills() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -351,16 +363,7 @@ async fn gray_variants_from_the_cli_set_read_promote_drop() {
     let sched = Schedulers::start(dir.path(), &[]);
     sched.agreed_leader(&[1, 2, 3]).await;
     let endpoints = sched.addrs.join(",");
-    let run = |args: &[&str]| {
-        let mut all = vec!["--endpoints", &endpoints];
-        all.extend_from_slice(args);
-        let out = ferry(&all);
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| run_at(&endpoints, args);
     assert_eq!(run(&["config", "put", "rate", "100"]).0, Some(0));
     assert_eq!(run(&["config", "gray", "set", "rate", "150", "--selector", "zone=a"]).0, Some(0));
     assert_eq!(run(&["config", "gray", "set", "rate", "200", "--selector", "zone=a,role=canary"]).0, Some(0));
@@ -396,16 +399,7 @@ async fn config_txn_from_the_cli_applies_one_branch_atomically_and_exits_by_outc
     let sched = Schedulers::start(dir.path(), &[]);
     sched.agreed_leader(&[1, 2, 3]).await;
     let endpoints = sched.addrs.join(",");
-    let run = |args: &[&str]| {
-        let mut all = vec!["--endpoints", &endpoints];
-        all.extend_from_slice(args);
-        let out = ferry(&all);
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| run_at(&endpoints, args);
     let json = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("json");
     let get = |key: &str| run(&["config", "get", key]);
 
