@@ -519,3 +519,42 @@ async fn the_callback_url_gets_the_final_report() {
     assert_eq!(v["state"], "succeeded");
     assert_eq!(v["targets"][0]["state"], "installed");
 }
+
+/// `ferry job watch` on a terminal (a pseudo-terminal from util-linux's
+/// `script`): the progress bar is drawn while the job runs, then the report
+/// is printed and the exit code says the job succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_watch_on_a_terminal_draws_progress_then_the_report() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
+    // A capped download keeps the job running for a few seconds.
+    let t = WorkerProc::start(dir.path(), "t", &sched.addrs, &["--download-limit", "4MiB/s"]);
+    workers_up(&c, &["src", "t"]).await;
+    let data: Vec<u8> = (0..12u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(src.root.join("tty.bin"), &data).expect("write");
+    let id = c
+        .submit_job(
+            spec("src", vec![src.root.join("tty.bin").display().to_string()], |s| {
+                s.targets = vec!["t".into()];
+                s.destination = "in/".into();
+            }),
+            false,
+        )
+        .await
+        .expect("submit")
+        .job_id;
+    let command = format!("{FERRY} --endpoints {} job watch {id}", sched.addrs.join(","));
+    let out = tokio::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .await
+        .expect("run script (util-linux)");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "job watch on a tty exited {}:\n{screen}", out.status);
+    assert!(screen.contains("0/1 targets done"), "no progress bar while the job ran:\n{screen}");
+    assert!(screen.contains("succeeded") && screen.contains("installed"), "no final report:\n{screen}");
+    assert_eq!(hash(&t.root.join("in/tty.bin")), hash(&src.root.join("tty.bin")));
+}
