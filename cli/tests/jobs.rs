@@ -47,6 +47,16 @@ async fn push_to_targets(c: &ferry_sdk::Client, files: Vec<String>) -> pb::JobRe
     c.submit_job(spec, true).await.expect("submit").report.expect("report with wait")
 }
 
+/// Submits a job (no wait) that pushes `file` from `src`'s root to worker
+/// `t`'s `in/`; returns its id.
+async fn push_to_t(c: &ferry_sdk::Client, src: &WorkerProc, file: &str) -> String {
+    let spec = spec("src", vec![src.root.join(file).display().to_string()], |s| {
+        s.targets = vec!["t".into()];
+        s.destination = "in/".into();
+    });
+    c.submit_job(spec, false).await.expect("submit").job_id
+}
+
 fn moved(t: &pb::TargetReport) -> u64 {
     t.bytes_from_source + t.bytes_from_peers
 }
@@ -432,17 +442,7 @@ async fn a_target_back_within_grace_resumes_and_cancel_leaves_no_final_file() {
     // Cancel a slow job midway: it ends cancelled, nothing is installed and
     // the staging file goes away.
     std::fs::write(src.root.join("c.bin"), random_bytes(12 * 1024 * 1024, 4)).expect("write");
-    let id = c
-        .submit_job(
-            spec("src", vec![src.root.join("c.bin").display().to_string()], |s| {
-                s.targets = vec!["t".into()];
-                s.destination = "in/".into();
-            }),
-            false,
-        )
-        .await
-        .expect("submit")
-        .job_id;
+    let id = push_to_t(&c, &src, "c.bin").await;
     wait_for("some chunks", Duration::from_secs(20), || async {
         (c.get_job(&id).await.ok()?.targets[0].chunks_done > 0).then_some(())
     })
@@ -532,19 +532,8 @@ async fn job_watch_on_a_terminal_draws_progress_then_the_report() {
     // A capped download keeps the job running for a few seconds.
     let t = WorkerProc::start(dir.path(), "t", &sched.addrs, &["--download-limit", "4MiB/s"]);
     workers_up(&c, &["src", "t"]).await;
-    let data: Vec<u8> = (0..12u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    std::fs::write(src.root.join("tty.bin"), &data).expect("write");
-    let id = c
-        .submit_job(
-            spec("src", vec![src.root.join("tty.bin").display().to_string()], |s| {
-                s.targets = vec!["t".into()];
-                s.destination = "in/".into();
-            }),
-            false,
-        )
-        .await
-        .expect("submit")
-        .job_id;
+    std::fs::write(src.root.join("tty.bin"), random_bytes(12 * 1024 * 1024, 5)).expect("write");
+    let id = push_to_t(&c, &src, "tty.bin").await;
     let command = format!("{FERRY} --endpoints {} job watch {id}", sched.addrs.join(","));
     let out = tokio::process::Command::new("script")
         .args(["--quiet", "--return", "--command", &command, "/dev/null"])
