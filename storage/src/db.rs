@@ -1,11 +1,16 @@
 //! Opening a scheduler's data directory.
 //!
-//! One sled database holds everything: the `log` tree (big-endian u64 keys),
-//! the `meta` tree (vote, committed, last purged, `data_version`, current
-//! snapshot, state machine generation) and the state machine's trees. Snapshot
-//! files live beside it in `snapshots/`. A directory from an unknown format
-//! version, a corrupt one, or one locked by another process is refused with a
-//! clear [`Error`].
+//! One sled database holds the `log` tree (big-endian u64 keys) and the
+//! `meta` tree (vote, committed, last purged, `data_version`, current
+//! snapshot). Snapshot files live beside it in `snapshots/`; the state
+//! machine itself is in memory, rebuilt from the current snapshot and the log
+//! on start. A directory from an unknown format version, a corrupt one, or one
+//! locked by another process is refused with a clear [`Error`].
+//!
+//! Format 2 also kept the state machine in sled trees (`sm<N>_*`). Opening
+//! such a directory drops them and marks it format 3: the snapshot and the
+//! log after it hold the same state. A format 2 binary refuses a format 3
+//! directory by its version, instead of starting from an empty state.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,7 +20,9 @@ use crate::log_store::LogStore;
 use crate::state_machine::StateMachineStore;
 
 /// The data format version this binary writes and reads.
-pub const DATA_VERSION: u32 = 2;
+pub const DATA_VERSION: u32 = 3;
+/// The older format this binary upgrades in place.
+const UPGRADES_FROM: u32 = 2;
 pub(crate) const KEY_DATA_VERSION: &[u8] = b"data_version";
 
 /// Tuning for [`open`].
@@ -83,7 +90,15 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
                 reason: format!("data_version has {} bytes, expected 4", raw.len()),
             })?;
             let found = u32::from_be_bytes(bytes);
-            if found != DATA_VERSION {
+            if found == UPGRADES_FROM {
+                for name in db.tree_names() {
+                    if name.starts_with(b"sm") {
+                        db.drop_tree(&name).map_err(|e| open_error(path, e))?;
+                    }
+                }
+                meta.insert(KEY_DATA_VERSION, &DATA_VERSION.to_be_bytes()).map_err(|e| open_error(path, e))?;
+                db.flush().map_err(|e| open_error(path, e))?;
+            } else if found != DATA_VERSION {
                 return Err(Error::UnknownVersion { path: path.into(), found, supported: DATA_VERSION });
             }
         }
@@ -137,6 +152,23 @@ mod tests {
         }
         let err = open(tmp.path(), &OpenOptions::default()).unwrap_err();
         assert!(matches!(err, Error::UnknownVersion { found: 9, .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn format_2_directory_is_upgraded_and_its_state_trees_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (log, _sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+            let db = &log.dir().db;
+            db.open_tree("sm0_kv").unwrap().insert(b"k", b"v").unwrap();
+            log.dir().meta.insert(KEY_DATA_VERSION, &2u32.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let (log, _sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+        let db = &log.dir().db;
+        assert!(!db.tree_names().iter().any(|n| n.starts_with(b"sm")));
+        let version = log.dir().meta.get(KEY_DATA_VERSION).unwrap().unwrap();
+        assert_eq!(version.as_ref(), &DATA_VERSION.to_be_bytes());
     }
 
     #[tokio::test]

@@ -89,16 +89,6 @@ pub struct Event {
     pub kv: KeyValue,
 }
 
-/// The key of a key's history entry: length-prefixed key, then revision, so
-/// one key's revisions are contiguous and ordered.
-pub(crate) fn history_key(key: &str, revision: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + key.len() + 8);
-    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
-    out.extend_from_slice(key.as_bytes());
-    out.extend_from_slice(&revision.to_be_bytes());
-    out
-}
-
 /// A condition of a transaction on one key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Compare {

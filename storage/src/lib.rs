@@ -1,4 +1,5 @@
-//! Ferry's replicated storage: the openraft log store and state machine on sled.
+//! Ferry's replicated storage: the openraft log store on sled and the state
+//! machine in memory, made durable by that log and snapshot files.
 //!
 //! openraft (storage-v2) drives two objects built by [`open`]:
 //! [`LogStore`] keeps the vote and the log, [`StateMachineStore`] applies

@@ -130,19 +130,3 @@ pub fn validate_def(def: &ProbeDef) -> Result<(), String> {
     }
     Ok(())
 }
-
-pub(crate) fn def_key(name: &str) -> Vec<u8> {
-    format!("d/{name}").into_bytes()
-}
-
-pub(crate) fn results_prefix(name: &str) -> Vec<u8> {
-    format!("r/{name}\0").into_bytes()
-}
-
-pub(crate) fn results_key(name: &str, worker: &str) -> Vec<u8> {
-    format!("r/{name}\0{worker}").into_bytes()
-}
-
-pub(crate) fn workers_key(name: &str) -> Vec<u8> {
-    format!("w/{name}").into_bytes()
-}

@@ -1,0 +1,480 @@
+//! The replicated state in memory, and `apply`: deterministic, infallible
+//! changes to it.
+//!
+//! Every map is ordered (`BTreeMap`), so snapshots and digests list the same
+//! state the same way on every replica. Apply does no I/O and cannot fail
+//! halfway, so a batch of entries is applied whole or (on a crash) not at
+//! all: after a restart the state is the last snapshot, and openraft applies
+//! the log after it again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use openraft::{Entry, EntryPayload, LogId, StoredMembership};
+
+use super::{Change, Membership, DEDUP_WINDOW};
+use crate::command::{Command, CommandResult, Op};
+use crate::jobs::{Job, WorkerRecord};
+use crate::kv::{self, Compare, Event, EventKind, KeyValue, StoredValue, TxnOp};
+use crate::probes::{ProbeDef, WorkerProbe};
+use crate::{NodeId, TypeConfig};
+
+/// Request ids seen in the last [`DEDUP_WINDOW`] log entries, with the
+/// answer each got.
+#[derive(Clone, Default)]
+pub(crate) struct Dedup {
+    by_id: HashMap<String, (u64, CommandResult)>,
+    /// (index, id) in apply order, so expiry pops from the front.
+    order: VecDeque<(u64, String)>,
+}
+
+impl Dedup {
+    /// The answer `id` got, if it was applied within the window before `index`.
+    fn seen(&self, id: &str, index: u64) -> Option<&CommandResult> {
+        match self.by_id.get(id) {
+            Some((at, result)) if at + DEDUP_WINDOW >= index => Some(result),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn insert(&mut self, id: String, index: u64, result: CommandResult) {
+        self.order.push_back((index, id.clone()));
+        self.by_id.insert(id, (index, result));
+    }
+
+    /// Forgets ids applied more than the window before `now`. Lookups check
+    /// the window too, so when this runs changes no answer.
+    fn expire(&mut self, now: u64) {
+        while let Some((index, _)) = self.order.front() {
+            if index + DEDUP_WINDOW >= now {
+                break;
+            }
+            if let Some((index, id)) = self.order.pop_front() {
+                // The id may have been applied again (outside the window)
+                // since: only its own entry goes.
+                if self.by_id.get(&id).is_some_and(|(at, _)| *at == index) {
+                    self.by_id.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Puts the apply order back after loading entries in any order.
+    pub(crate) fn sort(&mut self) {
+        self.order.make_contiguous().sort();
+    }
+
+    /// Every remembered id, in no particular order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &(u64, CommandResult))> {
+        self.by_id.iter()
+    }
+}
+
+/// Everything the log has built, at one applied log id.
+#[derive(Clone, Default)]
+pub(crate) struct State {
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: Membership,
+    /// The cluster revision: one more for every key change.
+    pub revision: u64,
+    pub kv: BTreeMap<String, StoredValue>,
+    pub dedup: Dedup,
+    pub workers: BTreeMap<String, WorkerRecord>,
+    pub jobs: BTreeMap<String, Job>,
+    /// revision -> the change made at it and the key's state before it.
+    pub events: BTreeMap<u64, Change>,
+    /// (key, revision) of every change in `events`: each key's history.
+    pub history: BTreeSet<(String, u64)>,
+    pub leases: BTreeMap<u64, kv::Lease>,
+    /// key -> the lease it is bound to.
+    pub key_lease: BTreeMap<String, u64>,
+    /// key -> its gray variants.
+    pub gray: BTreeMap<String, Vec<kv::Variant>>,
+    pub probe_defs: BTreeMap<String, ProbeDef>,
+    /// probe -> worker -> what it last reported.
+    pub probe_results: BTreeMap<String, BTreeMap<String, WorkerProbe>>,
+}
+
+impl State {
+    /// Applies entries in order and returns one result per entry.
+    pub(crate) fn apply(&mut self, entries: &[Entry<TypeConfig>]) -> Vec<CommandResult> {
+        let mut results = Vec::with_capacity(entries.len());
+        for entry in entries {
+            results.push(match &entry.payload {
+                EntryPayload::Blank => CommandResult::None,
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    CommandResult::None
+                }
+                EntryPayload::Normal(cmd) => self.apply_command(entry.log_id.index, cmd),
+            });
+            self.last_applied = Some(entry.log_id);
+        }
+        if let Some(last) = self.last_applied {
+            self.dedup.expire(last.index);
+        }
+        results
+    }
+
+    /// The revision before which history is compacted.
+    pub(crate) fn compacted(&self) -> u64 {
+        match self.events.keys().next() {
+            Some(first) => first.saturating_sub(1),
+            None => self.revision,
+        }
+    }
+
+    /// Records the change made at `revision` (and the key's state before
+    /// it), and compacts the change that falls out of the history window
+    /// (one in, one out).
+    fn record(&mut self, revision: u64, event: Event, prev: Option<StoredValue>) {
+        self.history.insert((event.kv.key.clone(), revision));
+        self.events.insert(revision, Change { event, prev });
+        if revision > kv::HISTORY_REVISIONS {
+            let old = revision - kv::HISTORY_REVISIONS;
+            if let Some(gone) = self.events.remove(&old) {
+                self.history.remove(&(gone.event.kv.key, old));
+            }
+        }
+    }
+
+    /// Binds `key` to `lease` (0: to none), unbinding it from any other.
+    fn bind(&mut self, key: &str, lease: u64) {
+        let old = self.key_lease.get(key).copied();
+        if old == Some(lease) || (old.is_none() && lease == 0) {
+            return;
+        }
+        if let Some(old) = old {
+            if let Some(l) = self.leases.get_mut(&old) {
+                l.keys.retain(|k| k != key);
+            }
+            self.key_lease.remove(key);
+        }
+        if lease != 0 {
+            if let Some(l) = self.leases.get_mut(&lease) {
+                l.keys.push(key.to_owned());
+                self.key_lease.insert(key.to_owned(), lease);
+            }
+        }
+    }
+
+    /// A plain put: unbinds the key from its lease, as in etcd.
+    fn put(&mut self, revision: &mut u64, key: &str, value: &[u8]) -> CommandResult {
+        self.bind(key, 0);
+        self.put_value(revision, key, value)
+    }
+
+    fn put_value(&mut self, revision: &mut u64, key: &str, value: &[u8]) -> CommandResult {
+        *revision += 1;
+        let (create_revision, version) = match self.kv.get(key) {
+            Some(p) => (p.create_revision, p.version + 1),
+            None => (*revision, 1),
+        };
+        let stored = StoredValue { value: value.to_vec(), create_revision, mod_revision: *revision, version };
+        let event = Event { kind: EventKind::Put, kv: stored.clone().with_key(key.to_owned()) };
+        let prev = match self.kv.get_mut(key) {
+            Some(slot) => Some(std::mem::replace(slot, stored)),
+            None => {
+                self.kv.insert(key.to_owned(), stored);
+                None
+            }
+        };
+        self.record(*revision, event, prev);
+        CommandResult::Put { revision: *revision, create_revision, version }
+    }
+
+    fn delete(&mut self, revision: &mut u64, key: &str) -> bool {
+        let Some(prev) = self.kv.remove(key) else {
+            return false;
+        };
+        self.bind(key, 0);
+        // A deleted key's gray variants go with it.
+        self.gray.remove(key);
+        *revision += 1;
+        let kv =
+            KeyValue { key: key.to_owned(), value: vec![], create_revision: 0, mod_revision: *revision, version: 0 };
+        self.record(*revision, Event { kind: EventKind::Delete, kv }, Some(prev));
+        true
+    }
+
+    /// The first compare that does not hold, in words.
+    fn failed_compare(&self, compares: &[Compare]) -> Option<String> {
+        for c in compares {
+            match c {
+                Compare::ModRevision { key, revision } => match self.kv.get(key) {
+                    None => return Some(format!("key {key} does not exist")),
+                    Some(v) if v.mod_revision != *revision => {
+                        return Some(format!("key {key} has mod revision {}, not {revision}", v.mod_revision))
+                    }
+                    Some(_) => {}
+                },
+                Compare::Absent { key } => {
+                    if let Some(v) = self.kv.get(key) {
+                        return Some(format!("key {key} exists (mod revision {})", v.mod_revision));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Applies one command. Deterministic: depends only on the command, the
+    /// index and the state.
+    fn apply_command(&mut self, index: u64, cmd: &Command) -> CommandResult {
+        if !cmd.request_id.is_empty() {
+            if let Some(result) = self.dedup.seen(&cmd.request_id, index) {
+                return result.clone();
+            }
+        }
+        if let Op::Batch(commands) = &cmd.op {
+            // Each member is deduplicated and validated on its own, so one bad
+            // command rejects only itself.
+            return CommandResult::Batch(
+                commands
+                    .iter()
+                    .map(|c| match c.op {
+                        Op::Batch(_) => {
+                            CommandResult::Rejected { reason: "op: a batch must not contain a batch".into() }
+                        }
+                        _ => self.apply_command(index, c),
+                    })
+                    .collect(),
+            );
+        }
+        let result = match cmd.validate() {
+            Err(reason) => CommandResult::Rejected { reason },
+            Ok(()) => self.apply_op(&cmd.op),
+        };
+        if !cmd.request_id.is_empty() {
+            self.dedup.insert(cmd.request_id.clone(), index, result.clone());
+        }
+        result
+    }
+
+    fn apply_op(&mut self, op: &Op) -> CommandResult {
+        let mut revision = self.revision;
+        let result = match op {
+            Op::Put { key, value } => self.put(&mut revision, key, value),
+            Op::Delete { key } => {
+                let deleted = self.delete(&mut revision, key);
+                CommandResult::Delete { revision, deleted }
+            }
+            Op::LeaseGrant { id, ttl_ms } => {
+                if self.leases.contains_key(id) {
+                    CommandResult::Rejected { reason: format!("id: lease {id} exists already") }
+                } else {
+                    self.leases.insert(*id, kv::Lease { id: *id, ttl_ms: *ttl_ms, keys: vec![] });
+                    CommandResult::LeaseGranted { id: *id, ttl_ms: *ttl_ms }
+                }
+            }
+            Op::LeaseRevoke { ids } => {
+                let mut revoked = Vec::new();
+                for id in ids {
+                    let Some(lease) = self.leases.remove(id) else { continue };
+                    for key in &lease.keys {
+                        self.key_lease.remove(key);
+                        self.delete(&mut revision, key);
+                    }
+                    revoked.push(*id);
+                }
+                CommandResult::LeasesRevoked { revision, revoked }
+            }
+            Op::GraySet { key, selector, value } => {
+                let mut variants = self.gray.get(key).cloned().unwrap_or_default();
+                let variant = kv::Variant { selector: selector.clone(), value: value.clone(), revision };
+                let at = variants.iter().position(|v| v.selector == *selector);
+                if at.is_none() && variants.len() >= kv::MAX_VARIANTS {
+                    CommandResult::Rejected {
+                        reason: format!("selector: key {key} has {} variants already", kv::MAX_VARIANTS),
+                    }
+                } else {
+                    match at {
+                        Some(i) => variants[i] = variant,
+                        None => variants.push(variant),
+                    }
+                    self.gray.insert(key.clone(), variants);
+                    CommandResult::Done
+                }
+            }
+            Op::GrayPromote { key, selector } => {
+                let mut variants = self.gray.get(key).cloned().unwrap_or_default();
+                let at = if selector.is_empty() && variants.len() == 1 {
+                    Some(0)
+                } else {
+                    variants.iter().position(|v| v.selector == *selector)
+                };
+                match at {
+                    None => CommandResult::Rejected {
+                        reason: if selector.is_empty() && variants.len() > 1 {
+                            format!("selector: key {key} has {} variants; name one", variants.len())
+                        } else {
+                            format!("selector: key {key} has no variant for '{}'", kv::selector_text(selector))
+                        },
+                    },
+                    Some(i) => {
+                        let variant = variants.remove(i);
+                        self.bind(key, 0);
+                        let put = self.put_value(&mut revision, key, &variant.value);
+                        if variants.is_empty() {
+                            self.gray.remove(key);
+                        } else {
+                            self.gray.insert(key.clone(), variants);
+                        }
+                        put
+                    }
+                }
+            }
+            Op::GrayDrop { key, selector } => {
+                let mut variants = self.gray.get(key).cloned().unwrap_or_default();
+                let before = variants.len();
+                variants.retain(|v| !selector.is_empty() && v.selector != *selector);
+                if variants.len() == before {
+                    CommandResult::Rejected {
+                        reason: format!("selector: key {key} has no variant for '{}'", kv::selector_text(selector)),
+                    }
+                } else {
+                    if variants.is_empty() {
+                        self.gray.remove(key);
+                    } else {
+                        self.gray.insert(key.clone(), variants);
+                    }
+                    CommandResult::Done
+                }
+            }
+            Op::ProbeDefine(def) => {
+                // Results are per target index and selected worker: with
+                // other targets or workers they would describe the wrong ones.
+                let changed = self
+                    .probe_defs
+                    .get(&def.name)
+                    .is_some_and(|old| old.targets != def.targets || old.selector != def.selector);
+                if changed {
+                    self.probe_results.remove(&def.name);
+                }
+                self.probe_defs.insert(def.name.clone(), (**def).clone());
+                CommandResult::Done
+            }
+            Op::ProbeDelete { name } => {
+                if self.probe_defs.remove(name).is_none() {
+                    CommandResult::Rejected { reason: format!("name: no probe named {name}") }
+                } else {
+                    self.probe_results.remove(name);
+                    CommandResult::Done
+                }
+            }
+            Op::ProbeReport { probe, state } => {
+                if !self.probe_defs.contains_key(probe) {
+                    CommandResult::Rejected { reason: format!("probe: no probe named {probe}") }
+                } else {
+                    self.probe_results.entry(probe.clone()).or_default().insert(state.worker.clone(), state.clone());
+                    CommandResult::Done
+                }
+            }
+            Op::PutLeased { key, value, lease } => {
+                if !self.leases.contains_key(lease) {
+                    CommandResult::Rejected { reason: format!("lease: unknown lease id {lease}") }
+                } else {
+                    self.bind(key, *lease);
+                    self.put_value(&mut revision, key, value)
+                }
+            }
+            Op::Txn(txn) => {
+                let failed = self.failed_compare(&txn.compares);
+                let ops = if failed.is_none() { &txn.success } else { &txn.failure };
+                for op in ops {
+                    match op {
+                        TxnOp::Put { key, value } => {
+                            self.put(&mut revision, key, value);
+                        }
+                        TxnOp::Delete { key } => {
+                            self.delete(&mut revision, key);
+                        }
+                        TxnOp::PutLeased { key, value, lease } => {
+                            if self.leases.contains_key(lease) {
+                                self.bind(key, *lease);
+                                self.put_value(&mut revision, key, value);
+                            }
+                        }
+                    }
+                }
+                CommandResult::Txn { succeeded: failed.is_none(), revision, failed: failed.unwrap_or_default() }
+            }
+            Op::Batch(_) => CommandResult::Rejected { reason: "op: nested batch".into() },
+            Op::RegisterWorker(w) => {
+                self.workers.insert(w.name.clone(), w.clone());
+                CommandResult::Done
+            }
+            Op::CreateJob(job) => {
+                if self.jobs.contains_key(&job.id) {
+                    CommandResult::Rejected { reason: format!("job id: {} exists already", job.id) }
+                } else {
+                    self.jobs.insert(job.id.clone(), (**job).clone());
+                    CommandResult::Done
+                }
+            }
+            Op::JobEvents(events) => {
+                for event in events {
+                    if let Some(job) = self.jobs.get_mut(event.job()) {
+                        job.apply(event);
+                    }
+                }
+                CommandResult::Done
+            }
+        };
+        self.revision = revision;
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+    use super::*;
+
+    fn put(index: u64, id: &str, key: &str) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command {
+                request_id: id.into(),
+                op: Op::Put { key: key.into(), value: b"v".to_vec() },
+            }),
+        }
+    }
+
+    fn revision_of(result: &CommandResult) -> u64 {
+        match result {
+            CommandResult::Put { revision, .. } => *revision,
+            other => panic!("not a put: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_id_applied_again_after_its_window_keeps_its_new_answer_when_the_old_one_expires() {
+        let mut state = State::default();
+        let first = state.apply(&[put(1, "a", "k")]);
+        // Inside the window: the first answer, nothing applied.
+        let again = state.apply(&[put(DEDUP_WINDOW + 1, "a", "k")]);
+        assert_eq!(again, first);
+        assert_eq!(state.revision, 1);
+        // Past it: applied again, remembered with its new index.
+        let later = state.apply(&[put(DEDUP_WINDOW + 2, "a", "k")]);
+        assert_eq!(revision_of(&later[0]), 2);
+        // The old (index 1) entry has expired by now; the new one answers.
+        let retried = state.apply(&[put(DEDUP_WINDOW + 3, "a", "k")]);
+        assert_eq!(retried, later);
+        assert_eq!(state.revision, 2);
+        assert_eq!(state.dedup.by_id.len(), 1);
+        assert_eq!(state.dedup.order.len(), 1);
+    }
+
+    #[test]
+    fn history_keeps_the_window_one_in_one_out() {
+        let mut state = State::default();
+        let entries: Vec<_> = (1..=kv::HISTORY_REVISIONS + 5).map(|i| put(i, "", &format!("k{}", i % 3))).collect();
+        state.apply(&entries);
+        assert_eq!(state.events.len() as u64, kv::HISTORY_REVISIONS);
+        assert_eq!(state.history.len() as u64, kv::HISTORY_REVISIONS);
+        assert_eq!(state.compacted(), 5);
+        assert!(state.history.iter().all(|(key, rev)| state.events[rev].event.kv.key == *key));
+    }
+}
