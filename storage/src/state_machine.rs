@@ -35,8 +35,14 @@ use crate::snapshot::{self, Header, Record};
 use crate::{NodeId, RaftStorageError, TypeConfig};
 use state::State;
 
-/// A request id is remembered for this many log entries after it was applied.
+/// A request id is remembered for this many log entries after it was applied
+/// (one entry may carry many commands)...
 pub const DEDUP_WINDOW: u64 = 100_000;
+/// ...but no more than about this many ids are remembered: the oldest
+/// entries' ids go first. At 5,000 writes/s that is still 100 s, well past
+/// a client's retry budget (the SDK's default is 15 s); it bounds the memory
+/// (about 150 bytes an id) and the snapshot size under sustained load.
+pub const DEDUP_MAX_IDS: usize = 500_000;
 
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
@@ -141,7 +147,7 @@ fn load(path: &std::path::Path, meta: Option<&SnapshotMeta<NodeId, BasicNode>>) 
             Record::Kv { key, value } => {
                 state.kv.insert(key, value);
             }
-            Record::Dedup { request_id, index, result } => state.dedup.insert(request_id, index, result),
+            Record::Dedup { request_id, index, result } => state.dedup.insert(&request_id, index, result),
             Record::Worker(w) => {
                 state.workers.insert(w.name.clone(), w);
             }
@@ -179,6 +185,9 @@ fn load(path: &std::path::Path, meta: Option<&SnapshotMeta<NodeId, BasicNode>>) 
         }
     }
     state.dedup.sort();
+    if let Some(last) = state.last_applied {
+        state.dedup.expire(last.index);
+    }
     Ok(state)
 }
 
@@ -189,7 +198,7 @@ fn write_records<W: std::io::Write>(state: &State, header: &Header, out: W) -> R
         w.record(&Record::Kv { key: key.clone(), value: value.clone() })?;
     }
     for (id, (index, result)) in state.dedup.iter() {
-        w.record(&Record::Dedup { request_id: id.clone(), index: *index, result: result.clone() })?;
+        w.record(&Record::Dedup { request_id: id.to_owned(), index: *index, result: result.clone() })?;
     }
     for worker in state.workers.values() {
         w.record(&Record::Worker(worker.clone()))?;

@@ -8,23 +8,39 @@
 //! the log after it again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use openraft::{Entry, EntryPayload, LogId, StoredMembership};
 
-use super::{Change, Membership, DEDUP_WINDOW};
+use super::{Change, Membership, DEDUP_MAX_IDS, DEDUP_WINDOW};
 use crate::command::{Command, CommandResult, Op};
 use crate::jobs::{Job, WorkerRecord};
 use crate::kv::{self, Compare, Event, EventKind, KeyValue, StoredValue, TxnOp};
 use crate::probes::{ProbeDef, WorkerProbe};
 use crate::{NodeId, TypeConfig};
 
-/// Request ids seen in the last [`DEDUP_WINDOW`] log entries, with the
-/// answer each got.
-#[derive(Clone, Default)]
+/// Request ids applied recently, with the answer each got: those of the last
+/// [`DEDUP_WINDOW`] log entries, but at most about [`DEDUP_MAX_IDS`] ids.
+///
+/// Expiry runs after every entry, so what is remembered after entry N
+/// depends only on the entries up to N, never on how openraft batched them
+/// or on whether this replica loaded a snapshot: every replica answers a
+/// retried id alike. The count bound drops whole log entries (every id of
+/// the oldest index at once), so the order of ids inside one entry, which a
+/// snapshot does not keep, never matters.
+#[derive(Clone)]
 pub(crate) struct Dedup {
-    by_id: HashMap<String, (u64, CommandResult)>,
-    /// (index, id) in apply order, so expiry pops from the front.
-    order: VecDeque<(u64, String)>,
+    by_id: HashMap<Arc<str>, (u64, CommandResult)>,
+    /// (index, id) in apply order (sorted by index after a load), so expiry
+    /// pops from the front. May hold stale pairs of ids applied again.
+    order: VecDeque<(u64, Arc<str>)>,
+    max_ids: usize,
+}
+
+impl Default for Dedup {
+    fn default() -> Self {
+        Self { by_id: HashMap::new(), order: VecDeque::new(), max_ids: DEDUP_MAX_IDS }
+    }
 }
 
 impl Dedup {
@@ -36,23 +52,27 @@ impl Dedup {
         }
     }
 
-    pub(crate) fn insert(&mut self, id: String, index: u64, result: CommandResult) {
+    pub(crate) fn insert(&mut self, id: &str, index: u64, result: CommandResult) {
+        let id: Arc<str> = Arc::from(id);
         self.order.push_back((index, id.clone()));
         self.by_id.insert(id, (index, result));
     }
 
-    /// Forgets ids applied more than the window before `now`. Lookups check
-    /// the window too, so when this runs changes no answer.
-    fn expire(&mut self, now: u64) {
-        while let Some((index, _)) = self.order.front() {
-            if index + DEDUP_WINDOW >= now {
+    /// Forgets ids applied more than the window before `now`, then whole
+    /// oldest entries while more than [`DEDUP_MAX_IDS`] are remembered.
+    pub(crate) fn expire(&mut self, now: u64) {
+        while let Some(&(index, _)) = self.order.front() {
+            let too_old = index + DEDUP_WINDOW < now;
+            if !too_old && self.by_id.len() <= self.max_ids {
                 break;
             }
-            if let Some((index, id)) = self.order.pop_front() {
-                // The id may have been applied again (outside the window)
-                // since: only its own entry goes.
-                if self.by_id.get(&id).is_some_and(|(at, _)| *at == index) {
-                    self.by_id.remove(&id);
+            while self.order.front().is_some_and(|(i, _)| *i == index) {
+                if let Some((index, id)) = self.order.pop_front() {
+                    // The id may have been applied again (outside the
+                    // window) since: only its own pair goes.
+                    if self.by_id.get(&id).is_some_and(|(at, _)| *at == index) {
+                        self.by_id.remove(&id);
+                    }
                 }
             }
         }
@@ -64,8 +84,13 @@ impl Dedup {
     }
 
     /// Every remembered id, in no particular order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &(u64, CommandResult))> {
-        self.by_id.iter()
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &(u64, CommandResult))> {
+        self.by_id.iter().map(|(id, v)| (&**id, v))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.by_id.len()
     }
 }
 
@@ -108,9 +133,7 @@ impl State {
                 EntryPayload::Normal(cmd) => self.apply_command(entry.log_id.index, cmd),
             });
             self.last_applied = Some(entry.log_id);
-        }
-        if let Some(last) = self.last_applied {
-            self.dedup.expire(last.index);
+            self.dedup.expire(entry.log_id.index);
         }
         results
     }
@@ -245,7 +268,7 @@ impl State {
             Ok(()) => self.apply_op(&cmd.op),
         };
         if !cmd.request_id.is_empty() {
-            self.dedup.insert(cmd.request_id.clone(), index, result.clone());
+            self.dedup.insert(&cmd.request_id, index, result.clone());
         }
         result
     }
@@ -463,8 +486,34 @@ mod tests {
         let retried = state.apply(&[put(DEDUP_WINDOW + 3, "a", "k")]);
         assert_eq!(retried, later);
         assert_eq!(state.revision, 2);
-        assert_eq!(state.dedup.by_id.len(), 1);
+        assert_eq!(state.dedup.len(), 1);
         assert_eq!(state.dedup.order.len(), 1);
+    }
+
+    fn batch(index: u64, ids: &[&str]) -> Entry<TypeConfig> {
+        let commands = ids
+            .iter()
+            .map(|id| Command { request_id: (*id).into(), op: Op::Put { key: format!("k/{id}"), value: vec![] } })
+            .collect();
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command { request_id: String::new(), op: Op::Batch(commands) }),
+        }
+    }
+
+    #[test]
+    fn past_the_id_bound_the_oldest_entries_ids_go_whole() {
+        let mut state = State::default();
+        state.dedup.max_ids = 3;
+        state.apply(&[batch(1, &["a", "b"]), batch(2, &["c", "d"])]);
+        // Four ids exceed three: entry 1's two go together.
+        assert_eq!(state.dedup.len(), 2);
+        let revision = state.revision;
+        state.apply(&[batch(3, &["c", "a"])]);
+        // "c" is answered from the record; "a" was forgotten and applies again.
+        assert_eq!(state.revision, revision + 1);
+        assert_eq!(state.kv["k/a"].version, 2);
+        assert_eq!(state.kv["k/c"].version, 1);
     }
 
     #[test]
