@@ -197,9 +197,11 @@ impl Materializer {
 
     /// Reads, renders and (if the bytes changed) writes one rule's file,
     /// then runs its hook. `revision`: what the watch had seen; the reads
-    /// are at least that new.
+    /// are at least that new, and may be newer (a change read before its
+    /// event arrived), so the hook is told the newer of the two.
     async fn render(&self, rule: &ConfigFileRule, revision: u64) -> Result<(), Skip> {
-        let bytes = self.content(rule).await?;
+        let (bytes, newest) = self.content(rule).await?;
+        let revision = revision.max(newest);
         let path = rule.path.to_str().ok_or_else(|| Skip::Failed("path: not UTF-8".into()))?;
         // Checked again at every write: a symlink may have appeared since start.
         let resolved = self.roots.check_write(path).map_err(Skip::Failed)?;
@@ -245,16 +247,19 @@ impl Materializer {
         }
     }
 
-    /// The file's bytes as the cluster says they should be now.
-    async fn content(&self, rule: &ConfigFileRule) -> Result<Vec<u8>, Skip> {
+    /// The file's bytes as the cluster says they should be now, and the
+    /// newest modify revision among the keys read.
+    async fn content(&self, rule: &ConfigFileRule) -> Result<(Vec<u8>, u64), Skip> {
         let failed = |e: ferry_sdk::Error| Skip::Failed(e.to_string());
         let format = rule.format();
+        let mut newest = 0;
         let entries = match (&rule.key, &rule.prefix) {
             (Some(key), _) => {
                 let (kv, _variant) =
                     self.client.get_with_labels(key, &self.labels).await.map_err(failed)?.ok_or(Skip::Missing)?;
+                newest = kv.mod_revision;
                 if format == FileFormat::Raw {
-                    return Ok(kv.value);
+                    return Ok((kv.value, newest));
                 }
                 BTreeMap::from([(key.clone(), kv.value)])
             }
@@ -263,6 +268,7 @@ impl Materializer {
                 let mut entries = BTreeMap::new();
                 for kv in self.client.list(prefix, false).await.map_err(failed)? {
                     let Some(name) = render::name_of(&kv.key, prefix, strip) else { continue };
+                    newest = newest.max(kv.mod_revision);
                     // A listing carries main values only; gray variants are
                     // per key, so with labels each key is read on its own.
                     let value = if self.labels.is_empty() {
@@ -286,7 +292,7 @@ impl Materializer {
             }
             (None, None) => return Err(Skip::Failed("the rule has no key or prefix".into())),
         };
-        render::render(format, &entries).map_err(Skip::Failed)
+        Ok((render::render(format, &entries).map_err(Skip::Failed)?, newest))
     }
 }
 
