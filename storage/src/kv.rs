@@ -70,6 +70,12 @@ pub fn validate_value(value: &[u8]) -> Result<(), String> {
 /// are applied, so every replica compacts at the same revisions.
 pub const HISTORY_REVISIONS: u64 = 10_000;
 
+/// ...and fewer when the changes in the window hold more than this many
+/// bytes (keys, values and the values they replaced), oldest first: the
+/// history is kept in memory, and 10,000 changes of 1 MiB values would not
+/// fit. Counted the same on every replica, so they compact alike.
+pub const HISTORY_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
 /// What a change did to a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {

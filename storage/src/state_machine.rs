@@ -154,10 +154,7 @@ fn load(path: &std::path::Path, meta: Option<&SnapshotMeta<NodeId, BasicNode>>) 
             Record::Job(j) => {
                 state.jobs.insert(j.id.clone(), *j);
             }
-            Record::Change { revision, change } => {
-                state.history.insert((change.event.kv.key.clone(), revision));
-                state.events.insert(revision, change);
-            }
+            Record::Change { revision, change } => state.keep(revision, change),
             Record::Lease(lease) => {
                 for key in &lease.keys {
                     state.key_lease.insert(key.clone(), lease.id);

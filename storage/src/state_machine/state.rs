@@ -109,6 +109,8 @@ pub(crate) struct State {
     pub events: BTreeMap<u64, Change>,
     /// (key, revision) of every change in `events`: each key's history.
     pub history: BTreeSet<(String, u64)>,
+    /// What the changes in `events` weigh ([`change_bytes`]).
+    pub history_bytes: u64,
     pub leases: BTreeMap<u64, kv::Lease>,
     /// key -> the lease it is bound to.
     pub key_lease: BTreeMap<String, u64>,
@@ -117,6 +119,13 @@ pub(crate) struct State {
     pub probe_defs: BTreeMap<String, ProbeDef>,
     /// probe -> worker -> what it last reported.
     pub probe_results: BTreeMap<String, BTreeMap<String, WorkerProbe>>,
+}
+
+/// What one change weighs in the history window: its key, its value and
+/// the value it replaced.
+fn change_bytes(change: &Change) -> u64 {
+    let prev = change.prev.as_ref().map(|p| p.value.len()).unwrap_or(0);
+    (change.event.kv.key.len() + change.event.kv.value.len() + prev) as u64
 }
 
 impl State {
@@ -146,17 +155,22 @@ impl State {
         }
     }
 
+    /// Adds a change to the history window (and to `history`).
+    pub(crate) fn keep(&mut self, revision: u64, change: Change) {
+        self.history_bytes += change_bytes(&change);
+        self.history.insert((change.event.kv.key.clone(), revision));
+        self.events.insert(revision, change);
+    }
+
     /// Records the change made at `revision` (and the key's state before
-    /// it), and compacts the change that falls out of the history window
-    /// (one in, one out).
+    /// it), and compacts the oldest changes while the window holds more
+    /// than [`kv::HISTORY_REVISIONS`] changes or [`kv::HISTORY_MAX_BYTES`].
     fn record(&mut self, revision: u64, event: Event, prev: Option<StoredValue>) {
-        self.history.insert((event.kv.key.clone(), revision));
-        self.events.insert(revision, Change { event, prev });
-        if revision > kv::HISTORY_REVISIONS {
-            let old = revision - kv::HISTORY_REVISIONS;
-            if let Some(gone) = self.events.remove(&old) {
-                self.history.remove(&(gone.event.kv.key, old));
-            }
+        self.keep(revision, Change { event, prev });
+        while self.events.len() as u64 > kv::HISTORY_REVISIONS || self.history_bytes > kv::HISTORY_MAX_BYTES {
+            let Some((old, gone)) = self.events.pop_first() else { break };
+            self.history_bytes -= change_bytes(&gone);
+            self.history.remove(&(gone.event.kv.key, old));
         }
     }
 
@@ -525,5 +539,22 @@ mod tests {
         assert_eq!(state.history.len() as u64, kv::HISTORY_REVISIONS);
         assert_eq!(state.compacted(), 5);
         assert!(state.history.iter().all(|(key, rev)| state.events[rev].event.kv.key == *key));
+    }
+
+    #[test]
+    fn big_values_shorten_the_history_window_by_bytes() {
+        let mut state = State::default();
+        let big = vec![7u8; kv::MAX_VALUE_BYTES];
+        let mut revision = 0;
+        for _ in 0..200 {
+            state.put(&mut revision, "blob", &big);
+            state.revision = revision;
+        }
+        // Each change weighs its value and the one it replaced: 2 MiB.
+        assert!(state.history_bytes <= kv::HISTORY_MAX_BYTES);
+        let kept = state.events.len() as u64;
+        assert_eq!(kept, kv::HISTORY_MAX_BYTES / (2 * kv::MAX_VALUE_BYTES as u64 + 4));
+        assert_eq!(state.compacted(), 200 - kept);
+        assert_eq!(state.history.len() as u64, kept);
     }
 }
