@@ -10,15 +10,18 @@
 //! was acknowledged, and a crash mid-apply leaves nothing half-applied.
 //!
 //! Apply never reads clocks or randomness: its result depends only on the
-//! entries and the prior state. Snapshots are written from one point in
-//! time (openraft runs no apply while it asks for one) as `*.tmp`, fsynced,
-//! renamed, and then recorded as current in sled's `meta` tree (flushed)
-//! before other snapshot files are deleted.
+//! entries and the prior state. A snapshot is a copy of the state taken
+//! while openraft runs no apply (one point in time; the copy costs memory
+//! for a moment, not a pause of the file's length), written off the apply
+//! path as `*.tmp`, fsynced, renamed, and then recorded as current in sled's
+//! `meta` tree (flushed) before older snapshot files are deleted. A build
+//! that finishes after a newer snapshot was installed is not recorded.
 
 mod state;
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
@@ -70,6 +73,8 @@ struct Inner {
     revision: AtomicU64,
     snapshots_built: AtomicU64,
     snapshots_installed: AtomicU64,
+    /// The last log id of the snapshot recorded as current.
+    current_snapshot: Mutex<Option<LogId<NodeId>>>,
     /// Bumped (to the applied index) after every apply or install, so job
     /// watchers wake up.
     changed: tokio::sync::watch::Sender<u64>,
@@ -227,10 +232,18 @@ impl StateMachineStore {
     pub(crate) fn new(dir: DataDir) -> Result<Self, Error> {
         let pointer: Option<(SnapshotMeta<NodeId, BasicNode>, String)> =
             read_value(&dir.meta, KEY_SNAPSHOT, "snapshot pointer")?;
-        let state = match pointer {
-            Some((meta, name)) => load(&dir.snapshot_dir().join(name), Some(&meta))?,
+        let state = match &pointer {
+            Some((meta, name)) => load(&dir.snapshot_dir().join(name), Some(meta))?,
             None => State::default(),
         };
+        // Leftovers of a build or a copy that a crash interrupted.
+        if let Ok(listing) = std::fs::read_dir(dir.snapshot_dir()) {
+            for item in listing.flatten() {
+                if item.file_name().to_string_lossy().ends_with(".tmp") {
+                    let _ = std::fs::remove_file(item.path());
+                }
+            }
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 dir,
@@ -239,6 +252,7 @@ impl StateMachineStore {
                 state: RwLock::new(state),
                 snapshots_built: AtomicU64::new(0),
                 snapshots_installed: AtomicU64::new(0),
+                current_snapshot: Mutex::new(pointer.and_then(|(meta, _)| meta.last_log_id)),
                 changed: tokio::sync::watch::channel(0).0,
             }),
             observer: None,
@@ -268,10 +282,9 @@ impl StateMachineStore {
         results
     }
 
-    /// Writes a snapshot file of the current state. Runs while openraft holds
-    /// the state machine (no apply in between), which makes it point-in-time.
-    fn write_snapshot(&self) -> Result<Snapshot<TypeConfig>, Error> {
-        let state = self.inner.read();
+    /// Writes `state` (a copy taken at one applied log id) as a snapshot
+    /// file and records it as current, unless a newer one is by now.
+    fn write_snapshot(&self, state: &State) -> Result<Snapshot<TypeConfig>, Error> {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let snapshot_id = match state.last_applied {
             Some(l) => format!("{}-{}-{nanos}", l.leader_id.term, l.index),
@@ -284,45 +297,58 @@ impl StateMachineStore {
         let dir = self.inner.dir.snapshot_dir();
         let tmp = dir.join(format!("snap-{}.tmp", meta.snapshot_id));
         let file = std::fs::File::create(&tmp).map_err(|source| Error::Snapshot { op: "create", source })?;
-        let file = write_records(&state, &header, file)?;
-        drop(state);
+        let file = write_records(state, &header, file)?;
         file.sync_all().map_err(|source| Error::Snapshot { op: "fsync", source })?;
         drop(file);
-        let name = format!("snap-{}.bin", meta.snapshot_id);
-        std::fs::rename(&tmp, dir.join(&name)).map_err(|source| Error::Snapshot { op: "rename", source })?;
-        snapshot::sync_dir(&dir)?;
-        self.set_current_snapshot(&meta, &name)?;
-        self.inner.snapshots_built.fetch_add(1, Ordering::Relaxed);
-        let file = std::fs::File::open(dir.join(&name)).map_err(|source| Error::Snapshot { op: "open", source })?;
+        // Opened before it is renamed (or dropped as stale), so openraft can
+        // read it either way.
+        let file = std::fs::File::open(&tmp).map_err(|source| Error::Snapshot { op: "open", source })?;
+        if self.set_current_snapshot(&meta, &tmp)? {
+            self.inner.snapshots_built.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
     }
 
-    /// Records `name` as the current snapshot (flushed), then deletes every
-    /// other snapshot file.
-    fn set_current_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, name: &str) -> Result<(), Error> {
+    /// Renames the written file `tmp` into place as the current snapshot,
+    /// records it (flushed) and deletes the other finished snapshot files.
+    /// `false`, and `tmp` deleted, if the current snapshot is newer (a build
+    /// that finished after an install; openraft ignores a built snapshot
+    /// older than its own). One at a time, so a finished file is never
+    /// deleted before it is recorded.
+    fn set_current_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, tmp: &Path) -> Result<bool, Error> {
+        let mut current = self.inner.current_snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = self.inner.dir.snapshot_dir();
+        if meta.last_log_id < *current {
+            let _ = std::fs::remove_file(tmp);
+            return Ok(false);
+        }
+        let name = format!("snap-{}.bin", meta.snapshot_id);
+        std::fs::rename(tmp, dir.join(&name)).map_err(|source| Error::Snapshot { op: "rename", source })?;
+        snapshot::sync_dir(&dir)?;
         self.inner
             .dir
             .meta
-            .insert(KEY_SNAPSHOT, codec::encode("snapshot pointer", &(meta, name))?)
+            .insert(KEY_SNAPSHOT, codec::encode("snapshot pointer", &(meta, &name))?)
             .map_err(sled_err("record snapshot"))?;
         self.inner.dir.db.flush().map_err(sled_err("flush"))?;
-        let dir = self.inner.dir.snapshot_dir();
+        *current = meta.last_log_id;
         if let Ok(listing) = std::fs::read_dir(&dir) {
             for item in listing.flatten() {
-                if item.file_name().to_string_lossy() != name {
+                let file = item.file_name().to_string_lossy().into_owned();
+                // `*.tmp` may be a build or a copy still being written.
+                if file != name && file.ends_with(".bin") {
                     let _ = std::fs::remove_file(item.path());
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// Copies a received snapshot into place, loads it, records it as
-    /// current and only then replaces the state.
+    /// Copies a received snapshot beside the others, loads it, records it
+    /// as current and only then replaces the state.
     fn install(&self, meta: &SnapshotMeta<NodeId, BasicNode>, mut received: std::fs::File) -> Result<(), Error> {
         use std::io::Seek;
         let dir = self.inner.dir.snapshot_dir();
-        let name = format!("snap-{}.bin", meta.snapshot_id);
         let tmp = dir.join(format!("snap-{}.tmp", meta.snapshot_id));
         received.seek(std::io::SeekFrom::Start(0)).map_err(|source| Error::Snapshot { op: "seek", source })?;
         {
@@ -330,13 +356,13 @@ impl StateMachineStore {
             std::io::copy(&mut received, &mut out).map_err(|source| Error::Snapshot { op: "copy", source })?;
             out.sync_all().map_err(|source| Error::Snapshot { op: "fsync", source })?;
         }
-        std::fs::rename(&tmp, dir.join(&name)).map_err(|source| Error::Snapshot { op: "rename", source })?;
-        snapshot::sync_dir(&dir)?;
-        let next = load(&dir.join(&name), Some(meta))?;
+        let next = load(&tmp, Some(meta))?;
         let (applied, revision) = (next.last_applied.map(|l| l.index).unwrap_or(0), next.revision);
 
         let mut state = self.inner.state.write().unwrap_or_else(|e| e.into_inner());
-        self.set_current_snapshot(meta, &name)?;
+        // openraft installs only snapshots newer than what this node
+        // applied, so this one is never older than a snapshot built here.
+        self.set_current_snapshot(meta, &tmp)?;
         *state = next;
         self.inner.applied.store(applied, Ordering::Release);
         self.inner.revision.store(revision, Ordering::Release);
@@ -365,16 +391,22 @@ fn to_raft(e: Error) -> RaftStorageError {
     }
 }
 
-/// Hands a snapshot written by [`StateMachineStore::get_snapshot_builder`] to openraft.
+/// Writes the copy of the state [`StateMachineStore::get_snapshot_builder`]
+/// took, while applies go on.
 pub struct SnapshotBuilder {
-    built: Option<Result<Snapshot<TypeConfig>, RaftStorageError>>,
+    store: StateMachineStore,
+    state: Option<State>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
-        self.built.take().unwrap_or_else(|| {
-            Err(StorageIOError::write_snapshot(None, &std::io::Error::other("snapshot builder used twice")).into())
-        })
+        let failed =
+            |e: String| -> RaftStorageError { StorageIOError::write_snapshot(None, &std::io::Error::other(e)).into() };
+        let Some(state) = self.state.take() else { return Err(failed("snapshot builder used twice".into())) };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.write_snapshot(&state).map_err(to_raft))
+            .await
+            .unwrap_or_else(|e| Err(failed(e.to_string())))
     }
 }
 
@@ -400,13 +432,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(results)
     }
 
+    /// Copies the state (openraft runs no apply meanwhile); the file is
+    /// written by [`SnapshotBuilder::build_snapshot`] while applies go on.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        let this = self.clone();
-        let built =
-            tokio::task::spawn_blocking(move || this.write_snapshot().map_err(to_raft)).await.unwrap_or_else(|e| {
-                Err(StorageIOError::write_snapshot(None, &std::io::Error::other(e.to_string())).into())
-            });
-        SnapshotBuilder { built: Some(built) }
+        let state = self.inner.read().clone();
+        SnapshotBuilder { store: self.clone(), state: Some(state) }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, RaftStorageError> {

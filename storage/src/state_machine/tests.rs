@@ -397,3 +397,35 @@ async fn probe_results_replace_per_worker_travel_in_snapshots_and_go_with_their_
         assert!(r.probe_results("relays").unwrap().is_empty());
     }
 }
+
+#[tokio::test]
+async fn a_snapshot_is_the_state_when_it_was_asked_for_and_a_stale_build_is_not_recorded() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let follower_dir = tempfile::tempdir().unwrap();
+    let (_l, mut leader) = open(leader_dir.path(), &OpenOptions::default()).unwrap();
+    leader
+        .apply((1..=10).map(|i| entry(i, &format!("r{i}"), put(&format!("k{i}"), "v"))).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let at_ten = leader.reader().digest().unwrap();
+    let mut builder = leader.get_snapshot_builder().await;
+    // Applies go on while the file is written; the snapshot is still of entry 10.
+    leader.apply(vec![entry(11, "r11", put("k11", "v"))]).await.unwrap();
+    let snap = builder.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(10));
+
+    {
+        let (_f, mut follower) = open(follower_dir.path(), &OpenOptions::default()).unwrap();
+        follower.apply(vec![entry(1, "f1", put("mine", "v"))]).await.unwrap();
+        let mut stale = follower.get_snapshot_builder().await;
+        let current = leader.get_current_snapshot().await.unwrap().unwrap();
+        follower.install_snapshot(&current.meta, current.snapshot).await.unwrap();
+        assert_eq!(follower.reader().digest().unwrap(), at_ten);
+        // The follower's own build (of entry 1) finishes after the install:
+        // the installed snapshot stays current.
+        stale.build_snapshot().await.unwrap();
+        assert_eq!(follower.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
+    }
+    let (_f, reopened) = open(follower_dir.path(), &OpenOptions::default()).unwrap();
+    assert_eq!(reopened.reader().digest().unwrap(), at_ten);
+}
