@@ -164,12 +164,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        let mut encoded = Vec::new();
         for entry in entries {
             let raw = codec::encode("log entry", &entry).map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.insert(&index_key(entry.log_id.index), raw);
+            encoded.push((index_key(entry.log_id.index), raw));
         }
-        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        // One entry (the common case when idle) goes in as a plain insert: a
+        // batch costs sled an extra log record, written and synced on its own.
+        match <[_; 1]>::try_from(encoded) {
+            Ok([(key, raw)]) => self.log.insert(key, raw).map(|_| ()),
+            Err(encoded) => {
+                let mut batch = sled::Batch::default();
+                for (key, raw) in encoded {
+                    batch.insert(&key, raw);
+                }
+                self.log.apply_batch(batch)
+            }
+        }
+        .map_err(|e| StorageIOError::write_logs(&e))?;
         let flushed = self.dir.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
         self.flushes.fetch_add(1, Ordering::Relaxed);
         callback.log_io_completed(flushed);
