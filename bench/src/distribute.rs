@@ -50,6 +50,17 @@ pub struct Args {
     /// `limiter` (the workers' own rate limits), or `auto` (tc when root).
     #[arg(long, default_value = "auto", value_parser = ["auto", "tc", "limiter"])]
     link: String,
+    /// With tc: also give every worker its own upload and download limit at
+    /// this fraction of B (0: none), as an operator keeps a NIC's queue short.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    worker_limit: f64,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("'{s}' is not a fraction from 0 to 1")),
+    }
 }
 
 /// Writes `len` pseudo-random bytes, streamed.
@@ -222,6 +233,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         _ => Some(crate::netns::Lab::create(a.workers + 1, a.bandwidth)?),
     };
     let how = match (&lab, crate::netns::Lab::unavailable()) {
+        (Some(_), _) if a.worker_limit > 0.0 => format!(
+            "capped by tc tbf on one network namespace per worker, and by the workers' own limits at {} B",
+            a.worker_limit
+        ),
         (Some(_), _) => "capped by tc tbf on one network namespace per worker".to_string(),
         (None, Some(why)) => format!("capped by the workers' own rate limits; tc needs root: {why}"),
         (None, None) => "capped by the workers' own rate limits".to_string(),
@@ -239,6 +254,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             Some(lab) => {
                 let mut c = lab.command(i, &ferry);
                 c.args(["worker", "--listen", &format!("{}:7100", lab.ip(i))]);
+                if a.worker_limit > 0.0 {
+                    let own = ((a.bandwidth as f64 * a.worker_limit) as u64).to_string();
+                    c.args(["--upload-limit", &own, "--download-limit", &own]);
+                }
                 c
             }
             None => {
