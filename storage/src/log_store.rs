@@ -1,7 +1,8 @@
 //! The Raft log and vote on sled (`RaftLogStorage`).
 //!
-//! Durability: `save_vote` and `append` flush sled before they report
-//! success, so a vote or an entry openraft believes saved survives a crash.
+//! Durability: `save_vote` and `append` flush sled and `fdatasync` its files
+//! ([`DataDir::sync`](crate::db::DataDir)) before they report success, so a
+//! vote or an entry openraft believes saved survives a crash or a power loss.
 //! openraft 0.9 waits for each append to be flushed before it issues the
 //! next, so batching concurrent writes into few fsyncs happens one level up,
 //! in the scheduler's proposer (many commands per entry). `purge` records the
@@ -132,7 +133,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
         let raw = codec::encode("vote", vote).map_err(|e| StorageIOError::write_vote(&e))?;
         self.dir.meta.insert(KEY_VOTE, raw).map_err(|e| StorageIOError::write_vote(&e))?;
-        self.dir.db.flush_async().await.map_err(|e| StorageIOError::write_vote(&e))?;
+        self.dir.sync().await.map_err(|e| StorageIOError::write_vote(&e))?;
         Ok(())
     }
 
@@ -182,7 +183,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         .map_err(|e| StorageIOError::write_logs(&e))?;
-        let flushed = self.dir.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
+        let flushed = self.dir.sync().await;
         self.flushes.fetch_add(1, Ordering::Relaxed);
         callback.log_io_completed(flushed);
         Ok(())
@@ -195,7 +196,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.remove(key);
         }
         self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
-        self.dir.db.flush_async().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        self.dir.sync().await.map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }
 
@@ -203,7 +204,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record first: a crash after this line leaves extra entries, never a hole.
         let raw = codec::encode("last_purged", &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
         self.dir.meta.insert(KEY_LAST_PURGED, raw).map_err(|e| StorageIOError::write_logs(&e))?;
-        self.dir.db.flush_async().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        self.dir.sync().await.map_err(|e| StorageIOError::write_logs(&e))?;
         let mut batch = sled::Batch::default();
         for item in self.log.range(..=index_key(log_id.index)) {
             let (key, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;

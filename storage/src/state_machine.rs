@@ -330,7 +330,7 @@ impl StateMachineStore {
             .meta
             .insert(KEY_SNAPSHOT, codec::encode("snapshot pointer", &(meta, &name))?)
             .map_err(sled_err("record snapshot"))?;
-        self.inner.dir.db.flush().map_err(sled_err("flush"))?;
+        self.inner.dir.sync_blocking().map_err(|source| Error::Snapshot { op: "sync the pointer", source })?;
         *current = meta.last_log_id;
         if let Ok(listing) = std::fs::read_dir(&dir) {
             for item in listing.flatten() {
