@@ -13,6 +13,7 @@
 //! directory by its version, instead of starting from an empty state.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,46 +58,131 @@ pub struct DataDir {
 struct SledFiles {
     /// sled's log file (`sled/db`).
     log: File,
-    /// Where sled puts values too large for its log (`sled/blobs`), one file each.
+    /// Where sled puts values and tree nodes too large for its log
+    /// (`sled/blobs`), one file each, named by log sequence number.
     blobs: PathBuf,
-    /// The highest blob (named by its log sequence number) already synced.
-    synced_blob: Mutex<u64>,
+    state: Mutex<BlobState>,
+}
+
+#[derive(Debug)]
+struct BlobState {
+    /// inotify on `blobs` for files closed after writing: the blobs to sync
+    /// next. `None` if inotify is unavailable: then every sync lists the
+    /// directory.
+    watch: Option<OwnedFd>,
+    /// Without a watch: the highest blob already synced.
+    synced_lsn: u64,
+    /// The first sync lists the directory: blobs left by an earlier run may
+    /// not be on disk yet if that run crashed before syncing them.
+    listed: bool,
+    /// Blob files synced since open (for tests and curiosity).
+    synced: u64,
+}
+
+/// Size of one `struct inotify_event` without its name.
+const EVENT_HEADER: usize = 16;
+
+fn watch_blobs(dir: &Path) -> Option<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: plain system calls; the returned descriptor is owned below.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just returned by inotify_init1 and is owned by no one else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `path` is a valid NUL-terminated string for the call's duration.
+    let wd =
+        unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO) };
+    (wd >= 0).then_some(fd)
+}
+
+/// Names of the files the watch reported, or `None` if events were lost.
+fn drain_watch(fd: &OwnedFd) -> std::io::Result<Option<Vec<std::ffi::OsString>>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut names = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return Ok(Some(names));
+            }
+            return Err(e);
+        }
+        let mut at = 0;
+        while at + EVENT_HEADER <= n as usize {
+            let field = |i: usize| u32::from_ne_bytes([buf[at + i], buf[at + i + 1], buf[at + i + 2], buf[at + i + 3]]);
+            let (mask, len) = (field(4), field(12) as usize);
+            if mask & libc::IN_Q_OVERFLOW != 0 {
+                return Ok(None);
+            }
+            let name = buf.get(at + EVENT_HEADER..at + EVENT_HEADER + len).unwrap_or_default();
+            let name = name.split(|b| *b == 0).next().unwrap_or_default();
+            if !name.is_empty() {
+                names.push(std::ffi::OsStr::from_bytes(name).to_owned());
+            }
+            at += EVENT_HEADER + len;
+        }
+    }
 }
 
 impl SledFiles {
     fn open(sled_dir: &Path) -> std::io::Result<Self> {
-        Ok(Self { log: File::open(sled_dir.join("db"))?, blobs: sled_dir.join("blobs"), synced_blob: Mutex::new(0) })
+        let blobs = sled_dir.join("blobs");
+        std::fs::create_dir_all(&blobs)?;
+        let state = BlobState { watch: watch_blobs(&blobs), synced_lsn: 0, listed: false, synced: 0 };
+        Ok(Self { log: File::open(sled_dir.join("db"))?, blobs, state: Mutex::new(state) })
     }
 
     /// `fdatasync` of the log file, and of every blob written since the last
-    /// call (then of their directory).
+    /// call (then of their directory). Call after sled's flush: by then every
+    /// blob its log points to is written and closed, so the watch has seen it.
     fn sync(&self) -> std::io::Result<()> {
-        let mut synced = self.synced_blob.lock().unwrap_or_else(|e| e.into_inner());
-        let mut newest = *synced;
-        let listing = match std::fs::read_dir(&self.blobs) {
-            Ok(listing) => Some(listing),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let reported = match &state.watch {
+            Some(fd) => drain_watch(fd)?.filter(|_| state.listed),
+            None => None,
         };
-        for item in listing.into_iter().flatten() {
-            let item = item?;
-            let Some(lsn) = item.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else { continue };
-            if lsn > *synced {
-                // sled removes blobs it no longer needs: one gone is fine.
-                match File::open(item.path()) {
-                    Ok(blob) => blob.sync_data()?,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
+        let mut synced = 0;
+        let mut sync_blob = |path: &Path| -> std::io::Result<()> {
+            // sled removes blobs it no longer needs: one gone is fine.
+            match File::open(path) {
+                Ok(blob) => blob.sync_data().map(|()| synced += 1),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            }
+        };
+        match reported {
+            Some(names) => {
+                for name in names {
+                    sync_blob(&self.blobs.join(name))?;
                 }
-                newest = newest.max(lsn);
+            }
+            None => {
+                // No watch, or it lost events: list the directory.
+                let watched = state.watch.is_some();
+                let mut newest = state.synced_lsn;
+                for item in std::fs::read_dir(&self.blobs)? {
+                    let item = item?;
+                    let Some(lsn) = item.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else { continue };
+                    if watched || lsn > state.synced_lsn {
+                        sync_blob(&item.path())?;
+                        newest = newest.max(lsn);
+                    }
+                }
+                state.synced_lsn = newest;
+                state.listed = true;
             }
         }
-        if newest > *synced {
+        if synced > 0 {
             File::open(&self.blobs)?.sync_all()?;
+            state.synced += synced;
         }
-        self.log.sync_data()?;
-        *synced = newest;
-        Ok(())
+        self.log.sync_data()
     }
 }
 
@@ -205,27 +291,45 @@ fn open_error(path: &Path, e: sled::Error) -> Error {
 mod tests {
     use super::*;
 
+    fn blobs_synced(dir: &DataDir) -> u64 {
+        dir.files.state.lock().unwrap().synced
+    }
+
     #[tokio::test]
     async fn sync_covers_the_files_of_large_values() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = open_dir(tmp.path(), &OpenOptions::default()).unwrap();
+        assert!(dir.files.state.lock().unwrap().watch.is_some(), "inotify is unavailable here");
         let log = dir.tree("log").unwrap();
         log.insert(b"small", vec![1u8; 100]).unwrap();
         dir.sync().await.unwrap();
-        assert_eq!(*dir.files.synced_blob.lock().unwrap(), 0, "no blob yet");
+        assert_eq!(blobs_synced(&dir), 0, "no blob yet");
         // Far above sled's inline limit: it goes to a file of its own.
         log.insert(b"large", vec![2u8; 600 * 1024]).unwrap();
         dir.sync().await.unwrap();
         let blobs = std::fs::read_dir(tmp.path().join("sled").join("blobs")).unwrap().count();
         assert!(blobs >= 1, "sled wrote no blob file");
-        let synced = *dir.files.synced_blob.lock().unwrap();
-        assert!(synced > 0, "the blob was not synced");
+        let synced = blobs_synced(&dir);
+        assert!(synced >= 1, "the blob was not synced");
         // A second sync has nothing new to sync and still succeeds.
         dir.sync().await.unwrap();
-        assert_eq!(*dir.files.synced_blob.lock().unwrap(), synced);
+        assert_eq!(blobs_synced(&dir), synced);
         drop((log, dir));
         let dir = open_dir(tmp.path(), &OpenOptions::default()).unwrap();
         assert_eq!(dir.tree("log").unwrap().get(b"large").unwrap().unwrap().len(), 600 * 1024);
+    }
+
+    #[test]
+    fn without_a_watch_the_listing_finds_new_blobs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = open_dir(tmp.path(), &OpenOptions::default()).unwrap();
+        dir.files.state.lock().unwrap().watch = None;
+        dir.tree("log").unwrap().insert(b"large", vec![2u8; 600 * 1024]).unwrap();
+        dir.sync_blocking().unwrap();
+        let synced = blobs_synced(&dir);
+        assert!(synced >= 1, "the blob was not synced");
+        dir.sync_blocking().unwrap();
+        assert_eq!(blobs_synced(&dir), synced, "an old blob was synced again");
     }
 
     #[tokio::test]
