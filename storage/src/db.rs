@@ -98,8 +98,17 @@ fn watch_blobs(dir: &Path) -> Option<OwnedFd> {
     (wd >= 0).then_some(fd)
 }
 
-/// Names of the files the watch reported, or `None` if events were lost.
-fn drain_watch(fd: &OwnedFd) -> std::io::Result<Option<Vec<std::ffi::OsString>>> {
+/// What a watch reported since it was last read.
+enum Drained {
+    /// The files closed after writing (or moved in), by name.
+    Names(Vec<std::ffi::OsString>),
+    /// Events were lost (queue overflow): list the directory.
+    Lost,
+    /// The watch ended (the directory went away): list from now on.
+    Gone,
+}
+
+fn drain_watch(fd: &OwnedFd) -> std::io::Result<Drained> {
     use std::os::unix::ffi::OsStrExt;
     let mut names = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -108,17 +117,24 @@ fn drain_watch(fd: &OwnedFd) -> std::io::Result<Option<Vec<std::ffi::OsString>>>
         let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::WouldBlock {
-                return Ok(Some(names));
+            match e.kind() {
+                std::io::ErrorKind::WouldBlock => return Ok(Drained::Names(names)),
+                std::io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
             }
-            return Err(e);
+        }
+        if n == 0 {
+            return Ok(Drained::Names(names));
         }
         let mut at = 0;
         while at + EVENT_HEADER <= n as usize {
             let field = |i: usize| u32::from_ne_bytes([buf[at + i], buf[at + i + 1], buf[at + i + 2], buf[at + i + 3]]);
             let (mask, len) = (field(4), field(12) as usize);
+            if mask & libc::IN_IGNORED != 0 {
+                return Ok(Drained::Gone);
+            }
             if mask & libc::IN_Q_OVERFLOW != 0 {
-                return Ok(None);
+                return Ok(Drained::Lost);
             }
             let name = buf.get(at + EVENT_HEADER..at + EVENT_HEADER + len).unwrap_or_default();
             let name = name.split(|b| *b == 0).next().unwrap_or_default();
@@ -143,9 +159,13 @@ impl SledFiles {
     /// blob its log points to is written and closed, so the watch has seen it.
     fn sync(&self) -> std::io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let reported = match &state.watch {
-            Some(fd) => drain_watch(fd)?.filter(|_| state.listed),
-            None => None,
+        let reported = match state.watch.as_ref().map(drain_watch).transpose()? {
+            Some(Drained::Names(names)) if state.listed => Some(names),
+            Some(Drained::Gone) => {
+                state.watch = None;
+                None
+            }
+            _ => None,
         };
         let mut synced = 0;
         let mut sync_blob = |path: &Path| -> std::io::Result<()> {
