@@ -272,7 +272,6 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
                     }
                 }
                 meta.insert(KEY_DATA_VERSION, &DATA_VERSION.to_be_bytes()).map_err(|e| open_error(path, e))?;
-                db.flush().map_err(|e| open_error(path, e))?;
             } else if found != DATA_VERSION {
                 return Err(Error::UnknownVersion { path: path.into(), found, supported: DATA_VERSION });
             }
@@ -287,11 +286,12 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
                 });
             }
             meta.insert(KEY_DATA_VERSION, &DATA_VERSION.to_be_bytes()).map_err(|e| open_error(path, e))?;
-            db.flush().map_err(|e| open_error(path, e))?;
         }
     }
     let files = SledFiles::open(&path.join("sled")).map_err(|source| Error::Open { path: path.into(), source })?;
     let dir = DataDir { path: path.into(), db, meta, files: Arc::new(files) };
+    // Durable: the format mark written above, and whatever an earlier run
+    // that crashed had not synced yet.
     dir.sync_blocking().map_err(|source| Error::Open { path: path.into(), source })?;
     Ok(dir)
 }
