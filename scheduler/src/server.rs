@@ -195,6 +195,9 @@ impl Scheduler {
         if let Err(e) = self.node.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+        if let Err(e) = self.node.log.checkpoint().await {
+            tracing::warn!(error = %e, "final checkpoint of the log");
+        }
         tracing::info!(id = self.node.id, "scheduler stopped");
     }
 }

@@ -35,9 +35,16 @@ pub enum CodecError {
 
 /// Encodes `value` as `[FORMAT_VERSION] ++ postcard(value)`.
 pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, CodecError> {
-    let mut out = vec![FORMAT_VERSION];
-    postcard::to_io(value, &mut out).map_err(|source| CodecError::Encode { what, source })?;
+    let mut out = Vec::new();
+    encode_into(what, value, &mut out)?;
     Ok(out)
+}
+
+/// [`encode`], appended to `out`.
+pub fn encode_into<T: Serialize>(what: &'static str, value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    out.push(FORMAT_VERSION);
+    postcard::to_io(value, out).map_err(|source| CodecError::Encode { what, source })?;
+    Ok(())
 }
 
 /// Decodes bytes written by [`encode`] (this or any older format version).

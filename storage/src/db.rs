@@ -2,7 +2,8 @@
 //!
 //! One sled database holds the `log` tree (big-endian u64 keys) and the
 //! `meta` tree (vote, committed, last purged, `data_version`, current
-//! snapshot). Snapshot files live beside it in `snapshots/`; the state
+//! snapshot). The log's journal (file `journal`, see `journal.rs`) and
+//! snapshot files (`snapshots/`) live beside it; the state
 //! machine itself is in memory, rebuilt from the current snapshot and the log
 //! on start. A directory from an unknown format version, a corrupt one, or one
 //! locked by another process is refused with a clear [`Error`].

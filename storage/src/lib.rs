@@ -12,7 +12,7 @@
 //! - [`command`] — the commands in the log and their results.
 //! - [`kv`] — configuration keys, their limits and revisions.
 //! - [`jobs`] — workers and file distribution jobs.
-//! - [`log_store`] — `RaftLogStorage`.
+//! - [`log_store`] — `RaftLogStorage`, and its journal (`journal.rs`).
 //! - [`state_machine`] — `RaftStateMachine`, reads, digests.
 //! - [`snapshot`] — the snapshot file format.
 
@@ -25,6 +25,7 @@ pub mod command;
 pub mod db;
 pub mod error;
 pub mod jobs;
+pub(crate) mod journal;
 pub mod kv;
 pub mod log_store;
 pub mod probes;

@@ -1,8 +1,12 @@
 //! The Raft log and vote on sled (`RaftLogStorage`).
 //!
-//! Durability: `save_vote` and `append` flush sled and `fdatasync` its files
-//! ([`DataDir::sync`](crate::db::DataDir)) before they report success, so a
-//! vote or an entry openraft believes saved survives a crash or a power loss.
+//! Durability: an `append` goes into sled unflushed and into the data
+//! directory's journal (`journal.rs`), one `pwrite` and one
+//! `fdatasync`, before openraft is told it is saved; at open, the journal's
+//! records are put back into sled. `save_vote`, `truncate` and `purge` flush
+//! sled and `fdatasync` its files ([`DataDir::sync`](crate::db::DataDir)), so
+//! a vote or an entry openraft believes saved survives a crash or a power
+//! loss. Such a full sync is also a checkpoint: the journal then starts over.
 //! openraft 0.9 waits for each append to be flushed before it issues the
 //! next, so batching concurrent writes into few fsyncs happens one level up,
 //! in the scheduler's proposer (many commands per entry). `purge` records the
@@ -12,7 +16,7 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogId, StorageIOError, Vote};
@@ -20,11 +24,16 @@ use openraft::{Entry, LogId, OptionalSend, RaftLogId, StorageIOError, Vote};
 use crate::codec;
 use crate::db::DataDir;
 use crate::error::Error;
+use crate::journal::Journal;
 use crate::{NodeId, RaftStorageError, TypeConfig};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
+/// The journal's file in the data directory.
+const JOURNAL_FILE: &str = "journal";
+/// Journal bytes between checkpoints (full sled syncs).
+const JOURNAL_BYTES: u64 = 32 * 1024 * 1024;
 
 /// The log store: cheap to clone, every clone sees the same sled trees.
 #[derive(Clone, Debug)]
@@ -35,6 +44,8 @@ pub struct LogStore {
     committed: Arc<AtomicU64>,
     /// fsyncs of appended entries since start (batching shows as entries/flush).
     flushes: Arc<AtomicU64>,
+    /// Appended entries not yet in a full sled sync.
+    journal: Arc<Mutex<Journal>>,
 }
 
 impl LogStore {
@@ -42,7 +53,39 @@ impl LogStore {
         let log = dir.tree("log")?;
         let committed: Option<LogId<NodeId>> = read_meta(&dir.meta, KEY_COMMITTED, "committed")?;
         let committed = Arc::new(AtomicU64::new(committed.map(|c| c.index).unwrap_or(0)));
-        Ok(Self { dir, log, committed, flushes: Arc::new(AtomicU64::new(0)) })
+        let open_error = |source| Error::Open { path: dir.path.clone(), source };
+        let (mut journal, records) = Journal::open(&dir.path.join(JOURNAL_FILE), JOURNAL_BYTES).map_err(open_error)?;
+        if !records.is_empty() {
+            // Entries a crash may have taken from sled's unflushed buffers.
+            let purged: Option<LogId<NodeId>> = read_meta(&dir.meta, KEY_LAST_PURGED, "last_purged")?;
+            let purged = purged.map(|p| p.index);
+            for record in &records {
+                let (key, raw) = record.split_at_checked(8).ok_or_else(|| Error::Corrupt {
+                    path: dir.path.clone(),
+                    reason: format!("a journal record of {} bytes holds no log index", record.len()),
+                })?;
+                let index = u64::from_be_bytes(key.try_into().expect("8 bytes"));
+                if purged.is_none_or(|p| index > p) {
+                    log.insert(key, raw).map_err(|source| Error::Sled { op: "replay journal", source })?;
+                }
+            }
+            dir.sync_blocking().map_err(open_error)?;
+        }
+        journal.reset().map_err(open_error)?;
+        let journal = Arc::new(Mutex::new(journal));
+        Ok(Self { dir, log, committed, flushes: Arc::new(AtomicU64::new(0)), journal })
+    }
+
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes sled hold every appended entry durably, then starts the journal
+    /// over, empty. A node calls it once more when it stops cleanly, so its
+    /// sled files are complete without the journal.
+    pub async fn checkpoint(&self) -> std::io::Result<()> {
+        self.dir.sync().await?;
+        self.journal().reset()
     }
 
     /// The data directory behind this store.
@@ -165,31 +208,47 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut encoded = Vec::new();
+        // Journal records: the index key, then the entry as sled holds it.
+        let mut records = Vec::new();
         for entry in entries {
-            let raw = codec::encode("log entry", &entry).map_err(|e| StorageIOError::write_logs(&e))?;
-            encoded.push((index_key(entry.log_id.index), raw));
+            let mut record = index_key(entry.log_id.index).to_vec();
+            codec::encode_into("log entry", &entry, &mut record).map_err(|e| StorageIOError::write_logs(&e))?;
+            records.push(record);
+        }
+        let bytes = Journal::record_bytes(records.iter().map(Vec::as_slice));
+        if self.journal().needs_checkpoint(bytes) {
+            self.checkpoint().await.map_err(|e| StorageIOError::write_logs(&e))?;
         }
         // One entry (the common case when idle) goes in as a plain insert: a
-        // batch costs sled an extra log record, written and synced on its own.
-        match <[_; 1]>::try_from(encoded) {
-            Ok([(key, raw)]) => self.log.insert(key, raw).map(|_| ()),
-            Err(encoded) => {
+        // batch costs sled an extra log record.
+        match records.as_slice() {
+            [record] => self.log.insert(&record[..8], &record[8..]).map(|_| ()),
+            _ => {
                 let mut batch = sled::Batch::default();
-                for (key, raw) in encoded {
-                    batch.insert(&key, raw);
+                for record in &records {
+                    batch.insert(&record[..8], &record[8..]);
                 }
                 self.log.apply_batch(batch)
             }
         }
         .map_err(|e| StorageIOError::write_logs(&e))?;
-        let flushed = self.dir.sync().await;
+        let file = {
+            let mut journal = self.journal();
+            journal.append(records.iter().map(Vec::as_slice)).map_err(|e| StorageIOError::write_logs(&e))?;
+            journal.file()
+        };
+        let flushed = tokio::task::spawn_blocking(move || Journal::sync(&file))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         self.flushes.fetch_add(1, Ordering::Relaxed);
         callback.log_io_completed(flushed);
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
+        // Start the journal over first: once the entries are gone from sled,
+        // replaying it after a crash would bring them back.
+        self.checkpoint().await.map_err(|e| StorageIOError::write_logs(&e))?;
         let mut batch = sled::Batch::default();
         for item in self.log.range(index_key(log_id.index)..) {
             let (key, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
@@ -212,5 +271,87 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+    use crate::db::{open, OpenOptions};
+
+    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(term, 1), index), payload: EntryPayload::Blank }
+    }
+
+    /// (term, index) of every entry in the log.
+    async fn contents(log: &mut LogStore) -> Vec<(u64, u64)> {
+        let entries = log.try_get_log_entries(..).await.unwrap();
+        entries.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect()
+    }
+
+    fn reopen(path: &std::path::Path) -> LogStore {
+        open(path, &OpenOptions::default()).unwrap().0
+    }
+
+    #[tokio::test]
+    async fn entries_that_sled_lost_come_back_from_the_journal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = reopen(tmp.path());
+        log.blocking_append((1..=5).map(|i| entry(1, i))).await.unwrap();
+        // What a crash does to entries still in sled's unflushed buffers:
+        // here 3 to 5 are removed and sled synced without them.
+        for i in 3..=5 {
+            log.log.remove(index_key(i)).unwrap();
+        }
+        log.dir.sync_blocking().unwrap();
+        drop(log);
+        let mut log = reopen(tmp.path());
+        assert_eq!(contents(&mut log).await, [(1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]);
+        // The journal started over at open: a second reopen finds the same.
+        drop(log);
+        let mut log = reopen(tmp.path());
+        assert_eq!(contents(&mut log).await.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn truncated_and_purged_entries_stay_gone_after_a_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = reopen(tmp.path());
+        log.blocking_append((1..=5).map(|i| entry(1, i))).await.unwrap();
+        log.truncate(LogId::new(CommittedLeaderId::new(1, 1), 3)).await.unwrap();
+        log.blocking_append([entry(2, 3)]).await.unwrap();
+        drop(log);
+        let mut log = reopen(tmp.path());
+        assert_eq!(contents(&mut log).await, [(1, 1), (1, 2), (2, 3)]);
+        log.purge(LogId::new(CommittedLeaderId::new(1, 1), 2)).await.unwrap();
+        drop(log);
+        let mut log = reopen(tmp.path());
+        assert_eq!(contents(&mut log).await, [(2, 3)]);
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_full_journal_checkpoints_and_keeps_every_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = reopen(tmp.path());
+        let big = |index: u64| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(crate::Command {
+                request_id: format!("r{index}"),
+                op: crate::Op::Put { key: format!("k{index}"), value: vec![7u8; 1 << 20] },
+            }),
+        };
+        // 40 MiB through a 32 MiB journal: at least one checkpoint.
+        for i in 1..=40 {
+            log.blocking_append([big(i)]).await.unwrap();
+        }
+        assert!(log.journal().len() < 10 << 20, "the journal started over");
+        drop(log);
+        let mut log = reopen(tmp.path());
+        assert_eq!(contents(&mut log).await.len(), 40);
     }
 }

@@ -1,0 +1,265 @@
+//! The log's journal: what makes an append durable without a sled flush.
+//!
+//! A sled 0.34 flush hands its buffers between sled's I/O threads three
+//! times and then needs an `fdatasync` on top (see [`DataDir::sync`]), which
+//! put two of those in a row on every write of a three-node group (the
+//! leader's append, then a follower's). So appended entries go into sled
+//! unflushed and, as records, into this file, which is written at its end
+//! with one `pwrite` and made durable with one `fdatasync`. The file is
+//! allocated ahead, so that sync does not also change its size.
+//!
+//! sled stays the log's store, and the only one readers see. The journal
+//! holds the entries appended since the last *checkpoint*, a full
+//! [`DataDir::sync`] after which everything in it is in sled as well; it is
+//! then started over. At open, its records are put back into sled, which
+//! restores whatever a crash took from sled's unflushed buffers.
+//!
+//! Layout: a 64-byte header (`FERRYJ01`, an epoch, a checksum), then records
+//! of a 20-byte head (payload length, a checksum of the epoch and payload,
+//! the epoch) and the payload. Starting over bumps the epoch in the header,
+//! so older records left in the file no longer count; reading stops at the
+//! first record that is short, fails its checksum, or has another epoch (a
+//! torn last write, or the end).
+//!
+//! [`DataDir::sync`]: crate::db::DataDir
+
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const MAGIC: &[u8; 8] = b"FERRYJ01";
+/// Bytes before the first record.
+const HEADER: u64 = 64;
+/// Length (4), checksum (8), epoch (8).
+const RECORD_HEAD: usize = 20;
+
+/// An open journal file.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    path: PathBuf,
+    file: Arc<File>,
+    epoch: u64,
+    /// Where the next record goes.
+    end: u64,
+    /// Past this offset the journal asks for a checkpoint.
+    capacity: u64,
+    /// Opened with records in it: appends wait for a [`Journal::reset`],
+    /// since records after a torn one may still carry the current epoch.
+    stale: bool,
+}
+
+fn checksum(epoch: u64, payload: &[u8]) -> [u8; 8] {
+    let mut h = blake3::Hasher::new();
+    h.update(&epoch.to_le_bytes());
+    h.update(payload);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    out
+}
+
+fn header(epoch: u64) -> [u8; HEADER as usize] {
+    let mut h = [0u8; HEADER as usize];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..16].copy_from_slice(&epoch.to_le_bytes());
+    h[16..24].copy_from_slice(&checksum(epoch, MAGIC));
+    h
+}
+
+fn corrupt(path: &Path, what: &str) -> std::io::Error {
+    std::io::Error::new(ErrorKind::InvalidData, format!("journal {}: {what}", path.display()))
+}
+
+/// Reserves `len` bytes of disk for `file` without writing them, where the
+/// file system can; elsewhere the file simply grows as it is written.
+fn allocate(file: &File, len: u64) {
+    // SAFETY: a valid open descriptor; fallocate only reads its arguments.
+    let _ = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+}
+
+impl Journal {
+    /// Opens the journal at `path`, creating it (empty) if it does not exist,
+    /// and returns it with the payloads of its current records, oldest first.
+    /// An existing journal takes appends only after a [`Journal::reset`]
+    /// (once what the records hold is durable elsewhere).
+    pub(crate) fn open(path: &Path, capacity: u64) -> std::io::Result<(Self, Vec<Vec<u8>>)> {
+        let capacity = capacity.max(HEADER + 4096);
+        let existing = match File::options().read(true).write(true).open(path) {
+            Ok(file) => Some(file),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let Some(existing) = existing else {
+            let file = File::options().read(true).write(true).create_new(true).open(path)?;
+            allocate(&file, capacity);
+            file.write_all_at(&header(1), 0)?;
+            file.sync_all()?;
+            if let Some(parent) = path.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+            let journal =
+                Self { path: path.into(), file: Arc::new(file), epoch: 1, end: HEADER, capacity, stale: false };
+            return Ok((journal, Vec::new()));
+        };
+        let mut bytes = Vec::new();
+        (&existing).read_to_end(&mut bytes)?;
+        if bytes.len() < HEADER as usize || &bytes[..8] != MAGIC {
+            return Err(corrupt(path, "not a ferry journal (bad header)"));
+        }
+        let epoch = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+        if bytes[16..24] != checksum(epoch, MAGIC) {
+            return Err(corrupt(path, "header checksum mismatch"));
+        }
+        let mut records = Vec::new();
+        let mut at = HEADER as usize;
+        while let Some(head) = bytes.get(at..at + RECORD_HEAD) {
+            let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+            let sum: [u8; 8] = head[4..12].try_into().expect("8 bytes");
+            let record_epoch = u64::from_le_bytes(head[12..20].try_into().expect("8 bytes"));
+            let Some(payload) = bytes.get(at + RECORD_HEAD..at + RECORD_HEAD + len) else { break };
+            if len == 0 || record_epoch != epoch || sum != checksum(epoch, payload) {
+                break;
+            }
+            records.push(payload.to_vec());
+            at += RECORD_HEAD + len;
+        }
+        let journal =
+            Self { path: path.into(), file: Arc::new(existing), epoch, end: at as u64, capacity, stale: true };
+        Ok((journal, records))
+    }
+
+    /// Whether `bytes` more would take the journal past its capacity.
+    pub(crate) fn needs_checkpoint(&self, bytes: usize) -> bool {
+        self.end > HEADER && self.end + bytes as u64 > self.capacity
+    }
+
+    /// Bytes in use, header included.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> u64 {
+        self.end
+    }
+
+    /// The on-disk size of records with these payloads.
+    pub(crate) fn record_bytes<'a>(payloads: impl IntoIterator<Item = &'a [u8]>) -> usize {
+        payloads.into_iter().map(|p| RECORD_HEAD + p.len()).sum()
+    }
+
+    /// Writes one record per payload at the end, in one write. Not durable
+    /// until [`Journal::sync`] returns. A payload may not be empty.
+    pub(crate) fn append<'a>(&mut self, payloads: impl IntoIterator<Item = &'a [u8]>) -> std::io::Result<()> {
+        if self.stale {
+            return Err(std::io::Error::other(format!("journal {}: reset it before appending", self.path.display())));
+        }
+        let mut buf = Vec::new();
+        for payload in payloads {
+            let len = u32::try_from(payload.len())
+                .ok()
+                .filter(|l| *l > 0)
+                .ok_or_else(|| corrupt(&self.path, "a record must hold 1 byte to 4 GiB"))?;
+            buf.extend_from_slice(&len.to_le_bytes());
+            buf.extend_from_slice(&checksum(self.epoch, payload));
+            buf.extend_from_slice(&self.epoch.to_le_bytes());
+            buf.extend_from_slice(payload);
+        }
+        self.file.write_all_at(&buf, self.end)?;
+        self.end += buf.len() as u64;
+        Ok(())
+    }
+
+    /// A handle for [`Journal::sync`] off the lock and on a blocking thread.
+    pub(crate) fn file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
+    /// `fdatasync`: every record appended before this call is durable after it.
+    pub(crate) fn sync(file: &File) -> std::io::Result<()> {
+        file.sync_data()
+    }
+
+    /// Starts over, empty: call only when everything the records hold is
+    /// durable elsewhere. Old records stay in the file under an old epoch.
+    pub(crate) fn reset(&mut self) -> std::io::Result<()> {
+        let epoch = self.epoch + 1;
+        self.file.write_all_at(&header(epoch), 0)?;
+        self.file.sync_data()?;
+        self.epoch = epoch;
+        self.end = HEADER;
+        self.stale = false;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payloads(records: &[Vec<u8>]) -> Vec<&[u8]> {
+        records.iter().map(Vec::as_slice).collect()
+    }
+
+    #[test]
+    fn records_come_back_in_order_until_a_reset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("journal");
+        let (mut j, found) = Journal::open(&path, 1 << 20).unwrap();
+        assert!(found.is_empty());
+        j.append([b"one".as_slice(), b"two"]).unwrap();
+        j.append([b"three".as_slice()]).unwrap();
+        Journal::sync(&j.file()).unwrap();
+        drop(j);
+        let (mut j, found) = Journal::open(&path, 1 << 20).unwrap();
+        assert_eq!(payloads(&found), [b"one".as_slice(), b"two", b"three"]);
+        assert!(j.append([b"four".as_slice()]).is_err(), "appends wait for a reset");
+        j.reset().unwrap();
+        j.append([b"five".as_slice()]).unwrap();
+        drop(j);
+        // The older, longer records are still in the file but not read.
+        let (_, found) = Journal::open(&path, 1 << 20).unwrap();
+        assert_eq!(payloads(&found), [b"five".as_slice()]);
+    }
+
+    #[test]
+    fn reading_stops_at_a_torn_or_damaged_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("journal");
+        let (mut j, _) = Journal::open(&path, 1 << 20).unwrap();
+        j.append([b"kept".as_slice(), b"damaged", b"after"]).unwrap();
+        drop(j);
+        // Flip a byte of the second record's payload.
+        let second = HEADER + (RECORD_HEAD + 4) as u64 + RECORD_HEAD as u64;
+        let f = File::options().write(true).open(&path).unwrap();
+        f.write_all_at(b"D", second).unwrap();
+        let (mut j, found) = Journal::open(&path, 1 << 20).unwrap();
+        assert_eq!(payloads(&found), [b"kept".as_slice()]);
+        // After the reset, a record as long as the damaged one ends where
+        // "after" starts: that intact old record must not be read again.
+        j.reset().unwrap();
+        j.append([b"kept".as_slice(), b"replace"]).unwrap();
+        drop(j);
+        let (_, found) = Journal::open(&path, 1 << 20).unwrap();
+        assert_eq!(payloads(&found), [b"kept".as_slice(), b"replace"]);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_journal_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("journal");
+        std::fs::write(&path, vec![7u8; 100]).unwrap();
+        let err = Journal::open(&path, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("not a ferry journal"), "{err}");
+    }
+
+    #[test]
+    fn a_full_journal_asks_for_a_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(&tmp.path().join("journal"), 8192).unwrap();
+        let big = vec![1u8; 5000];
+        assert!(!j.needs_checkpoint(Journal::record_bytes([big.as_slice()])), "an empty journal takes anything");
+        j.append([big.as_slice()]).unwrap();
+        assert!(j.needs_checkpoint(Journal::record_bytes([big.as_slice()])));
+        j.reset().unwrap();
+        assert!(!j.needs_checkpoint(Journal::record_bytes([big.as_slice()])));
+    }
+}
