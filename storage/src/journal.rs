@@ -91,8 +91,7 @@ impl Journal {
             Err(e) if e.kind() == ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        let Some(existing) = existing else {
-            let file = File::options().read(true).write(true).create_new(true).open(path)?;
+        let create = |file: File| -> std::io::Result<(Self, Vec<Vec<u8>>)> {
             allocate(&file, capacity);
             file.write_all_at(&header(1), 0)?;
             file.sync_all()?;
@@ -101,10 +100,18 @@ impl Journal {
             }
             let journal =
                 Self { path: path.into(), file: Arc::new(file), epoch: 1, end: HEADER, capacity, stale: false };
-            return Ok((journal, Vec::new()));
+            Ok((journal, Vec::new()))
+        };
+        let Some(existing) = existing else {
+            return create(File::options().read(true).write(true).create_new(true).open(path)?);
         };
         let mut bytes = Vec::new();
         (&existing).read_to_end(&mut bytes)?;
+        if bytes.iter().take(HEADER as usize).all(|b| *b == 0) {
+            // Cut off while it was created, before its header was synced: no
+            // record can have been written yet.
+            return create(existing);
+        }
         if bytes.len() < HEADER as usize || &bytes[..8] != MAGIC {
             return Err(corrupt(path, "not a ferry journal (bad header)"));
         }
@@ -240,6 +247,19 @@ mod tests {
         drop(j);
         let (_, found) = Journal::open(&path, 1 << 20).unwrap();
         assert_eq!(payloads(&found), [b"kept".as_slice(), b"replace"]);
+    }
+
+    #[test]
+    fn a_journal_cut_off_while_it_was_created_starts_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("journal");
+        std::fs::write(&path, b"").unwrap();
+        let (mut j, found) = Journal::open(&path, 1 << 20).unwrap();
+        assert!(found.is_empty());
+        j.append([b"one".as_slice()]).unwrap();
+        drop(j);
+        let (_, found) = Journal::open(&path, 1 << 20).unwrap();
+        assert_eq!(payloads(&found), [b"one".as_slice()]);
     }
 
     #[test]

@@ -82,7 +82,8 @@ impl LogStore {
 
     /// Makes sled hold every appended entry durably, then starts the journal
     /// over, empty. A node calls it once more when it stops cleanly, so its
-    /// sled files are complete without the journal.
+    /// sled files are complete without the journal. Not while an append is
+    /// under way (before openraft starts or after it stopped).
     pub async fn checkpoint(&self) -> std::io::Result<()> {
         self.dir.sync().await?;
         self.journal().reset()
