@@ -19,8 +19,11 @@
 //! change) is answered from what this worker already did.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,6 +65,12 @@ struct WorkFile {
     blake3: [u8; 32],
     dest: PathBuf,
     staging: PathBuf,
+    /// The destination's directory, opened when the job was prepared (see
+    /// [`Roots::open_dir`]): the staging file is created, written, renamed
+    /// and removed relative to it, never through a path looked up again.
+    dir: Arc<OwnedFd>,
+    staging_name: CString,
+    dest_name: CString,
     unchanged: bool,
 }
 
@@ -162,16 +171,28 @@ fn safe_job_dir(job_id: &str) -> String {
     job_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
 }
 
-/// Opens a staging file without following a symlink at its name.
-fn open_staging(path: &Path, create: bool) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .create(create)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+/// Opens a staging file in `dir` without following a symlink at its name
+/// (created readable by its owner only; pack sets the final mode).
+fn open_staging(dir: &OwnedFd, name: &CStr, create: bool) -> std::io::Result<std::fs::File> {
+    let flags = libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW | if create { libc::O_CREAT } else { 0 };
+    // SAFETY: valid descriptor and NUL-terminated name; the kernel only reads them.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, 0o600 as libc::c_uint) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just opened for us and nobody else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+fn c_name(name: &str) -> Result<CString, String> {
+    CString::new(name).map_err(|_| format!("{name:?} contains a NUL byte"))
+}
+
+fn io_result(ret: libc::c_int) -> std::io::Result<()> {
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Executor {
@@ -287,6 +308,8 @@ impl Executor {
         }
         let mut files = Vec::new();
         let mut done = HashMap::new();
+        // One handle per destination directory, shared by its files.
+        let mut dirs: HashMap<PathBuf, Arc<OwnedFd>> = HashMap::new();
         for (i, tf) in cmd.files.iter().enumerate() {
             let m = tf.manifest.as_ref().ok_or("a file without manifest")?;
             let dest = self.roots.check_write(&tf.destination)?;
@@ -296,8 +319,20 @@ impl Executor {
             // rename is atomic; the hidden name is never the final one.
             let parent = dest.parent().ok_or("destination has no parent directory")?;
             std::fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
-            let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let staging = parent.join(format!(".{name}.ferry-{}.part", safe_job_dir(&cmd.job_id)));
+            let dir = match dirs.get(parent) {
+                Some(dir) => Arc::clone(dir),
+                None => {
+                    let dir = Arc::new(self.roots.open_dir(parent)?);
+                    dirs.insert(parent.to_path_buf(), Arc::clone(&dir));
+                    dir
+                }
+            };
+            let dest_file = dest.file_name().ok_or("destination has no file name")?;
+            let dest_name = CString::new(dest_file.as_bytes()).map_err(|_| "destination contains a NUL byte")?;
+            let name = dest_file.to_string_lossy();
+            let staging_file = format!(".{name}.ferry-{}.part", safe_job_dir(&cmd.job_id));
+            let staging = parent.join(&staging_file);
+            let staging_name = c_name(&staging_file)?;
             let mut same = false;
             let mut previous = Vec::new();
             if dest.is_file() {
@@ -316,7 +351,8 @@ impl Executor {
                 }
             }
             if !same {
-                let out = open_staging(&staging, true).map_err(|e| format!("staging {}: {e}", staging.display()))?;
+                let out = open_staging(&dir, &staging_name, true)
+                    .map_err(|e| format!("staging {}: {e}", staging.display()))?;
                 out.set_len(m.size).map_err(|e| format!("staging {}: {e}", staging.display()))?;
                 for (c, chunk) in chunks.iter().enumerate() {
                     let Some(loc) = self.store.get(&chunk.hash) else { continue };
@@ -342,6 +378,9 @@ impl Executor {
                 blake3,
                 dest,
                 staging,
+                dir,
+                staging_name,
+                dest_name,
                 unchanged: same,
             });
         }
@@ -433,7 +472,7 @@ impl Executor {
         req.set_timeout(Duration::from_secs(60));
         let mut stream =
             client.get_chunk(req).await.map_err(|s| format!("{}: {}", cmd.from_worker, s.message()))?.into_inner();
-        let out = Arc::new(open_staging(&file.staging, false).map_err(|e| format!("staging: {e}"))?);
+        let out = Arc::new(open_staging(&file.dir, &file.staging_name, false).map_err(|e| format!("staging: {e}"))?);
         let mut hasher = blake3::Hasher::new();
         let end = chunk.offset + chunk.len;
         let mut offset = chunk.offset;
@@ -561,7 +600,8 @@ impl Executor {
 
 fn remove_staging(work: &JobWork) {
     for f in &work.files {
-        let _ = std::fs::remove_file(&f.staging);
+        // SAFETY: valid descriptor and NUL-terminated name.
+        let _ = unsafe { libc::unlinkat(f.dir.as_raw_fd(), f.staging_name.as_ptr(), 0) };
     }
 }
 
@@ -575,10 +615,10 @@ fn install_all(work: &JobWork, store: &ChunkStore, retained: &Retained) -> Resul
         if f.unchanged {
             continue;
         }
-        let file = open_staging(&f.staging, false).map_err(|e| format!("staging: {e}"))?;
+        let mut file = open_staging(&f.dir, &f.staging_name, false).map_err(|e| format!("staging: {e}"))?;
         file.set_len(f.size).map_err(|e| format!("staging: {e}"))?;
         file.sync_all().map_err(|e| format!("fsync {}: {e}", f.staging.display()))?;
-        let got = index::hash_file(&f.staging).map_err(|e| format!("hashing {}: {e}", f.staging.display()))?;
+        let got = index::hash_reader(&mut file).map_err(|e| format!("hashing {}: {e}", f.staging.display()))?;
         if got != f.blake3 {
             return Err(format!("{} failed its whole-file BLAKE3 check", f.dest.display()));
         }
@@ -586,15 +626,16 @@ fn install_all(work: &JobWork, store: &ChunkStore, retained: &Retained) -> Resul
         file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o777))
             .map_err(|e| format!("chmod {}: {e}", f.staging.display()))?;
         drop(file);
-        let parent = f.dest.parent().unwrap_or(Path::new("/"));
         if !f.previous.is_empty() {
             // Keep the version being replaced, so its chunks stay reusable.
             retained.keep(store, &f.dest, &f.previous);
         }
-        std::fs::rename(&f.staging, &f.dest).map_err(|e| format!("rename into {}: {e}", f.dest.display()))?;
-        if let Ok(d) = std::fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
+        let dir = f.dir.as_raw_fd();
+        // SAFETY: valid descriptor and NUL-terminated names; both in `dir`.
+        io_result(unsafe { libc::renameat(dir, f.staging_name.as_ptr(), dir, f.dest_name.as_ptr()) })
+            .map_err(|e| format!("rename into {}: {e}", f.dest.display()))?;
+        // SAFETY: valid descriptor.
+        let _ = unsafe { libc::fsync(dir) };
         for c in &f.chunks {
             let _ = store.put(&c.hash, &Location { path: f.dest.clone(), offset: c.offset, len: c.len });
         }

@@ -68,7 +68,13 @@ pub fn index_file(path: &Path) -> std::io::Result<IndexedFile> {
 
 /// BLAKE3 of a whole file, streamed.
 pub fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
-    let mut file = std::fs::File::open(path)?;
+    hash_reader(&mut std::fs::File::open(path)?)
+}
+
+/// BLAKE3 of everything `file` reads from its start.
+pub fn hash_reader(file: &mut std::fs::File) -> std::io::Result<[u8; 32]> {
+    use std::io::Seek;
+    file.rewind()?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1024 * 1024];
     loop {
