@@ -293,8 +293,16 @@ mod tests {
         entries.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect()
     }
 
+    /// Opens `path`, waiting while a store dropped just before still holds
+    /// sled's lock (sled's I/O threads finish their last writes first).
     fn reopen(path: &std::path::Path) -> LogStore {
-        open(path, &OpenOptions::default()).unwrap().0
+        for _ in 0..250 {
+            match open(path, &OpenOptions::default()) {
+                Err(Error::Locked { .. }) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                opened => return opened.unwrap().0,
+            }
+        }
+        panic!("{} stayed locked for 5 s", path.display());
     }
 
     #[tokio::test]
