@@ -154,7 +154,7 @@ impl Journal {
     }
 
     /// Writes one record per payload at the end, in one write. Not durable
-    /// until [`Journal::sync`] returns. A payload may not be empty.
+    /// until the file is synced (see [`Journal::file`]). A payload may not be empty.
     pub(crate) fn append<'a>(&mut self, payloads: impl IntoIterator<Item = &'a [u8]>) -> std::io::Result<()> {
         if self.stale {
             return Err(std::io::Error::other(format!("journal {}: reset it before appending", self.path.display())));
@@ -175,14 +175,10 @@ impl Journal {
         Ok(())
     }
 
-    /// A handle for [`Journal::sync`] off the lock and on a blocking thread.
+    /// The file, to `fdatasync` off the lock and on a blocking thread: every
+    /// record appended before that call is durable after it.
     pub(crate) fn file(&self) -> Arc<File> {
         self.file.clone()
-    }
-
-    /// `fdatasync`: every record appended before this call is durable after it.
-    pub(crate) fn sync(file: &File) -> std::io::Result<()> {
-        file.sync_data()
     }
 
     /// Starts over, empty: call only when everything the records hold is
@@ -214,7 +210,7 @@ mod tests {
         assert!(found.is_empty());
         j.append([b"one".as_slice(), b"two"]).unwrap();
         j.append([b"three".as_slice()]).unwrap();
-        Journal::sync(&j.file()).unwrap();
+        j.file().sync_data().unwrap();
         drop(j);
         let (mut j, found) = Journal::open(&path, 1 << 20).unwrap();
         assert_eq!(payloads(&found), [b"one".as_slice(), b"two", b"three"]);

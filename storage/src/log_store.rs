@@ -238,7 +238,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             journal.append(records.iter().map(Vec::as_slice)).map_err(|e| StorageIOError::write_logs(&e))?;
             journal.file()
         };
-        let flushed = tokio::task::spawn_blocking(move || Journal::sync(&file))
+        let flushed = tokio::task::spawn_blocking(move || file.sync_data())
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         self.flushes.fetch_add(1, Ordering::Relaxed);

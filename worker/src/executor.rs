@@ -184,8 +184,8 @@ fn open_staging(dir: &OwnedFd, name: &CStr, create: bool) -> std::io::Result<std
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
-fn c_name(name: &str) -> Result<CString, String> {
-    CString::new(name).map_err(|_| format!("{name:?} contains a NUL byte"))
+fn c_name(name: &[u8]) -> Result<CString, String> {
+    CString::new(name).map_err(|_| format!("{:?} contains a NUL byte", String::from_utf8_lossy(name)))
 }
 
 fn io_result(ret: libc::c_int) -> std::io::Result<()> {
@@ -328,11 +328,11 @@ impl Executor {
                 }
             };
             let dest_file = dest.file_name().ok_or("destination has no file name")?;
-            let dest_name = CString::new(dest_file.as_bytes()).map_err(|_| "destination contains a NUL byte")?;
             let name = dest_file.to_string_lossy();
+            let dest_name = c_name(dest_file.as_bytes())?;
             let staging_file = format!(".{name}.ferry-{}.part", safe_job_dir(&cmd.job_id));
             let staging = parent.join(&staging_file);
-            let staging_name = c_name(&staging_file)?;
+            let staging_name = c_name(staging_file.as_bytes())?;
             let mut same = false;
             let mut previous = Vec::new();
             if dest.is_file() {

@@ -10,7 +10,7 @@
 //! creates, renames and removes names relative to that handle.
 
 use std::ffi::CString;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -92,7 +92,7 @@ impl Roots {
         let fd = unsafe {
             libc::syscall(
                 libc::SYS_openat2,
-                std::os::fd::AsRawFd::as_raw_fd(&root_fd),
+                root_fd.as_raw_fd(),
                 rest.as_ptr(),
                 &how as *const libc::open_how,
                 std::mem::size_of::<libc::open_how>(),
@@ -116,7 +116,7 @@ impl Roots {
     /// check where the handle really is.
     fn open_dir_checked(&self, dir: &Path) -> Result<OwnedFd, String> {
         let fd = open_directory(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let real = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)))
+        let real = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
             .map_err(|e| format!("{}: cannot tell where it leads ({e})", dir.display()))?;
         if !self.inside(&real) {
             return Err(format!("{} leads outside the allowed roots", dir.display()));
