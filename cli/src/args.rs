@@ -499,7 +499,7 @@ pub enum ProbeCmd {
         /// Stale when a worker's output has not changed for this long.
         #[arg(long, value_parser = duration, requires = "output")]
         output_stale_after: Option<Duration>,
-        /// http:// URL that gets a JSON POST when the probe turns stale.
+        /// http:// or https:// URL that gets a JSON POST when the probe turns stale.
         #[arg(long, default_value = "")]
         alert: String,
     },
@@ -683,7 +683,7 @@ pub struct SubmitArgs {
     /// A hook named in each target's config, run after install.
     #[arg(long, default_value = "")]
     pub hook: String,
-    /// http:// URL that gets the final report as a JSON POST.
+    /// http:// or https:// URL that gets the final report as a JSON POST.
     #[arg(long, default_value = "")]
     pub callback: String,
     /// Whole-job deadline (e.g. 10m).

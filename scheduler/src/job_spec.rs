@@ -131,8 +131,8 @@ pub fn check(spec: &pb::JobSpec, workers: &[WorkerRecord]) -> Result<Checked, St
     if names.is_empty() {
         return Err("targets: no worker matches (the source is never its own target)".into());
     }
-    if !spec.callback_url.is_empty() && !spec.callback_url.starts_with("http://") {
-        return Err("callback_url: must be an http:// URL".into());
+    if !spec.callback_url.is_empty() {
+        crate::callback::check_url(&spec.callback_url, "callback_url")?;
     }
     let mut targets = Vec::new();
     for name in names {
@@ -233,6 +233,15 @@ mod tests {
         }))
         .starts_with("destination:"));
         assert!(err(spec(|s| s.callback_url = "ftp://x".into())).starts_with("callback_url:"));
+        assert!(err(spec(|s| s.callback_url = "http://".into())).starts_with("callback_url:"));
+        let ok = check(
+            &spec(|s| {
+                s.destination = "in/".into();
+                s.callback_url = "https://ops.example/ferry".into()
+            }),
+            &ws,
+        );
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

@@ -35,15 +35,7 @@ fn invalid(reason: String) -> Status {
 
 /// Checks a target URL: `http(s)://host[:port]/...`. The error names the field.
 fn check_url(url: &str, field: &str) -> Result<hyper::Uri, Status> {
-    let uri: hyper::Uri = url.parse().map_err(|e| invalid(format!("{field}: '{url}' is not a URL: {e}")))?;
-    match uri.scheme_str() {
-        Some("http") | Some("https") => {}
-        _ => return Err(invalid(format!("{field}: '{url}' must start with http:// or https://"))),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(invalid(format!("{field}: '{url}' has no host")));
-    }
-    Ok(uri)
+    crate::callback::check_url(url, field).map_err(invalid)
 }
 
 fn valid_hook_name(s: &str) -> bool {
@@ -79,10 +71,7 @@ pub fn to_def(spec: pb::ProbeSpec) -> Result<ProbeDef, Status> {
         }
     };
     if !spec.alert_url.is_empty() {
-        let uri = check_url(&spec.alert_url, "alert_url")?;
-        if uri.scheme_str() != Some("http") {
-            return Err(invalid("alert_url: only http:// is supported for alerts".into()));
-        }
+        check_url(&spec.alert_url, "alert_url")?;
     }
     // Default: the interval shared by the targets, downloaded one by one.
     let timeout_ms =
@@ -622,7 +611,8 @@ mod tests {
         assert!(to_def(spec("https://relay.example/2M")).is_ok());
         assert!(err(pb::ProbeSpec { interval_ms: 10, ..spec("http://a/") }).starts_with("interval:"));
         assert!(err(pb::ProbeSpec { selector: "zone".into(), ..spec("http://a/") }).starts_with("selector:"));
-        assert!(err(pb::ProbeSpec { alert_url: "https://a/".into(), ..spec("http://a/") }).starts_with("alert_url:"));
+        assert!(err(pb::ProbeSpec { alert_url: "ftp://a/".into(), ..spec("http://a/") }).starts_with("alert_url:"));
+        assert!(to_def(pb::ProbeSpec { alert_url: "https://ops.example/alert".into(), ..spec("http://a/") }).is_ok());
         let relative = pb::ProbeOutput { path: "out.txt".into(), ..Default::default() };
         assert!(err(pb::ProbeSpec { output: Some(relative), ..spec("http://a/") }).starts_with("output.path:"));
         let d = to_def(spec("http://a/")).unwrap();
