@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::PathBuf;
@@ -33,7 +33,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::index::{self, hex, parse_hex};
 use crate::metrics::WorkerMetrics;
-use crate::roots::Roots;
+use crate::roots::{c_name, io_result, open_at, Roots};
 use crate::store::{ChunkStore, Location, Retained};
 
 /// The current session's outbound queue (none while disconnected).
@@ -174,25 +174,8 @@ fn safe_job_dir(job_id: &str) -> String {
 /// Opens a staging file in `dir` without following a symlink at its name
 /// (created readable by its owner only; pack sets the final mode).
 fn open_staging(dir: &OwnedFd, name: &CStr, create: bool) -> std::io::Result<std::fs::File> {
-    let flags = libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW | if create { libc::O_CREAT } else { 0 };
-    // SAFETY: valid descriptor and NUL-terminated name; the kernel only reads them.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, 0o600 as libc::c_uint) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor the kernel just opened for us and nobody else owns.
-    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
-}
-
-fn c_name(name: &[u8]) -> Result<CString, String> {
-    CString::new(name).map_err(|_| format!("{:?} contains a NUL byte", String::from_utf8_lossy(name)))
-}
-
-fn io_result(ret: libc::c_int) -> std::io::Result<()> {
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    let flags = libc::O_RDWR | libc::O_NOFOLLOW | if create { libc::O_CREAT } else { 0 };
+    open_at(dir, name, flags, 0o600)
 }
 
 impl Executor {

@@ -205,7 +205,8 @@ impl Materializer {
         let path = rule.path.to_str().ok_or_else(|| Skip::Failed("path: not UTF-8".into()))?;
         // Checked again at every write: a symlink may have appeared since start.
         let resolved = self.roots.check_write(path).map_err(Skip::Failed)?;
-        let outcome = tokio::task::spawn_blocking(move || atomic_file::replace_if_changed(&resolved, &bytes))
+        let roots = self.roots.clone();
+        let outcome = tokio::task::spawn_blocking(move || atomic_file::replace_if_changed(&roots, &resolved, &bytes))
             .await
             .map_err(|e| Skip::Failed(format!("write task: {e}")))?
             .map_err(|e| Skip::Failed(format!("writing {path}: {e}")))?;

@@ -295,10 +295,12 @@ impl ProbeRunner {
         let path = self.roots.check_write(&out.path).map_err(|e| format!("output.path: {e}"))?;
         let text = render(&out.template, out.top, &rank(results));
         let digest = blake3::hash(text.as_bytes()).to_hex().to_string();
-        let written = tokio::task::spawn_blocking(move || atomic_file::replace_if_changed(&path, text.as_bytes()))
-            .await
-            .map_err(|e| format!("output: {e}"))?
-            .map_err(|e| format!("output: writing {}: {e}", out.path))?;
+        let roots = self.roots.clone();
+        let written =
+            tokio::task::spawn_blocking(move || atomic_file::replace_if_changed(&roots, &path, text.as_bytes()))
+                .await
+                .map_err(|e| format!("output: {e}"))?
+                .map_err(|e| format!("output: writing {}: {e}", out.path))?;
         state.digest = digest;
         if written == Outcome::Written {
             state.changed_unix_ms = now_ms();

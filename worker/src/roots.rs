@@ -9,7 +9,7 @@
 //! [`Roots::open_dir`] without following any symlink below the root, and
 //! creates, renames and removes names relative to that handle.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -71,13 +71,7 @@ impl Roots {
     /// the handle stay in that directory, wherever a path points later.
     pub fn open_dir(&self, dir: &Path) -> Result<OwnedFd, String> {
         let shown = dir.display();
-        let root = self
-            .roots
-            .iter()
-            .filter(|r| dir.starts_with(r))
-            .max_by_key(|r| r.as_os_str().len())
-            .ok_or_else(|| format!("{shown} is outside the allowed roots"))?;
-        let rest = dir.strip_prefix(root).map_err(|_| format!("{shown} is outside the allowed roots"))?;
+        let (root, rest) = self.split(dir)?;
         let root_fd = open_directory(root).map_err(|e| format!("{}: {e}", root.display()))?;
         if rest.as_os_str().is_empty() {
             return Ok(root_fd);
@@ -110,6 +104,43 @@ impl Roots {
             }
             _ => Err(format!("{shown}: {err}")),
         }
+    }
+
+    /// The deepest root holding `dir`, and the rest of the path below it.
+    fn split<'a>(&'a self, dir: &'a Path) -> Result<(&'a Path, &'a Path), String> {
+        let outside = || format!("{} is outside the allowed roots", dir.display());
+        let root = self.roots.iter().filter(|r| dir.starts_with(r)).max_by_key(|r| r.as_os_str().len());
+        let root = root.ok_or_else(outside)?;
+        Ok((root, dir.strip_prefix(root).map_err(|_| outside())?))
+    }
+
+    /// Like [`Roots::open_dir`], creating missing directories on the way
+    /// (mode 0755 less the umask), one name at a time relative to its parent's
+    /// handle, each opened without following a symlink: wherever the path
+    /// points later, nothing is created or opened outside the root.
+    pub fn create_dir(&self, dir: &Path) -> Result<OwnedFd, String> {
+        let shown = dir.display();
+        let (root, rest) = self.split(dir)?;
+        let mut fd = open_directory(root).map_err(|e| format!("{}: {e}", root.display()))?;
+        for part in rest.components() {
+            let Component::Normal(part) = part else { return Err(format!("{shown} contains . or ..")) };
+            let name = c_name(part.as_bytes())?;
+            // SAFETY: valid descriptor and NUL-terminated name; the kernel only reads them.
+            if let Err(e) = io_result(unsafe { libc::mkdirat(fd.as_raw_fd(), name.as_ptr(), 0o755) }) {
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(format!("{shown}: creating {}: {e}", part.to_string_lossy()));
+                }
+            }
+            let flags = libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+            fd = match open_at(&fd, &name, flags, 0) {
+                Ok(next) => OwnedFd::from(next),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
+                    return Err(format!("{shown}: {} is a symlink or not a directory; refused", part.to_string_lossy()))
+                }
+                Err(e) => return Err(format!("{shown}: {e}")),
+            };
+        }
+        Ok(fd)
     }
 
     /// [`Roots::open_dir`] on kernels before 5.6 (no `openat2`): open, then
@@ -152,6 +183,29 @@ impl Roots {
         }
         Ok(resolved)
     }
+}
+
+/// Opens `name` in directory `dir` with open(2) `flags` (and `mode` when
+/// they create it).
+pub(crate) fn open_at(dir: &OwnedFd, name: &CStr, flags: libc::c_int, mode: u32) -> std::io::Result<std::fs::File> {
+    // SAFETY: valid descriptor and NUL-terminated name; the kernel only reads them.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) };
+    io_result(fd)?;
+    // SAFETY: a descriptor the kernel just opened for us and nobody else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// A file name for the `*at` calls.
+pub(crate) fn c_name(name: &[u8]) -> Result<CString, String> {
+    CString::new(name).map_err(|_| format!("{:?} contains a NUL byte", String::from_utf8_lossy(name)))
+}
+
+/// A libc return value: negative means `errno` says what failed.
+pub(crate) fn io_result(ret: libc::c_int) -> std::io::Result<()> {
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn open_directory(dir: &Path) -> std::io::Result<OwnedFd> {
