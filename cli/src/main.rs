@@ -14,6 +14,34 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Most open files a daemon asks for when its hard limit is unlimited.
+const OPEN_FILES_CAP: libc::rlim_t = 1 << 20;
+
+/// A daemon holds a descriptor per peer connection, per watch and client,
+/// and per destination directory of a running job, so it lifts its soft
+/// limit on open files to the hard one (as Go programs and most daemons
+/// do). A failure leaves the limit as it was, with a warning.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a valid pointer to a live rlimit, which the call fills in.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open files limit");
+        return;
+    }
+    let want = limit.rlim_max.min(OPEN_FILES_CAP);
+    if limit.rlim_cur >= want {
+        return;
+    }
+    let before = limit.rlim_cur;
+    limit.rlim_cur = want;
+    // SAFETY: a valid pointer to a live rlimit; the call only reads it.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), before, want, "cannot raise the open files limit");
+        return;
+    }
+    tracing::info!(before, now = want, "raised the open files limit");
+}
+
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
     // The demo shares two cores between three schedulers and six workers;
@@ -26,6 +54,9 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if cli.command.is_daemon() {
+        raise_open_files_limit();
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -250,3 +250,60 @@ async fn single_node_cli_round_trip_and_locked_data_dir() {
     let status = wait_child_exit(&mut first.0, Duration::from_secs(10)).expect("graceful exit");
     assert!(status.success(), "{status:?}");
 }
+
+/// The soft and hard open files limits of process `pid`.
+fn open_files_limits(pid: u32) -> Option<(String, String)> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut fields = line.split_whitespace().skip(3);
+    Some((fields.next()?.to_string(), fields.next()?.to_string()))
+}
+
+#[test]
+fn daemons_lift_their_open_files_limit_to_the_hard_one() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(FERRY);
+    cmd.args(["worker", "--name", "w1", "--listen", "127.0.0.1:0", "--schedulers"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--data")
+        .arg(tmp.path().join("data"))
+        .arg("--allow-root")
+        .arg(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe and touches only the rlimit on the stack.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Started as a service manager would: a low soft limit.
+            limit.rlim_cur = limit.rlim_max.min(256);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn worker");
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = open_files_limits(pid);
+        if let Some((soft, hard)) = &last {
+            let want = if hard == "unlimited" { (1u64 << 20).to_string() } else { hard.clone() };
+            if *soft == want {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let (soft, hard) = last.expect("limits of the worker");
+    let want = if hard == "unlimited" { (1u64 << 20).to_string() } else { hard.clone() };
+    assert_eq!(soft, want, "the worker's soft limit (hard: {hard})");
+}
