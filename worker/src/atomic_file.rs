@@ -195,21 +195,20 @@ mod tests {
 
     #[test]
     fn a_directory_swapped_for_a_symlink_is_not_followed() {
-        let (tmp, roots, root) = rooted();
-        let outside = tmp.path().parent().unwrap().join(format!("{}-outside", tmp.path().display()));
-        std::fs::create_dir_all(&outside).unwrap();
+        let (_tmp, roots, root) = rooted();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let outside = elsewhere.path();
         let conf = root.join("etc/app/app.conf");
         assert_eq!(replace_if_changed(&roots, &conf, b"one").unwrap(), Outcome::Written);
         // After the caller's check, etc/app becomes a symlink leading out.
         std::fs::rename(root.join("etc/app"), root.join("etc/app.old")).unwrap();
-        std::os::unix::fs::symlink(&outside, root.join("etc/app")).unwrap();
+        std::os::unix::fs::symlink(outside, root.join("etc/app")).unwrap();
         let err = replace_if_changed(&roots, &conf, b"two").unwrap_err().to_string();
         assert!(err.contains("symlink"), "{err}");
         // A missing directory is not created through a symlink either.
         let deeper = root.join("etc/app/new/app.conf");
         assert!(replace_if_changed(&roots, &deeper, b"two").is_err());
-        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside the root");
+        assert_eq!(std::fs::read_dir(outside).unwrap().count(), 0, "nothing written outside the root");
         assert!(replace_if_changed(&roots, &outside.join("x.conf"), b"x").is_err(), "outside the roots");
-        std::fs::remove_dir_all(&outside).unwrap();
     }
 }
