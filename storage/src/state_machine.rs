@@ -435,7 +435,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     /// Copies the state (openraft runs no apply meanwhile); the file is
     /// written by [`SnapshotBuilder::build_snapshot`] while applies go on.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let started = Instant::now();
         let state = self.inner.read().clone();
+        // Applies wait for this copy: it grows with the state.
+        let copy_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(copy_ms, keys = state.kv.len(), "copied the state for a snapshot; applies waited");
         SnapshotBuilder { store: self.clone(), state: Some(state) }
     }
 
