@@ -287,23 +287,21 @@ fn daemons_lift_their_open_files_limit_to_the_hard_one() {
             Ok(())
         });
     }
+    // What the worker should raise its soft limit to, given the hard one.
+    let wanted = |hard: &str| if hard == "unlimited" { (1u64 << 20).to_string() } else { hard.to_string() };
     let mut child = cmd.spawn().expect("spawn worker");
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = None;
     while Instant::now() < deadline {
         last = open_files_limits(pid);
-        if let Some((soft, hard)) = &last {
-            let want = if hard == "unlimited" { (1u64 << 20).to_string() } else { hard.clone() };
-            if *soft == want {
-                break;
-            }
+        if last.as_ref().is_some_and(|(soft, hard)| *soft == wanted(hard)) {
+            break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
     let _ = child.wait();
     let (soft, hard) = last.expect("limits of the worker");
-    let want = if hard == "unlimited" { (1u64 << 20).to_string() } else { hard.clone() };
-    assert_eq!(soft, want, "the worker's soft limit (hard: {hard})");
+    assert_eq!(soft, wanted(&hard), "the worker's soft limit (hard: {hard})");
 }

@@ -57,16 +57,16 @@ async fn post(client: &HttpsClient, url: &str, body: &str) -> Result<(), String>
 
 /// POSTs `body` to `url` until a 2xx answer or [`ATTEMPTS`] failures.
 pub async fn post_with_retries(url: String, body: String) {
+    if let Err(why) = url.parse::<hyper::Uri>() {
+        tracing::warn!(%url, %why, "webhook not sent: bad URL");
+        return;
+    }
     let client = client();
     let mut backoff = Duration::from_millis(200);
     for attempt in 1..=ATTEMPTS {
         match post(&client, &url, &body).await {
             Ok(()) => {
                 tracing::info!(%url, attempt, "webhook delivered");
-                return;
-            }
-            Err(why) if why.starts_with("bad URL") => {
-                tracing::warn!(%url, %why, "webhook not sent");
                 return;
             }
             Err(why) => tracing::warn!(%url, attempt, %why, "webhook not delivered"),
