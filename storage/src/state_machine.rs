@@ -11,8 +11,9 @@
 //!
 //! Apply never reads clocks or randomness: its result depends only on the
 //! entries and the prior state. A snapshot is a copy of the state taken
-//! while openraft runs no apply (one point in time; the copy costs memory
-//! for a moment, not a pause of the file's length), written off the apply
+//! while openraft runs no apply (one point in time; the maps are persistent,
+//! so the copy shares them and costs O(1), and later applies copy only the
+//! nodes they change), written off the apply
 //! path as `*.tmp`, fsynced, renamed, and then recorded as current in sled's
 //! `meta` tree (flushed) before older snapshot files are deleted. A build
 //! that finishes after a newer snapshot was installed is not recorded.
@@ -296,10 +297,12 @@ impl StateMachineStore {
 
         let dir = self.inner.dir.snapshot_dir();
         let tmp = dir.join(format!("snap-{}.tmp", meta.snapshot_id));
+        let started = Instant::now();
         let file = std::fs::File::create(&tmp).map_err(|source| Error::Snapshot { op: "create", source })?;
         let file = write_records(state, &header, file)?;
         file.sync_all().map_err(|source| Error::Snapshot { op: "fsync", source })?;
         drop(file);
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "wrote a snapshot file");
         // Opened before it is renamed (or dropped as stale), so openraft can
         // read it either way.
         let file = std::fs::File::open(&tmp).map_err(|source| Error::Snapshot { op: "open", source })?;
@@ -436,10 +439,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     /// written by [`SnapshotBuilder::build_snapshot`] while applies go on.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         let started = Instant::now();
+        // O(1): the copy shares the persistent maps with the live state.
         let state = self.inner.read().clone();
-        // Applies wait for this copy: it grows with the state.
-        let copy_ms = started.elapsed().as_millis() as u64;
-        tracing::info!(copy_ms, keys = state.kv.len(), "copied the state for a snapshot; applies waited");
+        let copy_us = started.elapsed().as_micros() as u64;
+        tracing::info!(copy_us, keys = state.kv.len(), "copied the state for a snapshot; applies waited");
         SnapshotBuilder { store: self.clone(), state: Some(state) }
     }
 
@@ -688,10 +691,10 @@ impl StateReader {
 
 /// The entries of `map` whose keys start with `prefix`, in order.
 fn with_prefix<'a, V>(
-    map: &'a std::collections::BTreeMap<String, V>,
+    map: &'a imbl::OrdMap<String, V>,
     prefix: &'a str,
 ) -> impl Iterator<Item = (&'a String, &'a V)> + 'a {
-    map.range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+    map.range::<_, str>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
         .take_while(move |(key, _)| key.starts_with(prefix))
 }
 

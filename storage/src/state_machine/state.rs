@@ -1,14 +1,19 @@
 //! The replicated state in memory, and `apply`: deterministic, infallible
 //! changes to it.
 //!
-//! Every map is ordered (`BTreeMap`), so snapshots and digests list the same
-//! state the same way on every replica. Apply does no I/O and cannot fail
+//! Every map is ordered, so snapshots and digests list the same state the
+//! same way on every replica. The maps are persistent (`imbl`): a clone
+//! shares every node and costs O(1), and a change after it copies only the
+//! path it touches, so a snapshot's copy of the state does not hold applies
+//! for a time that grows with the state. Apply does no I/O and cannot fail
 //! halfway, so a batch of entries is applied whole or (on a crash) not at
 //! all: after a restart the state is the last snapshot, and openraft applies
 //! the log after it again.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use imbl::{HashMap, OrdMap, OrdSet, Vector};
 
 use openraft::{Entry, EntryPayload, LogId, StoredMembership};
 
@@ -33,13 +38,13 @@ pub(crate) struct Dedup {
     by_id: HashMap<Arc<str>, (u64, CommandResult)>,
     /// (index, id) in apply order (sorted by index after a load), so expiry
     /// pops from the front. May hold stale pairs of ids applied again.
-    order: VecDeque<(u64, Arc<str>)>,
+    order: Vector<(u64, Arc<str>)>,
     max_ids: usize,
 }
 
 impl Default for Dedup {
     fn default() -> Self {
-        Self { by_id: HashMap::new(), order: VecDeque::new(), max_ids: DEDUP_MAX_IDS }
+        Self { by_id: HashMap::new(), order: Vector::new(), max_ids: DEDUP_MAX_IDS }
     }
 }
 
@@ -80,7 +85,7 @@ impl Dedup {
 
     /// Puts the apply order back after loading entries in any order.
     pub(crate) fn sort(&mut self) {
-        self.order.make_contiguous().sort();
+        self.order.sort();
     }
 
     /// Every remembered id, in no particular order.
@@ -101,24 +106,24 @@ pub(crate) struct State {
     pub membership: Membership,
     /// The cluster revision: one more for every key change.
     pub revision: u64,
-    pub kv: BTreeMap<String, StoredValue>,
+    pub kv: OrdMap<String, StoredValue>,
     pub dedup: Dedup,
-    pub workers: BTreeMap<String, WorkerRecord>,
-    pub jobs: BTreeMap<String, Job>,
+    pub workers: OrdMap<String, WorkerRecord>,
+    pub jobs: OrdMap<String, Job>,
     /// revision -> the change made at it and the key's state before it.
-    pub events: BTreeMap<u64, Change>,
+    pub events: OrdMap<u64, Change>,
     /// (key, revision) of every change in `events`: each key's history.
-    pub history: BTreeSet<(String, u64)>,
+    pub history: OrdSet<(String, u64)>,
     /// What the changes in `events` weigh ([`change_bytes`]).
     pub history_bytes: u64,
-    pub leases: BTreeMap<u64, kv::Lease>,
+    pub leases: OrdMap<u64, kv::Lease>,
     /// key -> the lease it is bound to.
-    pub key_lease: BTreeMap<String, u64>,
+    pub key_lease: OrdMap<String, u64>,
     /// key -> its gray variants.
-    pub gray: BTreeMap<String, Vec<kv::Variant>>,
-    pub probe_defs: BTreeMap<String, ProbeDef>,
+    pub gray: OrdMap<String, Vec<kv::Variant>>,
+    pub probe_defs: OrdMap<String, ProbeDef>,
     /// probe -> worker -> what it last reported.
-    pub probe_results: BTreeMap<String, BTreeMap<String, WorkerProbe>>,
+    pub probe_results: OrdMap<String, BTreeMap<String, WorkerProbe>>,
 }
 
 /// What one change weighs in the history window: its key, its value and
@@ -168,7 +173,8 @@ impl State {
     fn record(&mut self, revision: u64, event: Event, prev: Option<StoredValue>) {
         self.keep(revision, Change { event, prev });
         while self.events.len() as u64 > kv::HISTORY_REVISIONS || self.history_bytes > kv::HISTORY_MAX_BYTES {
-            let Some((old, gone)) = self.events.pop_first() else { break };
+            let Some(&(old, _)) = self.events.get_min() else { break };
+            let Some(gone) = self.events.remove(&old) else { break };
             self.history_bytes -= change_bytes(&gone);
             self.history.remove(&(gone.event.kv.key, old));
         }
