@@ -183,8 +183,16 @@ impl Journal {
 
     /// Starts over, empty: call only when everything the records hold is
     /// durable elsewhere. Old records stay in the file under an old epoch.
+    #[cfg(test)]
     pub(crate) fn reset(&mut self) -> std::io::Result<()> {
-        let epoch = self.epoch + 1;
+        self.reset_above(0)
+    }
+
+    /// [`Journal::reset`] to an epoch above both this journal's and `floor`,
+    /// so records written from now on are known to be newer than any with
+    /// an epoch up to `floor` (another journal's).
+    pub(crate) fn reset_above(&mut self, floor: u64) -> std::io::Result<()> {
+        let epoch = self.epoch.max(floor) + 1;
         self.file.write_all_at(&header(epoch), 0)?;
         self.file.sync_data()?;
         self.epoch = epoch;
@@ -194,12 +202,88 @@ impl Journal {
     }
 }
 
+/// Two journals used in turn, so that a full journal never makes appends
+/// wait for a checkpoint: appends go to the active one; when it is full the
+/// other takes over (started over with a newer epoch) while a full sync
+/// covers what the first holds, in the background. The first may start
+/// over only once that sync is done ([`LogStore`] keeps that order).
+///
+/// [`LogStore`]: crate::LogStore
+#[derive(Debug)]
+pub(crate) struct Journals {
+    files: [Journal; 2],
+    active: usize,
+}
+
+impl Journals {
+    /// Opens (creating if needed) both journals and returns the payloads of
+    /// their current records, the older journal's first. Both take appends
+    /// only after a [`Journals::reset_all`].
+    pub(crate) fn open(paths: [&Path; 2], capacity: u64) -> std::io::Result<(Self, Vec<Vec<u8>>)> {
+        let (first, mut records) = Journal::open(paths[0], capacity)?;
+        let (second, more) = Journal::open(paths[1], capacity)?;
+        if second.epoch < first.epoch {
+            records.splice(0..0, more);
+        } else {
+            records.extend(more);
+        }
+        Ok((Self { files: [first, second], active: 0 }, records))
+    }
+
+    /// The journal appends go to.
+    pub(crate) fn active(&mut self) -> &mut Journal {
+        &mut self.files[self.active]
+    }
+
+    /// Makes the other journal the active one, started over with an epoch
+    /// above the current one's. Call only when what the other journal held
+    /// is durable elsewhere.
+    pub(crate) fn switch(&mut self) -> std::io::Result<()> {
+        let floor = self.files[self.active].epoch;
+        let next = 1 - self.active;
+        self.files[next].reset_above(floor)?;
+        self.active = next;
+        Ok(())
+    }
+
+    /// Starts both over (everything in them is durable elsewhere).
+    pub(crate) fn reset_all(&mut self) -> std::io::Result<()> {
+        let floor = self.files[0].epoch.max(self.files[1].epoch);
+        let (inactive, active) = (1 - self.active, self.active);
+        self.files[inactive].reset_above(floor)?;
+        let floor = self.files[inactive].epoch;
+        self.files[active].reset_above(floor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn payloads(records: &[Vec<u8>]) -> Vec<&[u8]> {
         records.iter().map(Vec::as_slice).collect()
+    }
+
+    #[test]
+    fn two_journals_give_back_the_older_ones_records_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        let (mut j, found) = Journals::open([&a, &b], 1 << 20).unwrap();
+        assert!(found.is_empty());
+        j.reset_all().unwrap();
+        j.active().append([b"one".as_slice()]).unwrap();
+        j.switch().unwrap();
+        j.active().append([b"two".as_slice()]).unwrap();
+        j.switch().unwrap();
+        // The first journal started over: "one" is gone, "three" is newest.
+        j.active().append([b"three".as_slice()]).unwrap();
+        drop(j);
+        let (mut j, found) = Journals::open([&a, &b], 1 << 20).unwrap();
+        assert_eq!(payloads(&found), [b"two".as_slice(), b"three"]);
+        j.reset_all().unwrap();
+        drop(j);
+        let (_, found) = Journals::open([&a, &b], 1 << 20).unwrap();
+        assert!(found.is_empty());
     }
 
     #[test]

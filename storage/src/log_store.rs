@@ -1,22 +1,31 @@
 //! The Raft log and vote on sled (`RaftLogStorage`).
 //!
 //! Durability: an `append` goes into sled unflushed and into the data
-//! directory's journal (`journal.rs`), one `pwrite` and one
-//! `fdatasync`, before openraft is told it is saved; at open, the journal's
+//! directory's active journal (`journal.rs`), one `pwrite` and one
+//! `fdatasync`, before openraft is told it is saved; at open, the journals'
 //! records are put back into sled. `save_vote`, `truncate` and `purge` flush
 //! sled and `fdatasync` its files ([`DataDir::sync`](crate::db::DataDir)), so
 //! a vote or an entry openraft believes saved survives a crash or a power
-//! loss. Such a full sync is also a checkpoint: the journal then starts over.
+//! loss. When the active journal is full, appends go on in the other one
+//! while such a full sync (a checkpoint) covers the first in the background;
+//! `truncate` and a clean stop checkpoint at once and start both over.
 //! openraft 0.9 waits for each append to be flushed before it issues the
 //! next, so batching concurrent writes into few fsyncs happens one level up,
-//! in the scheduler's proposer (many commands per entry). `purge` records the
-//! last purged id (flushed) before it deletes entries, so a crash mid-purge
-//! never leaves a hole.
+//! in the scheduler's proposer (many commands per entry).
+//!
+//! `purge` returns at once: from then on the log reads as purged (its state
+//! reports the new last purged id, reads skip the entries up to it), and a
+//! background task makes the id durable with a full sync and only then
+//! deletes the entries, oldest first, one at a time. So a purge of
+//! thousands of entries never holds up appends, and a crash at any point
+//! leaves extra entries at the log's start (skipped, and deleted by the next
+//! purge), never a hole.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogId, StorageIOError, Vote};
@@ -24,16 +33,17 @@ use openraft::{Entry, LogId, OptionalSend, RaftLogId, StorageIOError, Vote};
 use crate::codec;
 use crate::db::DataDir;
 use crate::error::Error;
-use crate::journal::Journal;
+use crate::journal::{Journal, Journals};
 use crate::{NodeId, RaftStorageError, TypeConfig};
 
 const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
-/// The journal's file in the data directory.
-const JOURNAL_FILE: &str = "journal";
-/// Journal bytes between checkpoints (full sled syncs).
-const JOURNAL_BYTES: u64 = 32 * 1024 * 1024;
+/// The journals' files in the data directory (used in turn).
+const JOURNAL_FILES: [&str; 2] = ["journal", "journal.1"];
+/// Bytes of one journal: past them appends go to the other journal, and a
+/// full sled sync (a checkpoint) covers the first in the background.
+const JOURNAL_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The log store: cheap to clone, every clone sees the same sled trees.
 #[derive(Clone, Debug)]
@@ -45,7 +55,15 @@ pub struct LogStore {
     /// fsyncs of appended entries since start (batching shows as entries/flush).
     flushes: Arc<AtomicU64>,
     /// Appended entries not yet in a full sled sync.
-    journal: Arc<Mutex<Journal>>,
+    journal: Arc<Mutex<Journals>>,
+    /// The background checkpoint covering the inactive journal, running or
+    /// last run.
+    syncing: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<std::io::Result<()>>>>>,
+    /// The last purged id openraft gave (entries up to it may still be in
+    /// sled until the background purge deletes them).
+    purged: Arc<Mutex<Option<LogId<NodeId>>>>,
+    /// The background purge running or last run (one at a time).
+    purging: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl LogStore {
@@ -54,7 +72,8 @@ impl LogStore {
         let committed: Option<LogId<NodeId>> = read_meta(&dir.meta, KEY_COMMITTED, "committed")?;
         let committed = Arc::new(AtomicU64::new(committed.map(|c| c.index).unwrap_or(0)));
         let open_error = |source| Error::Open { path: dir.path.clone(), source };
-        let (mut journal, records) = Journal::open(&dir.path.join(JOURNAL_FILE), JOURNAL_BYTES).map_err(open_error)?;
+        let paths = JOURNAL_FILES.map(|name| dir.path.join(name));
+        let (mut journal, records) = Journals::open([&paths[0], &paths[1]], JOURNAL_BYTES).map_err(open_error)?;
         if !records.is_empty() {
             // Entries a crash may have taken from sled's unflushed buffers.
             let purged: Option<LogId<NodeId>> = read_meta(&dir.meta, KEY_LAST_PURGED, "last_purged")?;
@@ -71,22 +90,62 @@ impl LogStore {
             }
             dir.sync_blocking().map_err(open_error)?;
         }
-        journal.reset().map_err(open_error)?;
+        journal.reset_all().map_err(open_error)?;
         let journal = Arc::new(Mutex::new(journal));
-        Ok(Self { dir, log, committed, flushes: Arc::new(AtomicU64::new(0)), journal })
+        let purged: Option<LogId<NodeId>> = read_meta(&dir.meta, KEY_LAST_PURGED, "last_purged")?;
+        Ok(Self {
+            dir,
+            log,
+            committed,
+            flushes: Arc::new(AtomicU64::new(0)),
+            journal,
+            syncing: Arc::default(),
+            purged: Arc::new(Mutex::new(purged)),
+            purging: Arc::default(),
+        })
     }
 
-    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journals> {
         self.journal.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes sled hold every appended entry durably, then starts the journal
-    /// over, empty. A node calls it once more when it stops cleanly, so its
-    /// sled files are complete without the journal. Not while an append is
-    /// under way (before openraft starts or after it stopped).
+    /// Makes sled hold every appended entry durably, then starts both
+    /// journals over, empty. A node calls it once more when it stops
+    /// cleanly, so its sled files are complete without the journals. Not
+    /// while an append is under way (before openraft starts, after it
+    /// stopped, or from the log store's own calls).
     pub async fn checkpoint(&self) -> std::io::Result<()> {
+        let mut syncing = self.syncing.lock().await;
+        if let Some(task) = syncing.take() {
+            // Its outcome does not matter: the sync below covers everything.
+            let _ = task.await;
+        }
         self.dir.sync().await?;
-        self.journal().reset()
+        self.journal().reset_all()
+    }
+
+    /// The active journal is full: the other one takes over, once the
+    /// checkpoint that covers it has finished, and a checkpoint covering
+    /// the full one starts in the background. Appends wait only if that
+    /// earlier checkpoint is still running.
+    async fn rotate(&self) -> std::io::Result<()> {
+        let mut syncing = self.syncing.lock().await;
+        if let Some(task) = syncing.take() {
+            let covered = task.await.map_err(std::io::Error::other).and_then(|r| r);
+            if let Err(e) = covered {
+                tracing::warn!(error = %e, "background log checkpoint failed; syncing again");
+                self.dir.sync().await?;
+            }
+        }
+        self.journal().switch()?;
+        let dir = self.dir.clone();
+        *syncing = Some(tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            dir.sync_blocking()?;
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "log checkpoint (full sled sync)");
+            Ok(())
+        }));
+        Ok(())
     }
 
     /// The data directory behind this store.
@@ -109,9 +168,33 @@ impl LogStore {
         self.log.len()
     }
 
-    fn last_purged(&self) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
-        read_meta(&self.dir.meta, KEY_LAST_PURGED, "last_purged").map_err(|e| StorageIOError::read_logs(&e).into())
+    fn last_purged(&self) -> Option<LogId<NodeId>> {
+        *self.purged.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Waits for the background purge, if one runs.
+    pub async fn purged(&self) {
+        if let Some(task) = self.purging.lock().await.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Blocking: makes the last purged id (already in the meta tree) durable,
+/// then deletes the entries up to `upto`, oldest first.
+fn delete_purged(dir: &DataDir, log: &sled::Tree, upto: u64) -> std::io::Result<usize> {
+    dir.sync_blocking()?;
+    let mut deleted = 0;
+    // One remove at a time (not one batch, which would block every other
+    // write to sled while it runs).
+    while let Some((key, _)) = log.first().map_err(std::io::Error::other)? {
+        if key.as_ref() > index_key(upto).as_slice() {
+            break;
+        }
+        log.remove(key).map_err(std::io::Error::other)?;
+        deleted += 1;
+    }
+    Ok(deleted)
 }
 
 fn read_meta<T: serde::de::DeserializeOwned>(
@@ -148,6 +231,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => Bound::Excluded(index_key(i)),
             Bound::Unbounded => Bound::Unbounded,
         };
+        // Entries a background purge has not deleted yet are not there.
+        let start = match (self.last_purged(), start) {
+            (Some(p), Bound::Unbounded) => Bound::Excluded(index_key(p.index)),
+            (Some(p), Bound::Included(s) | Bound::Excluded(s)) if s <= index_key(p.index) => {
+                Bound::Excluded(index_key(p.index))
+            }
+            (_, start) => start,
+        };
         let mut out = Vec::new();
         for item in self.log.range::<[u8; 8], _>((start, end)) {
             let (_, raw) = item.map_err(|e| StorageIOError::read_logs(&e))?;
@@ -161,12 +252,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
-        let last_purged_log_id = self.last_purged()?;
+        let last_purged_log_id = self.last_purged();
         let last = self.log.last().map_err(|e| StorageIOError::read_logs(&e))?;
         let last_log_id = match last {
             Some((_, raw)) => Some(*decode_entry(&raw)?.get_log_id()),
-            None => last_purged_log_id,
+            None => None,
         };
+        // Everything left may be purged entries not deleted yet.
+        let last_log_id = last_log_id.max(last_purged_log_id);
         Ok(LogState { last_purged_log_id, last_log_id })
     }
 
@@ -217,8 +310,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             records.push(record);
         }
         let bytes = Journal::record_bytes(records.iter().map(Vec::as_slice));
-        if self.journal().needs_checkpoint(bytes) {
-            self.checkpoint().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        if self.journal().active().needs_checkpoint(bytes) {
+            self.rotate().await.map_err(|e| StorageIOError::write_logs(&e))?;
         }
         // One entry (the common case when idle) goes in as a plain insert: a
         // batch costs sled an extra log record.
@@ -234,7 +327,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         .map_err(|e| StorageIOError::write_logs(&e))?;
         let file = {
-            let mut journal = self.journal();
+            let mut journals = self.journal();
+            let journal = journals.active();
             journal.append(records.iter().map(Vec::as_slice)).map_err(|e| StorageIOError::write_logs(&e))?;
             journal.file()
         };
@@ -261,16 +355,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
-        // Record first: a crash after this line leaves extra entries, never a hole.
+        // Recorded first, durable before any entry is deleted: a crash
+        // leaves extra entries, never a hole.
         let raw = codec::encode("last_purged", &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
         self.dir.meta.insert(KEY_LAST_PURGED, raw).map_err(|e| StorageIOError::write_logs(&e))?;
-        self.dir.sync().await.map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(..=index_key(log_id.index)) {
-            let (key, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.remove(key);
-        }
-        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        *self.purged.lock().unwrap_or_else(|e| e.into_inner()) = Some(log_id);
+        let mut purging = self.purging.lock().await;
+        let previous = purging.take();
+        let (dir, log) = (self.dir.clone(), self.log.clone());
+        *purging = Some(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            let started = Instant::now();
+            match tokio::task::spawn_blocking(move || delete_purged(&dir, &log, log_id.index)).await {
+                Ok(Ok(deleted)) => {
+                    let ms = started.elapsed().as_millis() as u64;
+                    tracing::info!(ms, deleted, upto = log_id.index, "purged the log");
+                }
+                // The entries stay (skipped by reads); the next purge deletes them.
+                Ok(Err(e)) => tracing::warn!(error = %e, "purging the log"),
+                Err(e) => tracing::warn!(error = %e, "purging the log"),
+            }
+        }));
         Ok(())
     }
 }
@@ -336,6 +443,10 @@ mod tests {
         let mut log = reopen(tmp.path());
         assert_eq!(contents(&mut log).await, [(1, 1), (1, 2), (2, 3)]);
         log.purge(LogId::new(CommittedLeaderId::new(1, 1), 2)).await.unwrap();
+        // Purged at once for readers, deleted in the background.
+        assert_eq!(contents(&mut log).await, [(2, 3)]);
+        log.purged().await;
+        assert_eq!(log.log.len(), 1);
         drop(log);
         let mut log = reopen(tmp.path());
         assert_eq!(contents(&mut log).await, [(2, 3)]);
@@ -354,13 +465,38 @@ mod tests {
                 op: crate::Op::Put { key: format!("k{index}"), value: vec![7u8; 1 << 20] },
             }),
         };
-        // 40 MiB through a 32 MiB journal: at least one checkpoint.
-        for i in 1..=40 {
+        let turns = |log: &mut LogStore, last: &mut u64| {
+            let len = log.journal().active().len();
+            let turned = len < *last;
+            *last = len;
+            usize::from(turned)
+        };
+        // 20 MiB: the 16 MiB journal is full and the other takes over.
+        let (mut turned, mut last) = (0, 0);
+        for i in 1..=20 {
             log.blocking_append([big(i)]).await.unwrap();
+            turned += turns(&mut log, &mut last);
         }
-        assert!(log.journal().len() < 10 << 20, "the journal started over");
+        assert_eq!(turned, 1);
+        // What a crash does to entries still in sled's buffers: both
+        // journals bring theirs back.
+        for i in 10..=20 {
+            log.log.remove(index_key(i)).unwrap();
+        }
+        log.dir.sync_blocking().unwrap();
         drop(log);
         let mut log = reopen(tmp.path());
-        assert_eq!(contents(&mut log).await.len(), 40);
+        assert_eq!(contents(&mut log).await.len(), 20);
+        // 35 MiB more: they take turns twice, the second time after the
+        // first background checkpoint.
+        let (mut turned, mut last) = (0, 0);
+        for i in 21..=55 {
+            log.blocking_append([big(i)]).await.unwrap();
+            turned += turns(&mut log, &mut last);
+        }
+        assert_eq!(turned, 2);
+        drop(log);
+        let mut log = reopen(tmp.path());
+        assert_eq!(contents(&mut log).await.len(), 55);
     }
 }
