@@ -77,11 +77,17 @@ pub(crate) fn client(channel: Channel) -> RaftServiceClient<Channel> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
+/// A peer that cannot be reached (no connection) is `Unreachable`: openraft
+/// then backs off for 500 ms before it sends to that peer again. A call
+/// that ran out of time is not: the peer answers, only later than openraft's
+/// AppendEntries deadline (one heartbeat interval), for example while its
+/// disk syncs a checkpoint. Backing off from it would stop replication to
+/// that peer for half a second; when both followers are slow at the same
+/// moment, nothing commits for that long. So a timeout is retried at the
+/// next heartbeat or entry.
 fn status_to_rpc<E: std::error::Error>(status: tonic::Status) -> RpcErr<E> {
     match status.code() {
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
-            RPCError::Unreachable(Unreachable::new(&status))
-        }
+        tonic::Code::Unavailable | tonic::Code::Unknown => RPCError::Unreachable(Unreachable::new(&status)),
         _ => RPCError::Network(NetworkError::new(&status)),
     }
 }
