@@ -76,7 +76,7 @@ impl FerryProcs {
                 .arg("--data")
                 .arg(dir.join(format!("s{}", i + 1)))
                 .args(["--initial-cluster", &members.join(",")])
-                .env("RUST_LOG", "warn");
+                .env("RUST_LOG", std::env::var("FERRY_BENCH_LOG").unwrap_or_else(|_| "warn".into()));
             let log = dir.join(format!("s{}.log", i + 1));
             let child = spawn_logged(cmd, &log).with_context(|| format!("starting {}", bin.display()))?;
             procs.children.push((child, log));
