@@ -232,3 +232,56 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(addr: std::net::SocketAddr) -> PeerNetwork {
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        PeerNetwork {
+            target: 2,
+            addr: addr.to_string(),
+            channel: Some(channel),
+            snapshot_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn vote() -> VoteRequest<NodeId> {
+        VoteRequest::new(Vote::new(1, 1), None)
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_answers_late_is_retried_and_one_that_refuses_is_backed_off_from() {
+        // Accepts connections and never answers, like a node stalled on its disk.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let _held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                open.push(socket);
+            }
+        });
+        let late = peer(addr)
+            .unary::<_, VoteResponse<NodeId>, RaftError<NodeId>, _, _>(
+                "vote",
+                &vote(),
+                Duration::from_millis(50),
+                |mut c, r| async move { c.vote(r).await },
+            )
+            .await;
+        assert!(matches!(late, Err(RPCError::Network(_))), "{late:?}");
+
+        // Nothing listens: the connection is refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let refused = peer(closed)
+            .unary::<_, VoteResponse<NodeId>, RaftError<NodeId>, _, _>(
+                "vote",
+                &vote(),
+                Duration::from_secs(1),
+                |mut c, r| async move { c.vote(r).await },
+            )
+            .await;
+        assert!(matches!(refused, Err(RPCError::Unreachable(_))), "{refused:?}");
+    }
+}
