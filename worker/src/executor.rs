@@ -344,6 +344,7 @@ impl Executor {
                         Some(bytes) => {
                             if loc != here {
                                 out.write_all_at(&bytes, chunk.offset).map_err(|e| format!("staging write: {e}"))?;
+                                start_writeback(&out, chunk.offset, chunk.len);
                             }
                             let _ = self.store.put(&chunk.hash, &here);
                             done.insert((i as u32, c as u32), ChunkState::Done);
@@ -480,6 +481,12 @@ impl Executor {
             self.metrics.bad_chunks.inc();
             return Err(format!("chunk from {} failed its BLAKE3 check", cmd.from_worker));
         }
+        // Start writing the chunk to disk now, at the rate it arrives,
+        // instead of leaving it to the kernel's dirty-page writeback: that
+        // starts only once gigabytes are dirty (10 % of memory), then stalls
+        // every fsync on the machine behind it, and leaves the whole file
+        // for the fsync at pack.
+        let _ = tokio::task::spawn_blocking(move || start_writeback(&out, chunk.offset, chunk.len)).await;
         let here = Location { path: file.staging.clone(), offset: chunk.offset, len: chunk.len };
         self.store.put(&chunk.hash, &here).map_err(|e| e.to_string())?;
         // Durable before the ack, so a restarted worker still finds it.
@@ -579,6 +586,22 @@ impl Executor {
         }
         self.ended(job_id);
     }
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` of `file` to
+/// disk, without waiting for it (`sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`). Advisory: an error changes nothing, since pack
+/// fsyncs the whole file anyway.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    // SAFETY: a valid open descriptor; the call only reads its arguments.
+    let _ = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
 }
 
 fn remove_staging(work: &JobWork) {
