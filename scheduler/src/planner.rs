@@ -107,34 +107,15 @@ pub async fn run(
             _ = changed.changed() => {}
             _ = tick.tick() => {}
             _ = sessions.changed.notified() => {}
-            ev = events.recv() => match ev {
-                Some(PlannerEvent::PullFailed { job, target, file, chunk, from, error }) => {
-                    tracing::debug!(%job, %target, file, chunk, %from, %error, "pull failed; planning it elsewhere");
-                    if let Some(p) = plan.jobs.get_mut(&job) {
-                        p.inflight.remove(&(target.clone(), file, chunk));
-                        // Busy or not-yet-known says nothing bad about the holder.
-                        let transient = ["upload limit", "already pulling", "not prepared", "already installed"];
-                        if !transient.iter().any(|t| error.contains(t)) {
-                            p.avoid.insert((target.clone(), from), Instant::now());
-                        }
-                        if error.contains("not prepared") {
-                            p.prepare_sent.remove(&target);
-                            p.prepared_in.remove(&target);
-                        }
-                    }
+            ev = events.recv() => {
+                if let Some(ev) = ev {
+                    on_event(&mut plan, ev);
                 }
-                Some(PlannerEvent::Acked { job, target, file, chunk }) => {
-                    if let Some(p) = plan.jobs.get_mut(&job) {
-                        p.inflight.remove(&(target.clone(), file, chunk));
-                        p.acked.insert((target, file, chunk));
-                    }
+                // Acks come in bursts: take all that are queued, plan once.
+                while let Ok(ev) = events.try_recv() {
+                    on_event(&mut plan, ev);
                 }
-                Some(PlannerEvent::Prepared { job, target, epoch }) => {
-                    tracing::debug!(%job, %target, epoch, "target prepared");
-                    plan.jobs.entry(job).or_default().prepared_in.insert(target, (epoch, Instant::now()));
-                }
-                None => {}
-            },
+            }
             _ = shutdown.changed() => return,
         }
         if *shutdown.borrow() {
@@ -156,6 +137,37 @@ pub async fn run(
             }
         };
         round(&node, &sessions, &mut plan, &jobs, since);
+    }
+}
+
+/// Folds a worker's report into the plan.
+fn on_event(plan: &mut Plan, ev: PlannerEvent) {
+    match ev {
+        PlannerEvent::PullFailed { job, target, file, chunk, from, error } => {
+            tracing::debug!(%job, %target, file, chunk, %from, %error, "pull failed; planning it elsewhere");
+            if let Some(p) = plan.jobs.get_mut(&job) {
+                p.inflight.remove(&(target.clone(), file, chunk));
+                // Busy or not-yet-known says nothing bad about the holder.
+                let transient = ["upload limit", "already pulling", "not prepared", "already installed"];
+                if !transient.iter().any(|t| error.contains(t)) {
+                    p.avoid.insert((target.clone(), from), Instant::now());
+                }
+                if error.contains("not prepared") {
+                    p.prepare_sent.remove(&target);
+                    p.prepared_in.remove(&target);
+                }
+            }
+        }
+        PlannerEvent::Acked { job, target, file, chunk } => {
+            if let Some(p) = plan.jobs.get_mut(&job) {
+                p.inflight.remove(&(target.clone(), file, chunk));
+                p.acked.insert((target, file, chunk));
+            }
+        }
+        PlannerEvent::Prepared { job, target, epoch } => {
+            tracing::debug!(%job, %target, epoch, "target prepared");
+            plan.jobs.entry(job).or_default().prepared_in.insert(target, (epoch, Instant::now()));
+        }
     }
 }
 
@@ -288,85 +300,111 @@ fn plan_pulls(
     workers: &HashMap<String, (String, String)>,
     uploads: &mut HashMap<String, usize>,
 ) {
-    let held = |p: &JobPlan, ti: usize, f: usize, c: usize| {
-        let t = &job.targets[ti];
-        t.held[f][c] || p.acked.contains(&(t.worker.clone(), f as u32, c as u32))
-    };
-    let total_chunks: usize = job.files.iter().map(|f| f.chunks.len()).sum::<usize>().max(1);
-    // Copies of each chunk held by or in flight to a target.
-    let mut copies: Vec<Vec<usize>> = job.files.iter().map(|f| vec![0; f.chunks.len()]).collect();
-    for (ti, t) in job.targets.iter().enumerate() {
-        if matches!(t.phase, TargetPhase::Failed | TargetPhase::Cancelled) {
-            continue;
+    // Chunks are numbered flat across the job's files. One matrix of who
+    // holds what (in the log or acked since), built once per round, keeps
+    // the search below to array reads: it runs on every applied change, and
+    // a 200 MB job at 20 targets is 8,000 (target, chunk) cells.
+    let spans: Vec<(u32, u32)> = job
+        .files
+        .iter()
+        .enumerate()
+        .flat_map(|(f, file)| (0..file.chunks.len()).map(move |c| (f as u32, c as u32)))
+        .collect();
+    let total = spans.len();
+    if total == 0 {
+        return;
+    }
+    let index: HashMap<&str, usize> = job.targets.iter().enumerate().map(|(ti, t)| (t.worker.as_str(), ti)).collect();
+    let mut has: Vec<Vec<bool>> = job
+        .targets
+        .iter()
+        .map(|t| {
+            spans.iter().map(|&(f, c)| t.held.get(f as usize).and_then(|h| h.get(c as usize)) == Some(&true)).collect()
+        })
+        .collect();
+    let start: Vec<usize> = job
+        .files
+        .iter()
+        .scan(0, |at, f| {
+            let here = *at;
+            *at += f.chunks.len();
+            Some(here)
+        })
+        .collect();
+    let flat = |f: u32, c: u32| start.get(f as usize).map(|s| s + c as usize).filter(|k| *k < total);
+    let mut acked_count = vec![0u64; job.targets.len()];
+    for (w, f, c) in &p.acked {
+        if let (Some(&ti), Some(k)) = (index.get(w.as_str()), flat(*f, *c)) {
+            has[ti][k] = true;
+            acked_count[ti] += 1;
         }
-        for (f, file) in copies.iter_mut().enumerate() {
-            for (c, n) in file.iter_mut().enumerate() {
-                if held(p, ti, f, c) {
-                    *n += 1;
-                }
+    }
+    let mut busy: Vec<Vec<bool>> = vec![vec![false; total]; job.targets.len()];
+    let mut pulling = vec![0usize; job.targets.len()];
+    // Copies of each chunk held by or in flight to a target.
+    let mut copies = vec![0usize; total];
+    for (w, f, c) in p.inflight.keys() {
+        if let (Some(&ti), Some(k)) = (index.get(w.as_str()), flat(*f, *c)) {
+            busy[ti][k] = true;
+            pulling[ti] += 1;
+            copies[k] += 1;
+        }
+    }
+    let failed = |t: &ferry_storage::Target| matches!(t.phase, TargetPhase::Failed | TargetPhase::Cancelled);
+    for (t, held) in job.targets.iter().zip(&has) {
+        if !failed(t) {
+            for (n, h) in copies.iter_mut().zip(held) {
+                *n += *h as usize;
             }
         }
     }
-    for (_, f, c) in p.inflight.keys() {
-        if let Some(n) = copies.get_mut(*f as usize).and_then(|file| file.get_mut(*c as usize)) {
-            *n += 1;
-        }
-    }
+    // Targets that can serve: not failed, connected.
+    let live: Vec<bool> = job.targets.iter().map(|t| !failed(t) && sessions.epoch(&t.worker).is_some()).collect();
     let source_up = sessions.epoch(&job.source).is_some();
     // Targets furthest behind pick first, so scarce upload slots go to
     // laggards and targets finish close together.
     let mut eligible = eligible.to_vec();
-    eligible.sort_by_key(|&(ti, _)| {
-        let t = &job.targets[ti];
-        t.chunks_done + p.acked.iter().filter(|(w, _, _)| *w == t.worker).count() as u64
-    });
+    eligible.sort_by_key(|&(ti, _)| job.targets[ti].chunks_done + acked_count[ti]);
     for _pass in 0..PULLS_PER_TARGET {
         let mut planned = false;
         // Once every chunk has left the source, it helps with copies.
-        let fresh_left = copies.iter().flatten().any(|n| *n == 0);
+        let fresh_left = copies.contains(&0);
         for &(ti, epoch) in &eligible {
             let t = &job.targets[ti];
-            if p.inflight.keys().filter(|(w, _, _)| *w == t.worker).count() >= PULLS_PER_TARGET {
+            if pulling[ti] >= PULLS_PER_TARGET {
                 continue;
             }
-            let rotation = ti * total_chunks / job.targets.len().max(1);
-            let mut best: Option<Candidate> = None;
-            let mut flat = 0usize;
-            for (f, file_copies) in copies.iter().enumerate() {
-                for (c, &n) in file_copies.iter().enumerate() {
-                    let order = (flat + total_chunks - rotation % total_chunks) % total_chunks;
-                    flat += 1;
-                    let key = (n, order);
-                    if best.as_ref().is_some_and(|b| b.key <= key)
-                        || held(p, ti, f, c)
-                        || p.inflight.contains_key(&(t.worker.clone(), f as u32, c as u32))
-                    {
-                        continue;
+            let avoided: HashSet<&str> =
+                p.avoid.keys().filter(|(w, _)| *w == t.worker).map(|(_, h)| h.as_str()).collect();
+            let free = |h: &str| !avoided.contains(h) && uploads.get(h).copied().unwrap_or(0) < UPLOADS_PER_HOLDER;
+            // Walk the chunks in this target's rotated order: the first
+            // chunk with the fewest copies and a free holder wins.
+            let rotation = ti * total / job.targets.len().max(1);
+            let mut best: Option<(usize, usize, Vec<&str>)> = None;
+            for i in 0..total {
+                let k = (rotation + i) % total;
+                let n = copies[k];
+                if best.as_ref().is_some_and(|b| b.0 <= n) || has[ti][k] || busy[ti][k] {
+                    continue;
+                }
+                let mut holders: Vec<&str> = Vec::new();
+                if source_up && (n == 0 || !fresh_left) && free(&job.source) {
+                    holders.push(&job.source);
+                }
+                for (oi, other) in job.targets.iter().enumerate() {
+                    if oi != ti && has[oi][k] && live[oi] && free(&other.worker) {
+                        holders.push(&other.worker);
                     }
-                    let mut holders: Vec<&str> = Vec::new();
-                    if source_up && (n == 0 || !fresh_left) {
-                        holders.push(&job.source);
-                    }
-                    for (oi, other) in job.targets.iter().enumerate() {
-                        if oi != ti
-                            && held(p, oi, f, c)
-                            && !matches!(other.phase, TargetPhase::Failed | TargetPhase::Cancelled)
-                            && sessions.epoch(&other.worker).is_some()
-                        {
-                            holders.push(&other.worker);
-                        }
-                    }
-                    // Only holders that can take an upload now count.
-                    holders.retain(|h| {
-                        !p.avoid.contains_key(&(t.worker.clone(), h.to_string()))
-                            && uploads.get(*h).copied().unwrap_or(0) < UPLOADS_PER_HOLDER
-                    });
-                    if !holders.is_empty() {
-                        best = Some(Candidate { key, file: f as u32, chunk: c as u32, holders });
+                }
+                if !holders.is_empty() {
+                    best = Some((n, k, holders));
+                    if n == 0 {
+                        break;
                     }
                 }
             }
-            let Some(Candidate { file: f, chunk: c, holders, .. }) = best else { continue };
+            let Some((_, k, holders)) = best else { continue };
+            let (f, c) = spans[k];
             let zone = workers.get(&t.worker).map(|w| w.1.clone()).unwrap_or_default();
             let from = holders.into_iter().min_by_key(|h| {
                 let same_zone = !zone.is_empty() && workers.get(*h).map(|w| &w.1) == Some(&zone);
@@ -381,7 +419,9 @@ fn plan_pulls(
             }
             p.inflight
                 .insert((t.worker.clone(), f, c), Inflight { from: from.to_string(), since: Instant::now(), epoch });
-            copies[f as usize][c as usize] += 1;
+            busy[ti][k] = true;
+            pulling[ti] += 1;
+            copies[k] += 1;
             *uploads.entry(from.to_string()).or_default() += 1;
             planned = true;
         }
@@ -389,16 +429,6 @@ fn plan_pulls(
             break;
         }
     }
-}
-
-/// The best chunk found so far for one target.
-struct Candidate<'a> {
-    /// (copies, rotated order): lower is better.
-    key: (usize, usize),
-    file: u32,
-    chunk: u32,
-    /// Holders with a free upload slot.
-    holders: Vec<&'a str>,
 }
 
 fn prepare(job: &Job, target: usize) -> pb::PrepareCommand {
