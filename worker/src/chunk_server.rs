@@ -91,9 +91,17 @@ impl ChunkService for ChunkServer {
             let mut left = loc.len as usize;
             let mut first = true;
             while left > 0 {
-                let mut buf = vec![0u8; left.min(FRAME)];
-                if let Err(e) = file.read_exact(&mut buf) {
-                    send(Err(Status::data_loss(format!("reading {}: {e}", loc.path.display()))));
+                // Read into spare capacity: no zeroing of a buffer about
+                // to be overwritten.
+                let want = left.min(FRAME);
+                let mut buf = Vec::with_capacity(want);
+                let short = match (&mut file).take(want as u64).read_to_end(&mut buf) {
+                    Ok(n) if n == want => None,
+                    Ok(n) => Some(format!("the file ends {} bytes short", want - n)),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(why) = short {
+                    send(Err(Status::data_loss(format!("reading {}: {why}", loc.path.display()))));
                     return;
                 }
                 if corrupt && first {
