@@ -32,11 +32,7 @@ pub struct Args {
 }
 
 async fn grpc_once(addr: &str, chunks: &[(String, u64)], concurrency: usize) -> anyhow::Result<Duration> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .initial_stream_window_size(Some(4 * 1024 * 1024))
-        .initial_connection_window_size(Some(16 * 1024 * 1024))
-        .connect()
-        .await?;
+    let channel = ferry_worker::executor::peer_endpoint(addr).map_err(anyhow::Error::msg)?.connect().await?;
     let start = Instant::now();
     let queue = std::sync::Arc::new(tokio::sync::Mutex::new(chunks.to_vec()));
     let mut tasks = Vec::new();

@@ -114,6 +114,26 @@ impl JobWork {
 /// HTTP/2 stream window for pulls.
 const PULL_WINDOW: u32 = 512 * 1024;
 
+/// How a worker reaches a peer's chunk service (`ferry-bench stream`
+/// measures the same settings).
+pub fn peer_endpoint(addr: &str) -> Result<Endpoint, String> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("peer address {addr}: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        // A small window: the sender runs at most this far ahead of what
+        // this worker consumes, so a download cap pushes back on the
+        // sender (as a slow link would) instead of tying up its upload.
+        .initial_stream_window_size(Some(PULL_WINDOW))
+        .initial_connection_window_size(Some(16 * PULL_WINDOW))
+        // HTTP/2's default 16 KiB frames cut each 256 KiB chunk frame into
+        // sixteen, each parsed, counted against the window and woken for
+        // on its own: on loopback that halved the throughput.
+        .max_frame_size(PULL_WINDOW))
+}
+
 /// Finished jobs remembered (to answer a repeated pack or prepare).
 const KEEP_FINISHED: usize = 256;
 
@@ -390,18 +410,7 @@ impl Executor {
         if let Some(ch) = peers.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("peer address {addr}: {e}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            // A small window: the sender runs at most this far ahead of what
-            // this worker consumes, so a download cap pushes back on the
-            // sender (as a slow link would) instead of tying up its upload.
-            .initial_stream_window_size(Some(PULL_WINDOW))
-            .initial_connection_window_size(Some(16 * PULL_WINDOW))
-            .connect_lazy();
+        let ch = peer_endpoint(addr)?.connect_lazy();
         peers.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
