@@ -247,8 +247,10 @@ mod tests {
         }
     }
 
-    fn vote() -> VoteRequest<NodeId> {
-        VoteRequest::new(Vote::new(1, 1), None)
+    /// Asks the node at `addr` for a vote, giving up after `timeout`.
+    async fn vote_at(addr: std::net::SocketAddr, timeout: Duration) -> Result<VoteResponse<NodeId>, RpcErr> {
+        let vote = VoteRequest::new(Vote::new(1, 1), None);
+        peer(addr).unary("vote", &vote, timeout, |mut c, r| async move { c.vote(r).await }).await
     }
 
     #[tokio::test]
@@ -262,26 +264,12 @@ mod tests {
                 open.push(socket);
             }
         });
-        let late = peer(addr)
-            .unary::<_, VoteResponse<NodeId>, RaftError<NodeId>, _, _>(
-                "vote",
-                &vote(),
-                Duration::from_millis(50),
-                |mut c, r| async move { c.vote(r).await },
-            )
-            .await;
+        let late = vote_at(addr, Duration::from_millis(50)).await;
         assert!(matches!(late, Err(RPCError::Network(_))), "{late:?}");
 
         // Nothing listens: the connection is refused.
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let refused = peer(closed)
-            .unary::<_, VoteResponse<NodeId>, RaftError<NodeId>, _, _>(
-                "vote",
-                &vote(),
-                Duration::from_secs(1),
-                |mut c, r| async move { c.vote(r).await },
-            )
-            .await;
+        let refused = vote_at(closed, Duration::from_secs(1)).await;
         assert!(matches!(refused, Err(RPCError::Unreachable(_))), "{refused:?}");
     }
 }

@@ -74,17 +74,16 @@ impl LogStore {
         let open_error = |source| Error::Open { path: dir.path.clone(), source };
         let paths = JOURNAL_FILES.map(|name| dir.path.join(name));
         let (mut journal, records) = Journals::open([&paths[0], &paths[1]], JOURNAL_BYTES).map_err(open_error)?;
+        let purged: Option<LogId<NodeId>> = read_meta(&dir.meta, KEY_LAST_PURGED, "last_purged")?;
         if !records.is_empty() {
             // Entries a crash may have taken from sled's unflushed buffers.
-            let purged: Option<LogId<NodeId>> = read_meta(&dir.meta, KEY_LAST_PURGED, "last_purged")?;
-            let purged = purged.map(|p| p.index);
             for record in &records {
                 let (key, raw) = record.split_at_checked(8).ok_or_else(|| Error::Corrupt {
                     path: dir.path.clone(),
                     reason: format!("a journal record of {} bytes holds no log index", record.len()),
                 })?;
                 let index = u64::from_be_bytes(key.try_into().expect("8 bytes"));
-                if purged.is_none_or(|p| index > p) {
+                if purged.is_none_or(|p| index > p.index) {
                     log.insert(key, raw).map_err(|source| Error::Sled { op: "replay journal", source })?;
                 }
             }
@@ -92,7 +91,6 @@ impl LogStore {
         }
         journal.reset_all().map_err(open_error)?;
         let journal = Arc::new(Mutex::new(journal));
-        let purged: Option<LogId<NodeId>> = read_meta(&dir.meta, KEY_LAST_PURGED, "last_purged")?;
         Ok(Self {
             dir,
             log,
@@ -173,7 +171,8 @@ impl LogStore {
     }
 
     /// Waits for the background purge, if one runs.
-    pub async fn purged(&self) {
+    #[cfg(test)]
+    async fn purged(&self) {
         if let Some(task) = self.purging.lock().await.take() {
             let _ = task.await;
         }
@@ -184,11 +183,11 @@ impl LogStore {
 /// then deletes the entries up to `upto`, oldest first.
 fn delete_purged(dir: &DataDir, log: &sled::Tree, upto: u64) -> std::io::Result<usize> {
     dir.sync_blocking()?;
-    let mut deleted = 0;
+    let (mut deleted, last) = (0, index_key(upto));
     // One remove at a time (not one batch, which would block every other
     // write to sled while it runs).
     while let Some((key, _)) = log.first().map_err(std::io::Error::other)? {
-        if key.as_ref() > index_key(upto).as_slice() {
+        if key.as_ref() > last.as_slice() {
             break;
         }
         log.remove(key).map_err(std::io::Error::other)?;
