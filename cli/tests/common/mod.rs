@@ -14,8 +14,26 @@ use ferry_sdk::{Client, ClientOptions};
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
 /// A port that was free a moment ago.
+///
+/// Ports come from 20000-31999, below the kernel's ephemeral range (32768 and
+/// up by default), so no outgoing connection and no port-0 listener (another
+/// test's worker or client) can take one between this check and the moment
+/// the process under test binds it. A counter keeps the tests of one binary
+/// apart; the process id spreads test binaries over the range.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let port = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = u16::try_from(port).expect("port range fits in u16");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}-{}", LOW + SPAN - 1)
 }
 
 /// A metric's value from an admin `/metrics` endpoint (`None` if absent).
