@@ -59,6 +59,11 @@ pub struct SchedulerConfig {
     /// service's instances would expire at once, they are flagged `suspect`
     /// and kept instead of removed (1.0: never protect).
     pub registry_protect_threshold: f64,
+    /// Set by [`crate::LocalCluster`], never read from a file: several nodes
+    /// share this process's runtime, so log syncs go to the blocking pool
+    /// (see `ferry_storage::OpenOptions::sync_appends_inline`).
+    #[serde(skip)]
+    pub shares_runtime: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -79,6 +84,7 @@ impl Default for SchedulerConfig {
             logs_to_keep: 1_000,
             max_batch_entries: 4,
             registry_protect_threshold: 0.5,
+            shares_runtime: false,
         }
     }
 }
@@ -194,9 +200,10 @@ impl SchedulerConfig {
         Ok(())
     }
 
-    /// A valid single-node config on ephemeral ports in `data`, for tests.
+    /// A valid single-node config on ephemeral ports in `data`, for tests
+    /// (nodes in the test's own runtime, so `shares_runtime` is set).
     pub fn for_test(id: u64, data: PathBuf) -> Self {
-        Self { id, listen: SocketAddr::from(([127, 0, 0, 1], 0)), data, ..Self::default() }
+        Self { id, listen: SocketAddr::from(([127, 0, 0, 1], 0)), data, shares_runtime: true, ..Self::default() }
     }
 }
 

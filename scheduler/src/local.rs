@@ -67,6 +67,7 @@ impl LocalCluster {
                 id,
                 data: root.join(format!("s{id}")),
                 initial_cluster: members.clone(),
+                shares_runtime: true,
                 ..SchedulerConfig::default()
             };
             tweak(&mut config);

@@ -92,7 +92,10 @@ impl Scheduler {
         let raft_config = Arc::new(raft_config(&config)?);
 
         let metrics = Arc::new(Metrics::default());
-        let (log, sm) = ferry_storage::open(&config.data, &OpenOptions::default())?;
+        let (log, sm) = ferry_storage::open(
+            &config.data,
+            &OpenOptions { sync_appends_inline: !config.shares_runtime, ..OpenOptions::default() },
+        )?;
         let observed = metrics.clone();
         let sm = sm.with_observer(Arc::new(move |took, n| observed.observe_apply(took, n)));
         let reader = sm.reader();
