@@ -10,7 +10,9 @@
 //! - **pull**: stream one chunk from a peer, check its BLAKE3 while writing it
 //!   at its offset in the staging file (no second copy), then acknowledge.
 //! - **pack**: fsync, whole-file BLAKE3 check, atomic rename into place with
-//!   the source's mode, run the named hook, report fin.
+//!   the source's mode, run the named hook, report fin. The check reads the
+//!   staging file back; most of it is read and hashed while the chunks are
+//!   still arriving (see [`crate::file_tree`]).
 //! - **cancel**: drop the job's staging data.
 //!
 //! Concurrency: a per-job gate lets pulls write in parallel but never while
@@ -31,6 +33,7 @@ use ferry_proto::pb::{self, chunk_service_client::ChunkServiceClient, worker_mes
 use tokio::sync::{mpsc, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::file_tree::{FileTree, LEAF};
 use crate::index::{self, hex, parse_hex};
 use crate::metrics::WorkerMetrics;
 use crate::roots::{c_name, io_result, open_at, Roots};
@@ -72,6 +75,14 @@ struct WorkFile {
     staging_name: CString,
     dest_name: CString,
     unchanged: bool,
+    /// The whole-file hash, leaf by leaf as chunks land.
+    tree: Mutex<FileTree>,
+}
+
+impl WorkFile {
+    fn tree(&self) -> std::sync::MutexGuard<'_, FileTree> {
+        self.tree.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Where one chunk of a job stands on this worker.
@@ -386,6 +397,7 @@ impl Executor {
                 staging_name,
                 dest_name,
                 unchanged: same,
+                tree: Mutex::new(FileTree::new(m.size)),
             });
         }
         let work = Arc::new(JobWork { files, gate: tokio::sync::RwLock::new(None), chunks: Mutex::new(done) });
@@ -449,6 +461,12 @@ impl Executor {
         };
         drop(states);
         drop(gate);
+        if result.is_ok() {
+            // Not awaited: the ack does not wait for it, and pack hashes
+            // whatever it has not done.
+            let work = work.clone();
+            tokio::task::spawn_blocking(move || hash_written(&work, key.0, key.1));
+        }
         result
     }
 
@@ -613,6 +631,40 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
     };
 }
 
+/// Blocking, best effort: hashes the leaves of the whole-file hash that
+/// chunk `chunk` of file `file` completed, with the chunks next to it that are
+/// written already, reading them back from the staging file.
+fn hash_written(work: &JobWork, file: u32, chunk: u32) {
+    let Some(f) = work.files.get(file as usize) else { return };
+    let Some(this) = f.chunks.get(chunk as usize) else { return };
+    let held = {
+        let states = work.chunk_state();
+        let done = |c: usize| states.get(&(file, c as u32)) == Some(&ChunkState::Done);
+        // Far enough to cover the leaves this chunk touches.
+        let (want_start, want_end) = (this.offset / LEAF * LEAF, (this.offset + this.len).div_ceil(LEAF) * LEAF);
+        let (mut first, mut last) = (chunk as usize, chunk as usize);
+        while first > 0 && f.chunks[first].offset > want_start && done(first - 1) {
+            first -= 1;
+        }
+        while last + 1 < f.chunks.len() && f.chunks[last].offset + f.chunks[last].len < want_end && done(last + 1) {
+            last += 1;
+        }
+        f.chunks[first].offset..f.chunks[last].offset + f.chunks[last].len
+    };
+    let mut tree = f.tree();
+    let leaves = tree.unhashed_within(held);
+    if leaves.is_empty() {
+        return;
+    }
+    let range = tree.leaf_range(leaves.start).start..tree.leaf_range(leaves.end - 1).end;
+    let mut buf = vec![0u8; (range.end - range.start) as usize];
+    // Gone after pack or cancel: nothing left to do.
+    let Ok(staging) = open_staging(&f.dir, &f.staging_name, false) else { return };
+    if staging.read_exact_at(&mut buf, range.start).is_ok() {
+        tree.hash_leaves(leaves, &buf);
+    }
+}
+
 fn remove_staging(work: &JobWork) {
     for f in &work.files {
         // SAFETY: valid descriptor and NUL-terminated name.
@@ -630,10 +682,16 @@ fn install_all(work: &JobWork, store: &ChunkStore, retained: &Retained) -> Resul
         if f.unchanged {
             continue;
         }
-        let mut file = open_staging(&f.dir, &f.staging_name, false).map_err(|e| format!("staging: {e}"))?;
+        let file = open_staging(&f.dir, &f.staging_name, false).map_err(|e| format!("staging: {e}"))?;
         file.set_len(f.size).map_err(|e| format!("staging: {e}"))?;
         file.sync_all().map_err(|e| format!("fsync {}: {e}", f.staging.display()))?;
-        let got = index::hash_reader(&mut file).map_err(|e| format!("hashing {}: {e}", f.staging.display()))?;
+        let got = f
+            .tree()
+            .root(|range, buf| {
+                buf.resize((range.end - range.start) as usize, 0);
+                file.read_exact_at(buf, range.start)
+            })
+            .map_err(|e| format!("hashing {}: {e}", f.staging.display()))?;
         if got != f.blake3 {
             return Err(format!("{} failed its whole-file BLAKE3 check", f.dest.display()));
         }

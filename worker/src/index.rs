@@ -3,7 +3,6 @@
 //! stays bounded by the largest chunk, whatever the file size. Blocking: run
 //! it on a blocking thread.
 
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -70,26 +69,6 @@ pub fn index_file(path: &Path) -> std::io::Result<IndexedFile> {
     })
 }
 
-/// BLAKE3 of a whole file, streamed.
-pub fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
-    hash_reader(&mut std::fs::File::open(path)?)
-}
-
-/// BLAKE3 of everything `file` reads from its start.
-pub fn hash_reader(file: &mut std::fs::File) -> std::io::Result<[u8; 32]> {
-    use std::io::Seek;
-    file.rewind()?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1024 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(*hasher.finalize().as_bytes());
-        }
-        hasher.update(&buf[..n]);
-    }
-}
-
 /// Lower-case hex of a hash.
 pub fn hex(hash: &[u8; 32]) -> String {
     blake3::Hash::from_bytes(*hash).to_hex().to_string()
@@ -120,7 +99,6 @@ mod tests {
         let a = index_file(&path).unwrap();
         assert_eq!(a.size, data.len() as u64);
         assert_eq!(a.blake3, *blake3::hash(&data).as_bytes());
-        assert_eq!(hash_file(&path).unwrap(), a.blake3);
         let mut next = 0;
         for c in &a.chunks {
             assert_eq!(c.offset, next);

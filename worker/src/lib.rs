@@ -12,6 +12,7 @@
 //! - [`config`] — `WorkerConfig` and its validation.
 //! - [`roots`] — path checks against the allowed roots.
 //! - [`index`] — FastCDC chunking and BLAKE3 hashing.
+//! - [`file_tree`] — the whole-file BLAKE3 of a file that arrives out of order.
 //! - [`store`] — where each known chunk's bytes are.
 //! - [`chunk_server`] — serving chunks to peers.
 //! - [`executor`] — index, prepare, pull, pack, cancel.
@@ -28,6 +29,7 @@ pub mod atomic_file;
 pub mod chunk_server;
 pub mod config;
 pub mod executor;
+pub mod file_tree;
 pub mod hooks;
 pub mod index;
 pub mod limiter;
