@@ -5,7 +5,9 @@
 //! puts would cost N fsyncs on every node. The proposer keeps at most
 //! [`IN_FLIGHT`] entries in flight; everything that queues up meanwhile goes
 //! into the next entry, up to [`MAX_BATCH`] commands or [`MAX_BATCH_BYTES`].
-//! A lone write is proposed as itself, so an idle cluster adds no delay.
+//! A lone write is proposed as itself, so an idle cluster adds no delay:
+//! when nothing is queued and a slot is free, the caller's own task proposes
+//! it, without the two task hops through the proposer.
 
 use std::sync::Arc;
 
@@ -44,18 +46,29 @@ struct Pending {
 #[derive(Clone)]
 pub struct Proposer {
     tx: mpsc::Sender<Pending>,
+    /// Entries in flight, shared with the proposer task.
+    slots: Arc<Semaphore>,
+    raft: Raft<TypeConfig>,
 }
 
 impl Proposer {
     /// Starts the proposer task for `raft` on the current runtime.
     pub fn start(raft: Raft<TypeConfig>) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(raft, rx));
-        Self { tx }
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        tokio::spawn(run(raft.clone(), rx, slots.clone()));
+        Self { tx, slots, raft }
     }
 
     /// Proposes `cmd` and waits for its outcome.
     pub async fn propose(&self, cmd: Command) -> Outcome {
+        // Nothing waits before it and a slot is free: propose it from here.
+        // Writes that come in meanwhile queue for the proposer task as before.
+        if self.tx.capacity() == self.tx.max_capacity() {
+            if let Ok(_permit) = self.slots.clone().try_acquire_owned() {
+                return write_one(&self.raft, cmd).await;
+            }
+        }
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Pending { cmd, reply }).await.is_err() {
             return Outcome::Failed("the proposer stopped".into());
@@ -64,8 +77,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, slots: Arc<Semaphore>) {
     let mut carry: Option<Pending> = None;
     loop {
         // Wait for a slot first, so writes queue up while entries are in flight.
@@ -104,14 +116,18 @@ async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>) {
     }
 }
 
+/// Proposes one command as its own entry.
+async fn write_one(raft: &Raft<TypeConfig>, cmd: Command) -> Outcome {
+    match raft.client_write(cmd).await {
+        Ok(resp) => Outcome::Applied(resp.data),
+        Err(e) => failure(&e),
+    }
+}
+
 async fn commit(raft: &Raft<TypeConfig>, mut batch: Vec<Pending>) {
     if batch.len() == 1 {
         let Some(p) = batch.pop() else { return };
-        let outcome = match raft.client_write(p.cmd).await {
-            Ok(resp) => Outcome::Applied(resp.data),
-            Err(e) => failure(&e),
-        };
-        let _ = p.reply.send(outcome);
+        let _ = p.reply.send(write_one(raft, p.cmd).await);
         return;
     }
     let (cmds, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
