@@ -102,14 +102,19 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut plan = Plan::default();
     let mut leading_since: Option<u64> = None;
+    // Once every sender is gone, `recv` answers at once: stop asking, or
+    // the loop would spin.
+    let mut events_open = true;
     loop {
         tokio::select! {
-            _ = changed.changed() => {}
+            // The state's notifier goes away only with the node.
+            r = changed.changed() => if r.is_err() { return },
             _ = tick.tick() => {}
             _ = sessions.changed.notified() => {}
-            ev = events.recv() => {
-                if let Some(ev) = ev {
-                    on_event(&mut plan, ev);
+            ev = events.recv(), if events_open => {
+                match ev {
+                    Some(ev) => on_event(&mut plan, ev),
+                    None => events_open = false,
                 }
                 // Acks come in bursts: take all that are queued, plan once.
                 while let Ok(ev) = events.try_recv() {
