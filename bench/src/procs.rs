@@ -11,14 +11,34 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-/// `n` distinct ports that were free a moment ago.
+/// `n` distinct ports that were free a moment ago, taken from below the
+/// kernel's ephemeral range: a port the kernel hands out (to a client's
+/// outgoing connection, or to a bind to port 0) could be taken by someone
+/// else between this check and the child's bind.
 pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    // All bound at once so they differ; released just before the child binds.
-    let listeners = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .context("finding free ports")?;
-    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+    const SPAN: u32 = 12_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let low = ephemeral_low.saturating_sub(SPAN).max(1_024);
+    let span = ephemeral_low.saturating_sub(low).max(1);
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    // Held until all are found, so they differ.
+    let mut held = Vec::with_capacity(n);
+    for i in 0..span {
+        if held.len() == n {
+            break;
+        }
+        let Ok(port) = u16::try_from(low + (start + i) % span) else { continue };
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    if held.len() < n {
+        bail!("found only {} free ports of {n} in {low}-{}", held.len(), low + span - 1);
+    }
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 /// The last lines of a child's log, for error messages.
