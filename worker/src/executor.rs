@@ -109,6 +109,13 @@ impl JobWork {
         self.chunks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Frees the files' leaf hashes: nothing reads them after pack or cancel.
+    fn release_trees(&self) {
+        for f in &self.files {
+            f.tree().release();
+        }
+    }
+
     /// What a prepare reports: files identical already, and chunks held.
     fn report(&self) -> (Vec<u32>, Vec<u64>) {
         let unchanged = self.files.iter().enumerate().filter(|(_, f)| f.unchanged).map(|(i, _)| i as u32).collect();
@@ -558,6 +565,9 @@ impl Executor {
         let installed = tokio::task::spawn_blocking(move || install_all(&w, &store, &retained))
             .await
             .unwrap_or_else(|e| Err(format!("install task failed: {e}")));
+        // A finished job stays known for a while (repeated packs): keep its
+        // fin, not its leaves.
+        work.release_trees();
         if installed.is_ok() {
             self.metrics.files_installed.inc_by(work.files.iter().filter(|f| !f.unchanged).count() as u64);
             self.metrics.retained_bytes.set(self.retained.bytes() as i64);
@@ -609,6 +619,7 @@ impl Executor {
             let gate = work.gate.write().await;
             if gate.is_none() {
                 remove_staging(&work);
+                work.release_trees();
             }
         }
         self.ended(job_id);

@@ -38,6 +38,12 @@ impl FileTree {
         Self { size, leaves: vec![None; leaves] }
     }
 
+    /// Frees the leaves (a job's files stay known after it ends). The tree
+    /// is then one of an empty file: do not ask it for a root.
+    pub fn release(&mut self) {
+        *self = Self::new(0);
+    }
+
     /// The bytes leaf `i` covers.
     pub fn leaf_range(&self, i: usize) -> Range<u64> {
         let start = i as u64 * LEAF;
