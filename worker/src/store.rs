@@ -36,6 +36,9 @@ pub enum StoreError {
     /// sled failed while running.
     #[error("chunk store: {0}")]
     Sled(#[from] sled::Error),
+    /// The blocking task running a flush failed.
+    #[error("chunk store flush task: {0}")]
+    Task(String),
 }
 
 /// The chunk location index. Cheap to clone.
@@ -101,7 +104,13 @@ impl ChunkStore {
 
     /// Makes every recorded location durable (before a chunk is acknowledged).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        // Not sled's `flush_async`: that waits on a thread of sled's own
+        // small I/O pool, whose threads also write the buffers being waited
+        // for. With many flushes at once (six workers in one `ferry demo`
+        // process, four pulls each) every pool thread waited and nothing
+        // wrote: the push hung. A blocking thread of tokio's waits instead.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush()).await.map_err(|e| StoreError::Task(e.to_string()))??;
         Ok(())
     }
 
