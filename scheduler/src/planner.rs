@@ -36,6 +36,10 @@ pub const UPLOADS_PER_HOLDER: usize = 4;
 pub const PULL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a target avoids a holder that failed a pull or sent a bad chunk.
 pub const AVOID_FOR: Duration = Duration::from_secs(10);
+/// How long a target avoids a holder that refused a pull for being busy
+/// (its upload cap), so the next round tries another instead of asking the
+/// same one again at once.
+pub const BUSY_AVOID_FOR: Duration = Duration::from_millis(250);
 
 /// A pack with no fin in the log is sent again after this long.
 pub const PACK_RESEND: Duration = Duration::from_secs(10);
@@ -58,7 +62,7 @@ struct JobPlan {
     /// Session epoch in which pack was sent, and when.
     pack_sent: HashMap<String, (u64, Instant)>,
     inflight: HashMap<(String, u32, u32), Inflight>,
-    /// (target, holder) pairs to skip for a while.
+    /// (target, holder) pairs to skip, until when.
     avoid: HashMap<(String, String), Instant>,
     /// Chunks a target reported holding whose ack is not applied yet: the
     /// slot is free and the target already serves them.
@@ -151,11 +155,20 @@ fn on_event(plan: &mut Plan, ev: PlannerEvent) {
         PlannerEvent::PullFailed { job, target, file, chunk, from, error } => {
             tracing::debug!(%job, %target, file, chunk, %from, %error, "pull failed; planning it elsewhere");
             if let Some(p) = plan.jobs.get_mut(&job) {
+                if error.contains("already pulling") {
+                    // The target is still pulling it (planned before its
+                    // session changed, or by an earlier leader): that pull's
+                    // ack or failure will come. Planning it again now would
+                    // only be refused again, as fast as messages go round.
+                    return;
+                }
                 p.inflight.remove(&(target.clone(), file, chunk));
                 // Busy or not-yet-known says nothing bad about the holder.
-                let transient = ["upload limit", "already pulling", "not prepared", "already installed"];
-                if !transient.iter().any(|t| error.contains(t)) {
-                    p.avoid.insert((target.clone(), from), Instant::now());
+                let transient = ["upload limit", "not prepared", "already installed"];
+                if error.contains("upload limit") {
+                    p.avoid.insert((target.clone(), from), Instant::now() + BUSY_AVOID_FOR);
+                } else if !transient.iter().any(|t| error.contains(t)) {
+                    p.avoid.insert((target.clone(), from), Instant::now() + AVOID_FOR);
                 }
                 if error.contains("not prepared") {
                     p.prepare_sent.remove(&target);
@@ -192,7 +205,8 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
                 && fl.since.elapsed() < PULL_TIMEOUT
                 && sessions.epoch(w) == Some(fl.epoch)
         });
-        p.avoid.retain(|_, at| at.elapsed() < AVOID_FOR);
+        let now = Instant::now();
+        p.avoid.retain(|_, until| *until > now);
         p.acked.retain(|(w, f, c)| {
             job.targets
                 .iter()
