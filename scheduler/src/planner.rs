@@ -163,11 +163,11 @@ fn on_event(plan: &mut Plan, ev: PlannerEvent) {
                     return;
                 }
                 p.inflight.remove(&(target.clone(), file, chunk));
-                // Busy or not-yet-known says nothing bad about the holder.
-                let transient = ["upload limit", "not prepared", "already installed"];
+                // A busy holder is skipped briefly; not-yet-known says nothing
+                // bad about the holder.
                 if error.contains("upload limit") {
                     p.avoid.insert((target.clone(), from), Instant::now() + BUSY_AVOID_FOR);
-                } else if !transient.iter().any(|t| error.contains(t)) {
+                } else if !["not prepared", "already installed"].iter().any(|t| error.contains(t)) {
                     p.avoid.insert((target.clone(), from), Instant::now() + AVOID_FOR);
                 }
                 if error.contains("not prepared") {
