@@ -2,8 +2,14 @@
 //!
 //! Payloads are openraft messages in Ferry's versioned encoding. Every call
 //! has a deadline (openraft's TTL for append/vote, `snapshot_timeout` for a
-//! snapshot). Snapshots go as one client stream of chunks read from the
-//! snapshot file, so memory stays flat whatever the snapshot size.
+//! snapshot). AppendEntries, heartbeats included, go over one long-lived
+//! stream per follower (`AppendEntriesStream`): a request and its reply are
+//! one HTTP/2 DATA frame each, where a unary call opens a stream with
+//! headers, a body and trailers, and the reply's headers reach the leader in
+//! a write (and a wake-up) of their own. A peer that does not serve the
+//! stream (a version before it, during a rolling upgrade) gets unary calls.
+//! Snapshots go as one client stream of chunks read from the snapshot file,
+//! so memory stays flat whatever the snapshot size.
 
 use std::future::Future;
 use std::time::Duration;
@@ -22,6 +28,7 @@ use openraft::raft::{
 };
 use openraft::{BasicNode, Snapshot, Vote};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use crate::peers::{Peers, MAX_MESSAGE_BYTES};
@@ -58,8 +65,20 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.addr.clone(),
             channel: self.peers.channel(&node.addr).ok(),
             snapshot_timeout: self.snapshot_timeout,
+            appends: None,
+            unary_appends: false,
         }
     }
+}
+
+/// An open `AppendEntriesStream`: the follower answers each request in
+/// order, and only one is out at a time (openraft awaits each call), so the
+/// next reply is the answer to the request just sent. A call that fails or
+/// runs out of time drops the stream, so a late reply is never taken for
+/// the next request's.
+struct AppendStream {
+    requests: mpsc::Sender<pb::RaftPayload>,
+    replies: tonic::Streaming<pb::RaftPayload>,
 }
 
 /// The connection to one peer.
@@ -69,6 +88,10 @@ pub struct PeerNetwork {
     /// `None` when the address could not even be parsed.
     channel: Option<Channel>,
     snapshot_timeout: Duration,
+    /// The AppendEntries stream, once opened and while it works.
+    appends: Option<AppendStream>,
+    /// The peer does not serve `AppendEntriesStream`: unary calls.
+    unary_appends: bool,
 }
 
 pub(crate) fn client(channel: Channel) -> RaftServiceClient<Channel> {
@@ -121,10 +144,50 @@ impl PeerNetwork {
         let mut request = tonic::Request::new(pb::RaftPayload { data });
         request.set_timeout(ttl);
         let reply = call(self.client()?, request).await.map_err(status_to_rpc)?;
+        self.decode_reply(what, &reply.into_inner().data)
+    }
+
+    /// A reply's payload: `Result<Resp, E>` in the codec, `E` being the
+    /// peer's own error.
+    // The error type is openraft's `RPCError`, which its network trait returns.
+    #[allow(clippy::result_large_err)]
+    fn decode_reply<Resp, E>(&self, what: &'static str, data: &[u8]) -> Result<Resp, RpcErr<E>>
+    where
+        Resp: serde::de::DeserializeOwned,
+        E: std::error::Error + serde::de::DeserializeOwned,
+    {
         let result: Result<Resp, E> =
-            codec::decode(what, &reply.into_inner().data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            codec::decode(what, data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result
             .map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, BasicNode::new(&self.addr), e)))
+    }
+
+    /// One AppendEntries on the stream (opened first if needed). The stream
+    /// is taken out while the call runs and put back only after a reply, so
+    /// a call dropped at its deadline leaves none behind.
+    async fn streamed_append(&mut self, request: pb::RaftPayload) -> Result<pb::RaftPayload, tonic::Status> {
+        let mut stream = match self.appends.take() {
+            Some(stream) => {
+                stream.requests.send(request).await.map_err(|_| tonic::Status::unavailable("append stream closed"))?;
+                stream
+            }
+            None => {
+                // The first request is queued before the call, so it goes out
+                // with the stream's headers instead of a round trip later.
+                let (requests, queued) = mpsc::channel(1);
+                requests.try_send(request).map_err(|_| tonic::Status::internal("append stream queue"))?;
+                let mut client =
+                    self.client::<RaftError<NodeId>>().map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let replies = client
+                    .append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(queued))
+                    .await?
+                    .into_inner();
+                AppendStream { requests, replies }
+            }
+        };
+        let reply = stream.replies.message().await?.ok_or_else(|| tonic::Status::unavailable("append stream ended"))?;
+        self.appends = Some(stream);
+        Ok(reply)
     }
 }
 
@@ -145,9 +208,32 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             rpc.entries.truncate(i);
             rpc.entries.last().map(|e| e.log_id)
         });
-        let resp: AppendEntriesResponse<NodeId> = self
-            .unary("append entries", &rpc, option.hard_ttl(), |mut c, r| async move { c.append_entries(r).await })
-            .await?;
+        let streamed = if self.unary_appends {
+            None
+        } else {
+            let data = codec::encode("append entries", &rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            let call = self.streamed_append(pb::RaftPayload { data });
+            match tokio::time::timeout(option.hard_ttl(), call).await {
+                Ok(Ok(reply)) => Some(reply),
+                Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::info!(peer = %self.addr, "the peer serves no AppendEntries stream; using unary calls");
+                    self.unary_appends = true;
+                    None
+                }
+                Ok(Err(status)) => return Err(status_to_rpc(status)),
+                Err(elapsed) => return Err(RPCError::Network(NetworkError::new(&elapsed))),
+            }
+        };
+        let resp: AppendEntriesResponse<NodeId> =
+            match streamed {
+                Some(reply) => self.decode_reply("append entries", &reply.data)?,
+                None => {
+                    self.unary("append entries", &rpc, option.hard_ttl(), |mut c, r| async move {
+                        c.append_entries(r).await
+                    })
+                    .await?
+                }
+            };
         Ok(match (resp, sent_upto) {
             (AppendEntriesResponse::Success, Some(upto)) => AppendEntriesResponse::PartialSuccess(upto),
             (resp, _) => resp,
@@ -235,6 +321,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use futures::StreamExt;
+
     use super::*;
 
     fn peer(addr: std::net::SocketAddr) -> PeerNetwork {
@@ -244,6 +335,8 @@ mod tests {
             addr: addr.to_string(),
             channel: Some(channel),
             snapshot_timeout: Duration::from_secs(1),
+            appends: None,
+            unary_appends: false,
         }
     }
 
@@ -271,5 +364,121 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let refused = vote_at(closed, Duration::from_secs(1)).await;
         assert!(matches!(refused, Err(RPCError::Unreachable(_))), "{refused:?}");
+    }
+
+    /// A follower that answers every AppendEntries with `HigherVote` of the
+    /// request's own vote, so a reply shows which request it answers.
+    #[derive(Clone, Default)]
+    struct Echo {
+        /// Serves `AppendEntriesStream` (else: unimplemented, as before it).
+        streams: bool,
+        /// The first request on the first stream is answered this late.
+        first_late: Duration,
+        opened: Arc<AtomicUsize>,
+        unary: Arc<AtomicUsize>,
+    }
+
+    fn echo(data: &[u8]) -> Result<pb::RaftPayload, tonic::Status> {
+        let req: AppendEntriesRequest<TypeConfig> = codec::decode("append entries", data).unwrap();
+        let reply: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+            Ok(AppendEntriesResponse::HigherVote(req.vote));
+        Ok(pb::RaftPayload { data: codec::encode("append entries", &reply).unwrap() })
+    }
+
+    type Replies = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RaftPayload, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl pb::raft_service_server::RaftService for Echo {
+        async fn append_entries(
+            &self,
+            request: tonic::Request<pb::RaftPayload>,
+        ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
+            self.unary.fetch_add(1, Ordering::SeqCst);
+            echo(&request.into_inner().data).map(tonic::Response::new)
+        }
+
+        type AppendEntriesStreamStream = Replies;
+
+        async fn append_entries_stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<pb::RaftPayload>>,
+        ) -> Result<tonic::Response<Replies>, tonic::Status> {
+            if !self.streams {
+                return Err(tonic::Status::unimplemented("not in this version"));
+            }
+            let late = if self.opened.fetch_add(1, Ordering::SeqCst) == 0 { self.first_late } else { Duration::ZERO };
+            let replies = futures::StreamExt::enumerate(request.into_inner()).then(move |(i, request)| async move {
+                if i == 0 {
+                    tokio::time::sleep(late).await;
+                }
+                echo(&request?.data)
+            });
+            Ok(tonic::Response::new(Box::pin(replies)))
+        }
+
+        async fn vote(
+            &self,
+            _: tonic::Request<pb::RaftPayload>,
+        ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
+            Err(tonic::Status::unimplemented("vote"))
+        }
+
+        async fn install_snapshot(
+            &self,
+            _: tonic::Request<tonic::Streaming<pb::SnapshotChunk>>,
+        ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
+            Err(tonic::Status::unimplemented("snapshot"))
+        }
+
+        async fn read_index(
+            &self,
+            _: tonic::Request<pb::ReadIndexRequest>,
+        ) -> Result<tonic::Response<pb::ReadIndexResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("read index"))
+        }
+    }
+
+    async fn serve(peer: Echo) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::raft_service_server::RaftServiceServer::new(peer))
+                .serve_with_incoming(incoming),
+        );
+        addr
+    }
+
+    async fn append(net: &mut PeerNetwork, term: u64, ttl: Duration) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        let rpc =
+            AppendEntriesRequest { vote: Vote::new(term, 1), prev_log_id: None, entries: vec![], leader_commit: None };
+        net.append_entries(rpc, RPCOption::new(ttl)).await
+    }
+
+    #[tokio::test]
+    async fn appends_share_one_stream_and_a_late_reply_is_not_taken_for_the_next_request() {
+        let follower = Echo { streams: true, first_late: Duration::from_millis(300), ..Default::default() };
+        let mut net = peer(serve(follower.clone()).await);
+        let late = append(&mut net, 1, Duration::from_millis(100)).await;
+        assert!(matches!(late, Err(RPCError::Network(_))), "{late:?}");
+        for term in 2..=4 {
+            let reply = append(&mut net, term, Duration::from_secs(5)).await.unwrap();
+            assert_eq!(reply, AppendEntriesResponse::HigherVote(Vote::new(term, 1)));
+        }
+        // The stream of the late reply was dropped; the next one served all three.
+        assert_eq!(follower.opened.load(Ordering::SeqCst), 2);
+        assert_eq!(follower.unary.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_the_stream_gets_unary_appends() {
+        let follower = Echo::default();
+        let mut net = peer(serve(follower.clone()).await);
+        for term in 1..=3 {
+            let reply = append(&mut net, term, Duration::from_secs(5)).await.unwrap();
+            assert_eq!(reply, AppendEntriesResponse::HigherVote(Vote::new(term, 1)));
+        }
+        assert_eq!(follower.unary.load(Ordering::SeqCst), 3);
     }
 }

@@ -1,7 +1,10 @@
 //! Inbound Raft RPCs (`ferry.v1.RaftService`): decode, hand to openraft,
 //! encode the result (including openraft's own errors) for the sender.
 
+use std::pin::Pin;
 use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
 
 use ferry_proto::pb::{self, raft_service_server::RaftService};
 use ferry_storage::{codec, NodeId};
@@ -22,18 +25,43 @@ fn decode<T: serde::de::DeserializeOwned>(what: &'static str, data: &[u8]) -> Re
     codec::decode(what, data).map_err(|e| Status::invalid_argument(format!("data: {e}")))
 }
 
-fn reply<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Response<pb::RaftPayload>, Status> {
+fn payload<T: serde::Serialize>(what: &'static str, value: &T) -> Result<pb::RaftPayload, Status> {
     let data = codec::encode(what, value).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(pb::RaftPayload { data }))
+    Ok(pb::RaftPayload { data })
+}
+
+fn reply<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Response<pb::RaftPayload>, Status> {
+    payload(what, value).map(Response::new)
+}
+
+/// Hands one AppendEntries to openraft and encodes its result.
+async fn append(node: &Node, request: pb::RaftPayload) -> Result<pb::RaftPayload, Status> {
+    let req: AppendEntriesRequest<ferry_storage::TypeConfig> = decode("append entries", &request.data)?;
+    let result = node.raft.append_entries(req).await;
+    payload("append entries", &result)
 }
 
 #[tonic::async_trait]
 impl RaftService for RaftServiceImpl {
     async fn append_entries(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
-        let req: AppendEntriesRequest<ferry_storage::TypeConfig> =
-            decode("append entries", &request.into_inner().data)?;
-        let result = self.node.raft.append_entries(req).await;
-        reply("append entries", &result)
+        append(&self.node, request.into_inner()).await.map(Response::new)
+    }
+
+    type AppendEntriesStreamStream = Pin<Box<dyn Stream<Item = Result<pb::RaftPayload, Status>> + Send>>;
+
+    async fn append_entries_stream(
+        &self,
+        request: Request<Streaming<pb::RaftPayload>>,
+    ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
+        // Each request is handled as the reply stream is polled, one at a
+        // time and in order, on the task that writes the replies: no task
+        // or channel between openraft's answer and the connection.
+        let node = self.node.clone();
+        let replies = request.into_inner().then(move |request| {
+            let node = node.clone();
+            async move { append(&node, request?).await }
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
