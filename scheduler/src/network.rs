@@ -166,7 +166,10 @@ impl PeerNetwork {
     /// is taken out while the call runs and put back only after a reply, so
     /// a call dropped at its deadline leaves none behind.
     async fn streamed_append(&mut self, request: pb::RaftPayload) -> Result<pb::RaftPayload, tonic::Status> {
-        let mut stream = match self.appends.take() {
+        // A stream whose connection closed while idle (the peer restarted)
+        // is replaced now instead of failing this call.
+        let open = self.appends.take().filter(|s| !s.requests.is_closed());
+        let mut stream = match open {
             Some(stream) => {
                 stream.requests.send(request).await.map_err(|_| tonic::Status::unavailable("append stream closed"))?;
                 stream

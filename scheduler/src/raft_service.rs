@@ -19,6 +19,9 @@ use crate::node::Node;
 /// The RaftService implementation.
 pub struct RaftServiceImpl {
     pub(crate) node: Arc<Node>,
+    /// Set when the node stops: open AppendEntries streams end then, so a
+    /// graceful stop does not wait for the leader to close them.
+    pub(crate) shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &'static str, data: &[u8]) -> Result<T, Status> {
@@ -57,10 +60,16 @@ impl RaftService for RaftServiceImpl {
         // time and in order, on the task that writes the replies: no task
         // or channel between openraft's answer and the connection.
         let node = self.node.clone();
-        let replies = request.into_inner().then(move |request| {
-            let node = node.clone();
-            async move { append(&node, request?).await }
-        });
+        let mut shutdown = self.shutdown.clone();
+        let replies = request
+            .into_inner()
+            .then(move |request| {
+                let node = node.clone();
+                async move { append(&node, request?).await }
+            })
+            .take_until(async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            });
         Ok(Response::new(Box::pin(replies)))
     }
 

@@ -275,7 +275,7 @@ async fn serve_grpc(
             return;
         }
     };
-    let raft = RaftServiceServer::new(RaftServiceImpl { node: node.clone() })
+    let raft = RaftServiceServer::new(RaftServiceImpl { node: node.clone(), shutdown: shutdown.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let config =
