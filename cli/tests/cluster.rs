@@ -110,7 +110,11 @@ async fn three_processes_survive_leader_kill_restart_and_snapshot_catch_up() {
     let current = cluster.agreed_leader(&[1, 2, 3]).await;
     let lagger = (1..=3).find(|id| *id != current).expect("a follower");
     let lag_at = all.status_of(&cluster.addr(lagger)).await.expect("status").last_log_index;
-    cluster.kill9(lagger);
+    // It stops at once on SIGTERM, though the leader keeps an AppendEntries
+    // stream open to it (the stop would wait for the stream, up to 5 s, if
+    // the follower did not end it).
+    let stopped = cluster.terminate(lagger, Duration::from_secs(3));
+    assert!(stopped.is_some_and(|s| s.success()), "SIGTERM: {stopped:?}\n{}", cluster.logs());
     let up: Vec<u64> = (1..=3).filter(|id| *id != lagger).collect();
     let up_client = cluster.client(&up);
     write_keys(std::slice::from_ref(&up_client), 1200..2000).await;

@@ -178,6 +178,26 @@ impl Schedulers {
         self.procs[(id - 1) as usize].kill9();
     }
 
+    /// SIGTERMs node `id` and waits up to `timeout` for it to exit; its
+    /// exit status, or `None` if it is still running (then it is killed).
+    pub fn terminate(&mut self, id: u64, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let proc = &mut self.procs[(id - 1) as usize];
+        let child = proc.child.as_mut()?;
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().is_ok_and(|s| s.success());
+        assert!(sent, "kill -TERM {pid}");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                proc.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        proc.kill9();
+        None
+    }
+
     /// The address of node `id`.
     pub fn addr(&self, id: u64) -> String {
         self.addrs[(id - 1) as usize].clone()
