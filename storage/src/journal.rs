@@ -6,7 +6,13 @@
 //! leader's append, then a follower's). So appended entries go into sled
 //! unflushed and, as records, into this file, which is written at its end
 //! with one `pwrite` and made durable with one `fdatasync`. The file is
-//! allocated ahead, so that sync does not also change its size.
+//! allocated ahead, so that sync does not also change its size, and written
+//! ahead with zeros a mebibyte at a time: a write into allocated but never
+//! written blocks (unwritten extents, on ext4 and XFS) changes the file's
+//! block map, so its `fdatasync` must also commit the file system's journal,
+//! and waits there for whatever else that commit carries (another file's
+//! writeback, a snapshot being written). Once a block has been written, a
+//! record's sync is the data and a cache flush only.
 //!
 //! sled stays the log's store, and the only one readers see. The journal
 //! holds the entries appended since the last *checkpoint*, a full
@@ -35,6 +41,10 @@ const MAGIC: &[u8; 8] = b"FERRYJ01";
 const HEADER: u64 = 64;
 /// Length (4), checksum (8), epoch (8).
 const RECORD_HEAD: usize = 20;
+/// Zeros written past the last record whenever the records reach the end of
+/// the zeros, so the file system converts its blocks a mebibyte at a time
+/// (one journal commit per mebibyte of records instead of per 4 KiB block).
+const ZERO_AHEAD: u64 = 1024 * 1024;
 
 /// An open journal file.
 #[derive(Debug)]
@@ -46,6 +56,8 @@ pub(crate) struct Journal {
     end: u64,
     /// Past this offset the journal asks for a checkpoint.
     capacity: u64,
+    /// Every byte before this offset has been written (records or zeros).
+    written: u64,
     /// Opened with records in it: appends wait for a [`Journal::reset`],
     /// since records after a torn one may still carry the current epoch.
     stale: bool,
@@ -98,8 +110,15 @@ impl Journal {
             if let Some(parent) = path.parent() {
                 File::open(parent)?.sync_all()?;
             }
-            let journal =
-                Self { path: path.into(), file: Arc::new(file), epoch: 1, end: HEADER, capacity, stale: false };
+            let journal = Self {
+                path: path.into(),
+                file: Arc::new(file),
+                epoch: 1,
+                end: HEADER,
+                capacity,
+                written: HEADER,
+                stale: false,
+            };
             Ok((journal, Vec::new()))
         };
         let Some(existing) = existing else {
@@ -132,8 +151,15 @@ impl Journal {
             records.push(payload.to_vec());
             at += RECORD_HEAD + len;
         }
-        let journal =
-            Self { path: path.into(), file: Arc::new(existing), epoch, end: at as u64, capacity, stale: true };
+        let journal = Self {
+            path: path.into(),
+            file: Arc::new(existing),
+            epoch,
+            end: at as u64,
+            capacity,
+            written: at as u64,
+            stale: true,
+        };
         Ok((journal, records))
     }
 
@@ -170,8 +196,16 @@ impl Journal {
             buf.extend_from_slice(&self.epoch.to_le_bytes());
             buf.extend_from_slice(payload);
         }
+        let end = self.end + buf.len() as u64;
+        let mut written = self.written.max(end);
+        if end > self.written {
+            // The zeros go in the same write, and the same sync.
+            written = (end + ZERO_AHEAD).min(self.capacity).max(end);
+            buf.resize((written - self.end) as usize, 0);
+        }
         self.file.write_all_at(&buf, self.end)?;
-        self.end += buf.len() as u64;
+        self.end = end;
+        self.written = written;
         Ok(())
     }
 
