@@ -227,16 +227,21 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
                 Err(elapsed) => return Err(RPCError::Network(NetworkError::new(&elapsed))),
             }
         };
-        let resp: AppendEntriesResponse<NodeId> =
-            match streamed {
-                Some(reply) => self.decode_reply("append entries", &reply.data)?,
-                None => {
+        let resp: AppendEntriesResponse<NodeId> = match streamed {
+            Some(reply) => self.decode_reply("append entries", &reply.data)?,
+            None => {
+                let reply =
                     self.unary("append entries", &rpc, option.hard_ttl(), |mut c, r| async move {
                         c.append_entries(r).await
                     })
-                    .await?
+                    .await;
+                if let Err(RPCError::Unreachable(_)) = &reply {
+                    // Down, maybe for an upgrade: try the stream again once it is back.
+                    self.unary_appends = false;
                 }
-            };
+                reply?
+            }
+        };
         Ok(match (resp, sent_upto) {
             (AppendEntriesResponse::Success, Some(upto)) => AppendEntriesResponse::PartialSuccess(upto),
             (resp, _) => resp,
