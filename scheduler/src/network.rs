@@ -179,9 +179,11 @@ impl PeerNetwork {
                 // with the stream's headers instead of a round trip later.
                 let (requests, queued) = mpsc::channel(1);
                 requests.try_send(request).map_err(|_| tonic::Status::internal("append stream queue"))?;
-                let mut client =
-                    self.client::<RaftError<NodeId>>().map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                let replies = client
+                let channel = self
+                    .channel
+                    .clone()
+                    .ok_or_else(|| tonic::Status::unavailable(format!("bad peer address {}", self.addr)))?;
+                let replies = client(channel)
                     .append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(queued))
                     .await?
                     .into_inner();

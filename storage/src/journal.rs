@@ -197,12 +197,14 @@ impl Journal {
             buf.extend_from_slice(payload);
         }
         let end = self.end + buf.len() as u64;
-        let mut written = self.written.max(end);
-        if end > self.written {
+        let written = if end > self.written {
             // The zeros go in the same write, and the same sync.
-            written = (end + ZERO_AHEAD).min(self.capacity).max(end);
-            buf.resize((written - self.end) as usize, 0);
-        }
+            let zeroed = (end + ZERO_AHEAD).min(self.capacity).max(end);
+            buf.resize((zeroed - self.end) as usize, 0);
+            zeroed
+        } else {
+            self.written
+        };
         self.file.write_all_at(&buf, self.end)?;
         self.end = end;
         self.written = written;
