@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use ferry_proto::pb;
 use ferry_proto::pb::raft_service_client::RaftServiceClient;
-use ferry_storage::{codec, NodeId, TypeConfig};
+use ferry_storage::{codec, LogSync, NodeId, TypeConfig};
 use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
     Unreachable,
@@ -54,6 +54,8 @@ type RpcErr<E = RaftError<NodeId>> = RPCError<NodeId, BasicNode, E>;
 pub struct NetworkFactory {
     pub(crate) peers: Peers,
     pub(crate) snapshot_timeout: Duration,
+    /// How far this node's log is durable (`ferry_storage::log_sync`).
+    pub(crate) log_sync: LogSync,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -67,6 +69,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             snapshot_timeout: self.snapshot_timeout,
             appends: None,
             unary_appends: false,
+            log_sync: Some(self.log_sync.clone()),
         }
     }
 }
@@ -92,6 +95,8 @@ pub struct PeerNetwork {
     appends: Option<AppendStream>,
     /// The peer does not serve `AppendEntriesStream`: unary calls.
     unary_appends: bool,
+    /// The local log's durable end: no commit beyond it goes to the peer.
+    log_sync: Option<LogSync>,
 }
 
 pub(crate) fn client(channel: Channel) -> RaftServiceClient<Channel> {
@@ -213,6 +218,12 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             rpc.entries.truncate(i);
             rpc.entries.last().map(|e| e.log_id)
         });
+        // openraft may count this leader's own copy of an entry towards its
+        // commit while the copy still syncs; a follower hears of the commit
+        // once it has synced, and applies nothing the leader could lose.
+        if let Some(sync) = &self.log_sync {
+            rpc.leader_commit = rpc.leader_commit.min(sync.synced());
+        }
         let streamed = if self.unary_appends {
             None
         } else {
@@ -347,6 +358,7 @@ mod tests {
             snapshot_timeout: Duration::from_secs(1),
             appends: None,
             unary_appends: false,
+            log_sync: None,
         }
     }
 
@@ -386,10 +398,13 @@ mod tests {
         first_late: Duration,
         opened: Arc<AtomicUsize>,
         unary: Arc<AtomicUsize>,
+        /// The commit index of every request, in order.
+        commits: Arc<std::sync::Mutex<Vec<Option<u64>>>>,
     }
 
-    fn echo(data: &[u8]) -> Result<pb::RaftPayload, tonic::Status> {
+    fn echo(data: &[u8], commits: &std::sync::Mutex<Vec<Option<u64>>>) -> Result<pb::RaftPayload, tonic::Status> {
         let req: AppendEntriesRequest<TypeConfig> = codec::decode("append entries", data).unwrap();
+        commits.lock().unwrap().push(req.leader_commit.map(|c| c.index));
         let reply: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
             Ok(AppendEntriesResponse::HigherVote(req.vote));
         Ok(pb::RaftPayload { data: codec::encode("append entries", &reply).unwrap() })
@@ -404,7 +419,7 @@ mod tests {
             request: tonic::Request<pb::RaftPayload>,
         ) -> Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
             self.unary.fetch_add(1, Ordering::SeqCst);
-            echo(&request.into_inner().data).map(tonic::Response::new)
+            echo(&request.into_inner().data, &self.commits).map(tonic::Response::new)
         }
 
         type AppendEntriesStreamStream = Replies;
@@ -417,11 +432,15 @@ mod tests {
                 return Err(tonic::Status::unimplemented("not in this version"));
             }
             let late = if self.opened.fetch_add(1, Ordering::SeqCst) == 0 { self.first_late } else { Duration::ZERO };
-            let replies = futures::StreamExt::enumerate(request.into_inner()).then(move |(i, request)| async move {
-                if i == 0 {
-                    tokio::time::sleep(late).await;
+            let commits = self.commits.clone();
+            let replies = futures::StreamExt::enumerate(request.into_inner()).then(move |(i, request)| {
+                let commits = commits.clone();
+                async move {
+                    if i == 0 {
+                        tokio::time::sleep(late).await;
+                    }
+                    echo(&request?.data, &commits)
                 }
-                echo(&request?.data)
             });
             Ok(tonic::Response::new(Box::pin(replies)))
         }
@@ -464,6 +483,24 @@ mod tests {
         let rpc =
             AppendEntriesRequest { vote: Vote::new(term, 1), prev_log_id: None, entries: vec![], leader_commit: None };
         net.append_entries(rpc, RPCOption::new(ttl)).await
+    }
+
+    #[tokio::test]
+    async fn followers_hear_of_no_commit_beyond_the_leaders_synced_log() {
+        let follower = Echo { streams: true, ..Default::default() };
+        let mut net = peer(serve(follower.clone()).await);
+        let id = |index| openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index);
+        net.log_sync = Some(LogSync::new(Some(id(3))));
+        for commit in [None, Some(2), Some(3), Some(5)] {
+            let rpc = AppendEntriesRequest {
+                vote: Vote::new_committed(1, 1),
+                prev_log_id: None,
+                entries: vec![],
+                leader_commit: commit.map(id),
+            };
+            net.append_entries(rpc, RPCOption::new(Duration::from_secs(5))).await.unwrap();
+        }
+        assert_eq!(*follower.commits.lock().unwrap(), [None, Some(2), Some(3), Some(3)]);
     }
 
     #[tokio::test]

@@ -94,14 +94,22 @@ impl Scheduler {
         let metrics = Arc::new(Metrics::default());
         let (log, sm) = ferry_storage::open(
             &config.data,
-            &OpenOptions { sync_appends_inline: !config.shares_runtime, ..OpenOptions::default() },
+            &OpenOptions {
+                sync_appends_inline: !config.shares_runtime,
+                node_id: Some(config.id),
+                ..OpenOptions::default()
+            },
         )?;
         let observed = metrics.clone();
         let sm = sm.with_observer(Arc::new(move |took, n| observed.observe_apply(took, n)));
         let reader = sm.reader();
         let start_commit = log.committed_index().load(std::sync::atomic::Ordering::Relaxed);
         let peers = Peers::default();
-        let network = NetworkFactory { peers: peers.clone(), snapshot_timeout: config.snapshot_timeout };
+        let network = NetworkFactory {
+            peers: peers.clone(),
+            snapshot_timeout: config.snapshot_timeout,
+            log_sync: log.log_sync(),
+        };
         let raft = Raft::<TypeConfig>::new(config.id, raft_config, network, log.clone(), sm)
             .await
             .map_err(|e| Error::Raft { op: "start", reason: e.to_string() })?;

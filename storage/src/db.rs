@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::log_store::LogStore;
+use crate::log_sync::LogSync;
 use crate::state_machine::StateMachineStore;
+use crate::NodeId;
 
 /// The data format version this binary writes and reads.
 pub const DATA_VERSION: u32 = 3;
@@ -43,11 +45,18 @@ pub struct OpenOptions {
     /// runtime, so that one node's slow disk does not hold a runtime thread
     /// the others need.
     pub sync_appends_inline: bool,
+    /// The Raft node this store belongs to. When set, the entries it
+    /// appends as leader are reported saved once written and synced in the
+    /// background, while they are sent to the followers; the state machine
+    /// applies nothing its log has not synced yet (see
+    /// [`LogSync`](crate::log_sync::LogSync)). `None`: every append is
+    /// synced before openraft hears of it.
+    pub node_id: Option<NodeId>,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        Self { cache_bytes: 64 * 1024 * 1024, flush_every: None, sync_appends_inline: true }
+        Self { cache_bytes: 64 * 1024 * 1024, flush_every: None, sync_appends_inline: true, node_id: None }
     }
 }
 
@@ -60,6 +69,10 @@ pub struct DataDir {
     files: Arc<SledFiles>,
     /// [`OpenOptions::sync_appends_inline`].
     pub(crate) sync_appends_inline: bool,
+    /// [`OpenOptions::node_id`].
+    pub(crate) node_id: Option<NodeId>,
+    /// How far the log is durable (set by the log store when it opens).
+    pub(crate) log_sync: LogSync,
 }
 
 /// sled's own files, for [`DataDir::sync`].
@@ -304,6 +317,8 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
         meta,
         files: Arc::new(files),
         sync_appends_inline: options.sync_appends_inline,
+        node_id: options.node_id,
+        log_sync: LogSync::new(None),
     };
     // Durable: the format mark written above, and whatever an earlier run
     // that crashed had not synced yet.

@@ -13,6 +13,7 @@
 //! - [`kv`] — configuration keys, their limits and revisions.
 //! - [`jobs`] — workers and file distribution jobs.
 //! - [`log_store`] — `RaftLogStorage`, and its journal (`journal.rs`).
+//! - [`log_sync`] — how far the log is durable: the leader's early appends.
 //! - [`state_machine`] — `RaftStateMachine`, reads, digests.
 //! - [`snapshot`] — the snapshot file format.
 
@@ -28,6 +29,7 @@ pub mod jobs;
 pub(crate) mod journal;
 pub mod kv;
 pub mod log_store;
+pub mod log_sync;
 pub mod probes;
 pub mod snapshot;
 pub mod state_machine;
@@ -38,6 +40,7 @@ pub use error::Error;
 pub use jobs::{Chunk, FileEntry, Job, JobEvent, JobPhase, Target, TargetPhase, Via, WorkerRecord};
 pub use kv::{KeyValue, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use log_store::LogStore;
+pub use log_sync::LogSync;
 pub use state_machine::{Digest, StateMachineStore, StateReader};
 
 /// Node ids are small integers chosen by the operator (`--id`).

@@ -64,6 +64,24 @@ pub struct LogStore {
     purged: Arc<Mutex<Option<LogId<NodeId>>>>,
     /// The background purge running or last run (one at a time).
     purging: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// The vote as last saved: whether this node leads the current term.
+    vote: Arc<Mutex<Option<Vote<NodeId>>>>,
+    /// The leader's own appends waiting for their background sync.
+    background: Arc<Mutex<Background>>,
+}
+
+/// The background sync of the leader's appends (see [`crate::log_sync`]):
+/// one blocking task at a time, which syncs the journal up to the newest
+/// append each round, so appends made during a sync share the next one.
+#[derive(Debug, Default)]
+struct Background {
+    /// The newest append not yet covered by a sync that started, and its
+    /// journal file.
+    wanted: Option<(LogId<NodeId>, Arc<std::fs::File>)>,
+    /// The newest append synced in the background, or to be.
+    written: Option<LogId<NodeId>>,
+    /// A task is syncing (it ends when nothing is wanted).
+    running: bool,
 }
 
 impl LogStore {
@@ -91,6 +109,17 @@ impl LogStore {
         }
         journal.reset_all().map_err(open_error)?;
         let journal = Arc::new(Mutex::new(journal));
+        // All of it is durable now.
+        let last = match log.last().map_err(|source| Error::Sled { op: "read the log", source })? {
+            Some((_, raw)) => Some(
+                *decode_entry(&raw)
+                    .map_err(|e| Error::Corrupt { path: dir.path.clone(), reason: e.to_string() })?
+                    .get_log_id(),
+            ),
+            None => None,
+        };
+        dir.log_sync.reset(last.max(purged));
+        let vote = read_meta(&dir.meta, KEY_VOTE, "vote")?;
         Ok(Self {
             dir,
             log,
@@ -100,7 +129,70 @@ impl LogStore {
             syncing: Arc::default(),
             purged: Arc::new(Mutex::new(purged)),
             purging: Arc::default(),
+            vote: Arc::new(Mutex::new(vote)),
+            background: Arc::default(),
         })
+    }
+
+    fn background(&self) -> std::sync::MutexGuard<'_, Background> {
+        self.background.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this node wrote all of `ids` as the leader of the current
+    /// term: then they may be synced in the background.
+    fn leads(&self, ids: &[LogId<NodeId>]) -> bool {
+        let Some(me) = self.dir.node_id else { return false };
+        let vote = *self.vote.lock().unwrap_or_else(|e| e.into_inner());
+        vote.is_some_and(|v| {
+            v.is_committed()
+                && v.leader_id().voted_for() == Some(me)
+                && ids.iter().all(|id| id.leader_id == *v.leader_id())
+        })
+    }
+
+    /// Syncs `file` up to the append of `id` on a blocking thread.
+    fn sync_in_background(&self, id: LogId<NodeId>, file: Arc<std::fs::File>) {
+        let start = {
+            let mut background = self.background();
+            background.wanted = Some((id, file));
+            background.written = Some(id);
+            !std::mem::replace(&mut background.running, true)
+        };
+        if !start {
+            return;
+        }
+        let (background, sync, flushes) = (self.background.clone(), self.dir.log_sync.clone(), self.flushes.clone());
+        tokio::task::spawn_blocking(move || loop {
+            let (id, file) = {
+                let mut background = background.lock().unwrap_or_else(|e| e.into_inner());
+                match background.wanted.take() {
+                    Some(wanted) => wanted,
+                    None => {
+                        background.running = false;
+                        return;
+                    }
+                }
+            };
+            match file.sync_data() {
+                Ok(()) => {
+                    flushes.fetch_add(1, Ordering::Relaxed);
+                    sync.advance(id);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "syncing the Raft log in the background failed; this node stops applying");
+                    sync.fail();
+                }
+            }
+        });
+    }
+
+    /// Waits until every background sync started so far has finished.
+    async fn drain_background(&self) -> std::io::Result<()> {
+        let written = self.background().written;
+        match written {
+            Some(id) => self.dir.log_sync.wait_for(id.index).await.map_err(std::io::Error::other),
+            None => Ok(()),
+        }
     }
 
     fn journal(&self) -> std::sync::MutexGuard<'_, Journals> {
@@ -113,6 +205,7 @@ impl LogStore {
     /// while an append is under way (before openraft starts, after it
     /// stopped, or from the log store's own calls).
     pub async fn checkpoint(&self) -> std::io::Result<()> {
+        self.drain_background().await?;
         let mut syncing = self.syncing.lock().await;
         if let Some(task) = syncing.take() {
             // Its outcome does not matter: the sync below covers everything.
@@ -127,6 +220,9 @@ impl LogStore {
     /// the full one starts in the background. Appends wait only if that
     /// earlier checkpoint is still running.
     async fn rotate(&self) -> std::io::Result<()> {
+        // The leader's appends in the full journal are synced first: their
+        // sync is what tells the state machine they are durable.
+        self.drain_background().await?;
         let mut syncing = self.syncing.lock().await;
         if let Some(task) = syncing.take() {
             let covered = task.await.map_err(std::io::Error::other).and_then(|r| r);
@@ -149,6 +245,12 @@ impl LogStore {
     /// The data directory behind this store.
     pub fn dir(&self) -> &DataDir {
         &self.dir
+    }
+
+    /// How far this node's log is durable: the Raft network tells
+    /// followers of no commit beyond it (see [`crate::log_sync`]).
+    pub fn log_sync(&self) -> crate::LogSync {
+        self.dir.log_sync.clone()
     }
 
     /// Commit index as last saved by openraft; shared, updated live.
@@ -270,6 +372,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let raw = codec::encode("vote", vote).map_err(|e| StorageIOError::write_vote(&e))?;
         self.dir.meta.insert(KEY_VOTE, raw).map_err(|e| StorageIOError::write_vote(&e))?;
         self.dir.sync().await.map_err(|e| StorageIOError::write_vote(&e))?;
+        *self.vote.lock().unwrap_or_else(|e| e.into_inner()) = Some(*vote);
         Ok(())
     }
 
@@ -302,11 +405,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         // Journal records: the index key, then the entry as sled holds it.
-        let mut records = Vec::new();
+        let (mut records, mut ids) = (Vec::new(), Vec::new());
         for entry in entries {
+            ids.push(entry.log_id);
             let mut record = index_key(entry.log_id.index).to_vec();
             codec::encode_into("log entry", &entry, &mut record).map_err(|e| StorageIOError::write_logs(&e))?;
             records.push(record);
+        }
+        let Some(&last) = ids.last() else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
+        if self.dir.log_sync.failed() {
+            let e = crate::log_sync::SyncFailed;
+            return Err(StorageIOError::write_logs(&e).into());
         }
         let bytes = Journal::record_bytes(records.iter().map(Vec::as_slice));
         if self.journal().active().needs_checkpoint(bytes) {
@@ -331,6 +443,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             journal.append(records.iter().map(Vec::as_slice)).map_err(|e| StorageIOError::write_logs(&e))?;
             journal.file()
         };
+        if self.leads(&ids) {
+            // Sent to the followers while it syncs (`log_sync.rs`).
+            self.sync_in_background(last, file);
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        }
         // openraft 0.9's core waits for this callback before it does
         // anything else (`append_to_log`), so syncing on its own thread
         // saves the blocking pool's two thread hops per write (about 0.15 ms
@@ -343,6 +461,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         };
         self.flushes.fetch_add(1, Ordering::Relaxed);
+        // The sync covers every earlier write to this journal too (a
+        // rotation waits for the background syncs of the other one).
+        match &flushed {
+            Ok(()) => self.dir.log_sync.advance(last),
+            Err(_) => self.dir.log_sync.fail(),
+        }
         callback.log_io_completed(flushed);
         Ok(())
     }
@@ -358,6 +482,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
         self.dir.sync().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        // What is left is durable (the checkpoint drained the background).
+        self.background().written = None;
+        let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
+            Some((_, raw)) => Some(*decode_entry(&raw)?.get_log_id()),
+            None => None,
+        };
+        self.dir.log_sync.reset(last.max(self.last_purged()));
         Ok(())
     }
 
@@ -505,5 +636,50 @@ mod tests {
         drop(log);
         let mut log = reopen(tmp.path());
         assert_eq!(contents(&mut log).await.len(), 55);
+    }
+
+    #[tokio::test]
+    async fn the_leaders_own_appends_sync_in_the_background_and_applies_wait_for_them() {
+        use openraft::storage::RaftStateMachine;
+
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, mut sm) = open(tmp.path(), &OpenOptions { node_id: Some(1), ..OpenOptions::default() }).unwrap();
+        let sync = log.log_sync();
+        let by = |leader: u64, term: u64, index: u64| Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(term, leader), index),
+            payload: EntryPayload::Blank,
+        };
+        let in_background = |log: &LogStore| log.background().written;
+
+        // A follower of node 2: synced before the append returns.
+        log.save_vote(&Vote::new_committed(1, 2)).await.unwrap();
+        log.blocking_append([by(2, 1, 1)]).await.unwrap();
+        assert_eq!(sync.synced(), Some(by(2, 1, 1).log_id));
+        // A candidate's entry (vote not granted yet) is not one of a leader.
+        log.save_vote(&Vote::new(2, 1)).await.unwrap();
+        log.blocking_append([by(1, 2, 2)]).await.unwrap();
+        assert_eq!((sync.synced(), in_background(&log)), (Some(by(1, 2, 2).log_id), None));
+
+        // Leader of term 2: its entries are saved once written, synced after.
+        log.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
+        log.blocking_append([by(1, 2, 3)]).await.unwrap();
+        assert_eq!(in_background(&log), Some(by(1, 2, 3).log_id));
+        sync.wait_for(3).await.unwrap();
+
+        // The state machine applies no entry the log has not synced.
+        let applying = sm.apply([by(1, 2, 4)]);
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(100), applying).await.is_err());
+        log.blocking_append([by(1, 2, 4)]).await.unwrap();
+        assert_eq!(sm.apply([by(1, 2, 4)]).await.unwrap().len(), 1);
+        assert_eq!(sync.synced(), Some(by(1, 2, 4).log_id));
+
+        // A checkpoint waits for the background; reopened, all is there.
+        log.blocking_append([by(1, 2, 5)]).await.unwrap();
+        log.checkpoint().await.unwrap();
+        assert_eq!(sync.synced(), Some(by(1, 2, 5).log_id));
+        drop((log, sm));
+        let mut log = reopen(tmp.path());
+        assert_eq!(contents(&mut log).await, [(1, 1), (2, 2), (2, 3), (2, 4), (2, 5)]);
+        assert_eq!(log.log_sync().synced(), Some(by(1, 2, 5).log_id));
     }
 }

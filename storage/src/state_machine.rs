@@ -427,6 +427,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<_> = entries.into_iter().collect();
+        // The leader may have counted its own copy towards the commit before
+        // syncing it (`log_sync.rs`): nothing is applied before it is.
+        if let (Some(_), Some(last)) = (self.inner.dir.node_id, entries.last()) {
+            self.inner
+                .dir
+                .log_sync
+                .wait_for(last.log_id.index)
+                .await
+                .map_err(|e| StorageIOError::apply(last.log_id, &e))?;
+        }
         let started = Instant::now();
         let results = self.apply_batch(&entries);
         if let Some(observer) = &self.observer {
