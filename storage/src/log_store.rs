@@ -317,6 +317,14 @@ fn decode_entry(raw: &[u8]) -> Result<Entry<TypeConfig>, RaftStorageError> {
     codec::decode("log entry", raw).map_err(|e| StorageIOError::read_logs(&e).into())
 }
 
+/// The id of the last entry in `log` (purged ones not deleted yet count).
+fn last_in(log: &sled::Tree) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
+    match log.last().map_err(|e| StorageIOError::read_logs(&e))? {
+        Some((_, raw)) => Ok(Some(*decode_entry(&raw)?.get_log_id())),
+        None => Ok(None),
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -354,11 +362,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
         let last_purged_log_id = self.last_purged();
-        let last = self.log.last().map_err(|e| StorageIOError::read_logs(&e))?;
-        let last_log_id = match last {
-            Some((_, raw)) => Some(*decode_entry(&raw)?.get_log_id()),
-            None => None,
-        };
+        let last_log_id = last_in(&self.log)?;
         // Everything left may be purged entries not deleted yet.
         let last_log_id = last_log_id.max(last_purged_log_id);
         Ok(LogState { last_purged_log_id, last_log_id })
@@ -484,11 +488,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.dir.sync().await.map_err(|e| StorageIOError::write_logs(&e))?;
         // What is left is durable (the checkpoint drained the background).
         self.background().written = None;
-        let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
-            Some((_, raw)) => Some(*decode_entry(&raw)?.get_log_id()),
-            None => None,
-        };
-        self.dir.log_sync.reset(last.max(self.last_purged()));
+        self.dir.log_sync.reset(last_in(&self.log)?.max(self.last_purged()));
         Ok(())
     }
 
