@@ -10,10 +10,10 @@ use ferry_proto::pb::{self, config_service_client::ConfigServiceClient, config_s
 use ferry_storage::kv::{Compare, Event, EventKind, Txn, TxnOp};
 use ferry_storage::{kv, Command, CommandResult, KeyValue, Op};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::inline_stream::inline_stream;
 use crate::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
 
 /// The ConfigService implementation.
@@ -417,13 +417,14 @@ impl ConfigService for ConfigServiceImpl {
         if req.prefix.len() > kv::MAX_KEY_BYTES {
             return Err(invalid(format!("prefix: must be at most {} bytes", kv::MAX_KEY_BYTES)));
         }
-        let (tx, rx) = mpsc::channel(16);
         let node = self.node.clone();
-        tokio::spawn(async move {
+        // Run by the response stream itself: a change wakes the task that
+        // writes to the connection directly.
+        let events = inline_stream(16, |tx| async move {
             if let Err(status) = run_watch(node, req, &tx).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(events)))
     }
 }

@@ -22,6 +22,7 @@
 //! - [`admin`], [`metrics`] — `/metrics`, `/healthz`, `/readyz`.
 //! - [`local`] — several nodes in one process (`ferry dev`, benches, tests).
 //! - [`error`] — the crate's error and its conversion to `tonic::Status`.
+//! - [`inline_stream`] — server streams whose producer runs in the stream.
 
 pub mod admin;
 pub mod callback;
@@ -29,6 +30,7 @@ pub mod cluster_service;
 pub mod config;
 pub mod config_service;
 pub mod error;
+pub mod inline_stream;
 pub mod job_report;
 pub mod job_service;
 pub mod job_spec;

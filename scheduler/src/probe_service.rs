@@ -18,11 +18,11 @@ use std::time::Duration;
 use ferry_proto::pb::{self, probe_service_client::ProbeServiceClient, probe_service_server::ProbeService};
 use ferry_storage::probes::{self, ProbeDef, ProbeOutput, ProbeResult, ProbeTarget, WorkerProbe};
 use ferry_storage::{kv, Command, CommandResult, Op};
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::inline_stream::inline_stream;
 use crate::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
 use crate::sessions::now_ms;
 
@@ -410,9 +410,8 @@ impl ProbeService for ProbeServiceImpl {
     async fn watch_best(&self, request: Request<pb::BestRequest>) -> Result<Response<Self::WatchBestStream>, Status> {
         let req = request.into_inner();
         self.def(&req.probe)?;
-        let (tx, rx) = mpsc::channel(16);
         let node = self.node.clone();
-        tokio::spawn(async move {
+        let lists = inline_stream(16, |tx| async move {
             let mut changed = node.reader.subscribe();
             let mut last: Option<Vec<(u32, bool)>> = None;
             loop {
@@ -446,13 +445,12 @@ impl ProbeService for ProbeServiceImpl {
                         return;
                     }
                 }
-                tokio::select! {
-                    r = changed.changed() => if r.is_err() { return },
-                    _ = tx.closed() => return,
+                if changed.changed().await.is_err() {
+                    return;
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(lists)))
     }
 
     async fn status(

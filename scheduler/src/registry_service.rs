@@ -17,11 +17,10 @@ use std::sync::Arc;
 use ferry_proto::pb::{self, registry_service_client::RegistryServiceClient, registry_service_server::RegistryService};
 use ferry_storage::{kv, Command, CommandResult, Op};
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::inline_stream::inline_stream;
 use crate::lease_service::LeaseClock;
 use crate::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
 
@@ -258,9 +257,8 @@ impl RegistryService for RegistryServiceImpl {
         if !valid_name(&req.service) {
             return Err(invalid("service: must be 1 to 128 of letters, digits, '.', '_' or '-'".into()));
         }
-        let (tx, rx) = mpsc::channel(16);
         let node = self.node.clone();
-        tokio::spawn(async move {
+        let lists = inline_stream(16, |tx| async move {
             let prefix = prefix(&req.service);
             let mut changed = node.reader.subscribe();
             let mut next = 0u64;
@@ -279,9 +277,8 @@ impl RegistryService for RegistryServiceImpl {
                 }
                 next = next.max(revision + 1);
                 loop {
-                    tokio::select! {
-                        r = changed.changed() => if r.is_err() { return },
-                        _ = tx.closed() => return,
+                    if changed.changed().await.is_err() {
+                        return;
                     }
                     match node.reader.events(next, &prefix, 1) {
                         Ok((events, upto)) if events.is_empty() => next = upto + 1,
@@ -291,6 +288,6 @@ impl RegistryService for RegistryServiceImpl {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(lists)))
     }
 }
