@@ -14,7 +14,9 @@ use ferry_proto::pb::lease_service_client::LeaseServiceClient;
 use ferry_proto::pb::probe_service_client::ProbeServiceClient;
 use ferry_proto::pb::registry_service_client::RegistryServiceClient;
 use ferry_proto::pb::worker_service_client::WorkerServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+use crate::transport::Transport;
 
 use crate::cache::{Cache, Cached};
 use crate::error::Error;
@@ -138,7 +140,7 @@ impl From<pb::KeyValue> for KeyValue {
 
 struct Target {
     addr: String,
-    channel: Channel,
+    channel: Transport,
 }
 
 /// A client of a Ferry cluster. Cheap to clone; clones share connections.
@@ -152,7 +154,7 @@ pub struct Client {
     cache: Option<Cache>,
 }
 
-fn channel(addr: &str, options: &ClientOptions) -> Result<Channel, Error> {
+fn channel(addr: &str, options: &ClientOptions) -> Result<Transport, Error> {
     let (host, port) =
         addr.rsplit_once(':').ok_or_else(|| Error::InvalidEndpoint(format!("'{addr}' is not HOST:PORT")))?;
     if host.is_empty() || port.parse::<u16>().map(|p| p == 0).unwrap_or(true) {
@@ -164,7 +166,7 @@ fn channel(addr: &str, options: &ClientOptions) -> Result<Channel, Error> {
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
-    Ok(endpoint.connect_lazy())
+    Ok(Transport::new(endpoint.connect_lazy()))
 }
 
 /// Longest key, in bytes (the cluster's limit, checked before sending).
@@ -275,7 +277,7 @@ impl Client {
     }
 
     /// The channel to try for attempt `n`, and its index.
-    fn pick(&self, n: usize) -> (usize, String, Channel) {
+    fn pick(&self, n: usize) -> (usize, String, Transport) {
         let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         let i = (self.preferred.load(Ordering::Relaxed) + n) % targets.len();
         (i, targets[i].addr.clone(), targets[i].channel.clone())
@@ -301,7 +303,7 @@ impl Client {
     /// reason retrying cannot fix, or the total deadline passes.
     async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, Error>
     where
-        F: FnMut(Channel, Duration) -> Fut,
+        F: FnMut(Transport, Duration) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
         self.call_with(what, Retry::Idempotent, call).await
@@ -309,7 +311,7 @@ impl Client {
 
     async fn call_with<T, F, Fut>(&self, what: &str, retry: Retry, mut call: F) -> Result<T, Error>
     where
-        F: FnMut(Channel, Duration) -> Fut,
+        F: FnMut(Transport, Duration) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
         let deadline = Instant::now() + self.options.total_timeout;
@@ -352,7 +354,7 @@ impl Client {
         }
     }
 
-    fn config_client(ch: Channel) -> ConfigServiceClient<Channel> {
+    fn config_client(ch: Transport) -> ConfigServiceClient<Transport> {
         ConfigServiceClient::new(ch)
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .max_encoding_message_size(MAX_RESPONSE_BYTES)
@@ -994,7 +996,7 @@ impl Client {
         .map(|r| r.into_inner())
     }
 
-    fn job_client(ch: Channel) -> JobServiceClient<Channel> {
+    fn job_client(ch: Transport) -> JobServiceClient<Transport> {
         JobServiceClient::new(ch)
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .max_encoding_message_size(MAX_RESPONSE_BYTES)

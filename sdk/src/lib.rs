@@ -24,7 +24,8 @@
 //! (an instance kept registered by its handle), [`balancer`]
 //! (client-side balancing, failover, outlier ejection, gray routing over a
 //! service's instances), [`cache`] (the last reads kept on disk, served
-//! stale while the cluster is unreachable), [`error`].
+//! stale while the cluster is unreachable), [`transport`] (the channel
+//! under the client, which sends a unary call in one write), [`error`].
 
 #![warn(missing_docs)]
 
@@ -33,6 +34,7 @@ pub mod cache;
 pub mod client;
 pub mod error;
 pub mod registration;
+pub mod transport;
 
 pub use balancer::{Balancer, BalancerOptions, Policy, Request, Strategy};
 pub use cache::{Cache, Cached};
