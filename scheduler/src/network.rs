@@ -470,13 +470,18 @@ mod tests {
     async fn serve(peer: Echo) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(pb::raft_service_server::RaftServiceServer::new(peer))
-                .serve_with_incoming(incoming),
-        );
+        tokio::spawn(serve_on(listener, peer, std::future::pending()));
         addr
+    }
+
+    /// Serves `peer` on `listener` until `stop` completes.
+    async fn serve_on(listener: tokio::net::TcpListener, peer: Echo, stop: impl Future<Output = ()>) {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tonic::transport::Server::builder()
+            .add_service(pb::raft_service_server::RaftServiceServer::new(peer))
+            .serve_with_incoming_shutdown(incoming, stop)
+            .await
+            .unwrap();
     }
 
     async fn append(net: &mut PeerNetwork, term: u64, ttl: Duration) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
@@ -527,5 +532,38 @@ mod tests {
             assert_eq!(reply, AppendEntriesResponse::HigherVote(Vote::new(term, 1)));
         }
         assert_eq!(follower.unary.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_peer_back_from_an_upgrade_gets_the_stream_again() {
+        // The version before the stream: appends go as unary calls.
+        let old = Echo::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_on(listener, old.clone(), async {
+            let _ = stopped.await;
+        }));
+        let mut net = peer(addr);
+        append(&mut net, 1, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(old.unary.load(Ordering::SeqCst), 1);
+
+        // Stopped for the upgrade: unreachable.
+        stop.send(()).unwrap();
+        server.await.unwrap();
+        let down = append(&mut net, 2, Duration::from_secs(5)).await;
+        assert!(matches!(down, Err(RPCError::Unreachable(_))), "{down:?}");
+
+        // Back on the same address, upgraded: the appends take the stream.
+        let new = Echo { streams: true, ..Default::default() };
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(serve_on(listener, new.clone(), std::future::pending()));
+        for term in 3..=5 {
+            let reply = append(&mut net, term, Duration::from_secs(5)).await.unwrap();
+            assert_eq!(reply, AppendEntriesResponse::HigherVote(Vote::new(term, 1)));
+        }
+        assert_eq!(new.opened.load(Ordering::SeqCst), 1, "one stream for all three appends");
+        assert_eq!(new.unary.load(Ordering::SeqCst), 0);
+        assert_eq!(old.unary.load(Ordering::SeqCst), 1);
     }
 }
