@@ -150,7 +150,8 @@ pub struct SchedulerArgs {
     /// Deadline to stream one snapshot to a follower (e.g. 60s).
     #[arg(long, value_parser = duration)]
     pub snapshot_timeout: Option<Duration>,
-    /// Build a snapshot every this many log entries.
+    /// Build a snapshot every this many log entries (the nodes a third of
+    /// it apart).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_every: Option<u64>,
     /// Log entries kept behind a snapshot for lagging followers.

@@ -77,6 +77,47 @@ async fn acknowledged_puts_survive_killing_every_node_at_once() {
     }
 }
 
+/// The three nodes build their snapshots a third of the interval apart
+/// (node `id` at `(id mod 3) * n / 3 + k * n`), not all at the same entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_take_turns_building_snapshots() {
+    const EVERY: u64 = 300;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = Schedulers::start(dir.path(), &["--snapshot-every", &EVERY.to_string()]);
+    let all = cluster.client(&[1, 2, 3]);
+    cluster.agreed_leader(&[1, 2, 3]).await;
+    // In steps of 40 with pauses, so that a node (which looks at its applied
+    // index every 100 ms) builds within a step of its point.
+    for step in 0..25u32 {
+        write_keys(std::slice::from_ref(&all), step * 40..(step + 1) * 40).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let snapshots = wait_for("a snapshot on every node", Duration::from_secs(30), || {
+        let all = all.clone();
+        let addrs: Vec<String> = (1..=3).map(|id| cluster.addr(id)).collect();
+        async move {
+            let mut at = Vec::new();
+            for a in &addrs {
+                let s = all.status_of(a).await.ok()?;
+                (s.snapshot_index > 0).then_some(())?;
+                at.push((s.id, s.snapshot_index));
+            }
+            Some(at)
+        }
+    })
+    .await;
+    for (id, index) in &snapshots {
+        let phase = (id % 3) * EVERY / 3;
+        let into_turn = (index - phase) % EVERY;
+        assert!(
+            *index >= phase + EVERY && into_turn < EVERY / 3,
+            "node {id} built at {index}, not within a third of {EVERY} after its point ({phase} + k * {EVERY}): \
+             {snapshots:?}\n{}",
+            cluster.logs()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_survive_leader_kill_restart_and_snapshot_catch_up() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -10,6 +10,7 @@
 //! - [`config`] — `SchedulerConfig` (TOML + flags) and its validation.
 //! - [`server`] — start, bootstrap, serve, shut down.
 //! - [`node`] — the shared node: propose, read barrier, leader hints.
+//! - [`snapshots`] — when each node builds a snapshot (staggered).
 //! - [`proposer`] — group commit of concurrent writes into one log entry.
 //! - [`network`] / [`peers`] — outbound Raft RPCs and the channel cache.
 //! - [`raft_service`], [`config_service`], [`cluster_service`] — inbound gRPC.
@@ -47,6 +48,7 @@ pub mod raft_service;
 pub mod registry_service;
 pub mod server;
 pub mod sessions;
+pub mod snapshots;
 
 pub use config::SchedulerConfig;
 pub use error::Error;

@@ -56,7 +56,8 @@ fn raft_config(c: &SchedulerConfig) -> Result<openraft::Config, Error> {
         election_timeout_max: ms(c.election_timeout_max),
         install_snapshot_timeout: ms(c.snapshot_timeout),
         max_payload_entries: c.max_batch_entries,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every),
+        // Built by `snapshots::run`, staggered across the nodes.
+        snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: c.logs_to_keep,
         purge_batch_size: 256,
         ..Default::default()
@@ -138,6 +139,12 @@ impl Scheduler {
         tasks.push(tokio::spawn(crate::lease_service::run_expiry(node.clone(), clock, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::probe_service::run_alerts(node.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::planner::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::snapshots::run(
+            raft.clone(),
+            config.snapshot_every,
+            config.id,
+            shutdown_rx.clone(),
+        )));
         let admin_addr = match admin {
             Some(listener) => {
                 let a = listener.local_addr().ok();
