@@ -86,26 +86,32 @@ async fn the_nodes_take_turns_building_snapshots() {
     let cluster = Schedulers::start(dir.path(), &["--snapshot-every", &EVERY.to_string()]);
     let all = cluster.client(&[1, 2, 3]);
     cluster.agreed_leader(&[1, 2, 3]).await;
-    // In steps of 40 with pauses, so that a node (which looks at its applied
-    // index every 100 ms) builds within a step of its point.
-    for step in 0..25u32 {
-        write_keys(std::slice::from_ref(&all), step * 40..(step + 1) * 40).await;
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let snapshots = wait_for("a snapshot on every node", Duration::from_secs(30), || {
-        let all = all.clone();
-        let addrs: Vec<String> = (1..=3).map(|id| cluster.addr(id)).collect();
-        async move {
-            let mut at = Vec::new();
-            for a in &addrs {
-                let s = all.status_of(a).await.ok()?;
-                (s.snapshot_index > 0).then_some(())?;
-                at.push((s.id, s.snapshot_index));
-            }
-            Some(at)
+    // One put at a time (one log entry each), in steps of 20 with pauses,
+    // so that a node, which looks at its applied index every 100 ms, builds
+    // within a step of its point. Until every node has built one.
+    let addrs: Vec<String> = (1..=3).map(|id| cluster.addr(id)).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut next_key = 0u32;
+    let snapshots = loop {
+        for _ in 0..20 {
+            all.put(&format!("key/{next_key:05}"), b"v".to_vec()).await.expect("put");
+            next_key += 1;
         }
-    })
-    .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut at = Vec::new();
+        for a in &addrs {
+            let s = all.status_of(a).await.expect("status");
+            at.push((s.id, s.snapshot_index));
+        }
+        if at.iter().all(|(_, index)| *index > 0) {
+            break at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot on every node after {next_key} puts: {at:?}\n{}",
+            cluster.logs()
+        );
+    };
     for (id, index) in &snapshots {
         let phase = (id % 3) * EVERY / 3;
         let into_turn = (index - phase) % EVERY;
