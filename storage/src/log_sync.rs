@@ -14,7 +14,8 @@
 //!   client hears of a write, and no watcher sees it, before the leader and
 //!   one follower (a majority of three) hold it durably;
 //! - the Raft network tells followers of no commit beyond it, so a follower
-//!   does not apply what the leader could still lose.
+//!   does not apply what the leader could still lose ([`LogSync::announceable`]
+//!   lets the message announcing a commit wait briefly for the sync).
 //!
 //! A node that crashes before its background sync finished may lose those
 //! entries, but no node has applied them and no client was answered, as
@@ -23,6 +24,7 @@
 //! means the entry is on its disk.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::LogId;
 use tokio::sync::watch;
@@ -101,6 +103,21 @@ impl LogSync {
     }
 }
 
+impl LogSync {
+    /// The commit index a follower may hear of: `commit` once this node has
+    /// synced up to it, else the last entry it has synced. A sync in
+    /// progress gets up to `patience` to reach `commit`, so that a follower
+    /// hears of a commit now rather than with the next message, a heartbeat
+    /// later.
+    pub async fn announceable(&self, commit: Option<LogId<NodeId>>, patience: Duration) -> Option<LogId<NodeId>> {
+        let c = commit?;
+        if self.synced() < commit && !patience.is_zero() {
+            let _ = tokio::time::timeout(patience, self.wait_for(c.index)).await;
+        }
+        commit.min(self.synced())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use openraft::CommittedLeaderId;
@@ -137,5 +154,31 @@ mod tests {
         sync.fail();
         assert!(waiting.await.unwrap().is_err());
         assert_eq!(sync.synced(), None);
+    }
+
+    #[tokio::test]
+    async fn a_follower_hears_of_a_commit_once_synced_waiting_a_little_for_a_sync_in_progress() {
+        let sync = LogSync::new(Some(id(1, 3)));
+        let long = Duration::from_secs(10);
+        // Already synced, or nothing to announce: at once.
+        assert_eq!(sync.announceable(Some(id(1, 2)), long).await, Some(id(1, 2)));
+        assert_eq!(sync.announceable(None, long).await, None);
+        // No patience: what is synced.
+        assert_eq!(sync.announceable(Some(id(1, 5)), Duration::ZERO).await, Some(id(1, 3)));
+        // A sync that ends within the patience: the commit itself.
+        let syncing = tokio::spawn({
+            let sync = sync.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                sync.advance(id(1, 6));
+            }
+        });
+        assert_eq!(sync.announceable(Some(id(1, 5)), long).await, Some(id(1, 5)));
+        syncing.await.unwrap();
+        // One that does not: what is synced by then.
+        assert_eq!(sync.announceable(Some(id(1, 9)), Duration::from_millis(20)).await, Some(id(1, 6)));
+        // After a failed sync: nothing.
+        sync.fail();
+        assert_eq!(sync.announceable(Some(id(1, 2)), long).await, None);
     }
 }
