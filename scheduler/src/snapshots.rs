@@ -41,7 +41,7 @@ pub fn next_snapshot_at(last: Option<u64>, every: u64, id: NodeId) -> u64 {
 }
 
 /// Asks `raft` for a snapshot at each of node `id`'s grid points, until
-/// `shutdown` turns true or openraft stops.
+/// `shutdown` changes (the node stops) or openraft stops.
 pub async fn run(raft: Raft<TypeConfig>, every: u64, id: NodeId, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -49,10 +49,7 @@ pub async fn run(raft: Raft<TypeConfig>, every: u64, id: NodeId, mut shutdown: w
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            r = shutdown.wait_for(|stop| *stop) => {
-                let _ = r;
-                return;
-            }
+            _ = shutdown.changed() => return,
         }
         let (applied, last) = {
             let m = raft.metrics();
