@@ -619,6 +619,10 @@ pub struct WorkerArgs {
     /// Download bandwidth cap, e.g. 100MiB/s.
     #[arg(long, value_parser = ferry_worker::config::parse_rate)]
     pub download_limit: Option<u64>,
+    /// A pull that receives nothing for this long fails and is planned from
+    /// another holder (default 10s).
+    #[arg(long, value_parser = duration)]
+    pub pull_stall_timeout: Option<Duration>,
     /// Bytes of replaced file versions kept for reuse, e.g. 2GiB (0: none; default 1GiB).
     #[arg(long, value_parser = ferry_worker::config::parse_rate)]
     pub store_limit: Option<u64>,
@@ -636,6 +640,9 @@ pub struct WorkerArgs {
     /// Test fault injection: corrupt every chunk served to peers.
     #[arg(long, hide = true)]
     pub fault_corrupt_uploads: bool,
+    /// Test fault injection: accept chunk requests, then send nothing.
+    #[arg(long, hide = true)]
+    pub fault_stall_uploads: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -57,11 +57,15 @@ fn merge(a: WorkerArgs) -> Result<WorkerConfig, String> {
     if a.download_limit.is_some() {
         c.download_limit = a.download_limit;
     }
+    if let Some(v) = a.pull_stall_timeout {
+        c.pull_stall_timeout = v;
+    }
     c.config_files.extend(a.config_files);
     if let Some(v) = a.config_resync {
         c.config_resync = v;
     }
     c.fault_corrupt_uploads = a.fault_corrupt_uploads;
+    c.fault_stall_uploads = a.fault_stall_uploads;
     c.validate().map_err(|e| format!("invalid value for --{e}"))?;
     Ok(c)
 }

@@ -408,6 +408,64 @@ async fn a_corrupt_peer_is_detected_and_the_chunk_comes_from_elsewhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_sending_is_given_up_and_the_chunks_come_from_elsewhere() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
+    let _stuck = WorkerProc::start(dir.path(), "stuck", &sched.addrs, &["--fault-stall-uploads"]);
+    let good = WorkerProc::start(
+        dir.path(),
+        "good",
+        &sched.addrs,
+        &["--download-limit", "8MiB/s", "--pull-stall-timeout", "1s"],
+    );
+    workers_up(&c, &["src", "stuck", "good"]).await;
+    std::fs::write(src.root.join("f.bin"), random_bytes(16 * 1024 * 1024, 11)).expect("write");
+    let file = vec![src.root.join("f.bin").display().to_string()];
+    // `stuck` gets the file first; as a holder it is then preferred over the
+    // source, and the pulls planned from it get no byte.
+    let r = c
+        .submit_job(
+            spec("src", file.clone(), |s| {
+                s.targets = vec!["stuck".into()];
+                s.destination = "in/".into();
+            }),
+            true,
+        )
+        .await
+        .expect("first job")
+        .report
+        .expect("report");
+    assert_eq!(r.state, "succeeded");
+    // Shorter than the 60 s after which the leader plans an unanswered pull
+    // again (and the stalled call's own deadline): the job succeeds only if
+    // `good` gives up on `stuck` by itself.
+    let r = c
+        .submit_job(
+            spec("src", file, |s| {
+                s.targets = vec!["stuck".into(), "good".into()];
+                s.destination = "in/".into();
+                s.timeout_ms = 30_000;
+            }),
+            true,
+        )
+        .await
+        .expect("second job")
+        .report
+        .expect("report");
+    assert_eq!(r.state, "succeeded", "{r:?}");
+    let g = r.targets.iter().find(|t| t.worker == "good").expect("good");
+    assert_eq!(g.bytes_from_peers, 0, "nothing came from the stalled peer");
+    assert_eq!(hash(&good.root.join("in/f.bin")), hash(&src.root.join("f.bin")));
+    assert!(
+        good.proc.log_text().contains("stuck sent nothing for 1s"),
+        "the stalled pull was given up:\n{}",
+        good.proc.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_back_within_grace_resumes_and_cancel_leaves_no_final_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sched = Schedulers::start(dir.path(), &[]);

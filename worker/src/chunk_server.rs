@@ -23,6 +23,9 @@ pub struct ChunkServer {
     pub(crate) uploads: Arc<Semaphore>,
     /// Test fault: flip a byte in every chunk served (a misbehaving peer).
     pub(crate) corrupt: bool,
+    /// Test fault: answer every request, then send nothing until the
+    /// caller gives up (a peer whose disk or process hangs).
+    pub(crate) stall: bool,
     /// Upload cap.
     pub(crate) bandwidth: crate::limiter::Bandwidth,
     pub(crate) metrics: Arc<crate::metrics::WorkerMetrics>,
@@ -36,6 +39,7 @@ impl ChunkServer {
             store,
             uploads: Arc::new(Semaphore::new(max_uploads)),
             corrupt: false,
+            stall: false,
             bandwidth,
             metrics: Arc::default(),
         }
@@ -63,6 +67,13 @@ impl ChunkService for ChunkServer {
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("this worker is at its upload limit"))?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        if self.stall {
+            tokio::spawn(async move {
+                let _permit = permit;
+                tx.closed().await;
+            });
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
         let corrupt = self.corrupt;
         let bandwidth = self.bandwidth.clone();
         let store = self.store.clone();

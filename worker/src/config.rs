@@ -38,6 +38,11 @@ pub struct WorkerConfig {
     pub upload_limit: Option<u64>,
     /// Download bandwidth cap in bytes per second (none if unset).
     pub download_limit: Option<u64>,
+    /// A pull that receives nothing from its peer for this long fails (and
+    /// the leader plans the chunk from another holder) instead of holding
+    /// one of the target's pull slots until the peer gives up.
+    #[serde(with = "humantime_serde")]
+    pub pull_stall_timeout: Duration,
     /// Bytes of replaced file versions kept for chunk reuse (0: keep none).
     pub store_limit: u64,
     /// Heartbeat to the leader.
@@ -53,6 +58,9 @@ pub struct WorkerConfig {
     /// Test fault: serve corrupted chunks to peers.
     #[serde(skip)]
     pub fault_corrupt_uploads: bool,
+    /// Test fault: answer chunk requests and then send nothing.
+    #[serde(skip)]
+    pub fault_stall_uploads: bool,
 }
 
 impl Default for WorkerConfig {
@@ -71,11 +79,13 @@ impl Default for WorkerConfig {
             max_downloads: 8,
             upload_limit: None,
             download_limit: None,
+            pull_stall_timeout: Duration::from_secs(10),
             store_limit: 1 << 30,
             heartbeat: Duration::from_secs(1),
             config_files: Vec::new(),
             config_resync: Duration::from_secs(30),
             fault_corrupt_uploads: false,
+            fault_stall_uploads: false,
         }
     }
 }
@@ -289,6 +299,9 @@ impl WorkerConfig {
                 return Err(bad(field, "must be between 4KiB/s and 4GiB/s"));
             }
         }
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&self.pull_stall_timeout) {
+            return Err(bad("pull-stall-timeout", "must be between 100ms and 1h"));
+        }
         self.validate_config_files()
     }
 
@@ -385,6 +398,17 @@ mod tests {
         assert!(r.starts_with("rule 2 (key \"b\"): path: /srv/ferry/x is written by rule 1 already"), "{r}");
         let c = worker_with("config_resync = \"1ms\"").unwrap();
         assert_eq!(c.validate().unwrap_err().field, "config-resync");
+    }
+
+    #[test]
+    fn the_pull_stall_timeout_reads_as_a_duration_within_bounds() {
+        let c = worker_with("pull_stall_timeout = \"3s\"").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.pull_stall_timeout, Duration::from_secs(3));
+        for bad in ["10ms", "2h"] {
+            let c = worker_with(&format!("pull_stall_timeout = \"{bad}\"")).unwrap();
+            assert_eq!(c.validate().unwrap_err().field, "pull-stall-timeout", "{bad}");
+        }
     }
 
     #[test]

@@ -164,6 +164,8 @@ pub struct Executor {
     pub(crate) downloads: Arc<Semaphore>,
     pub(crate) outbox: Outbox,
     bandwidth: crate::limiter::Bandwidth,
+    /// How long a pull may receive nothing before it fails.
+    stall_timeout: Duration,
     pub(crate) metrics: Arc<WorkerMetrics>,
     pub(crate) retained: Retained,
     jobs: Mutex<HashMap<String, Arc<JobWork>>>,
@@ -233,6 +235,7 @@ impl Executor {
             downloads: Arc::new(Semaphore::new(config.max_downloads)),
             outbox: Outbox::default(),
             bandwidth: crate::limiter::Bandwidth::new(config.download_limit),
+            stall_timeout: config.pull_stall_timeout,
             metrics,
             retained,
             jobs: Mutex::new(HashMap::new()),
@@ -488,13 +491,26 @@ impl Executor {
             job_id: cmd.job_id.clone(),
         });
         req.set_timeout(Duration::from_secs(60));
-        let mut stream =
-            client.get_chunk(req).await.map_err(|s| format!("{}: {}", cmd.from_worker, s.message()))?.into_inner();
+        // A peer that stops sending while its connection lives on (a hung
+        // disk read, a stuck upload: the keep-alive pings still get their
+        // answers) would otherwise hold this pull slot until its server gives
+        // up on the call.
+        let stall = self.stall_timeout;
+        let stalled = || format!("{} sent nothing for {}", cmd.from_worker, humantime::format_duration(stall));
+        let mut stream = tokio::time::timeout(stall, client.get_chunk(req))
+            .await
+            .map_err(|_| stalled())?
+            .map_err(|s| format!("{}: {}", cmd.from_worker, s.message()))?
+            .into_inner();
         let out = Arc::new(open_staging(&file.dir, &file.staging_name, false).map_err(|e| format!("staging: {e}"))?);
         let mut hasher = blake3::Hasher::new();
         let end = chunk.offset + chunk.len;
         let mut offset = chunk.offset;
-        while let Some(frame) = stream.message().await.map_err(|s| format!("{}: {}", cmd.from_worker, s.message()))? {
+        while let Some(frame) = tokio::time::timeout(stall, stream.message())
+            .await
+            .map_err(|_| stalled())?
+            .map_err(|s| format!("{}: {}", cmd.from_worker, s.message()))?
+        {
             if frame.data.len() as u64 > end - offset {
                 return Err(format!("{} sent more than {} bytes", cmd.from_worker, chunk.len));
             }

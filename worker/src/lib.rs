@@ -113,6 +113,7 @@ impl Worker {
             store,
             uploads: Arc::new(Semaphore::new(config.max_uploads)),
             corrupt: config.fault_corrupt_uploads,
+            stall: config.fault_stall_uploads,
             bandwidth: limiter::Bandwidth::new(config.upload_limit),
             metrics: metrics.clone(),
         });
