@@ -372,6 +372,25 @@ fn print_table(title: &str, extra: &str, rows: &[(Workload, Vec<Sample>, Vec<Sam
             ec[3]
         );
     }
+    // The medians hide how far single runs spread; a watch p99 rests on a
+    // few slow events per run, so show every run's ratio too.
+    for (w, ferry, etcd) in rows.iter().filter(|(_, f, e)| watch && f.len() > 1 && !e.is_empty()) {
+        let ratios = paired_ratios(ferry, etcd, |s| s.p99);
+        let at_or_below = ratios.iter().filter(|r| **r <= 1.0).count();
+        let list: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "{:>16} p99 F/e by run: {} (Ferry at or below etcd in {at_or_below} of {})",
+            w.label(),
+            list.join(" "),
+            ratios.len()
+        );
+    }
+}
+
+/// `f(ferry) / f(etcd)` for the samples of each run both sides have, in
+/// run order.
+fn paired_ratios(ferry: &[Sample], etcd: &[Sample], f: fn(&Sample) -> f64) -> Vec<f64> {
+    ferry.iter().zip(etcd).map(|(a, b)| f(a) / f(b)).collect()
 }
 
 async fn bench(a: Args) -> anyhow::Result<()> {
@@ -499,5 +518,12 @@ mod tests {
         let latency = delivery_latency(t0, &value).expect("stamped");
         assert!(latency < Duration::from_secs(1), "{latency:?}");
         assert_eq!(delivery_latency(t0, b"short"), None);
+    }
+
+    #[test]
+    fn run_ratios_pair_the_samples_of_each_run() {
+        let p99 = |p99| Sample { ops_per_sec: 1.0, p50: 1.0, p99, extra: None };
+        let (ferry, etcd) = ([p99(2.0), p99(3.0), p99(9.0)], [p99(4.0), p99(2.0)]);
+        assert_eq!(paired_ratios(&ferry, &etcd, |s| s.p99), [0.5, 1.5]);
     }
 }
