@@ -63,26 +63,6 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Writes `len` pseudo-random bytes, streamed.
-pub fn write_random(path: &Path, len: u64, seed: u64) -> std::io::Result<()> {
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-    let mut x = seed | 1;
-    let mut block = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        for word in block.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes()[..word.len()]);
-        }
-        let n = left.min(block.len() as u64) as usize;
-        out.write_all(&block[..n])?;
-        left -= n as u64;
-    }
-    out.flush()
-}
-
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -288,7 +268,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let file = root.join("w0").join("root").canonicalize()?.join("data.bin");
-    write_random(&file, a.size, 7)?;
+    ferry_worker::sample::write_random(&file, a.size, 7)?;
     let targets: Vec<String> = (1..=a.workers).map(|i| format!("w{i}")).collect();
     let (s, b) = (a.size as f64, a.bandwidth as f64);
     let ideal = s / b;

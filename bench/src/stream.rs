@@ -87,7 +87,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let dir = a.dir.unwrap_or_else(|| std::env::temp_dir().join(format!("ferry-bench-stream-{}", std::process::id())));
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("payload.bin");
-    crate::distribute::write_random(&file, a.size, 99)?;
+    ferry_worker::sample::write_random(&file, a.size, 99)?;
     let indexed = tokio::task::spawn_blocking({
         let file = file.clone();
         move || index_file(&file)

@@ -12,26 +12,6 @@ use ferry_worker::{Worker, WorkerConfig};
 use crate::args::DemoArgs;
 use crate::job_cmd::{follow, human};
 
-/// Writes `len` pseudo-random bytes, streamed (no large buffer).
-fn write_random(path: &Path, len: u64, seed: u64) -> std::io::Result<()> {
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-    let mut x = seed | 1;
-    let mut block = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        for word in block.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes()[..word.len()]);
-        }
-        let n = left.min(block.len() as u64) as usize;
-        out.write_all(&block[..n])?;
-        left -= n as u64;
-    }
-    out.flush()
-}
-
 fn file_hash(path: &Path) -> anyhow::Result<blake3::Hash> {
     let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
     let mut h = blake3::Hasher::new();
@@ -117,7 +97,7 @@ async fn demo(a: DemoArgs, root: &Path) -> anyhow::Result<()> {
     let src_root = root.join("w1").join("root").canonicalize()?;
     let file = src_root.join("model.bin");
     println!("writing {} of random data to {} on w1", human(a.size), file.display());
-    write_random(&file, a.size, 0x5eed)?;
+    ferry_worker::sample::write_random(&file, a.size, 0x5eed)?;
 
     println!("push 1: the whole file from w1 to {}", names.join(", "));
     let (r1, t1) = push(&c, &file, &names).await?;

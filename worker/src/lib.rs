@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod probes;
 pub mod render;
 pub mod roots;
+pub mod sample;
 pub mod session;
 pub mod store;
 
