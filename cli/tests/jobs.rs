@@ -2,12 +2,13 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use ferry_sdk::pb;
 
-fn hash(path: &std::path::Path) -> [u8; 32] {
+fn hash(path: &Path) -> [u8; 32] {
     *blake3::hash(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).as_bytes()
 }
 
@@ -357,17 +358,26 @@ async fn when_the_source_dies_peers_share_what_they_hold_and_the_report_names_mi
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_peer_is_detected_and_the_chunk_comes_from_elsewhere() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sched = Schedulers::start(dir.path(), &[]);
+/// A push beside a misbehaving holder: the peer `bad` (started with the
+/// fault flag `fault`) first gets a 16 MiB file alone, so it holds every
+/// chunk and the planner prefers it over the source; then the file goes to
+/// `bad` and to `good` (started with `good_flags`, its download capped so
+/// chunks are planned over time) in a job with `timeout_ms` (0: default).
+struct FaultyHolder {
+    _sched: Schedulers,
+    src: WorkerProc,
+    good: WorkerProc,
+    report: pb::JobReport,
+}
+
+async fn push_beside_a_faulty_holder(dir: &Path, fault: &str, good_flags: &[&str], timeout_ms: u64) -> FaultyHolder {
+    let sched = Schedulers::start(dir, &[]);
     let c = sched.client(&[1, 2, 3]);
-    let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
-    let _bad = WorkerProc::start(dir.path(), "bad", &sched.addrs, &["--fault-corrupt-uploads"]);
-    // Capped, so chunks are planned over time, after `bad` reported holding them.
-    let good = WorkerProc::start(dir.path(), "good", &sched.addrs, &["--download-limit", "8MiB/s"]);
+    let src = WorkerProc::start(dir, "src", &sched.addrs, &[]);
+    let _bad = WorkerProc::start(dir, "bad", &sched.addrs, &[fault]);
+    let good = WorkerProc::start(dir, "good", &sched.addrs, &[&["--download-limit", "8MiB/s"], good_flags].concat());
     workers_up(&c, &["src", "bad", "good"]).await;
-    std::fs::write(src.root.join("f.bin"), random_bytes(24 * 1024 * 1024, 7)).expect("write");
+    std::fs::write(src.root.join("f.bin"), random_bytes(16 * 1024 * 1024, 7)).expect("write");
     let file = vec![src.root.join("f.bin").display().to_string()];
     // `bad` gets the file first (its downloads are fine; its uploads are not).
     let r = c
@@ -383,12 +393,12 @@ async fn a_corrupt_peer_is_detected_and_the_chunk_comes_from_elsewhere() {
         .report
         .expect("report");
     assert_eq!(r.state, "succeeded");
-    // Now `bad` holds every chunk and is preferred over the source as a peer.
-    let r = c
+    let report = c
         .submit_job(
             spec("src", file, |s| {
                 s.targets = vec!["bad".into(), "good".into()];
                 s.destination = "in/".into();
+                s.timeout_ms = timeout_ms;
             }),
             true,
         )
@@ -396,6 +406,14 @@ async fn a_corrupt_peer_is_detected_and_the_chunk_comes_from_elsewhere() {
         .expect("second job")
         .report
         .expect("report");
+    FaultyHolder { _sched: sched, src, good, report }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_peer_is_detected_and_the_chunk_comes_from_elsewhere() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let FaultyHolder { src, good, report: r, .. } =
+        push_beside_a_faulty_holder(dir.path(), "--fault-corrupt-uploads", &[], 0).await;
     assert_eq!(r.state, "succeeded", "{r:?}");
     let g = r.targets.iter().find(|t| t.worker == "good").expect("good");
     assert_eq!(g.bytes_from_peers, 0, "no corrupt byte was accepted from the peer");
@@ -410,56 +428,17 @@ async fn a_corrupt_peer_is_detected_and_the_chunk_comes_from_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_sending_is_given_up_and_the_chunks_come_from_elsewhere() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sched = Schedulers::start(dir.path(), &[]);
-    let c = sched.client(&[1, 2, 3]);
-    let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
-    let _stuck = WorkerProc::start(dir.path(), "stuck", &sched.addrs, &["--fault-stall-uploads"]);
-    let good = WorkerProc::start(
-        dir.path(),
-        "good",
-        &sched.addrs,
-        &["--download-limit", "8MiB/s", "--pull-stall-timeout", "1s"],
-    );
-    workers_up(&c, &["src", "stuck", "good"]).await;
-    std::fs::write(src.root.join("f.bin"), random_bytes(16 * 1024 * 1024, 11)).expect("write");
-    let file = vec![src.root.join("f.bin").display().to_string()];
-    // `stuck` gets the file first; as a holder it is then preferred over the
-    // source, and the pulls planned from it get no byte.
-    let r = c
-        .submit_job(
-            spec("src", file.clone(), |s| {
-                s.targets = vec!["stuck".into()];
-                s.destination = "in/".into();
-            }),
-            true,
-        )
-        .await
-        .expect("first job")
-        .report
-        .expect("report");
-    assert_eq!(r.state, "succeeded");
-    // Shorter than the 60 s after which the leader plans an unanswered pull
-    // again (and the stalled call's own deadline): the job succeeds only if
-    // `good` gives up on `stuck` by itself.
-    let r = c
-        .submit_job(
-            spec("src", file, |s| {
-                s.targets = vec!["stuck".into(), "good".into()];
-                s.destination = "in/".into();
-                s.timeout_ms = 30_000;
-            }),
-            true,
-        )
-        .await
-        .expect("second job")
-        .report
-        .expect("report");
+    // 30 s: shorter than the 60 s after which the leader plans an unanswered
+    // pull again (and the stalled call's own deadline), so the job succeeds
+    // only if `good` gives up on `bad` by itself.
+    let FaultyHolder { src, good, report: r, .. } =
+        push_beside_a_faulty_holder(dir.path(), "--fault-stall-uploads", &["--pull-stall-timeout", "1s"], 30_000).await;
     assert_eq!(r.state, "succeeded", "{r:?}");
     let g = r.targets.iter().find(|t| t.worker == "good").expect("good");
     assert_eq!(g.bytes_from_peers, 0, "nothing came from the stalled peer");
     assert_eq!(hash(&good.root.join("in/f.bin")), hash(&src.root.join("f.bin")));
     assert!(
-        good.proc.log_text().contains("stuck sent nothing for 1s"),
+        good.proc.log_text().contains("bad sent nothing for 1s"),
         "the stalled pull was given up:\n{}",
         good.proc.log_text()
     );
