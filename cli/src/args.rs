@@ -620,7 +620,7 @@ pub struct WorkerArgs {
     #[arg(long, value_parser = ferry_worker::config::parse_rate)]
     pub download_limit: Option<u64>,
     /// A pull that receives nothing for this long fails and is planned from
-    /// another holder (default 10s).
+    /// another holder (default 10s, at most 60s).
     #[arg(long, value_parser = duration)]
     pub pull_stall_timeout: Option<Duration>,
     /// Bytes of replaced file versions kept for reuse, e.g. 2GiB (0: none; default 1GiB).

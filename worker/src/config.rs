@@ -40,7 +40,10 @@ pub struct WorkerConfig {
     pub download_limit: Option<u64>,
     /// A pull that receives nothing from its peer for this long fails (and
     /// the leader plans the chunk from another holder) instead of holding
-    /// one of the target's pull slots until the peer gives up.
+    /// one of the target's pull slots until the call's 60 s deadline. A
+    /// peer sends 256 KiB frames, each once its upload cap allows: with
+    /// caps below about 256 KiB × `max_uploads` per timeout (200 KiB/s at
+    /// the defaults), raise it.
     #[serde(with = "humantime_serde")]
     pub pull_stall_timeout: Duration,
     /// Bytes of replaced file versions kept for chunk reuse (0: keep none).
@@ -299,8 +302,9 @@ impl WorkerConfig {
                 return Err(bad(field, "must be between 4KiB/s and 4GiB/s"));
             }
         }
-        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&self.pull_stall_timeout) {
-            return Err(bad("pull-stall-timeout", "must be between 100ms and 1h"));
+        // Past 60 s the call's own deadline ends a pull first.
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&self.pull_stall_timeout) {
+            return Err(bad("pull-stall-timeout", "must be between 100ms and 60s"));
         }
         self.validate_config_files()
     }
@@ -405,7 +409,7 @@ mod tests {
         let c = worker_with("pull_stall_timeout = \"3s\"").unwrap();
         c.validate().unwrap();
         assert_eq!(c.pull_stall_timeout, Duration::from_secs(3));
-        for bad in ["10ms", "2h"] {
+        for bad in ["10ms", "61s"] {
             let c = worker_with(&format!("pull_stall_timeout = \"{bad}\"")).unwrap();
             assert_eq!(c.validate().unwrap_err().field, "pull-stall-timeout", "{bad}");
         }
