@@ -14,8 +14,22 @@ use tonic::{Request, Response, Status};
 use crate::index::parse_hex;
 use crate::store::ChunkStore;
 
-/// Bytes per stream frame.
+/// Bytes per stream frame, at most.
 pub const FRAME: usize = 256 * 1024;
+/// Bytes per stream frame, at least.
+const MIN_FRAME: usize = 16 * 1024;
+
+/// The frame size for an upload cap of `limit` bytes/s shared by up to
+/// `max_uploads` streams: about a second of one stream's share, within
+/// [`MIN_FRAME`] and [`FRAME`]. A frame leaves only once the cap allows all
+/// of it, so under a low cap full-size frames would leave the receiver
+/// waiting long enough to give the pull up as stalled.
+pub fn frame_size(limit: Option<u64>, max_uploads: usize) -> usize {
+    match limit {
+        None => FRAME,
+        Some(l) => (l / max_uploads.max(1) as u64).clamp(MIN_FRAME as u64, FRAME as u64) as usize,
+    }
+}
 
 /// The ChunkService implementation.
 pub struct ChunkServer {
@@ -26,6 +40,8 @@ pub struct ChunkServer {
     /// Test fault: answer every request, then send nothing until the
     /// caller gives up (a peer whose disk or process hangs).
     pub(crate) stall: bool,
+    /// Bytes per frame ([`frame_size`]).
+    pub(crate) frame: usize,
     /// Upload cap.
     pub(crate) bandwidth: crate::limiter::Bandwidth,
     pub(crate) metrics: Arc<crate::metrics::WorkerMetrics>,
@@ -40,6 +56,7 @@ impl ChunkServer {
             uploads: Arc::new(Semaphore::new(max_uploads)),
             corrupt: false,
             stall: false,
+            frame: FRAME,
             bandwidth,
             metrics: Arc::default(),
         }
@@ -74,7 +91,7 @@ impl ChunkService for ChunkServer {
             });
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
-        let corrupt = self.corrupt;
+        let (corrupt, frame) = (self.corrupt, self.frame);
         let bandwidth = self.bandwidth.clone();
         let store = self.store.clone();
         let metrics = self.metrics.clone();
@@ -104,7 +121,7 @@ impl ChunkService for ChunkServer {
             while left > 0 {
                 // Read into spare capacity: no zeroing of a buffer about
                 // to be overwritten.
-                let want = left.min(FRAME);
+                let want = left.min(frame);
                 let mut buf = Vec::with_capacity(want);
                 let short = match (&mut file).take(want as u64).read_to_end(&mut buf) {
                     Ok(n) if n == want => None,
@@ -137,5 +154,19 @@ pub(crate) struct InFlight<'a>(pub(crate) &'a prometheus_client::metrics::gauge:
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_shrink_with_a_stream_share_of_the_upload_cap_within_bounds() {
+        assert_eq!(frame_size(None, 8), FRAME);
+        assert_eq!(frame_size(Some(100 << 20), 8), FRAME);
+        assert_eq!(frame_size(Some(1 << 20), 8), 128 * 1024);
+        assert_eq!(frame_size(Some(4096), 8), MIN_FRAME);
+        assert_eq!(frame_size(Some(1 << 20), 0), FRAME, "no division by zero");
     }
 }

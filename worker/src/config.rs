@@ -41,9 +41,10 @@ pub struct WorkerConfig {
     /// A pull that receives nothing from its peer for this long fails (and
     /// the leader plans the chunk from another holder) instead of holding
     /// one of the target's pull slots until the call's 60 s deadline. A
-    /// peer sends 256 KiB frames, each once its upload cap allows: with
-    /// caps below about 256 KiB × `max_uploads` per timeout (200 KiB/s at
-    /// the defaults), raise it.
+    /// peer with an upload cap sends frames of about a second of one
+    /// upload's share of it (16 to 256 KiB), so only caps below about
+    /// 16 KiB × `max_uploads` per timeout (13 KiB/s at the defaults) need a
+    /// longer one.
     #[serde(with = "humantime_serde")]
     pub pull_stall_timeout: Duration,
     /// Bytes of replaced file versions kept for chunk reuse (0: keep none).

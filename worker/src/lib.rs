@@ -115,6 +115,7 @@ impl Worker {
             uploads: Arc::new(Semaphore::new(config.max_uploads)),
             corrupt: config.fault_corrupt_uploads,
             stall: config.fault_stall_uploads,
+            frame: chunk_server::frame_size(config.upload_limit, config.max_uploads),
             bandwidth: limiter::Bandwidth::new(config.upload_limit),
             metrics: metrics.clone(),
         });
