@@ -20,8 +20,8 @@ pub const FRAME: usize = 256 * 1024;
 const MIN_FRAME: usize = 16 * 1024;
 
 /// The frame size for an upload cap of `limit` bytes/s shared by up to
-/// `max_uploads` streams: about a second of one stream's share, within
-/// [`MIN_FRAME`] and [`FRAME`]. A frame leaves only once the cap allows all
+/// `max_uploads` streams: about a second of one stream's share, from
+/// 16 KiB to [`FRAME`]. A frame leaves only once the cap allows all
 /// of it, so under a low cap full-size frames would leave the receiver
 /// waiting long enough to give the pull up as stalled.
 pub fn frame_size(limit: Option<u64>, max_uploads: usize) -> usize {
