@@ -358,11 +358,8 @@ async fn when_the_source_dies_peers_share_what_they_hold_and_the_report_names_mi
     }
 }
 
-/// A push beside a misbehaving holder: the peer `bad` (started with the
-/// fault flag `fault`) first gets a 16 MiB file alone, so it holds every
-/// chunk and the planner prefers it over the source; then the file goes to
-/// `bad` and to `good` (started with `good_flags`, its download capped so
-/// chunks are planned over time) in a job with `timeout_ms` (0: default).
+/// What [`push_beside_a_faulty_holder`] leaves: the running cluster and
+/// workers, and the second job's report.
 struct FaultyHolder {
     _sched: Schedulers,
     src: WorkerProc,
@@ -370,6 +367,11 @@ struct FaultyHolder {
     report: pb::JobReport,
 }
 
+/// A push beside a misbehaving holder: the peer `bad` (started with the
+/// fault flag `fault`) first gets a 16 MiB file alone, so it holds every
+/// chunk and the planner prefers it over the source; then the file goes to
+/// `bad` and to `good` (started with `good_flags`, its download capped so
+/// chunks are planned over time) in a job with `timeout_ms` (0: default).
 async fn push_beside_a_faulty_holder(dir: &Path, fault: &str, good_flags: &[&str], timeout_ms: u64) -> FaultyHolder {
     let sched = Schedulers::start(dir, &[]);
     let c = sched.client(&[1, 2, 3]);
