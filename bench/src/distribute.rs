@@ -9,7 +9,10 @@
 //! source's link). The output says which. Workers are real `ferry worker`
 //! processes, so their peak RSS
 //! (`VmHWM`) is measured too. Prints the time T, T/(S/B), source egress / S,
-//! the naive time, and what a 1 MiB update moved.
+//! when the targets finished, the naive time, what a 1 MiB update moved, and
+//! how busy the host's CPU was during the push (with the share the hypervisor
+//! took), so a slow run on a shared machine can be told apart. `--runs N`
+//! repeats it with fresh workers and prints the medians.
 
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -43,6 +46,9 @@ pub struct Args {
     /// Scratch directory.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Runs, each with fresh workers; more than one prints the medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
     /// Print aggregate progress every second during the first push.
     #[arg(long)]
     timeline: bool,
@@ -196,16 +202,92 @@ async fn naive(
     Ok(start.elapsed())
 }
 
-/// Runs the benchmark.
+/// CPU time of the whole machine from `/proc/stat` (all cores, in clock
+/// ticks): busy, stolen by the hypervisor, and the total.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct CpuTicks {
+    busy: u64,
+    steal: u64,
+    total: u64,
+}
+
+impl CpuTicks {
+    fn now() -> Self {
+        std::fs::read_to_string("/proc/stat").ok().and_then(|s| Self::parse(&s)).unwrap_or_default()
+    }
+
+    /// The `cpu` line: user nice system idle iowait irq softirq steal.
+    fn parse(stat: &str) -> Option<Self> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        if v.len() < 8 {
+            return None;
+        }
+        Some(Self { busy: v[0] + v[1] + v[2] + v[5] + v[6], steal: v[7], total: v.iter().sum() })
+    }
+
+    /// Percent of the machine's CPU time between `self` and `later` that was
+    /// busy and that the hypervisor took; `None` without `/proc/stat`.
+    fn shares(self, later: Self) -> Option<(f64, f64)> {
+        let total = later.total.checked_sub(self.total).filter(|t| *t > 0)? as f64;
+        let busy = later.busy.saturating_sub(self.busy) as f64;
+        let steal = later.steal.saturating_sub(self.steal) as f64;
+        Some((100.0 * busy / total, 100.0 * steal / total))
+    }
+}
+
+/// What one run measured.
+struct Outcome {
+    ratio: f64,
+    egress: f64,
+    update_share: f64,
+    rss_mib: f64,
+}
+
+/// Runs the benchmark `--runs` times (fresh workers and lab each time) and
+/// prints the medians; the naive baseline runs once, after the last.
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let ferry = match a.ferry {
-        Some(p) => p,
+    let ferry = match &a.ferry {
+        Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("ferry"),
     };
     if !ferry.exists() {
         bail!("{} not found: build it (cargo build --release -p ferry) or pass --ferry", ferry.display());
     }
-    let root = a.dir.unwrap_or_else(|| std::env::temp_dir().join(format!("ferry-bench-dist-{}", std::process::id())));
+    let mut outcomes = Vec::new();
+    for i in 0..a.runs {
+        if a.runs > 1 {
+            println!("run {} of {}:", i + 1, a.runs);
+        }
+        outcomes.push(once(&a, &ferry, i + 1 == a.runs && !a.no_naive).await?);
+    }
+    if a.runs > 1 {
+        let by_run: Vec<String> = outcomes.iter().map(|o| format!("{:.2}", o.ratio)).collect();
+        let median = |f: fn(&Outcome) -> f64| crate::stats::median(outcomes.iter().map(f).collect());
+        println!(
+            "medians of {} runs: T/(S/B) = {:.2} (by run: {}; {} of {} at or below 1.3)   source egress / S = {:.2}   \
+             update moved {:.1}% of S   peak RSS {:.1} MiB",
+            a.runs,
+            median(|o| o.ratio),
+            by_run.join(" "),
+            outcomes.iter().filter(|o| o.ratio <= 1.3).count(),
+            a.runs,
+            median(|o| o.egress),
+            median(|o| o.update_share),
+            median(|o| o.rss_mib),
+        );
+    }
+    Ok(())
+}
+
+/// One run: lab, cluster and workers from scratch, the push, the update and,
+/// if asked, the naive baseline.
+async fn once(a: &Args, ferry: &Path, with_naive: bool) -> anyhow::Result<Outcome> {
+    let ferry = ferry.to_path_buf();
+    let root = match &a.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("ferry-bench-dist-{}", std::process::id())),
+    };
     std::fs::create_dir_all(&root)?;
     let lab = match (a.link.as_str(), crate::netns::Lab::unavailable()) {
         ("tc", Some(why)) => bail!("--link tc: {why}"),
@@ -273,7 +355,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let (s, b) = (a.size as f64, a.bandwidth as f64);
     let ideal = s / b;
 
+    let cpu = CpuTicks::now();
     let (r, t) = push(&c, &file, &targets, a.timeline).await?;
+    let host = cpu.shares(CpuTicks::now());
     let egress: u64 = r.targets.iter().map(|t| t.bytes_from_source).sum();
     let rss = procs.iter().map(|p| peak_rss_kib(p.0.id())).max().unwrap_or(0);
 
@@ -298,6 +382,15 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         t.as_secs_f64() / ideal,
         egress as f64 / s
     );
+    let mut done: Vec<f64> = r.targets.iter().map(|t| t.duration_ms as f64 / 1000.0).collect();
+    done.sort_by(f64::total_cmp);
+    if let (Some(first), Some(last)) = (done.first(), done.last()) {
+        println!(
+            "          targets installed after {first:.1}-{last:.1}s (median {:.1}s, T/(S/B) of the median target {:.2})",
+            done[done.len() / 2],
+            done[done.len() / 2] / ideal
+        );
+    }
     println!(
         "  update: 1 MiB changed: {:.1}s, at most {:.1} MB moved to a target ({:.1}% of S)",
         t2.as_secs_f64(),
@@ -305,7 +398,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         100.0 * moved as f64 / s
     );
     println!("  worker peak RSS (VmHWM, max over {} workers): {:.1} MiB", a.workers + 1, rss as f64 / 1024.0);
-    if !a.no_naive {
+    if let Some((busy, steal)) = host {
+        println!("  host CPU during the push: {busy:.0}% busy, {steal:.1}% taken by the hypervisor (steal)");
+    }
+    if with_naive {
         let naive_dir = root.join("naive");
         std::fs::create_dir_all(&naive_dir)?;
         let tn = naive(&file, &naive_dir, a.workers, a.bandwidth, lab.as_ref()).await?;
@@ -319,5 +415,28 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     cluster.shutdown().await;
     drop(lab);
     std::fs::remove_dir_all(&root).ok();
-    Ok(())
+    Ok(Outcome {
+        ratio: t.as_secs_f64() / ideal,
+        egress: egress as f64 / s,
+        update_share: 100.0 * moved as f64 / s,
+        rss_mib: rss as f64 / 1024.0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_shares_come_from_the_cpu_line_of_proc_stat() {
+        let before = "cpu  100 0 50 800 10 0 20 20 0 0\ncpu0 50 0 25 400 5 0 10 10 0 0\n";
+        let after = "cpu  200 0 150 900 10 0 20 120 0 0\n";
+        let (b, a) = (CpuTicks::parse(before).unwrap(), CpuTicks::parse(after).unwrap());
+        assert_eq!(b, CpuTicks { busy: 170, steal: 20, total: 1000 });
+        // 400 ticks passed: 200 busy, 100 stolen, 100 idle.
+        assert_eq!(b.shares(a), Some((50.0, 25.0)));
+        assert_eq!(a.shares(a), None);
+        assert_eq!(CpuTicks::parse("intr 1 2 3\n"), None);
+        assert_eq!(CpuTicks::parse("cpu  1 2 3\n"), None);
+    }
 }
