@@ -56,6 +56,11 @@ pub struct Args {
     /// `limiter` (the workers' own rate limits), or `auto` (tc when root).
     #[arg(long, default_value = "auto", value_parser = ["auto", "tc", "limiter"])]
     link: String,
+    /// With tc: the queue of each worker host's uplink, `pfifo_fast` (Linux's
+    /// default for a NIC: pulls' small packets go before bulk uploads) or
+    /// `fifo` (one queue for everything).
+    #[arg(long, default_value = "pfifo_fast", value_parser = ["pfifo_fast", "fifo"])]
+    host_queue: String,
     /// With tc: also give every worker its own upload and download limit at
     /// this fraction of B (0: none), as an operator keeps a NIC's queue short.
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
@@ -292,14 +297,17 @@ async fn once(a: &Args, ferry: &Path, with_naive: bool) -> anyhow::Result<Outcom
     let lab = match (a.link.as_str(), crate::netns::Lab::unavailable()) {
         ("tc", Some(why)) => bail!("--link tc: {why}"),
         ("limiter", _) | ("auto", Some(_)) => None,
-        _ => Some(crate::netns::Lab::create(a.workers + 1, a.bandwidth)?),
+        _ => Some(crate::netns::Lab::create(a.workers + 1, a.bandwidth, a.host_queue == "fifo")?),
     };
     let how = match (&lab, crate::netns::Lab::unavailable()) {
         (Some(_), _) if a.worker_limit > 0.0 => format!(
             "capped by tc tbf on one network namespace per worker, and by the workers' own limits at {} B",
             a.worker_limit
         ),
-        (Some(_), _) => "capped by tc tbf on one network namespace per worker".to_string(),
+        (Some(_), _) if a.host_queue == "fifo" => {
+            "capped by tc tbf on one network namespace per worker; hosts' queues FIFO".to_string()
+        }
+        (Some(_), _) => "capped by tc tbf on one network namespace per worker; hosts' queues pfifo_fast".to_string(),
         (None, Some(why)) => format!("capped by the workers' own rate limits; tc needs root: {why}"),
         (None, None) => "capped by the workers' own rate limits".to_string(),
     };

@@ -4,6 +4,13 @@
 //! B (egress of the namespace side = upload, egress of the bridge side =
 //! download). The schedulers listen on the bridge's address. Everything is
 //! removed on drop.
+//!
+//! The tbf on the namespace side stands for the worker host's NIC, so its
+//! queue is, by default, the one Linux gives a NIC: `pfifo_fast`, which sends
+//! packets of sockets that ask for `TC_PRIO_INTERACTIVE` first and
+//! `TC_PRIO_BULK` last (see `ferry_worker::net`), holding about 100 ms at B.
+//! With `host_fifo` it is a plain 100 ms FIFO, as the bridge side (the
+//! switch's port towards the worker) always is.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
@@ -43,7 +50,7 @@ impl Lab {
     }
 
     /// Creates the bridge and `workers` capped namespaces.
-    pub fn create(workers: usize, bytes_per_sec: u64) -> anyhow::Result<Self> {
+    pub fn create(workers: usize, bytes_per_sec: u64, host_fifo: bool) -> anyhow::Result<Self> {
         if workers > 200 {
             bail!("the lab holds at most 200 workers");
         }
@@ -74,13 +81,20 @@ impl Lab {
             run(&["ip", "-n", &ns, "addr", "add", &ip, "dev", "eth0"])?;
             run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-            let tbf = ["root", "tbf", "rate", &rate, "burst", &burst, "latency", "100ms"];
+            let tbf = ["root", "handle", "1:", "tbf", "rate", &rate, "burst", &burst, "latency", "100ms"];
             let mut down = vec!["tc", "qdisc", "add", "dev", &veth];
             down.extend(tbf);
             run(&down)?;
             let mut up = vec!["ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0"];
             up.extend(tbf);
             run(&up)?;
+            if !host_fifo {
+                // pfifo_fast holds as many packets as the device's queue
+                // length: 100 ms of full-size frames at B.
+                let frames = (bytes_per_sec / 10 / 1514).max(16).to_string();
+                run(&["ip", "-n", &ns, "link", "set", "eth0", "txqueuelen", &frames])?;
+                run(&["ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0", "parent", "1:1", "pfifo_fast"])?;
+            }
         }
         Ok(lab)
     }

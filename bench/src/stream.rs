@@ -32,7 +32,7 @@ pub struct Args {
 }
 
 async fn grpc_once(addr: &str, chunks: &[(String, u64)], concurrency: usize) -> anyhow::Result<Duration> {
-    let channel = ferry_worker::executor::peer_endpoint(addr).map_err(anyhow::Error::msg)?.connect().await?;
+    let channel = ferry_worker::executor::peer_channel(addr, true).map_err(anyhow::Error::msg)?;
     let start = Instant::now();
     let queue = std::sync::Arc::new(tokio::sync::Mutex::new(chunks.to_vec()));
     let mut tasks = Vec::new();

@@ -623,6 +623,10 @@ pub struct WorkerArgs {
     /// another holder (default 10s, at most 60s).
     #[arg(long, value_parser = duration)]
     pub pull_stall_timeout: Option<Duration>,
+    /// Leave chunk sockets at the host's default priority (by default pulls
+    /// go first in the host's queue and uploads last).
+    #[arg(long)]
+    pub no_socket_priority: bool,
     /// Bytes of replaced file versions kept for reuse, e.g. 2GiB (0: none; default 1GiB).
     #[arg(long, value_parser = ferry_worker::config::parse_rate)]
     pub store_limit: Option<u64>,

@@ -60,6 +60,9 @@ fn merge(a: WorkerArgs) -> Result<WorkerConfig, String> {
     if let Some(v) = a.pull_stall_timeout {
         c.pull_stall_timeout = v;
     }
+    if a.no_socket_priority {
+        c.socket_priority = false;
+    }
     c.config_files.extend(a.config_files);
     if let Some(v) = a.config_resync {
         c.config_resync = v;

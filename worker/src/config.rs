@@ -47,6 +47,10 @@ pub struct WorkerConfig {
     /// longer one.
     #[serde(with = "humantime_serde")]
     pub pull_stall_timeout: Duration,
+    /// Pull connections ask to go first in the host's queue and upload
+    /// connections to go last (`SO_PRIORITY`; see [`crate::net`]). Off
+    /// leaves the sockets at the host's default.
+    pub socket_priority: bool,
     /// Bytes of replaced file versions kept for chunk reuse (0: keep none).
     pub store_limit: u64,
     /// Heartbeat to the leader.
@@ -84,6 +88,7 @@ impl Default for WorkerConfig {
             upload_limit: None,
             download_limit: None,
             pull_stall_timeout: Duration::from_secs(10),
+            socket_priority: true,
             store_limit: 1 << 30,
             heartbeat: Duration::from_secs(1),
             config_files: Vec::new(),

@@ -133,12 +133,18 @@ impl JobWork {
 const PULL_WINDOW: u32 = 512 * 1024;
 
 /// How a worker reaches a peer's chunk service (`ferry-bench stream`
-/// measures the same settings).
-pub fn peer_endpoint(addr: &str) -> Result<Endpoint, String> {
+/// measures the same settings), connecting on first use; with
+/// `socket_priority` the connection's packets go first in the host's queue
+/// (see [`crate::net`]).
+pub fn peer_channel(addr: &str, socket_priority: bool) -> Result<Channel, String> {
+    let connector = crate::net::PullConnector { priority: socket_priority.then_some(crate::net::INTERACTIVE) };
+    Ok(peer_endpoint(addr)?.connect_with_connector_lazy(connector))
+}
+
+fn peer_endpoint(addr: &str) -> Result<Endpoint, String> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("peer address {addr}: {e}"))?
         .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         // A small window: the sender runs at most this far ahead of what
@@ -166,6 +172,8 @@ pub struct Executor {
     bandwidth: crate::limiter::Bandwidth,
     /// How long a pull may receive nothing before it fails.
     stall_timeout: Duration,
+    /// Whether pull connections ask to go first in the host's queue.
+    socket_priority: bool,
     pub(crate) metrics: Arc<WorkerMetrics>,
     pub(crate) retained: Retained,
     jobs: Mutex<HashMap<String, Arc<JobWork>>>,
@@ -236,6 +244,7 @@ impl Executor {
             outbox: Outbox::default(),
             bandwidth: crate::limiter::Bandwidth::new(config.download_limit),
             stall_timeout: config.pull_stall_timeout,
+            socket_priority: config.socket_priority,
             metrics,
             retained,
             jobs: Mutex::new(HashMap::new()),
@@ -432,7 +441,7 @@ impl Executor {
         if let Some(ch) = peers.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = peer_endpoint(addr)?.connect_lazy();
+        let ch = peer_channel(addr, self.socket_priority)?;
         peers.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

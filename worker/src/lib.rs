@@ -18,6 +18,7 @@
 //! - [`executor`] — index, prepare, pull, pack, cancel.
 //! - [`hooks`] — running named hooks.
 //! - [`limiter`] — upload and download bandwidth caps.
+//! - [`net`] — pull connections and socket priorities of chunk traffic.
 //! - [`session`] — the control session with the leader.
 //! - [`materializer`] — config keys into local files, then a hook.
 //! - [`probes`] — the probe runner: timed downloads, rankings, output files.
@@ -35,6 +36,7 @@ pub mod index;
 pub mod limiter;
 pub mod materializer;
 pub mod metrics;
+pub mod net;
 pub mod probes;
 pub mod render;
 pub mod roots;
@@ -122,12 +124,22 @@ impl Worker {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ChunkServerImpl>().await;
         let (reflection_v1, reflection_v1alpha) = reflection()?;
+        let socket_priority = config.socket_priority;
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut stop = rx.clone();
         tasks.push(tokio::spawn(async move {
             // Set here: the builder's `tcp_nodelay` covers only listeners it binds.
             let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            // Uploads go after the host's other traffic (see `net`).
+            let incoming = tokio_stream::StreamExt::map(incoming, move |conn| {
+                if let (Ok(stream), true) = (&conn, socket_priority) {
+                    if let Err(e) = net::set_priority(stream, net::BULK) {
+                        tracing::debug!(error = %e, "could not set an upload connection's priority");
+                    }
+                }
+                conn
+            });
             let result = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
