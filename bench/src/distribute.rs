@@ -61,6 +61,10 @@ pub struct Args {
     /// `fifo` (one queue for everything).
     #[arg(long, default_value = "pfifo_fast", value_parser = ["pfifo_fast", "fifo"])]
     host_queue: String,
+    /// Start the workers with `--no-socket-priority` (their chunk sockets at
+    /// the host's default priority), to compare.
+    #[arg(long)]
+    no_socket_priority: bool,
     /// With tc: also give every worker its own upload and download limit at
     /// this fraction of B (0: none), as an operator keeps a NIC's queue short.
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
@@ -299,18 +303,21 @@ async fn once(a: &Args, ferry: &Path, with_naive: bool) -> anyhow::Result<Outcom
         ("limiter", _) | ("auto", Some(_)) => None,
         _ => Some(crate::netns::Lab::create(a.workers + 1, a.bandwidth, a.host_queue == "fifo")?),
     };
-    let how = match (&lab, crate::netns::Lab::unavailable()) {
-        (Some(_), _) if a.worker_limit > 0.0 => format!(
-            "capped by tc tbf on one network namespace per worker, and by the workers' own limits at {} B",
-            a.worker_limit
-        ),
-        (Some(_), _) if a.host_queue == "fifo" => {
-            "capped by tc tbf on one network namespace per worker; hosts' queues FIFO".to_string()
+    let mut how = match (&lab, crate::netns::Lab::unavailable()) {
+        (Some(_), _) => {
+            let queue = if a.host_queue == "fifo" { "FIFO" } else { "pfifo_fast" };
+            let mut h = format!("capped by tc tbf on one network namespace per worker; hosts' queues {queue}");
+            if a.worker_limit > 0.0 {
+                h.push_str(&format!("; and by the workers' own limits at {} B", a.worker_limit));
+            }
+            h
         }
-        (Some(_), _) => "capped by tc tbf on one network namespace per worker; hosts' queues pfifo_fast".to_string(),
         (None, Some(why)) => format!("capped by the workers' own rate limits; tc needs root: {why}"),
         (None, None) => "capped by the workers' own rate limits".to_string(),
     };
+    if a.no_socket_priority {
+        how.push_str("; workers with --no-socket-priority");
+    }
     let ip = lab.as_ref().map(|l| std::net::IpAddr::V4(l.host_ip())).unwrap_or([127, 0, 0, 1].into());
     let cluster = LocalCluster::start_on(ip, &root.join("schedulers"), 3, 0, None, |_| {}).await?;
     cluster.wait_leader(Duration::from_secs(10)).await.context("no leader")?;
@@ -336,6 +343,9 @@ async fn once(a: &Args, ferry: &Path, with_naive: bool) -> anyhow::Result<Outcom
                 c
             }
         };
+        if a.no_socket_priority {
+            cmd.arg("--no-socket-priority");
+        }
         let child = cmd
             .args(["--name", &name, "--schedulers", &endpoints])
             .arg("--data")

@@ -137,3 +137,24 @@ pub async fn list(args: &ClientArgs) -> u8 {
     }
     0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn merged(argv: &[&str]) -> WorkerConfig {
+        use clap::Parser;
+        let mut all = vec!["ferry", "worker", "--name", "w1", "--allow-root", "/srv/ferry"];
+        all.extend_from_slice(argv);
+        match crate::args::Cli::try_parse_from(all).expect("parses").command {
+            crate::args::Command::Worker(w) => merge(*w.run).expect("valid"),
+            other => panic!("not a worker: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn socket_priorities_are_on_unless_the_flag_turns_them_off() {
+        assert!(merged(&[]).socket_priority);
+        assert!(!merged(&["--no-socket-priority"]).socket_priority);
+    }
+}

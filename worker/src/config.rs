@@ -422,6 +422,12 @@ mod tests {
     }
 
     #[test]
+    fn socket_priority_is_on_by_default_and_can_be_turned_off() {
+        assert!(WorkerConfig::default().socket_priority);
+        assert!(!worker_with("socket_priority = false").unwrap().socket_priority);
+    }
+
+    #[test]
     fn the_flag_form_reads_key_path_format_and_hook() {
         let r = ConfigFileRule::from_spec("app/motd=/srv/ferry/motd").unwrap();
         assert_eq!((r.key.as_deref(), r.format(), r.hook.as_deref()), (Some("app/motd"), FileFormat::Raw, None));
