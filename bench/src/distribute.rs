@@ -56,8 +56,9 @@ pub struct Args {
     /// `limiter` (the workers' own rate limits), or `auto` (tc when root).
     #[arg(long, default_value = "auto", value_parser = ["auto", "tc", "limiter"])]
     link: String,
-    /// With tc: the queue of each worker host's uplink, `pfifo_fast` (Linux's
-    /// default for a NIC: pulls' small packets go before bulk uploads) or
+    /// With tc: the queue of each worker host's uplink, `pfifo_fast` (the
+    /// kernel's built-in default for a NIC: pulls' small packets go before
+    /// bulk uploads) or
     /// `fifo` (one queue for everything).
     #[arg(long, default_value = "pfifo_fast", value_parser = ["pfifo_fast", "fifo"])]
     host_queue: String,

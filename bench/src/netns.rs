@@ -6,9 +6,10 @@
 //! removed on drop.
 //!
 //! The tbf on the namespace side stands for the worker host's NIC, so its
-//! queue is, by default, the one Linux gives a NIC: `pfifo_fast`, which sends
-//! packets of sockets that ask for `TC_PRIO_INTERACTIVE` first and
-//! `TC_PRIO_BULK` last (see `ferry_worker::net`), holding about 100 ms at B.
+//! queue is, by default, the kernel's built-in one for a NIC: `pfifo_fast`,
+//! which sends packets of sockets that ask for `TC_PRIO_INTERACTIVE` first
+//! and `TC_PRIO_BULK` last (see `ferry_worker::net`), holding about 100 ms
+//! at B.
 //! With `host_fifo` it is a plain 100 ms FIFO, as the bridge side (the
 //! switch's port towards the worker) always is.
 

@@ -8,10 +8,12 @@
 //! take the queue's delay, and a swarm's downloads slow down with it (in
 //! `ferry-bench distribute`, a median pull waited 33 ms for its response
 //! headers). So pull connections ask for `TC_PRIO_INTERACTIVE` and upload
-//! connections for `TC_PRIO_BULK` (`SO_PRIORITY`). Linux's default queue,
-//! `pfifo_fast`, sends the former first and the latter after everything
-//! else on the host, so Ferry's uploads also give way to the host's own
-//! traffic. Nothing is marked on the wire (no DSCP). `socket_priority =
+//! connections for `TC_PRIO_BULK` (`SO_PRIORITY`). The kernel's built-in
+//! default queue, `pfifo_fast`, sends the former first and the latter after
+//! everything else on the host, so Ferry's uploads also give way to the
+//! host's own traffic. (`fq_codel`, the default that systemd sets, keeps
+//! small flows ahead of bulk ones by itself.) Nothing is marked on the wire
+//! (no DSCP). `socket_priority =
 //! false` in the worker's config leaves the sockets alone, for hosts whose
 //! traffic classes are set up otherwise.
 
