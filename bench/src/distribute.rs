@@ -58,8 +58,7 @@ pub struct Args {
     link: String,
     /// With tc: the queue of each worker host's uplink, `pfifo_fast` (the
     /// kernel's built-in default for a NIC: pulls' small packets go before
-    /// bulk uploads) or
-    /// `fifo` (one queue for everything).
+    /// bulk uploads) or `fifo` (one queue for everything).
     #[arg(long, default_value = "pfifo_fast", value_parser = ["pfifo_fast", "fifo"])]
     host_queue: String,
     /// Start the workers with `--no-socket-priority` (their chunk sockets at
