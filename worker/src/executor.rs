@@ -137,7 +137,7 @@ const PULL_WINDOW: u32 = 512 * 1024;
 /// `socket_priority` the connection's packets go first in the host's queue
 /// (see [`crate::net`]).
 pub fn peer_channel(addr: &str, socket_priority: bool) -> Result<Channel, String> {
-    let connector = crate::net::PullConnector { priority: socket_priority.then_some(crate::net::INTERACTIVE) };
+    let connector = crate::net::PullConnector::new(socket_priority.then_some(crate::net::INTERACTIVE));
     Ok(peer_endpoint(addr)?.connect_with_connector_lazy(connector))
 }
 

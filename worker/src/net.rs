@@ -22,6 +22,7 @@ use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tonic::codegen::http::Uri;
@@ -52,12 +53,21 @@ pub fn set_priority(stream: &TcpStream, priority: i32) -> std::io::Result<()> {
     }
 }
 
-/// Connects a pull channel: plain TCP with `TCP_NODELAY` and, if set, a
-/// socket priority.
+/// Connects a pull channel: hyper's TCP connector with `TCP_NODELAY` and,
+/// if set, a socket priority on the connection it makes.
 #[derive(Clone, Debug)]
 pub struct PullConnector {
-    /// `SO_PRIORITY` of the connection, if any.
-    pub priority: Option<i32>,
+    tcp: HttpConnector,
+    priority: Option<i32>,
+}
+
+impl PullConnector {
+    /// A connector whose connections get `SO_PRIORITY` `priority`, if any.
+    pub fn new(priority: Option<i32>) -> Self {
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        Self { tcp, priority }
+    }
 }
 
 impl Service<Uri> for PullConnector {
@@ -65,25 +75,26 @@ impl Service<Uri> for PullConnector {
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.tcp.poll_ready(cx).map_err(std::io::Error::other)
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let priority = self.priority;
+        // Peers always name their port; no default of 80 for them.
+        if uri.port_u16().is_none() {
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("peer address {uri}"));
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        let connecting = self.tcp.call(uri);
         Box::pin(async move {
-            let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("peer address {uri}"));
-            // An IPv6 host comes in brackets.
-            let host = uri.host().ok_or_else(bad)?.trim_start_matches('[').trim_end_matches(']').to_string();
-            let port = uri.port_u16().ok_or_else(bad)?;
-            let stream = TcpStream::connect((host.as_str(), port)).await?;
-            stream.set_nodelay(true)?;
+            let io = connecting.await.map_err(std::io::Error::other)?;
             if let Some(p) = priority {
-                if let Err(e) = set_priority(&stream, p) {
+                if let Err(e) = set_priority(io.inner(), p) {
                     tracing::debug!(error = %e, "could not set the pull connection's priority");
                 }
             }
-            Ok(TokioIo::new(stream))
+            Ok(io)
         })
     }
 }
@@ -108,10 +119,10 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let uri: Uri = format!("http://{addr}").parse().unwrap();
-        let marked = PullConnector { priority: Some(INTERACTIVE) }.call(uri.clone()).await.unwrap();
+        let marked = PullConnector::new(Some(INTERACTIVE)).call(uri.clone()).await.unwrap();
         assert_eq!(priority_of(marked.inner()), INTERACTIVE);
         assert!(marked.inner().nodelay().unwrap());
-        let plain = PullConnector { priority: None }.call(uri).await.unwrap();
+        let plain = PullConnector::new(None).call(uri).await.unwrap();
         assert_eq!(priority_of(plain.inner()), 0);
         let (accepted, _) = listener.accept().await.unwrap();
         set_priority(&accepted, BULK).unwrap();
@@ -121,7 +132,7 @@ mod tests {
     #[tokio::test]
     async fn a_uri_without_a_port_is_refused() {
         let uri: Uri = "http://example.invalid".parse().unwrap();
-        let err = PullConnector { priority: None }.call(uri).await.unwrap_err();
+        let err = PullConnector::new(None).call(uri).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     }
 }
