@@ -292,7 +292,6 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
 /// One run: lab, cluster and workers from scratch, the push, the update and,
 /// if asked, the naive baseline.
 async fn once(a: &Args, ferry: &Path, with_naive: bool) -> anyhow::Result<Outcome> {
-    let ferry = ferry.to_path_buf();
     let root = match &a.dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("ferry-bench-dist-{}", std::process::id())),
@@ -329,7 +328,7 @@ async fn once(a: &Args, ferry: &Path, with_naive: bool) -> anyhow::Result<Outcom
         std::fs::create_dir_all(root.join(&name).join("root"))?;
         let mut cmd = match &lab {
             Some(lab) => {
-                let mut c = lab.command(i, &ferry);
+                let mut c = lab.command(i, ferry);
                 c.args(["worker", "--listen", &format!("{}:7100", lab.ip(i))]);
                 if a.worker_limit > 0.0 {
                     let own = ((a.bandwidth as f64 * a.worker_limit) as u64).to_string();
@@ -338,7 +337,7 @@ async fn once(a: &Args, ferry: &Path, with_naive: bool) -> anyhow::Result<Outcom
                 c
             }
             None => {
-                let mut c = Command::new(&ferry);
+                let mut c = Command::new(ferry);
                 c.args(["worker", "--listen", "127.0.0.1:0", "--upload-limit", &rate, "--download-limit", &rate]);
                 c
             }
