@@ -34,7 +34,8 @@ pub struct ClientArgs {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Give up on a call after this long, retries included (e.g. 15s).
+    /// Deadline of one client call, retries included. It is not a job's
+    /// deadline: that is `job submit --job-timeout`.
     #[arg(long, global = true, default_value = "15s", value_parser = duration)]
     pub timeout: Duration,
 }
@@ -558,6 +559,15 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration like 500ms or 2s: {e}"))
 }
 
+/// A duration of at least a millisecond (what the job service counts in).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if d < Duration::from_millis(1) {
+        return Err(format!("'{s}' must be at least 1ms"));
+    }
+    Ok(d)
+}
+
 /// `ferry worker`: run the daemon, or a subcommand.
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -698,12 +708,13 @@ pub struct SubmitArgs {
     /// http:// or https:// URL that gets the final report as a JSON POST.
     #[arg(long, default_value = "")]
     pub callback: String,
-    /// Whole-job deadline (e.g. 10m).
-    #[arg(long, value_parser = duration)]
-    pub timeout: Option<Duration>,
-    /// A target disconnected longer than this fails; back sooner, it resumes (default 30s).
-    #[arg(long, value_parser = duration)]
-    pub grace: Option<Duration>,
+    /// Deadline of the whole job, from submission to the last install
+    /// (at most 7 days); targets not done by then fail with a reason.
+    #[arg(long, default_value = "10m", value_parser = positive_duration)]
+    pub job_timeout: Duration,
+    /// A target disconnected longer than this fails; back sooner, it resumes.
+    #[arg(long, default_value = "30s", value_parser = positive_duration)]
+    pub grace: Duration,
     /// Wait for the job to end, showing progress, and print the report.
     #[arg(long)]
     pub wait: bool,
@@ -731,6 +742,41 @@ mod tests {
     fn every_subcommand_is_well_formed() {
         // Catches clashing flag names (such as --version) in any subcommand.
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_calls_deadline_and_a_jobs_deadline_are_separate_flags_with_shown_defaults() {
+        use clap::Parser;
+        let submit = ["job", "submit", "--source", "s", "--file", "/a", "--to", "t"];
+        let parse = |pre: &[&str], post: &[&str]| {
+            let argv = ["ferry"].iter().chain(pre).chain(&submit).chain(post).copied();
+            let cli = super::Cli::try_parse_from(argv).expect("parses");
+            let super::Command::Job(super::JobCmd::Submit(a)) = cli.command else { panic!("not job submit") };
+            (cli.client.timeout, a.job_timeout, a.grace)
+        };
+        let (call, job, grace) = parse(&[], &[]);
+        assert_eq!(call, std::time::Duration::from_secs(15));
+        assert_eq!(job, std::time::Duration::from_secs(600), "the job service's documented default");
+        assert_eq!(grace, std::time::Duration::from_secs(30));
+        let (call, job, _) = parse(&["--timeout", "3s"], &[]);
+        assert_eq!((call, job), (std::time::Duration::from_secs(3), std::time::Duration::from_secs(600)));
+        let (call, job, _) = parse(&[], &["--job-timeout", "2h", "--timeout", "4s"]);
+        assert_eq!((call, job), (std::time::Duration::from_secs(4), std::time::Duration::from_secs(7200)));
+        let err = super::Cli::try_parse_from(["ferry"].iter().chain(&submit).chain(&["--job-timeout", "0s"]))
+            .expect_err("a zero deadline");
+        assert!(err.to_string().contains("--job-timeout"), "{err}");
+        let mut cmd = super::Cli::command();
+        // Global flags reach subcommands when the command is built.
+        cmd.build();
+        let help = cmd
+            .find_subcommand_mut("job")
+            .and_then(|j| j.find_subcommand_mut("submit"))
+            .expect("job submit")
+            .render_long_help()
+            .to_string();
+        for shown in ["--job-timeout <JOB_TIMEOUT>", "[default: 10m]", "[default: 30s]", "[default: 15s]"] {
+            assert!(help.contains(shown), "'{shown}' not in job submit --help:\n{help}");
+        }
     }
 
     #[test]

@@ -136,8 +136,8 @@ async fn submit(args: &ClientArgs, a: SubmitArgs) -> u8 {
         destination: a.dest,
         hook: a.hook,
         callback_url: a.callback,
-        timeout_ms: a.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
-        grace_ms: a.grace.map(|t| t.as_millis() as u64).unwrap_or(0),
+        timeout_ms: a.job_timeout.as_millis() as u64,
+        grace_ms: a.grace.as_millis() as u64,
     };
     let resp = match c.submit_job(spec, false).await {
         Ok(r) => r,

@@ -586,3 +586,97 @@ async fn job_watch_on_a_terminal_draws_progress_then_the_report() {
     assert!(screen.contains("succeeded") && screen.contains("installed"), "no final report:\n{screen}");
     assert_eq!(hash(&t.root.join("in/tty.bin")), hash(&src.root.join("tty.bin")));
 }
+
+/// `ferry job submit --wait` as the README shows it, with no deadline flag,
+/// for a push that takes longer than a client call's 15 s deadline: the job
+/// runs to the end (its own deadline is 10 minutes by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_job_submit_waits_for_a_push_longer_than_a_calls_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
+    // 20 MiB at 1 MiB/s: about 20 s.
+    let t = WorkerProc::start(dir.path(), "t", &sched.addrs, &["--download-limit", "1MiB/s"]);
+    workers_up(&c, &["src", "t"]).await;
+    std::fs::write(src.root.join("slow.bin"), random_bytes(20 * 1024 * 1024, 9)).expect("write");
+    let file = src.root.join("slow.bin").display().to_string();
+    let started = std::time::Instant::now();
+    let out = ferry(&[
+        "--endpoints",
+        &sched.addrs.join(","),
+        "job",
+        "submit",
+        "--source",
+        "src",
+        "--file",
+        &file,
+        "--to",
+        "t",
+        "--dest",
+        "in/",
+        "--wait",
+    ]);
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}\n{}", sched.logs());
+    assert!(took > Duration::from_secs(15), "the push took {took:?}: it does not test a long push");
+    assert!(stdout.contains("succeeded") && stdout.contains("installed"), "{stdout}");
+    assert_eq!(hash(&t.root.join("in/slow.bin")), hash(&src.root.join("slow.bin")));
+}
+
+/// Job reads see a job the moment its submission returned, whichever member
+/// took the submission and whichever answers the read: submit through each
+/// scheduler in turn (the follow of `--wait` reads from the same one), then
+/// read the job's status from the next one and list every job from a third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitted_job_is_found_at_once_on_every_member() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    let c = sched.client(&[1, 2, 3]);
+    let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
+    let _t = WorkerProc::start(dir.path(), "t", &sched.addrs, &[]);
+    workers_up(&c, &["src", "t"]).await;
+    std::fs::write(src.root.join("small.bin"), random_bytes(300 * 1024, 4)).expect("write");
+    let file = src.root.join("small.bin").display().to_string();
+    let mut ids = Vec::new();
+    for round in 0..30 {
+        let (at, then) = (&sched.addrs[round % 3], &sched.addrs[(round + 1) % 3]);
+        let submit = [
+            "--endpoints",
+            at,
+            "job",
+            "submit",
+            "--source",
+            "src",
+            "--file",
+            &file,
+            "--to",
+            "t",
+            "--dest",
+            "in/",
+            "--wait",
+        ];
+        let out = ferry(&submit);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "round {round} through {at}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = stdout.split_whitespace().nth(1).expect("job id").trim_end_matches(':').to_string();
+        let out = ferry(&["--endpoints", then, "--json", "job", "status", &id]);
+        assert_eq!(out.status.code(), Some(0), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(report["state"], "succeeded", "round {round}: {report}");
+        ids.push(id);
+    }
+    let out = ferry(&["--endpoints", &sched.addrs[2], "--json", "job", "list"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let listed: Vec<&str> = listed.as_array().expect("array").iter().filter_map(|j| j["job_id"].as_str()).collect();
+    for id in &ids {
+        assert!(listed.contains(&id.as_str()), "{id} missing from the list on another member");
+    }
+}

@@ -189,6 +189,8 @@ impl JobService for JobServiceImpl {
 
     async fn watch_job(&self, request: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = request.into_inner().job_id;
+        // A job just submitted through another member must be found here.
+        self.node.read_barrier(false).await?;
         if self.node.reader.job(&id).map_err(Error::from)?.is_none() {
             return Err(Status::not_found(format!("job_id: no job {id}")));
         }
