@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use ferry_scheduler::job_report::report_to_json;
+use ferry_scheduler::jobs::report::report_to_json;
 use ferry_sdk::pb;
 use indicatif::{ProgressBar, ProgressStyle};
 

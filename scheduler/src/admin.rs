@@ -10,7 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use crate::node::Node;
+use crate::raft::node::Node;
 
 /// The admin router.
 pub fn router(node: Arc<Node>) -> Router {

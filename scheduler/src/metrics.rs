@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::node::Node;
+use crate::raft::node::Node;
 
 /// Every metric a scheduler exports. Gauges are refreshed at scrape time.
 pub struct Metrics {
@@ -106,7 +106,7 @@ impl Metrics {
         set_counter(&self.snapshots_built, node.reader.snapshots_built());
         set_counter(&self.snapshots_installed, node.reader.snapshots_installed());
         set_counter(&self.log_flushes, node.log.append_flushes());
-        if let Ok(states) = crate::probe_service::statuses(node) {
+        if let Ok(states) = crate::grpc::probes::statuses(node) {
             self.probe_stale.clear();
             for (_, s) in states {
                 self.probe_stale.get_or_create(&vec![("probe".to_string(), s.name)]).set(s.stale as i64);

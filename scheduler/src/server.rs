@@ -19,21 +19,22 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-use crate::cluster_service::ClusterServiceImpl;
 use crate::config::SchedulerConfig;
-use crate::config_service::ConfigServiceImpl;
 use crate::error::Error;
-use crate::job_service::JobServiceImpl;
-use crate::lease_service::LeaseServiceImpl;
+use crate::grpc::cluster::ClusterServiceImpl;
+use crate::grpc::config::ConfigServiceImpl;
+use crate::grpc::jobs::JobServiceImpl;
+use crate::grpc::leases::LeaseServiceImpl;
+use crate::grpc::probes::ProbeServiceImpl;
+use crate::grpc::raft::RaftServiceImpl;
+use crate::grpc::registry::RegistryServiceImpl;
+use crate::grpc::workers::WorkerServiceImpl;
+use crate::jobs::sessions::Sessions;
 use crate::metrics::Metrics;
-use crate::network::NetworkFactory;
-use crate::node::Node;
-use crate::peers::{Peers, MAX_MESSAGE_BYTES};
-use crate::probe_service::ProbeServiceImpl;
-use crate::proposer::Proposer;
-use crate::raft_service::RaftServiceImpl;
-use crate::registry_service::RegistryServiceImpl;
-use crate::sessions::{Sessions, WorkerServiceImpl};
+use crate::raft::network::NetworkFactory;
+use crate::raft::node::Node;
+use crate::raft::peers::{Peers, MAX_MESSAGE_BYTES};
+use crate::raft::proposer::Proposer;
 use ferry_proto::pb::lease_service_server::LeaseServiceServer;
 use ferry_proto::pb::probe_service_server::ProbeServiceServer;
 use ferry_proto::pb::registry_service_server::RegistryServiceServer;
@@ -132,14 +133,14 @@ impl Scheduler {
         let (planner_tx, planner_rx) = tokio::sync::mpsc::channel(16 * 1024);
         let (progress_tx, progress_rx) = tokio::sync::mpsc::channel(64 * 1024);
         let sessions = Arc::new(Sessions::new(planner_tx, progress_tx));
-        tokio::spawn(crate::sessions::run_event_batcher(node.clone(), progress_rx));
+        tokio::spawn(crate::jobs::batcher::run_event_batcher(node.clone(), progress_rx));
         let mut tasks = Vec::new();
-        let clock = Arc::new(crate::lease_service::LeaseClock::default());
+        let clock = Arc::new(crate::grpc::leases::LeaseClock::default());
         tasks.push(tokio::spawn(serve_grpc(node.clone(), sessions.clone(), clock.clone(), grpc, shutdown_rx.clone())));
-        tasks.push(tokio::spawn(crate::lease_service::run_expiry(node.clone(), clock, shutdown_rx.clone())));
-        tasks.push(tokio::spawn(crate::probe_service::run_alerts(node.clone(), shutdown_rx.clone())));
-        tasks.push(tokio::spawn(crate::planner::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
-        tasks.push(tokio::spawn(crate::snapshots::run(
+        tasks.push(tokio::spawn(crate::grpc::leases::run_expiry(node.clone(), clock, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::grpc::probes::run_alerts(node.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::jobs::planner::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::raft::snapshots::run(
             raft.clone(),
             config.snapshot_every,
             config.id,
@@ -242,7 +243,7 @@ async fn peers_have_leader(node: &Node, members: &std::collections::BTreeMap<u64
 async fn serve_grpc(
     node: Arc<Node>,
     sessions: Arc<Sessions>,
-    clock: Arc<crate::lease_service::LeaseClock>,
+    clock: Arc<crate::grpc::leases::LeaseClock>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {

@@ -20,9 +20,9 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
-use crate::inline_stream::inline_stream;
-use crate::lease_service::LeaseClock;
-use crate::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
+use crate::grpc::leases::LeaseClock;
+use crate::grpc::stream::inline_stream;
+use crate::raft::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
 
 /// TTL of the lease granted for a registration that names none.
 pub const DEFAULT_TTL_MS: u64 = 10_000;

@@ -13,8 +13,8 @@ use openraft::{BasicNode, Raft, ServerState};
 use crate::config::SchedulerConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::peers::Peers;
-use crate::proposer::{Outcome, Proposer};
+use crate::raft::peers::Peers;
+use crate::raft::proposer::{Outcome, Proposer};
 
 /// Where a write went.
 pub enum Proposal {

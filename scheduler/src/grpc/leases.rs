@@ -29,7 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
-use crate::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
+use crate::raft::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
 
 /// Expired leases revoked per tick at most.
 pub const EXPIRE_BATCH: usize = 500;
@@ -238,7 +238,7 @@ fn protect(
     let failing_keys: std::collections::HashSet<&str> =
         leases.iter().filter(|l| failing.contains(&l.id)).flat_map(|l| l.keys.iter().map(String::as_str)).collect();
     for (service, expiring) in by_service {
-        let Ok((kvs, _)) = node.reader.list_at_revision(&crate::registry_service::prefix(service)) else { continue };
+        let Ok((kvs, _)) = node.reader.list_at_revision(&crate::grpc::registry::prefix(service)) else { continue };
         let total = kvs.len();
         let gone = kvs
             .iter()

@@ -10,10 +10,12 @@ use ferry_storage::{Chunk, Command, CommandResult, FileEntry, Job, JobEvent, Job
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::clock::now_ms;
 use crate::error::Error;
-use crate::job_report::report;
-use crate::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
-use crate::sessions::{event, now_ms, Sessions};
+use crate::jobs::batcher::event;
+use crate::jobs::report::report;
+use crate::jobs::sessions::Sessions;
+use crate::raft::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
 
 /// How long the source may take to index.
 pub const INDEX_TIMEOUT: Duration = Duration::from_secs(300);
@@ -95,13 +97,13 @@ impl JobService for JobServiceImpl {
         }
         if let Some(addr) = self.leader_to_forward(was_forwarded)? {
             let job_ms =
-                req.spec.as_ref().map(|s| s.timeout_ms).unwrap_or(0).clamp(600_000, crate::job_spec::MAX_TIMEOUT_MS);
+                req.spec.as_ref().map(|s| s.timeout_ms).unwrap_or(0).clamp(600_000, crate::jobs::spec::MAX_TIMEOUT_MS);
             let timeout = Duration::from_millis(job_ms + 60_000);
             return self.client(&addr)?.submit_job(forwarded(req, timeout)).await;
         }
         let spec = req.spec.clone().ok_or_else(|| Status::invalid_argument("spec: missing"))?;
         let workers = self.node.reader.workers().map_err(Error::from)?;
-        let checked = crate::job_spec::check(&spec, &workers).map_err(Error::InvalidArgument)?;
+        let checked = crate::jobs::spec::check(&spec, &workers).map_err(Error::InvalidArgument)?;
         if self.sessions.epoch(&checked.source.name).is_none() {
             return Err(
                 Error::FailedPrecondition(format!("source: worker {} is not connected", checked.source.name)).into()
@@ -112,7 +114,7 @@ impl JobService for JobServiceImpl {
         if !indexed.error.is_empty() {
             return Err(Error::InvalidArgument(format!("files: {}", indexed.error)).into());
         }
-        crate::job_spec::check_manifest(&spec.files, &indexed.files).map_err(Status::internal)?;
+        crate::jobs::spec::check_manifest(&spec.files, &indexed.files).map_err(Status::internal)?;
         let mut files = Vec::new();
         for m in &indexed.files {
             let mut chunks = Vec::new();

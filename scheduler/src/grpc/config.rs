@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
-use crate::inline_stream::inline_stream;
-use crate::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
+use crate::grpc::stream::inline_stream;
+use crate::raft::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
 
 /// The ConfigService implementation.
 pub struct ConfigServiceImpl {

@@ -21,10 +21,10 @@ use ferry_storage::{kv, Command, CommandResult, Op};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::clock::now_ms;
 use crate::error::Error;
-use crate::inline_stream::inline_stream;
-use crate::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
-use crate::sessions::now_ms;
+use crate::grpc::stream::inline_stream;
+use crate::raft::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
 
 /// Stale after this many intervals without a result, unless set.
 pub const DEFAULT_STALE_INTERVALS: u64 = 3;
@@ -35,7 +35,7 @@ fn invalid(reason: String) -> Status {
 
 /// Checks a target URL: `http(s)://host[:port]/...`. The error names the field.
 fn check_url(url: &str, field: &str) -> Result<hyper::Uri, Status> {
-    crate::callback::check_url(url, field).map_err(invalid)
+    crate::webhook::check_url(url, field).map_err(invalid)
 }
 
 fn valid_hook_name(s: &str) -> bool {
@@ -509,7 +509,7 @@ pub async fn run_alerts(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
                 "workers": state.workers,
             });
             tracing::warn!(probe = %def.name, reasons = ?state.reasons, "probe is stale; alerting");
-            tokio::spawn(crate::callback::post_with_retries(def.alert_url.clone(), body.to_string()));
+            tokio::spawn(crate::webhook::post_with_retries(def.alert_url.clone(), body.to_string()));
         }
     }
 }

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::parse_host_port;
 use crate::error::Error;
-use crate::node::{forwarded, is_forwarded, Node};
+use crate::raft::node::{forwarded, is_forwarded, Node};
 
 /// The ClusterService implementation.
 pub struct ClusterServiceImpl {

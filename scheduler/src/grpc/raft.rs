@@ -14,7 +14,7 @@ use openraft::{BasicNode, Snapshot, SnapshotMeta, Vote};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::node::Node;
+use crate::raft::node::Node;
 
 /// The RaftService implementation.
 pub struct RaftServiceImpl {

@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use crate::peers::{Peers, MAX_MESSAGE_BYTES};
+use crate::raft::peers::{Peers, MAX_MESSAGE_BYTES};
 
 /// Bytes of snapshot data per stream message.
 const SNAPSHOT_CHUNK: usize = 1024 * 1024;

@@ -132,7 +132,7 @@ pub fn check(spec: &pb::JobSpec, workers: &[WorkerRecord]) -> Result<Checked, St
         return Err("targets: no worker matches (the source is never its own target)".into());
     }
     if !spec.callback_url.is_empty() {
-        crate::callback::check_url(&spec.callback_url, "callback_url")?;
+        crate::webhook::check_url(&spec.callback_url, "callback_url")?;
     }
     let mut targets = Vec::new();
     for name in names {

@@ -25,8 +25,10 @@ use ferry_proto::pb::{self, control_message::Msg as Ctl};
 use ferry_storage::{Job, JobEvent, JobPhase, TargetPhase};
 use tokio::sync::{mpsc, watch};
 
-use crate::node::Node;
-use crate::sessions::{event, now_ms, PlannerEvent, Sessions};
+use crate::clock::now_ms;
+use crate::jobs::batcher::event;
+use crate::jobs::sessions::{PlannerEvent, Sessions};
+use crate::raft::node::Node;
 
 /// Pulls in flight per target.
 pub const PULLS_PER_TARGET: usize = 4;
@@ -459,7 +461,7 @@ fn prepare(job: &Job, target: usize) -> pb::PrepareCommand {
             .iter()
             .zip(&t.destinations)
             .map(|(f, dest)| pb::TargetFile {
-                manifest: Some(crate::job_report::manifest(f)),
+                manifest: Some(crate::jobs::report::manifest(f)),
                 destination: dest.clone(),
             })
             .collect(),
@@ -520,6 +522,6 @@ fn finish(sessions: &Sessions, plan: &mut Plan, job: &Job, leading_since: u64) {
     {
         return;
     }
-    let body = crate::job_report::report_json(job);
-    tokio::spawn(crate::callback::post_with_retries(job.callback_url.clone(), body));
+    let body = crate::jobs::report::report_json(job);
+    tokio::spawn(crate::webhook::post_with_retries(job.callback_url.clone(), body));
 }

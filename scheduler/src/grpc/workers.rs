@@ -1,0 +1,202 @@
+//! `ferry.v1.WorkerService`: the leader's end of worker sessions, and the
+//! worker list.
+//!
+//! Each connected worker holds one bidirectional stream. Its hello registers
+//! it in the replicated state (only when something changed); its acks,
+//! prepared reports and fins become job events in the Raft log, batched by
+//! the proposer (see [`crate::jobs::batcher`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ferry_proto::pb::{self, worker_message::Msg, worker_service_server::WorkerService};
+use ferry_storage::{Command, JobEvent, Op, WorkerRecord};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::clock::now_ms;
+use crate::error::Error;
+use crate::jobs::sessions::{PlannerEvent, Sessions};
+use crate::raft::node::Node;
+
+/// The WorkerService implementation.
+pub struct WorkerServiceImpl {
+    pub(crate) node: Arc<Node>,
+    pub(crate) sessions: Arc<Sessions>,
+}
+
+fn record(info: &pb::WorkerInfo, at_ms: u64) -> WorkerRecord {
+    WorkerRecord {
+        name: info.name.clone(),
+        addr: info.addr.clone(),
+        labels: info.labels.clone().into_iter().collect::<BTreeMap<_, _>>(),
+        roots: info.roots.clone(),
+        hooks: info.hooks.clone(),
+        version: info.version.clone(),
+        registered_ms: at_ms,
+    }
+}
+
+impl WorkerServiceImpl {
+    fn record(&self, e: JobEvent) {
+        self.sessions.record(e);
+    }
+
+    fn handle(&self, worker: &str, epoch: u64, msg: Msg) {
+        let at_ms = now_ms();
+        match msg {
+            Msg::Hello(_) | Msg::Heartbeat(_) => {}
+            // Only the worker that was asked may answer.
+            Msg::Indexed(r) => self.sessions.indexed(worker, r),
+            Msg::Ack(a) if !a.error.is_empty() => {
+                self.sessions.report(PlannerEvent::PullFailed {
+                    job: a.job_id,
+                    target: worker.to_string(),
+                    file: a.file,
+                    chunk: a.chunk,
+                    from: a.from,
+                    error: a.error,
+                });
+            }
+            Msg::Ack(a) => {
+                self.sessions.report(PlannerEvent::Acked {
+                    job: a.job_id.clone(),
+                    target: worker.to_string(),
+                    file: a.file,
+                    chunk: a.chunk,
+                });
+                self.record(JobEvent::Ack {
+                    job: a.job_id,
+                    target: worker.into(),
+                    file: a.file,
+                    chunk: a.chunk,
+                    from: a.from,
+                    at_ms,
+                })
+            }
+            Msg::Prepared(p) if !p.error.is_empty() => self.record(JobEvent::FailTarget {
+                job: p.job_id,
+                target: worker.into(),
+                reason: format!("prepare: {}", p.error),
+                at_ms,
+            }),
+            Msg::Prepared(p) => {
+                self.sessions.report(PlannerEvent::Prepared {
+                    job: p.job_id.clone(),
+                    target: worker.to_string(),
+                    epoch,
+                });
+                self.record(JobEvent::Prepared {
+                    job: p.job_id,
+                    target: worker.into(),
+                    unchanged: p.unchanged,
+                    local: p.local.iter().map(|v| ((v >> 32) as u32, *v as u32)).collect(),
+                    at_ms,
+                })
+            }
+            Msg::Fin(f) => self.record(JobEvent::Fin {
+                job: f.job_id,
+                target: worker.into(),
+                ok: f.ok,
+                reason: f.reason,
+                hook_exit: f.hook_exit,
+                at_ms,
+            }),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerServiceImpl {
+    type SessionStream = ReceiverStream<Result<pb::ControlMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let leader = self.node.leader();
+        if leader.as_ref().map(|l| l.0) != Some(self.node.id) {
+            return Err(
+                Error::NotLeader { leader_id: leader.as_ref().map(|l| l.0), leader_addr: leader.map(|l| l.1) }.into()
+            );
+        }
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::WorkerMessage { msg: Some(Msg::Hello(h)) }) => h,
+            _ => return Err(Status::invalid_argument("hello: the first message of a session must be hello")),
+        };
+        if hello.name.is_empty() || hello.name.len() > 128 {
+            return Err(Status::invalid_argument("name: must be 1 to 128 bytes"));
+        }
+        if hello.addr.is_empty() {
+            return Err(Status::invalid_argument("addr: the worker must give its chunk service address"));
+        }
+        // Register only when something changed, so reconnects cost no log entry.
+        let known = self.node.reader.workers().map_err(Error::from)?.into_iter().find(|w| w.name == hello.name);
+        let fresh = record(&hello, now_ms());
+        if known.map(|k| WorkerRecord { registered_ms: 0, ..k })
+            != Some(WorkerRecord { registered_ms: 0, ..fresh.clone() })
+        {
+            let cmd = Command { request_id: String::new(), op: Op::RegisterWorker(fresh) };
+            self.node.propose(cmd, true).await?;
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let epoch = self.sessions.open(&hello.name, tx);
+        tracing::info!(worker = %hello.name, addr = %hello.addr, epoch, "worker session open");
+        let this = WorkerServiceImpl { node: self.node.clone(), sessions: self.sessions.clone() };
+        let name = hello.name.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(pb::WorkerMessage { msg: Some(msg) })) => {
+                        this.sessions.touch(&name, epoch);
+                        this.handle(&name, epoch, msg);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            this.sessions.close(&name, epoch);
+            tracing::info!(worker = %name, epoch, "worker session closed");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        // Liveness is known on the leader only: a follower asks it.
+        let is_leader = self.node.leader().map(|l| l.0) == Some(self.node.id);
+        if !is_leader && !crate::raft::node::is_forwarded(&request) {
+            if let Some((_, addr)) = self.node.leader() {
+                let mut client =
+                    ferry_proto::pb::worker_service_client::WorkerServiceClient::new(self.node.peers.channel(&addr)?);
+                return client
+                    .list_workers(crate::raft::node::forwarded(pb::ListWorkersRequest {}, self.node.config.rpc_timeout))
+                    .await;
+            }
+        }
+        let workers = self.node.reader.workers().map_err(Error::from)?;
+        let out = workers
+            .into_iter()
+            .map(|w| {
+                let up = is_leader && self.sessions.epoch(&w.name).is_some();
+                pb::WorkerStatus {
+                    state: if up { "up" } else { "down" }.into(),
+                    last_seen_unix_ms: self.sessions.last_seen_ms(&w.name).unwrap_or(0),
+                    info: Some(pb::WorkerInfo {
+                        name: w.name,
+                        addr: w.addr,
+                        labels: w.labels.into_iter().collect(),
+                        roots: w.roots,
+                        hooks: w.hooks,
+                        version: w.version,
+                    }),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers: out }))
+    }
+}

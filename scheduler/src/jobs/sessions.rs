@@ -1,0 +1,171 @@
+//! Worker sessions on the leader (soft state): who is connected, in which
+//! session (epoch), when each worker was last heard from, the queue of
+//! commands to each, and index requests waiting for their answer.
+//!
+//! Liveness (up/down, last seen) lives here, on the leader: a new leader
+//! learns it again within a heartbeat as workers reconnect.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ferry_proto::pb::{self, control_message::Msg as Ctl};
+use ferry_storage::JobEvent;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tonic::Status;
+
+use crate::clock::now_ms;
+use crate::error::Error;
+
+/// A worker that sent nothing for this long counts as down.
+pub const SILENCE_IS_DOWN: Duration = Duration::from_secs(5);
+
+struct Session {
+    tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
+    epoch: u64,
+    last_seen: Instant,
+    last_seen_ms: u64,
+}
+
+/// What the planner hears about besides state changes.
+#[derive(Debug)]
+pub enum PlannerEvent {
+    /// A pull failed; plan it elsewhere.
+    PullFailed { job: String, target: String, file: u32, chunk: u32, from: String, error: String },
+    /// A target answered prepare in its current session.
+    Prepared { job: String, target: String, epoch: u64 },
+    /// A target holds a chunk (its ack is on the way into the log).
+    Acked { job: String, target: String, file: u32, chunk: u32 },
+}
+
+/// The leader's live sessions.
+pub struct Sessions {
+    map: Mutex<HashMap<String, Session>>,
+    /// When a worker was last seen, kept after its session ends.
+    seen: Mutex<HashMap<String, u64>>,
+    next_epoch: AtomicU64,
+    next_request: AtomicU64,
+    /// Index requests waiting for their worker's answer: (worker, reply).
+    index_waiters: Mutex<HashMap<u64, (String, oneshot::Sender<pb::IndexResult>)>>,
+    /// Woken when a session opens or closes.
+    pub changed: Notify,
+    events: mpsc::Sender<PlannerEvent>,
+    progress: mpsc::Sender<JobEvent>,
+}
+
+impl Sessions {
+    /// A registry whose planner events go to `events` and whose job events
+    /// go to `progress` (the event batcher).
+    pub fn new(events: mpsc::Sender<PlannerEvent>, progress: mpsc::Sender<JobEvent>) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
+            next_epoch: AtomicU64::new(1),
+            next_request: AtomicU64::new(1),
+            index_waiters: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            events,
+            progress,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current session epoch of a live worker (changes on reconnect).
+    pub fn epoch(&self, worker: &str) -> Option<u64> {
+        self.lock().get(worker).filter(|s| s.last_seen.elapsed() < SILENCE_IS_DOWN).map(|s| s.epoch)
+    }
+
+    /// Queues a command for `worker`; false if it is not connected or its
+    /// queue is full (the planner tries again next round).
+    pub fn send(&self, worker: &str, msg: Ctl) -> bool {
+        match self.lock().get(worker) {
+            Some(s) => s.tx.try_send(Ok(pb::ControlMessage { msg: Some(msg) })).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Last time anything was heard from `worker` (ms since epoch), if ever.
+    pub fn last_seen_ms(&self, worker: &str) -> Option<u64> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).get(worker).copied()
+    }
+
+    /// Forgets all sessions (this node stopped leading).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// Asks `worker` to index `paths` and waits for the manifest.
+    pub async fn index(&self, worker: &str, paths: Vec<String>, timeout: Duration) -> Result<pb::IndexResult, Error> {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.index_waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(request, (worker.to_string(), tx));
+        if !self.send(worker, Ctl::Index(pb::IndexCommand { request, paths })) {
+            self.index_waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&request);
+            return Err(Error::FailedPrecondition(format!("source: worker {worker} is not connected")));
+        }
+        let result = tokio::time::timeout(timeout, rx).await;
+        self.index_waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&request);
+        match result {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) | Err(_) => {
+                Err(Error::Timeout(format!("source {worker} did not index the files in {timeout:?}")))
+            }
+        }
+    }
+
+    /// Opens a session for worker `name`; returns its epoch.
+    pub(crate) fn open(&self, name: &str, tx: mpsc::Sender<Result<pb::ControlMessage, Status>>) -> u64 {
+        let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(name.to_string(), Session { tx, epoch, last_seen: Instant::now(), last_seen_ms: now_ms() });
+        self.touch(name, epoch);
+        self.changed.notify_waiters();
+        epoch
+    }
+
+    /// Notes that `name` was heard from in session `epoch`.
+    pub(crate) fn touch(&self, name: &str, epoch: u64) {
+        if let Some(s) = self.lock().get_mut(name).filter(|s| s.epoch == epoch) {
+            s.last_seen = Instant::now();
+            s.last_seen_ms = now_ms();
+        }
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), now_ms());
+    }
+
+    /// Ends session `epoch` of `name` (if it is still the current one).
+    pub(crate) fn close(&self, name: &str, epoch: u64) {
+        let mut map = self.lock();
+        if map.get(name).is_some_and(|s| s.epoch == epoch) {
+            map.remove(name);
+        }
+        drop(map);
+        self.changed.notify_waiters();
+    }
+
+    /// Hands an index result to the request waiting for it, if `worker` is
+    /// the one that was asked.
+    pub(crate) fn indexed(&self, worker: &str, result: pb::IndexResult) {
+        let mut waiters = self.index_waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if waiters.get(&result.request).is_some_and(|(w, _)| w == worker) {
+            if let Some((_, tx)) = waiters.remove(&result.request) {
+                let _ = tx.send(result);
+            }
+        }
+    }
+
+    /// Tells the planner about a worker's report (dropped if it lags; it
+    /// plans again from the log).
+    pub(crate) fn report(&self, event: PlannerEvent) {
+        let _ = self.events.try_send(event);
+    }
+
+    /// Queues a job event for the log (the event batcher).
+    pub(crate) fn record(&self, e: JobEvent) {
+        if self.progress.try_send(e).is_err() {
+            tracing::warn!("job event queue full; the planner will ask again");
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! The Raft node: openraft on the storage crate, its outbound network and
+//! peer channels, group commit of writes, and when snapshots are built.
+//!
+//! - [`node`] — the shared node: propose, read barrier, leader hints.
+//! - [`proposer`] — group commit of concurrent writes into one log entry.
+//! - [`network`] / [`peers`] — outbound Raft RPCs and the channel cache.
+//! - [`snapshots`] — when each node builds a snapshot (staggered).
+
+pub mod network;
+pub mod node;
+pub mod peers;
+pub mod proposer;
+pub mod snapshots;
