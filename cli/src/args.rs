@@ -475,7 +475,8 @@ pub enum ProbeCmd {
         /// Time between rounds (1s to 1 day).
         #[arg(long, default_value = "60s", value_parser = duration)]
         interval: Duration,
-        /// Time limit of one download (default: the interval).
+        /// Time limit of one download (default: the interval shared by the
+        /// targets, which are downloaded one by one).
         #[arg(long, value_parser = duration)]
         download_timeout: Option<Duration>,
         /// Which workers run it: k=v,k2=v2 (default: every worker).
