@@ -16,3 +16,16 @@ pub use v1 as pb;
 
 /// Encoded `FileDescriptorSet` of every Ferry service, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
+
+/// Metadata key on "not leader" answers: the leader's `host:port`, for
+/// clients and workers to follow.
+pub const LEADER_ADDR_HEADER: &str = "x-ferry-leader-addr";
+
+/// Metadata key a scheduler sets on a call it forwards to the leader; such a
+/// call is never forwarded again.
+pub const FORWARDED_HEADER: &str = "x-ferry-forwarded";
+
+/// The leader a "not leader" status names, if any.
+pub fn leader_hint(status: &tonic::Status) -> Option<&str> {
+    status.metadata().get(LEADER_ADDR_HEADER).and_then(|v| v.to_str().ok())
+}

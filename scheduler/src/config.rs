@@ -39,7 +39,7 @@ pub struct SchedulerConfig {
     /// Upper bound of the election timeout.
     #[serde(with = "humantime_serde")]
     pub election_timeout_max: Duration,
-    /// Deadline of one Raft RPC and of one forwarded client call.
+    /// Deadline of one Raft RPC (and of a follower's read-index call).
     #[serde(with = "humantime_serde")]
     pub rpc_timeout: Duration,
     /// Deadline for streaming one whole snapshot to a follower.

@@ -1,11 +1,7 @@
 //! The scheduler's error type and its one conversion to `tonic::Status`.
 
+use ferry_proto::LEADER_ADDR_HEADER;
 use tonic::metadata::MetadataValue;
-
-/// Metadata key carrying the leader's address on "not leader" errors.
-pub const LEADER_ADDR_HEADER: &str = "x-ferry-leader-addr";
-/// Metadata key marking a call a follower forwarded (never forwarded again).
-pub const FORWARDED_HEADER: &str = "x-ferry-forwarded";
 
 /// What a scheduler operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +24,18 @@ pub enum Error {
     /// The request cannot be done in the current state of the cluster.
     #[error("{0}")]
     FailedPrecondition(String),
-    /// This node is not the leader and the call cannot be forwarded.
+    /// What the request names does not exist (the message names the field).
+    #[error("{0}")]
+    NotFound(String),
+    /// A revision or position outside what exists (the message names the field).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The state machine answered a command with a result of another kind:
+    /// a bug, reported instead of guessed around.
+    #[error("unexpected result for {op}: {result}")]
+    Unexpected { op: &'static str, result: String },
+    /// This node is not the leader (and the call was not forwarded: no
+    /// leader is known, or it was forwarded here already).
     #[error("not leader; {}", match (.leader_id, .leader_addr) {
         (Some(id), Some(addr)) => format!("leader is node {id} at {addr}"),
         _ => "no leader known yet, retry shortly".to_string(),
@@ -51,6 +58,9 @@ impl From<Error> for tonic::Status {
         match e {
             Error::InvalidArgument(_) | Error::Config(_) => tonic::Status::invalid_argument(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
+            Error::NotFound(_) => tonic::Status::not_found(msg),
+            Error::OutOfRange(_) => tonic::Status::out_of_range(msg),
+            Error::Unexpected { .. } => tonic::Status::internal(msg),
             Error::NotLeader { leader_addr, .. } => {
                 let mut status = tonic::Status::unavailable(msg);
                 if let Some(value) = leader_addr.and_then(|a| MetadataValue::try_from(a).ok()) {
@@ -62,5 +72,12 @@ impl From<Error> for tonic::Status {
             Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),
             Error::Storage(_) | Error::Bind { .. } | Error::Raft { .. } => tonic::Status::internal(msg),
         }
+    }
+}
+
+impl Error {
+    /// The error for a state machine result a call did not expect.
+    pub fn unexpected(op: &'static str, result: &ferry_storage::CommandResult) -> Self {
+        Error::Unexpected { op, result: format!("{result:?}") }
     }
 }

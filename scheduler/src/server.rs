@@ -320,6 +320,7 @@ async fn serve_grpc(
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .layer(crate::grpc::forward::ForwardLayer::new(node.clone()))
         .add_service(health_service)
         .add_service(v1)
         .add_service(v1alpha)

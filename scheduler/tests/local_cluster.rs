@@ -209,3 +209,52 @@ async fn values_at_the_size_limit_replicate_to_every_node() {
     assert_eq!(v.value, vec![23u8; ferry_storage::MAX_VALUE_BYTES]);
     c.shutdown().await;
 }
+
+/// A follower passes leader-only calls to the leader as they are (a unary
+/// write, a lease keep-alive stream), serves reads itself, and never passes
+/// on a call that was forwarded already: that one gets "not leader" with the
+/// leader's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_forwards_writes_and_streams_once_and_serves_reads() {
+    use ferry_proto::pb::{self, config_service_client::ConfigServiceClient, lease_service_client::LeaseServiceClient};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cluster(dir.path()).await;
+    let leader = c.wait_leader(Duration::from_secs(10)).await.expect("a leader");
+    let follower = c.nodes.iter().find(|n| n.node().id != leader).expect("a follower");
+    let leader_addr = c.nodes.iter().find(|n| n.node().id == leader).expect("the leader").addr().to_string();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", follower.addr()))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+
+    let mut config = ConfigServiceClient::new(channel.clone());
+    let put = pb::PutRequest { key: "k".into(), value: b"v".to_vec(), ..Default::default() };
+    let header = config.put(put.clone()).await.expect("put through a follower").into_inner().header.expect("header");
+    assert_eq!(header.member_id, leader, "the leader applied and answered the forwarded put");
+    let got = config.get(pb::GetRequest { key: "k".into(), ..Default::default() }).await.expect("get").into_inner();
+    assert_eq!(got.kv.map(|kv| kv.value), Some(b"v".to_vec()));
+    assert_eq!(got.header.map(|h| h.member_id), Some(follower.node().id), "the follower served the read itself");
+
+    let mut leases = LeaseServiceClient::new(channel.clone());
+    let id = leases.grant(pb::LeaseGrantRequest { ttl_ms: 5_000, request_id: String::new() }).await.expect("grant");
+    let id = id.into_inner().id;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = leases
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("keep-alive through a follower")
+        .into_inner();
+    for _ in 0..3 {
+        tx.send(pb::LeaseKeepAliveRequest { id }).await.expect("send");
+        let answer = answers.message().await.expect("answer").expect("an answer per request");
+        assert_eq!((answer.id, answer.ttl_ms), (id, 5_000));
+    }
+
+    let mut once = tonic::Request::new(put);
+    once.metadata_mut().insert(ferry_proto::FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    let refused = config.put(once).await.expect_err("a forwarded call is not forwarded again");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(ferry_proto::leader_hint(&refused), Some(leader_addr.as_str()), "{refused:?}");
+    c.shutdown().await;
+}

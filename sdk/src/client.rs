@@ -23,8 +23,6 @@ use crate::error::Error;
 
 /// Unread answers a [`KeepAlive`] keeps (see [`Client::keep_alive`]).
 pub const KEEP_ALIVE_BUFFER: usize = 16;
-/// Metadata key on "not leader" errors (mirrors the scheduler).
-const LEADER_ADDR_HEADER: &str = "x-ferry-leader-addr";
 /// Largest response the client accepts (a listing of many keys).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -334,7 +332,7 @@ impl Client {
                     }
                     Err(status) if retryable(status.code(), retry) => {
                         tracing::debug!(%addr, what, error = %status.message(), "attempt failed; trying the next endpoint");
-                        if let Some(leader) = status.metadata().get(LEADER_ADDR_HEADER).and_then(|v| v.to_str().ok()) {
+                        if let Some(leader) = ferry_proto::leader_hint(&status) {
                             self.prefer(leader);
                             attempt = 0;
                         }

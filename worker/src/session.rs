@@ -13,9 +13,6 @@ use tonic::transport::Endpoint;
 
 use crate::executor::Executor;
 
-/// Metadata key carrying the leader's address (set by schedulers).
-const LEADER_ADDR_HEADER: &str = "x-ferry-leader-addr";
-
 enum Ended {
     /// Go to this address next.
     Redirect(String),
@@ -91,7 +88,7 @@ async fn serve(
     let mut stream = match client.session(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
         Err(status) => {
-            if let Some(leader) = status.metadata().get(LEADER_ADDR_HEADER).and_then(|v| v.to_str().ok()) {
+            if let Some(leader) = ferry_proto::leader_hint(&status) {
                 if leader != addr {
                     return Ended::Redirect(leader.to_string());
                 }

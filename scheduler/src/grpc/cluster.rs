@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::parse_host_port;
 use crate::error::Error;
-use crate::raft::node::{forwarded, is_forwarded, Node};
+use crate::raft::node::Node;
 
 /// The ClusterService implementation.
 pub struct ClusterServiceImpl {
@@ -38,23 +38,16 @@ fn members(node: &Node) -> Vec<pb::Member> {
         .collect()
 }
 
-enum Outcome {
-    Done(u64),
-    Forward(String),
-}
-
 impl ClusterServiceImpl {
     fn client(&self, addr: &str) -> Result<ClusterServiceClient<tonic::transport::Channel>, Status> {
         Ok(ClusterServiceClient::new(self.node.peers.channel(addr)?))
     }
 
-    /// Runs a membership change, mapping "not leader" to a forward target.
-    async fn change(&self, change: ChangeMembers<NodeId, BasicNode>, was_forwarded: bool) -> Result<Outcome, Status> {
+    /// Runs a membership change; the log index it committed at.
+    async fn change(&self, change: ChangeMembers<NodeId, BasicNode>) -> Result<u64, Status> {
         match self.node.raft.change_membership(change, false).await {
-            Ok(resp) => Ok(Outcome::Done(resp.log_id.index)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Ok(Outcome::Forward(self.node.forward_target(&f, was_forwarded)?))
-            }
+            Ok(resp) => Ok(resp.log_id.index),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(self.node.not_leader().into()),
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(Error::FailedPrecondition(e.to_string()).into())
             }
@@ -108,7 +101,6 @@ impl ClusterService for ClusterServiceImpl {
     }
 
     async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Result<Response<pb::MembershipResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
         let req = request.into_inner();
         if req.id == 0 {
             return Err(Error::InvalidArgument("id: must be at least 1".into()).into());
@@ -142,9 +134,8 @@ impl ClusterService for ClusterServiceImpl {
         .map_err(|_| Error::Timeout(format!("node {} did not catch up; is it running at {}?", req.id, req.addr)))?;
         let index = match learner {
             Ok(resp) => resp.log_id.index,
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                let addr = self.node.forward_target(&f, was_forwarded)?;
-                return self.client(&addr)?.add_node(forwarded(req, self.node.config.snapshot_timeout)).await;
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                return Err(self.node.not_leader().into())
             }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 return Err(Error::FailedPrecondition(e.to_string()).into())
@@ -154,12 +145,7 @@ impl ClusterService for ClusterServiceImpl {
         let index = if req.learner_only {
             index
         } else {
-            match self.change(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])), was_forwarded).await? {
-                Outcome::Done(index) => index,
-                Outcome::Forward(addr) => {
-                    return self.client(&addr)?.add_node(forwarded(req, self.node.config.snapshot_timeout)).await
-                }
-            }
+            self.change(ChangeMembers::AddVoterIds(BTreeSet::from([req.id]))).await?
         };
         tracing::info!(id = req.id, addr = %req.addr, learner_only = req.learner_only, "node added");
         Ok(Response::new(pb::MembershipResponse { log_index: index, members: members(&self.node) }))
@@ -169,7 +155,6 @@ impl ClusterService for ClusterServiceImpl {
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
         let req = request.into_inner();
         let m = self.node.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership().clone();
@@ -182,7 +167,7 @@ impl ClusterService for ClusterServiceImpl {
             if remaining.is_empty() {
                 return Err(Error::FailedPrecondition(format!("id: node {} is the last voter", req.id)).into());
             }
-            if self.node.leader().map(|l| l.0) == Some(self.node.id) {
+            if self.node.is_leader() {
                 let addrs: BTreeMap<NodeId, String> = membership.nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
                 let up = self.reachable(&remaining, &addrs).await;
                 let quorum = remaining.len() / 2 + 1;
@@ -198,13 +183,9 @@ impl ClusterService for ClusterServiceImpl {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([req.id]))
         };
-        match self.change(change, was_forwarded).await? {
-            Outcome::Done(index) => {
-                tracing::info!(id = req.id, "node removed");
-                Ok(Response::new(pb::MembershipResponse { log_index: index, members: members(&self.node) }))
-            }
-            Outcome::Forward(addr) => self.client(&addr)?.remove_node(forwarded(req, self.node.op_timeout())).await,
-        }
+        let index = self.change(change).await?;
+        tracing::info!(id = req.id, "node removed");
+        Ok(Response::new(pb::MembershipResponse { log_index: index, members: members(&self.node) }))
     }
 
     async fn state_digest(

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::pb::{self, config_service_client::ConfigServiceClient, config_service_server::ConfigService};
+use ferry_proto::pb::{self, config_service_server::ConfigService};
 use ferry_storage::kv::{Compare, Event, EventKind, Txn, TxnOp};
 use ferry_storage::{kv, Command, CommandResult, KeyValue, Op};
 use tokio::sync::mpsc;
@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::grpc::stream::inline_stream;
-use crate::raft::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
+use crate::raft::node::{new_request_id, Node};
 
 /// The ConfigService implementation.
 pub struct ConfigServiceImpl {
@@ -180,12 +180,6 @@ async fn run_watch(
 }
 
 impl ConfigServiceImpl {
-    fn client(&self, addr: &str) -> Result<ConfigServiceClient<tonic::transport::Channel>, Status> {
-        Ok(ConfigServiceClient::new(self.node.peers.channel(addr)?)
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024))
-    }
-
     fn command(request_id: &str, op: Op) -> Result<Command, Status> {
         let request_id = if request_id.is_empty() { new_request_id() } else { request_id.to_string() };
         let cmd = Command { request_id, op };
@@ -197,8 +191,7 @@ impl ConfigServiceImpl {
 #[tonic::async_trait]
 impl ConfigService for ConfigServiceImpl {
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
-        let mut req = request.into_inner();
+        let req = request.into_inner();
         let op = match req.if_mod_revision {
             None if req.lease != 0 => {
                 Op::PutLeased { key: req.key.clone(), value: req.value.clone(), lease: req.lease }
@@ -214,15 +207,13 @@ impl ConfigService for ConfigServiceImpl {
             })),
         };
         let cmd = Self::command(&req.request_id, op)?;
-        req.request_id = cmd.request_id.clone();
-        match self.node.propose(cmd, was_forwarded).await? {
-            Proposal::Forward(addr) => self.client(&addr)?.put(forwarded(req, self.node.op_timeout())).await,
-            Proposal::Applied(CommandResult::Put { revision, create_revision, version }) => {
+        match self.node.propose(cmd).await? {
+            CommandResult::Put { revision, create_revision, version } => {
                 let mut header = self.node.header();
                 header.revision = revision;
                 Ok(Response::new(pb::PutResponse { header: Some(header), create_revision, version }))
             }
-            Proposal::Applied(CommandResult::Txn { succeeded: true, revision, .. }) => {
+            CommandResult::Txn { succeeded: true, revision, .. } => {
                 // The put's own revision: read its create revision and
                 // version back from the history.
                 let kv = self.node.reader.get_at(&req.key, revision).map_err(Error::from)?.ok().flatten();
@@ -234,11 +225,11 @@ impl ConfigService for ConfigServiceImpl {
                     version: kv.map(|k| k.version).unwrap_or(1),
                 }))
             }
-            Proposal::Applied(CommandResult::Txn { failed, .. }) => {
+            CommandResult::Txn { failed, .. } => {
                 Err(Error::FailedPrecondition(format!("not applied: {failed}")).into())
             }
-            Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
-            Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for put: {other:?}"))),
+            CommandResult::Rejected { reason } => Err(invalid(reason)),
+            other => Err(Status::internal(format!("unexpected result for put: {other:?}"))),
         }
     }
 
@@ -291,8 +282,7 @@ impl ConfigService for ConfigServiceImpl {
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
-        let mut req = request.into_inner();
+        let req = request.into_inner();
         let op = match req.if_mod_revision {
             None => Op::Delete { key: req.key.clone() },
             Some(0) => {
@@ -305,24 +295,22 @@ impl ConfigService for ConfigServiceImpl {
             })),
         };
         let cmd = Self::command(&req.request_id, op)?;
-        req.request_id = cmd.request_id.clone();
-        match self.node.propose(cmd, was_forwarded).await? {
-            Proposal::Forward(addr) => self.client(&addr)?.delete(forwarded(req, self.node.op_timeout())).await,
-            Proposal::Applied(CommandResult::Delete { revision, deleted }) => {
+        match self.node.propose(cmd).await? {
+            CommandResult::Delete { revision, deleted } => {
                 let mut header = self.node.header();
                 header.revision = revision;
                 Ok(Response::new(pb::DeleteResponse { header: Some(header), deleted }))
             }
-            Proposal::Applied(CommandResult::Txn { succeeded: true, revision, .. }) => {
+            CommandResult::Txn { succeeded: true, revision, .. } => {
                 let mut header = self.node.header();
                 header.revision = revision;
                 Ok(Response::new(pb::DeleteResponse { header: Some(header), deleted: true }))
             }
-            Proposal::Applied(CommandResult::Txn { failed, .. }) => {
+            CommandResult::Txn { failed, .. } => {
                 Err(Error::FailedPrecondition(format!("not applied: {failed}")).into())
             }
-            Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
-            Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for delete: {other:?}"))),
+            CommandResult::Rejected { reason } => Err(invalid(reason)),
+            other => Err(Status::internal(format!("unexpected result for delete: {other:?}"))),
         }
     }
 
@@ -354,27 +342,23 @@ impl ConfigService for ConfigServiceImpl {
     }
 
     async fn txn(&self, request: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
-        let mut req = request.into_inner();
+        let req = request.into_inner();
         let txn = txn_from_pb(&req)?;
         let cmd = Self::command(&req.request_id, Op::Txn(Box::new(txn)))?;
-        req.request_id = cmd.request_id.clone();
-        match self.node.propose(cmd, was_forwarded).await? {
-            Proposal::Forward(addr) => self.client(&addr)?.txn(forwarded(req, self.node.op_timeout())).await,
-            Proposal::Applied(CommandResult::Txn { succeeded, revision, failed }) => {
+        match self.node.propose(cmd).await? {
+            CommandResult::Txn { succeeded, revision, failed } => {
                 let mut header = self.node.header();
                 header.revision = revision;
                 Ok(Response::new(pb::TxnResponse { header: Some(header), succeeded, failed }))
             }
-            Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
-            Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for txn: {other:?}"))),
+            CommandResult::Rejected { reason } => Err(invalid(reason)),
+            other => Err(Status::internal(format!("unexpected result for txn: {other:?}"))),
         }
     }
 
     async fn gray(&self, request: Request<pb::GrayRequest>) -> Result<Response<pb::GrayResponse>, Status> {
         use pb::gray_request::Action;
-        let was_forwarded = is_forwarded(&request);
-        let mut req = request.into_inner();
+        let req = request.into_inner();
         kv::validate_key(&req.key).map_err(invalid)?;
         let selector = kv::parse_selector(&req.selector).map_err(invalid)?;
         let action =
@@ -388,14 +372,10 @@ impl ConfigService for ConfigServiceImpl {
         let mut header = self.node.header();
         if let Some(op) = op {
             let cmd = Self::command(&req.request_id, op)?;
-            req.request_id = cmd.request_id.clone();
-            match self.node.propose(cmd, was_forwarded).await? {
-                Proposal::Forward(addr) => {
-                    return self.client(&addr)?.gray(forwarded(req, self.node.op_timeout())).await
-                }
-                Proposal::Applied(CommandResult::Rejected { reason }) => return Err(invalid(reason)),
-                Proposal::Applied(CommandResult::Put { revision, .. }) => header.revision = revision,
-                Proposal::Applied(_) => {}
+            match self.node.propose(cmd).await? {
+                CommandResult::Rejected { reason } => return Err(invalid(reason)),
+                CommandResult::Put { revision, .. } => header.revision = revision,
+                _ => {}
             }
         } else {
             self.node.read_barrier(false).await?;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::pb::{self, job_service_client::JobServiceClient, job_service_server::JobService};
+use ferry_proto::pb::{self, job_service_server::JobService};
 use ferry_storage::{Chunk, Command, CommandResult, FileEntry, Job, JobEvent, JobPhase, Op, Target};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::jobs::batcher::event;
 use crate::jobs::report::report;
 use crate::jobs::sessions::Sessions;
-use crate::raft::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
+use crate::raft::node::{new_request_id, Node};
 
 /// How long the source may take to index.
 pub const INDEX_TIMEOUT: Duration = Duration::from_secs(300);
@@ -39,29 +39,6 @@ fn job_id_for(request_id: &str) -> String {
 }
 
 impl JobServiceImpl {
-    fn client(&self, addr: &str) -> Result<JobServiceClient<tonic::transport::Channel>, Status> {
-        Ok(JobServiceClient::new(self.node.peers.channel(addr)?).max_decoding_message_size(64 * 1024 * 1024))
-    }
-
-    fn is_leader(&self) -> bool {
-        self.node.leader().map(|l| l.0) == Some(self.node.id)
-    }
-
-    /// The leader's address when this node should forward; an error if it
-    /// cannot.
-    fn leader_to_forward(&self, was_forwarded: bool) -> Result<Option<String>, Status> {
-        if self.is_leader() {
-            return Ok(None);
-        }
-        match (self.node.leader(), was_forwarded) {
-            (Some((_, addr)), false) => Ok(Some(addr)),
-            (leader, _) => {
-                Err(Error::NotLeader { leader_id: leader.as_ref().map(|l| l.0), leader_addr: leader.map(|l| l.1) }
-                    .into())
-            }
-        }
-    }
-
     async fn wait_done(&self, id: &str, deadline: Duration) -> Result<Job, Status> {
         let mut changes = self.node.reader.subscribe();
         let until = tokio::time::Instant::now() + deadline;
@@ -90,16 +67,12 @@ impl JobService for JobServiceImpl {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
         let mut req = request.into_inner();
         if req.request_id.is_empty() {
             req.request_id = new_request_id();
         }
-        if let Some(addr) = self.leader_to_forward(was_forwarded)? {
-            let job_ms =
-                req.spec.as_ref().map(|s| s.timeout_ms).unwrap_or(0).clamp(600_000, crate::jobs::spec::MAX_TIMEOUT_MS);
-            let timeout = Duration::from_millis(job_ms + 60_000);
-            return self.client(&addr)?.submit_job(forwarded(req, timeout)).await;
+        if !self.node.is_leader() {
+            return Err(self.node.not_leader().into());
         }
         let spec = req.spec.clone().ok_or_else(|| Status::invalid_argument("spec: missing"))?;
         let workers = self.node.reader.workers().map_err(Error::from)?;
@@ -149,11 +122,10 @@ impl JobService for JobServiceImpl {
             finished_ms: 0,
         };
         let cmd = Command { request_id: req.request_id.clone(), op: Op::CreateJob(Box::new(job)) };
-        match self.node.propose(cmd, true).await? {
-            Proposal::Applied(CommandResult::Done) => {}
-            Proposal::Applied(CommandResult::Rejected { reason }) => return Err(Error::InvalidArgument(reason).into()),
-            Proposal::Applied(other) => return Err(Status::internal(format!("unexpected result {other:?}"))),
-            Proposal::Forward(_) => return Err(Status::unavailable("leadership moved during submission; retry")),
+        match self.node.propose(cmd).await? {
+            CommandResult::Done => {}
+            CommandResult::Rejected { reason } => return Err(Error::InvalidArgument(reason).into()),
+            other => return Err(Status::internal(format!("unexpected result {other:?}"))),
         }
         tracing::info!(job = %id, source = %checked.source.name, "job submitted");
         let report = if req.wait {
@@ -231,16 +203,15 @@ impl JobService for JobServiceImpl {
     }
 
     async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::JobReport>, Status> {
-        let was_forwarded = is_forwarded(&request);
         let req = request.into_inner();
-        if let Some(addr) = self.leader_to_forward(was_forwarded)? {
-            return self.client(&addr)?.cancel_job(forwarded(req, self.node.op_timeout())).await;
+        if !self.node.is_leader() {
+            return Err(self.node.not_leader().into());
         }
         let id = req.job_id;
         if self.node.reader.job(&id).map_err(Error::from)?.is_none() {
             return Err(Status::not_found(format!("job_id: no job {id}")));
         }
-        self.node.propose(event(JobEvent::Cancel { job: id.clone(), at_ms: now_ms() }), true).await?;
+        self.node.propose(event(JobEvent::Cancel { job: id.clone(), at_ms: now_ms() })).await?;
         let job = self.node.reader.job(&id).map_err(Error::from)?.ok_or_else(|| Status::not_found("job vanished"))?;
         Ok(Response::new(report(&job)))
     }

@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_proto::pb::{self, lease_service_client::LeaseServiceClient, lease_service_server::LeaseService};
+use ferry_proto::pb::{self, lease_service_server::LeaseService};
 use ferry_storage::{kv, Command, CommandResult, Op};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -29,7 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
-use crate::raft::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
+use crate::raft::node::{new_request_id, Node};
 
 /// Expired leases revoked per tick at most.
 pub const EXPIRE_BATCH: usize = 500;
@@ -189,7 +189,7 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
         let node = node.clone();
         tokio::spawn(async move {
             let cmd = Command { request_id: new_request_id(), op: Op::LeaseRevoke { ids } };
-            if let Err(e) = node.propose(cmd, true).await {
+            if let Err(e) = node.propose(cmd).await {
                 tracing::warn!(error = %e, "could not revoke expired leases; will try again");
             }
         });
@@ -286,9 +286,9 @@ fn flag(node: &Arc<Node>, lease: &kv::Lease, suspect: bool) {
     for cmd in commands {
         let node = node.clone();
         tokio::spawn(async move {
-            match node.propose(cmd, true).await {
-                Ok(Proposal::Applied(CommandResult::Txn { succeeded: true, .. })) | Ok(Proposal::Forward(_)) => {}
-                Ok(Proposal::Applied(other)) => tracing::debug!(result = ?other, "registry instance not flagged"),
+            match node.propose(cmd).await {
+                Ok(CommandResult::Txn { succeeded: true, .. }) | Err(Error::NotLeader { .. }) => {}
+                Ok(other) => tracing::debug!(result = ?other, "registry instance not flagged"),
                 Err(e) => tracing::warn!(error = %e, "could not flag a registry instance"),
             }
         });
@@ -306,17 +306,8 @@ fn invalid(reason: String) -> Status {
 }
 
 impl LeaseServiceImpl {
-    fn client(&self, addr: &str) -> Result<LeaseServiceClient<tonic::transport::Channel>, Status> {
-        Ok(LeaseServiceClient::new(self.node.peers.channel(addr)?))
-    }
-
-    fn is_leader(&self) -> bool {
-        self.node.leader().map(|l| l.0) == Some(self.node.id)
-    }
-
     fn not_leader(&self) -> Status {
-        let leader = self.node.leader();
-        Error::NotLeader { leader_id: leader.as_ref().map(|l| l.0), leader_addr: leader.map(|l| l.1) }.into()
+        self.node.not_leader().into()
     }
 }
 
@@ -329,7 +320,6 @@ fn new_lease_id() -> u64 {
 #[tonic::async_trait]
 impl LeaseService for LeaseServiceImpl {
     async fn grant(&self, request: Request<pb::LeaseGrantRequest>) -> Result<Response<pb::LeaseGrantResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
         let mut req = request.into_inner();
         kv::validate_ttl(req.ttl_ms).map_err(invalid)?;
         if req.request_id.is_empty() {
@@ -337,14 +327,13 @@ impl LeaseService for LeaseServiceImpl {
         }
         let id = new_lease_id();
         let cmd = Command { request_id: req.request_id.clone(), op: Op::LeaseGrant { id, ttl_ms: req.ttl_ms } };
-        match self.node.propose(cmd, was_forwarded).await? {
-            Proposal::Forward(addr) => self.client(&addr)?.grant(forwarded(req, self.node.op_timeout())).await,
-            Proposal::Applied(CommandResult::LeaseGranted { id, ttl_ms }) => {
+        match self.node.propose(cmd).await? {
+            CommandResult::LeaseGranted { id, ttl_ms } => {
                 self.clock.renew(id, ttl_ms);
                 Ok(Response::new(pb::LeaseGrantResponse { header: Some(self.node.header()), id, ttl_ms }))
             }
-            Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
-            Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for grant: {other:?}"))),
+            CommandResult::Rejected { reason } => Err(invalid(reason)),
+            other => Err(Status::internal(format!("unexpected result for grant: {other:?}"))),
         }
     }
 
@@ -352,15 +341,13 @@ impl LeaseService for LeaseServiceImpl {
         &self,
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
         let mut req = request.into_inner();
         if req.request_id.is_empty() {
             req.request_id = new_request_id();
         }
         let cmd = Command { request_id: req.request_id.clone(), op: Op::LeaseRevoke { ids: vec![req.id] } };
-        match self.node.propose(cmd, was_forwarded).await? {
-            Proposal::Forward(addr) => self.client(&addr)?.revoke(forwarded(req, self.node.op_timeout())).await,
-            Proposal::Applied(CommandResult::LeasesRevoked { revision, revoked }) => {
+        match self.node.propose(cmd).await? {
+            CommandResult::LeasesRevoked { revision, revoked } => {
                 if revoked.is_empty() {
                     return Err(Status::not_found(format!("id: unknown lease id {}", req.id)));
                 }
@@ -368,8 +355,8 @@ impl LeaseService for LeaseServiceImpl {
                 header.revision = revision;
                 Ok(Response::new(pb::LeaseRevokeResponse { header: Some(header) }))
             }
-            Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
-            Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for revoke: {other:?}"))),
+            CommandResult::Rejected { reason } => Err(invalid(reason)),
+            other => Err(Status::internal(format!("unexpected result for revoke: {other:?}"))),
         }
     }
 
@@ -379,7 +366,7 @@ impl LeaseService for LeaseServiceImpl {
         &self,
         request: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
-        if !self.is_leader() {
+        if !self.node.is_leader() {
             return Err(self.not_leader());
         }
         let mut incoming = request.into_inner();
@@ -391,11 +378,7 @@ impl LeaseService for LeaseServiceImpl {
                 // the majority) while the stream is open: then end it, and
                 // the client goes to the new leader.
                 if !node.leads_with_quorum() {
-                    let leader = node.leader();
-                    let status: Status =
-                        Error::NotLeader { leader_id: leader.as_ref().map(|l| l.0), leader_addr: leader.map(|l| l.1) }
-                            .into();
-                    let _ = tx.send(Err(status)).await;
+                    let _ = tx.send(Err(node.not_leader().into())).await;
                     return;
                 }
                 let ttl_ms = match node.reader.lease(req.id) {
@@ -421,12 +404,8 @@ impl LeaseService for LeaseServiceImpl {
         &self,
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
-        if !self.is_leader() {
-            if is_forwarded(&request) {
-                return Err(self.not_leader());
-            }
-            let Some((_, addr)) = self.node.leader() else { return Err(self.not_leader()) };
-            return self.client(&addr)?.time_to_live(forwarded(request.into_inner(), self.node.op_timeout())).await;
+        if !self.node.is_leader() {
+            return Err(self.not_leader());
         }
         let id = request.into_inner().id;
         let lease = self

@@ -5,10 +5,12 @@
 //! - [`config`], [`cluster`] — configuration keys; status and membership.
 //! - [`jobs`], [`workers`] — file distribution jobs; worker sessions.
 //! - [`leases`], [`registry`], [`probes`] — coordination services.
+//! - [`forward`] — leader forwarding: one tower layer for every service.
 //! - [`stream`] — server streams whose producer runs in the stream.
 
 pub mod cluster;
 pub mod config;
+pub mod forward;
 pub mod jobs;
 pub mod leases;
 pub mod probes;

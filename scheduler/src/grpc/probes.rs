@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::pb::{self, probe_service_client::ProbeServiceClient, probe_service_server::ProbeService};
+use ferry_proto::pb::{self, probe_service_server::ProbeService};
 use ferry_storage::probes::{self, ProbeDef, ProbeOutput, ProbeResult, ProbeTarget, WorkerProbe};
 use ferry_storage::{kv, Command, CommandResult, Op};
 use tokio::sync::watch;
@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 use crate::clock::now_ms;
 use crate::error::Error;
 use crate::grpc::stream::inline_stream;
-use crate::raft::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
+use crate::raft::node::{new_request_id, Node};
 
 /// Stale after this many intervals without a result, unless set.
 pub const DEFAULT_STALE_INTERVALS: u64 = 3;
@@ -227,10 +227,6 @@ pub struct ProbeServiceImpl {
 }
 
 impl ProbeServiceImpl {
-    fn client(&self, addr: &str) -> Result<ProbeServiceClient<tonic::transport::Channel>, Status> {
-        Ok(ProbeServiceClient::new(self.node.peers.channel(addr)?))
-    }
-
     fn def(&self, name: &str) -> Result<ProbeDef, Status> {
         probes::validate_name(name).map_err(|e| invalid(e.replacen("name", "probe", 1)))?;
         self.node
@@ -270,7 +266,6 @@ impl ProbeService for ProbeServiceImpl {
         &self,
         request: Request<pb::DefineProbeRequest>,
     ) -> Result<Response<pb::DefineProbeResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
         let mut req = request.into_inner();
         let spec = req.spec.clone().ok_or_else(|| invalid("spec: missing".into()))?;
         let def = to_def(spec)?;
@@ -279,13 +274,10 @@ impl ProbeService for ProbeServiceImpl {
             req.request_id = new_request_id();
         }
         let cmd = Command { request_id: req.request_id.clone(), op: Op::ProbeDefine(Box::new(def)) };
-        match self.node.propose(cmd, was_forwarded).await? {
-            Proposal::Forward(addr) => self.client(&addr)?.define_probe(forwarded(req, self.node.op_timeout())).await,
-            Proposal::Applied(CommandResult::Done) => {
-                Ok(Response::new(pb::DefineProbeResponse { header: Some(self.node.header()) }))
-            }
-            Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
-            Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for define: {other:?}"))),
+        match self.node.propose(cmd).await? {
+            CommandResult::Done => Ok(Response::new(pb::DefineProbeResponse { header: Some(self.node.header()) })),
+            CommandResult::Rejected { reason } => Err(invalid(reason)),
+            other => Err(Status::internal(format!("unexpected result for define: {other:?}"))),
         }
     }
 
@@ -293,22 +285,20 @@ impl ProbeService for ProbeServiceImpl {
         &self,
         request: Request<pb::DeleteProbeRequest>,
     ) -> Result<Response<pb::DeleteProbeResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
         let mut req = request.into_inner();
         probes::validate_name(&req.name).map_err(invalid)?;
         if req.request_id.is_empty() {
             req.request_id = new_request_id();
         }
         let cmd = Command { request_id: req.request_id.clone(), op: Op::ProbeDelete { name: req.name.clone() } };
-        match self.node.propose(cmd, was_forwarded).await? {
-            Proposal::Forward(addr) => self.client(&addr)?.delete_probe(forwarded(req, self.node.op_timeout())).await,
-            Proposal::Applied(CommandResult::Done) => {
+        match self.node.propose(cmd).await? {
+            CommandResult::Done => {
                 Ok(Response::new(pb::DeleteProbeResponse { header: Some(self.node.header()), deleted: true }))
             }
-            Proposal::Applied(CommandResult::Rejected { .. }) => {
+            CommandResult::Rejected { .. } => {
                 Ok(Response::new(pb::DeleteProbeResponse { header: Some(self.node.header()), deleted: false }))
             }
-            Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for delete: {other:?}"))),
+            other => Err(Status::internal(format!("unexpected result for delete: {other:?}"))),
         }
     }
 
@@ -340,7 +330,6 @@ impl ProbeService for ProbeServiceImpl {
     }
 
     async fn report(&self, request: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
         let mut req = request.into_inner();
         probes::validate_name(&req.probe).map_err(|e| invalid(e.replacen("name", "probe", 1)))?;
         if !self.node.reader.workers().map_err(Error::from)?.iter().any(|w| w.name == req.worker) {
@@ -370,13 +359,10 @@ impl ProbeService for ProbeServiceImpl {
         let cmd =
             Command { request_id: req.request_id.clone(), op: Op::ProbeReport { probe: req.probe.clone(), state } };
         cmd.validate().map_err(invalid)?;
-        match self.node.propose(cmd, was_forwarded).await? {
-            Proposal::Forward(addr) => self.client(&addr)?.report(forwarded(req, self.node.op_timeout())).await,
-            Proposal::Applied(CommandResult::Done) => {
-                Ok(Response::new(pb::ReportResponse { header: Some(self.node.header()) }))
-            }
-            Proposal::Applied(CommandResult::Rejected { reason }) => Err(Status::not_found(reason)),
-            Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for report: {other:?}"))),
+        match self.node.propose(cmd).await? {
+            CommandResult::Done => Ok(Response::new(pb::ReportResponse { header: Some(self.node.header()) })),
+            CommandResult::Rejected { reason } => Err(Status::not_found(reason)),
+            other => Err(Status::internal(format!("unexpected result for report: {other:?}"))),
         }
     }
 

@@ -14,7 +14,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use ferry_proto::pb::{self, registry_service_client::RegistryServiceClient, registry_service_server::RegistryService};
+use ferry_proto::pb::{self, registry_service_server::RegistryService};
 use ferry_storage::{kv, Command, CommandResult, Op};
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::error::Error;
 use crate::grpc::leases::LeaseClock;
 use crate::grpc::stream::inline_stream;
-use crate::raft::node::{forwarded, is_forwarded, new_request_id, Node, Proposal};
+use crate::raft::node::{new_request_id, Node};
 
 /// TTL of the lease granted for a registration that names none.
 pub const DEFAULT_TTL_MS: u64 = 10_000;
@@ -118,16 +118,9 @@ pub struct RegistryServiceImpl {
     pub(crate) clock: Arc<LeaseClock>,
 }
 
-impl RegistryServiceImpl {
-    fn client(&self, addr: &str) -> Result<RegistryServiceClient<tonic::transport::Channel>, Status> {
-        Ok(RegistryServiceClient::new(self.node.peers.channel(addr)?))
-    }
-}
-
 #[tonic::async_trait]
 impl RegistryService for RegistryServiceImpl {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
         let mut req = request.into_inner();
         let mut instance = req.instance.clone().ok_or_else(|| invalid("instance: missing".into()))?;
         validate(&instance)?;
@@ -145,18 +138,13 @@ impl RegistryService for RegistryServiceImpl {
             kv::validate_ttl(ttl_ms).map_err(invalid)?;
             let id = (rand::random::<u64>() >> 1).max(1);
             let cmd = Command { request_id: format!("{}-lease", req.request_id), op: Op::LeaseGrant { id, ttl_ms } };
-            match self.node.propose(cmd, was_forwarded).await? {
-                Proposal::Forward(addr) => {
-                    return self.client(&addr)?.register(forwarded(req, self.node.op_timeout())).await
-                }
-                Proposal::Applied(CommandResult::LeaseGranted { id, ttl_ms }) => {
+            match self.node.propose(cmd).await? {
+                CommandResult::LeaseGranted { id, ttl_ms } => {
                     self.clock.renew(id, ttl_ms);
                     lease = id;
                 }
-                Proposal::Applied(CommandResult::Rejected { reason }) => return Err(invalid(reason)),
-                Proposal::Applied(other) => {
-                    return Err(Status::internal(format!("unexpected result for lease grant: {other:?}")))
-                }
+                CommandResult::Rejected { reason } => return Err(invalid(reason)),
+                other => return Err(Status::internal(format!("unexpected result for lease grant: {other:?}"))),
             }
         }
         let key = format!("{}{}", prefix(&instance.service), instance.id);
@@ -164,20 +152,14 @@ impl RegistryService for RegistryServiceImpl {
             request_id: req.request_id.clone(),
             op: Op::PutLeased { key, value: instance.encode_to_vec(), lease },
         };
-        match self.node.propose(cmd, was_forwarded).await? {
-            Proposal::Forward(addr) => {
-                // Leadership moved between the two writes: the new leader
-                // binds to the lease granted here.
-                req.lease = lease;
-                self.client(&addr)?.register(forwarded(req, self.node.op_timeout())).await
-            }
-            Proposal::Applied(CommandResult::Put { revision, .. }) => {
+        match self.node.propose(cmd).await? {
+            CommandResult::Put { revision, .. } => {
                 let mut header = self.node.header();
                 header.revision = revision;
                 Ok(Response::new(pb::RegisterResponse { header: Some(header), lease }))
             }
-            Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
-            Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for register: {other:?}"))),
+            CommandResult::Rejected { reason } => Err(invalid(reason)),
+            other => Err(Status::internal(format!("unexpected result for register: {other:?}"))),
         }
     }
 
@@ -185,7 +167,6 @@ impl RegistryService for RegistryServiceImpl {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        let was_forwarded = is_forwarded(&request);
         let mut req = request.into_inner();
         if !valid_name(&req.service) || !valid_name(&req.id) {
             return Err(invalid("service, id: must be 1 to 128 of letters, digits, '.', '_' or '-'".into()));
@@ -221,20 +202,19 @@ impl RegistryService for RegistryServiceImpl {
             }
         };
         let cmd = Command { request_id: req.request_id.clone(), op };
-        match self.node.propose(cmd, was_forwarded).await? {
-            Proposal::Forward(addr) => self.client(&addr)?.deregister(forwarded(req, self.node.op_timeout())).await,
-            Proposal::Applied(CommandResult::Delete { revision, deleted }) => {
+        match self.node.propose(cmd).await? {
+            CommandResult::Delete { revision, deleted } => {
                 let mut header = self.node.header();
                 header.revision = revision;
                 Ok(Response::new(pb::DeregisterResponse { header: Some(header), deregistered: deleted }))
             }
-            Proposal::Applied(CommandResult::Txn { revision, succeeded, .. }) => {
+            CommandResult::Txn { revision, succeeded, .. } => {
                 let mut header = self.node.header();
                 header.revision = revision;
                 Ok(Response::new(pb::DeregisterResponse { header: Some(header), deregistered: succeeded }))
             }
-            Proposal::Applied(CommandResult::Rejected { reason }) => Err(invalid(reason)),
-            Proposal::Applied(other) => Err(Status::internal(format!("unexpected result for deregister: {other:?}"))),
+            CommandResult::Rejected { reason } => Err(invalid(reason)),
+            other => Err(Status::internal(format!("unexpected result for deregister: {other:?}"))),
         }
     }
 

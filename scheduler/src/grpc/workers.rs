@@ -115,11 +115,8 @@ impl WorkerService for WorkerServiceImpl {
         &self,
         request: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let leader = self.node.leader();
-        if leader.as_ref().map(|l| l.0) != Some(self.node.id) {
-            return Err(
-                Error::NotLeader { leader_id: leader.as_ref().map(|l| l.0), leader_addr: leader.map(|l| l.1) }.into()
-            );
+        if !self.node.is_leader() {
+            return Err(self.node.not_leader().into());
         }
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
@@ -139,7 +136,7 @@ impl WorkerService for WorkerServiceImpl {
             != Some(WorkerRecord { registered_ms: 0, ..fresh.clone() })
         {
             let cmd = Command { request_id: String::new(), op: Op::RegisterWorker(fresh) };
-            self.node.propose(cmd, true).await?;
+            self.node.propose(cmd).await?;
         }
         let (tx, rx) = mpsc::channel(1024);
         let epoch = self.sessions.open(&hello.name, tx);
@@ -165,19 +162,11 @@ impl WorkerService for WorkerServiceImpl {
 
     async fn list_workers(
         &self,
-        request: Request<pb::ListWorkersRequest>,
+        _request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        // Liveness is known on the leader only: a follower asks it.
-        let is_leader = self.node.leader().map(|l| l.0) == Some(self.node.id);
-        if !is_leader && !crate::raft::node::is_forwarded(&request) {
-            if let Some((_, addr)) = self.node.leader() {
-                let mut client =
-                    ferry_proto::pb::worker_service_client::WorkerServiceClient::new(self.node.peers.channel(&addr)?);
-                return client
-                    .list_workers(crate::raft::node::forwarded(pb::ListWorkersRequest {}, self.node.config.rpc_timeout))
-                    .await;
-            }
-        }
+        // Liveness is known on the leader only: a follower forwards this
+        // call (see `forward`), or, knowing no leader, reports every worker down.
+        let is_leader = self.node.is_leader();
         let workers = self.node.reader.workers().map_err(Error::from)?;
         let out = workers
             .into_iter()

@@ -26,7 +26,7 @@ pub async fn run_event_batcher(node: Arc<Node>, mut rx: mpsc::Receiver<JobEvent>
         // under load) is simply made again while this node leads.
         let cmd = Command { request_id: String::new(), op: Op::JobEvents(events) };
         for attempt in 1..=5u32 {
-            match node.propose(cmd.clone(), true).await {
+            match node.propose(cmd.clone()).await {
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, attempt, "recording worker progress failed");

@@ -471,7 +471,7 @@ fn prepare(job: &Job, target: usize) -> pb::PrepareCommand {
 fn propose(node: &Arc<Node>, e: JobEvent) {
     let node = node.clone();
     tokio::spawn(async move {
-        if let Err(err) = node.propose(event(e), true).await {
+        if let Err(err) = node.propose(event(e)).await {
             tracing::warn!(error = %err, "planner could not record a job event; it will try again");
         }
     });

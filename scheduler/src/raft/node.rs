@@ -16,14 +16,6 @@ use crate::metrics::Metrics;
 use crate::raft::peers::Peers;
 use crate::raft::proposer::{Outcome, Proposer};
 
-/// Where a write went.
-pub enum Proposal {
-    /// Applied here (this node is the leader).
-    Applied(CommandResult),
-    /// This node is not the leader; the leader is at this address.
-    Forward(String),
-}
-
 /// Shared state of one scheduler node.
 pub struct Node {
     /// This node's id.
@@ -73,28 +65,31 @@ impl Node {
         m.current_leader == Some(self.id) && m.millis_since_quorum_ack.is_some_and(|ms| ms < bound)
     }
 
-    fn not_leader(&self, f: &ForwardToLeader<NodeId, BasicNode>) -> Error {
+    /// True if this node is the leader as far as it knows.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// "Not leader", naming the leader this node knows of.
+    pub fn not_leader(&self) -> Error {
+        let leader = self.leader();
+        Error::NotLeader { leader_id: leader.as_ref().map(|l| l.0), leader_addr: leader.map(|l| l.1) }
+    }
+
+    fn forward_to(&self, f: &ForwardToLeader<NodeId, BasicNode>) -> Error {
         Error::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.as_ref().map(|n| n.addr.clone()) }
     }
 
-    /// Where to send a call this node cannot do itself, or the error to
-    /// return when the call was forwarded already or no leader is known.
-    pub fn forward_target(&self, f: &ForwardToLeader<NodeId, BasicNode>, forwarded: bool) -> Result<String, Error> {
-        match (&f.leader_node, forwarded) {
-            (Some(n), false) if n.addr != self.addr => Ok(n.addr.clone()),
-            _ => Err(self.not_leader(f)),
-        }
-    }
-
     /// Proposes `cmd` (batched with concurrent writes by the [`Proposer`])
-    /// and waits until it is applied, or says where the leader is.
-    pub async fn propose(&self, cmd: Command, forwarded: bool) -> Result<Proposal, Error> {
+    /// and waits until it is applied. On a follower: "not leader", naming
+    /// the leader (calls reach it through [`crate::grpc::forward`]).
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, Error> {
         let outcome = tokio::time::timeout(self.op_timeout(), self.proposer.propose(cmd))
             .await
             .map_err(|_| Error::Timeout("the write was not committed in time (is a quorum up?)".into()))?;
         match outcome {
-            Outcome::Applied(result) => Ok(Proposal::Applied(result)),
-            Outcome::NotLeader(f) => Ok(Proposal::Forward(self.forward_target(&f, forwarded)?)),
+            Outcome::Applied(result) => Ok(result),
+            Outcome::NotLeader(f) => Err(self.forward_to(&f)),
             Outcome::Failed(reason) => Err(Error::Stopped(reason)),
         }
     }
@@ -111,7 +106,7 @@ impl Node {
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 let addr = match &f.leader_node {
                     Some(n) => n.addr.clone(),
-                    None => return Err(self.not_leader(&f)),
+                    None => return Err(self.forward_to(&f)),
                 };
                 let mut client = RaftServiceClient::new(self.peers.channel(&addr)?);
                 let mut req = tonic::Request::new(pb::ReadIndexRequest {});
@@ -147,7 +142,7 @@ impl Node {
     pub async fn read_index(&self) -> Result<u64, Error> {
         match self.raft.get_read_log_id().await {
             Ok((read, _)) => Ok(read.map(|l| l.index).unwrap_or(0)),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(self.not_leader(&f)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(self.forward_to(&f)),
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
                 Err(Error::Unreachable { addr: "quorum".into(), reason: e.to_string() })
             }
@@ -181,17 +176,4 @@ impl Node {
 /// A fresh request id for a write whose client sent none.
 pub fn new_request_id() -> String {
     format!("srv-{:032x}", rand::random::<u128>())
-}
-
-/// True when a follower forwarded this call already.
-pub fn is_forwarded<T>(req: &tonic::Request<T>) -> bool {
-    req.metadata().contains_key(crate::error::FORWARDED_HEADER)
-}
-
-/// Marks a request as forwarded, with a deadline.
-pub fn forwarded<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    req.metadata_mut().insert(crate::error::FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
-    req.set_timeout(timeout);
-    req
 }
