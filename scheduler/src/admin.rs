@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
+use crate::metrics::Readings;
 use crate::raft::node::Node;
 
 /// The admin router.
@@ -21,8 +22,31 @@ pub fn router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
+/// The node's figures for the metrics, read now.
+fn readings(node: &Node) -> Readings {
+    let m = node.raft.metrics().borrow().clone();
+    Readings {
+        term: m.current_term,
+        leader_id: m.current_leader.unwrap_or(0),
+        is_leader: m.current_leader == Some(node.id),
+        commit_index: node.log.committed_index().load(std::sync::atomic::Ordering::Relaxed),
+        applied_index: node.reader.applied_index(),
+        last_log_index: m.last_log_index.unwrap_or(0),
+        log_entries: node.log.entry_count() as u64,
+        snapshot_index: m.snapshot.map(|s| s.index).unwrap_or(0),
+        revision: node.reader.revision(),
+        snapshots_built: node.reader.snapshots_built(),
+        snapshots_installed: node.reader.snapshots_installed(),
+        log_flushes: node.log.append_flushes(),
+        probes: crate::probes::statuses(node)
+            .map(|all| all.into_iter().map(|(_, s)| (s.name, s.stale)).collect())
+            .unwrap_or_default(),
+    }
+}
+
 async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
-    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics.render(&node))
+    let text = node.metrics.render(&readings(&node));
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }
 
 async fn healthz(State(node): State<Arc<Node>>) -> impl IntoResponse {

@@ -13,6 +13,10 @@
 //! - [`raft`] — the Raft node, its network, group commit, snapshots.
 //! - [`grpc`] — the gRPC edge: one thin file per service.
 //! - [`jobs`] — file distribution: spec checks, sessions, planner.
+//! - [`leases`] — leases and their clock on the leader.
+//! - [`probes`] — probe definitions, results, rankings, staleness, alerts.
+//! - [`registry`] — service instances bound to leases, the protect threshold.
+//! - [`stream`] — server streams whose producer runs in the stream.
 //! - [`webhook`] — job callbacks and probe alerts over HTTP(S).
 //! - [`admin`], [`metrics`] — `/metrics`, `/healthz`, `/readyz`.
 //! - [`local`] — several nodes in one process (`ferry dev`, benches, tests).
@@ -24,10 +28,14 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod jobs;
+pub mod leases;
 pub mod local;
 pub mod metrics;
+pub mod probes;
 pub mod raft;
+pub mod registry;
 pub mod server;
+pub mod stream;
 pub mod webhook;
 
 pub use config::SchedulerConfig;

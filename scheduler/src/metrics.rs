@@ -10,7 +10,37 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::raft::node::Node;
+/// What the gauges and counters show, read from the node at scrape time
+/// (see `admin`).
+#[derive(Debug, Clone, Default)]
+pub struct Readings {
+    /// Current Raft term.
+    pub term: u64,
+    /// The known leader (0: none).
+    pub leader_id: u64,
+    /// This node leads.
+    pub is_leader: bool,
+    /// Last committed log index.
+    pub commit_index: u64,
+    /// Last applied log index.
+    pub applied_index: u64,
+    /// Last log index.
+    pub last_log_index: u64,
+    /// Entries in the log.
+    pub log_entries: u64,
+    /// Log index of the current snapshot.
+    pub snapshot_index: u64,
+    /// Revision of the replicated state.
+    pub revision: u64,
+    /// Snapshots built by this node.
+    pub snapshots_built: u64,
+    /// Snapshots installed from a leader.
+    pub snapshots_installed: u64,
+    /// fsyncs of appended log entries.
+    pub log_flushes: u64,
+    /// Each probe and whether it is stale.
+    pub probes: Vec<(String, bool)>,
+}
 
 /// Every metric a scheduler exports. Gauges are refreshed at scrape time.
 pub struct Metrics {
@@ -91,26 +121,23 @@ impl Metrics {
         self.applied_entries.inc_by(entries as u64);
     }
 
-    /// Refreshes the gauges from `node` and renders the text format.
-    pub fn render(&self, node: &Node) -> String {
-        let m = node.raft.metrics().borrow().clone();
-        self.term.set(m.current_term as i64);
-        self.leader_id.set(m.current_leader.unwrap_or(0) as i64);
-        self.is_leader.set((m.current_leader == Some(node.id)) as i64);
-        self.commit_index.set(node.log.committed_index().load(std::sync::atomic::Ordering::Relaxed) as i64);
-        self.applied_index.set(node.reader.applied_index() as i64);
-        self.last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
-        self.log_entries.set(node.log.entry_count() as i64);
-        self.snapshot_index.set(m.snapshot.map(|s| s.index).unwrap_or(0) as i64);
-        self.revision.set(node.reader.revision() as i64);
-        set_counter(&self.snapshots_built, node.reader.snapshots_built());
-        set_counter(&self.snapshots_installed, node.reader.snapshots_installed());
-        set_counter(&self.log_flushes, node.log.append_flushes());
-        if let Ok(states) = crate::grpc::probes::statuses(node) {
-            self.probe_stale.clear();
-            for (_, s) in states {
-                self.probe_stale.get_or_create(&vec![("probe".to_string(), s.name)]).set(s.stale as i64);
-            }
+    /// Sets the gauges to `r` and renders the text format.
+    pub fn render(&self, r: &Readings) -> String {
+        self.term.set(r.term as i64);
+        self.leader_id.set(r.leader_id as i64);
+        self.is_leader.set(r.is_leader as i64);
+        self.commit_index.set(r.commit_index as i64);
+        self.applied_index.set(r.applied_index as i64);
+        self.last_log_index.set(r.last_log_index as i64);
+        self.log_entries.set(r.log_entries as i64);
+        self.snapshot_index.set(r.snapshot_index as i64);
+        self.revision.set(r.revision as i64);
+        set_counter(&self.snapshots_built, r.snapshots_built);
+        set_counter(&self.snapshots_installed, r.snapshots_installed);
+        set_counter(&self.log_flushes, r.log_flushes);
+        self.probe_stale.clear();
+        for (name, stale) in &r.probes {
+            self.probe_stale.get_or_create(&vec![("probe".to_string(), name.clone())]).set(*stale as i64);
         }
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

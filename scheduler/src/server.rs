@@ -135,10 +135,10 @@ impl Scheduler {
         let sessions = Arc::new(Sessions::new(planner_tx, progress_tx));
         tokio::spawn(crate::jobs::batcher::run_event_batcher(node.clone(), progress_rx));
         let mut tasks = Vec::new();
-        let clock = Arc::new(crate::grpc::leases::LeaseClock::default());
+        let clock = Arc::new(crate::leases::LeaseClock::default());
         tasks.push(tokio::spawn(serve_grpc(node.clone(), sessions.clone(), clock.clone(), grpc, shutdown_rx.clone())));
-        tasks.push(tokio::spawn(crate::grpc::leases::run_expiry(node.clone(), clock, shutdown_rx.clone())));
-        tasks.push(tokio::spawn(crate::grpc::probes::run_alerts(node.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::leases::run_expiry(node.clone(), clock, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::probes::run_alerts(node.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::jobs::planner::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::raft::snapshots::run(
             raft.clone(),
@@ -243,7 +243,7 @@ async fn peers_have_leader(node: &Node, members: &std::collections::BTreeMap<u64
 async fn serve_grpc(
     node: Arc<Node>,
     sessions: Arc<Sessions>,
-    clock: Arc<crate::grpc::leases::LeaseClock>,
+    clock: Arc<crate::leases::LeaseClock>,
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {

@@ -6,11 +6,16 @@
 //! or a command kind it does not know (an enum variant added later, always
 //! appended at the end), fails with [`CodecError`] instead of panicking, so an
 //! older node in a rolling upgrade stops with a clear message.
+//!
+//! Versions: 1 stored registry instances as protobuf; 2 stores them as JSON
+//! (see [`crate::registry`]). Values that hold commands or keys are read
+//! with [`decode_upgraded`], which converts what an older version wrote
+//! (the conversions are in [`crate::upgrade`]).
 
 use serde::{de::DeserializeOwned, Serialize};
 
 /// The format version this binary writes.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 
 /// Why a value could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +52,31 @@ pub fn encode_into<T: Serialize>(what: &'static str, value: &T, out: &mut Vec<u8
     Ok(())
 }
 
-/// Decodes bytes written by [`encode`] (this or any older format version).
+/// Decodes bytes written by [`encode`] (this or any older format version),
+/// for values whose meaning did not change between versions.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, CodecError> {
+    decode_versioned(what, bytes).map(|(value, _)| value)
+}
+
+/// A value whose content an older format version wrote differently, and
+/// converts itself to today's form.
+pub trait Upgrade {
+    /// Converts a value decoded from format version `from` (older than
+    /// [`FORMAT_VERSION`]). Deterministic: every node converts alike.
+    fn upgrade(&mut self, from: u8);
+}
+
+/// Decodes bytes written by [`encode`] with any format version, converting
+/// what an older version wrote to today's form.
+pub fn decode_upgraded<T: DeserializeOwned + Upgrade>(what: &'static str, bytes: &[u8]) -> Result<T, CodecError> {
+    let (mut value, version): (T, u8) = decode_versioned(what, bytes)?;
+    if version < FORMAT_VERSION {
+        value.upgrade(version);
+    }
+    Ok(value)
+}
+
+fn decode_versioned<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<(T, u8), CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty { what })?;
     if version > FORMAT_VERSION {
         return Err(CodecError::NewerFormat { what, found: version });
@@ -58,7 +86,7 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
     if !rest.is_empty() {
         return Err(CodecError::Trailing { what, bytes: rest.len() });
     }
-    Ok(value)
+    Ok((value, version))
 }
 
 #[cfg(test)]

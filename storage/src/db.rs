@@ -8,10 +8,15 @@
 //! on start. A directory from an unknown format version, a corrupt one, or one
 //! locked by another process is refused with a clear [`Error`].
 //!
-//! Format 2 also kept the state machine in sled trees (`sm<N>_*`). Opening
-//! such a directory drops them and marks it format 3: the snapshot and the
-//! log after it hold the same state. A format 2 binary refuses a format 3
-//! directory by its version, instead of starting from an empty state.
+//! Older formats are upgraded on open, and the directory marked with this
+//! version, so a binary of an older format refuses it by its version
+//! instead of misreading it:
+//! - Format 2 also kept the state machine in sled trees (`sm<N>_*`): they
+//!   are dropped (the snapshot and the log after it hold the same state).
+//! - Format 3 held log entries and snapshots of encoding format 1, which
+//!   stored registry instances as protobuf: nothing is rewritten; those
+//!   entries and snapshot records are converted as they are read
+//!   ([`crate::upgrade`]), and new ones are written in today's encoding.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -26,9 +31,9 @@ use crate::state_machine::StateMachineStore;
 use crate::NodeId;
 
 /// The data format version this binary writes and reads.
-pub const DATA_VERSION: u32 = 3;
-/// The older format this binary upgrades in place.
-const UPGRADES_FROM: u32 = 2;
+pub const DATA_VERSION: u32 = 4;
+/// The oldest format this binary upgrades.
+const OLDEST_UPGRADED: u32 = 2;
 pub(crate) const KEY_DATA_VERSION: &[u8] = b"data_version";
 
 /// Tuning for [`open`].
@@ -287,15 +292,19 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
                 reason: format!("data_version has {} bytes, expected 4", raw.len()),
             })?;
             let found = u32::from_be_bytes(bytes);
-            if found == UPGRADES_FROM {
+            if !(OLDEST_UPGRADED..=DATA_VERSION).contains(&found) {
+                return Err(Error::UnknownVersion { path: path.into(), found, supported: DATA_VERSION });
+            }
+            if found == 2 {
                 for name in db.tree_names() {
                     if name.starts_with(b"sm") {
                         db.drop_tree(&name).map_err(|e| open_error(path, e))?;
                     }
                 }
+            }
+            if found < DATA_VERSION {
+                tracing::info!(path = %path.display(), from = found, to = DATA_VERSION, "upgrading the data directory");
                 meta.insert(KEY_DATA_VERSION, &DATA_VERSION.to_be_bytes()).map_err(|e| open_error(path, e))?;
-            } else if found != DATA_VERSION {
-                return Err(Error::UnknownVersion { path: path.into(), found, supported: DATA_VERSION });
             }
         }
         None => {
@@ -418,6 +427,21 @@ mod tests {
         assert!(!db.tree_names().iter().any(|n| n.starts_with(b"sm")));
         let version = log.dir().meta.get(KEY_DATA_VERSION).unwrap().unwrap();
         assert_eq!(version.as_ref(), &DATA_VERSION.to_be_bytes());
+    }
+
+    #[tokio::test]
+    async fn format_3_directory_is_marked_with_todays_version_and_keeps_its_trees() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (log, _sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+            log.dir().tree("other").unwrap().insert(b"entry", b"kept").unwrap();
+            log.dir().meta.insert(KEY_DATA_VERSION, &3u32.to_be_bytes()).unwrap();
+            log.dir().db.flush().unwrap();
+        }
+        let (log, _sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+        let version = log.dir().meta.get(KEY_DATA_VERSION).unwrap().unwrap();
+        assert_eq!(version.as_ref(), &DATA_VERSION.to_be_bytes());
+        assert_eq!(log.dir().tree("other").unwrap().get(b"entry").unwrap().unwrap().as_ref(), b"kept");
     }
 
     #[tokio::test]

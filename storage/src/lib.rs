@@ -16,6 +16,8 @@
 //! - [`log_sync`] — how far the log is durable: the leader's early appends.
 //! - [`state_machine`] — `RaftStateMachine`, reads, digests.
 //! - [`snapshot`] — the snapshot file format.
+//! - [`registry`] — service registry instances as stored.
+//! - [`upgrade`] — conversions of what older format versions wrote.
 
 // openraft's `StorageError` is large (it carries ids and a backtrace-capable
 // source); its trait methods fix that return type, so boxing is not an option.
@@ -31,8 +33,10 @@ pub mod kv;
 pub mod log_store;
 pub mod log_sync;
 pub mod probes;
+pub mod registry;
 pub mod snapshot;
 pub mod state_machine;
+pub mod upgrade;
 
 pub use command::{Command, CommandResult, Op};
 pub use db::{open, DataDir, OpenOptions};

@@ -314,7 +314,7 @@ fn index_key(index: u64) -> [u8; 8] {
 }
 
 fn decode_entry(raw: &[u8]) -> Result<Entry<TypeConfig>, RaftStorageError> {
-    codec::decode("log entry", raw).map_err(|e| StorageIOError::read_logs(&e).into())
+    codec::decode_upgraded("log entry", raw).map_err(|e| StorageIOError::read_logs(&e).into())
 }
 
 /// The id of the last entry in `log` (purged ones not deleted yet count).

@@ -153,7 +153,7 @@ impl<R: Read> Reader<R> {
         if self.done {
             return Ok(None);
         }
-        match codec::decode("snapshot record", &self.frame()?)? {
+        match codec::decode_upgraded("snapshot record", &self.frame()?)? {
             Record::End { records } => {
                 if records != self.records {
                     return Err(Error::Snapshot {

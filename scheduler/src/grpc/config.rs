@@ -13,8 +13,9 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
-use crate::grpc::stream::inline_stream;
+use crate::grpc::{header, header_at};
 use crate::raft::node::{new_request_id, Node};
+use crate::stream::inline_stream;
 
 /// The ConfigService implementation.
 pub struct ConfigServiceImpl {
@@ -90,11 +91,7 @@ async fn run_watch(
         0 => 5000,
         ms => ms.max(100) as u64,
     });
-    let header = |revision: u64| {
-        let mut h = node.header();
-        h.revision = revision;
-        h
-    };
+    let header = |revision: u64| header_at(&node, revision);
     let mut next = if req.start_revision == 0 { reader.revision() + 1 } else { req.start_revision };
     let mut idle_since = tokio::time::Instant::now();
     if req.start_revision == 0 {
@@ -209,16 +206,14 @@ impl ConfigService for ConfigServiceImpl {
         let cmd = Self::command(&req.request_id, op)?;
         match self.node.propose(cmd).await? {
             CommandResult::Put { revision, create_revision, version } => {
-                let mut header = self.node.header();
-                header.revision = revision;
+                let header = header_at(&self.node, revision);
                 Ok(Response::new(pb::PutResponse { header: Some(header), create_revision, version }))
             }
             CommandResult::Txn { succeeded: true, revision, .. } => {
                 // The put's own revision: read its create revision and
                 // version back from the history.
                 let kv = self.node.reader.get_at(&req.key, revision).map_err(Error::from)?.ok().flatten();
-                let mut header = self.node.header();
-                header.revision = revision;
+                let header = header_at(&self.node, revision);
                 Ok(Response::new(pb::PutResponse {
                     header: Some(header),
                     create_revision: kv.as_ref().map(|k| k.create_revision).unwrap_or(revision),
@@ -247,7 +242,7 @@ impl ConfigService for ConfigServiceImpl {
                 Some((kv, v)) => (Some(to_pb(kv)), v.map(|s| kv::selector_text(&s)).unwrap_or_default()),
                 None => (None, String::new()),
             };
-            return Ok(Response::new(pb::GetResponse { header: Some(self.node.header()), kv, variant }));
+            return Ok(Response::new(pb::GetResponse { header: Some(header(&self.node)), kv, variant }));
         }
         if req.revision != 0 {
             let current = self.node.reader.revision();
@@ -259,8 +254,7 @@ impl ConfigService for ConfigServiceImpl {
             }
             return match self.node.reader.get_at(&req.key, req.revision).map_err(Error::from)? {
                 Ok(kv) => {
-                    let mut header = self.node.header();
-                    header.revision = req.revision;
+                    let header = header_at(&self.node, req.revision);
                     Ok(Response::new(pb::GetResponse {
                         header: Some(header),
                         kv: kv.map(to_pb),
@@ -275,7 +269,7 @@ impl ConfigService for ConfigServiceImpl {
         }
         let kv = self.node.reader.get(&req.key).map_err(Error::from)?;
         Ok(Response::new(pb::GetResponse {
-            header: Some(self.node.header()),
+            header: Some(header(&self.node)),
             kv: kv.map(to_pb),
             variant: String::new(),
         }))
@@ -297,13 +291,11 @@ impl ConfigService for ConfigServiceImpl {
         let cmd = Self::command(&req.request_id, op)?;
         match self.node.propose(cmd).await? {
             CommandResult::Delete { revision, deleted } => {
-                let mut header = self.node.header();
-                header.revision = revision;
+                let header = header_at(&self.node, revision);
                 Ok(Response::new(pb::DeleteResponse { header: Some(header), deleted }))
             }
             CommandResult::Txn { succeeded: true, revision, .. } => {
-                let mut header = self.node.header();
-                header.revision = revision;
+                let header = header_at(&self.node, revision);
                 Ok(Response::new(pb::DeleteResponse { header: Some(header), deleted: true }))
             }
             CommandResult::Txn { failed, .. } => {
@@ -322,7 +314,7 @@ impl ConfigService for ConfigServiceImpl {
         self.node.read_barrier(req.serializable).await?;
         let (kvs, more) = self.node.reader.list(&req.prefix, req.limit as usize).map_err(Error::from)?;
         Ok(Response::new(pb::ListResponse {
-            header: Some(self.node.header()),
+            header: Some(header(&self.node)),
             kvs: kvs.into_iter().map(to_pb).collect(),
             more,
         }))
@@ -335,7 +327,7 @@ impl ConfigService for ConfigServiceImpl {
         let events = self.node.reader.history(&req.key, req.limit as usize).map_err(Error::from)?;
         let compact_revision = self.node.reader.compacted().map_err(Error::from)?;
         Ok(Response::new(pb::HistoryResponse {
-            header: Some(self.node.header()),
+            header: Some(header(&self.node)),
             events: events.into_iter().map(|(_, e)| event_to_pb(e)).collect(),
             compact_revision,
         }))
@@ -347,8 +339,7 @@ impl ConfigService for ConfigServiceImpl {
         let cmd = Self::command(&req.request_id, Op::Txn(Box::new(txn)))?;
         match self.node.propose(cmd).await? {
             CommandResult::Txn { succeeded, revision, failed } => {
-                let mut header = self.node.header();
-                header.revision = revision;
+                let header = header_at(&self.node, revision);
                 Ok(Response::new(pb::TxnResponse { header: Some(header), succeeded, failed }))
             }
             CommandResult::Rejected { reason } => Err(invalid(reason)),
@@ -369,7 +360,7 @@ impl ConfigService for ConfigServiceImpl {
             Action::Promote => Some(Op::GrayPromote { key: req.key.clone(), selector }),
             Action::Drop => Some(Op::GrayDrop { key: req.key.clone(), selector }),
         };
-        let mut header = self.node.header();
+        let mut header = header(&self.node);
         if let Some(op) = op {
             let cmd = Self::command(&req.request_id, op)?;
             match self.node.propose(cmd).await? {

@@ -37,9 +37,11 @@ fn reply<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Response<
     payload(what, value).map(Response::new)
 }
 
-/// Hands one AppendEntries to openraft and encodes its result.
+/// Hands one AppendEntries to openraft and encodes its result. Entries
+/// from a leader of an older format are converted as they are decoded.
 async fn append(node: &Node, request: pb::RaftPayload) -> Result<pb::RaftPayload, Status> {
-    let req: AppendEntriesRequest<ferry_storage::TypeConfig> = decode("append entries", &request.data)?;
+    let req: AppendEntriesRequest<ferry_storage::TypeConfig> = codec::decode_upgraded("append entries", &request.data)
+        .map_err(|e| Status::invalid_argument(format!("data: {e}")))?;
     let result = node.raft.append_entries(req).await;
     payload("append entries", &result)
 }

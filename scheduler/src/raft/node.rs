@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_proto::pb;
 use ferry_proto::pb::raft_service_client::RaftServiceClient;
-use ferry_proto::pb::{self, ResponseHeader};
 use ferry_storage::{Command, CommandResult, LogStore, NodeId, StateReader, TypeConfig};
 use openraft::error::{CheckIsLeaderError, ForwardToLeader, RaftError};
 use openraft::{BasicNode, Raft, ServerState};
@@ -147,17 +147,6 @@ impl Node {
                 Err(Error::Unreachable { addr: "quorum".into(), reason: e.to_string() })
             }
             Err(RaftError::Fatal(f)) => Err(Error::Stopped(f.to_string())),
-        }
-    }
-
-    /// The header for a response produced now.
-    pub fn header(&self) -> ResponseHeader {
-        let m = self.raft.metrics().borrow().clone();
-        ResponseHeader {
-            revision: self.reader.revision(),
-            raft_term: m.current_term,
-            member_id: self.id,
-            applied_index: self.reader.applied_index(),
         }
     }
 
