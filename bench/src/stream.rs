@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ferry_proto::pb::{self, chunk_service_client::ChunkServiceClient, chunk_service_server::ChunkServiceServer};
 use ferry_worker::chunk_server::ChunkServer;
-use ferry_worker::index::{hex, index_file};
+use ferry_worker::index::index_file;
 use ferry_worker::limiter::Bandwidth;
 use ferry_worker::store::{ChunkStore, Location};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +31,7 @@ pub struct Args {
     dir: Option<PathBuf>,
 }
 
-async fn grpc_once(addr: &str, chunks: &[(String, u64)], concurrency: usize) -> anyhow::Result<Duration> {
+async fn grpc_once(addr: &str, chunks: &[(Vec<u8>, u64)], concurrency: usize) -> anyhow::Result<Duration> {
     let channel = ferry_worker::executor::peer_channel(addr, true).map_err(anyhow::Error::msg)?;
     let start = Instant::now();
     let queue = std::sync::Arc::new(tokio::sync::Mutex::new(chunks.to_vec()));
@@ -97,7 +97,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let mut chunks = Vec::new();
     for c in &indexed.chunks {
         store.put(&c.hash, &Location { path: file.clone(), offset: c.offset, len: c.len })?;
-        chunks.push((hex(&c.hash), c.len));
+        chunks.push((c.hash.to_vec(), c.len));
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use ferry_scheduler::jobs::report::report_to_json;
+use ferry_scheduler::grpc::jobs::from_pb;
 use ferry_sdk::pb;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -62,7 +62,7 @@ pub fn print_report(r: &pb::JobReport) {
 
 fn output(args: &ClientArgs, r: &pb::JobReport) -> u8 {
     if args.json {
-        println!("{}", report_to_json(r));
+        println!("{}", from_pb(r.clone()).to_json());
     } else {
         print_report(r);
     }
@@ -180,7 +180,10 @@ pub async fn run(args: &ClientArgs, cmd: JobCmd) -> u8 {
         JobCmd::List => match c.list_jobs().await {
             Ok(jobs) => {
                 if args.json {
-                    println!("{}", serde_json::Value::Array(jobs.iter().map(report_to_json).collect()));
+                    println!(
+                        "{}",
+                        serde_json::Value::Array(jobs.iter().map(|j| from_pb(j.clone()).to_json()).collect())
+                    );
                 } else {
                     println!("{:<20} {:<10} {:>10} {:>8}  SOURCE", "JOB", "STATE", "SIZE", "TARGETS");
                     for j in jobs {

@@ -17,6 +17,10 @@ pub use v1 as pb;
 /// Encoded `FileDescriptorSet` of every Ferry service, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
 
+/// The worker protocol this build speaks: what `WorkerInfo.protocol` says.
+/// 2: hashes as bytes, typed pull failures.
+pub const PROTOCOL: u32 = 2;
+
 /// Metadata key on "not leader" answers: the leader's `host:port`, for
 /// clients and workers to follow.
 pub const LEADER_ADDR_HEADER: &str = "x-ferry-leader-addr";

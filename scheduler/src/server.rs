@@ -139,7 +139,7 @@ impl Scheduler {
         tasks.push(tokio::spawn(serve_grpc(node.clone(), sessions.clone(), clock.clone(), grpc, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::leases::run_expiry(node.clone(), clock, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::probes::run_alerts(node.clone(), shutdown_rx.clone())));
-        tasks.push(tokio::spawn(crate::jobs::planner::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::jobs::driver::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::raft::snapshots::run(
             raft.clone(),
             config.snapshot_every,

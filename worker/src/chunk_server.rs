@@ -11,7 +11,6 @@ use tokio::sync::Semaphore;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::index::parse_hex;
 use crate::store::ChunkStore;
 
 /// Bytes per stream frame, at most.
@@ -69,13 +68,18 @@ impl ChunkService for ChunkServer {
 
     async fn get_chunk(&self, request: Request<pb::GetChunkRequest>) -> Result<Response<Self::GetChunkStream>, Status> {
         let req = request.into_inner();
-        let hash = parse_hex(&req.hash).ok_or_else(|| Status::invalid_argument("hash: not a hex BLAKE3 hash"))?;
+        let hash: [u8; 32] = req.hash.as_slice().try_into().map_err(|_| {
+            Status::invalid_argument(format!("hash: a BLAKE3 hash has 32 bytes, not {}", req.hash.len()))
+        })?;
+        let name = || crate::index::hex(&hash);
         let loc =
-            self.store.get(&hash).ok_or_else(|| Status::not_found(format!("chunk {} is not held here", req.hash)))?;
+            self.store.get(&hash).ok_or_else(|| Status::not_found(format!("chunk {} is not held here", name())))?;
         if req.len != loc.len {
             return Err(Status::invalid_argument(format!(
                 "len: chunk {} has {} bytes, not {}",
-                req.hash, loc.len, req.len
+                name(),
+                loc.len,
+                req.len
             )));
         }
         let permit = self

@@ -29,35 +29,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_proto::pb::{self, chunk_service_client::ChunkServiceClient, worker_message::Msg};
-use tokio::sync::{mpsc, Semaphore};
+use ferry_proto::pb::{self, chunk_service_client::ChunkServiceClient};
+use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::command::{Command, Fin, Held, Manifest, Pull, PullError, PullFailure, Report, TargetFile};
 use crate::file_tree::{FileTree, LEAF};
-use crate::index::{self, hex, parse_hex};
+use crate::index;
 use crate::metrics::WorkerMetrics;
 use crate::roots::{c_name, io_result, open_at, Roots};
 use crate::store::{ChunkStore, Location, Retained};
-
-/// The current session's outbound queue (none while disconnected).
-#[derive(Clone, Default)]
-pub struct Outbox(Arc<Mutex<Option<mpsc::Sender<pb::WorkerMessage>>>>);
-
-impl Outbox {
-    /// Replaces the queue (on connect) or clears it (on disconnect).
-    pub fn set(&self, tx: Option<mpsc::Sender<pb::WorkerMessage>>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = tx;
-    }
-
-    /// Sends a message to the leader if a session is up; otherwise it is
-    /// dropped (the leader re-plans after a reconnect).
-    pub async fn send(&self, msg: Msg) {
-        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(tx) = tx {
-            let _ = tx.send(pb::WorkerMessage { msg: Some(msg) }).await;
-        }
-    }
-}
 
 struct WorkFile {
     chunks: Vec<index::ChunkRef>,
@@ -100,7 +81,7 @@ struct JobWork {
     /// `None` until packed, then the fin it produced. Pulls hold it shared
     /// while they write; pack holds it exclusively, so no write can touch a
     /// file once pack starts, and a repeated pack replays the same fin.
-    gate: tokio::sync::RwLock<Option<pb::TargetFin>>,
+    gate: tokio::sync::RwLock<Option<Fin>>,
     chunks: Mutex<HashMap<(u32, u32), ChunkState>>,
 }
 
@@ -117,15 +98,12 @@ impl JobWork {
     }
 
     /// What a prepare reports: files identical already, and chunks held.
-    fn report(&self) -> (Vec<u32>, Vec<u64>) {
+    fn report(&self) -> Held {
         let unchanged = self.files.iter().enumerate().filter(|(_, f)| f.unchanged).map(|(i, _)| i as u32).collect();
-        let local = self
-            .chunk_state()
-            .iter()
-            .filter(|(_, s)| **s == ChunkState::Done)
-            .map(|((f, c), _)| ((*f as u64) << 32) | *c as u64)
-            .collect();
-        (unchanged, local)
+        let mut local: Vec<(u32, u32)> =
+            self.chunk_state().iter().filter(|(_, s)| **s == ChunkState::Done).map(|(k, _)| *k).collect();
+        local.sort_unstable();
+        Held { unchanged, local }
     }
 }
 
@@ -168,7 +146,6 @@ pub struct Executor {
     pub(crate) store: ChunkStore,
     pub(crate) hooks: BTreeMap<String, String>,
     pub(crate) downloads: Arc<Semaphore>,
-    pub(crate) outbox: Outbox,
     bandwidth: crate::limiter::Bandwidth,
     /// How long a pull may receive nothing before it fails.
     stall_timeout: Duration,
@@ -187,24 +164,18 @@ pub struct Executor {
 const MAX_MANIFEST_CHUNK: u64 = 64 * 1024 * 1024;
 
 /// Checks a manifest from the leader: chunks contiguous from 0 to `size`.
-fn to_chunks(m: &pb::FileManifest) -> Result<Vec<index::ChunkRef>, String> {
+fn check_manifest(m: &Manifest) -> Result<(), String> {
     let mut next = 0u64;
-    let mut out = Vec::with_capacity(m.chunks.len());
     for c in &m.chunks {
         if c.offset != next || c.len == 0 || c.len > MAX_MANIFEST_CHUNK {
             return Err(format!("manifest of {}: chunk at {} does not follow on {next}", m.path, c.offset));
         }
         next = next.checked_add(c.len).ok_or("manifest: chunk offsets overflow")?;
-        out.push(index::ChunkRef {
-            offset: c.offset,
-            len: c.len,
-            hash: parse_hex(&c.hash).ok_or_else(|| format!("bad chunk hash {}", c.hash))?,
-        });
     }
     if next != m.size {
         return Err(format!("manifest of {}: chunks cover {next} of {} bytes", m.path, m.size));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Reads `len` bytes at `loc` and returns them if they hash to `hash`.
@@ -241,7 +212,6 @@ impl Executor {
             store,
             hooks: config.hooks.clone(),
             downloads: Arc::new(Semaphore::new(config.max_downloads)),
-            outbox: Outbox::default(),
             bandwidth: crate::limiter::Bandwidth::new(config.download_limit),
             stall_timeout: config.pull_stall_timeout,
             socket_priority: config.socket_priority,
@@ -254,74 +224,54 @@ impl Executor {
         }
     }
 
-    /// Handles one command from the leader (spawned by the session).
-    pub async fn handle(self: Arc<Self>, cmd: pb::control_message::Msg) {
-        use pb::control_message::Msg as C;
+    /// Runs one command from the leader (the session spawns each); its
+    /// answer, if it has one.
+    pub async fn handle(self: Arc<Self>, cmd: Command) -> Option<Report> {
         match cmd {
-            C::Index(c) => {
-                let reply = self.clone().index(c).await;
-                self.outbox.send(Msg::Indexed(reply)).await;
-            }
-            C::Prepare(c) => {
-                let job_id = c.job_id.clone();
+            Command::Index { request, paths } => Some(Report::Indexed { request, result: self.index(paths).await }),
+            Command::Prepare { job, files } => {
                 let this = self.clone();
-                let reply = tokio::task::spawn_blocking(move || this.prepare(c))
+                let id = job.clone();
+                let result = tokio::task::spawn_blocking(move || this.prepare(&id, &files))
                     .await
                     .unwrap_or_else(|e| Err(format!("prepare task failed: {e}")));
-                let prepared = match reply {
-                    Ok((unchanged, local)) => pb::Prepared { job_id, unchanged, error: String::new(), local },
-                    Err(error) => pb::Prepared { job_id, unchanged: vec![], error, local: vec![] },
-                };
-                self.outbox.send(Msg::Prepared(prepared)).await;
+                Some(Report::Prepared { job, result })
             }
-            C::Pull(c) => {
-                let (job_id, file, chunk, from) = (c.job_id.clone(), c.file, c.chunk, c.from_worker.clone());
-                let error = self.pull(c).await.err().unwrap_or_default();
-                if !error.is_empty() {
-                    tracing::warn!(worker = %self.name, job = %job_id, file, chunk, %from, %error, "pull failed");
+            Command::Pull(p) => Some(match self.pull(&p).await {
+                Ok(()) => Report::Pulled { job: p.job, file: p.file, chunk: p.chunk, from: p.from_worker },
+                Err(error) => {
+                    tracing::warn!(worker = %self.name, job = %p.job, file = p.file, chunk = p.chunk,
+                        from = %p.from_worker, failure = ?error.failure, %error, "pull failed");
+                    Report::PullFailed { job: p.job, file: p.file, chunk: p.chunk, from: p.from_worker, error }
                 }
-                self.outbox.send(Msg::Ack(pb::ChunkAck { job_id, file, chunk, via: String::new(), from, error })).await;
+            }),
+            Command::Pack { job, hook } => Some(Report::Fin(self.pack(&job, &hook).await)),
+            Command::Cancel { job } => {
+                self.cancel(&job).await;
+                None
             }
-            C::Pack(c) => {
-                let fin = self.pack(c).await;
-                self.outbox.send(Msg::Fin(fin)).await;
-            }
-            C::Cancel(c) => self.cancel(&c.job_id).await,
         }
     }
 
-    async fn index(self: Arc<Self>, cmd: pb::IndexCommand) -> pb::IndexResult {
-        let request = cmd.request;
+    async fn index(self: Arc<Self>, paths: Vec<String>) -> Result<Vec<Manifest>, String> {
         let this = self.clone();
-        let result = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let mut files = Vec::new();
-            for path in &cmd.paths {
+            for path in &paths {
                 let resolved = this.roots.check_read(path)?;
-                let f = this.store.index(&resolved).map_err(|e| format!("{path}: {e}"))?;
+                let mut f = this.store.index(&resolved).map_err(|e| format!("{path}: {e}"))?;
                 for c in &f.chunks {
                     let loc = Location { path: resolved.clone(), offset: c.offset, len: c.len };
                     this.store.put(&c.hash, &loc).map_err(|e| e.to_string())?;
                 }
-                files.push(pb::FileManifest {
-                    path: path.clone(),
-                    size: f.size,
-                    mode: f.mode,
-                    blake3: hex(&f.blake3),
-                    chunks: f
-                        .chunks
-                        .iter()
-                        .map(|c| pb::ChunkRef { offset: c.offset, len: c.len, hash: hex(&c.hash) })
-                        .collect(),
-                });
+                // Named as asked, not as resolved.
+                f.path = path.clone();
+                files.push(f);
             }
-            Ok::<_, String>(files)
+            Ok(files)
         })
         .await
-        .unwrap_or_else(|e| Err(format!("index task failed: {e}")));
-        match result {
-            Ok(files) => pb::IndexResult { request, files, error: String::new() },
-            Err(error) => pb::IndexResult { request, files: vec![], error },
-        }
+        .unwrap_or_else(|e| Err(format!("index task failed: {e}")))
     }
 
     fn is_cancelled(&self, job_id: &str) -> bool {
@@ -332,22 +282,22 @@ impl Executor {
     /// (`file << 32 | chunk`). Idempotent: a job this worker knows already
     /// (a repeated prepare after a reconnect, or after pack) is reported as
     /// it stands, without touching its files.
-    fn prepare(&self, cmd: pb::PrepareCommand) -> Result<(Vec<u32>, Vec<u64>), String> {
-        if self.is_cancelled(&cmd.job_id) {
+    fn prepare(&self, job_id: &str, targets: &[TargetFile]) -> Result<Held, String> {
+        if self.is_cancelled(job_id) {
             return Err("the job was cancelled".into());
         }
-        if let Some(work) = self.work(&cmd.job_id) {
+        if let Some(work) = self.work(job_id) {
             return Ok(work.report());
         }
         let mut files = Vec::new();
         let mut done = HashMap::new();
         // One handle per destination directory, shared by its files.
         let mut dirs: HashMap<PathBuf, Arc<OwnedFd>> = HashMap::new();
-        for (i, tf) in cmd.files.iter().enumerate() {
-            let m = tf.manifest.as_ref().ok_or("a file without manifest")?;
+        for (i, tf) in targets.iter().enumerate() {
+            let m = &tf.manifest;
             let dest = self.roots.check_write(&tf.destination)?;
-            let chunks = to_chunks(m)?;
-            let blake3 = parse_hex(&m.blake3).ok_or("bad file hash")?;
+            check_manifest(m)?;
+            let (chunks, blake3) = (m.chunks.clone(), m.blake3);
             // Staged beside the destination (same file system), so the final
             // rename is atomic; the hidden name is never the final one.
             let parent = dest.parent().ok_or("destination has no parent directory")?;
@@ -363,7 +313,7 @@ impl Executor {
             let dest_file = dest.file_name().ok_or("destination has no file name")?;
             let name = dest_file.to_string_lossy();
             let dest_name = c_name(dest_file.as_bytes())?;
-            let staging_file = format!(".{name}.ferry-{}.part", safe_job_dir(&cmd.job_id));
+            let staging_file = format!(".{name}.ferry-{}.part", safe_job_dir(job_id));
             let staging = parent.join(&staging_file);
             let staging_name = c_name(staging_file.as_bytes())?;
             let mut same = false;
@@ -423,12 +373,12 @@ impl Executor {
         let report = work.report();
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         // A cancel that came in while this ran wins.
-        if self.is_cancelled(&cmd.job_id) {
+        if self.is_cancelled(job_id) {
             drop(jobs);
             remove_staging(&work);
             return Err("the job was cancelled".into());
         }
-        jobs.insert(cmd.job_id, work);
+        jobs.insert(job_id.to_string(), work);
         Ok(report)
     }
 
@@ -446,27 +396,29 @@ impl Executor {
         Ok(ch)
     }
 
-    async fn pull(&self, cmd: pb::PullCommand) -> Result<(), String> {
-        let work = self.work(&cmd.job_id).ok_or("job not prepared on this worker")?;
+    async fn pull(&self, cmd: &Pull) -> Result<(), PullError> {
+        use PullFailure::*;
+        let work = self.work(&cmd.job).ok_or_else(|| PullError::new(NotPrepared, "job not prepared on this worker"))?;
         let key = (cmd.file, cmd.chunk);
-        let file = work.files.get(cmd.file as usize).ok_or("no such file in the job")?;
-        let chunk = *file.chunks.get(cmd.chunk as usize).ok_or("no such chunk in the file")?;
+        let file = work.files.get(cmd.file as usize).ok_or_else(|| PullError::new(Local, "no such file in the job"))?;
+        let chunk =
+            *file.chunks.get(cmd.chunk as usize).ok_or_else(|| PullError::new(Local, "no such chunk in the file"))?;
         let gate = work.gate.read().await;
         if gate.is_some() {
-            return Err("job already installed on this worker".into());
+            return Err(PullError::new(AlreadyInstalled, "job already installed on this worker"));
         }
         {
             let mut states = work.chunk_state();
             match states.get(&key) {
                 Some(ChunkState::Done) => return Ok(()),
-                Some(ChunkState::Pulling) => return Err("already pulling this chunk".into()),
+                Some(ChunkState::Pulling) => return Err(PullError::new(AlreadyPulling, "already pulling this chunk")),
                 None => {
                     states.insert(key, ChunkState::Pulling);
                 }
             }
         }
         self.metrics.downloads_in_flight.inc();
-        let result = self.fetch(&cmd, file, chunk).await;
+        let result = self.fetch(cmd, file, chunk).await;
         self.metrics.downloads_in_flight.dec();
         match &result {
             Ok(()) => self.metrics.chunks_pulled.inc(),
@@ -491,13 +443,16 @@ impl Executor {
 
     /// Streams one chunk from a peer into its region of the staging file,
     /// checking its length and BLAKE3.
-    async fn fetch(&self, cmd: &pb::PullCommand, file: &WorkFile, chunk: index::ChunkRef) -> Result<(), String> {
-        let _permit = self.downloads.acquire().await.map_err(|_| "worker stopping")?;
-        let mut client = ChunkServiceClient::new(self.peer(&cmd.from_addr)?).max_decoding_message_size(4 * 1024 * 1024);
+    async fn fetch(&self, cmd: &Pull, file: &WorkFile, chunk: index::ChunkRef) -> Result<(), PullError> {
+        use PullFailure::*;
+        let local = |what: &str, e: &dyn std::fmt::Display| PullError::new(Local, format!("{what}: {e}"));
+        let _permit = self.downloads.acquire().await.map_err(|_| PullError::new(Local, "worker stopping"))?;
+        let channel = self.peer(&cmd.from_addr).map_err(|e| PullError::new(Holder, e))?;
+        let mut client = ChunkServiceClient::new(channel).max_decoding_message_size(4 * 1024 * 1024);
         let mut req = tonic::Request::new(pb::GetChunkRequest {
-            hash: hex(&chunk.hash),
+            hash: chunk.hash.to_vec(),
             len: chunk.len,
-            job_id: cmd.job_id.clone(),
+            job_id: cmd.job.clone(),
         });
         req.set_timeout(Duration::from_secs(60));
         // A peer that stops sending while its connection lives on (a hung
@@ -505,23 +460,32 @@ impl Executor {
         // answers) would otherwise hold this pull slot until its server gives
         // up on the call.
         let stall = self.stall_timeout;
-        let stalled = || format!("{} sent nothing for {}", cmd.from_worker, humantime::format_duration(stall));
+        let stalled = || {
+            PullError::new(
+                Stalled,
+                format!("{} sent nothing for {}", cmd.from_worker, humantime::format_duration(stall)),
+            )
+        };
+        // The holder's answer: at its upload limit it says so (and another
+        // holder is tried); anything else is the holder's failure.
+        let refused = |s: tonic::Status| {
+            let failure = if s.code() == tonic::Code::ResourceExhausted { HolderBusy } else { Holder };
+            PullError::new(failure, format!("{}: {}", cmd.from_worker, s.message()))
+        };
         let mut stream = tokio::time::timeout(stall, client.get_chunk(req))
             .await
             .map_err(|_| stalled())?
-            .map_err(|s| format!("{}: {}", cmd.from_worker, s.message()))?
+            .map_err(refused)?
             .into_inner();
-        let out = Arc::new(open_staging(&file.dir, &file.staging_name, false).map_err(|e| format!("staging: {e}"))?);
+        let out = Arc::new(open_staging(&file.dir, &file.staging_name, false).map_err(|e| local("staging", &e))?);
         let mut hasher = blake3::Hasher::new();
         let end = chunk.offset + chunk.len;
         let mut offset = chunk.offset;
-        while let Some(frame) = tokio::time::timeout(stall, stream.message())
-            .await
-            .map_err(|_| stalled())?
-            .map_err(|s| format!("{}: {}", cmd.from_worker, s.message()))?
+        while let Some(frame) =
+            tokio::time::timeout(stall, stream.message()).await.map_err(|_| stalled())?.map_err(refused)?
         {
             if frame.data.len() as u64 > end - offset {
-                return Err(format!("{} sent more than {} bytes", cmd.from_worker, chunk.len));
+                return Err(PullError::new(Holder, format!("{} sent more than {} bytes", cmd.from_worker, chunk.len)));
             }
             self.bandwidth.take(frame.data.len()).await;
             self.metrics.bytes_downloaded.inc_by(frame.data.len() as u64);
@@ -530,15 +494,16 @@ impl Executor {
             offset += frame.data.len() as u64;
             tokio::task::spawn_blocking(move || out.write_all_at(&frame.data, at))
                 .await
-                .map_err(|e| format!("write task: {e}"))?
-                .map_err(|e| format!("staging write: {e}"))?;
+                .map_err(|e| local("write task", &e))?
+                .map_err(|e| local("staging write", &e))?;
         }
         if offset != end {
-            return Err(format!("{} sent {} of {} bytes", cmd.from_worker, offset - chunk.offset, chunk.len));
+            let sent = offset - chunk.offset;
+            return Err(PullError::new(Holder, format!("{} sent {sent} of {} bytes", cmd.from_worker, chunk.len)));
         }
         if hasher.finalize().as_bytes() != &chunk.hash {
             self.metrics.bad_chunks.inc();
-            return Err(format!("chunk from {} failed its BLAKE3 check", cmd.from_worker));
+            return Err(PullError::new(BadChunk, format!("chunk from {} failed its BLAKE3 check", cmd.from_worker)));
         }
         // Start writing the chunk to disk now, at the rate it arrives,
         // instead of leaving it to the kernel's dirty-page writeback: that
@@ -547,20 +512,16 @@ impl Executor {
         // for the fsync at pack.
         let _ = tokio::task::spawn_blocking(move || start_writeback(&out, chunk.offset, chunk.len)).await;
         let here = Location { path: file.staging.clone(), offset: chunk.offset, len: chunk.len };
-        self.store.put(&chunk.hash, &here).map_err(|e| e.to_string())?;
+        self.store.put(&chunk.hash, &here).map_err(|e| local("chunk store", &e))?;
         // Durable before the ack, so a restarted worker still finds it.
-        self.store.flush().await.map_err(|e| e.to_string())?;
+        self.store.flush().await.map_err(|e| local("chunk store", &e))?;
         Ok(())
     }
 
-    async fn pack(&self, cmd: pb::PackCommand) -> pb::TargetFin {
-        let fin = |ok: bool, reason: String, hook_exit: Option<i32>| pb::TargetFin {
-            job_id: cmd.job_id.clone(),
-            ok,
-            reason,
-            hook_exit,
-        };
-        let Some(work) = self.work(&cmd.job_id) else {
+    async fn pack(&self, job_id: &str, hook_name: &str) -> Fin {
+        let fin =
+            |ok: bool, reason: String, hook_exit: Option<i32>| Fin { job: job_id.to_string(), ok, reason, hook_exit };
+        let Some(work) = self.work(job_id) else {
             return fin(false, "job not prepared on this worker".into(), None);
         };
         // Waits for running pulls; later pulls see the job packed.
@@ -578,12 +539,12 @@ impl Executor {
         if missing {
             return fin(false, "pack arrived before every chunk was held".into(), None);
         }
-        let hook = if cmd.hook.is_empty() {
+        let hook = if hook_name.is_empty() {
             None
         } else {
-            match self.hooks.get(&cmd.hook) {
+            match self.hooks.get(hook_name) {
                 Some(c) => Some(c.clone()),
-                None => return fin(false, format!("hook: this worker has no hook named {}", cmd.hook), None),
+                None => return fin(false, format!("hook: this worker has no hook named {hook_name}"), None),
             }
         };
         let (w, store, retained) = (work.clone(), self.store.clone(), self.retained.clone());
@@ -604,22 +565,22 @@ impl Executor {
             }
             Ok(paths) => match hook {
                 None => fin(true, String::new(), None),
-                Some(command) => match crate::hooks::run(&command, &cmd.job_id, &paths).await {
+                Some(command) => match crate::hooks::run(&command, job_id, &paths).await {
                     Ok(0) => fin(true, String::new(), Some(0)),
                     Ok(code) => {
                         self.metrics.hook_failures.inc();
-                        fin(false, format!("hook {} exited with {code}", cmd.hook), Some(code))
+                        fin(false, format!("hook {hook_name} exited with {code}"), Some(code))
                     }
                     Err(e) => {
                         self.metrics.hook_failures.inc();
-                        fin(false, format!("hook {}: {e}", cmd.hook), None)
+                        fin(false, format!("hook {hook_name}: {e}"), None)
                     }
                 },
             },
         };
         *gate = Some(result.clone());
         drop(gate);
-        self.ended(&cmd.job_id);
+        self.ended(job_id);
         result
     }
 

@@ -74,11 +74,6 @@ pub fn hex(hash: &[u8; 32]) -> String {
     blake3::Hash::from_bytes(*hash).to_hex().to_string()
 }
 
-/// Parses lower- or upper-case hex into a hash.
-pub fn parse_hex(s: &str) -> Option<[u8; 32]> {
-    blake3::Hash::from_hex(s).ok().map(|h| *h.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,11 +15,13 @@
 //! - [`file_tree`] — the whole-file BLAKE3 of a file that arrives out of order.
 //! - [`store`] — where each known chunk's bytes are.
 //! - [`chunk_server`] — serving chunks to peers.
+//! - [`command`] — the leader's commands and the worker's reports.
 //! - [`executor`] — index, prepare, pull, pack, cancel.
 //! - [`hooks`] — running named hooks.
 //! - [`limiter`] — upload and download bandwidth caps.
 //! - [`net`] — pull connections and socket priorities of chunk traffic.
-//! - [`session`] — the control session with the leader.
+//! - [`session`] — the control session with the leader; converts commands
+//!   and reports from and to protobuf.
 //! - [`materializer`] — config keys into local files, then a hook.
 //! - [`probes`] — the probe runner: timed downloads, rankings, output files.
 //! - [`render`] — the file formats (`raw`, `json`, `properties`).
@@ -28,6 +30,7 @@
 
 pub mod atomic_file;
 pub mod chunk_server;
+pub mod command;
 pub mod config;
 pub mod executor;
 pub mod file_tree;
@@ -176,6 +179,7 @@ impl Worker {
             roots: roots.list().iter().map(|r| r.display().to_string()).collect(),
             hooks: config.hooks.keys().cloned().collect(),
             version: env!("CARGO_PKG_VERSION").into(),
+            protocol: ferry_proto::PROTOCOL,
         };
         if let Some(client) = config_client {
             let m = Arc::new(materializer::Materializer::new(&config, client, roots.clone(), metrics.clone()));

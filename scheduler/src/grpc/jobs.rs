@@ -1,24 +1,21 @@
-//! `ferry.v1.JobService`: submit (validate, index on the source, log the
-//! job), get, list, watch and cancel. Writes run on the leader (a follower
-//! forwards them); reads are served by any member from its replica.
+//! `ferry.v1.JobService`: decode, call [`crate::jobs::submission`], encode.
+//! Submit and cancel run on the leader (see [`crate::grpc::forward`]); reads
+//! are served by any member after a read barrier, so a job submitted
+//! through another member is found at once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::pb::{self, job_service_server::JobService};
-use ferry_storage::{Chunk, Command, CommandResult, FileEntry, Job, JobEvent, JobPhase, Op, Target};
+use ferry_storage::JobPhase;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::clock::now_ms;
-use crate::error::Error;
-use crate::jobs::batcher::event;
-use crate::jobs::report::report;
+use crate::jobs::report::{FileReport, Report, TargetReport};
 use crate::jobs::sessions::Sessions;
+use crate::jobs::spec::JobRequest;
+use crate::jobs::submission;
 use crate::raft::node::{new_request_id, Node};
-
-/// How long the source may take to index.
-pub const INDEX_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The JobService implementation.
 pub struct JobServiceImpl {
@@ -26,39 +23,114 @@ pub struct JobServiceImpl {
     pub(crate) sessions: Arc<Sessions>,
 }
 
-fn parse_hash(s: &str) -> Result<[u8; 32], Status> {
-    blake3::Hash::from_hex(s)
-        .map(|h| *h.as_bytes())
-        .map_err(|_| Status::internal(format!("source sent a bad hash {s}")))
-}
-
-fn job_id_for(request_id: &str) -> String {
-    // A retried submission (same request id) maps to the same job id.
-    let h = blake3::hash(request_id.as_bytes()).to_hex();
-    format!("j-{}", &h.as_str()[..16])
-}
-
-impl JobServiceImpl {
-    async fn wait_done(&self, id: &str, deadline: Duration) -> Result<Job, Status> {
-        let mut changes = self.node.reader.subscribe();
-        let until = tokio::time::Instant::now() + deadline;
-        loop {
-            let job = self
-                .node
-                .reader
-                .job(id)
-                .map_err(Error::from)?
-                .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
-            if job.phase != JobPhase::Running {
-                return Ok(job);
-            }
-            match tokio::time::timeout_at(until, changes.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(Status::unavailable("scheduler stopping")),
-                Err(_) => return Err(Status::deadline_exceeded(format!("job {id} still running"))),
-            }
-        }
+fn from_spec(s: pb::JobSpec) -> JobRequest {
+    JobRequest {
+        source: s.source,
+        files: s.files,
+        targets: s.targets,
+        selector: s.selector,
+        destination: s.destination,
+        hook: s.hook,
+        callback_url: s.callback_url,
+        timeout_ms: s.timeout_ms,
+        grace_ms: s.grace_ms,
     }
+}
+
+fn to_spec(s: JobRequest) -> pb::JobSpec {
+    pb::JobSpec {
+        source: s.source,
+        files: s.files,
+        targets: s.targets,
+        selector: s.selector,
+        destination: s.destination,
+        hook: s.hook,
+        callback_url: s.callback_url,
+        timeout_ms: s.timeout_ms,
+        grace_ms: s.grace_ms,
+    }
+}
+
+/// The wire form of a report.
+pub fn to_pb(r: Report) -> pb::JobReport {
+    pb::JobReport {
+        job_id: r.job_id,
+        state: r.state,
+        spec: Some(to_spec(r.spec)),
+        files: r
+            .files
+            .into_iter()
+            .map(|f| pb::FileReport {
+                path: f.path,
+                destination: f.destination,
+                size: f.size,
+                chunks: f.chunks,
+                blake3: f.blake3,
+            })
+            .collect(),
+        targets: r
+            .targets
+            .into_iter()
+            .map(|t| pb::TargetReport {
+                worker: t.worker,
+                state: t.state,
+                bytes_done: t.bytes_done,
+                chunks_done: t.chunks_done,
+                bytes_from_source: t.bytes_from_source,
+                bytes_from_peers: t.bytes_from_peers,
+                bytes_reused: t.bytes_reused,
+                duration_ms: t.duration_ms,
+                hook_exit: t.hook_exit,
+                reason: t.reason,
+            })
+            .collect(),
+        total_bytes: r.total_bytes,
+        created_unix_ms: r.created_unix_ms,
+        finished_unix_ms: r.finished_unix_ms,
+    }
+}
+
+/// A report received over the wire (`ferry job --json` prints its JSON).
+pub fn from_pb(r: pb::JobReport) -> Report {
+    Report {
+        job_id: r.job_id,
+        state: r.state,
+        spec: r.spec.map(from_spec).unwrap_or_default(),
+        total_bytes: r.total_bytes,
+        created_unix_ms: r.created_unix_ms,
+        finished_unix_ms: r.finished_unix_ms,
+        files: r
+            .files
+            .into_iter()
+            .map(|f| FileReport {
+                path: f.path,
+                destination: f.destination,
+                size: f.size,
+                chunks: f.chunks,
+                blake3: f.blake3,
+            })
+            .collect(),
+        targets: r
+            .targets
+            .into_iter()
+            .map(|t| TargetReport {
+                worker: t.worker,
+                state: t.state,
+                bytes_done: t.bytes_done,
+                chunks_done: t.chunks_done,
+                bytes_from_source: t.bytes_from_source,
+                bytes_from_peers: t.bytes_from_peers,
+                bytes_reused: t.bytes_reused,
+                duration_ms: t.duration_ms,
+                hook_exit: t.hook_exit,
+                reason: t.reason,
+            })
+            .collect(),
+    }
+}
+
+fn report(job: &ferry_storage::Job) -> pb::JobReport {
+    to_pb(Report::of(job))
 }
 
 #[tonic::async_trait]
@@ -67,86 +139,23 @@ impl JobService for JobServiceImpl {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let mut req = request.into_inner();
-        if req.request_id.is_empty() {
-            req.request_id = new_request_id();
-        }
-        if !self.node.is_leader() {
-            return Err(self.node.not_leader().into());
-        }
-        let spec = req.spec.clone().ok_or_else(|| Status::invalid_argument("spec: missing"))?;
-        let workers = self.node.reader.workers().map_err(Error::from)?;
-        let checked = crate::jobs::spec::check(&spec, &workers).map_err(Error::InvalidArgument)?;
-        if self.sessions.epoch(&checked.source.name).is_none() {
-            return Err(
-                Error::FailedPrecondition(format!("source: worker {} is not connected", checked.source.name)).into()
-            );
-        }
-        // Index on the source: the manifest goes into the log with the job.
-        let indexed = self.sessions.index(&checked.source.name, spec.files.clone(), INDEX_TIMEOUT).await?;
-        if !indexed.error.is_empty() {
-            return Err(Error::InvalidArgument(format!("files: {}", indexed.error)).into());
-        }
-        crate::jobs::spec::check_manifest(&spec.files, &indexed.files).map_err(Status::internal)?;
-        let mut files = Vec::new();
-        for m in &indexed.files {
-            let mut chunks = Vec::new();
-            for c in &m.chunks {
-                chunks.push(Chunk { offset: c.offset, len: c.len, hash: parse_hash(&c.hash)? });
-            }
-            files.push(FileEntry {
-                path: m.path.clone(),
-                size: m.size,
-                mode: m.mode,
-                blake3: parse_hash(&m.blake3)?,
-                chunks,
-            });
-        }
-        let id = job_id_for(&req.request_id);
-        let targets: Vec<Target> =
-            checked.targets.into_iter().map(|(name, dests)| Target::new(name, dests, &files)).collect();
-        let job = Job {
-            id: id.clone(),
-            source: checked.source.name.clone(),
-            files,
-            hook: spec.hook.clone(),
-            callback_url: spec.callback_url.clone(),
-            timeout_ms: checked.timeout_ms,
-            grace_ms: checked.grace_ms,
-            requested_targets: spec.targets.clone(),
-            selector: spec.selector.clone(),
-            destination: spec.destination.clone(),
-            targets,
-            phase: JobPhase::Running,
-            created_ms: now_ms(),
-            finished_ms: 0,
-        };
-        let cmd = Command { request_id: req.request_id.clone(), op: Op::CreateJob(Box::new(job)) };
-        match self.node.propose(cmd).await? {
-            CommandResult::Done => {}
-            CommandResult::Rejected { reason } => return Err(Error::InvalidArgument(reason).into()),
-            other => return Err(Status::internal(format!("unexpected result {other:?}"))),
-        }
-        tracing::info!(job = %id, source = %checked.source.name, "job submitted");
+        let req = request.into_inner();
+        let spec = from_spec(req.spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?);
+        let request_id = if req.request_id.is_empty() { new_request_id() } else { req.request_id };
+        let job = submission::submit(&self.node, &self.sessions, spec, request_id).await?;
         let report = if req.wait {
-            let job = self.wait_done(&id, Duration::from_millis(checked.timeout_ms + 30_000)).await?;
-            Some(report(&job))
+            let deadline = Duration::from_millis(job.timeout_ms + 30_000);
+            Some(report(&submission::wait_done(&self.node, &job.id, deadline).await?))
         } else {
             None
         };
-        Ok(Response::new(pb::SubmitJobResponse { job_id: id, report }))
+        Ok(Response::new(pb::SubmitJobResponse { job_id: job.id, report }))
     }
 
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::JobReport>, Status> {
         let id = request.into_inner().job_id;
         self.node.read_barrier(false).await?;
-        let job = self
-            .node
-            .reader
-            .job(&id)
-            .map_err(Error::from)?
-            .ok_or_else(|| Status::not_found(format!("job_id: no job {id}")))?;
-        Ok(Response::new(report(&job)))
+        Ok(Response::new(report(&submission::get(&self.node, &id)?)))
     }
 
     async fn list_jobs(
@@ -154,7 +163,7 @@ impl JobService for JobServiceImpl {
         _request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         self.node.read_barrier(false).await?;
-        let mut jobs: Vec<Job> = self.node.reader.jobs().map_err(Error::from)?;
+        let mut jobs = self.node.reader.jobs().map_err(crate::error::Error::from)?;
         jobs.sort_by_key(|j| j.created_ms);
         Ok(Response::new(pb::ListJobsResponse { jobs: jobs.iter().map(report).collect() }))
     }
@@ -165,9 +174,7 @@ impl JobService for JobServiceImpl {
         let id = request.into_inner().job_id;
         // A job just submitted through another member must be found here.
         self.node.read_barrier(false).await?;
-        if self.node.reader.job(&id).map_err(Error::from)?.is_none() {
-            return Err(Status::not_found(format!("job_id: no job {id}")));
-        }
+        submission::get(&self.node, &id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let node = self.node.clone();
         tokio::spawn(async move {
@@ -175,10 +182,7 @@ impl JobService for JobServiceImpl {
             let mut last: Option<pb::JobReport> = None;
             let mut keepalive = tokio::time::interval(Duration::from_secs(5));
             loop {
-                let job = match node.reader.job(&id) {
-                    Ok(Some(j)) => j,
-                    _ => return,
-                };
+                let Ok(job) = submission::get(&node, &id) else { return };
                 let r = report(&job);
                 let done = job.phase != JobPhase::Running;
                 if last.as_ref() != Some(&r) || done {
@@ -203,16 +207,7 @@ impl JobService for JobServiceImpl {
     }
 
     async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::JobReport>, Status> {
-        let req = request.into_inner();
-        if !self.node.is_leader() {
-            return Err(self.node.not_leader().into());
-        }
-        let id = req.job_id;
-        if self.node.reader.job(&id).map_err(Error::from)?.is_none() {
-            return Err(Status::not_found(format!("job_id: no job {id}")));
-        }
-        self.node.propose(event(JobEvent::Cancel { job: id.clone(), at_ms: now_ms() })).await?;
-        let job = self.node.reader.job(&id).map_err(Error::from)?.ok_or_else(|| Status::not_found("job vanished"))?;
-        Ok(Response::new(report(&job)))
+        let id = request.into_inner().job_id;
+        Ok(Response::new(report(&submission::cancel(&self.node, &id).await?)))
     }
 }

@@ -4,20 +4,26 @@
 //! Each connected worker holds one bidirectional stream. Its hello registers
 //! it in the replicated state (only when something changed); its acks,
 //! prepared reports and fins become job events in the Raft log, batched by
-//! the proposer (see [`crate::jobs::batcher`]).
+//! the proposer (see [`crate::jobs::batcher`]), and reports for the planner.
+//! This is the protocol edge: worker messages are converted to the jobs
+//! domain's types here, and its commands ([`ToWorker`]) to protobuf.
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use ferry_proto::pb::{self, worker_message::Msg, worker_service_server::WorkerService};
-use ferry_storage::{Command, JobEvent, Op, WorkerRecord};
+use ferry_proto::pb::{self, control_message::Msg as Ctl, worker_message::Msg, worker_service_server::WorkerService};
+use ferry_storage::{Chunk, Command, FileEntry, JobEvent, Op, WorkerRecord};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::clock::now_ms;
 use crate::error::Error;
-use crate::jobs::sessions::{PlannerEvent, Sessions};
+use crate::jobs::planner::Report;
+use crate::jobs::sessions::{Sessions, QUEUE};
+use crate::jobs::worker::{Indexed, PullFailure, ToWorker};
 use crate::raft::node::Node;
 
 /// The WorkerService implementation.
@@ -38,6 +44,76 @@ fn record(info: &pb::WorkerInfo, at_ms: u64) -> WorkerRecord {
     }
 }
 
+fn hash(bytes: &[u8]) -> Result<[u8; 32], String> {
+    bytes.try_into().map_err(|_| format!("a BLAKE3 hash has 32 bytes, not {}", bytes.len()))
+}
+
+fn to_manifest(f: &FileEntry) -> pb::FileManifest {
+    pb::FileManifest {
+        path: f.path.clone(),
+        size: f.size,
+        mode: f.mode,
+        blake3: f.blake3.to_vec(),
+        chunks: f.chunks.iter().map(|c| pb::ChunkRef { offset: c.offset, len: c.len, hash: c.hash.to_vec() }).collect(),
+    }
+}
+
+fn from_manifest(m: pb::FileManifest) -> Result<FileEntry, String> {
+    let chunks = m
+        .chunks
+        .iter()
+        .map(|c| Ok(Chunk { offset: c.offset, len: c.len, hash: hash(&c.hash)? }))
+        .collect::<Result<_, String>>()?;
+    Ok(FileEntry { blake3: hash(&m.blake3)?, path: m.path, size: m.size, mode: m.mode, chunks })
+}
+
+/// A source's index answer.
+fn indexed(r: pb::IndexResult) -> Indexed {
+    if !r.error.is_empty() {
+        return Err(r.error);
+    }
+    r.files.into_iter().map(from_manifest).collect()
+}
+
+/// The wire form of a command.
+fn to_control(cmd: ToWorker) -> pb::ControlMessage {
+    let msg = match cmd {
+        ToWorker::Index { request, paths } => Ctl::Index(pb::IndexCommand { request, paths }),
+        ToWorker::Prepare { job, files } => Ctl::Prepare(pb::PrepareCommand {
+            job_id: job,
+            files: files
+                .iter()
+                .map(|(f, destination)| pb::TargetFile {
+                    manifest: Some(to_manifest(f)),
+                    destination: destination.clone(),
+                })
+                .collect(),
+        }),
+        ToWorker::Pull { job, file, chunk, from_worker, from_addr } => {
+            Ctl::Pull(pb::PullCommand { job_id: job, file, chunk, from_worker, from_addr })
+        }
+        ToWorker::Pack { job, hook } => Ctl::Pack(pb::PackCommand { job_id: job, hook }),
+        ToWorker::Cancel { job } => Ctl::Cancel(pb::CancelCommand { job_id: job }),
+    };
+    pb::ControlMessage { msg: Some(msg) }
+}
+
+/// Why a pull failed; `None`: it did not.
+fn failure(code: i32) -> Option<PullFailure> {
+    use pb::PullFailure as F;
+    match F::try_from(code).unwrap_or(F::Local) {
+        F::None => None,
+        F::AlreadyPulling => Some(PullFailure::AlreadyPulling),
+        F::HolderBusy => Some(PullFailure::HolderBusy),
+        F::NotPrepared => Some(PullFailure::NotPrepared),
+        F::AlreadyInstalled => Some(PullFailure::AlreadyInstalled),
+        F::BadChunk => Some(PullFailure::BadChunk),
+        F::Stalled => Some(PullFailure::Stalled),
+        F::Holder => Some(PullFailure::Holder),
+        F::Local => Some(PullFailure::Local),
+    }
+}
+
 impl WorkerServiceImpl {
     fn record(&self, e: JobEvent) {
         self.sessions.record(e);
@@ -48,33 +124,22 @@ impl WorkerServiceImpl {
         match msg {
             Msg::Hello(_) | Msg::Heartbeat(_) => {}
             // Only the worker that was asked may answer.
-            Msg::Indexed(r) => self.sessions.indexed(worker, r),
-            Msg::Ack(a) if !a.error.is_empty() => {
-                self.sessions.report(PlannerEvent::PullFailed {
-                    job: a.job_id,
-                    target: worker.to_string(),
-                    file: a.file,
-                    chunk: a.chunk,
-                    from: a.from,
-                    error: a.error,
-                });
-            }
-            Msg::Ack(a) => {
-                self.sessions.report(PlannerEvent::Acked {
-                    job: a.job_id.clone(),
-                    target: worker.to_string(),
-                    file: a.file,
-                    chunk: a.chunk,
-                });
-                self.record(JobEvent::Ack {
-                    job: a.job_id,
-                    target: worker.into(),
-                    file: a.file,
-                    chunk: a.chunk,
-                    from: a.from,
-                    at_ms,
-                })
-            }
+            Msg::Indexed(r) => self.sessions.indexed(worker, r.request, indexed(r)),
+            Msg::Ack(a) => match failure(a.failure) {
+                Some(failure) => {
+                    tracing::debug!(%worker, job = %a.job_id, file = a.file, chunk = a.chunk, from = %a.from,
+                        ?failure, error = %a.error, "pull failed; planning it elsewhere");
+                    self.sessions.report(Report::PullFailed {
+                        job: a.job_id,
+                        target: worker.to_string(),
+                        file: a.file,
+                        chunk: a.chunk,
+                        from: a.from,
+                        failure,
+                    });
+                }
+                None => self.acked(worker, a, at_ms),
+            },
             Msg::Prepared(p) if !p.error.is_empty() => self.record(JobEvent::FailTarget {
                 job: p.job_id,
                 target: worker.into(),
@@ -82,11 +147,7 @@ impl WorkerServiceImpl {
                 at_ms,
             }),
             Msg::Prepared(p) => {
-                self.sessions.report(PlannerEvent::Prepared {
-                    job: p.job_id.clone(),
-                    target: worker.to_string(),
-                    epoch,
-                });
+                self.sessions.report(Report::Prepared { job: p.job_id.clone(), target: worker.to_string(), epoch });
                 self.record(JobEvent::Prepared {
                     job: p.job_id,
                     target: worker.into(),
@@ -105,11 +166,22 @@ impl WorkerServiceImpl {
             }),
         }
     }
+
+    fn acked(&self, worker: &str, a: pb::ChunkAck, at_ms: u64) {
+        let target = worker.to_string();
+        self.sessions.report(Report::Pulled {
+            job: a.job_id.clone(),
+            target: target.clone(),
+            file: a.file,
+            chunk: a.chunk,
+        });
+        self.record(JobEvent::Ack { job: a.job_id, target, file: a.file, chunk: a.chunk, from: a.from, at_ms })
+    }
 }
 
 #[tonic::async_trait]
 impl WorkerService for WorkerServiceImpl {
-    type SessionStream = ReceiverStream<Result<pb::ControlMessage, Status>>;
+    type SessionStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
 
     async fn session(
         &self,
@@ -129,6 +201,16 @@ impl WorkerService for WorkerServiceImpl {
         if hello.addr.is_empty() {
             return Err(Status::invalid_argument("addr: the worker must give its chunk service address"));
         }
+        if hello.protocol != ferry_proto::PROTOCOL {
+            return Err(Error::FailedPrecondition(format!(
+                "protocol: worker {} speaks worker protocol {}, this scheduler {} ({}); run the same ferry version on both",
+                hello.name,
+                hello.protocol,
+                ferry_proto::PROTOCOL,
+                env!("CARGO_PKG_VERSION")
+            ))
+            .into());
+        }
         // Register only when something changed, so reconnects cost no log entry.
         let known = self.node.reader.workers().map_err(Error::from)?.into_iter().find(|w| w.name == hello.name);
         let fresh = record(&hello, now_ms());
@@ -138,7 +220,7 @@ impl WorkerService for WorkerServiceImpl {
             let cmd = Command { request_id: String::new(), op: Op::RegisterWorker(fresh) };
             self.node.propose(cmd).await?;
         }
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(QUEUE);
         let epoch = self.sessions.open(&hello.name, tx);
         tracing::info!(worker = %hello.name, addr = %hello.addr, epoch, "worker session open");
         let this = WorkerServiceImpl { node: self.node.clone(), sessions: self.sessions.clone() };
@@ -157,7 +239,7 @@ impl WorkerService for WorkerServiceImpl {
             this.sessions.close(&name, epoch);
             tracing::info!(worker = %name, epoch, "worker session closed");
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|cmd| Ok(to_control(cmd))))))
     }
 
     async fn list_workers(
@@ -182,6 +264,8 @@ impl WorkerService for WorkerServiceImpl {
                         roots: w.roots,
                         hooks: w.hooks,
                         version: w.version,
+                        // Registered workers speak this leader's protocol.
+                        protocol: ferry_proto::PROTOCOL,
                     }),
                 }
             })

@@ -1,10 +1,16 @@
-//! The transfer planner: leader-only soft state, rebuilt from the log.
+//! The transfer planner: which target pulls which chunk from whom, and when
+//! to prepare, pack, clean up, fail and call back. A pure function of what
+//! it is shown and told: the jobs as the log has them, who is connected in
+//! which session, the workers' addresses and zones, the reports it heard
+//! from targets, and the time ([`View`], [`Report`]) give [`Action`]s. It
+//! does no I/O; the driver ([`crate::jobs::driver`]) feeds it and carries the
+//! actions out.
 //!
-//! Every round (on each applied change, session change, pull failure, or
+//! Every round (on each applied change, session change, worker report, or
 //! every 100 ms) it walks the running jobs and, per target:
 //! - asks it to **prepare** (report what it already holds) once per session;
 //! - when it holds every chunk, tells it to **pack**;
-//! - otherwise sends **pull** commands, one per target per pass so early
+//! - otherwise has it **pull**, one chunk per target per pass so early
 //!   holders serve many targets: rarest chunk first (ties rotated per target,
 //!   so targets fetch different chunks and trade them), from the holder with
 //!   the fewest uploads in flight (the source and every target that has
@@ -12,23 +18,21 @@
 //!   over the source, avoiding for a while a holder that failed a pull or
 //!   sent a chunk with a bad hash.
 //!
-//! Nothing here is logged. A new leader starts with an empty plan, re-sends
-//! prepare (idempotent on the worker) and plans from what the log says each
-//! target holds. It also fails targets that stay disconnected past the job's
-//! grace period and whole jobs past their timeout, and POSTs callbacks.
+//! It also **fails** targets that stay disconnected past the job's grace
+//! period and every unfinished target of a job past its timeout, tells
+//! targets of ended jobs to drop their staged data (**cancel**), and asks
+//! for the **callback** of a job that ended.
+//!
+//! Nothing here is logged. A new leader starts with an empty planner,
+//! re-sends prepare (idempotent on the worker) and plans from what the log
+//! says each target holds.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_proto::pb::{self, control_message::Msg as Ctl};
-use ferry_storage::{Job, JobEvent, JobPhase, TargetPhase};
-use tokio::sync::{mpsc, watch};
+use ferry_storage::{Job, JobPhase, TargetPhase};
 
-use crate::clock::now_ms;
-use crate::jobs::batcher::event;
-use crate::jobs::sessions::{PlannerEvent, Sessions};
-use crate::raft::node::Node;
+use crate::jobs::worker::PullFailure;
 
 /// Pulls in flight per target.
 pub const PULLS_PER_TARGET: usize = 4;
@@ -42,13 +46,133 @@ pub const AVOID_FOR: Duration = Duration::from_secs(10);
 /// (its upload cap), so the next round tries another instead of asking the
 /// same one again at once.
 pub const BUSY_AVOID_FOR: Duration = Duration::from_millis(250);
-
 /// A pack with no fin in the log is sent again after this long.
 pub const PACK_RESEND: Duration = Duration::from_secs(10);
 /// A failure proposal not yet applied is proposed again after this long.
 pub const RETRY_PROPOSAL: Duration = Duration::from_secs(3);
 /// Ended jobs younger than this still get cleanup (cancel) messages.
 pub const CLEANUP_WINDOW_MS: u64 = 10 * 60 * 1000;
+/// A new leader still calls back jobs that ended this long before it took
+/// over (the old leader may have died before its POST).
+pub const CALLBACK_CATCH_UP_MS: u64 = 60 * 1000;
+
+/// A registered worker as the planner needs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// Its chunk service, `host:port`.
+    pub addr: String,
+    /// Its `zone` label (empty: none).
+    pub zone: String,
+}
+
+/// What a round looks at.
+pub struct View<'a> {
+    /// Every job, as the log has it.
+    pub jobs: &'a [Job],
+    /// Connected workers and the epoch of their session.
+    pub live: &'a HashMap<String, u64>,
+    /// Registered workers by name.
+    pub workers: &'a HashMap<String, Peer>,
+    /// The leader's monotonic time.
+    pub now: Instant,
+    /// The leader's wall-clock time, ms since the Unix epoch (the log's times).
+    pub now_ms: u64,
+}
+
+/// What the driver is asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send the target the job's manifest and its destinations.
+    Prepare {
+        /// The job.
+        job: String,
+        /// The target.
+        target: String,
+    },
+    /// Have the target fetch a chunk from a holder.
+    Pull {
+        /// The job.
+        job: String,
+        /// The target.
+        target: String,
+        /// The file's index.
+        file: u32,
+        /// The chunk's index.
+        chunk: u32,
+        /// The holder.
+        from: String,
+        /// The holder's chunk service.
+        from_addr: String,
+    },
+    /// Have the target install its files and run the job's hook.
+    Pack {
+        /// The job.
+        job: String,
+        /// The target.
+        target: String,
+    },
+    /// Have the target drop its staged data of an ended job.
+    Cancel {
+        /// The job.
+        job: String,
+        /// The target.
+        target: String,
+    },
+    /// Record in the log that the target failed.
+    Fail {
+        /// The job.
+        job: String,
+        /// The target.
+        target: String,
+        /// Why, for the report.
+        reason: String,
+    },
+    /// POST the ended job's report to its callback URL.
+    Callback {
+        /// The job.
+        job: String,
+    },
+}
+
+/// What a target told the leader that the log does not say (yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// It holds a chunk (its ack is on its way into the log).
+    Pulled {
+        /// The job.
+        job: String,
+        /// The target.
+        target: String,
+        /// The file's index.
+        file: u32,
+        /// The chunk's index.
+        chunk: u32,
+    },
+    /// A pull failed.
+    PullFailed {
+        /// The job.
+        job: String,
+        /// The target.
+        target: String,
+        /// The file's index.
+        file: u32,
+        /// The chunk's index.
+        chunk: u32,
+        /// The holder it asked.
+        from: String,
+        /// Why.
+        failure: PullFailure,
+    },
+    /// It answered prepare in its session `epoch`.
+    Prepared {
+        /// The job.
+        job: String,
+        /// The target.
+        target: String,
+        /// Its session.
+        epoch: u64,
+    },
+}
 
 struct Inflight {
     from: String,
@@ -76,88 +200,47 @@ struct JobPlan {
 
 impl JobPlan {
     /// True if a failure for `key` may be proposed (again) now.
-    fn may_propose(&mut self, key: &str) -> bool {
+    fn may_propose(&mut self, key: &str, now: Instant) -> bool {
         match self.proposed.get(key) {
-            Some(at) if at.elapsed() < RETRY_PROPOSAL => false,
+            Some(at) if now.saturating_duration_since(*at) < RETRY_PROPOSAL => false,
             _ => {
-                self.proposed.insert(key.to_string(), Instant::now());
+                self.proposed.insert(key.to_string(), now);
                 true
             }
         }
     }
 }
 
-#[derive(Default)]
-struct Plan {
+/// The planner's soft state: what it asked for and heard, per job.
+pub struct Planner {
     jobs: HashMap<String, JobPlan>,
-    /// Jobs whose callback this leader sent.
+    /// Jobs whose callback this leader asked for.
     called_back: HashSet<String>,
     /// (job, target) -> session epoch in which cleanup was sent.
     cleanup_sent: HashMap<(String, String), u64>,
+    /// When this node started leading (ms since the epoch).
+    leading_since_ms: u64,
 }
 
-/// Runs the planner until `shutdown` turns true.
-pub async fn run(
-    node: Arc<Node>,
-    sessions: Arc<Sessions>,
-    mut events: mpsc::Receiver<PlannerEvent>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut changed = node.reader.subscribe();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut plan = Plan::default();
-    let mut leading_since: Option<u64> = None;
-    // Once every sender is gone, `recv` answers at once: stop asking, or
-    // the loop would spin.
-    let mut events_open = true;
-    loop {
-        tokio::select! {
-            // The state's notifier goes away only with the node.
-            r = changed.changed() => if r.is_err() { return },
-            _ = tick.tick() => {}
-            _ = sessions.changed.notified() => {}
-            ev = events.recv(), if events_open => {
-                match ev {
-                    Some(ev) => on_event(&mut plan, ev),
-                    None => events_open = false,
-                }
-                // Acks come in bursts: take all that are queued, plan once.
-                while let Ok(ev) = events.try_recv() {
-                    on_event(&mut plan, ev);
-                }
-            }
-            _ = shutdown.changed() => return,
-        }
-        if *shutdown.borrow() {
-            return;
-        }
-        if node.leader().map(|l| l.0) != Some(node.id) {
-            if leading_since.take().is_some() {
-                plan = Plan::default();
-                sessions.clear();
-            }
-            continue;
-        }
-        let since = *leading_since.get_or_insert_with(now_ms);
-        let jobs = match node.reader.jobs() {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::warn!(error = %e, "planner cannot read jobs");
-                continue;
-            }
-        };
-        round(&node, &sessions, &mut plan, &jobs, since);
+fn holds(job: &Job, target: &str, file: u32, chunk: u32) -> bool {
+    job.targets
+        .iter()
+        .find(|t| t.worker == target)
+        .is_none_or(|t| t.held.get(file as usize).and_then(|h| h.get(chunk as usize)).copied().unwrap_or(true))
+}
+
+impl Planner {
+    /// An empty plan for a leader that took over at `leading_since_ms`.
+    pub fn new(leading_since_ms: u64) -> Self {
+        Self { jobs: HashMap::new(), called_back: HashSet::new(), cleanup_sent: HashMap::new(), leading_since_ms }
     }
-}
 
-/// Folds a worker's report into the plan.
-fn on_event(plan: &mut Plan, ev: PlannerEvent) {
-    match ev {
-        PlannerEvent::PullFailed { job, target, file, chunk, from, error } => {
-            tracing::debug!(%job, %target, file, chunk, %from, %error, "pull failed; planning it elsewhere");
-            if let Some(p) = plan.jobs.get_mut(&job) {
-                if error.contains("already pulling") {
+    /// Folds a target's report into the plan.
+    pub fn report(&mut self, report: Report, now: Instant) {
+        match report {
+            Report::PullFailed { job, target, file, chunk, from, failure } => {
+                let Some(p) = self.jobs.get_mut(&job) else { return };
+                if failure == PullFailure::AlreadyPulling {
                     // The target is still pulling it (planned before its
                     // session changed, or by an earlier leader): that pull's
                     // ack or failure will come. Planning it again now would
@@ -165,140 +248,196 @@ fn on_event(plan: &mut Plan, ev: PlannerEvent) {
                     return;
                 }
                 p.inflight.remove(&(target.clone(), file, chunk));
-                // A busy holder is skipped briefly; not-yet-known says nothing
-                // bad about the holder.
-                if error.contains("upload limit") {
-                    p.avoid.insert((target.clone(), from), Instant::now() + BUSY_AVOID_FOR);
-                } else if !["not prepared", "already installed"].iter().any(|t| error.contains(t)) {
-                    p.avoid.insert((target.clone(), from), Instant::now() + AVOID_FOR);
-                }
-                if error.contains("not prepared") {
-                    p.prepare_sent.remove(&target);
-                    p.prepared_in.remove(&target);
+                match failure {
+                    // A busy holder is skipped briefly.
+                    PullFailure::HolderBusy => {
+                        p.avoid.insert((target, from), now + BUSY_AVOID_FOR);
+                    }
+                    // The target lost the job (it restarted): prepare again;
+                    // that says nothing bad about the holder.
+                    PullFailure::NotPrepared => {
+                        p.prepare_sent.remove(&target);
+                        p.prepared_in.remove(&target);
+                    }
+                    PullFailure::AlreadyInstalled | PullFailure::AlreadyPulling => {}
+                    PullFailure::BadChunk | PullFailure::Stalled | PullFailure::Holder | PullFailure::Local => {
+                        p.avoid.insert((target, from), now + AVOID_FOR);
+                    }
                 }
             }
-        }
-        PlannerEvent::Acked { job, target, file, chunk } => {
-            if let Some(p) = plan.jobs.get_mut(&job) {
-                p.inflight.remove(&(target.clone(), file, chunk));
-                p.acked.insert((target, file, chunk));
+            Report::Pulled { job, target, file, chunk } => {
+                if let Some(p) = self.jobs.get_mut(&job) {
+                    p.inflight.remove(&(target.clone(), file, chunk));
+                    p.acked.insert((target, file, chunk));
+                }
+            }
+            Report::Prepared { job, target, epoch } => {
+                self.jobs.entry(job).or_default().prepared_in.insert(target, (epoch, now));
             }
         }
-        PlannerEvent::Prepared { job, target, epoch } => {
-            tracing::debug!(%job, %target, epoch, "target prepared");
-            plan.jobs.entry(job).or_default().prepared_in.insert(target, (epoch, Instant::now()));
+    }
+
+    /// The driver could not send `action` (the target's session went away
+    /// or its queue is full): forget that it was sent, so a later round
+    /// plans it again.
+    pub fn unsent(&mut self, action: &Action) {
+        match action {
+            Action::Prepare { job, target } => {
+                if let Some(p) = self.jobs.get_mut(job) {
+                    p.prepare_sent.remove(target);
+                }
+            }
+            Action::Pull { job, target, file, chunk, .. } => {
+                if let Some(p) = self.jobs.get_mut(job) {
+                    p.inflight.remove(&(target.clone(), *file, *chunk));
+                }
+            }
+            Action::Pack { job, target } => {
+                if let Some(p) = self.jobs.get_mut(job) {
+                    p.pack_sent.remove(target);
+                }
+            }
+            Action::Cancel { job, target } => {
+                self.cleanup_sent.remove(&(job.clone(), target.clone()));
+            }
+            Action::Fail { .. } | Action::Callback { .. } => {}
         }
+    }
+
+    /// One round: what to do now.
+    pub fn round(&mut self, v: &View) -> Vec<Action> {
+        let mut out = Vec::new();
+        let running: HashMap<&str, &Job> =
+            v.jobs.iter().filter(|j| j.phase == JobPhase::Running).map(|j| (j.id.as_str(), j)).collect();
+        // Forget pulls that finished, timed out, belong to an old session, or
+        // whose target is done; then count what each holder is serving.
+        self.jobs.retain(|id, _| running.contains_key(id.as_str()));
+        for (id, p) in self.jobs.iter_mut() {
+            let job = running[id.as_str()];
+            p.inflight.retain(|(w, f, c), fl| {
+                let Some(t) = job.targets.iter().find(|t| t.worker == *w) else { return false };
+                !t.phase.is_terminal()
+                    && !holds(job, w, *f, *c)
+                    && v.now.saturating_duration_since(fl.since) < PULL_TIMEOUT
+                    && v.live.get(w) == Some(&fl.epoch)
+            });
+            p.avoid.retain(|_, until| *until > v.now);
+            p.acked.retain(|(w, f, c)| !holds(job, w, *f, *c));
+        }
+        let mut uploads: HashMap<String, usize> = HashMap::new();
+        for p in self.jobs.values() {
+            for f in p.inflight.values() {
+                *uploads.entry(f.from.clone()).or_default() += 1;
+            }
+        }
+        for job in v.jobs {
+            if job.phase != JobPhase::Running {
+                if v.now_ms.saturating_sub(job.finished_ms) < CLEANUP_WINDOW_MS {
+                    self.finish(v, job, &mut out);
+                }
+                continue;
+            }
+            let p = self.jobs.entry(job.id.clone()).or_default();
+            if v.now_ms > job.created_ms.saturating_add(job.timeout_ms) {
+                if p.may_propose("", v.now) {
+                    time_out(job, &mut out);
+                }
+                continue;
+            }
+            let mut eligible: Vec<(usize, u64)> = Vec::new();
+            for (ti, t) in job.targets.iter().enumerate() {
+                if t.phase.is_terminal() {
+                    continue;
+                }
+                let Some(&epoch) = v.live.get(&t.worker) else {
+                    let since = *p.down_since.entry(t.worker.clone()).or_insert(v.now);
+                    let grace = Duration::from_millis(job.grace_ms);
+                    if v.now.saturating_duration_since(since) > grace && p.may_propose(&t.worker, v.now) {
+                        let reason = format!("worker {} was disconnected for more than {grace:?}", t.worker);
+                        out.push(Action::Fail { job: job.id.clone(), target: t.worker.clone(), reason });
+                    }
+                    continue;
+                };
+                p.down_since.remove(&t.worker);
+                // Prepare once per session: a restarted worker learns the job
+                // again (its answer is idempotent).
+                if p.prepare_sent.get(&t.worker) != Some(&epoch) {
+                    p.acked.retain(|(w, _, _)| *w != t.worker);
+                    p.prepare_sent.insert(t.worker.clone(), epoch);
+                    out.push(Action::Prepare { job: job.id.clone(), target: t.worker.clone() });
+                    continue;
+                }
+                match p.prepared_in.get(&t.worker) {
+                    Some((e, _)) if *e == epoch && t.prepared => {}
+                    // Answered, but the report has not reached the log (a lost
+                    // proposal): ask again; the answer is idempotent.
+                    Some((e, at)) if *e == epoch && v.now.saturating_duration_since(*at) > RETRY_PROPOSAL => {
+                        p.prepare_sent.remove(&t.worker);
+                        p.prepared_in.remove(&t.worker);
+                        continue;
+                    }
+                    _ => continue,
+                }
+                if t.complete() {
+                    // Sent once per session, and again while no fin reached
+                    // the log (the worker replays the fin of a pack it did).
+                    let due = match p.pack_sent.get(&t.worker) {
+                        Some((e, at)) => *e != epoch || v.now.saturating_duration_since(*at) > PACK_RESEND,
+                        None => true,
+                    };
+                    if due {
+                        p.pack_sent.insert(t.worker.clone(), (epoch, v.now));
+                        out.push(Action::Pack { job: job.id.clone(), target: t.worker.clone() });
+                    }
+                    continue;
+                }
+                eligible.push((ti, epoch));
+            }
+            plan_pulls(v, p, job, &eligible, &mut uploads, &mut out);
+        }
+        out
+    }
+
+    /// After a job ends: tell every target that did not install (failed,
+    /// cancelled) to drop its staged data, again after each reconnect; and
+    /// call back (at least once: a new leader calls back jobs that ended
+    /// shortly before it took over).
+    fn finish(&mut self, v: &View, job: &Job, out: &mut Vec<Action>) {
+        for t in job.targets.iter().filter(|t| matches!(t.phase, TargetPhase::Failed | TargetPhase::Cancelled)) {
+            let Some(&epoch) = v.live.get(&t.worker) else { continue };
+            let key = (job.id.clone(), t.worker.clone());
+            if self.cleanup_sent.get(&key) != Some(&epoch) {
+                self.cleanup_sent.insert(key, epoch);
+                out.push(Action::Cancel { job: job.id.clone(), target: t.worker.clone() });
+            }
+        }
+        if job.callback_url.is_empty()
+            || job.finished_ms.saturating_add(CALLBACK_CATCH_UP_MS) < self.leading_since_ms
+            || !self.called_back.insert(job.id.clone())
+        {
+            return;
+        }
+        out.push(Action::Callback { job: job.id.clone() });
     }
 }
 
-fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], leading_since: u64) {
-    let now = now_ms();
-    let running: HashMap<&str, &Job> =
-        jobs.iter().filter(|j| j.phase == JobPhase::Running).map(|j| (j.id.as_str(), j)).collect();
-    // Forget pulls that finished, timed out, belong to an old session, or
-    // whose target is done; then count what each holder is serving.
-    plan.jobs.retain(|id, _| running.contains_key(id.as_str()));
-    for (id, p) in plan.jobs.iter_mut() {
-        let job = running[id.as_str()];
-        p.inflight.retain(|(w, f, c), fl| {
-            let Some(t) = job.targets.iter().find(|t| t.worker == *w) else { return false };
-            !t.phase.is_terminal()
-                && !t.held.get(*f as usize).and_then(|h| h.get(*c as usize)).copied().unwrap_or(true)
-                && fl.since.elapsed() < PULL_TIMEOUT
-                && sessions.epoch(w) == Some(fl.epoch)
-        });
-        let now = Instant::now();
-        p.avoid.retain(|_, until| *until > now);
-        p.acked.retain(|(w, f, c)| {
-            job.targets
-                .iter()
-                .find(|t| t.worker == *w)
-                .is_some_and(|t| !t.held.get(*f as usize).and_then(|h| h.get(*c as usize)).copied().unwrap_or(true))
-        });
-    }
-    let mut uploads: HashMap<String, usize> = HashMap::new();
-    for p in plan.jobs.values() {
-        for f in p.inflight.values() {
-            *uploads.entry(f.from.clone()).or_default() += 1;
-        }
-    }
-    // name -> (chunk service address, zone label)
-    let workers: HashMap<String, (String, String)> = node
-        .reader
-        .workers()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|w| {
-            let zone = w.labels.get("zone").cloned().unwrap_or_default();
-            (w.name, (w.addr, zone))
-        })
-        .collect();
-    for job in jobs {
-        if job.phase != JobPhase::Running {
-            if now.saturating_sub(job.finished_ms) < CLEANUP_WINDOW_MS {
-                finish(sessions, plan, job, leading_since);
-            }
-            continue;
-        }
-        let p = plan.jobs.entry(job.id.clone()).or_default();
-        if now > job.created_ms.saturating_add(job.timeout_ms) {
-            if p.may_propose("") {
-                time_out(node, job);
-            }
-            continue;
-        }
-        let mut eligible: Vec<(usize, u64)> = Vec::new();
-        for (ti, t) in job.targets.iter().enumerate() {
-            if t.phase.is_terminal() {
-                continue;
-            }
-            let Some(epoch) = sessions.epoch(&t.worker) else {
-                let since = *p.down_since.entry(t.worker.clone()).or_insert_with(Instant::now);
-                let grace = Duration::from_millis(job.grace_ms);
-                if since.elapsed() > grace && p.may_propose(&t.worker) {
-                    fail(node, job, &t.worker, format!("worker {} was disconnected for more than {grace:?}", t.worker));
-                }
-                continue;
-            };
-            p.down_since.remove(&t.worker);
-            // Prepare once per session: a restarted worker learns the job
-            // again (its answer is idempotent).
-            if p.prepare_sent.get(&t.worker) != Some(&epoch) {
-                if sessions.send(&t.worker, Ctl::Prepare(prepare(job, ti))) {
-                    tracing::debug!(job = %job.id, target = %t.worker, epoch, "prepare sent");
-                    p.acked.retain(|(w, _, _)| *w != t.worker);
-                    p.prepare_sent.insert(t.worker.clone(), epoch);
-                }
-                continue;
-            }
-            match p.prepared_in.get(&t.worker) {
-                Some((e, _)) if *e == epoch && t.prepared => {}
-                // Answered, but the report has not reached the log (a lost
-                // proposal): ask again; the answer is idempotent.
-                Some((e, at)) if *e == epoch && at.elapsed() > RETRY_PROPOSAL => {
-                    p.prepare_sent.remove(&t.worker);
-                    p.prepared_in.remove(&t.worker);
-                    continue;
-                }
-                _ => continue,
-            }
-            if t.complete() {
-                let pack = Ctl::Pack(pb::PackCommand { job_id: job.id.clone(), hook: job.hook.clone() });
-                // Sent once per session, and again while no fin reached the
-                // log (the worker replays the fin of a pack it already did).
-                let due = match p.pack_sent.get(&t.worker) {
-                    Some((e, at)) => *e != epoch || at.elapsed() > PACK_RESEND,
-                    None => true,
-                };
-                if due && sessions.send(&t.worker, pack) {
-                    tracing::debug!(job = %job.id, target = %t.worker, epoch, "pack sent");
-                    p.pack_sent.insert(t.worker.clone(), (epoch, Instant::now()));
-                }
-                continue;
-            }
-            eligible.push((ti, epoch));
-        }
-        plan_pulls(sessions, p, job, &eligible, &workers, &mut uploads);
+/// Fails every unfinished target of a job past its deadline, naming the
+/// files it did not get.
+fn time_out(job: &Job, out: &mut Vec<Action>) {
+    for t in job.targets.iter().filter(|t| !t.phase.is_terminal()) {
+        let missing: Vec<&str> = job
+            .files
+            .iter()
+            .zip(&t.held)
+            .filter(|(_, held)| held.iter().any(|h| !h))
+            .map(|(f, _)| f.path.as_str())
+            .collect();
+        let reason = if missing.is_empty() {
+            format!("job timed out after {} ms while installing", job.timeout_ms)
+        } else {
+            format!("job timed out after {} ms; not delivered: {}", job.timeout_ms, missing.join(", "))
+        };
+        out.push(Action::Fail { job: job.id.clone(), target: t.worker.clone(), reason });
     }
 }
 
@@ -314,12 +453,12 @@ fn round(node: &Arc<Node>, sessions: &Sessions, plan: &mut Plan, jobs: &[Job], l
 /// or in flight), ties broken by a rotation particular to the target, so
 /// targets fetch different chunks and trade them.
 fn plan_pulls(
-    sessions: &Sessions,
+    v: &View,
     p: &mut JobPlan,
     job: &Job,
     eligible: &[(usize, u64)],
-    workers: &HashMap<String, (String, String)>,
     uploads: &mut HashMap<String, usize>,
+    out: &mut Vec<Action>,
 ) {
     // Chunks are numbered flat across the job's files. One matrix of who
     // holds what (in the log or acked since), built once per round, keeps
@@ -380,8 +519,8 @@ fn plan_pulls(
         }
     }
     // Targets that can serve: not failed, connected.
-    let live: Vec<bool> = job.targets.iter().map(|t| !failed(t) && sessions.epoch(&t.worker).is_some()).collect();
-    let source_up = sessions.epoch(&job.source).is_some();
+    let live: Vec<bool> = job.targets.iter().map(|t| !failed(t) && v.live.contains_key(&t.worker)).collect();
+    let source_up = v.live.contains_key(&job.source);
     // Targets furthest behind pick first, so scarce upload slots go to
     // laggards and targets finish close together.
     let mut eligible = eligible.to_vec();
@@ -426,25 +565,27 @@ fn plan_pulls(
             }
             let Some((_, k, holders)) = best else { continue };
             let (f, c) = spans[k];
-            let zone = workers.get(&t.worker).map(|w| w.1.clone()).unwrap_or_default();
+            let zone = v.workers.get(&t.worker).map(|w| w.zone.as_str()).unwrap_or_default();
             let from = holders.into_iter().min_by_key(|h| {
-                let same_zone = !zone.is_empty() && workers.get(*h).map(|w| &w.1) == Some(&zone);
+                let same_zone = !zone.is_empty() && v.workers.get(*h).map(|w| w.zone.as_str()) == Some(zone);
                 (*h == job.source, uploads.get(*h).copied().unwrap_or(0), !same_zone, h.to_string())
             });
             let Some(from) = from else { continue };
-            let Some(from_addr) = workers.get(from).map(|w| w.0.clone()) else { continue };
-            let pull =
-                pb::PullCommand { job_id: job.id.clone(), file: f, chunk: c, from_worker: from.to_string(), from_addr };
-            if !sessions.send(&t.worker, Ctl::Pull(pull)) {
-                continue;
-            }
-            p.inflight
-                .insert((t.worker.clone(), f, c), Inflight { from: from.to_string(), since: Instant::now(), epoch });
+            let Some(from_addr) = v.workers.get(from).map(|w| w.addr.clone()) else { continue };
+            p.inflight.insert((t.worker.clone(), f, c), Inflight { from: from.to_string(), since: v.now, epoch });
             busy[ti][k] = true;
             pulling[ti] += 1;
             copies[k] += 1;
             *uploads.entry(from.to_string()).or_default() += 1;
             planned = true;
+            out.push(Action::Pull {
+                job: job.id.clone(),
+                target: t.worker.clone(),
+                file: f,
+                chunk: c,
+                from: from.to_string(),
+                from_addr,
+            });
         }
         if !planned {
             break;
@@ -452,76 +593,6 @@ fn plan_pulls(
     }
 }
 
-fn prepare(job: &Job, target: usize) -> pb::PrepareCommand {
-    let t = &job.targets[target];
-    pb::PrepareCommand {
-        job_id: job.id.clone(),
-        files: job
-            .files
-            .iter()
-            .zip(&t.destinations)
-            .map(|(f, dest)| pb::TargetFile {
-                manifest: Some(crate::jobs::report::manifest(f)),
-                destination: dest.clone(),
-            })
-            .collect(),
-    }
-}
-
-fn propose(node: &Arc<Node>, e: JobEvent) {
-    let node = node.clone();
-    tokio::spawn(async move {
-        if let Err(err) = node.propose(event(e)).await {
-            tracing::warn!(error = %err, "planner could not record a job event; it will try again");
-        }
-    });
-}
-
-fn fail(node: &Arc<Node>, job: &Job, target: &str, reason: String) {
-    tracing::warn!(job = %job.id, %target, %reason, "target failed");
-    propose(node, JobEvent::FailTarget { job: job.id.clone(), target: target.into(), reason, at_ms: now_ms() });
-}
-
-/// Fails every unfinished target of a job past its deadline, naming the
-/// files it did not get.
-fn time_out(node: &Arc<Node>, job: &Job) {
-    for t in job.targets.iter().filter(|t| !t.phase.is_terminal()) {
-        let missing: Vec<&str> = job
-            .files
-            .iter()
-            .zip(&t.held)
-            .filter(|(_, held)| held.iter().any(|h| !h))
-            .map(|(f, _)| f.path.as_str())
-            .collect();
-        let reason = if missing.is_empty() {
-            format!("job timed out after {} ms while installing", job.timeout_ms)
-        } else {
-            format!("job timed out after {} ms; not delivered: {}", job.timeout_ms, missing.join(", "))
-        };
-        fail(node, job, &t.worker, reason);
-    }
-}
-
-/// After a job ends: tell every target that did not install (failed,
-/// cancelled) to drop its staged data, again after each reconnect; and POST
-/// the callback (at least once: a new leader re-sends callbacks of jobs that
-/// ended shortly before it took over).
-fn finish(sessions: &Sessions, plan: &mut Plan, job: &Job, leading_since: u64) {
-    for t in job.targets.iter().filter(|t| matches!(t.phase, TargetPhase::Failed | TargetPhase::Cancelled)) {
-        let Some(epoch) = sessions.epoch(&t.worker) else { continue };
-        let key = (job.id.clone(), t.worker.clone());
-        if plan.cleanup_sent.get(&key) != Some(&epoch)
-            && sessions.send(&t.worker, Ctl::Cancel(pb::CancelCommand { job_id: job.id.clone() }))
-        {
-            plan.cleanup_sent.insert(key, epoch);
-        }
-    }
-    if job.callback_url.is_empty()
-        || job.finished_ms + 60_000 < leading_since
-        || !plan.called_back.insert(job.id.clone())
-    {
-        return;
-    }
-    let body = crate::jobs::report::report_json(job);
-    tokio::spawn(crate::webhook::post_with_retries(job.callback_url.clone(), body));
-}
+#[cfg(test)]
+#[path = "planner_tests.rs"]
+mod tests;

@@ -10,33 +10,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ferry_proto::pb::{self, control_message::Msg as Ctl};
 use ferry_storage::JobEvent;
 use tokio::sync::{mpsc, oneshot, Notify};
-use tonic::Status;
 
 use crate::clock::now_ms;
 use crate::error::Error;
+use crate::jobs::planner::Report;
+use crate::jobs::worker::{Indexed, ToWorker};
 
 /// A worker that sent nothing for this long counts as down.
 pub const SILENCE_IS_DOWN: Duration = Duration::from_secs(5);
 
+/// Commands queued for one worker's session, at most.
+pub const QUEUE: usize = 1024;
+
 struct Session {
-    tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
+    tx: mpsc::Sender<ToWorker>,
     epoch: u64,
     last_seen: Instant,
     last_seen_ms: u64,
-}
-
-/// What the planner hears about besides state changes.
-#[derive(Debug)]
-pub enum PlannerEvent {
-    /// A pull failed; plan it elsewhere.
-    PullFailed { job: String, target: String, file: u32, chunk: u32, from: String, error: String },
-    /// A target answered prepare in its current session.
-    Prepared { job: String, target: String, epoch: u64 },
-    /// A target holds a chunk (its ack is on the way into the log).
-    Acked { job: String, target: String, file: u32, chunk: u32 },
 }
 
 /// The leader's live sessions.
@@ -47,17 +39,17 @@ pub struct Sessions {
     next_epoch: AtomicU64,
     next_request: AtomicU64,
     /// Index requests waiting for their worker's answer: (worker, reply).
-    index_waiters: Mutex<HashMap<u64, (String, oneshot::Sender<pb::IndexResult>)>>,
+    index_waiters: Mutex<HashMap<u64, (String, oneshot::Sender<Indexed>)>>,
     /// Woken when a session opens or closes.
     pub changed: Notify,
-    events: mpsc::Sender<PlannerEvent>,
+    events: mpsc::Sender<Report>,
     progress: mpsc::Sender<JobEvent>,
 }
 
 impl Sessions {
     /// A registry whose planner events go to `events` and whose job events
     /// go to `progress` (the event batcher).
-    pub fn new(events: mpsc::Sender<PlannerEvent>, progress: mpsc::Sender<JobEvent>) -> Self {
+    pub fn new(events: mpsc::Sender<Report>, progress: mpsc::Sender<JobEvent>) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
@@ -81,11 +73,20 @@ impl Sessions {
 
     /// Queues a command for `worker`; false if it is not connected or its
     /// queue is full (the planner tries again next round).
-    pub fn send(&self, worker: &str, msg: Ctl) -> bool {
+    pub fn send(&self, worker: &str, msg: ToWorker) -> bool {
         match self.lock().get(worker) {
-            Some(s) => s.tx.try_send(Ok(pb::ControlMessage { msg: Some(msg) })).is_ok(),
+            Some(s) => s.tx.try_send(msg).is_ok(),
             None => false,
         }
+    }
+
+    /// Every connected worker heard from lately, with its session epoch.
+    pub fn live(&self) -> HashMap<String, u64> {
+        self.lock()
+            .iter()
+            .filter(|(_, s)| s.last_seen.elapsed() < SILENCE_IS_DOWN)
+            .map(|(name, s)| (name.clone(), s.epoch))
+            .collect()
     }
 
     /// Last time anything was heard from `worker` (ms since epoch), if ever.
@@ -99,11 +100,11 @@ impl Sessions {
     }
 
     /// Asks `worker` to index `paths` and waits for the manifest.
-    pub async fn index(&self, worker: &str, paths: Vec<String>, timeout: Duration) -> Result<pb::IndexResult, Error> {
+    pub async fn index(&self, worker: &str, paths: Vec<String>, timeout: Duration) -> Result<Indexed, Error> {
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.index_waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(request, (worker.to_string(), tx));
-        if !self.send(worker, Ctl::Index(pb::IndexCommand { request, paths })) {
+        if !self.send(worker, ToWorker::Index { request, paths }) {
             self.index_waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&request);
             return Err(Error::FailedPrecondition(format!("source: worker {worker} is not connected")));
         }
@@ -118,7 +119,7 @@ impl Sessions {
     }
 
     /// Opens a session for worker `name`; returns its epoch.
-    pub(crate) fn open(&self, name: &str, tx: mpsc::Sender<Result<pb::ControlMessage, Status>>) -> u64 {
+    pub(crate) fn open(&self, name: &str, tx: mpsc::Sender<ToWorker>) -> u64 {
         let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
         self.lock().insert(name.to_string(), Session { tx, epoch, last_seen: Instant::now(), last_seen_ms: now_ms() });
         self.touch(name, epoch);
@@ -145,12 +146,12 @@ impl Sessions {
         self.changed.notify_waiters();
     }
 
-    /// Hands an index result to the request waiting for it, if `worker` is
-    /// the one that was asked.
-    pub(crate) fn indexed(&self, worker: &str, result: pb::IndexResult) {
+    /// Hands the answer to index request `request` to its waiter, if
+    /// `worker` is the one that was asked.
+    pub(crate) fn indexed(&self, worker: &str, request: u64, result: Indexed) {
         let mut waiters = self.index_waiters.lock().unwrap_or_else(|e| e.into_inner());
-        if waiters.get(&result.request).is_some_and(|(w, _)| w == worker) {
-            if let Some((_, tx)) = waiters.remove(&result.request) {
+        if waiters.get(&request).is_some_and(|(w, _)| w == worker) {
+            if let Some((_, tx)) = waiters.remove(&request) {
                 let _ = tx.send(result);
             }
         }
@@ -158,7 +159,7 @@ impl Sessions {
 
     /// Tells the planner about a worker's report (dropped if it lags; it
     /// plans again from the log).
-    pub(crate) fn report(&self, event: PlannerEvent) {
+    pub(crate) fn report(&self, event: Report) {
         let _ = self.events.try_send(event);
     }
 

@@ -1,11 +1,10 @@
-//! Checking a job request against the registered workers, before anything
-//! moves: every problem is an `InvalidArgument` naming the field.
+//! A job request, and checking it against the registered workers before
+//! anything moves: every problem names the field.
 
-use std::collections::BTreeMap;
 use std::path::{Component, Path};
 
-use ferry_proto::pb;
-use ferry_storage::WorkerRecord;
+use ferry_storage::{FileEntry, WorkerRecord};
+use serde::{Deserialize, Serialize};
 
 /// Default whole-job deadline.
 pub const DEFAULT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
@@ -15,6 +14,29 @@ pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 pub const MAX_CHUNK_BYTES: u64 = 64 * 1024 * 1024;
 /// Default grace period for a disconnected target.
 pub const DEFAULT_GRACE_MS: u64 = 30 * 1000;
+
+/// A job as a client asks for it: 0 and empty mean "the default".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRequest {
+    /// The worker that has the files.
+    pub source: String,
+    /// Absolute paths on the source.
+    pub files: Vec<String>,
+    /// Target workers by name.
+    pub targets: Vec<String>,
+    /// Target workers by label selector, `k=v,k2=v2`.
+    pub selector: String,
+    /// Where the files go (see [`destinations`]).
+    pub destination: String,
+    /// A hook named in each target's config, run after install.
+    pub hook: String,
+    /// Where the final report is POSTed.
+    pub callback_url: String,
+    /// The whole job's deadline (0: [`DEFAULT_TIMEOUT_MS`]).
+    pub timeout_ms: u64,
+    /// How long a target may stay disconnected (0: [`DEFAULT_GRACE_MS`]).
+    pub grace_ms: u64,
+}
 
 /// A request that passed every check.
 #[derive(Debug, Clone)]
@@ -27,19 +49,6 @@ pub struct Checked {
     pub timeout_ms: u64,
     /// Grace period for disconnected targets.
     pub grace_ms: u64,
-}
-
-/// Parses `k=v,k2=v2`.
-pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').ok_or_else(|| format!("selector: '{part}' is not key=value"))?;
-        if k.trim().is_empty() || v.trim().is_empty() {
-            return Err(format!("selector: '{part}' has an empty key or value"));
-        }
-        out.insert(k.trim().to_string(), v.trim().to_string());
-    }
-    Ok(out)
 }
 
 fn clean_absolute(p: &str) -> bool {
@@ -84,7 +93,7 @@ pub fn destinations(dest: &str, files: &[String], roots: &[String]) -> Result<Ve
 }
 
 /// Checks `spec` against the registered `workers`.
-pub fn check(spec: &pb::JobSpec, workers: &[WorkerRecord]) -> Result<Checked, String> {
+pub fn check(spec: &JobRequest, workers: &[WorkerRecord]) -> Result<Checked, String> {
     let source = workers
         .iter()
         .find(|w| w.name == spec.source)
@@ -107,7 +116,7 @@ pub fn check(spec: &pb::JobSpec, workers: &[WorkerRecord]) -> Result<Checked, St
             return Err(format!("files: {f} is outside {}'s allowed roots", source.name));
         }
     }
-    let selector = parse_selector(&spec.selector)?;
+    let selector = ferry_storage::kv::parse_selector(&spec.selector)?;
     let mut names: Vec<String> = Vec::new();
     for t in spec.targets.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
         if !workers.iter().any(|w| w.name == t) {
@@ -159,7 +168,7 @@ pub fn check(spec: &pb::JobSpec, workers: &[WorkerRecord]) -> Result<Checked, St
 
 /// Checks the manifest a source sent: one entry per requested file, in
 /// order, each covered by contiguous chunks of sane size.
-pub fn check_manifest(requested: &[String], files: &[pb::FileManifest]) -> Result<(), String> {
+pub fn check_manifest(requested: &[String], files: &[FileEntry]) -> Result<(), String> {
     if files.len() != requested.len() || files.iter().zip(requested).any(|(f, r)| f.path != *r) {
         return Err("the source's manifest does not match the requested files".into());
     }
@@ -194,8 +203,8 @@ mod tests {
         }
     }
 
-    fn spec(f: impl FnOnce(&mut pb::JobSpec)) -> pb::JobSpec {
-        let mut s = pb::JobSpec {
+    fn spec(f: impl FnOnce(&mut JobRequest)) -> JobRequest {
+        let mut s = JobRequest {
             source: "s".into(),
             files: vec!["/srv/s/a.bin".into()],
             targets: vec!["t1".into()],
@@ -212,7 +221,7 @@ mod tests {
             worker("t1", "/srv/t1", &[("role", "bidder")]),
             worker("t2", "/srv/t2", &[("role", "bidder")]),
         ];
-        let err = |s: pb::JobSpec| check(&s, &ws).unwrap_err();
+        let err = |s: JobRequest| check(&s, &ws).unwrap_err();
         assert!(err(spec(|s| s.source = "nope".into())).starts_with("source:"));
         assert!(err(spec(|s| s.files = vec![])).starts_with("files:"));
         assert!(err(spec(|s| s.files = vec!["/etc/passwd".into()])).starts_with("files:"));
