@@ -1,8 +1,8 @@
 //! Opening a scheduler's data directory.
 //!
-//! One sled database holds the `log` tree (big-endian u64 keys) and the
-//! `meta` tree (vote, committed, last purged, `data_version`, current
-//! snapshot). The log's journal (file `journal`, see `journal.rs`) and
+//! One database (`ferry_db`: sled today, in `<data>/sled`) holds the `log`
+//! tree (big-endian u64 keys) and the `meta` tree (vote, committed, last
+//! purged, `data_version`, current snapshot). The log's journal (file `journal`, see `journal.rs`) and
 //! snapshot files (`snapshots/`) live beside it; the state
 //! machine itself is in memory, rebuilt from the current snapshot and the log
 //! on start. A directory from an unknown format version, a corrupt one, or one
@@ -18,11 +18,10 @@
 //!   entries and snapshot records are converted as they are read
 //!   ([`crate::upgrade`]), and new ones are written in today's encoding.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use ferry_db::{Db, Store, Tree};
 
 use crate::error::Error;
 use crate::log_store::LogStore;
@@ -69,168 +68,14 @@ impl Default for OpenOptions {
 #[derive(Clone, Debug)]
 pub struct DataDir {
     pub(crate) path: PathBuf,
-    pub(crate) db: sled::Db,
-    pub(crate) meta: sled::Tree,
-    files: Arc<SledFiles>,
+    pub(crate) db: Db,
+    pub(crate) meta: <Db as Store>::Tree,
     /// [`OpenOptions::sync_appends_inline`].
     pub(crate) sync_appends_inline: bool,
     /// [`OpenOptions::node_id`].
     pub(crate) node_id: Option<NodeId>,
     /// How far the log is durable (set by the log store when it opens).
     pub(crate) log_sync: LogSync,
-}
-
-/// sled's own files, for [`DataDir::sync`].
-#[derive(Debug)]
-struct SledFiles {
-    /// sled's log file (`sled/db`).
-    log: File,
-    /// Where sled puts values and tree nodes too large for its log
-    /// (`sled/blobs`), one file each, named by log sequence number.
-    blobs: PathBuf,
-    state: Mutex<BlobState>,
-}
-
-#[derive(Debug)]
-struct BlobState {
-    /// inotify on `blobs` for files closed after writing: the blobs to sync
-    /// next. `None` if inotify is unavailable: then every sync lists the
-    /// directory.
-    watch: Option<OwnedFd>,
-    /// Without a watch: the highest blob already synced.
-    synced_lsn: u64,
-    /// The first sync lists the directory: blobs left by an earlier run may
-    /// not be on disk yet if that run crashed before syncing them.
-    listed: bool,
-    /// Blob files synced since open (for tests and curiosity).
-    synced: u64,
-}
-
-/// Size of one `struct inotify_event` without its name.
-const EVENT_HEADER: usize = 16;
-
-fn watch_blobs(dir: &Path) -> Option<OwnedFd> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: plain system calls; the returned descriptor is owned below.
-    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: `fd` was just returned by inotify_init1 and is owned by no one else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: `path` is a valid NUL-terminated string for the call's duration.
-    let wd =
-        unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO) };
-    (wd >= 0).then_some(fd)
-}
-
-/// What a watch reported since it was last read.
-enum Drained {
-    /// The files closed after writing (or moved in), by name.
-    Names(Vec<std::ffi::OsString>),
-    /// Events were lost (queue overflow): list the directory.
-    Lost,
-    /// The watch ended (the directory went away): list from now on.
-    Gone,
-}
-
-fn drain_watch(fd: &OwnedFd) -> std::io::Result<Drained> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut names = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        // SAFETY: `buf` is valid for writes of its length.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.kind() {
-                std::io::ErrorKind::WouldBlock => return Ok(Drained::Names(names)),
-                std::io::ErrorKind::Interrupted => continue,
-                _ => return Err(e),
-            }
-        }
-        if n == 0 {
-            return Ok(Drained::Names(names));
-        }
-        let mut at = 0;
-        while at + EVENT_HEADER <= n as usize {
-            let field = |i: usize| u32::from_ne_bytes([buf[at + i], buf[at + i + 1], buf[at + i + 2], buf[at + i + 3]]);
-            let (mask, len) = (field(4), field(12) as usize);
-            if mask & libc::IN_IGNORED != 0 {
-                return Ok(Drained::Gone);
-            }
-            if mask & libc::IN_Q_OVERFLOW != 0 {
-                return Ok(Drained::Lost);
-            }
-            let name = buf.get(at + EVENT_HEADER..at + EVENT_HEADER + len).unwrap_or_default();
-            let name = name.split(|b| *b == 0).next().unwrap_or_default();
-            if !name.is_empty() {
-                names.push(std::ffi::OsStr::from_bytes(name).to_owned());
-            }
-            at += EVENT_HEADER + len;
-        }
-    }
-}
-
-impl SledFiles {
-    fn open(sled_dir: &Path) -> std::io::Result<Self> {
-        let blobs = sled_dir.join("blobs");
-        std::fs::create_dir_all(&blobs)?;
-        let state = BlobState { watch: watch_blobs(&blobs), synced_lsn: 0, listed: false, synced: 0 };
-        Ok(Self { log: File::open(sled_dir.join("db"))?, blobs, state: Mutex::new(state) })
-    }
-
-    /// `fdatasync` of the log file, and of every blob written since the last
-    /// call (then of their directory). Call after sled's flush: by then every
-    /// blob its log points to is written and closed, so the watch has seen it.
-    fn sync(&self) -> std::io::Result<()> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let reported = match state.watch.as_ref().map(drain_watch).transpose()? {
-            Some(Drained::Names(names)) if state.listed => Some(names),
-            Some(Drained::Gone) => {
-                state.watch = None;
-                None
-            }
-            _ => None,
-        };
-        let mut synced = 0;
-        let mut sync_blob = |path: &Path| -> std::io::Result<()> {
-            // sled removes blobs it no longer needs: one gone is fine.
-            match File::open(path) {
-                Ok(blob) => blob.sync_data().map(|()| synced += 1),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(e),
-            }
-        };
-        match reported {
-            Some(names) => {
-                for name in names {
-                    sync_blob(&self.blobs.join(name))?;
-                }
-            }
-            None => {
-                // No watch, or it lost events: list the directory.
-                let watched = state.watch.is_some();
-                let mut newest = state.synced_lsn;
-                for item in std::fs::read_dir(&self.blobs)? {
-                    let item = item?;
-                    let Some(lsn) = item.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else { continue };
-                    if watched || lsn > state.synced_lsn {
-                        sync_blob(&item.path())?;
-                        newest = newest.max(lsn);
-                    }
-                }
-                state.synced_lsn = newest;
-                state.listed = true;
-            }
-        }
-        if synced > 0 {
-            File::open(&self.blobs)?.sync_all()?;
-            state.synced += synced;
-        }
-        self.log.sync_data()
-    }
 }
 
 impl DataDir {
@@ -243,20 +88,15 @@ impl DataDir {
         self.path.join("snapshots")
     }
 
-    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree, Error> {
-        self.db.open_tree(name).map_err(|source| Error::Sled { op: "open tree", source })
+    pub(crate) fn tree(&self, name: &str) -> Result<<Db as Store>::Tree, Error> {
+        self.db.tree(name).map_err(|source| Error::Store { op: "open tree", source })
     }
 
-    /// Makes everything written to sled so far durable, also across a power
-    /// loss. sled 0.34's own flush writes its log buffers and calls
-    /// `sync_file_range` on them, which survives a crash of the process but
-    /// flushes neither the disk's write cache nor the file's metadata, and it
-    /// never syncs the separate files of large values (blobs). This adds an
-    /// `fdatasync` of the log file and of new blob files, as etcd does for
-    /// its WAL. Blocking: use [`DataDir::sync`] from async code.
+    /// Makes everything written so far durable, also across a power loss
+    /// (see [`ferry_db::Store::sync`]). Blocking: use [`DataDir::sync`]
+    /// from async code.
     pub(crate) fn sync_blocking(&self) -> std::io::Result<()> {
-        self.db.flush().map_err(std::io::Error::other)?;
-        self.files.sync()
+        self.db.sync()
     }
 
     /// [`DataDir::sync_blocking`] on a blocking thread.
@@ -278,18 +118,14 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<(LogStore, StateMachin
 fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
     std::fs::create_dir_all(path).map_err(|source| Error::Open { path: path.into(), source })?;
     std::fs::create_dir_all(path.join("snapshots")).map_err(|source| Error::Open { path: path.into(), source })?;
-    let db = sled::Config::new()
-        .path(path.join("sled"))
-        .cache_capacity(options.cache_bytes)
-        .flush_every_ms(options.flush_every.map(|d| d.as_millis().max(1) as u64))
-        .open()
-        .map_err(|e| open_error(path, e))?;
-    let meta = db.open_tree("meta").map_err(|e| open_error(path, e))?;
+    let db_options = ferry_db::Options { cache_bytes: options.cache_bytes, flush_every: options.flush_every };
+    let db = Db::open(&path.join("sled"), &db_options).map_err(|e| open_error(path, e))?;
+    let meta = db.tree("meta").map_err(|e| open_error(path, e))?;
     match meta.get(KEY_DATA_VERSION).map_err(|e| open_error(path, e))? {
         Some(raw) => {
             let bytes: [u8; 4] = raw.as_ref().try_into().map_err(|_| Error::Corrupt {
                 path: path.into(),
-                reason: format!("data_version has {} bytes, expected 4", raw.len()),
+                reason: format!("data_version has {} bytes, expected 4", raw.as_ref().len()),
             })?;
             let found = u32::from_be_bytes(bytes);
             if !(OLDEST_UPGRADED..=DATA_VERSION).contains(&found) {
@@ -297,7 +133,7 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
             }
             if found == 2 {
                 for name in db.tree_names() {
-                    if name.starts_with(b"sm") {
+                    if name.starts_with("sm") {
                         db.drop_tree(&name).map_err(|e| open_error(path, e))?;
                     }
                 }
@@ -308,8 +144,7 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
             }
         }
         None => {
-            let has_data =
-                db.tree_names().iter().filter_map(|name| db.open_tree(name).ok()).any(|tree| !tree.is_empty());
+            let has_data = db.tree_names().iter().filter_map(|name| db.tree(name).ok()).any(|tree| !tree.is_empty());
             if has_data {
                 return Err(Error::Corrupt {
                     path: path.into(),
@@ -319,12 +154,10 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
             meta.insert(KEY_DATA_VERSION, &DATA_VERSION.to_be_bytes()).map_err(|e| open_error(path, e))?;
         }
     }
-    let files = SledFiles::open(&path.join("sled")).map_err(|source| Error::Open { path: path.into(), source })?;
     let dir = DataDir {
         path: path.into(),
         db,
         meta,
-        files: Arc::new(files),
         sync_appends_inline: options.sync_appends_inline,
         node_id: options.node_id,
         log_sync: LogSync::new(None),
@@ -335,61 +168,18 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
     Ok(dir)
 }
 
-fn open_error(path: &Path, e: sled::Error) -> Error {
+fn open_error(path: &Path, e: ferry_db::Error) -> Error {
     match e {
-        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
-            Error::Locked { path: path.into() }
-        }
-        sled::Error::Io(source) => Error::Open { path: path.into(), source },
-        sled::Error::Corruption { .. } => Error::Corrupt { path: path.into(), reason: e.to_string() },
-        other => Error::Sled { op: "open", source: other },
+        ferry_db::Error::Locked => Error::Locked { path: path.into() },
+        ferry_db::Error::Corrupt(reason) => Error::Corrupt { path: path.into(), reason },
+        ferry_db::Error::Io(source) => Error::Open { path: path.into(), source },
+        other => Error::Store { op: "open", source: other },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn blobs_synced(dir: &DataDir) -> u64 {
-        dir.files.state.lock().unwrap().synced
-    }
-
-    #[tokio::test]
-    async fn sync_covers_the_files_of_large_values() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = open_dir(tmp.path(), &OpenOptions::default()).unwrap();
-        assert!(dir.files.state.lock().unwrap().watch.is_some(), "inotify is unavailable here");
-        let log = dir.tree("log").unwrap();
-        log.insert(b"small", vec![1u8; 100]).unwrap();
-        dir.sync().await.unwrap();
-        assert_eq!(blobs_synced(&dir), 0, "no blob yet");
-        // Far above sled's inline limit: it goes to a file of its own.
-        log.insert(b"large", vec![2u8; 600 * 1024]).unwrap();
-        dir.sync().await.unwrap();
-        let blobs = std::fs::read_dir(tmp.path().join("sled").join("blobs")).unwrap().count();
-        assert!(blobs >= 1, "sled wrote no blob file");
-        let synced = blobs_synced(&dir);
-        assert!(synced >= 1, "the blob was not synced");
-        // A second sync has nothing new to sync and still succeeds.
-        dir.sync().await.unwrap();
-        assert_eq!(blobs_synced(&dir), synced);
-        drop((log, dir));
-        let dir = open_dir(tmp.path(), &OpenOptions::default()).unwrap();
-        assert_eq!(dir.tree("log").unwrap().get(b"large").unwrap().unwrap().len(), 600 * 1024);
-    }
-
-    #[test]
-    fn without_a_watch_the_listing_finds_new_blobs() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = open_dir(tmp.path(), &OpenOptions::default()).unwrap();
-        dir.files.state.lock().unwrap().watch = None;
-        dir.tree("log").unwrap().insert(b"large", vec![2u8; 600 * 1024]).unwrap();
-        dir.sync_blocking().unwrap();
-        let synced = blobs_synced(&dir);
-        assert!(synced >= 1, "the blob was not synced");
-        dir.sync_blocking().unwrap();
-        assert_eq!(blobs_synced(&dir), synced, "an old blob was synced again");
-    }
 
     #[tokio::test]
     async fn second_open_of_a_locked_directory_is_refused() {
@@ -418,13 +208,13 @@ mod tests {
         {
             let (log, _sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
             let db = &log.dir().db;
-            db.open_tree("sm0_kv").unwrap().insert(b"k", b"v").unwrap();
+            db.tree("sm0_kv").unwrap().insert(b"k", b"v").unwrap();
             log.dir().meta.insert(KEY_DATA_VERSION, &2u32.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
         let (log, _sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
         let db = &log.dir().db;
-        assert!(!db.tree_names().iter().any(|n| n.starts_with(b"sm")));
+        assert!(!db.tree_names().iter().any(|n| n.starts_with("sm")));
         let version = log.dir().meta.get(KEY_DATA_VERSION).unwrap().unwrap();
         assert_eq!(version.as_ref(), &DATA_VERSION.to_be_bytes());
     }
@@ -448,8 +238,8 @@ mod tests {
     async fn data_without_version_is_corrupt() {
         let tmp = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(tmp.path().join("sled")).unwrap();
-            db.open_tree("log").unwrap().insert(b"x", b"y").unwrap();
+            let db = Db::open(&tmp.path().join("sled"), &ferry_db::Options::default()).unwrap();
+            db.tree("log").unwrap().insert(b"x", b"y").unwrap();
             db.flush().unwrap();
         }
         // sled's background thread may hold the file lock a moment after

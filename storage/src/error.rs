@@ -19,9 +19,9 @@ pub enum Error {
     /// An I/O error while opening.
     #[error("cannot open data directory {path}: {source}")]
     Open { path: PathBuf, source: std::io::Error },
-    /// sled failed.
+    /// The database under the data directory failed.
     #[error("storage {op} failed: {source}")]
-    Sled { op: &'static str, source: sled::Error },
+    Store { op: &'static str, source: ferry_db::Error },
     /// A value could not be encoded or decoded.
     #[error(transparent)]
     Codec(#[from] crate::codec::CodecError),

@@ -1,4 +1,5 @@
-//! The Raft log and vote on sled (`RaftLogStorage`).
+//! The Raft log and vote (`RaftLogStorage`), in the data directory's database
+//! (`ferry_db`; sled today, whose flush behaviour the journal below answers).
 //!
 //! Durability: an `append` goes into sled unflushed and into the data
 //! directory's active journal (`journal.rs`), one `pwrite` and one
@@ -27,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use ferry_db::{Batch, Db, Store, Tree};
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogId, StorageIOError, Vote};
 
@@ -49,7 +51,7 @@ const JOURNAL_BYTES: u64 = 16 * 1024 * 1024;
 #[derive(Clone, Debug)]
 pub struct LogStore {
     dir: DataDir,
-    log: sled::Tree,
+    log: <Db as Store>::Tree,
     /// Last committed index openraft reported, for metrics (0 = none).
     committed: Arc<AtomicU64>,
     /// fsyncs of appended entries since start (batching shows as entries/flush).
@@ -102,7 +104,7 @@ impl LogStore {
                 })?;
                 let index = u64::from_be_bytes(key.try_into().expect("8 bytes"));
                 if purged.is_none_or(|p| index > p.index) {
-                    log.insert(key, raw).map_err(|source| Error::Sled { op: "replay journal", source })?;
+                    log.insert(key, raw).map_err(|source| Error::Store { op: "replay journal", source })?;
                 }
             }
             dir.sync_blocking().map_err(open_error)?;
@@ -110,9 +112,9 @@ impl LogStore {
         journal.reset_all().map_err(open_error)?;
         let journal = Arc::new(Mutex::new(journal));
         // All of it is durable now.
-        let last = match log.last().map_err(|source| Error::Sled { op: "read the log", source })? {
+        let last = match log.last().map_err(|source| Error::Store { op: "read the log", source })? {
             Some((_, raw)) => Some(
-                *decode_entry(&raw)
+                *decode_entry(raw.as_ref())
                     .map_err(|e| Error::Corrupt { path: dir.path.clone(), reason: e.to_string() })?
                     .get_log_id(),
             ),
@@ -283,7 +285,7 @@ impl LogStore {
 
 /// Blocking: makes the last purged id (already in the meta tree) durable,
 /// then deletes the entries up to `upto`, oldest first.
-fn delete_purged(dir: &DataDir, log: &sled::Tree, upto: u64) -> std::io::Result<usize> {
+fn delete_purged(dir: &DataDir, log: &<Db as Store>::Tree, upto: u64) -> std::io::Result<usize> {
     dir.sync_blocking()?;
     let (mut deleted, last) = (0, index_key(upto));
     // One remove at a time (not one batch, which would block every other
@@ -292,19 +294,19 @@ fn delete_purged(dir: &DataDir, log: &sled::Tree, upto: u64) -> std::io::Result<
         if key.as_ref() > last.as_slice() {
             break;
         }
-        log.remove(key).map_err(std::io::Error::other)?;
+        log.remove(key.as_ref()).map_err(std::io::Error::other)?;
         deleted += 1;
     }
     Ok(deleted)
 }
 
 fn read_meta<T: serde::de::DeserializeOwned>(
-    tree: &sled::Tree,
+    tree: &<Db as Store>::Tree,
     key: &[u8],
     what: &'static str,
 ) -> Result<Option<T>, Error> {
-    match tree.get(key).map_err(|source| Error::Sled { op: "read meta", source })? {
-        Some(raw) => Ok(Some(codec::decode(what, &raw)?)),
+    match tree.get(key).map_err(|source| Error::Store { op: "read meta", source })? {
+        Some(raw) => Ok(Some(codec::decode(what, raw.as_ref())?)),
         None => Ok(None),
     }
 }
@@ -318,9 +320,9 @@ fn decode_entry(raw: &[u8]) -> Result<Entry<TypeConfig>, RaftStorageError> {
 }
 
 /// The id of the last entry in `log` (purged ones not deleted yet count).
-fn last_in(log: &sled::Tree) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
+fn last_in(log: &<Db as Store>::Tree) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
     match log.last().map_err(|e| StorageIOError::read_logs(&e))? {
-        Some((_, raw)) => Ok(Some(*decode_entry(&raw)?.get_log_id())),
+        Some((_, raw)) => Ok(Some(*decode_entry(raw.as_ref())?.get_log_id())),
         None => Ok(None),
     }
 }
@@ -349,9 +351,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
             (_, start) => start,
         };
         let mut out = Vec::new();
-        for item in self.log.range::<[u8; 8], _>((start, end)) {
+        let bound = |b: &Bound<[u8; 8]>| match b {
+            Bound::Included(k) => Bound::Included(k.to_vec()),
+            Bound::Excluded(k) => Bound::Excluded(k.to_vec()),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let (start, end) = (bound(&start), bound(&end));
+        for item in self.log.range(start.as_ref().map(Vec::as_slice), end.as_ref().map(Vec::as_slice)) {
             let (_, raw) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-            out.push(decode_entry(&raw)?);
+            out.push(decode_entry(raw.as_ref())?);
         }
         Ok(out)
     }
@@ -374,7 +382,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
         let raw = codec::encode("vote", vote).map_err(|e| StorageIOError::write_vote(&e))?;
-        self.dir.meta.insert(KEY_VOTE, raw).map_err(|e| StorageIOError::write_vote(&e))?;
+        self.dir.meta.insert(KEY_VOTE, &raw).map_err(|e| StorageIOError::write_vote(&e))?;
         self.dir.sync().await.map_err(|e| StorageIOError::write_vote(&e))?;
         *self.vote.lock().unwrap_or_else(|e| e.into_inner()) = Some(*vote);
         Ok(())
@@ -389,7 +397,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         match committed {
             Some(log_id) => {
                 let raw = codec::encode("committed", &log_id).map_err(|e| StorageIOError::write(&e))?;
-                self.dir.meta.insert(KEY_COMMITTED, raw).map_err(|e| StorageIOError::write(&e))?;
+                self.dir.meta.insert(KEY_COMMITTED, &raw).map_err(|e| StorageIOError::write(&e))?;
             }
             None => {
                 self.dir.meta.remove(KEY_COMMITTED).map_err(|e| StorageIOError::write(&e))?;
@@ -431,13 +439,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // One entry (the common case when idle) goes in as a plain insert: a
         // batch costs sled an extra log record.
         match records.as_slice() {
-            [record] => self.log.insert(&record[..8], &record[8..]).map(|_| ()),
+            [record] => self.log.insert(&record[..8], &record[8..]),
             _ => {
-                let mut batch = sled::Batch::default();
+                let mut batch = Batch::default();
                 for record in &records {
                     batch.insert(&record[..8], &record[8..]);
                 }
-                self.log.apply_batch(batch)
+                self.log.apply(batch)
             }
         }
         .map_err(|e| StorageIOError::write_logs(&e))?;
@@ -479,12 +487,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Start the journal over first: once the entries are gone from sled,
         // replaying it after a crash would bring them back.
         self.checkpoint().await.map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(index_key(log_id.index)..) {
+        let mut batch = Batch::default();
+        for item in self.log.range(Bound::Included(&index_key(log_id.index)[..]), Bound::Unbounded) {
             let (key, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.remove(key);
+            batch.remove(key.as_ref());
         }
-        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.log.apply(batch).map_err(|e| StorageIOError::write_logs(&e))?;
         self.dir.sync().await.map_err(|e| StorageIOError::write_logs(&e))?;
         // What is left is durable (the checkpoint drained the background).
         self.background().written = None;
@@ -496,7 +504,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Recorded first, durable before any entry is deleted: a crash
         // leaves extra entries, never a hole.
         let raw = codec::encode("last_purged", &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
-        self.dir.meta.insert(KEY_LAST_PURGED, raw).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.dir.meta.insert(KEY_LAST_PURGED, &raw).map_err(|e| StorageIOError::write_logs(&e))?;
         *self.purged.lock().unwrap_or_else(|e| e.into_inner()) = Some(log_id);
         let mut purging = self.purging.lock().await;
         let previous = purging.take();
@@ -558,7 +566,7 @@ mod tests {
         // What a crash does to entries still in sled's unflushed buffers:
         // here 3 to 5 are removed and sled synced without them.
         for i in 3..=5 {
-            log.log.remove(index_key(i)).unwrap();
+            log.log.remove(&index_key(i)).unwrap();
         }
         log.dir.sync_blocking().unwrap();
         drop(log);
@@ -619,7 +627,7 @@ mod tests {
         // What a crash does to entries still in sled's buffers: both
         // journals bring theirs back.
         for i in 10..=20 {
-            log.log.remove(index_key(i)).unwrap();
+            log.log.remove(&index_key(i)).unwrap();
         }
         log.dir.sync_blocking().unwrap();
         drop(log);

@@ -3,7 +3,7 @@
 //!
 //! The state lives in memory ([`state::State`]): apply is a handful of
 //! ordered-map operations per command, no I/O. It is made durable by the
-//! log and by snapshot files: the log (in sled) holds every entry after the
+//! log and by snapshot files: the log (in the data directory's database) holds every entry after the
 //! current snapshot, openraft purges only entries a snapshot covers, and on
 //! start the store loads the current snapshot file and openraft applies the
 //! committed log after it again. So a restart or crash loses nothing that
@@ -14,7 +14,7 @@
 //! while openraft runs no apply (one point in time; the maps are persistent,
 //! so the copy shares them and costs O(1), and later applies copy only the
 //! nodes they change), written off the apply
-//! path as `*.tmp`, fsynced, renamed, and then recorded as current in sled's
+//! path as `*.tmp`, fsynced, renamed, and then recorded as current in the database's
 //! `meta` tree (flushed) before older snapshot files are deleted. A build
 //! that finishes after a newer snapshot was installed is not recorded.
 
@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ferry_db::Tree;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{BasicNode, Entry, LogId, OptionalSend, SnapshotMeta, StorageIOError, StoredMembership};
 
@@ -121,17 +122,17 @@ pub struct Digest {
     pub hex: String,
 }
 
-fn sled_err(op: &'static str) -> impl Fn(sled::Error) -> Error {
-    move |source| Error::Sled { op, source }
+fn store_err(op: &'static str) -> impl Fn(ferry_db::Error) -> Error {
+    move |source| Error::Store { op, source }
 }
 
 fn read_value<T: serde::de::DeserializeOwned>(
-    tree: &sled::Tree,
+    tree: &<ferry_db::Db as ferry_db::Store>::Tree,
     key: &[u8],
     what: &'static str,
 ) -> Result<Option<T>, Error> {
-    match tree.get(key).map_err(sled_err("read"))? {
-        Some(raw) => Ok(Some(codec::decode(what, &raw)?)),
+    match tree.get(key).map_err(store_err("read"))? {
+        Some(raw) => Ok(Some(codec::decode(what, raw.as_ref())?)),
         None => Ok(None),
     }
 }
@@ -331,8 +332,8 @@ impl StateMachineStore {
         self.inner
             .dir
             .meta
-            .insert(KEY_SNAPSHOT, codec::encode("snapshot pointer", &(meta, &name))?)
-            .map_err(sled_err("record snapshot"))?;
+            .insert(KEY_SNAPSHOT, &codec::encode("snapshot pointer", &(meta, &name))?)
+            .map_err(store_err("record snapshot"))?;
         self.inner.dir.sync_blocking().map_err(|source| Error::Snapshot { op: "sync the pointer", source })?;
         *current = meta.last_log_id;
         if let Ok(listing) = std::fs::read_dir(&dir) {

@@ -1,15 +1,19 @@
 //! Where this worker holds each chunk it knows, by hash: a source file, a
-//! staging file of a running job, or an installed file. Kept in a small sled
-//! database in the worker's data directory so a restarted worker resumes;
-//! every use re-checks the bytes against the hash, so a stale entry costs a
-//! miss, never a wrong byte.
+//! staging file of a running job, or an installed file. Kept in a small
+//! database in the worker's data directory (`ferry_db`; sled today, in
+//! `chunks.sled`) so a restarted worker resumes; every use re-checks the
+//! bytes against the hash, so a stale entry costs a miss, never a wrong byte.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use ferry_db::{Db, Store, Tree};
 use serde::{Deserialize, Serialize};
 
+/// The format of the store's entries, marked in its `meta` tree. (Stores
+/// made before the mark moved there, from sled's default tree, hold the
+/// same format and are marked on open.)
 const FORMAT: u8 = 1;
 const KEY_FORMAT: &[u8] = b"format";
 
@@ -27,15 +31,15 @@ pub struct Location {
 /// Why the store could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// sled failed (or the directory is locked by another worker).
+    /// The database failed (or the directory is locked by another worker).
     #[error("worker data directory {path}: {source}")]
-    Open { path: PathBuf, source: sled::Error },
+    Open { path: PathBuf, source: ferry_db::Error },
     /// A format this binary does not know.
     #[error("worker data directory {path} has format {found}; this ferry supports {FORMAT}")]
     Format { path: PathBuf, found: u8 },
-    /// sled failed while running.
+    /// The database failed while running.
     #[error("chunk store: {0}")]
-    Sled(#[from] sled::Error),
+    Db(#[from] ferry_db::Error),
     /// The blocking task running a flush failed.
     #[error("chunk store flush task: {0}")]
     Task(String),
@@ -44,10 +48,10 @@ pub enum StoreError {
 /// The chunk location index. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ChunkStore {
-    db: sled::Db,
-    chunks: sled::Tree,
+    db: Db,
+    chunks: <Db as Store>::Tree,
     /// path -> (stamp, index) of files indexed before.
-    files: sled::Tree,
+    files: <Db as Store>::Tree,
 }
 
 /// What identifies one state of a file: if any of these changed, so may
@@ -79,36 +83,36 @@ impl ChunkStore {
     /// Opens (or creates) the store under `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("chunks.sled");
-        let db = sled::open(&path).map_err(|source| StoreError::Open { path: path.clone(), source })?;
-        match db.get(KEY_FORMAT)? {
+        let db = Db::open(&path, &ferry_db::Options::default())
+            .map_err(|source| StoreError::Open { path: path.clone(), source })?;
+        let meta = db.tree("meta")?;
+        match meta.get(KEY_FORMAT)? {
             Some(v) if v.as_ref() != [FORMAT] => {
-                return Err(StoreError::Format { path, found: v.first().copied().unwrap_or(0) })
+                return Err(StoreError::Format { path, found: v.as_ref().first().copied().unwrap_or(0) })
             }
             Some(_) => {}
-            None => {
-                db.insert(KEY_FORMAT, &[FORMAT])?;
-            }
+            None => meta.insert(KEY_FORMAT, &[FORMAT])?,
         }
-        let chunks = db.open_tree("chunks")?;
-        let files = db.open_tree("files")?;
+        let chunks = db.tree("chunks")?;
+        let files = db.tree("files")?;
         Ok(Self { db, chunks, files })
     }
 
     /// Records that `hash` can be read at `loc`.
     pub fn put(&self, hash: &[u8; 32], loc: &Location) -> Result<(), StoreError> {
         if let Ok(raw) = postcard::to_stdvec(loc) {
-            self.chunks.insert(hash, raw)?;
+            self.chunks.insert(hash, &raw)?;
         }
         Ok(())
     }
 
     /// Makes every recorded location durable (before a chunk is acknowledged).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        // Not sled's `flush_async`: that waits on a thread of sled's own
-        // small I/O pool, whose threads also write the buffers being waited
-        // for. With many flushes at once (six workers in one `ferry demo`
-        // process, four pulls each) every pool thread waited and nothing
-        // wrote: the push hung. A blocking thread of tokio's waits instead.
+        // On a blocking thread of tokio's, not an async flush of sled's:
+        // that waits on a thread of sled's own small I/O pool, whose
+        // threads also write the buffers being waited for. With many
+        // flushes at once (six workers in one `ferry demo` process, four
+        // pulls each) every pool thread waited and nothing wrote.
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.flush()).await.map_err(|e| StoreError::Task(e.to_string()))??;
         Ok(())
@@ -117,7 +121,7 @@ impl ChunkStore {
     /// Where `hash` is, if known.
     pub fn get(&self, hash: &[u8; 32]) -> Option<Location> {
         let raw = self.chunks.get(hash).ok()??;
-        postcard::from_bytes(&raw).ok()
+        postcard::from_bytes(raw.as_ref()).ok()
     }
 
     /// Forgets `hash` (its location proved stale).
@@ -133,7 +137,7 @@ impl ChunkStore {
         let key = path.as_os_str().as_encoded_bytes();
         let before = Stamp::of(path);
         if let (Some(now), Ok(Some(raw))) = (before, self.files.get(key)) {
-            if let Ok((stamp, file)) = postcard::from_bytes::<(Stamp, crate::index::IndexedFile)>(&raw) {
+            if let Ok((stamp, file)) = postcard::from_bytes::<(Stamp, crate::index::IndexedFile)>(raw.as_ref()) {
                 if stamp == now {
                     return Ok(file);
                 }
@@ -157,7 +161,7 @@ impl ChunkStore {
         let key = path.as_os_str().as_encoded_bytes();
         match stamp.and_then(|s| postcard::to_stdvec(&(s, file)).ok()) {
             Some(raw) => {
-                let _ = self.files.insert(key, raw);
+                let _ = self.files.insert(key, &raw);
             }
             None => {
                 let _ = self.files.remove(key);
@@ -168,8 +172,8 @@ impl ChunkStore {
     /// Forgets every chunk recorded in `path`.
     fn forget_file(&self, path: &Path) {
         for (key, raw) in self.chunks.iter().flatten() {
-            if postcard::from_bytes::<Location>(&raw).is_ok_and(|l| l.path == path) {
-                let _ = self.chunks.remove(key);
+            if postcard::from_bytes::<Location>(raw.as_ref()).is_ok_and(|l| l.path == path) {
+                let _ = self.chunks.remove(key.as_ref());
             }
         }
     }
