@@ -652,12 +652,6 @@ pub struct WorkerArgs {
     /// (picks up gray variants), e.g. 30s.
     #[arg(long, value_parser = duration)]
     pub config_resync: Option<Duration>,
-    /// Test fault injection: corrupt every chunk served to peers.
-    #[arg(long, hide = true)]
-    pub fault_corrupt_uploads: bool,
-    /// Test fault injection: accept chunk requests, then send nothing.
-    #[arg(long, hide = true)]
-    pub fault_stall_uploads: bool,
 }
 
 #[derive(Subcommand, Debug)]

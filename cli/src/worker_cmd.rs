@@ -67,8 +67,6 @@ fn merge(a: WorkerArgs) -> Result<WorkerConfig, String> {
     if let Some(v) = a.config_resync {
         c.config_resync = v;
     }
-    c.fault_corrupt_uploads = a.fault_corrupt_uploads;
-    c.fault_stall_uploads = a.fault_stall_uploads;
     c.validate().map_err(|e| format!("invalid value for --{e}"))?;
     Ok(c)
 }

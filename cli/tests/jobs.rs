@@ -368,7 +368,7 @@ struct FaultyHolder {
 }
 
 /// A push beside a misbehaving holder: the peer `bad` (started with the
-/// fault flag `fault`) first gets a 16 MiB file alone, so it holds every
+/// fail point `fault` armed) first gets a 16 MiB file alone, so it holds every
 /// chunk and the planner prefers it over the source; then the file goes to
 /// `bad` and to `good` (started with `good_flags`, its download capped so
 /// chunks are planned over time) in a job with `timeout_ms` (0: default).
@@ -376,7 +376,7 @@ async fn push_beside_a_faulty_holder(dir: &Path, fault: &str, good_flags: &[&str
     let sched = Schedulers::start(dir, &[]);
     let c = sched.client(&[1, 2, 3]);
     let src = WorkerProc::start(dir, "src", &sched.addrs, &[]);
-    let _bad = WorkerProc::start(dir, "bad", &sched.addrs, &[fault]);
+    let _bad = WorkerProc::start_with_env(dir, "bad", &sched.addrs, &[], &[("FAILPOINTS", &format!("{fault}=return"))]);
     let good = WorkerProc::start(dir, "good", &sched.addrs, &[&["--download-limit", "8MiB/s"], good_flags].concat());
     workers_up(&c, &["src", "bad", "good"]).await;
     std::fs::write(src.root.join("f.bin"), random_bytes(16 * 1024 * 1024, 7)).expect("write");
@@ -415,7 +415,7 @@ async fn push_beside_a_faulty_holder(dir: &Path, fault: &str, good_flags: &[&str
 async fn a_corrupt_peer_is_detected_and_the_chunk_comes_from_elsewhere() {
     let dir = tempfile::tempdir().expect("tempdir");
     let FaultyHolder { src, good, report: r, .. } =
-        push_beside_a_faulty_holder(dir.path(), "--fault-corrupt-uploads", &[], 0).await;
+        push_beside_a_faulty_holder(dir.path(), "chunk-server-corrupt", &[], 0).await;
     assert_eq!(r.state, "succeeded", "{r:?}");
     let g = r.targets.iter().find(|t| t.worker == "good").expect("good");
     assert_eq!(g.bytes_from_peers, 0, "no corrupt byte was accepted from the peer");
@@ -434,7 +434,7 @@ async fn a_peer_that_stops_sending_is_given_up_and_the_chunks_come_from_elsewher
     // pull again (and the stalled call's own deadline), so the job succeeds
     // only if `good` gives up on `bad` by itself.
     let FaultyHolder { src, good, report: r, .. } =
-        push_beside_a_faulty_holder(dir.path(), "--fault-stall-uploads", &["--pull-stall-timeout", "1s"], 30_000).await;
+        push_beside_a_faulty_holder(dir.path(), "chunk-server-stall", &["--pull-stall-timeout", "1s"], 30_000).await;
     assert_eq!(r.state, "succeeded", "{r:?}");
     let g = r.targets.iter().find(|t| t.worker == "good").expect("good");
     assert_eq!(g.bytes_from_peers, 0, "nothing came from the stalled peer");

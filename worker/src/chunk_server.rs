@@ -2,6 +2,12 @@
 //! read straight from the file that holds them (source file, staging file or
 //! installed file), with a cap on concurrent uploads. The receiver checks the
 //! hash; this side only reads.
+//!
+//! Fail points (builds with the `failpoints` feature only, armed with
+//! `FAILPOINTS=name=return`): `chunk-server-corrupt` flips a byte in every
+//! chunk served (a misbehaving peer); `chunk-server-stall` answers every
+//! request, then sends nothing until the caller gives up (a peer whose disk
+//! or process hangs).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
@@ -34,11 +40,6 @@ pub fn frame_size(limit: Option<u64>, max_uploads: usize) -> usize {
 pub struct ChunkServer {
     pub(crate) store: ChunkStore,
     pub(crate) uploads: Arc<Semaphore>,
-    /// Test fault: flip a byte in every chunk served (a misbehaving peer).
-    pub(crate) corrupt: bool,
-    /// Test fault: answer every request, then send nothing until the
-    /// caller gives up (a peer whose disk or process hangs).
-    pub(crate) stall: bool,
     /// Bytes per frame ([`frame_size`]).
     pub(crate) frame: usize,
     /// Upload cap.
@@ -50,15 +51,7 @@ impl ChunkServer {
     /// A server for the chunks in `store`, with at most `max_uploads` at once
     /// and an upload cap.
     pub fn new(store: ChunkStore, max_uploads: usize, bandwidth: crate::limiter::Bandwidth) -> Self {
-        Self {
-            store,
-            uploads: Arc::new(Semaphore::new(max_uploads)),
-            corrupt: false,
-            stall: false,
-            frame: FRAME,
-            bandwidth,
-            metrics: Arc::default(),
-        }
+        Self { store, uploads: Arc::new(Semaphore::new(max_uploads)), frame: FRAME, bandwidth, metrics: Arc::default() }
     }
 }
 
@@ -88,14 +81,15 @@ impl ChunkService for ChunkServer {
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("this worker is at its upload limit"))?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        if self.stall {
+        if armed("chunk-server-stall") {
             tokio::spawn(async move {
                 let _permit = permit;
                 tx.closed().await;
             });
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
-        let (corrupt, frame) = (self.corrupt, self.frame);
+        let corrupt = armed("chunk-server-corrupt");
+        let frame = self.frame;
         let bandwidth = self.bandwidth.clone();
         let store = self.store.clone();
         let metrics = self.metrics.clone();
@@ -149,6 +143,18 @@ impl ChunkService for ChunkServer {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// True if the test fail point `name` is armed; always false in builds
+/// without the `failpoints` feature.
+fn armed(name: &str) -> bool {
+    #[cfg(feature = "failpoints")]
+    return fail::eval(name, |_| ()).is_some();
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = name;
+        false
     }
 }
 

@@ -63,12 +63,6 @@ pub struct WorkerConfig {
     /// is put back.
     #[serde(with = "humantime_serde")]
     pub config_resync: Duration,
-    /// Test fault: serve corrupted chunks to peers.
-    #[serde(skip)]
-    pub fault_corrupt_uploads: bool,
-    /// Test fault: answer chunk requests and then send nothing.
-    #[serde(skip)]
-    pub fault_stall_uploads: bool,
 }
 
 impl Default for WorkerConfig {
@@ -93,8 +87,6 @@ impl Default for WorkerConfig {
             heartbeat: Duration::from_secs(1),
             config_files: Vec::new(),
             config_resync: Duration::from_secs(30),
-            fault_corrupt_uploads: false,
-            fault_stall_uploads: false,
         }
     }
 }

@@ -27,6 +27,11 @@
 //! - [`render`] — the file formats (`raw`, `json`, `properties`).
 //! - [`atomic_file`] — replace a file atomically, only when it changes.
 //! - [`metrics`] — the admin port: metrics, health, readiness.
+//!
+//! Test faults are fail points (the `fail` crate), compiled only with the
+//! `failpoints` feature, which the tests turn on and release builds do not;
+//! a worker built with it arms the points named in `FAILPOINTS` at start
+//! (see [`chunk_server`] for the points).
 
 pub mod atomic_file;
 pub mod chunk_server;
@@ -95,6 +100,7 @@ impl Worker {
 
     /// Starts on a listener bound by the caller (`config.listen` is taken from it).
     pub async fn start_with(mut config: WorkerConfig, listener: TcpListener) -> Result<Self, Error> {
+        arm_failpoints();
         let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.to_string(), source })?;
         config.listen = addr;
         config.validate()?;
@@ -118,8 +124,6 @@ impl Worker {
         let chunks = ChunkServerImpl::new(chunk_server::ChunkServer {
             store,
             uploads: Arc::new(Semaphore::new(config.max_uploads)),
-            corrupt: config.fault_corrupt_uploads,
-            stall: config.fault_stall_uploads,
             frame: chunk_server::frame_size(config.upload_limit, config.max_uploads),
             bandwidth: limiter::Bandwidth::new(config.upload_limit),
             metrics: metrics.clone(),
@@ -218,6 +222,17 @@ impl Worker {
 }
 
 type ChunkServerImpl = ChunkServiceServer<chunk_server::ChunkServer>;
+
+/// Arms the fail points named in `FAILPOINTS` (`name=action;...`), once
+/// per process. Only in builds with the `failpoints` feature (tests).
+fn arm_failpoints() {
+    #[cfg(feature = "failpoints")]
+    {
+        static ARMED: std::sync::Once = std::sync::Once::new();
+        // The scenario lives as long as the process: kept, not torn down.
+        ARMED.call_once(|| std::mem::forget(fail::FailScenario::setup()));
+    }
+}
 
 /// The reflection services (v1, and v1alpha for grpcurl 1.8) over Ferry's
 /// and the health service's descriptors. They advertise only what this

@@ -61,9 +61,15 @@ pub struct Proc {
 impl Proc {
     /// Starts `ferry ARGS`, logging to `log`.
     pub fn spawn(args: &[String], log: &Path) -> Self {
+        Self::spawn_with_env(args, log, &[])
+    }
+
+    /// Starts `ferry ARGS` with `env` set, logging to `log`.
+    pub fn spawn_with_env(args: &[String], log: &Path, env: &[(&str, &str)]) -> Self {
         let file = std::fs::File::create(log).expect("log file");
         let child = Command::new(FERRY)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
@@ -250,6 +256,12 @@ pub struct WorkerProc {
 impl WorkerProc {
     /// Starts worker `name` under `dir` against `schedulers`, with `extra` flags.
     pub fn start(dir: &Path, name: &str, schedulers: &[String], extra: &[&str]) -> Self {
+        Self::start_with_env(dir, name, schedulers, extra, &[])
+    }
+
+    /// [`WorkerProc::start`] with `env` set (e.g. `FAILPOINTS`, which
+    /// arms the fail points of the test build).
+    pub fn start_with_env(dir: &Path, name: &str, schedulers: &[String], extra: &[&str], env: &[(&str, &str)]) -> Self {
         let root = dir.join(format!("{name}-root"));
         std::fs::create_dir_all(&root).expect("root");
         std::fs::create_dir_all(dir.join(name)).expect("hook log dir");
@@ -271,7 +283,7 @@ impl WorkerProc {
             format!("reload=echo $FERRY_JOB_ID >> {}/hook.log", dir.join(name).display()),
         ];
         args.extend(extra.iter().map(|e| e.to_string()));
-        let proc = Proc::spawn(&args, &dir.join(format!("{name}.log")));
+        let proc = Proc::spawn_with_env(&args, &dir.join(format!("{name}.log")), env);
         Self { name: name.into(), root, proc, args }
     }
 
