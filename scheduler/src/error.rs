@@ -30,6 +30,12 @@ pub enum Error {
     /// A revision or position outside what exists (the message names the field).
     #[error("{0}")]
     OutOfRange(String),
+    /// Something that should not fail did (an encoding, a local file).
+    #[error("{0}")]
+    Internal(String),
+    /// Received data failed its check (a snapshot cut short or damaged).
+    #[error("{0}")]
+    DataLoss(String),
     /// The state machine answered a command with a result of another kind:
     /// a bug, reported instead of guessed around.
     #[error("unexpected result for {op}: {result}")]
@@ -60,7 +66,8 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::NotFound(_) => tonic::Status::not_found(msg),
             Error::OutOfRange(_) => tonic::Status::out_of_range(msg),
-            Error::Unexpected { .. } => tonic::Status::internal(msg),
+            Error::Unexpected { .. } | Error::Internal(_) => tonic::Status::internal(msg),
+            Error::DataLoss(_) => tonic::Status::data_loss(msg),
             Error::NotLeader { leader_addr, .. } => {
                 let mut status = tonic::Status::unavailable(msg);
                 if let Some(value) = leader_addr.and_then(|a| MetadataValue::try_from(a).ok()) {

@@ -17,6 +17,7 @@
 //! - [`probes`] — probe definitions, results, rankings, staleness, alerts.
 //! - [`registry`] — service instances bound to leases, the protect threshold.
 //! - [`stream`] — server streams whose producer runs in the stream.
+//! - [`watch`] — config watches from a revision, through compaction.
 //! - [`webhook`] — job callbacks and probe alerts over HTTP(S).
 //! - [`admin`], [`metrics`] — `/metrics`, `/healthz`, `/readyz`.
 //! - [`local`] — several nodes in one process (`ferry dev`, benches, tests).
@@ -36,6 +37,7 @@ pub mod raft;
 pub mod registry;
 pub mod server;
 pub mod stream;
+pub mod watch;
 pub mod webhook;
 
 pub use config::SchedulerConfig;

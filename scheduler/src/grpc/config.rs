@@ -9,7 +9,7 @@ use std::time::Duration;
 use ferry_proto::pb::{self, config_service_server::ConfigService};
 use ferry_storage::kv::{Compare, Event, EventKind, Txn, TxnOp};
 use ferry_storage::{kv, Command, CommandResult, KeyValue, Op};
-use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -76,103 +76,14 @@ fn txn_from_pb(req: &pb::TxnRequest) -> Result<Txn, Status> {
     Ok(Txn { compares, success: ops(&req.success, "success")?, failure: ops(&req.failure, "failure")? })
 }
 
-/// Events sent in one watch message at most.
-const WATCH_BATCH: usize = 1000;
-
-/// Feeds one watch stream until the client goes away.
-async fn run_watch(
-    node: Arc<Node>,
-    req: pb::WatchRequest,
-    tx: &mpsc::Sender<Result<pb::WatchResponse, Status>>,
-) -> Result<(), Status> {
-    let reader = node.reader.clone();
-    let mut changed = reader.subscribe();
-    let every = Duration::from_millis(match req.progress_interval_ms {
-        0 => 5000,
-        ms => ms.max(100) as u64,
-    });
-    let header = |revision: u64| header_at(&node, revision);
-    let mut next = if req.start_revision == 0 { reader.revision() + 1 } else { req.start_revision };
-    let mut idle_since = tokio::time::Instant::now();
-    if req.start_revision == 0 {
-        // Tell a watcher "from now" where now is, so a reconnect before the
-        // first change resumes from there instead of from a later "now".
-        let msg = pb::WatchResponse { header: Some(header(next - 1)), progress: true, ..Default::default() };
-        if tx.send(Ok(msg)).await.is_err() {
-            return Ok(());
-        }
-    }
-    loop {
-        let compacted = reader.compacted().map_err(Error::from)?;
-        if next <= compacted {
-            // Behind the history (at the start, or a watcher too slow to
-            // keep up): the current values at R, then changes after R.
-            let (kvs, revision) = reader.list_at_revision(&req.prefix).map_err(Error::from)?;
-            let mut events: Vec<pb::Event> =
-                kvs.into_iter().map(|kv| event_to_pb(Event { kind: EventKind::Put, kv })).collect();
-            loop {
-                let rest = events.split_off(events.len().min(WATCH_BATCH));
-                let msg = pb::WatchResponse {
-                    header: Some(header(revision)),
-                    events,
-                    snapshot: true,
-                    compact_revision: compacted,
-                    progress: false,
-                    more: !rest.is_empty(),
-                };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return Ok(());
-                }
-                if rest.is_empty() {
-                    break;
-                }
-                events = rest;
-            }
-            next = revision + 1;
-            idle_since = tokio::time::Instant::now();
-        }
-        let (events, upto) = reader.events(next, &req.prefix, WATCH_BATCH).map_err(Error::from)?;
-        // Compaction only moves forward: if it has not reached `next` now,
-        // it had not while the events were read, so none is missing.
-        if reader.compacted().map_err(Error::from)? >= next {
-            continue;
-        }
-        if !events.is_empty() {
-            let msg = pb::WatchResponse {
-                header: Some(header(upto)),
-                events: events.into_iter().map(|(_, e)| event_to_pb(e)).collect(),
-                compact_revision: compacted,
-                ..Default::default()
-            };
-            if tx.send(Ok(msg)).await.is_err() {
-                return Ok(());
-            }
-            idle_since = tokio::time::Instant::now();
-        }
-        if upto >= next {
-            next = upto + 1;
-            continue;
-        }
-        tokio::select! {
-            r = changed.changed() => {
-                if r.is_err() {
-                    return Err(Status::unavailable("this scheduler is stopping; watch again from the last revision + 1"));
-                }
-            }
-            _ = tokio::time::sleep_until(idle_since + every) => {
-                let msg = pb::WatchResponse {
-                    header: Some(header(next - 1)),
-                    compact_revision: compacted,
-                    progress: true,
-                    ..Default::default()
-                };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return Ok(());
-                }
-                idle_since = tokio::time::Instant::now();
-            }
-            _ = tx.closed() => return Ok(()),
-        }
+fn batch_to_pb(node: &Node, b: crate::watch::Batch) -> pb::WatchResponse {
+    pb::WatchResponse {
+        header: Some(header_at(node, b.revision)),
+        events: b.events.into_iter().map(event_to_pb).collect(),
+        snapshot: b.snapshot,
+        more: b.more,
+        progress: b.progress,
+        compact_revision: b.compact_revision,
     }
 }
 
@@ -224,7 +135,7 @@ impl ConfigService for ConfigServiceImpl {
                 Err(Error::FailedPrecondition(format!("not applied: {failed}")).into())
             }
             CommandResult::Rejected { reason } => Err(invalid(reason)),
-            other => Err(Status::internal(format!("unexpected result for put: {other:?}"))),
+            other => Err(Error::unexpected("put", &other).into()),
         }
     }
 
@@ -247,10 +158,11 @@ impl ConfigService for ConfigServiceImpl {
         if req.revision != 0 {
             let current = self.node.reader.revision();
             if req.revision > current {
-                return Err(Status::out_of_range(format!(
+                return Err(Error::OutOfRange(format!(
                     "revision: {} is in the future (current revision {current})",
                     req.revision
-                )));
+                ))
+                .into());
             }
             return match self.node.reader.get_at(&req.key, req.revision).map_err(Error::from)? {
                 Ok(kv) => {
@@ -261,10 +173,11 @@ impl ConfigService for ConfigServiceImpl {
                         variant: String::new(),
                     }))
                 }
-                Err(compacted) => Err(Status::out_of_range(format!(
+                Err(compacted) => Err(Error::OutOfRange(format!(
                     "revision: {} is compacted (the oldest readable revision is {compacted})",
                     req.revision
-                ))),
+                ))
+                .into()),
             };
         }
         let kv = self.node.reader.get(&req.key).map_err(Error::from)?;
@@ -302,7 +215,7 @@ impl ConfigService for ConfigServiceImpl {
                 Err(Error::FailedPrecondition(format!("not applied: {failed}")).into())
             }
             CommandResult::Rejected { reason } => Err(invalid(reason)),
-            other => Err(Status::internal(format!("unexpected result for delete: {other:?}"))),
+            other => Err(Error::unexpected("delete", &other).into()),
         }
     }
 
@@ -343,7 +256,7 @@ impl ConfigService for ConfigServiceImpl {
                 Ok(Response::new(pb::TxnResponse { header: Some(header), succeeded, failed }))
             }
             CommandResult::Rejected { reason } => Err(invalid(reason)),
-            other => Err(Status::internal(format!("unexpected result for txn: {other:?}"))),
+            other => Err(Error::unexpected("txn", &other).into()),
         }
     }
 
@@ -389,13 +302,21 @@ impl ConfigService for ConfigServiceImpl {
             return Err(invalid(format!("prefix: must be at most {} bytes", kv::MAX_KEY_BYTES)));
         }
         let node = self.node.clone();
+        let every = Duration::from_millis(match req.progress_interval_ms {
+            0 => 5000,
+            ms => ms.max(100) as u64,
+        });
         // Run by the response stream itself: a change wakes the task that
         // writes to the connection directly.
-        let events = inline_stream(16, |tx| async move {
-            if let Err(status) = run_watch(node, req, &tx).await {
-                let _ = tx.send(Err(status)).await;
+        let batches = inline_stream(16, |tx| {
+            let node = node.clone();
+            async move {
+                if let Err(e) = crate::watch::run(node, req.prefix, req.start_revision, every, &tx).await {
+                    let _ = tx.send(Err(e)).await;
+                }
             }
         });
+        let events = batches.map(move |b| b.map(|b| batch_to_pb(&node, b)).map_err(Status::from));
         Ok(Response::new(Box::pin(events)))
     }
 }

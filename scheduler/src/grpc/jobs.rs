@@ -11,6 +11,7 @@ use ferry_storage::JobPhase;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::error::Error;
 use crate::jobs::report::{FileReport, Report, TargetReport};
 use crate::jobs::sessions::Sessions;
 use crate::jobs::spec::JobRequest;
@@ -140,7 +141,7 @@ impl JobService for JobServiceImpl {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let req = request.into_inner();
-        let spec = from_spec(req.spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?);
+        let spec = from_spec(req.spec.ok_or_else(|| Error::InvalidArgument("spec: missing".into()))?);
         let request_id = if req.request_id.is_empty() { new_request_id() } else { req.request_id };
         let job = submission::submit(&self.node, &self.sessions, spec, request_id).await?;
         let report = if req.wait {

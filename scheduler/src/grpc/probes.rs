@@ -8,6 +8,7 @@ use ferry_storage::kv;
 use ferry_storage::probes::{ProbeDef, ProbeOutput, ProbeResult, ProbeTarget, WorkerProbe};
 use tonic::{Request, Response, Status};
 
+use crate::error::Error;
 use crate::grpc::header;
 use crate::probes::{self, Definition, Freshness, Ranked};
 use crate::raft::node::Node;
@@ -103,7 +104,7 @@ impl ProbeService for ProbeServiceImpl {
         request: Request<pb::DefineProbeRequest>,
     ) -> Result<Response<pb::DefineProbeResponse>, Status> {
         let req = request.into_inner();
-        let spec = req.spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        let spec = req.spec.ok_or_else(|| Error::InvalidArgument("spec: missing".into()))?;
         probes::define(&self.node, from_spec(spec), req.request_id).await?;
         Ok(Response::new(pb::DefineProbeResponse { header: Some(header(&self.node)) }))
     }

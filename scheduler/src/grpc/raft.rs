@@ -14,6 +14,7 @@ use openraft::{BasicNode, Snapshot, SnapshotMeta, Vote};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::error::Error;
 use crate::raft::node::Node;
 
 /// The RaftService implementation.
@@ -25,11 +26,11 @@ pub struct RaftServiceImpl {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &'static str, data: &[u8]) -> Result<T, Status> {
-    codec::decode(what, data).map_err(|e| Status::invalid_argument(format!("data: {e}")))
+    codec::decode(what, data).map_err(|e| Error::InvalidArgument(format!("data: {e}")).into())
 }
 
 fn payload<T: serde::Serialize>(what: &'static str, value: &T) -> Result<pb::RaftPayload, Status> {
-    let data = codec::encode(what, value).map_err(|e| Status::internal(e.to_string()))?;
+    let data = codec::encode(what, value).map_err(|e| Error::Internal(e.to_string()))?;
     Ok(pb::RaftPayload { data })
 }
 
@@ -41,7 +42,7 @@ fn reply<T: serde::Serialize>(what: &'static str, value: &T) -> Result<Response<
 /// from a leader of an older format are converted as they are decoded.
 async fn append(node: &Node, request: pb::RaftPayload) -> Result<pb::RaftPayload, Status> {
     let req: AppendEntriesRequest<ferry_storage::TypeConfig> = codec::decode_upgraded("append entries", &request.data)
-        .map_err(|e| Status::invalid_argument(format!("data: {e}")))?;
+        .map_err(|e| Error::InvalidArgument(format!("data: {e}")))?;
     let result = node.raft.append_entries(req).await;
     payload("append entries", &result)
 }
@@ -86,11 +87,11 @@ impl RaftService for RaftServiceImpl {
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
         let mut stream = request.into_inner();
-        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("stream: empty snapshot stream"))?;
+        let first =
+            stream.message().await?.ok_or_else(|| Error::InvalidArgument("stream: empty snapshot stream".into()))?;
         let (vote, meta): (Vote<NodeId>, SnapshotMeta<NodeId, BasicNode>) = decode("snapshot header", &first.header)?;
-        let mut file =
-            self.node.raft.begin_receiving_snapshot().await.map_err(|e| Status::unavailable(e.to_string()))?;
-        let io = |e: std::io::Error| Status::internal(format!("writing received snapshot: {e}"));
+        let mut file = self.node.raft.begin_receiving_snapshot().await.map_err(|e| Error::Stopped(e.to_string()))?;
+        let io = |e: std::io::Error| Error::Internal(format!("writing received snapshot: {e}"));
         file.write_all(&first.data).await.map_err(io)?;
         let mut bytes = first.data.len() as u64;
         while let Some(chunk) = stream.message().await? {
@@ -105,9 +106,9 @@ impl RaftService for RaftServiceImpl {
             ferry_storage::snapshot::verify(&mut std_file).map(|records| (records, std_file))
         })
         .await
-        .map_err(|e| Status::internal(format!("verifying snapshot: {e}")))?;
+        .map_err(|e| Error::Internal(format!("verifying snapshot: {e}")))?;
         let (records, std_file) =
-            checked.map_err(|e| Status::data_loss(format!("snapshot {}: {e}", meta.snapshot_id)))?;
+            checked.map_err(|e| Error::DataLoss(format!("snapshot {}: {e}", meta.snapshot_id)))?;
         let file = Box::new(tokio::fs::File::from_std(std_file));
         tracing::info!(snapshot = %meta.snapshot_id, bytes, records, "received snapshot; installing");
         let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> =

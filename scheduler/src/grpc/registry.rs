@@ -8,6 +8,7 @@ use ferry_proto::pb::{self, registry_service_server::RegistryService};
 use ferry_storage::registry::Instance;
 use tonic::{Request, Response, Status};
 
+use crate::error::Error;
 use crate::grpc::header_at;
 use crate::leases::{self, LeaseClock};
 use crate::raft::node::{new_request_id, Node};
@@ -70,7 +71,7 @@ fn listing_to_pb(node: &Node, l: Listing) -> pb::ListInstancesResponse {
 impl RegistryService for RegistryServiceImpl {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = request.into_inner();
-        let instance = from_pb(req.instance.ok_or_else(|| Status::invalid_argument("instance: missing"))?);
+        let instance = from_pb(req.instance.ok_or_else(|| Error::InvalidArgument("instance: missing".into()))?);
         registry::validate(&instance)?;
         let request_id = if req.request_id.is_empty() { new_request_id() } else { req.request_id };
         let mut lease = req.lease;

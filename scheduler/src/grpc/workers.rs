@@ -193,13 +193,15 @@ impl WorkerService for WorkerServiceImpl {
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(pb::WorkerMessage { msg: Some(Msg::Hello(h)) }) => h,
-            _ => return Err(Status::invalid_argument("hello: the first message of a session must be hello")),
+            _ => {
+                return Err(Error::InvalidArgument("hello: the first message of a session must be hello".into()).into())
+            }
         };
         if hello.name.is_empty() || hello.name.len() > 128 {
-            return Err(Status::invalid_argument("name: must be 1 to 128 bytes"));
+            return Err(Error::InvalidArgument("name: must be 1 to 128 bytes".into()).into());
         }
         if hello.addr.is_empty() {
-            return Err(Status::invalid_argument("addr: the worker must give its chunk service address"));
+            return Err(Error::InvalidArgument("addr: the worker must give its chunk service address".into()).into());
         }
         if hello.protocol != ferry_proto::PROTOCOL {
             return Err(Error::FailedPrecondition(format!(
