@@ -24,33 +24,12 @@ pub struct JobServiceImpl {
     pub(crate) sessions: Arc<Sessions>,
 }
 
-fn from_spec(s: pb::JobSpec) -> JobRequest {
-    JobRequest {
-        source: s.source,
-        files: s.files,
-        targets: s.targets,
-        selector: s.selector,
-        destination: s.destination,
-        hook: s.hook,
-        callback_url: s.callback_url,
-        timeout_ms: s.timeout_ms,
-        grace_ms: s.grace_ms,
-    }
-}
-
-fn to_spec(s: JobRequest) -> pb::JobSpec {
-    pb::JobSpec {
-        source: s.source,
-        files: s.files,
-        targets: s.targets,
-        selector: s.selector,
-        destination: s.destination,
-        hook: s.hook,
-        callback_url: s.callback_url,
-        timeout_ms: s.timeout_ms,
-        grace_ms: s.grace_ms,
-    }
-}
+crate::grpc::mirror!(fn from_spec(pb::JobSpec) -> JobRequest; fn to_spec;
+    source, files, targets, selector, destination, hook, callback_url, timeout_ms, grace_ms);
+crate::grpc::mirror!(fn from_file(pb::FileReport) -> FileReport; fn to_file; path, destination, size, chunks, blake3);
+crate::grpc::mirror!(fn from_target(pb::TargetReport) -> TargetReport; fn to_target;
+    worker, state, bytes_done, chunks_done, bytes_from_source, bytes_from_peers, bytes_reused, duration_ms,
+    hook_exit, reason);
 
 /// The wire form of a report.
 pub fn to_pb(r: Report) -> pb::JobReport {
@@ -58,33 +37,8 @@ pub fn to_pb(r: Report) -> pb::JobReport {
         job_id: r.job_id,
         state: r.state,
         spec: Some(to_spec(r.spec)),
-        files: r
-            .files
-            .into_iter()
-            .map(|f| pb::FileReport {
-                path: f.path,
-                destination: f.destination,
-                size: f.size,
-                chunks: f.chunks,
-                blake3: f.blake3,
-            })
-            .collect(),
-        targets: r
-            .targets
-            .into_iter()
-            .map(|t| pb::TargetReport {
-                worker: t.worker,
-                state: t.state,
-                bytes_done: t.bytes_done,
-                chunks_done: t.chunks_done,
-                bytes_from_source: t.bytes_from_source,
-                bytes_from_peers: t.bytes_from_peers,
-                bytes_reused: t.bytes_reused,
-                duration_ms: t.duration_ms,
-                hook_exit: t.hook_exit,
-                reason: t.reason,
-            })
-            .collect(),
+        files: r.files.into_iter().map(to_file).collect(),
+        targets: r.targets.into_iter().map(to_target).collect(),
         total_bytes: r.total_bytes,
         created_unix_ms: r.created_unix_ms,
         finished_unix_ms: r.finished_unix_ms,
@@ -100,33 +54,8 @@ pub fn from_pb(r: pb::JobReport) -> Report {
         total_bytes: r.total_bytes,
         created_unix_ms: r.created_unix_ms,
         finished_unix_ms: r.finished_unix_ms,
-        files: r
-            .files
-            .into_iter()
-            .map(|f| FileReport {
-                path: f.path,
-                destination: f.destination,
-                size: f.size,
-                chunks: f.chunks,
-                blake3: f.blake3,
-            })
-            .collect(),
-        targets: r
-            .targets
-            .into_iter()
-            .map(|t| TargetReport {
-                worker: t.worker,
-                state: t.state,
-                bytes_done: t.bytes_done,
-                chunks_done: t.chunks_done,
-                bytes_from_source: t.bytes_from_source,
-                bytes_from_peers: t.bytes_from_peers,
-                bytes_reused: t.bytes_reused,
-                duration_ms: t.duration_ms,
-                hook_exit: t.hook_exit,
-                reason: t.reason,
-            })
-            .collect(),
+        files: r.files.into_iter().map(from_file).collect(),
+        targets: r.targets.into_iter().map(from_target).collect(),
     }
 }
 

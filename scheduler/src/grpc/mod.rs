@@ -17,9 +17,56 @@ pub mod raft;
 pub mod registry;
 pub mod workers;
 
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+
 use ferry_proto::pb;
 
 use crate::raft::node::Node;
+
+/// One field's conversion between a wire message and its domain type: the
+/// same type, or a map of the other kind (protobuf maps are hash maps).
+pub trait Conv<T> {
+    /// The field in the other type.
+    fn conv(self) -> T;
+}
+
+impl<T> Conv<T> for T {
+    fn conv(self) -> T {
+        self
+    }
+}
+
+impl<K: Ord + Hash + Eq, V> Conv<BTreeMap<K, V>> for HashMap<K, V> {
+    fn conv(self) -> BTreeMap<K, V> {
+        self.into_iter().collect()
+    }
+}
+
+impl<K: Ord + Hash + Eq, V> Conv<HashMap<K, V>> for BTreeMap<K, V> {
+    fn conv(self) -> HashMap<K, V> {
+        self.into_iter().collect()
+    }
+}
+
+/// Two functions converting between a wire message and a domain type with
+/// the same fields, each converted by [`Conv`]:
+/// `mirror!(pub fn from_pb(pb::X) -> Y; pub fn to_pb; a, b, c);`
+macro_rules! mirror {
+    ($vis:vis fn $from:ident($wire:path) -> $domain:path; $vis2:vis fn $to:ident; $($field:ident),+ $(,)?) => {
+        /// The domain form of the wire message.
+        $vis fn $from(w: $wire) -> $domain {
+            use $domain as D;
+            D { $($field: $crate::grpc::Conv::conv(w.$field)),+ }
+        }
+        /// The wire form of the domain value.
+        $vis2 fn $to(d: $domain) -> $wire {
+            use $wire as W;
+            W { $($field: $crate::grpc::Conv::conv(d.$field)),+ }
+        }
+    };
+}
+pub(crate) use mirror;
 
 /// The header of a response produced now on `node`.
 pub fn header(node: &Node) -> pb::ResponseHeader {

@@ -21,43 +21,8 @@ pub struct RegistryServiceImpl {
     pub(crate) clock: Arc<LeaseClock>,
 }
 
-/// The domain form of a wire instance.
-pub fn from_pb(i: pb::Instance) -> Instance {
-    Instance {
-        service: i.service,
-        id: i.id,
-        address: i.address,
-        port: i.port,
-        version: i.version,
-        methods: i.methods,
-        weight: i.weight,
-        gray: i.gray,
-        labels: i.labels.into_iter().collect(),
-        metadata: i.metadata.into_iter().collect(),
-        consumer: i.consumer,
-        suspect: i.suspect,
-        deregistered: i.deregistered,
-    }
-}
-
-/// The wire form of an instance.
-pub fn to_pb(i: Instance) -> pb::Instance {
-    pb::Instance {
-        service: i.service,
-        id: i.id,
-        address: i.address,
-        port: i.port,
-        version: i.version,
-        methods: i.methods,
-        weight: i.weight,
-        gray: i.gray,
-        labels: i.labels.into_iter().collect(),
-        metadata: i.metadata.into_iter().collect(),
-        consumer: i.consumer,
-        suspect: i.suspect,
-        deregistered: i.deregistered,
-    }
-}
+crate::grpc::mirror!(pub fn from_pb(pb::Instance) -> Instance; pub fn to_pb;
+    service, id, address, port, version, methods, weight, gray, labels, metadata, consumer, suspect, deregistered);
 
 fn listing_to_pb(node: &Node, l: Listing) -> pb::ListInstancesResponse {
     pb::ListInstancesResponse {
