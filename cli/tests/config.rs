@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{ferry, Schedulers, FERRY};
+use common::{ferry, marked_deregistered, Schedulers, FERRY};
 
 /// `ferry --endpoints ENDPOINTS ARGS`: exit code, trimmed stdout, stderr.
 fn run_at(endpoints: &str, args: &[&str]) -> (Option<i32>, String, String) {
@@ -523,9 +523,7 @@ async fn an_empty_listing_names_deregistered_instances_not_expired_ones_and_a_ba
         .iter()
         .map(|e| {
             let value = e.kv.as_ref().map(|kv| kv.value.clone()).unwrap_or_default();
-            // Instances are stored as JSON objects.
-            let marked = serde_json::from_slice::<serde_json::Value>(&value).is_ok_and(|i| i["deregistered"] == true);
-            (e.r#type, marked)
+            (e.r#type, marked_deregistered(&value))
         })
         .collect();
     let (put, delete) = (pb::event::Type::Put as i32, pb::event::Type::Delete as i32);

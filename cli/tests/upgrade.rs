@@ -77,11 +77,7 @@ async fn a_format_3_data_directory_starts_with_every_key_lease_instance_job_and_
     assert_eq!(stored["address"], "10.0.0.1");
     // w2 was deregistered explicitly: its history says so.
     let h = c.history("registry/web/w2", 0).await.expect("history");
-    let marked = h
-        .events
-        .iter()
-        .filter_map(|e| e.kv.as_ref())
-        .any(|kv| serde_json::from_slice::<serde_json::Value>(&kv.value).is_ok_and(|i| i["deregistered"] == true));
+    let marked = h.events.iter().filter_map(|e| e.kv.as_ref()).any(|kv| marked_deregistered(&kv.value));
     assert!(marked, "w2's history keeps its deregistration: {h:?}");
 
     // The finished job and the probe.

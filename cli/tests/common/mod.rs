@@ -306,6 +306,13 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// True if `value` is a registry instance (stored as a JSON object) marked
+/// `deregistered`: the write an explicit deregistration leaves in the
+/// key's history.
+pub fn marked_deregistered(value: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(value).is_ok_and(|i| i["deregistered"] == true)
+}
+
 /// Waits until the cluster lists every worker in `names` as up.
 pub async fn workers_up(c: &Client, names: &[&str]) {
     wait_for("workers up", Duration::from_secs(20), || async {
