@@ -9,7 +9,7 @@
 //! `output_stale_after`. The leader POSTs an alert to the probe's
 //! `alert_url` when a probe turns stale (once per turn).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Component, Path};
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,7 +147,7 @@ pub fn check(d: Definition, now: u64) -> Result<ProbeDef, Error> {
 fn check_output_on_workers(node: &Node, def: &ProbeDef) -> Result<(), Error> {
     let Some(out) = &def.output else { return Ok(()) };
     for w in node.reader.workers()? {
-        if !selects(&def.selector, &w.labels) {
+        if !kv::selects(&def.selector, &w.labels) {
             continue;
         }
         let path = Path::new(&out.path);
@@ -209,7 +209,7 @@ pub fn list(node: &Node, worker: Option<&str>) -> Result<Vec<ProbeDef>, Error> {
             .find(|w| w.name == worker)
             .map(|w| w.labels)
             .ok_or_else(|| Error::NotFound(format!("worker: no worker named {worker}")))?;
-        defs.retain(|d| selects(&d.selector, &labels));
+        defs.retain(|d| kv::selects(&d.selector, &labels));
     }
     Ok(defs)
 }
@@ -234,9 +234,6 @@ pub async fn report(node: &Node, probe: &str, mut state: WorkerProbe, request_id
     }
 }
 
-fn selects(selector: &kv::Selector, labels: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
 
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();

@@ -253,6 +253,12 @@ pub fn parse_selector(s: &str) -> Result<Selector, String> {
     Ok(out)
 }
 
+/// True if `labels` has every `key=value` of `selector` (an empty selector
+/// selects everything).
+pub fn selects(selector: &Selector, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 /// Renders a selector as `k=v,k2=v2`.
 pub fn selector_text(s: &Selector) -> String {
     s.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
@@ -261,7 +267,7 @@ pub fn selector_text(s: &Selector) -> String {
 /// The variant `labels` see: the matching one with the most pairs (the
 /// earliest set among equals).
 pub fn pick_variant<'a>(variants: &'a [Variant], labels: &Selector) -> Option<&'a Variant> {
-    variants.iter().filter(|v| v.selector.iter().all(|(k, val)| labels.get(k) == Some(val))).fold(
+    variants.iter().filter(|v| selects(&v.selector, labels)).fold(
         None,
         |best: Option<&Variant>, v| match best {
             Some(b) if b.selector.len() >= v.selector.len() => Some(b),

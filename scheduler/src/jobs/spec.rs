@@ -126,7 +126,7 @@ pub fn check(spec: &JobRequest, workers: &[WorkerRecord]) -> Result<Checked, Str
     }
     if !selector.is_empty() {
         for w in workers {
-            if selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
+            if ferry_storage::kv::selects(&selector, &w.labels) {
                 names.push(w.name.clone());
             }
         }
