@@ -173,7 +173,7 @@ pub const MAX_KEY_BYTES: usize = 4096;
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
 
 /// Whether a failed attempt may be repeated.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Retry {
     /// Reads, and writes with a request id the cluster deduplicates: any
     /// transient failure, including a deadline, is retried.
@@ -196,6 +196,95 @@ fn retryable(code: tonic::Code, retry: Retry) -> bool {
         ),
         Retry::OnlyUnsent => code == tonic::Code::Unavailable,
     }
+}
+
+/// How one typed call goes out: its name, which failures are retried, and
+/// the deadline each attempt's request carries (see [`Client::call`]).
+#[derive(Clone, Copy, Debug)]
+struct Call<'a> {
+    /// Names the call in the logs and in a budget-ran-out error.
+    what: &'a str,
+    retry: Retry,
+    deadline: Deadline,
+}
+
+/// The deadline a request carries (the server gives up past it, and so does
+/// the client).
+#[derive(Clone, Copy, Debug)]
+enum Deadline {
+    /// `request_timeout`, cut to what is left of the call's budget.
+    Attempt,
+    /// The same for every attempt, whatever is left of the budget: for
+    /// calls that may take longer than an attempt usually does.
+    Fixed(Duration),
+    /// None: the call opens a stream, which such a deadline would end.
+    None,
+}
+
+impl<'a> Call<'a> {
+    /// A call retried on any transient failure ([`Retry::Idempotent`]: a
+    /// read, or a write with a request id), each attempt bounded by
+    /// `request_timeout`. A plain name converts to this.
+    const fn new(what: &'a str) -> Self {
+        Self { what, retry: Retry::Idempotent, deadline: Deadline::Attempt }
+    }
+
+    /// A call that opens a server stream: retried like [`Call::new`] until
+    /// the stream is open, with no deadline on the request.
+    const fn stream(what: &'a str) -> Self {
+        Self { what, retry: Retry::Idempotent, deadline: Deadline::None }
+    }
+
+    /// Retried only when the call surely did not reach a node.
+    const fn only_unsent(self) -> Self {
+        Self { retry: Retry::OnlyUnsent, ..self }
+    }
+
+    /// Gives every attempt `timeout`, however much of the budget is left.
+    const fn attempt_timeout(self, timeout: Duration) -> Self {
+        Self { deadline: Deadline::Fixed(timeout), ..self }
+    }
+}
+
+impl<'a> From<&'a str> for Call<'a> {
+    fn from(what: &'a str) -> Self {
+        Self::new(what)
+    }
+}
+
+/// A generated gRPC stub the client can make over an endpoint's channel.
+trait Stub {
+    /// The stub over `channel`, with the message size limits its service needs.
+    fn over(channel: Transport) -> Self;
+}
+
+/// Implements [`Stub`] for generated clients; `large` ones accept messages
+/// up to [`MAX_RESPONSE_BYTES`] (listings, job reports) both ways.
+macro_rules! stubs {
+    ($($client:ident),* ; large: $($large:ident),*) => {
+        $(impl Stub for $client<Transport> {
+            fn over(channel: Transport) -> Self {
+                $client::new(channel)
+            }
+        })*
+        $(impl Stub for $large<Transport> {
+            fn over(channel: Transport) -> Self {
+                $large::new(channel)
+                    .max_decoding_message_size(MAX_RESPONSE_BYTES)
+                    .max_encoding_message_size(MAX_RESPONSE_BYTES)
+            }
+        })*
+    };
+}
+
+stubs!(ClusterServiceClient, LeaseServiceClient, ProbeServiceClient, RegistryServiceClient, WorkerServiceClient;
+    large: ConfigServiceClient, JobServiceClient);
+
+/// `msg` as a request that gives up after `timeout`.
+fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(timeout);
+    req
 }
 
 fn check_key(key: &str) -> Result<(), Error> {
@@ -297,16 +386,52 @@ impl Client {
         self.preferred.store(i, Ordering::Relaxed);
     }
 
-    /// Runs `call` against the endpoints until it succeeds, fails for a
-    /// reason retrying cannot fix, or the total deadline passes.
-    async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, Error>
+    /// Sends `msg` through `method` of the typed stub `S`, under the retry
+    /// policy of [`Client::call_with`]: the one way every typed call goes out.
+    ///
+    /// Each attempt gets its own clone of `msg` (so a write's request id is
+    /// the same in every attempt, and the cluster applies it once), a request
+    /// carrying the deadline `call` asks for, and a fresh stub over the
+    /// attempt's endpoint. The answer is unwrapped from its
+    /// [`tonic::Response`]; a failure that retrying cannot fix is
+    /// [`Error::Rejected`], a budget that ran out [`Error::Unavailable`].
+    /// `call` is a [`Call`] or, for the usual case, just the call's name.
+    ///
+    /// `method` is the stub's generated method, named as a path:
+    /// `self.call("lease revoke", msg, LeaseServiceClient::revoke)`. Each
+    /// attempt's future owns its stub, request and copy of `method`, and
+    /// borrows nothing from the call, so a call can run in a spawned task.
+    async fn call<'a, S, Req, Resp, M>(&self, call: impl Into<Call<'a>>, msg: Req, method: M) -> Result<Resp, Error>
     where
-        F: FnMut(Transport, Duration) -> Fut,
-        Fut: Future<Output = Result<T, tonic::Status>>,
+        S: Stub,
+        Req: Clone,
+        M: AsyncFnMut(&mut S, tonic::Request<Req>) -> Result<tonic::Response<Resp>, tonic::Status> + Clone,
     {
-        self.call_with(what, Retry::Idempotent, call).await
+        let Call { what, retry, deadline } = call.into();
+        self.call_with(what, retry, |channel, per_attempt| {
+            let mut request = tonic::Request::new(msg.clone());
+            match deadline {
+                Deadline::Attempt => request.set_timeout(per_attempt),
+                Deadline::Fixed(timeout) => request.set_timeout(timeout),
+                Deadline::None => {}
+            }
+            let mut method = method.clone();
+            async move { method(&mut S::over(channel), request).await.map(tonic::Response::into_inner) }
+        })
+        .await
     }
 
+    /// Runs `call` against the endpoints until it succeeds, fails for a
+    /// reason retrying cannot fix, or the total deadline passes: the retry
+    /// policy under every call (see [`ClientOptions`]).
+    ///
+    /// Each attempt is handed the endpoint's channel and the per-attempt
+    /// deadline (`request_timeout`, cut to what is left of the budget).
+    /// Endpoints are tried in turn from the preferred one; a "not leader"
+    /// answer naming the leader makes it the next one tried; a round in
+    /// which every endpoint failed is followed by a backoff. `retry` says
+    /// which failures are worth another attempt. `what` names the call in
+    /// the logs.
     async fn call_with<T, F, Fut>(&self, what: &str, retry: Retry, mut call: F) -> Result<T, Error>
     where
         F: FnMut(Transport, Duration) -> Fut,
@@ -352,27 +477,9 @@ impl Client {
         }
     }
 
-    fn config_client(ch: Transport) -> ConfigServiceClient<Transport> {
-        ConfigServiceClient::new(ch)
-            .max_decoding_message_size(MAX_RESPONSE_BYTES)
-            .max_encoding_message_size(MAX_RESPONSE_BYTES)
-    }
-
-    fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        req.set_timeout(timeout);
-        req
-    }
-
     /// Creates or replaces `key`. Retried safely: the request id stays the same.
     pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<Put, Error> {
         check_key(key)?;
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(Error::Rejected(tonic::Status::invalid_argument(format!(
-                "value: must be at most {MAX_VALUE_BYTES} bytes (1 MiB), got {}",
-                value.len()
-            ))));
-        }
         let msg =
             pb::PutRequest { key: key.to_string(), value, request_id: request_id(), if_mod_revision: None, lease: 0 };
         self.put_request(msg).await
@@ -390,32 +497,18 @@ impl Client {
     /// A new lease with `ttl` (1 s to 1 day); returns its id.
     pub async fn grant(&self, ttl: Duration) -> Result<u64, Error> {
         let msg = pb::LeaseGrantRequest { ttl_ms: ttl.as_millis() as u64, request_id: request_id() };
-        self.call("lease grant", |ch, t| {
-            let msg = msg.clone();
-            async move { LeaseServiceClient::new(ch).grant(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner().id)
+        self.call("lease grant", msg, LeaseServiceClient::grant).await.map(|r| r.id)
     }
 
     /// Ends a lease now; its keys are deleted.
     pub async fn revoke(&self, id: u64) -> Result<(), Error> {
         let msg = pb::LeaseRevokeRequest { id, request_id: request_id() };
-        self.call("lease revoke", |ch, t| {
-            let msg = msg.clone();
-            async move { LeaseServiceClient::new(ch).revoke(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|_| ())
+        self.call("lease revoke", msg, LeaseServiceClient::revoke).await.map(|_| ())
     }
 
     /// A lease's TTL, time left on the leader's clock, and keys.
     pub async fn time_to_live(&self, id: u64) -> Result<pb::LeaseTimeToLiveResponse, Error> {
-        self.call("lease ttl", |ch, t| async move {
-            LeaseServiceClient::new(ch).time_to_live(Self::request(pb::LeaseTimeToLiveRequest { id }, t)).await
-        })
-        .await
-        .map(|r| r.into_inner())
+        self.call("lease ttl", pb::LeaseTimeToLiveRequest { id }, LeaseServiceClient::time_to_live).await
     }
 
     /// Registers (or replaces) a service instance bound to a new lease of
@@ -429,34 +522,19 @@ impl Client {
             ttl_ms: ttl.as_millis() as u64,
             request_id: request_id(),
         };
-        self.call("register", |ch, t| {
-            let msg = msg.clone();
-            async move { RegistryServiceClient::new(ch).register(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner().lease)
+        self.call("register", msg, RegistryServiceClient::register).await.map(|r| r.lease)
     }
 
     /// Removes an instance now; returns whether it was registered.
     pub async fn deregister(&self, service: &str, id: &str) -> Result<bool, Error> {
         let msg = pb::DeregisterRequest { service: service.into(), id: id.into(), request_id: request_id() };
-        self.call("deregister", |ch, t| {
-            let msg = msg.clone();
-            async move { RegistryServiceClient::new(ch).deregister(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner().deregistered)
+        self.call("deregister", msg, RegistryServiceClient::deregister).await.map(|r| r.deregistered)
     }
 
     /// The instances of `service` (linearizable).
     pub async fn instances(&self, service: &str) -> Result<pb::ListInstancesResponse, Error> {
         let msg = pb::ListInstancesRequest { service: service.into() };
-        self.call("list instances", |ch, t| {
-            let msg = msg.clone();
-            async move { RegistryServiceClient::new(ch).list(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner())
+        self.call("list instances", msg, RegistryServiceClient::list).await
     }
 
     /// The instances of `service` (linearizable) through the local cache:
@@ -499,68 +577,38 @@ impl Client {
     /// Adds or replaces a probe definition.
     pub async fn define_probe(&self, spec: pb::ProbeSpec) -> Result<pb::DefineProbeResponse, Error> {
         let msg = pb::DefineProbeRequest { spec: Some(spec), request_id: request_id() };
-        self.call("define probe", |ch, t| {
-            let msg = msg.clone();
-            async move { ProbeServiceClient::new(ch).define_probe(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner())
+        self.call("define probe", msg, ProbeServiceClient::define_probe).await
     }
 
     /// Removes a probe and its results; `false` if there was none.
     pub async fn delete_probe(&self, name: &str) -> Result<bool, Error> {
         let msg = pb::DeleteProbeRequest { name: name.into(), request_id: request_id() };
-        self.call("delete probe", |ch, t| {
-            let msg = msg.clone();
-            async move { ProbeServiceClient::new(ch).delete_probe(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner().deleted)
+        self.call("delete probe", msg, ProbeServiceClient::delete_probe).await.map(|r| r.deleted)
     }
 
     /// Every probe definition, or (with `worker`) those that worker runs.
     pub async fn probes(&self, worker: Option<&str>) -> Result<Vec<pb::ProbeSpec>, Error> {
         let msg = pb::ListProbesRequest { worker: worker.unwrap_or_default().into() };
-        self.call("list probes", |ch, t| {
-            let msg = msg.clone();
-            async move { ProbeServiceClient::new(ch).list_probes(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner().probes)
+        self.call("list probes", msg, ProbeServiceClient::list_probes).await.map(|r| r.probes)
     }
 
     /// Reports one round of a probe (what workers call). Retried safely.
     pub async fn report_probe(&self, mut report: pb::ReportRequest) -> Result<(), Error> {
         report.request_id = request_id();
-        self.call("report probe", |ch, t| {
-            let msg = report.clone();
-            async move { ProbeServiceClient::new(ch).report(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|_| ())
+        self.call("report probe", report, ProbeServiceClient::report).await.map(|_| ())
     }
 
     /// The latest result per worker and target (`worker`: only its).
     pub async fn probe_results(&self, probe: &str, worker: Option<&str>) -> Result<Vec<pb::ProbeResult>, Error> {
         let msg = pb::GetResultsRequest { probe: probe.into(), worker: worker.unwrap_or_default().into() };
-        self.call("probe results", |ch, t| {
-            let msg = msg.clone();
-            async move { ProbeServiceClient::new(ch).get_results(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner().results)
+        self.call("probe results", msg, ProbeServiceClient::get_results).await.map(|r| r.results)
     }
 
     /// The probe's targets ranked by total time, errors last: as `worker`
     /// measured them, or by the median over every worker.
     pub async fn probe_best(&self, probe: &str, worker: Option<&str>) -> Result<Vec<pb::RankedTarget>, Error> {
         let msg = pb::BestRequest { probe: probe.into(), worker: worker.unwrap_or_default().into() };
-        self.call("best", |ch, t| {
-            let msg = msg.clone();
-            async move { ProbeServiceClient::new(ch).best(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner().ranking)
+        self.call("best", msg, ProbeServiceClient::best).await.map(|r| r.ranking)
     }
 
     /// The ranking, again whenever it changes order.
@@ -570,32 +618,18 @@ impl Client {
         worker: Option<&str>,
     ) -> Result<tonic::Streaming<pb::BestResponse>, Error> {
         let msg = pb::BestRequest { probe: probe.into(), worker: worker.unwrap_or_default().into() };
-        self.call("watch best", |ch, _| {
-            let msg = msg.clone();
-            async move { ProbeServiceClient::new(ch).watch_best(tonic::Request::new(msg)).await }
-        })
-        .await
-        .map(|r| r.into_inner())
+        self.call(Call::stream("watch best"), msg, ProbeServiceClient::watch_best).await
     }
 
     /// Every probe's freshness.
     pub async fn probe_status(&self) -> Result<Vec<pb::ProbeState>, Error> {
-        self.call("probe status", |ch, t| async move {
-            ProbeServiceClient::new(ch).status(Self::request(pb::ProbeStatusRequest {}, t)).await
-        })
-        .await
-        .map(|r| r.into_inner().probes)
+        self.call("probe status", pb::ProbeStatusRequest {}, ProbeServiceClient::status).await.map(|r| r.probes)
     }
 
     /// The full instance list of `service`, again after every change.
     pub async fn watch_instances(&self, service: &str) -> Result<tonic::Streaming<pb::ListInstancesResponse>, Error> {
         let msg = pb::WatchInstancesRequest { service: service.into() };
-        self.call("watch instances", |ch, _| {
-            let msg = msg.clone();
-            async move { RegistryServiceClient::new(ch).watch(tonic::Request::new(msg)).await }
-        })
-        .await
-        .map(|r| r.into_inner())
+        self.call(Call::stream("watch instances"), msg, RegistryServiceClient::watch).await
     }
 
     /// Keeps lease `id` alive from a background task until the returned
@@ -619,7 +653,7 @@ impl Client {
             let mut every = Duration::from_millis(300);
             loop {
                 let opened = client
-                    .call("lease keep-alive", |ch, _| async move {
+                    .call_with("lease keep-alive", Retry::Idempotent, |ch, _| async move {
                         let (tx, requests) = tokio::sync::mpsc::channel(4);
                         let _ = tx.send(pb::LeaseKeepAliveRequest { id }).await;
                         let stream = LeaseServiceClient::new(ch)
@@ -688,13 +722,7 @@ impl Client {
                 msg.value.len()
             ))));
         }
-        let resp = self
-            .call("put", |ch, t| {
-                let msg = msg.clone();
-                async move { Self::config_client(ch).put(Self::request(msg, t)).await }
-            })
-            .await?
-            .into_inner();
+        let resp = self.call("put", msg, ConfigServiceClient::put).await?;
         let header = resp.header.unwrap_or_default();
         Ok(Put {
             revision: header.revision,
@@ -713,13 +741,8 @@ impl Client {
     /// without a read-index round trip (may be stale).
     pub async fn get_with(&self, key: &str, serializable: bool) -> Result<Option<KeyValue>, Error> {
         let msg = pb::GetRequest { key: key.to_string(), serializable, ..Default::default() };
-        let resp = self
-            .call("get", |ch, t| {
-                let msg = msg.clone();
-                async move { Self::config_client(ch).get(Self::request(msg, t)).await }
-            })
-            .await?;
-        Ok(resp.into_inner().kv.map(KeyValue::from))
+        let resp = self.call("get", msg, ConfigServiceClient::get).await?;
+        Ok(resp.kv.map(KeyValue::from))
     }
 
     /// Reads `key` (linearizable) through the local cache: a successful read
@@ -732,13 +755,7 @@ impl Client {
     pub async fn get_or_cached(&self, key: &str) -> Result<Cached<Option<KeyValue>>, Error> {
         check_key(key)?;
         let msg = pb::GetRequest { key: key.to_string(), ..Default::default() };
-        let read = self
-            .call("get", |ch, t| {
-                let msg = msg.clone();
-                async move { Self::config_client(ch).get(Self::request(msg, t)).await }
-            })
-            .await
-            .map(|r| r.into_inner());
+        let read = self.call("get", msg, ConfigServiceClient::get).await;
         let to_cached = |revision: u64, read: pb::GetResponse, stale: bool| Cached {
             value: read.kv.map(KeyValue::from),
             revision,
@@ -774,13 +791,8 @@ impl Client {
     /// `key` as it was at `revision`; `OutOfRange` if that is compacted.
     pub async fn get_at(&self, key: &str, revision: u64) -> Result<Option<KeyValue>, Error> {
         let msg = pb::GetRequest { key: key.to_string(), revision, ..Default::default() };
-        let resp = self
-            .call("get", |ch, t| {
-                let msg = msg.clone();
-                async move { Self::config_client(ch).get(Self::request(msg, t)).await }
-            })
-            .await?;
-        Ok(resp.into_inner().kv.map(KeyValue::from))
+        let resp = self.call("get", msg, ConfigServiceClient::get).await?;
+        Ok(resp.kv.map(KeyValue::from))
     }
 
     /// `key` as a reader with `labels` sees it: a matching gray variant's
@@ -796,13 +808,7 @@ impl Client {
             labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             ..Default::default()
         };
-        let resp = self
-            .call("get", |ch, t| {
-                let msg = msg.clone();
-                async move { Self::config_client(ch).get(Self::request(msg, t)).await }
-            })
-            .await?
-            .into_inner();
+        let resp = self.call("get", msg, ConfigServiceClient::get).await?;
         Ok(resp.kv.map(|kv| (KeyValue::from(kv), resp.variant)))
     }
 
@@ -823,24 +829,14 @@ impl Client {
             value,
             request_id: request_id(),
         };
-        self.call("gray", |ch, t| {
-            let msg = msg.clone();
-            async move { Self::config_client(ch).gray(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner().variants)
+        self.call("gray", msg, ConfigServiceClient::gray).await.map(|r| r.variants)
     }
 
     /// The changes to `key` still in the history, oldest first (the newest
     /// `limit`; 0 = all).
     pub async fn history(&self, key: &str, limit: u32) -> Result<pb::HistoryResponse, Error> {
         let msg = pb::HistoryRequest { key: key.to_string(), limit, serializable: false };
-        self.call("history", |ch, t| {
-            let msg = msg.clone();
-            async move { Self::config_client(ch).history(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner())
+        self.call("history", msg, ConfigServiceClient::history).await
     }
 
     /// Compare, then write, atomically. A request id is set if missing, so
@@ -849,12 +845,7 @@ impl Client {
         if msg.request_id.is_empty() {
             msg.request_id = request_id();
         }
-        self.call("txn", |ch, t| {
-            let msg = msg.clone();
-            async move { Self::config_client(ch).txn(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner())
+        self.call("txn", msg, ConfigServiceClient::txn).await
     }
 
     /// Watches keys under `prefix` from `start_revision` (0: from now). The
@@ -869,14 +860,8 @@ impl Client {
             let mut next = start_revision;
             loop {
                 let msg = pb::WatchRequest { prefix: prefix.clone(), start_revision: next, progress_interval_ms: 0 };
-                let stream = client
-                    .call("watch", |ch, _| {
-                        let msg = msg.clone();
-                        async move { Self::config_client(ch).watch(tonic::Request::new(msg)).await }
-                    })
-                    .await;
-                let mut stream = match stream {
-                    Ok(s) => s.into_inner(),
+                let mut stream = match client.call(Call::stream("watch"), msg, ConfigServiceClient::watch).await {
+                    Ok(s) => s,
                     Err(e) => {
                         if tx.send(Err(e)).await.is_err() {
                             return;
@@ -921,34 +906,20 @@ impl Client {
     }
 
     async fn delete_request(&self, msg: pb::DeleteRequest) -> Result<bool, Error> {
-        let resp = self
-            .call("delete", |ch, t| {
-                let msg = msg.clone();
-                async move { Self::config_client(ch).delete(Self::request(msg, t)).await }
-            })
-            .await?;
-        Ok(resp.into_inner().deleted)
+        let resp = self.call("delete", msg, ConfigServiceClient::delete).await?;
+        Ok(resp.deleted)
     }
 
     /// Every key starting with `prefix`, in key order (linearizable).
     pub async fn list(&self, prefix: &str, serializable: bool) -> Result<Vec<KeyValue>, Error> {
         let msg = pb::ListRequest { prefix: prefix.to_string(), serializable, limit: 0 };
-        let resp = self
-            .call("list", |ch, t| {
-                let msg = msg.clone();
-                async move { Self::config_client(ch).list(Self::request(msg, t)).await }
-            })
-            .await?;
-        Ok(resp.into_inner().kvs.into_iter().map(KeyValue::from).collect())
+        let resp = self.call("list", msg, ConfigServiceClient::list).await?;
+        Ok(resp.kvs.into_iter().map(KeyValue::from).collect())
     }
 
     /// The status of whichever scheduler answers first.
     pub async fn status(&self) -> Result<Status, Error> {
-        self.call("status", |ch, t| async move {
-            ClusterServiceClient::new(ch).status(Self::request(pb::StatusRequest {}, t)).await
-        })
-        .await
-        .map(|r| r.into_inner())
+        self.call("status", pb::StatusRequest {}, ClusterServiceClient::status).await
     }
 
     /// The status of the scheduler at `addr` only (no failover).
@@ -956,9 +927,9 @@ impl Client {
         let ch = channel(addr, &self.options)?;
         let mut client = ClusterServiceClient::new(ch);
         client
-            .status(Self::request(pb::StatusRequest {}, self.options.request_timeout.min(Duration::from_secs(2))))
+            .status(request(pb::StatusRequest {}, self.options.request_timeout.min(Duration::from_secs(2))))
             .await
-            .map(|r| r.into_inner())
+            .map(tonic::Response::into_inner)
             .map_err(|last| Error::Unavailable { last })
     }
 
@@ -966,9 +937,9 @@ impl Client {
     pub async fn state_digest_of(&self, addr: &str) -> Result<pb::StateDigestResponse, Error> {
         let mut client = ClusterServiceClient::new(channel(addr, &self.options)?);
         client
-            .state_digest(Self::request(pb::StateDigestRequest {}, self.options.request_timeout))
+            .state_digest(request(pb::StateDigestRequest {}, self.options.request_timeout))
             .await
-            .map(|r| r.into_inner())
+            .map(tonic::Response::into_inner)
             .map_err(|last| Error::Unavailable { last })
     }
 
@@ -976,28 +947,14 @@ impl Client {
     pub async fn add_node(&self, id: u64, addr: &str, learner_only: bool) -> Result<pb::MembershipResponse, Error> {
         let msg = pb::AddNodeRequest { id, addr: addr.to_string(), learner_only };
         let timeout = self.options.total_timeout.max(Duration::from_secs(60));
-        self.call_with("add-node", Retry::OnlyUnsent, |ch, _| {
-            let msg = msg.clone();
-            async move { ClusterServiceClient::new(ch).add_node(Self::request(msg, timeout)).await }
-        })
-        .await
-        .map(|r| r.into_inner())
+        let call = Call::new("add-node").only_unsent().attempt_timeout(timeout);
+        self.call(call, msg, ClusterServiceClient::add_node).await
     }
 
     /// Removes a scheduler from the cluster.
     pub async fn remove_node(&self, id: u64) -> Result<pb::MembershipResponse, Error> {
         let msg = pb::RemoveNodeRequest { id };
-        self.call_with("remove-node", Retry::OnlyUnsent, |ch, t| async move {
-            ClusterServiceClient::new(ch).remove_node(Self::request(msg, t)).await
-        })
-        .await
-        .map(|r| r.into_inner())
-    }
-
-    fn job_client(ch: Transport) -> JobServiceClient<Transport> {
-        JobServiceClient::new(ch)
-            .max_decoding_message_size(MAX_RESPONSE_BYTES)
-            .max_encoding_message_size(MAX_RESPONSE_BYTES)
+        self.call(Call::new("remove-node").only_unsent(), msg, ClusterServiceClient::remove_node).await
     }
 
     /// Submits a job. Without `wait` it returns once the job is logged; with
@@ -1016,63 +973,35 @@ impl Client {
             options: ClientOptions { total_timeout: per_call + self.options.total_timeout, ..self.options.clone() },
             ..self.clone()
         };
-        this.call("submit-job", |ch, _| {
-            let msg = msg.clone();
-            async move { Self::job_client(ch).submit_job(Self::request(msg, per_call)).await }
-        })
-        .await
-        .map(|r| r.into_inner())
+        this.call(Call::new("submit-job").attempt_timeout(per_call), msg, JobServiceClient::submit_job).await
     }
 
     /// The report of one job.
     pub async fn get_job(&self, job_id: &str) -> Result<pb::JobReport, Error> {
         let msg = pb::GetJobRequest { job_id: job_id.to_string() };
-        self.call("get-job", |ch, t| {
-            let msg = msg.clone();
-            async move { Self::job_client(ch).get_job(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner())
+        self.call("get-job", msg, JobServiceClient::get_job).await
     }
 
     /// Every job's report, oldest first.
     pub async fn list_jobs(&self) -> Result<Vec<pb::JobReport>, Error> {
-        self.call("list-jobs", |ch, t| async move {
-            Self::job_client(ch).list_jobs(Self::request(pb::ListJobsRequest {}, t)).await
-        })
-        .await
-        .map(|r| r.into_inner().jobs)
+        self.call("list-jobs", pb::ListJobsRequest {}, JobServiceClient::list_jobs).await.map(|r| r.jobs)
     }
 
     /// A stream of progress events; the last has `done` set.
     pub async fn watch_job(&self, job_id: &str) -> Result<tonic::Streaming<pb::JobEvent>, Error> {
         let msg = pb::WatchJobRequest { job_id: job_id.to_string() };
-        self.call("watch-job", |ch, _| {
-            let msg = msg.clone();
-            async move { Self::job_client(ch).watch_job(tonic::Request::new(msg)).await }
-        })
-        .await
-        .map(|r| r.into_inner())
+        self.call(Call::stream("watch-job"), msg, JobServiceClient::watch_job).await
     }
 
     /// Cancels a job; installed files stay as they were.
     pub async fn cancel_job(&self, job_id: &str) -> Result<pb::JobReport, Error> {
         let msg = pb::CancelJobRequest { job_id: job_id.to_string() };
-        self.call("cancel-job", |ch, t| {
-            let msg = msg.clone();
-            async move { Self::job_client(ch).cancel_job(Self::request(msg, t)).await }
-        })
-        .await
-        .map(|r| r.into_inner())
+        self.call("cancel-job", msg, JobServiceClient::cancel_job).await
     }
 
     /// Every registered worker with its state (as the leader sees it).
     pub async fn list_workers(&self) -> Result<Vec<pb::WorkerStatus>, Error> {
-        self.call("list-workers", |ch, t| async move {
-            WorkerServiceClient::new(ch).list_workers(Self::request(pb::ListWorkersRequest {}, t)).await
-        })
-        .await
-        .map(|r| r.into_inner().workers)
+        self.call("list-workers", pb::ListWorkersRequest {}, WorkerServiceClient::list_workers).await.map(|r| r.workers)
     }
 }
 
