@@ -20,12 +20,15 @@
 //! `watch_config` (print a prefix's changes, resuming by itself) and
 //! `balancer` (register instances and call them through a [`Balancer`]).
 //!
-//! Layout: [`client`] (endpoints, retries, typed calls), [`registration`]
-//! (an instance kept registered by its handle), [`balancer`]
-//! (client-side balancing, failover, outlier ejection, gray routing over a
-//! service's instances), [`cache`] (the last reads kept on disk, served
-//! stale while the cluster is unreachable), [`transport`] (the channel
-//! under the client, which sends a unary call in one write), [`error`].
+//! Layout: [`client`] (the [`Client`]: endpoints, failover and retries in
+//! `client/mod.rs`, where one generic helper sends every typed call, and a
+//! file per API: `kv`, `leases`, `registry`, `probes`, `jobs`, `cluster`,
+//! `watch`), [`registration`] (an instance kept registered by its handle),
+//! [`balancer`] (client-side balancing, failover, outlier ejection, gray
+//! routing over a service's instances), [`cache`] (the last reads kept on
+//! disk, served stale while the cluster is unreachable), [`transport`] (the
+//! channel under the client, which sends a unary call in one write),
+//! [`error`].
 
 #![warn(missing_docs)]
 
