@@ -433,3 +433,47 @@ impl Client {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use ferry_proto::pb;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_call_nobody_answers_tries_every_endpoint_with_one_request_id_until_the_budget_ends() {
+        // Two ports nobody listens on (both held while the second is taken,
+        // so they differ).
+        let (a, b) = (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap());
+        let endpoints = [a.local_addr().unwrap().to_string(), b.local_addr().unwrap().to_string()];
+        drop((a, b));
+        let options = ClientOptions {
+            request_timeout: Duration::from_millis(200),
+            total_timeout: Duration::from_millis(400),
+            connect_timeout: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let client = Client::with_options(&endpoints, options).unwrap();
+        let msg = pb::LeaseRevokeRequest { id: 7, request_id: request_id() };
+        // What each attempt sent: its request id and its deadline.
+        let sent = Mutex::new(Vec::new());
+        let started = Instant::now();
+        let revoke = async |stub: &mut LeaseServiceClient<Transport>, req: tonic::Request<pb::LeaseRevokeRequest>| {
+            let deadline = req.metadata().get("grpc-timeout").cloned();
+            sent.lock().unwrap().push((req.get_ref().request_id.clone(), deadline));
+            stub.revoke(req).await
+        };
+        let err = client.call("lease revoke", msg.clone(), revoke).await.unwrap_err();
+        let took = started.elapsed();
+
+        assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+        assert!(took >= Duration::from_millis(400) && took < Duration::from_millis(1400), "took {took:?}");
+        let sent = sent.into_inner().unwrap();
+        // Attempts go round the endpoints, so two or more tried both.
+        assert!(sent.len() >= endpoints.len(), "{} attempts", sent.len());
+        assert!(sent.iter().all(|(id, _)| *id == msg.request_id), "every attempt keeps the request id");
+        assert!(sent.iter().all(|(_, deadline)| deadline.is_some()), "every attempt carries a deadline");
+    }
+}
