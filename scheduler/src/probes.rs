@@ -234,7 +234,6 @@ pub async fn report(node: &Node, probe: &str, mut state: WorkerProbe, request_id
     }
 }
 
-
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v.get(v.len() / 2).copied().unwrap_or(0)
@@ -340,7 +339,7 @@ pub async fn run_alerts(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        if node.leader().map(|l| l.0) != Some(node.id) {
+        if !node.is_leader() {
             alerted.clear();
             continue;
         }

@@ -267,11 +267,8 @@ pub fn selector_text(s: &Selector) -> String {
 /// The variant `labels` see: the matching one with the most pairs (the
 /// earliest set among equals).
 pub fn pick_variant<'a>(variants: &'a [Variant], labels: &Selector) -> Option<&'a Variant> {
-    variants.iter().filter(|v| selects(&v.selector, labels)).fold(
-        None,
-        |best: Option<&Variant>, v| match best {
-            Some(b) if b.selector.len() >= v.selector.len() => Some(b),
-            _ => Some(v),
-        },
-    )
+    variants.iter().filter(|v| selects(&v.selector, labels)).fold(None, |best: Option<&Variant>, v| match best {
+        Some(b) if b.selector.len() >= v.selector.len() => Some(b),
+        _ => Some(v),
+    })
 }

@@ -30,7 +30,7 @@ pub async fn run_event_batcher(node: Arc<Node>, mut rx: mpsc::Receiver<JobEvent>
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, attempt, "recording worker progress failed");
-                    if node.leader().map(|l| l.0) != Some(node.id) {
+                    if !node.is_leader() {
                         break;
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(100 * attempt as u64)).await;
