@@ -48,7 +48,8 @@ impl Node {
 
     /// The leader as this node knows it.
     pub fn leader(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         let id = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())?;
         Some((id, addr))
@@ -60,7 +61,8 @@ impl Node {
     /// one starts every lease afresh), well within any lease TTL (1 s+),
     /// while a loaded but healthy leader is not turned away.
     pub fn leads_with_quorum(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         let bound = 2 * self.config.election_timeout_max.as_millis() as u64;
         m.current_leader == Some(self.id) && m.millis_since_quorum_ack.is_some_and(|ms| ms < bound)
     }
