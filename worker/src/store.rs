@@ -83,8 +83,14 @@ impl ChunkStore {
     /// Opens (or creates) the store under `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("chunks.sled");
-        let db = Db::open(&path, &ferry_db::Options::default())
-            .map_err(|source| StoreError::Open { path: path.clone(), source })?;
+        // sled's own defaults, which the worker has always run with: a large
+        // cache it rarely fills, and a background flush every 500 ms beside
+        // the flush before each acknowledgement.
+        let options = ferry_db::Options {
+            cache_bytes: 1024 * 1024 * 1024,
+            flush_every: Some(std::time::Duration::from_millis(500)),
+        };
+        let db = Db::open(&path, &options).map_err(|source| StoreError::Open { path: path.clone(), source })?;
         let meta = db.tree("meta")?;
         match meta.get(KEY_FORMAT)? {
             Some(v) if v.as_ref() != [FORMAT] => {
