@@ -24,7 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out_dir.join("ferry_descriptor.bin"), fds.encode_to_vec())?;
     // Chunk frames are `bytes::Bytes`: decoded without a copy, handed to the
     // staging writer as they are.
+    // A message that does not decode is the sender's fault: InvalidArgument.
     tonic_prost_build::configure()
+        .codec_path("crate::codec::FerryCodec")
         .bytes(".ferry.v1.ChunkFrame.data")
         .build_server(true)
         .build_client(true)

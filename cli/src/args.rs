@@ -36,7 +36,7 @@ pub struct ClientArgs {
     pub json: bool,
     /// Deadline of one client call, retries included. It is not a job's
     /// deadline: that is `job submit --job-timeout`.
-    #[arg(long, global = true, default_value = "15s", value_parser = duration)]
+    #[arg(long, global = true, default_value = "15s", value_parser = positive_duration)]
     pub timeout: Duration,
 }
 
@@ -211,8 +211,12 @@ pub enum ConfigCmd {
     Put {
         /// The key: 1 to 4096 bytes.
         key: String,
-        /// The value: up to 1 MiB.
-        value: String,
+        /// The value: up to 1 MiB; `-` reads it from stdin (as bytes).
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        value: Option<String>,
+        /// Read the value from file F (as bytes, up to 1 MiB).
+        #[arg(long, value_name = "F")]
+        file: Option<std::path::PathBuf>,
         /// Only if KEY's modify revision is N (0: only if KEY does not exist).
         #[arg(long = "if-mod-rev", value_name = "N", conflicts_with = "lease")]
         if_mod_rev: Option<u64>,
@@ -440,6 +444,10 @@ pub enum RegistryCmd {
         /// Lease TTL: the instance goes this long after the last renewal.
         #[arg(long, default_value = "10s", value_parser = lease_ttl)]
         ttl: Duration,
+        /// Take ID over from the registration that holds it (which then
+        /// exits 1); without it, a live holder makes this one exit 1.
+        #[arg(long)]
+        replace: bool,
     },
     /// The instances of SERVICE.
     List {

@@ -7,6 +7,7 @@ use ferry_sdk::{pb, Client, ClientOptions};
 use serde_json::json;
 
 use crate::args::{ClientArgs, ClusterCmd, ConfigCmd, GrayCmd, LeaseCmd, ProbeCmd, RegistryCmd};
+use crate::output::{self, escape};
 
 pub(crate) fn client(args: &ClientArgs) -> Result<Client, ferry_sdk::Error> {
     let options = ClientOptions { total_timeout: args.timeout, ..ClientOptions::default() };
@@ -115,6 +116,7 @@ async fn watch(c: &Client, prefix: &str, rev: u64, json_out: bool) -> u8 {
     while let Some(msg) = w.next().await {
         let msg = match msg {
             Ok(m) => m,
+            Err(e @ ferry_sdk::Error::Rejected(_)) => return fail(e),
             Err(e) => {
                 eprintln!("watch: {e}; retrying");
                 continue;
@@ -135,8 +137,8 @@ async fn watch(c: &Client, prefix: &str, rev: u64, json_out: bool) -> u8 {
                 let tag = if msg.snapshot { " (current value)" } else { "" };
                 println!(
                     "{revision} {kind} {}={}{tag}",
-                    line["key"].as_str().unwrap_or(""),
-                    line["value"].as_str().unwrap_or("")
+                    escape(line["key"].as_str().unwrap_or("")),
+                    escape(line["value"].as_str().unwrap_or(""))
                 );
             }
         }
@@ -217,23 +219,16 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
         Err(e) => return fail(e),
     };
     match cmd {
-        ConfigCmd::Put { key, value, if_mod_rev, lease } => match match (if_mod_rev, lease) {
-            (Some(rev), _) => c.put_if(&key, value.into_bytes(), rev).await,
-            (None, Some(lease)) => c.put_with_lease(&key, value.into_bytes(), lease).await,
-            (None, None) => c.put(&key, value.into_bytes()).await,
-        } {
-            Ok(p) => {
-                if args.json {
-                    print_json(
-                        &json!({"key": key, "revision": p.revision, "create_revision": p.create_revision, "version": p.version}),
-                    );
-                } else {
-                    println!("OK revision {}", p.revision);
+        ConfigCmd::Put { key, value, file, if_mod_rev, lease } => {
+            let value = match read_value(value, file) {
+                Ok(v) => v,
+                Err(reason) => {
+                    eprintln!("error: {reason}");
+                    return 2;
                 }
-                0
-            }
-            Err(e) => fail(e),
-        },
+            };
+            put(&c, args.json, &key, value, if_mod_rev, lease).await
+        }
         ConfigCmd::Get { key, labels: Some(labels), .. } => match c.get_with_labels(&key, &labels).await {
             Ok(Some((kv, variant))) => {
                 if args.json {
@@ -241,9 +236,7 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
                     v["variant"] = json!(variant);
                     print_json(&v);
                 } else {
-                    let mut out = std::io::stdout().lock();
-                    let _ = out.write_all(&kv.value);
-                    let _ = out.write_all(b"\n");
+                    output::value(&kv.value);
                 }
                 0
             }
@@ -262,9 +255,7 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
                 if args.json {
                     print_json(&kv_json(&kv));
                 } else {
-                    let mut out = std::io::stdout().lock();
-                    let _ = out.write_all(&kv.value);
-                    let _ = out.write_all(b"\n");
+                    output::value(&kv.value);
                 }
                 0
             }
@@ -301,7 +292,7 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
                     print_json(&serde_json::Value::Array(kvs.iter().map(kv_json).collect()));
                 } else {
                     for kv in kvs {
-                        println!("{}={}", kv.key, String::from_utf8_lossy(&kv.value));
+                        println!("{}={}", escape(&kv.key), output::escape_bytes(&kv.value));
                     }
                 }
                 0
@@ -319,7 +310,7 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
                             "{} {} {}",
                             line["revision"],
                             line["type"].as_str().unwrap_or(""),
-                            line["value"].as_str().unwrap_or("")
+                            escape(line["value"].as_str().unwrap_or(""))
                         );
                     }
                 }
@@ -329,6 +320,48 @@ pub async fn config(args: &ClientArgs, cmd: ConfigCmd) -> u8 {
         },
         ConfigCmd::Watch { prefix, rev } => watch(&c, &prefix, rev, args.json).await,
         ConfigCmd::Txn(t) => crate::txn_cmd::run(&c, &t, args.json).await,
+    }
+}
+
+/// A value from the command line, stdin (`-`) or a file (`--file`), as
+/// bytes; at most 1 MiB is read (a longer one is refused by the put).
+fn read_value(value: Option<String>, file: Option<std::path::PathBuf>) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let limit = ferry_sdk::MAX_VALUE_BYTES as u64 + 1;
+    let mut out = Vec::new();
+    match (value, file) {
+        (_, Some(path)) => std::fs::File::open(&path)
+            .and_then(|f| f.take(limit).read_to_end(&mut out))
+            .map_err(|e| format!("--file: cannot read {}: {e}", path.display()))?,
+        (Some(v), None) if v == "-" => std::io::stdin()
+            .lock()
+            .take(limit)
+            .read_to_end(&mut out)
+            .map_err(|e| format!("value: cannot read stdin: {e}"))?,
+        (Some(v), None) => return Ok(v.into_bytes()),
+        (None, None) => return Err("value: give a value, - for stdin, or --file".into()),
+    };
+    Ok(out)
+}
+
+async fn put(c: &Client, as_json: bool, key: &str, value: Vec<u8>, if_mod_rev: Option<u64>, lease: Option<u64>) -> u8 {
+    let result = match (if_mod_rev, lease) {
+        (Some(rev), _) => c.put_if(key, value, rev).await,
+        (None, Some(lease)) => c.put_with_lease(key, value, lease).await,
+        (None, None) => c.put(key, value).await,
+    };
+    match result {
+        Ok(p) => {
+            if as_json {
+                print_json(
+                    &json!({"key": key, "revision": p.revision, "create_revision": p.create_revision, "version": p.version}),
+                );
+            } else {
+                println!("OK revision {}", p.revision);
+            }
+            0
+        }
+        Err(e) => fail(e),
     }
 }
 
@@ -342,7 +375,7 @@ pub async fn lease(args: &ClientArgs, cmd: LeaseCmd) -> u8 {
         LeaseCmd::Grant { ttl } => match c.grant(ttl).await {
             Ok(id) => {
                 if args.json {
-                    print_json(&json!({"id": id, "ttl_ms": ttl.as_millis() as u64}));
+                    print_json(&json!({"id": id.to_string(), "ttl_ms": ttl.as_millis() as u64}));
                 } else {
                     println!("{id}");
                 }
@@ -358,7 +391,7 @@ pub async fn lease(args: &ClientArgs, cmd: LeaseCmd) -> u8 {
                         eprintln!("lease {id} no longer exists");
                         return 1;
                     }
-                    Ok(r) if args.json => print_json(&json!({"id": r.id, "ttl_ms": r.ttl_ms})),
+                    Ok(r) if args.json => print_json(&json!({"id": r.id.to_string(), "ttl_ms": r.ttl_ms})),
                     Ok(r) => println!("lease {} renewed for {} ms", r.id, r.ttl_ms),
                     Err(e) => eprintln!("keep-alive: {e}; retrying"),
                 }
@@ -378,7 +411,7 @@ pub async fn lease(args: &ClientArgs, cmd: LeaseCmd) -> u8 {
             Ok(r) => {
                 if args.json {
                     print_json(
-                        &json!({"id": r.id, "ttl_ms": r.ttl_ms, "remaining_ms": r.remaining_ms, "keys": r.keys}),
+                        &json!({"id": r.id.to_string(), "ttl_ms": r.ttl_ms, "remaining_ms": r.remaining_ms, "keys": r.keys}),
                     );
                 } else {
                     println!(
@@ -416,7 +449,7 @@ fn print_instances(r: &pb::ListInstancesResponse, json_out: bool) {
     }
     println!("revision {revision}: {} instance(s)", r.instances.len());
     if !r.deregistered.is_empty() {
-        println!("  deregistered: {}", r.deregistered.join(", "));
+        println!("  deregistered: {}", escape(&r.deregistered.join(", ")));
     }
     for i in &r.instances {
         let flags = [(i.gray, " gray"), (i.consumer, " consumer"), (i.suspect, " SUSPECT")]
@@ -424,7 +457,14 @@ fn print_instances(r: &pb::ListInstancesResponse, json_out: bool) {
             .filter(|f| f.0)
             .map(|f| f.1)
             .collect::<String>();
-        println!("  {} {}:{} weight {} version {}{flags}", i.id, i.address, i.port, i.weight, i.version);
+        println!(
+            "  {} {}:{} weight {} version {}{flags}",
+            escape(&i.id),
+            escape(&i.address),
+            i.port,
+            i.weight,
+            escape(&i.version)
+        );
     }
 }
 
@@ -435,7 +475,7 @@ pub async fn registry(args: &ClientArgs, cmd: RegistryCmd) -> u8 {
         Err(e) => return fail(e),
     };
     match cmd {
-        RegistryCmd::Register { service, id, addr, weight, version, gray, consumer, meta, labels, ttl } => {
+        RegistryCmd::Register { service, id, addr, weight, version, gray, consumer, meta, labels, ttl, replace } => {
             let (host, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), "0"));
             let instance = pb::Instance {
                 service: service.clone(),
@@ -451,7 +491,11 @@ pub async fn registry(args: &ClientArgs, cmd: RegistryCmd) -> u8 {
                 consumer,
                 ..Default::default()
             };
-            let mut registration = match c.register_kept(instance, ttl).await {
+            let registered = match replace {
+                true => c.register_kept_replacing(instance, ttl).await,
+                false => c.register_kept(instance, ttl).await,
+            };
+            let mut registration = match registered {
                 Ok(r) => r,
                 Err(e) => return fail(e),
             };
@@ -524,7 +568,7 @@ async fn gray(c: &Client, cmd: GrayCmd, json_out: bool) -> u8 {
                 if json_out {
                     print_json(&json!({"selector": v.selector, "value": value, "revision": v.revision}));
                 } else {
-                    println!("{} {value}", v.selector);
+                    println!("{} {}", escape(&v.selector), escape(&value));
                 }
             }
             0
@@ -554,12 +598,12 @@ fn print_ranking(name: &str, ranking: &[pb::RankedTarget], json_out: bool) {
         return;
     }
     for r in ranking {
-        let host = if r.host.is_empty() { String::new() } else { format!(" (Host: {})", r.host) };
+        let host = if r.host.is_empty() { String::new() } else { format!(" (Host: {})", escape(&r.host)) };
         if r.ok > 0 {
             println!(
                 "{:>3}. {}{host}  {:.1} ms (first byte {:.1} ms), {} bytes, {} ok / {} failed",
                 r.rank,
-                r.url,
+                escape(&r.url),
                 r.total_us as f64 / 1000.0,
                 r.ttfb_us as f64 / 1000.0,
                 r.bytes,
@@ -567,9 +611,9 @@ fn print_ranking(name: &str, ranking: &[pb::RankedTarget], json_out: bool) {
                 r.errors
             );
         } else if r.errors > 0 {
-            println!("{:>3}. {}{host}  FAILED: {}", r.rank, r.url, r.error);
+            println!("{:>3}. {}{host}  FAILED: {}", r.rank, escape(&r.url), escape(&r.error));
         } else {
-            println!("{:>3}. {}{host}  not measured yet", r.rank, r.url);
+            println!("{:>3}. {}{host}  not measured yet", r.rank, escape(&r.url));
         }
     }
 }
@@ -653,14 +697,14 @@ pub async fn probe(args: &ClientArgs, cmd: ProbeCmd) -> u8 {
                     } else if r.error.is_empty() {
                         println!(
                             "{} {}  {:.1} ms (first byte {:.1} ms), {} bytes",
-                            r.worker,
-                            r.url,
+                            escape(&r.worker),
+                            escape(&r.url),
                             r.total_us as f64 / 1000.0,
                             r.ttfb_us as f64 / 1000.0,
                             r.bytes
                         );
                     } else {
-                        println!("{} {}  FAILED: {}", r.worker, r.url, r.error);
+                        println!("{} {}  FAILED: {}", escape(&r.worker), escape(&r.url), escape(&r.error));
                     }
                 }
                 0
@@ -708,7 +752,7 @@ pub async fn probe(args: &ClientArgs, cmd: ProbeCmd) -> u8 {
                             "workers": s.workers, "last_result_unix_ms": s.last_result_unix_ms,
                         }));
                     } else if s.stale {
-                        println!("{}: STALE ({})", s.name, s.reasons.join("; "));
+                        println!("{}: STALE ({})", s.name, escape(&s.reasons.join("; ")));
                     } else {
                         println!("{}: ok, {} worker(s) reporting", s.name, s.workers);
                     }

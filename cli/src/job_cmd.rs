@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::args::{ClientArgs, JobCmd, SubmitArgs};
 use crate::client_cmd::{client, fail};
+use crate::output::escape;
 
 /// Bytes as a short human string.
 pub fn human(bytes: u64) -> String {
@@ -38,7 +39,7 @@ fn exit_code(r: &pb::JobReport) -> u8 {
 pub fn print_report(r: &pb::JobReport) {
     println!("job {}: {} ({} files, {})", r.job_id, r.state, r.files.len(), human(r.total_bytes));
     for f in &r.files {
-        println!("  file {} -> {} ({}, {} chunks)", f.path, f.destination, human(f.size), f.chunks);
+        println!("  file {} -> {} ({}, {} chunks)", escape(&f.path), escape(&f.destination), human(f.size), f.chunks);
     }
     println!(
         "  {:<14} {:<12} {:>10} {:>12} {:>11} {:>10} {:>8} {:>5}  REASON",
@@ -47,7 +48,7 @@ pub fn print_report(r: &pb::JobReport) {
     for t in &r.targets {
         println!(
             "  {:<14} {:<12} {:>10} {:>12} {:>11} {:>10} {:>7.1}s {:>5}  {}",
-            t.worker,
+            escape(&t.worker),
             t.state,
             human(t.bytes_done),
             human(t.bytes_from_source),
@@ -55,7 +56,7 @@ pub fn print_report(r: &pb::JobReport) {
             human(t.bytes_reused),
             t.duration_ms as f64 / 1000.0,
             t.hook_exit.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
-            t.reason
+            escape(&t.reason)
         );
     }
 }

@@ -1,12 +1,25 @@
 //! `ferry`: the one binary. Parses flags and calls a library; exit codes are
 //! 0 for success, 1 for a failure or a missing key, 2 for bad input.
 
+/// The crate's `println!`: through [`output::line`], so a closed stdout
+/// ends a client command quietly instead of panicking. Defined before the
+/// modules, so it is the one they see.
+macro_rules! println {
+    () => {
+        $crate::output::line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::line(format_args!($($arg)*))
+    };
+}
+
 mod args;
 mod client_cmd;
 mod completions_cmd;
 mod daemon_cmd;
 mod demo_cmd;
 mod job_cmd;
+mod output;
 mod txn_cmd;
 mod worker_cmd;
 
@@ -55,6 +68,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if cli.command.is_daemon() {
+        output::set_daemon();
         raise_open_files_limit();
     }
 

@@ -6,6 +6,7 @@ use ferry_worker::{Worker, WorkerConfig};
 use serde_json::json;
 
 use crate::args::{ClientArgs, WorkerArgs};
+use crate::output::escape;
 
 fn merge(a: WorkerArgs) -> Result<WorkerConfig, String> {
     let mut c = match &a.config {
@@ -87,10 +88,18 @@ pub async fn run(a: WorkerArgs) -> u8 {
             return if matches!(e, ferry_worker::Error::Config(_)) { 2 } else { 1 };
         }
     };
-    crate::daemon_cmd::stop_signal().await;
-    tracing::info!("stopping on signal");
+    let code = tokio::select! {
+        _ = crate::daemon_cmd::stop_signal() => {
+            tracing::info!("stopping on signal");
+            0
+        }
+        why = worker.refused() => {
+            eprintln!("error: {why}");
+            1
+        }
+    };
     worker.shutdown().await;
-    0
+    code
 }
 
 /// `ferry worker list`.
@@ -124,12 +133,12 @@ pub async fn list(args: &ClientArgs) -> u8 {
             labels.sort();
             println!(
                 "{:<16} {:<22} {:<6} {:<10} {:<24} {}",
-                info.name,
-                info.addr,
+                escape(&info.name),
+                escape(&info.addr),
                 w.state,
-                info.version,
-                labels.join(","),
-                info.roots.join(",")
+                escape(&info.version),
+                escape(&labels.join(",")),
+                escape(&info.roots.join(","))
             );
         }
     }

@@ -14,6 +14,8 @@ pub mod v1 {
 
 pub use v1 as pb;
 
+pub mod codec;
+
 /// Encoded `FileDescriptorSet` of every Ferry service, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry_descriptor.bin"));
 

@@ -27,6 +27,10 @@ pub enum Error {
     /// What the request names does not exist (the message names the field).
     #[error("{0}")]
     NotFound(String),
+    /// What the request would create is someone else's (the message names
+    /// the field and the holder).
+    #[error("{0}")]
+    AlreadyExists(String),
     /// A revision or position outside what exists (the message names the field).
     #[error("{0}")]
     OutOfRange(String),
@@ -65,6 +69,7 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(_) | Error::Config(_) => tonic::Status::invalid_argument(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::NotFound(_) => tonic::Status::not_found(msg),
+            Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::OutOfRange(_) => tonic::Status::out_of_range(msg),
             Error::Unexpected { .. } | Error::Internal(_) => tonic::Status::internal(msg),
             Error::DataLoss(_) => tonic::Status::data_loss(msg),

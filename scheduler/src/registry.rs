@@ -87,27 +87,94 @@ pub fn validate(i: &Instance) -> Result<(), Error> {
     Ok(())
 }
 
-/// Adds or replaces `instance`, bound to `lease`; the revision of the write.
-/// Only the cluster flags instances: `suspect` and `deregistered` are
-/// cleared, and a weight of 0 means the default.
-pub async fn register(node: &Node, mut instance: Instance, lease: u64, request_id: String) -> Result<u64, Error> {
+/// Checks that `lease` may register the instance at `key`: the id belongs
+/// to the lease that holds it, unless the caller takes it over (`replace`).
+/// `Ok(Some(other))`: a takeover from lease `other`.
+pub fn may_register(node: &Node, key: &str, lease: u64, replace: bool) -> Result<Option<u64>, Error> {
+    match node.reader.get_with_lease(key)? {
+        Some((_, holder)) if holder != 0 && holder != lease => {
+            if replace {
+                return Ok(Some(holder));
+            }
+            Err(Error::AlreadyExists(format!(
+                "id: instance {key} is held by lease {holder}, which is still alive; \
+                 deregister it first, or register with replace to take it over"
+            )))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Adds or replaces `instance`, bound to `lease`: the revision of the
+/// write, and the lease it took the id over from (`replace`), if any. Only
+/// the cluster flags instances: `suspect` and `deregistered` are cleared,
+/// and a weight of 0 means the default.
+///
+/// An instance id belongs to the lease that registered it ([`may_register`]);
+/// the check and the write are one compare-and-set on the key, retried if
+/// the key changed between them.
+pub async fn register(
+    node: &Node,
+    mut instance: Instance,
+    lease: u64,
+    request_id: String,
+    replace: bool,
+) -> Result<(u64, Option<u64>), Error> {
     validate(&instance)?;
     if instance.weight == 0 {
         instance.weight = DEFAULT_WEIGHT;
     }
     instance.suspect = false;
     instance.deregistered = false;
-    let op = Op::PutLeased { key: instance.key(), value: instance.encode(), lease };
-    match node.propose(Command { request_id, op }).await? {
-        CommandResult::Put { revision, .. } => Ok(revision),
-        CommandResult::Rejected { reason } => Err(Error::InvalidArgument(reason)),
-        other => Err(Error::unexpected("register", &other)),
+    let key = instance.key();
+    let value = instance.encode();
+    if node.reader.lease(lease)?.is_none() {
+        return Err(Error::InvalidArgument(format!("lease: unknown lease id {lease}")));
     }
+    node.read_barrier(false).await?;
+    for attempt in 0..5 {
+        let took_from = may_register(node, &key, lease, replace)?;
+        let compare = match node.reader.get(&key)? {
+            None => kv::Compare::Absent { key: key.clone() },
+            Some(kv) => kv::Compare::ModRevision { key: key.clone(), revision: kv.mod_revision },
+        };
+        let put = kv::TxnOp::PutLeased { key: key.clone(), value: value.clone(), lease };
+        let txn = kv::Txn { compares: vec![compare], success: vec![put], failure: vec![] };
+        // A retry after a lost compare is a new request; the first keeps
+        // the caller's id, so a retried call still applies once.
+        let id = if attempt == 0 { request_id.clone() } else { format!("{request_id}-{attempt}") };
+        let revision = match node.propose(Command { request_id: id, op: Op::Txn(Box::new(txn)) }).await? {
+            CommandResult::Txn { succeeded: false, .. } => continue,
+            CommandResult::Txn { revision, .. } => revision,
+            CommandResult::Rejected { reason } => return Err(Error::InvalidArgument(reason)),
+            other => return Err(Error::unexpected("register", &other)),
+        };
+        // A transaction skips a put to a lease that ended meanwhile.
+        match node.reader.get_with_lease(&key)? {
+            Some((kv, holder)) if holder == lease && kv.mod_revision == revision => {}
+            _ if node.reader.lease(lease)?.is_none() => {
+                return Err(Error::InvalidArgument(format!("lease: unknown lease id {lease}")))
+            }
+            _ => {}
+        }
+        if let Some(old) = took_from {
+            tracing::info!(%key, from = old, to = lease, "an instance id was taken over by another lease");
+        }
+        return Ok((revision, took_from));
+    }
+    Err(Error::FailedPrecondition(format!("id: instance {key} changed five times while registering it; try again")))
 }
 
 /// Removes instance `id` of `service` now: (revision, whether it was
-/// registered).
-pub async fn deregister(node: &Node, service: &str, id: &str, request_id: String) -> Result<(u64, bool), Error> {
+/// registered). With `lease` other than 0, only if the instance is bound to
+/// that lease: an owner whose id was taken over cannot remove the new one.
+pub async fn deregister(
+    node: &Node,
+    service: &str,
+    id: &str,
+    lease: u64,
+    request_id: String,
+) -> Result<(u64, bool), Error> {
     if !valid_name(service) || !valid_name(id) {
         return Err(Error::InvalidArgument("service, id: must be 1 to 128 of letters, digits, '.', '_' or '-'".into()));
     }
@@ -119,17 +186,28 @@ pub async fn deregister(node: &Node, service: &str, id: &str, request_id: String
     // so the marked value is the instance's latest; an instance that
     // changed meanwhile is still removed.
     node.read_barrier(false).await?;
-    let op = match node.reader.get(&key)? {
+    let op = match node.reader.get_with_lease(&key)? {
+        // Another lease's instance: not the caller's to remove.
+        Some((current, holder)) if lease != 0 && holder != lease => {
+            tracing::info!(%key, holder, lease, "not deregistering an instance another lease holds");
+            return Ok((current.mod_revision, false));
+        }
         // Nothing to mark; a retried id that did apply gets its first
         // answer (the transaction's) all the same.
         None => Op::Delete { key },
-        Some(current) => {
+        Some((current, _)) => {
             let mut marked = Instance::decode(&current.value).unwrap_or_default();
             marked.service = service.to_string();
             marked.id = id.to_string();
             marked.deregistered = true;
+            // A caller naming its lease removes only what it read: the
+            // instance must not have been taken over meanwhile.
+            let compares = match lease {
+                0 => vec![],
+                _ => vec![kv::Compare::ModRevision { key: key.clone(), revision: current.mod_revision }],
+            };
             Op::Txn(Box::new(kv::Txn {
-                compares: vec![],
+                compares,
                 success: vec![kv::TxnOp::Put { key: key.clone(), value: marked.encode() }, kv::TxnOp::Delete { key }],
                 failure: vec![],
             }))
@@ -151,7 +229,7 @@ pub async fn deregister(node: &Node, service: &str, id: &str, request_id: String
 /// it runs only for empty listings.
 fn deregistered(node: &Node, prefix: &str) -> Result<Vec<String>, Error> {
     let from = node.reader.compacted()? + 1;
-    let (events, _) = node.reader.events(from, prefix, usize::MAX)?;
+    let (events, _) = node.reader.events(from, prefix, usize::MAX, usize::MAX)?;
     // Per id: whether its last write was the marked one.
     let mut marked: HashMap<&str, bool> = HashMap::new();
     let mut gone = BTreeSet::new();
@@ -189,7 +267,7 @@ pub fn listing(node: &Node, service: &str) -> Result<Listing, Error> {
 /// True if the changes from revision `from` on touch `service`; the
 /// revision read up to otherwise.
 pub fn changed_since(node: &Node, service: &str, from: u64) -> Result<Result<(), u64>, Error> {
-    let (events, upto) = node.reader.events(from, &stored::prefix(service), 1)?;
+    let (events, upto) = node.reader.events(from, &stored::prefix(service), 1, usize::MAX)?;
     Ok(if events.is_empty() { Err(upto) } else { Ok(()) })
 }
 

@@ -16,6 +16,12 @@ use crate::raft::node::Node;
 /// Events sent in one message at most.
 pub const BATCH: usize = 1000;
 
+/// Bytes of keys and values in one message at most, past its first event
+/// (a value is at most 1 MiB): well inside the 4 MiB a gRPC client takes by
+/// default, so a watch over large values never sends what its reader
+/// refuses.
+pub const BATCH_BYTES: usize = 2 * 1024 * 1024;
+
 /// One message of a watch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
@@ -63,7 +69,7 @@ pub async fn run(
             let (kvs, revision) = reader.list_at_revision(&prefix)?;
             let mut events: Vec<Event> = kvs.into_iter().map(|kv| Event { kind: EventKind::Put, kv }).collect();
             loop {
-                let rest = events.split_off(events.len().min(BATCH));
+                let rest = events.split_off(fitting(&events));
                 let more = !rest.is_empty();
                 let msg =
                     Batch { revision, events, snapshot: true, more, compact_revision: compacted, progress: false };
@@ -78,7 +84,7 @@ pub async fn run(
             next = revision + 1;
             idle_since = tokio::time::Instant::now();
         }
-        let (events, upto) = reader.events(next, &prefix, BATCH)?;
+        let (events, upto) = reader.events(next, &prefix, BATCH, BATCH_BYTES)?;
         // Compaction only moves forward: if it has not reached `next` now,
         // it had not while the events were read, so none is missing.
         if reader.compacted()? >= next {
@@ -111,5 +117,47 @@ pub async fn run(
             }
             _ = tx.closed() => return Ok(()),
         }
+    }
+}
+
+/// How many of `events`, from the first, go in one message: at most
+/// [`BATCH`], and up to the event that reaches [`BATCH_BYTES`].
+fn fitting(events: &[Event]) -> usize {
+    let mut bytes = 0;
+    for (i, e) in events.iter().enumerate().take(BATCH) {
+        if bytes >= BATCH_BYTES {
+            return i;
+        }
+        bytes += e.kv.key.len() + e.kv.value.len();
+    }
+    events.len().min(BATCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_storage::kv::{Event, EventKind};
+    use ferry_storage::KeyValue;
+
+    use super::{fitting, BATCH};
+
+    fn events(n: usize, value_bytes: usize) -> Vec<Event> {
+        let kv = |i: usize| KeyValue {
+            key: format!("k{i}"),
+            value: vec![0; value_bytes],
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+        };
+        (0..n).map(|i| Event { kind: EventKind::Put, kv: kv(i) }).collect()
+    }
+
+    #[test]
+    fn a_message_holds_a_thousand_small_events_or_about_two_mib_of_large_ones() {
+        assert_eq!(fitting(&events(3, 10)), 3);
+        assert_eq!(fitting(&events(5000, 10)), BATCH);
+        // 1 MiB values: the one that reaches 2 MiB is the last.
+        assert_eq!(fitting(&events(10, 1024 * 1024)), 2);
+        assert_eq!(fitting(&events(1, 1024 * 1024)), 1);
+        assert_eq!(fitting(&[]), 0);
     }
 }

@@ -40,7 +40,22 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn register_kept(&self, instance: pb::Instance, ttl: Duration) -> Result<Registration, Error> {
-        let lease = self.register(instance.clone(), ttl).await?;
+        self.register_kept_with(instance, ttl, false).await
+    }
+
+    /// [`Client::register_kept`], taking the id over from the lease that
+    /// holds it, if any (see [`Client::register_replacing`]).
+    pub async fn register_kept_replacing(&self, instance: pb::Instance, ttl: Duration) -> Result<Registration, Error> {
+        self.register_kept_with(instance, ttl, true).await
+    }
+
+    async fn register_kept_with(
+        &self,
+        instance: pb::Instance,
+        ttl: Duration,
+        replace: bool,
+    ) -> Result<Registration, Error> {
+        let lease = self.register_with(instance.clone(), ttl, replace).await?;
         let keep = self.keep_alive(lease);
         Ok(Registration { client: self.clone(), instance, lease, keep })
     }
@@ -96,7 +111,9 @@ impl Registration {
     /// Deregisters the instance now and ends the registration: the cluster
     /// records the removal as a deregistration, the renewals stop and the
     /// lease is revoked. Returns whether the instance was still registered
-    /// (false if its lease had run out or someone deregistered it).
+    /// under this handle's lease (false if its lease had run out, someone
+    /// deregistered it, or another registration took the id over: that one
+    /// stays).
     ///
     /// The lease is renewed until the deregistration applies, so a slow
     /// call cannot turn it into an expiry. If the call fails (the cluster
@@ -106,7 +123,7 @@ impl Registration {
     /// itself.
     pub async fn deregister(self) -> Result<bool, Error> {
         let Registration { client, instance, lease, keep } = self;
-        let removed = client.deregister(&instance.service, &instance.id).await;
+        let removed = client.deregister_held(&instance.service, &instance.id, lease).await;
         drop(keep);
         if removed.is_ok() {
             if let Err(e) = client.revoke(lease).await {

@@ -45,7 +45,7 @@ pub use jobs::{Chunk, FileEntry, Job, JobEvent, JobPhase, Target, TargetPhase, V
 pub use kv::{KeyValue, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use log_store::LogStore;
 pub use log_sync::LogSync;
-pub use state_machine::{Digest, StateMachineStore, StateReader};
+pub use state_machine::{Digest, Page, PageError, PageLimits, StateMachineStore, StateReader};
 
 /// Node ids are small integers chosen by the operator (`--id`).
 pub type NodeId = u64;

@@ -18,7 +18,10 @@
 //! `meta` tree (flushed) before older snapshot files are deleted. A build
 //! that finishes after a newer snapshot was installed is not recorded.
 
+mod listing;
 mod state;
+
+pub use listing::{Page, PageError, PageLimits};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -548,6 +551,19 @@ impl StateReader {
         Ok((out, false))
     }
 
+    /// One page of the keys starting with `prefix`: those after `after`
+    /// (empty: from the first), as they were at `revision` (0: now). Pages
+    /// read at one revision agree with each other ([`listing`]).
+    pub fn list_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        revision: u64,
+        limits: PageLimits,
+    ) -> Result<Result<Page, PageError>, Error> {
+        Ok(listing::page(&self.inner.read(), prefix, after, revision, limits))
+    }
+
     /// Keys starting with `prefix` and the revision they are at, read at one
     /// point in time.
     pub fn list_at_revision(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), Error> {
@@ -602,6 +618,13 @@ impl StateReader {
         Ok(self.inner.read().leases.get(&id).cloned())
     }
 
+    /// `key` and the lease it is bound to (0: none), read together.
+    pub fn get_with_lease(&self, key: &str) -> Result<Option<(KeyValue, u64)>, Error> {
+        let state = self.inner.read();
+        let lease = state.key_lease.get(key).copied().unwrap_or(0);
+        Ok(state.kv.get(key).map(|v| (v.clone().with_key(key.to_owned()), lease)))
+    }
+
     /// The newest revision whose change is no longer in the history: reads
     /// before it, and watches from it or before, are compacted.
     pub fn compacted(&self) -> Result<u64, Error> {
@@ -649,18 +672,27 @@ impl StateReader {
     }
 
     /// Changes to keys starting with `prefix` at revisions `from..=` (at
-    /// most `max`), and the last revision looked at. The caller checks
-    /// `from` against [`StateReader::compacted`] first.
-    pub fn events(&self, from: u64, prefix: &str, max: usize) -> Result<(Vec<(u64, Event)>, u64), Error> {
+    /// most `max`, and keys and values of about `max_bytes`: the change
+    /// that reaches it is the last), and the last revision looked at. The
+    /// caller checks `from` against [`StateReader::compacted`] first.
+    pub fn events(
+        &self,
+        from: u64,
+        prefix: &str,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<(u64, Event)>, u64), Error> {
         let state = self.inner.read();
         let mut last = state.revision;
         let mut out = Vec::new();
+        let mut bytes = 0;
         for (rev, change) in state.events.range(from..) {
-            if out.len() == max {
+            if out.len() == max || bytes >= max_bytes {
                 last = rev - 1;
                 break;
             }
             if change.event.kv.key.starts_with(prefix) {
+                bytes += change.event.kv.key.len() + change.event.kv.value.len();
                 out.push((*rev, change.event.clone()));
             }
         }

@@ -110,10 +110,17 @@ impl ChunkService for ChunkServer {
             let mut file = match opened {
                 Ok(f) => f,
                 Err(e) => {
+                    store.forget(&hash);
                     send(Err(Status::not_found(format!("chunk file {}: {e}", loc.path.display()))));
                     return;
                 }
             };
+            // What is served is checked as it goes: a file changed since it
+            // was indexed (a source rewritten during a job, a copy damaged
+            // on disk) must not pass for the chunk. The last frame goes only
+            // if the whole chunk matches; otherwise the entry is forgotten
+            // and the puller told the chunk is gone from here.
+            let mut hasher = blake3::Hasher::new();
             let mut left = loc.len as usize;
             let mut first = true;
             while left > 0 {
@@ -127,7 +134,18 @@ impl ChunkService for ChunkServer {
                     Err(e) => Some(e.to_string()),
                 };
                 if let Some(why) = short {
+                    store.forget(&hash);
                     send(Err(Status::data_loss(format!("reading {}: {why}", loc.path.display()))));
+                    return;
+                }
+                hasher.update(&buf);
+                if left == buf.len() && hasher.finalize().as_bytes() != &hash {
+                    store.forget(&hash);
+                    let at = format!("{} at offset {}", loc.path.display(), loc.offset);
+                    send(Err(Status::data_loss(format!(
+                        "chunk {}: {at} no longer holds it (the file changed)",
+                        crate::index::hex(&hash)
+                    ))));
                     return;
                 }
                 if corrupt && first {

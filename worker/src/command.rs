@@ -37,6 +37,14 @@ pub enum Command {
         /// The job.
         job: String,
     },
+    /// As a future target: could these destinations be written? Nothing
+    /// is created.
+    Check {
+        /// Echoed in the answer.
+        request: u64,
+        /// Absolute paths.
+        destinations: Vec<String>,
+    },
 }
 
 /// One file of a job on this target.
@@ -106,6 +114,13 @@ pub enum Report {
     },
     /// Answer to [`Command::Pack`].
     Fin(Fin),
+    /// Answer to [`Command::Check`]: fine, or why a destination is not.
+    Checked {
+        /// The request answered.
+        request: u64,
+        /// `Err`: the first destination that may not be written, and why.
+        result: Result<(), String>,
+    },
 }
 
 /// What a target holds for a job after prepare.
@@ -149,6 +164,8 @@ pub enum PullFailure {
     Holder,
     /// This worker failed (its disk, a bad command, stopping).
     Local,
+    /// The holder no longer has the chunk: its file changed or was deleted.
+    Gone,
 }
 
 /// A failed pull: the kind, and what happened in words (for logs).

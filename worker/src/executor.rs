@@ -83,6 +83,9 @@ struct JobWork {
     /// file once pack starts, and a repeated pack replays the same fin.
     gate: tokio::sync::RwLock<Option<Fin>>,
     chunks: Mutex<HashMap<(u32, u32), ChunkState>>,
+    /// Turns true when the job is cancelled: a hook still running for it
+    /// is killed (with everything it started).
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl JobWork {
@@ -250,6 +253,14 @@ impl Executor {
                 self.cancel(&job).await;
                 None
             }
+            // The check prepare makes first, without creating anything.
+            Command::Check { request, destinations } => {
+                let roots = self.roots.clone();
+                let check = move || destinations.iter().try_for_each(|d| roots.check_write(d).map(|_| ()));
+                let result =
+                    tokio::task::spawn_blocking(check).await.unwrap_or_else(|e| Err(format!("check task: {e}")));
+                Some(Report::Checked { request, result })
+            }
         }
     }
 
@@ -369,7 +380,12 @@ impl Executor {
                 tree: Mutex::new(FileTree::new(m.size)),
             });
         }
-        let work = Arc::new(JobWork { files, gate: tokio::sync::RwLock::new(None), chunks: Mutex::new(done) });
+        let work = Arc::new(JobWork {
+            files,
+            gate: tokio::sync::RwLock::new(None),
+            chunks: Mutex::new(done),
+            stop: tokio::sync::watch::Sender::new(false),
+        });
         let report = work.report();
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         // A cancel that came in while this ran wins.
@@ -467,9 +483,14 @@ impl Executor {
             )
         };
         // The holder's answer: at its upload limit it says so (and another
-        // holder is tried); anything else is the holder's failure.
+        // holder is tried); a chunk it no longer has (its file changed or is
+        // gone) is told apart; anything else is the holder's failure.
         let refused = |s: tonic::Status| {
-            let failure = if s.code() == tonic::Code::ResourceExhausted { HolderBusy } else { Holder };
+            let failure = match s.code() {
+                tonic::Code::ResourceExhausted => HolderBusy,
+                tonic::Code::NotFound | tonic::Code::DataLoss => Gone,
+                _ => Holder,
+            };
             PullError::new(failure, format!("{}: {}", cmd.from_worker, s.message()))
         };
         let mut stream = tokio::time::timeout(stall, client.get_chunk(req))
@@ -565,7 +586,7 @@ impl Executor {
             }
             Ok(paths) => match hook {
                 None => fin(true, String::new(), None),
-                Some(command) => match crate::hooks::run(&command, job_id, &paths).await {
+                Some(command) => match crate::hooks::run(&command, job_id, &paths, cancelled(&work)).await {
                     Ok(0) => fin(true, String::new(), Some(0)),
                     Ok(code) => {
                         self.metrics.hook_failures.inc();
@@ -601,6 +622,8 @@ impl Executor {
         self.cancelled.lock().unwrap_or_else(|e| e.into_inner()).insert(job_id.to_string());
         let work = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(job_id);
         if let Some(work) = work {
+            // A hook still running for the job ends now.
+            work.stop.send_replace(true);
             // Wait for pulls writing into staging files, then remove them.
             let gate = work.gate.write().await;
             if gate.is_none() {
@@ -609,6 +632,16 @@ impl Executor {
             }
         }
         self.ended(job_id);
+    }
+}
+
+/// Resolves when `work`'s job is cancelled.
+fn cancelled(work: &JobWork) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut stop = work.stop.subscribe();
+    async move {
+        if stop.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

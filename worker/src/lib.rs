@@ -86,6 +86,7 @@ pub struct Worker {
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
+    refused: watch::Receiver<Option<String>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -197,9 +198,11 @@ impl Worker {
             metrics.clone(),
         );
         tasks.push(Arc::new(probes).spawn(rx.clone()));
-        tasks.push(tokio::spawn(session::run(exec, hello, config.schedulers.clone(), config.heartbeat, rx)));
+        let (refused_tx, refused) = watch::channel(None);
+        let sessions = session::run(exec, hello, config.schedulers.clone(), config.heartbeat, rx, refused_tx);
+        tasks.push(tokio::spawn(sessions));
         tracing::info!(name = %config.name, %addr, admin = ?admin_addr, "worker started");
-        Ok(Self { addr, admin_addr, shutdown, tasks })
+        Ok(Self { addr, admin_addr, shutdown, refused, tasks })
     }
 
     /// The chunk service address.
@@ -210,6 +213,18 @@ impl Worker {
     /// The admin HTTP address, if `admin_listen` was set.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// Waits until the cluster refuses this worker for good (another
+    /// live worker holds its name) and returns why; pending forever
+    /// otherwise. The worker has stopped asking for a session then: stop it.
+    pub async fn refused(&self) -> String {
+        let mut refused = self.refused.clone();
+        let why = match refused.wait_for(Option::is_some).await {
+            Ok(why) => why.as_deref().unwrap_or_default().to_string(),
+            Err(_) => return std::future::pending().await,
+        };
+        why
     }
 
     /// Stops the session and the chunk server.

@@ -82,6 +82,7 @@ pub fn decode(msg: Ctl) -> Result<Command, Report> {
         }),
         Ctl::Pack(c) => Command::Pack { job: c.job_id, hook: c.hook },
         Ctl::Cancel(c) => Command::Cancel { job: c.job_id },
+        Ctl::Check(c) => Command::Check { request: c.request, destinations: c.destinations },
     })
 }
 
@@ -105,6 +106,7 @@ fn failure(f: PullFailure) -> pb::PullFailure {
         PullFailure::Stalled => pb::PullFailure::Stalled,
         PullFailure::Holder => pb::PullFailure::Holder,
         PullFailure::Local => pb::PullFailure::Local,
+        PullFailure::Gone => pb::PullFailure::Gone,
     }
 }
 
@@ -145,6 +147,9 @@ pub fn encode(report: Report) -> Msg {
             error: error.detail,
         }),
         Report::Fin(f) => Msg::Fin(pb::TargetFin { job_id: f.job, ok: f.ok, reason: f.reason, hook_exit: f.hook_exit }),
+        Report::Checked { request, result } => {
+            Msg::Checked(pb::CheckResult { request, error: result.err().unwrap_or_default() })
+        }
     }
 }
 
@@ -153,17 +158,21 @@ enum Ended {
     Redirect(String),
     /// Try again after a pause.
     Failed(String),
+    /// The scheduler refused this worker for good (its name is taken).
+    Refused(String),
     /// Shutting down.
     Stop,
 }
 
-/// Runs sessions until `shutdown` turns true.
+/// Runs sessions until `shutdown` turns true, or until a scheduler refuses
+/// this worker for good: then the reason goes to `refused`.
 pub async fn run(
     exec: Arc<Executor>,
     hello: pb::WorkerInfo,
     schedulers: Vec<String>,
     heartbeat: Duration,
     mut shutdown: watch::Receiver<bool>,
+    refused: watch::Sender<Option<String>>,
 ) {
     let outbox = Outbox::default();
     let mut next: Option<String> = None;
@@ -179,6 +188,11 @@ pub async fn run(
         });
         match serve(&exec, &outbox, &addr, &hello, heartbeat, &mut shutdown).await {
             Ended::Stop => return,
+            Ended::Refused(why) => {
+                tracing::error!(scheduler = %addr, %why, "the scheduler refused this worker");
+                let _ = refused.send(Some(why));
+                return;
+            }
             Ended::Redirect(leader) => {
                 tracing::debug!(from = %addr, to = %leader, "following the leader");
                 next = Some(leader);
@@ -229,6 +243,9 @@ async fn serve(
                 if leader != addr {
                     return Ended::Redirect(leader.to_string());
                 }
+            }
+            if status.code() == tonic::Code::AlreadyExists {
+                return Ended::Refused(status.message().to_string());
             }
             return Ended::Failed(status.message().to_string());
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry_proto::pb::{self, config_service_server::ConfigService};
 use ferry_storage::kv::{Compare, Event, EventKind, Txn, TxnOp};
-use ferry_storage::{kv, Command, CommandResult, KeyValue, Op};
+use ferry_storage::{kv, Command, CommandResult, KeyValue, Op, PageError, PageLimits};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
@@ -16,6 +16,14 @@ use crate::error::Error;
 use crate::grpc::{header, header_at};
 use crate::raft::node::{new_request_id, Node};
 use crate::stream::inline_stream;
+
+/// What one page of a listing holds at most, in bytes of keys and values
+/// (plus one key): well inside the 4 MiB a gRPC client takes by default.
+pub const PAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// What a listing without `limit` may hold, in bytes of keys and values:
+/// under the 64 MiB the SDK takes in one response.
+pub const UNPAGED_MAX_BYTES: usize = 60 * 1024 * 1024;
 
 /// The ConfigService implementation.
 pub struct ConfigServiceImpl {
@@ -224,12 +232,41 @@ impl ConfigService for ConfigServiceImpl {
         if req.prefix.len() > kv::MAX_KEY_BYTES {
             return Err(invalid(format!("prefix: must be at most {} bytes", kv::MAX_KEY_BYTES)));
         }
+        if req.start_after.len() > kv::MAX_KEY_BYTES {
+            return Err(invalid(format!("start_after: must be at most {} bytes", kv::MAX_KEY_BYTES)));
+        }
         self.node.read_barrier(req.serializable).await?;
-        let (kvs, more) = self.node.reader.list(&req.prefix, req.limit as usize).map_err(Error::from)?;
+        let paged = req.limit != 0;
+        let limits =
+            PageLimits { keys: req.limit as usize, bytes: if paged { PAGE_BYTES } else { UNPAGED_MAX_BYTES + 1 } };
+        let read = || self.node.reader.list_page(&req.prefix, &req.start_after, req.revision, limits);
+        let mut page = read().map_err(Error::from)?;
+        if matches!(page, Err(PageError::Future(_))) && req.serializable {
+            // A replica behind the revision a previous page was read at.
+            self.node.read_barrier(false).await?;
+            page = read().map_err(Error::from)?;
+        }
+        let page = page.map_err(|e| match e {
+            PageError::Compacted(c) => Error::OutOfRange(format!(
+                "revision: {} is compacted (changes at or before {c} are gone); list again from the start",
+                req.revision
+            )),
+            PageError::Future(now) => {
+                Error::OutOfRange(format!("revision: {} is after the newest revision {now}", req.revision))
+            }
+        })?;
+        if !paged && page.more {
+            return Err(invalid(format!(
+                "limit: the listing under {:?} holds more than {} MiB, more than one response carries; \
+                 ask for pages (limit, start_after, revision)",
+                req.prefix,
+                UNPAGED_MAX_BYTES >> 20
+            )));
+        }
         Ok(Response::new(pb::ListResponse {
-            header: Some(header(&self.node)),
-            kvs: kvs.into_iter().map(to_pb).collect(),
-            more,
+            header: Some(header_at(&self.node, page.revision)),
+            kvs: page.kvs.into_iter().map(to_pb).collect(),
+            more: page.more,
         }))
     }
 

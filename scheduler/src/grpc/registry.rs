@@ -41,12 +41,27 @@ impl RegistryService for RegistryServiceImpl {
         let request_id = if req.request_id.is_empty() { new_request_id() } else { req.request_id };
         let mut lease = req.lease;
         if lease == 0 {
+            // Refused before a lease is granted for it (checked again, with
+            // the write, in `register`).
+            self.node.read_barrier(false).await?;
+            registry::may_register(&self.node, &instance.key(), 0, req.replace)?;
             // A retried registration (same request id) gets the lease the
             // first attempt granted: the grant has its own derived id.
             let ttl_ms = if req.ttl_ms == 0 { registry::DEFAULT_TTL_MS } else { req.ttl_ms };
             lease = leases::grant(&self.node, &self.clock, ttl_ms, format!("{request_id}-lease")).await?.0;
         }
-        let revision = registry::register(&self.node, instance, lease, request_id).await?;
+        let (revision, took_from) =
+            registry::register(&self.node, instance, lease, request_id.clone(), req.replace).await?;
+        // A takeover revokes the lease it took the id from when that lease
+        // holds nothing else now: the replaced owner's next renewal says its
+        // lease is gone, and it stops.
+        if let Some(old) = took_from {
+            if self.node.reader.lease(old).map_err(Error::from)?.is_some_and(|l| l.keys.is_empty()) {
+                if let Err(e) = leases::revoke(&self.node, old, format!("{request_id}-revoke")).await {
+                    tracing::warn!(lease = old, error = %e, "could not revoke a replaced registration's lease");
+                }
+            }
+        }
         Ok(Response::new(pb::RegisterResponse { header: Some(header_at(&self.node, revision)), lease }))
     }
 
@@ -56,7 +71,8 @@ impl RegistryService for RegistryServiceImpl {
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let req = request.into_inner();
         let request_id = if req.request_id.is_empty() { new_request_id() } else { req.request_id };
-        let (revision, deregistered) = registry::deregister(&self.node, &req.service, &req.id, request_id).await?;
+        let (revision, deregistered) =
+            registry::deregister(&self.node, &req.service, &req.id, req.lease, request_id).await?;
         Ok(Response::new(pb::DeregisterResponse { header: Some(header_at(&self.node, revision)), deregistered }))
     }
 

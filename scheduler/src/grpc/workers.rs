@@ -23,7 +23,7 @@ use crate::clock::now_ms;
 use crate::error::Error;
 use crate::jobs::planner::Report;
 use crate::jobs::sessions::{Sessions, QUEUE};
-use crate::jobs::worker::{Indexed, PullFailure, ToWorker};
+use crate::jobs::worker::{Answer, Indexed, PullFailure, ToWorker};
 use crate::raft::node::Node;
 
 /// The WorkerService implementation.
@@ -94,6 +94,7 @@ fn to_control(cmd: ToWorker) -> pb::ControlMessage {
         }
         ToWorker::Pack { job, hook } => Ctl::Pack(pb::PackCommand { job_id: job, hook }),
         ToWorker::Cancel { job } => Ctl::Cancel(pb::CancelCommand { job_id: job }),
+        ToWorker::Check { request, destinations } => Ctl::Check(pb::CheckCommand { request, destinations }),
     };
     pb::ControlMessage { msg: Some(msg) }
 }
@@ -111,10 +112,24 @@ fn failure(code: i32) -> Option<PullFailure> {
         F::Stalled => Some(PullFailure::Stalled),
         F::Holder => Some(PullFailure::Holder),
         F::Local => Some(PullFailure::Local),
+        F::Gone => Some(PullFailure::Gone),
     }
 }
 
 impl WorkerServiceImpl {
+    /// Records the worker in the replicated state, if anything changed.
+    async fn register(&self, hello: &pb::WorkerInfo) -> Result<(), Error> {
+        let known = self.node.reader.workers()?.into_iter().find(|w| w.name == hello.name);
+        let fresh = record(hello, now_ms());
+        if known.map(|k| WorkerRecord { registered_ms: 0, ..k })
+            != Some(WorkerRecord { registered_ms: 0, ..fresh.clone() })
+        {
+            let cmd = Command { request_id: String::new(), op: Op::RegisterWorker(fresh) };
+            self.node.propose(cmd).await?;
+        }
+        Ok(())
+    }
+
     fn record(&self, e: JobEvent) {
         self.sessions.record(e);
     }
@@ -124,7 +139,11 @@ impl WorkerServiceImpl {
         match msg {
             Msg::Hello(_) | Msg::Heartbeat(_) => {}
             // Only the worker that was asked may answer.
-            Msg::Indexed(r) => self.sessions.indexed(worker, r.request, indexed(r)),
+            Msg::Indexed(r) => self.sessions.answered(worker, r.request, Answer::Indexed(indexed(r))),
+            Msg::Checked(r) => {
+                let result = if r.error.is_empty() { Ok(()) } else { Err(r.error) };
+                self.sessions.answered(worker, r.request, Answer::Checked(result))
+            }
             Msg::Ack(a) => match failure(a.failure) {
                 Some(failure) => {
                     tracing::debug!(%worker, job = %a.job_id, file = a.file, chunk = a.chunk, from = %a.from,
@@ -213,17 +232,23 @@ impl WorkerService for WorkerServiceImpl {
             ))
             .into());
         }
-        // Register only when something changed, so reconnects cost no log entry.
-        let known = self.node.reader.workers().map_err(Error::from)?.into_iter().find(|w| w.name == hello.name);
-        let fresh = record(&hello, now_ms());
-        if known.map(|k| WorkerRecord { registered_ms: 0, ..k })
-            != Some(WorkerRecord { registered_ms: 0, ..fresh.clone() })
-        {
-            let cmd = Command { request_id: String::new(), op: Op::RegisterWorker(fresh) };
-            self.node.propose(cmd).await?;
-        }
+        // One live session per name: a second worker of the same name (a
+        // copied config, a cloned machine) is refused before it can change
+        // the first one's record, and told why.
         let (tx, rx) = mpsc::channel(QUEUE);
-        let epoch = self.sessions.open(&hello.name, tx);
+        let epoch = self.sessions.open(&hello.name, &hello.addr, tx).map_err(|holder| {
+            tracing::warn!(worker = %hello.name, from = %hello.addr, holder = %holder,
+                "refused a second session for a worker name that a live worker holds");
+            Status::already_exists(format!(
+                "name: a worker named {} is already connected from {holder}; this one (at {}) needs a name of its own",
+                hello.name, hello.addr
+            ))
+        })?;
+        // Register only when something changed, so reconnects cost no log entry.
+        if let Err(e) = self.register(&hello).await {
+            self.sessions.close(&hello.name, epoch);
+            return Err(e.into());
+        }
         tracing::info!(worker = %hello.name, addr = %hello.addr, epoch, "worker session open");
         let this = WorkerServiceImpl { node: self.node.clone(), sessions: self.sessions.clone() };
         let name = hello.name.clone();

@@ -196,6 +196,9 @@ struct JobPlan {
     down_since: HashMap<String, Instant>,
     /// When a failure was last proposed, per target ("" for the whole job).
     proposed: HashMap<String, Instant>,
+    /// Files whose chunks a holder no longer had ([`PullFailure::Gone`]),
+    /// with that holder: from the job's source, the file changed there.
+    gone: Vec<(u32, String)>,
 }
 
 impl JobPlan {
@@ -261,6 +264,15 @@ impl Planner {
                     }
                     PullFailure::AlreadyInstalled | PullFailure::AlreadyPulling => {}
                     PullFailure::BadChunk | PullFailure::Stalled | PullFailure::Holder | PullFailure::Local => {
+                        p.avoid.insert((target, from), now + AVOID_FOR);
+                    }
+                    // A holder's copy went away: other holders may still
+                    // have theirs; if the holder was the source, see
+                    // `source_changed`.
+                    PullFailure::Gone => {
+                        if !p.gone.contains(&(file, from.clone())) {
+                            p.gone.push((file, from.clone()));
+                        }
                         p.avoid.insert((target, from), now + AVOID_FOR);
                     }
                 }
@@ -344,6 +356,7 @@ impl Planner {
                 }
                 continue;
             }
+            source_changed(p, job, v.now, &mut out);
             let mut eligible: Vec<(usize, u64)> = Vec::new();
             for (ti, t) in job.targets.iter().enumerate() {
                 if t.phase.is_terminal() {
@@ -418,6 +431,28 @@ impl Planner {
             return;
         }
         out.push(Action::Callback { job: job.id.clone() });
+    }
+}
+
+/// A file the job's source no longer has as it was indexed (rewritten or
+/// deleted during the transfer) cannot be completed from there: every
+/// unfinished target that misses part of it fails at once, naming it,
+/// instead of waiting out the job's deadline. Targets that hold the whole
+/// file already go on.
+fn source_changed(p: &mut JobPlan, job: &Job, now: Instant, out: &mut Vec<Action>) {
+    let files: Vec<u32> = p.gone.iter().filter(|(_, holder)| *holder == job.source).map(|(f, _)| *f).collect();
+    for file in files {
+        let path = job.files.get(file as usize).map(|f| f.path.as_str()).unwrap_or("?");
+        for t in job.targets.iter().filter(|t| !t.phase.is_terminal()) {
+            let missing = t.held.get(file as usize).is_some_and(|h| h.iter().any(|held| !held));
+            if missing && p.may_propose(&t.worker, now) {
+                let reason = format!(
+                    "source changed: {path} changed or was deleted on the source {} during the transfer; submit the job again",
+                    job.source
+                );
+                out.push(Action::Fail { job: job.id.clone(), target: t.worker.clone(), reason });
+            }
+        }
     }
 }
 

@@ -448,3 +448,28 @@ fn nothing_is_pulled_when_no_live_holder_has_the_chunk() {
     lab.live.remove("t1");
     assert!(pulls(&lab.round()).is_empty());
 }
+
+#[test]
+fn a_file_the_source_no_longer_has_fails_the_targets_missing_it_at_once() {
+    let mut lab = Lab::new(&["t1", "t2", "t3"], 4);
+    lab.prepare_all();
+    lab.holds_all("t1");
+    lab.hold("t2", 0, "src");
+    // A peer's copy going away only moves the pull elsewhere.
+    lab.report(pull_failed("t3", 0, "t2", PullFailure::Gone));
+    assert!(!lab.round().iter().any(|a| matches!(a, Action::Fail { .. })));
+    // The source's file changed: those still missing part of it fail now,
+    // long before the deadline; t1, which has it all, goes on.
+    lab.report(pull_failed("t2", 1, "src", PullFailure::Gone));
+    let failed: Vec<(String, String)> = lab
+        .round()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Fail { target, reason, .. } => Some((target, reason)),
+            _ => None,
+        })
+        .collect();
+    let targets: Vec<&str> = failed.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(targets, ["t2", "t3"]);
+    assert!(failed[0].1.starts_with("source changed: /srv/src/model.bin"), "{}", failed[0].1);
+}

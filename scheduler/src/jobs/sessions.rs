@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::clock::now_ms;
 use crate::error::Error;
 use crate::jobs::planner::Report;
-use crate::jobs::worker::{Indexed, ToWorker};
+use crate::jobs::worker::{Answer, Indexed, ToWorker};
 
 /// A worker that sent nothing for this long counts as down.
 pub const SILENCE_IS_DOWN: Duration = Duration::from_secs(5);
@@ -27,6 +27,9 @@ pub const QUEUE: usize = 1024;
 struct Session {
     tx: mpsc::Sender<ToWorker>,
     epoch: u64,
+    /// The chunk service address the worker gave: what tells a worker
+    /// reconnecting from one that only shares its name.
+    addr: String,
     last_seen: Instant,
     last_seen_ms: u64,
 }
@@ -38,8 +41,8 @@ pub struct Sessions {
     seen: Mutex<HashMap<String, u64>>,
     next_epoch: AtomicU64,
     next_request: AtomicU64,
-    /// Index requests waiting for their worker's answer: (worker, reply).
-    index_waiters: Mutex<HashMap<u64, (String, oneshot::Sender<Indexed>)>>,
+    /// Requests waiting for their worker's answer: (worker, reply).
+    waiters: Mutex<HashMap<u64, (String, oneshot::Sender<Answer>)>>,
     /// Woken when a session opens or closes.
     pub changed: Notify,
     events: mpsc::Sender<Report>,
@@ -55,7 +58,7 @@ impl Sessions {
             seen: Mutex::new(HashMap::new()),
             next_epoch: AtomicU64::new(1),
             next_request: AtomicU64::new(1),
-            index_waiters: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             events,
             progress,
@@ -101,30 +104,72 @@ impl Sessions {
 
     /// Asks `worker` to index `paths` and waits for the manifest.
     pub async fn index(&self, worker: &str, paths: Vec<String>, timeout: Duration) -> Result<Indexed, Error> {
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.index_waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(request, (worker.to_string(), tx));
-        if !self.send(worker, ToWorker::Index { request, paths }) {
-            self.index_waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&request);
-            return Err(Error::FailedPrecondition(format!("source: worker {worker} is not connected")));
-        }
-        let result = tokio::time::timeout(timeout, rx).await;
-        self.index_waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&request);
-        match result {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) | Err(_) => {
-                Err(Error::Timeout(format!("source {worker} did not index the files in {timeout:?}")))
-            }
+        let not_connected = || Error::FailedPrecondition(format!("source: worker {worker} is not connected"));
+        match self.ask(worker, |request| ToWorker::Index { request, paths }, timeout).await {
+            Ok(Some(Answer::Indexed(r))) => Ok(r),
+            Ok(Some(other)) => Err(Error::Unexpected { op: "index", result: format!("{other:?}") }),
+            Ok(None) => Err(not_connected()),
+            Err(()) => Err(Error::Timeout(format!("source {worker} did not index the files in {timeout:?}"))),
         }
     }
 
-    /// Opens a session for worker `name`; returns its epoch.
-    pub(crate) fn open(&self, name: &str, tx: mpsc::Sender<ToWorker>) -> u64 {
+    /// Asks `worker` whether it could write `destinations`: `Ok(None)` when
+    /// it is not connected or did not answer within `timeout` (it checks
+    /// again when it prepares), else its answer.
+    pub async fn check(
+        &self,
+        worker: &str,
+        destinations: Vec<String>,
+        timeout: Duration,
+    ) -> Result<Option<Result<(), String>>, Error> {
+        match self.ask(worker, |request| ToWorker::Check { request, destinations }, timeout).await {
+            Ok(Some(Answer::Checked(r))) => Ok(Some(r)),
+            Ok(Some(other)) => Err(Error::Unexpected { op: "check", result: format!("{other:?}") }),
+            Ok(None) | Err(()) => Ok(None),
+        }
+    }
+
+    /// Sends `worker` the command `make` builds around a new request id and
+    /// waits for the answer: `Ok(None)` if it could not be sent, `Err` if no
+    /// answer came within `timeout`.
+    async fn ask(
+        &self,
+        worker: &str,
+        make: impl FnOnce(u64) -> ToWorker,
+        timeout: Duration,
+    ) -> Result<Option<Answer>, ()> {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let waiters = || self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        waiters().insert(request, (worker.to_string(), tx));
+        if !self.send(worker, make(request)) {
+            waiters().remove(&request);
+            return Ok(None);
+        }
+        let result = tokio::time::timeout(timeout, rx).await;
+        waiters().remove(&request);
+        match result {
+            Ok(Ok(answer)) => Ok(Some(answer)),
+            Ok(Err(_)) | Err(_) => Err(()),
+        }
+    }
+
+    /// Opens a session for worker `name` at `addr`; returns its epoch. A
+    /// live session of `name` from another address keeps the name: the
+    /// answer is then `Err` with that address. One from the same address
+    /// is the worker itself reconnecting, and is replaced.
+    pub(crate) fn open(&self, name: &str, addr: &str, tx: mpsc::Sender<ToWorker>) -> Result<u64, String> {
+        let mut map = self.lock();
+        if let Some(held) = map.get(name).filter(|s| s.addr != addr && s.last_seen.elapsed() < SILENCE_IS_DOWN) {
+            return Err(held.addr.clone());
+        }
         let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(name.to_string(), Session { tx, epoch, last_seen: Instant::now(), last_seen_ms: now_ms() });
+        let session = Session { tx, epoch, addr: addr.to_string(), last_seen: Instant::now(), last_seen_ms: now_ms() };
+        map.insert(name.to_string(), session);
+        drop(map);
         self.touch(name, epoch);
         self.changed.notify_waiters();
-        epoch
+        Ok(epoch)
     }
 
     /// Notes that `name` was heard from in session `epoch`.
@@ -146,13 +191,13 @@ impl Sessions {
         self.changed.notify_waiters();
     }
 
-    /// Hands the answer to index request `request` to its waiter, if
-    /// `worker` is the one that was asked.
-    pub(crate) fn indexed(&self, worker: &str, request: u64, result: Indexed) {
-        let mut waiters = self.index_waiters.lock().unwrap_or_else(|e| e.into_inner());
+    /// Hands the answer to request `request` to its waiter, if `worker` is
+    /// the one that was asked.
+    pub(crate) fn answered(&self, worker: &str, request: u64, answer: Answer) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
         if waiters.get(&request).is_some_and(|(w, _)| w == worker) {
             if let Some((_, tx)) = waiters.remove(&request) {
-                let _ = tx.send(result);
+                let _ = tx.send(answer);
             }
         }
     }

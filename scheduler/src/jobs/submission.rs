@@ -14,6 +14,10 @@ use crate::jobs::sessions::Sessions;
 use crate::jobs::spec::{self, JobRequest};
 use crate::raft::node::Node;
 
+/// How long a target may take to say whether it could write a job's
+/// destinations before the job goes ahead without its answer.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long the source may take to index.
 pub const INDEX_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -22,6 +26,23 @@ pub const INDEX_TIMEOUT: Duration = Duration::from_secs(300);
 fn job_id_for(request_id: &str) -> String {
     let h = blake3::hash(request_id.as_bytes()).to_hex();
     format!("j-{}", &h.as_str()[..16])
+}
+
+/// Asks every connected target, at once, whether it could write its
+/// destinations (a path inside a root may still lead outside it through a
+/// symlink there, which only the worker sees). A refusal refuses the job,
+/// naming the worker and the path; a target that is down or slow to answer
+/// checks again when it prepares.
+async fn check_destinations(sessions: &Sessions, targets: &[(String, Vec<String>)]) -> Result<(), Error> {
+    let asks = targets
+        .iter()
+        .map(|(name, dests)| async move { (name, sessions.check(name, dests.clone(), CHECK_TIMEOUT).await) });
+    for (name, answer) in futures::future::join_all(asks).await {
+        if let Some(Err(reason)) = answer? {
+            return Err(Error::InvalidArgument(format!("dest: on worker {name}, {reason}")));
+        }
+    }
+    Ok(())
 }
 
 /// Checks, indexes and logs a job; the job as logged.
@@ -41,6 +62,7 @@ pub async fn submit(node: &Node, sessions: &Sessions, req: JobRequest, request_i
         .map_err(|e| Error::InvalidArgument(format!("files: {e}")))?;
     spec::check_manifest(&req.files, &files)
         .map_err(|e| Error::Unexpected { op: "index", result: format!("the source answered wrongly: {e}") })?;
+    check_destinations(sessions, &checked.targets).await?;
     let id = job_id_for(&request_id);
     let targets: Vec<Target> =
         checked.targets.into_iter().map(|(name, dests)| Target::new(name, dests, &files)).collect();

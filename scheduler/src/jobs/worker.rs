@@ -46,6 +46,22 @@ pub enum ToWorker {
         /// The job.
         job: String,
     },
+    /// As a future target: could these destinations be written?
+    Check {
+        /// Echoed in the answer.
+        request: u64,
+        /// Absolute paths on the worker.
+        destinations: Vec<String>,
+    },
+}
+
+/// A worker's answer to a request the leader waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// To [`ToWorker::Index`].
+    Indexed(Indexed),
+    /// To [`ToWorker::Check`]: `Err` names a destination it may not write.
+    Checked(Result<(), String>),
 }
 
 /// Why a target's pull failed (see `ferry.v1.PullFailure`).
@@ -67,6 +83,8 @@ pub enum PullFailure {
     Holder,
     /// The target itself failed.
     Local,
+    /// The holder no longer has the chunk: its file changed or was deleted.
+    Gone,
 }
 
 /// What a source found when asked to index: one manifest per path, or why

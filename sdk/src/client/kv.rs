@@ -19,6 +19,9 @@ pub const MAX_KEY_BYTES: usize = 4096;
 /// Largest value, in bytes (1 MiB).
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
 
+/// Keys in one page of [`Client::list`].
+pub const LIST_PAGE_KEYS: u32 = 1000;
+
 /// A key as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
@@ -203,11 +206,44 @@ impl Client {
         }
     }
 
-    /// Every key starting with `prefix`, in key order (linearizable).
+    /// Every key starting with `prefix`, in key order (linearizable unless
+    /// `serializable`), as it was at one revision. Read in pages of at most
+    /// [`LIST_PAGE_KEYS`] keys or about 2 MiB, each read at the first page's
+    /// revision, so a listing of any size arrives whole and consistent. If
+    /// the history moves past that revision before the last page (many
+    /// writes during a long listing), the listing starts over, at most
+    /// three times.
     pub async fn list(&self, prefix: &str, serializable: bool) -> Result<Vec<KeyValue>, Error> {
-        let msg = pb::ListRequest { prefix: prefix.to_string(), serializable, limit: 0 };
-        let resp = self.call("list", msg, ConfigServiceClient::list).await?;
-        Ok(resp.kvs.into_iter().map(KeyValue::from).collect())
+        let mut attempts = 0;
+        loop {
+            match self.list_pages(prefix, serializable).await {
+                Err(e) if e.code() == tonic::Code::OutOfRange && attempts < 3 => attempts += 1,
+                done => return done,
+            }
+        }
+    }
+
+    async fn list_pages(&self, prefix: &str, serializable: bool) -> Result<Vec<KeyValue>, Error> {
+        let mut out = Vec::new();
+        let mut revision = 0;
+        let mut start_after = String::new();
+        loop {
+            let msg = pb::ListRequest {
+                prefix: prefix.to_string(),
+                serializable,
+                limit: LIST_PAGE_KEYS,
+                start_after: std::mem::take(&mut start_after),
+                revision,
+            };
+            let resp = self.call("list", msg, ConfigServiceClient::list).await?;
+            revision = resp.header.map(|h| h.revision).unwrap_or(0);
+            let more = resp.more;
+            out.extend(resp.kvs.into_iter().map(KeyValue::from));
+            match out.last() {
+                Some(last) if more => start_after = last.key.clone(),
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// The changes to `key` still in the history, oldest first (the newest

@@ -35,19 +35,46 @@ impl Client {
     /// `ttl`; returns the lease, which the caller keeps alive
     /// ([`Client::keep_alive`]) to stay registered.
     /// [`Client::register_kept`] does both and returns one handle.
+    ///
+    /// An instance id belongs to the lease that registered it: while that
+    /// lease lives, registering the id again is refused (`AlreadyExists`,
+    /// naming the lease). [`Client::register_replacing`] takes it over.
     pub async fn register(&self, instance: pb::Instance, ttl: Duration) -> Result<u64, Error> {
+        self.register_with(instance, ttl, false).await
+    }
+
+    /// [`Client::register`], taking the id over from the lease that holds
+    /// it, if any (the old owner's lease is revoked if the instance was all
+    /// it held: its renewals then say the lease is gone).
+    pub async fn register_replacing(&self, instance: pb::Instance, ttl: Duration) -> Result<u64, Error> {
+        self.register_with(instance, ttl, true).await
+    }
+
+    pub(crate) async fn register_with(
+        &self,
+        instance: pb::Instance,
+        ttl: Duration,
+        replace: bool,
+    ) -> Result<u64, Error> {
         let msg = pb::RegisterRequest {
             instance: Some(instance),
             lease: 0,
             ttl_ms: ttl.as_millis() as u64,
             request_id: request_id(),
+            replace,
         };
         self.call("register", msg, RegistryServiceClient::register).await.map(|r| r.lease)
     }
 
-    /// Removes an instance now; returns whether it was registered.
+    /// Removes an instance now, whichever lease holds it; returns whether
+    /// it was registered.
     pub async fn deregister(&self, service: &str, id: &str) -> Result<bool, Error> {
-        let msg = pb::DeregisterRequest { service: service.into(), id: id.into(), request_id: request_id() };
+        self.deregister_held(service, id, 0).await
+    }
+
+    /// Removes an instance only if `lease` (not 0) holds it.
+    pub(crate) async fn deregister_held(&self, service: &str, id: &str, lease: u64) -> Result<bool, Error> {
+        let msg = pb::DeregisterRequest { service: service.into(), id: id.into(), request_id: request_id(), lease };
         self.call("deregister", msg, RegistryServiceClient::deregister).await.map(|r| r.deregistered)
     }
 

@@ -27,7 +27,10 @@ impl Client {
                 let mut stream = match client.call(Call::stream("watch"), msg, ConfigServiceClient::watch).await {
                     Ok(s) => s,
                     Err(e) => {
-                        if tx.send(Err(e)).await.is_err() {
+                        // The cluster refused the request itself (a bad
+                        // prefix, say): asking again would be refused again.
+                        let refused = matches!(e, Error::Rejected(_) | Error::InvalidEndpoint(_));
+                        if tx.send(Err(e)).await.is_err() || refused {
                             return;
                         }
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -62,7 +65,9 @@ impl Watch {
     /// The next message: changes (in revision order), a snapshot of the
     /// current values (when the start revision was compacted), or progress.
     /// An `Err` reports a failed reconnect; the watch keeps trying, so
-    /// `None` does not come while the `Watch` lives.
+    /// `None` does not come while the `Watch` lives, unless the cluster
+    /// refused the request ([`Error::Rejected`], say an over-long prefix):
+    /// then that error comes, and `None` after it.
     pub async fn next(&mut self) -> Option<Result<pb::WatchResponse, Error>> {
         self.rx.recv().await
     }

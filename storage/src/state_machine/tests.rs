@@ -105,6 +105,75 @@ async fn list_by_prefix_in_key_order_with_limit() {
 }
 
 #[tokio::test]
+async fn pages_of_one_listing_agree_however_the_keys_change_between_them() {
+    use crate::{PageError, PageLimits};
+    let tmp = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+    let reader = sm.reader();
+    let ops: Vec<_> = (1..=10u64)
+        .map(|i| entry(i, "", put(&format!("app/{i:02}"), &format!("v{i}"))))
+        .chain([entry(11, "", put("other", "x"))])
+        .collect();
+    sm.apply(ops).await.unwrap();
+    let limits = PageLimits { keys: 4, bytes: usize::MAX };
+    let first = reader.list_page("app/", "", 0, limits).unwrap().unwrap();
+    assert_eq!(first.revision, 11);
+    assert!(first.more);
+    let keys = |p: &crate::Page| p.kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>();
+    assert_eq!(keys(&first), ["app/01", "app/02", "app/03", "app/04"]);
+    // Between pages: a key of the next page changes, one is deleted, one is
+    // added before the cursor and one after it.
+    sm.apply(vec![
+        entry(12, "", put("app/05", "changed")),
+        entry(13, "", Op::Delete { key: "app/06".into() }),
+        entry(14, "", put("app/00", "new")),
+        entry(15, "", put("app/99", "new")),
+    ])
+    .await
+    .unwrap();
+    let mut all = keys(&first);
+    let mut after = first.kvs.last().unwrap().key.clone();
+    loop {
+        let page = reader.list_page("app/", &after, first.revision, limits).unwrap().unwrap();
+        assert_eq!(page.revision, 11);
+        all.extend(keys(&page));
+        if let Some(kv) = page.kvs.iter().find(|kv| kv.key == "app/05") {
+            assert_eq!(kv.value, b"v5", "as it was at the listing's revision");
+        }
+        if !page.more {
+            break;
+        }
+        after = page.kvs.last().unwrap().key.clone();
+    }
+    let want: Vec<_> = (1..=10).map(|i| format!("app/{i:02}")).collect();
+    assert_eq!(all, want);
+    // Now: the changes show.
+    let now = reader.list_page("app/", "", 0, PageLimits { keys: 0, bytes: usize::MAX }).unwrap().unwrap();
+    assert_eq!(now.kvs.len(), 11);
+    assert!(!now.more);
+    assert_eq!(now.kvs[0].key, "app/00");
+    // A revision after the newest, or before the history, is refused.
+    assert_eq!(reader.list_page("app/", "", 16, limits).unwrap(), Err(PageError::Future(15)));
+}
+
+#[tokio::test]
+async fn a_page_stops_at_its_byte_budget_but_always_holds_one_key() {
+    use crate::PageLimits;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+    let reader = sm.reader();
+    let big = "x".repeat(1000);
+    sm.apply((1..=5u64).map(|i| entry(i, "", put(&format!("k{i}"), &big))).collect::<Vec<_>>()).await.unwrap();
+    let page = reader.list_page("", "", 0, PageLimits { keys: 0, bytes: 2500 }).unwrap().unwrap();
+    assert_eq!(page.kvs.len(), 3, "stops after the key that reaches the budget");
+    assert!(page.more);
+    let page = reader.list_page("", "k4", 0, PageLimits { keys: 0, bytes: 1 }).unwrap().unwrap();
+    assert_eq!(page.kvs.len(), 1);
+    assert_eq!(page.kvs[0].key, "k5");
+    assert!(!page.more);
+}
+
+#[tokio::test]
 async fn snapshot_installs_into_an_identical_replica_and_survives_reopen() {
     let leader_dir = tempfile::tempdir().unwrap();
     let follower_dir = tempfile::tempdir().unwrap();
@@ -184,7 +253,7 @@ async fn history_reads_at_past_revisions_and_transactions_compare_first() {
     let h = reader.history("k", 0).unwrap();
     let kinds: Vec<(u64, EventKind)> = h.iter().map(|(r, e)| (*r, e.kind)).collect();
     assert_eq!(kinds, vec![(1, EventKind::Put), (3, EventKind::Put), (4, EventKind::Delete)]);
-    let (events, last) = reader.events(2, "k", 100).unwrap();
+    let (events, last) = reader.events(2, "k", 100, usize::MAX).unwrap();
     assert_eq!((events.iter().map(|(r, _)| *r).collect::<Vec<_>>(), last), (vec![3, 4], 4));
 
     // Compare-and-set: absent holds now; a stale mod revision does not.
@@ -243,7 +312,7 @@ async fn history_reads_at_past_revisions_and_transactions_compare_first() {
     let r2 = sm2.reader();
     assert_eq!(r2.compacted().unwrap(), reader.compacted().unwrap());
     let last = reader.revision();
-    assert_eq!(r2.events(last, "", 10).unwrap(), reader.events(last, "", 10).unwrap());
+    assert_eq!(r2.events(last, "", 10, usize::MAX).unwrap(), reader.events(last, "", 10, usize::MAX).unwrap());
     assert_eq!(r2.get_at("fill/10/999", last - 1).unwrap().unwrap().map(|kv| kv.mod_revision), Some(last - 1));
     assert_eq!(r2.get_at("k", early).unwrap().unwrap().unwrap().value, b"v5", "the history travels in snapshots");
 }
@@ -276,7 +345,7 @@ async fn revoking_a_lease_deletes_its_keys_and_a_plain_put_unbinds_a_key() {
     assert!(reader.get("a").unwrap().is_none());
     assert_eq!(reader.get("b").unwrap().unwrap().value, b"kept", "a plain put unbound b");
     assert!(reader.leases().unwrap().is_empty());
-    let (events, _) = reader.events(4, "", 10).unwrap();
+    let (events, _) = reader.events(4, "", 10, usize::MAX).unwrap();
     assert_eq!(events[0].1.kind, crate::kv::EventKind::Delete);
 }
 
