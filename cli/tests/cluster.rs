@@ -356,3 +356,67 @@ fn daemons_lift_their_open_files_limit_to_the_hard_one() {
     let (soft, hard) = last.expect("limits of the worker");
     assert_eq!(soft, wanted(&hard), "the worker's soft limit (hard: {hard})");
 }
+
+/// `cluster add-node` with the CLI's defaults: a node nothing runs for is
+/// refused and leaves the membership as it was; a real one becomes a voter
+/// once it has caught up. Removed again, it notices, stops Raft and turns
+/// clients away instead of answering from a state that no longer moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_only_once_caught_up_and_a_removed_node_turns_clients_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    let c = sched.client(&[1, 2, 3]);
+    c.put("before", b"1".to_vec()).await.expect("put");
+    let endpoints = sched.addrs.join(",");
+    let cli = |args: &[&str]| {
+        let out = ferry(&[&["--endpoints", endpoints.as_str()][..], args].concat());
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // Nothing listens there: refused, and the membership is as it was.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let (code, _, err) = cli(&["cluster", "add-node", "--id", "4", "--addr", &nowhere]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("received nothing") && err.contains("not added"), "{err}");
+    let members = c.status().await.expect("status").members;
+    assert_eq!(
+        members.iter().map(|m| (m.id, m.kind.as_str())).collect::<Vec<_>>(),
+        [(1, "voter"), (2, "voter"), (3, "voter")]
+    );
+
+    // A real fourth node.
+    let addr4 = format!("127.0.0.1:{}", free_port());
+    let data4 = dir.path().join("s4");
+    let args: Vec<String> = ["scheduler", "--id", "4", "--listen", &addr4, "--data", &data4.display().to_string()]
+        .map(String::from)
+        .to_vec();
+    let _n4 = common::Proc::spawn(&args, &dir.path().join("s4.log"));
+    let (code, out, err) = cli(&["cluster", "add-node", "--id", "4", "--addr", &addr4]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let four = Client::connect(vec![addr4.clone()]).expect("client of node 4");
+    wait_for("node 4 to serve a read", Duration::from_secs(20), || async {
+        four.get_with("before", true).await.ok().flatten().map(|kv| kv.value)
+    })
+    .await;
+
+    let (code, out, err) = cli(&["cluster", "remove-node", "--id", "4"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    c.put("after", b"2".to_vec()).await.expect("the three write on");
+    let only4 = |args: &[&str]| {
+        let out = ferry(&[&["--endpoints", addr4.as_str(), "--timeout", "2s"][..], args].concat());
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let err = wait_for("node 4 to turn clients away", Duration::from_secs(30), || async {
+        let (code, err) = only4(&["worker", "list"]);
+        (code != Some(0) && err.contains("removed from the cluster")).then_some(err)
+    })
+    .await;
+    assert!(err.contains("node 4"), "{err}");
+    let (code, err) = only4(&["config", "get", "before", "--serializable"]);
+    assert_ne!(code, Some(0), "no stale reads from a removed node: {err}");
+}

@@ -84,6 +84,20 @@ pub fn validate(i: &Instance) -> Result<(), Error> {
     if i.weight > 10_000 {
         return invalid(format!("weight: must be at most 10000, got {}", i.weight));
     }
+    if i.version.len() > 128 {
+        return invalid("version: at most 128 bytes".into());
+    }
+    for (field, map) in [("labels", &i.labels), ("metadata", &i.metadata)] {
+        if map.len() > kv::MAX_SELECTOR_PAIRS {
+            return invalid(format!("{field}: at most {} entries, got {}", kv::MAX_SELECTOR_PAIRS, map.len()));
+        }
+        if let Some((k, _)) = map.iter().find(|(k, v)| k.len() > 128 || v.len() > 1024) {
+            return invalid(format!("{field}: {k:?}: keys are at most 128 bytes, values at most 1024"));
+        }
+    }
+    if i.methods.len() > 256 || i.methods.iter().any(|m| m.len() > 256) {
+        return invalid("methods: at most 256 names of at most 256 bytes".into());
+    }
     Ok(())
 }
 

@@ -127,6 +127,7 @@ impl Scheduler {
             start_commit,
             metrics,
             proposer: Proposer::start(raft.clone()),
+            removed: Default::default(),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -139,6 +140,7 @@ impl Scheduler {
         tasks.push(tokio::spawn(serve_grpc(node.clone(), sessions.clone(), clock.clone(), grpc, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::leases::run_expiry(node.clone(), clock, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::probes::run_alerts(node.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::raft::removal::run(node.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::jobs::driver::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::raft::snapshots::run(
             raft.clone(),

@@ -18,6 +18,9 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Byte
 /// Checks that `url` is an `http://` or `https://` URL with a host; the
 /// error names `field`.
 pub fn check_url(url: &str, field: &str) -> Result<hyper::Uri, String> {
+    if url.len() > 2048 {
+        return Err(format!("{field}: a URL is at most 2048 bytes, got {}", url.len()));
+    }
     let uri: hyper::Uri = url.parse().map_err(|e| format!("{field}: '{url}' is not a URL: {e}"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) {
         return Err(format!("{field}: '{url}' must start with http:// or https://"));

@@ -52,6 +52,23 @@ pub fn encode_into<T: Serialize>(what: &'static str, value: &T, out: &mut Vec<u8
     Ok(())
 }
 
+/// How many bytes [`encode`] would write for `value`, without writing them.
+pub fn encoded_len<T: Serialize>(what: &'static str, value: &T) -> Result<usize, CodecError> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(1);
+    postcard::to_io(value, &mut count).map_err(|source| CodecError::Encode { what, source })?;
+    Ok(count.0)
+}
+
 /// Decodes bytes written by [`encode`] (this or any older format version),
 /// for values whose meaning did not change between versions.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, CodecError> {

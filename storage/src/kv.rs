@@ -156,6 +156,11 @@ pub struct Txn {
 /// Most compares and writes in one transaction.
 pub const MAX_TXN_OPS: usize = 128;
 
+/// Most key and value bytes the writes of one transaction carry: a little
+/// over one largest value, as etcd's 1.5 MiB request limit. Every write is
+/// one log entry, which followers must take within a heartbeat interval.
+pub const MAX_TXN_BYTES: usize = MAX_VALUE_BYTES + MAX_VALUE_BYTES / 2;
+
 impl Txn {
     /// Checks keys, values and sizes; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
@@ -172,6 +177,20 @@ impl Txn {
                 }
                 Compare::Absent { key } => validate_key(key).map_err(|e| format!("compare {e}"))?,
             }
+        }
+        let bytes: usize = self
+            .success
+            .iter()
+            .chain(&self.failure)
+            .map(|op| match op {
+                TxnOp::Put { key, value } | TxnOp::PutLeased { key, value, .. } => key.len() + value.len(),
+                TxnOp::Delete { key } => key.len(),
+            })
+            .sum();
+        if bytes > MAX_TXN_BYTES {
+            return Err(format!(
+                "txn: its writes carry {bytes} bytes of keys and values, more than {MAX_TXN_BYTES} (1.5 MiB)"
+            ));
         }
         for op in self.success.iter().chain(&self.failure) {
             match op {
@@ -234,10 +253,17 @@ pub struct Variant {
     pub revision: u64,
 }
 
-/// Parses `k=v,k2=v2`; the error names the field.
+/// Most `key=value` pairs in one selector (or one set of labels).
+pub const MAX_SELECTOR_PAIRS: usize = 64;
+
+/// Parses `k=v,k2=v2` (at most [`MAX_SELECTOR_PAIRS`] pairs); the error
+/// names the field.
 pub fn parse_selector(s: &str) -> Result<Selector, String> {
     let mut out = Selector::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for (i, part) in s.split(',').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
+        if i == MAX_SELECTOR_PAIRS {
+            return Err(format!("selector: at most {MAX_SELECTOR_PAIRS} key=value pairs"));
+        }
         let (k, v) = part.split_once('=').ok_or_else(|| format!("selector: '{part}' is not key=value"))?;
         let (k, v) = (k.trim(), v.trim());
         let ok = |t: &str| {

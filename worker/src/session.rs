@@ -244,7 +244,9 @@ async fn serve(
                     return Ended::Redirect(leader.to_string());
                 }
             }
-            if status.code() == tonic::Code::AlreadyExists {
+            // Its name is taken, or its hello is refused (its own config):
+            // asking again would get the same answer.
+            if matches!(status.code(), tonic::Code::AlreadyExists | tonic::Code::InvalidArgument) {
                 return Ended::Refused(status.message().to_string());
             }
             return Ended::Failed(status.message().to_string());

@@ -19,6 +19,9 @@ use crate::config::parse_host_port;
 use crate::error::Error;
 use crate::raft::node::Node;
 
+/// How long a node being added may take to take its first entries.
+const FIRST_CONTACT: Duration = Duration::from_secs(10);
+
 /// The ClusterService implementation.
 pub struct ClusterServiceImpl {
     pub(crate) node: Arc<Node>,
@@ -52,6 +55,43 @@ impl ClusterServiceImpl {
                 Err(Error::FailedPrecondition(e.to_string()).into())
             }
             Err(RaftError::Fatal(f)) => Err(Error::Stopped(f.to_string()).into()),
+        }
+    }
+
+    /// Waits until learner `id` holds the log up to `index` (the entry that
+    /// added it). Fails if it has received nothing after [`FIRST_CONTACT`]
+    /// (nothing runs at `addr`, or not as that node), or has not caught up
+    /// within the snapshot timeout.
+    async fn caught_up(&self, id: NodeId, addr: &str, index: u64) -> Result<(), Error> {
+        let started = tokio::time::Instant::now();
+        let mut metrics = self.node.raft.metrics();
+        loop {
+            let matched = {
+                let m = metrics.borrow_and_update();
+                if m.current_leader != Some(self.node.id) {
+                    return Err(self.node.not_leader());
+                }
+                m.replication.as_ref().and_then(|r| r.get(&id).cloned()).flatten().map(|l| l.index)
+            };
+            if matched.is_some_and(|m| m >= index) {
+                return Ok(());
+            }
+            let waited = started.elapsed();
+            let deadline = if matched.is_none() { FIRST_CONTACT } else { self.node.config.snapshot_timeout };
+            if waited >= deadline {
+                let how_far = match matched {
+                    None => "received nothing".to_string(),
+                    Some(m) => format!("reached log index {m} of {index}"),
+                };
+                return Err(Error::FailedPrecondition(format!(
+                    "addr: node {id} at {addr} {how_far} in {}s; is `ferry scheduler --id {id}` running there, \
+                     with an empty data directory? It was not added",
+                    waited.as_secs()
+                )));
+            }
+            if let Ok(Err(_)) = tokio::time::timeout(deadline - waited, metrics.changed()).await {
+                return Err(Error::Stopped("raft stopped while adding a node".into()));
+            }
         }
     }
 
@@ -125,13 +165,11 @@ impl ClusterService for ClusterServiceImpl {
                 );
             };
         }
-        // Learner first; blocking until it has caught up with the log.
-        let learner = tokio::time::timeout(
-            self.node.config.snapshot_timeout,
-            self.node.raft.add_learner(req.id, BasicNode::new(&req.addr), true),
-        )
-        .await
-        .map_err(|_| Error::Timeout(format!("node {} did not catch up; is it running at {}?", req.id, req.addr)))?;
+        // Learner first, then promoted once it has caught up. (openraft's
+        // own blocking wait gives up after half a second and reports
+        // success all the same: a node nothing listens for would become a
+        // voter at once.)
+        let learner = self.node.raft.add_learner(req.id, BasicNode::new(&req.addr), false).await;
         let index = match learner {
             Ok(resp) => resp.log_id.index,
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
@@ -142,9 +180,34 @@ impl ClusterService for ClusterServiceImpl {
             }
             Err(RaftError::Fatal(f)) => return Err(Error::Stopped(f.to_string()).into()),
         };
+        if let Err(e) = self.caught_up(req.id, &req.addr, index).await {
+            // Not left half-added: a learner nothing answers for costs
+            // the leader a replication stream and confuses `cluster status`.
+            if let Err(undo) = self.change(ChangeMembers::RemoveNodes(BTreeSet::from([req.id]))).await {
+                tracing::warn!(id = req.id, error = %undo, "could not remove a learner that did not catch up");
+            }
+            return Err(e.into());
+        }
         let index = if req.learner_only {
             index
         } else {
+            // A voter that cannot be reached would raise the quorum without
+            // adding to it.
+            let m = self.node.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            let mut voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            voters.insert(req.id);
+            let addrs: BTreeMap<NodeId, String> = membership.nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+            let up = self.reachable(&voters, &addrs).await;
+            let quorum = voters.len() / 2 + 1;
+            if up < quorum {
+                return Err(Error::FailedPrecondition(format!(
+                    "id: promoting node {} makes voters {voters:?}, of which {up} are reachable; a quorum needs \
+                     {quorum}. It stays a learner",
+                    req.id
+                ))
+                .into());
+            }
             self.change(ChangeMembers::AddVoterIds(BTreeSet::from([req.id]))).await?
         };
         tracing::info!(id = req.id, addr = %req.addr, learner_only = req.learner_only, "node added");

@@ -43,6 +43,12 @@ pub fn leader_only(path: &str) -> bool {
     LEADER_ONLY.iter().any(|(s, methods)| *s == service && methods.contains(&method))
 }
 
+/// True if a removed node turns the call at `path` away: every Ferry call
+/// but `ClusterService/Status`, which tells an operator what happened.
+fn refused_once_removed(path: &str) -> bool {
+    path.starts_with("/ferry.v1.") && path != "/ferry.v1.ClusterService/Status"
+}
+
 /// The layer: wraps the router of the gRPC server.
 #[derive(Clone)]
 pub struct ForwardLayer {
@@ -98,6 +104,10 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        if self.node.removed.load(std::sync::atomic::Ordering::Relaxed) && refused_once_removed(req.uri().path()) {
+            let msg = format!("node {} was removed from the cluster; ask another member", self.node.id);
+            return Box::pin(async move { Ok(tonic::Status::unavailable(msg).into_http()) });
+        }
         let Some(leader) = self.target(&req) else {
             // The clone is ready: take it, leave the fresh one for next time.
             let clone = self.inner.clone();

@@ -67,6 +67,32 @@ fn from_manifest(m: pb::FileManifest) -> Result<FileEntry, String> {
     Ok(FileEntry { blake3: hash(&m.blake3)?, path: m.path, size: m.size, mode: m.mode, chunks })
 }
 
+/// Checks a worker's hello; the error names the field. Everything in it
+/// goes into the replicated worker record, so each part is bounded.
+fn check_hello(hello: &pb::WorkerInfo) -> Result<(), Error> {
+    let invalid = |m: String| Err(Error::InvalidArgument(m));
+    if hello.name.is_empty() || hello.name.len() > 128 {
+        return invalid("name: must be 1 to 128 bytes".into());
+    }
+    if hello.addr.is_empty() || hello.addr.len() > 261 {
+        return invalid("addr: the worker must give its chunk service address (host:port)".into());
+    }
+    if hello.version.len() > 128 {
+        return invalid("version: at most 128 bytes".into());
+    }
+    let pairs = ferry_storage::kv::MAX_SELECTOR_PAIRS;
+    if hello.labels.len() > pairs || hello.labels.iter().any(|(k, v)| k.len() > 128 || v.len() > 128) {
+        return invalid(format!("labels: at most {pairs} pairs, keys and values of at most 128 bytes"));
+    }
+    if hello.roots.len() > 64 || hello.roots.iter().any(|r| r.len() > 4096) {
+        return invalid("roots: at most 64 paths of at most 4096 bytes".into());
+    }
+    if hello.hooks.len() > 256 || hello.hooks.iter().any(|h| h.len() > 128) {
+        return invalid("hooks: at most 256 names of at most 128 bytes".into());
+    }
+    Ok(())
+}
+
 /// A source's index answer.
 fn indexed(r: pb::IndexResult) -> Indexed {
     if !r.error.is_empty() {
@@ -216,12 +242,7 @@ impl WorkerService for WorkerServiceImpl {
                 return Err(Error::InvalidArgument("hello: the first message of a session must be hello".into()).into())
             }
         };
-        if hello.name.is_empty() || hello.name.len() > 128 {
-            return Err(Error::InvalidArgument("name: must be 1 to 128 bytes".into()).into());
-        }
-        if hello.addr.is_empty() {
-            return Err(Error::InvalidArgument("addr: the worker must give its chunk service address".into()).into());
-        }
+        check_hello(&hello)?;
         if hello.protocol != ferry_proto::PROTOCOL {
             return Err(Error::FailedPrecondition(format!(
                 "protocol: worker {} speaks worker protocol {}, this scheduler {} ({}); run the same ferry version on both",

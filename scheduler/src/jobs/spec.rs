@@ -12,6 +12,13 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
 pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Largest chunk a source may report.
 pub const MAX_CHUNK_BYTES: u64 = 64 * 1024 * 1024;
+/// Most files in one job: each is indexed by the source at submit and
+/// its manifest goes into one log entry with the job.
+pub const MAX_FILES: usize = 1000;
+/// Most target names in one job (a selector has no such limit).
+pub const MAX_TARGETS: usize = 10_000;
+/// Longest path.
+pub const MAX_PATH_BYTES: usize = 4096;
 /// Default grace period for a disconnected target.
 pub const DEFAULT_GRACE_MS: u64 = 30 * 1000;
 
@@ -107,6 +114,22 @@ pub fn check(spec: &JobRequest, workers: &[WorkerRecord]) -> Result<Checked, Str
         .clone();
     if spec.files.is_empty() {
         return Err("files: at least one file is needed".into());
+    }
+    if spec.files.len() > MAX_FILES {
+        return Err(format!("files: at most {MAX_FILES} files in one job, got {}; split it", spec.files.len()));
+    }
+    if spec.targets.len() > MAX_TARGETS {
+        return Err(format!("targets: at most {MAX_TARGETS} names, got {}; use a selector", spec.targets.len()));
+    }
+    for (field, text) in
+        [("files", spec.files.iter().max_by_key(|f| f.len())), ("destination", Some(&spec.destination))]
+    {
+        if text.is_some_and(|t| t.len() > MAX_PATH_BYTES) {
+            return Err(format!("{field}: paths are at most {MAX_PATH_BYTES} bytes"));
+        }
+    }
+    if spec.hook.len() > 128 {
+        return Err("hook: at most 128 bytes".into());
     }
     for f in &spec.files {
         if !clean_absolute(f) {

@@ -13,6 +13,7 @@ use crate::jobs::batcher::event;
 use crate::jobs::sessions::Sessions;
 use crate::jobs::spec::{self, JobRequest};
 use crate::raft::node::Node;
+use crate::raft::proposer::MAX_COMMAND_BYTES;
 
 /// How long a target may take to say whether it could write a job's
 /// destinations before the job goes ahead without its answer.
@@ -83,6 +84,15 @@ pub async fn submit(node: &Node, sessions: &Sessions, req: JobRequest, request_i
         finished_ms: 0,
     };
     let cmd = Command { request_id, op: Op::CreateJob(Box::new(job.clone())) };
+    let bytes = ferry_storage::codec::encoded_len("job", &cmd).map_err(|e| Error::Internal(e.to_string()))?;
+    if bytes > MAX_COMMAND_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "files: the job's manifests and targets take {} KiB in the log, more than the {} KiB one entry may \
+             hold; split it into several jobs",
+            bytes >> 10,
+            MAX_COMMAND_BYTES >> 10
+        )));
+    }
     match node.propose(cmd).await? {
         CommandResult::Done => {}
         CommandResult::Rejected { reason } => return Err(Error::InvalidArgument(reason)),

@@ -5,9 +5,11 @@
 //! - [`proposer`] — group commit of concurrent writes into one log entry.
 //! - [`network`] / [`peers`] — outbound Raft RPCs and the channel cache.
 //! - [`snapshots`] — when each node builds a snapshot (staggered).
+//! - [`removal`] — a removed node notices, stops Raft and turns clients away.
 
 pub mod network;
 pub mod node;
 pub mod peers;
 pub mod proposer;
+pub mod removal;
 pub mod snapshots;

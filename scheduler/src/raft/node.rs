@@ -38,6 +38,9 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// Packs concurrent writes into shared log entries.
     pub proposer: Proposer,
+    /// Set once the leader said this node is no longer a member
+    /// ([`crate::raft::removal`]): it serves no client call then.
+    pub removed: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -86,6 +89,14 @@ impl Node {
     /// and waits until it is applied. On a follower: "not leader", naming
     /// the leader (calls reach it through [`crate::grpc::forward`]).
     pub async fn propose(&self, cmd: Command) -> Result<CommandResult, Error> {
+        let bytes = ferry_storage::codec::encoded_len("command", &cmd).map_err(|e| Error::Internal(e.to_string()))?;
+        if bytes > crate::raft::proposer::MAX_COMMAND_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "request: takes {} KiB in the log, more than the {} KiB one entry may hold",
+                bytes >> 10,
+                crate::raft::proposer::MAX_COMMAND_BYTES >> 10
+            )));
+        }
         let outcome = tokio::time::timeout(self.op_timeout(), self.proposer.propose(cmd))
             .await
             .map_err(|_| Error::Timeout("the write was not committed in time (is a quorum up?)".into()))?;

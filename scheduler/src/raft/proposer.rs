@@ -23,6 +23,13 @@ pub const MAX_BATCH: usize = 1024;
 /// `max_batch_entries` this bounds an AppendEntries message, which openraft
 /// 0.9 must deliver within one heartbeat interval.
 pub const MAX_BATCH_BYTES: usize = 512 * 1024;
+/// Most bytes one command may take in the log (encoded): a little over the
+/// largest transaction ([`ferry_storage::kv::MAX_TXN_BYTES`]). openraft 0.9
+/// gives an AppendEntries one heartbeat interval; an entry several times
+/// this size could miss it again and again, and the followers, hearing no
+/// heartbeat, would elect a new leader over and over. Requests are bounded
+/// field by field before they get here; this is the last line.
+pub const MAX_COMMAND_BYTES: usize = 2 * 1024 * 1024;
 /// Entries proposed but not yet applied.
 pub const IN_FLIGHT: usize = 2;
 
