@@ -7,7 +7,10 @@
 //!   ([`distribute`]).
 //! - `stream` — gRPC chunk streaming vs. a plain TCP copy on loopback
 //!   ([`stream`]).
+//! - `big` — small writes alone and beside the largest legal requests
+//!   ([`big`]).
 
+mod big;
 mod distribute;
 #[cfg(feature = "etcd")]
 mod etcd;
@@ -38,6 +41,8 @@ enum Bench {
     Distribute(distribute::Args),
     /// Loopback throughput of gRPC chunk streaming vs. a plain TCP copy.
     Stream(stream::Args),
+    /// Small writes alone, then beside the largest legal requests.
+    Big(big::Args),
 }
 
 #[tokio::main]
@@ -46,5 +51,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::Kv(a) => kv::run(a).await,
         Bench::Distribute(a) => distribute::run(a).await,
         Bench::Stream(a) => stream::run(a).await,
+        Bench::Big(a) => big::run(a).await,
     }
 }

@@ -136,6 +136,10 @@ pub struct SchedulerArgs {
     /// is empty; a restarted node keeps its membership.
     #[arg(long, value_parser = initial_cluster)]
     pub initial_cluster: Option<String>,
+    /// Mixed into the cluster id made at bootstrap: give each cluster its
+    /// own when several are bootstrapped with the same member addresses.
+    #[arg(long)]
+    pub initial_cluster_token: Option<String>,
     /// Leader heartbeat interval (e.g. 50ms).
     #[arg(long, value_parser = duration)]
     pub heartbeat_interval: Option<Duration>,

@@ -49,6 +49,9 @@ fn merge(a: SchedulerArgs) -> Result<SchedulerConfig, String> {
     if let Some(v) = a.initial_cluster {
         c.initial_cluster = v;
     }
+    if let Some(v) = a.initial_cluster_token {
+        c.initial_cluster_token = v;
+    }
     if let Some(v) = a.heartbeat_interval {
         c.heartbeat_interval = v;
     }

@@ -26,9 +26,14 @@ pub struct SchedulerConfig {
     pub data: PathBuf,
     /// `ID=HOST:PORT,...` for a fresh cluster. A node with an empty data
     /// directory initializes the cluster with these voters; a node that has
-    /// data ignores it, so a restart never re-initializes. Empty: wait to be
-    /// added with `ferry cluster add-node`.
+    /// data never re-initializes, but refuses to start if its cluster was
+    /// bootstrapped with other members or token. Empty: wait to be added
+    /// with `ferry cluster add-node`.
     pub initial_cluster: String,
+    /// Mixed into the cluster id made at bootstrap (with the initial
+    /// members): give each cluster its own when several are bootstrapped
+    /// with the same member addresses.
+    pub initial_cluster_token: String,
     /// How often the leader sends heartbeats.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -75,6 +80,7 @@ impl Default for SchedulerConfig {
             admin_listen: None,
             data: PathBuf::from("./data/s1"),
             initial_cluster: String::new(),
+            initial_cluster_token: String::new(),
             heartbeat_interval: Duration::from_millis(50),
             election_timeout_min: Duration::from_millis(300),
             election_timeout_max: Duration::from_millis(600),

@@ -12,6 +12,9 @@ pub enum Error {
     /// The data directory could not be opened.
     #[error(transparent)]
     Storage(#[from] ferry_storage::Error),
+    /// The data directory belongs to another cluster.
+    #[error("{0}")]
+    WrongCluster(String),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
@@ -82,7 +85,9 @@ impl From<Error> for tonic::Status {
             }
             Error::Unreachable { .. } | Error::Stopped(_) => tonic::Status::unavailable(msg),
             Error::Timeout(_) => tonic::Status::deadline_exceeded(msg),
-            Error::Storage(_) | Error::Bind { .. } | Error::Raft { .. } => tonic::Status::internal(msg),
+            Error::Storage(_) | Error::Bind { .. } | Error::Raft { .. } | Error::WrongCluster(_) => {
+                tonic::Status::internal(msg)
+            }
         }
     }
 }

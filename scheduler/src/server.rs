@@ -31,6 +31,7 @@ use crate::grpc::registry::RegistryServiceImpl;
 use crate::grpc::workers::WorkerServiceImpl;
 use crate::jobs::sessions::Sessions;
 use crate::metrics::Metrics;
+use crate::raft::identity::{self, ClusterId};
 use crate::raft::network::NetworkFactory;
 use crate::raft::node::Node;
 use crate::raft::peers::{Peers, MAX_MESSAGE_BYTES};
@@ -102,6 +103,7 @@ impl Scheduler {
                 ..OpenOptions::default()
             },
         )?;
+        let cluster = ClusterId::load(log.dir().clone())?;
         let observed = metrics.clone();
         let sm = sm.with_observer(Arc::new(move |took, n| observed.observe_apply(took, n)));
         let reader = sm.reader();
@@ -111,6 +113,7 @@ impl Scheduler {
             peers: peers.clone(),
             snapshot_timeout: config.snapshot_timeout,
             log_sync: log.log_sync(),
+            cluster: cluster.clone(),
         };
         let raft = Raft::<TypeConfig>::new(config.id, raft_config, network, log.clone(), sm)
             .await
@@ -128,6 +131,7 @@ impl Scheduler {
             metrics,
             proposer: Proposer::start(raft.clone()),
             removed: Default::default(),
+            cluster,
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -168,6 +172,17 @@ impl Scheduler {
 
         let initialized =
             raft.is_initialized().await.map_err(|e| Error::Raft { op: "start", reason: e.to_string() })?;
+        let made = (!members.is_empty()).then(|| identity::derive(&members, &config.initial_cluster_token));
+        if let (Some(made), Some(known)) = (&made, node.cluster.get()) {
+            if made != known {
+                return Err(Error::WrongCluster(format!(
+                    "data directory {} belongs to cluster {known}, but --initial-cluster (and its token) make \
+                     cluster {made}: this is another cluster's data, or the flag was edited since the cluster was \
+                     bootstrapped (it is read only on an empty directory: drop it, or restore it as it was)",
+                    config.data.display()
+                )));
+            }
+        }
         if !initialized && !members.is_empty() && peers_have_leader(&node, &members).await {
             // A node whose data directory is empty but whose cluster already
             // runs must not write its own first log: it waits for the leader.
@@ -178,8 +193,12 @@ impl Scheduler {
         } else if !initialized && !members.is_empty() {
             let nodes: std::collections::BTreeMap<u64, BasicNode> =
                 members.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
+            // The id first: the first message to a peer carries it.
+            if let Some(made) = &made {
+                node.cluster.learn(made)?;
+            }
             match raft.initialize(nodes).await {
-                Ok(()) => tracing::info!(members = ?members, "initialized a new cluster"),
+                Ok(()) => tracing::info!(members = ?members, cluster = ?made, "initialized a new cluster"),
                 Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
                     tracing::info!("cluster already initialized by a peer")
                 }
@@ -296,6 +315,13 @@ async fn serve_grpc(
     let raft = RaftServiceServer::new(RaftServiceImpl { node: node.clone(), shutdown: shutdown.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Another cluster's messages are refused before they reach openraft.
+    let empty = {
+        let node = node.clone();
+        move || node.raft.metrics().borrow().last_log_index.is_none()
+    };
+    let check = identity::Check { cluster: node.cluster.clone(), empty: Arc::new(empty) };
+    let raft = tonic::service::interceptor::InterceptedService::new(raft, check);
     let config =
         ConfigServiceServer::new(ConfigServiceImpl { node: node.clone() }).max_decoding_message_size(8 * 1024 * 1024);
     let cluster = ClusterServiceServer::new(ClusterServiceImpl { node: node.clone() });

@@ -34,6 +34,10 @@ pub const DATA_VERSION: u32 = 4;
 /// The oldest format this binary upgrades.
 const OLDEST_UPGRADED: u32 = 2;
 pub(crate) const KEY_DATA_VERSION: &[u8] = b"data_version";
+/// The node id the directory was first opened as.
+pub(crate) const KEY_NODE_ID: &[u8] = b"node_id";
+/// The id of the cluster the directory's log belongs to, once known.
+pub(crate) const KEY_CLUSTER_ID: &[u8] = b"cluster_id";
 
 /// Tuning for [`open`].
 #[derive(Debug, Clone)]
@@ -82,6 +86,20 @@ impl DataDir {
     /// The directory this was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The id of the cluster this directory's log belongs to, if known.
+    pub fn cluster_id(&self) -> Result<Option<String>, Error> {
+        let raw = self.meta.get(KEY_CLUSTER_ID).map_err(|source| Error::Store { op: "read cluster id", source })?;
+        Ok(raw.map(|r| String::from_utf8_lossy(r.as_ref()).into_owned()))
+    }
+
+    /// Records the cluster id (durably: the directory is synced).
+    pub fn set_cluster_id(&self, id: &str) -> Result<(), Error> {
+        self.meta
+            .insert(KEY_CLUSTER_ID, id.as_bytes())
+            .map_err(|source| Error::Store { op: "write cluster id", source })?;
+        self.sync_blocking().map_err(|source| Error::Open { path: self.path.clone(), source })
     }
 
     pub(crate) fn snapshot_dir(&self) -> PathBuf {
@@ -152,6 +170,25 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
                 });
             }
             meta.insert(KEY_DATA_VERSION, &DATA_VERSION.to_be_bytes()).map_err(|e| open_error(path, e))?;
+        }
+    }
+    // A directory serves the node it was first opened as, and no other: a
+    // copy of node 2's data started as node 4 would carry node 2's vote
+    // and log under another name. (A directory from before node ids were
+    // kept takes the id it is opened with.)
+    if let Some(expected) = options.node_id {
+        match meta.get(KEY_NODE_ID).map_err(|e| open_error(path, e))? {
+            Some(raw) => {
+                let bytes: [u8; 8] = raw.as_ref().try_into().map_err(|_| Error::Corrupt {
+                    path: path.into(),
+                    reason: format!("node_id has {} bytes, expected 8", raw.as_ref().len()),
+                })?;
+                let found = u64::from_be_bytes(bytes);
+                if found != expected {
+                    return Err(Error::WrongNode { path: path.into(), found, expected });
+                }
+            }
+            None => meta.insert(KEY_NODE_ID, &expected.to_be_bytes()).map_err(|e| open_error(path, e))?,
         }
     }
     let dir = DataDir {

@@ -16,6 +16,13 @@ pub enum Error {
     /// The directory holds data but no (readable) format version, or sled found corruption.
     #[error("data directory {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// The directory is another node's.
+    #[error(
+        "data directory {path} belongs to node {found}, not node {expected} (--id): a node's data cannot serve \
+             another id. Start node {found} on it, or give node {expected} its own directory (an empty one joins \
+             as a new member with cluster add-node)"
+    )]
+    WrongNode { path: PathBuf, found: u64, expected: u64 },
     /// An I/O error while opening.
     #[error("cannot open data directory {path}: {source}")]
     Open { path: PathBuf, source: std::io::Error },

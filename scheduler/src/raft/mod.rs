@@ -6,7 +6,9 @@
 //! - [`network`] / [`peers`] — outbound Raft RPCs and the channel cache.
 //! - [`snapshots`] — when each node builds a snapshot (staggered).
 //! - [`removal`] — a removed node notices, stops Raft and turns clients away.
+//! - [`identity`] — the cluster id, and refusing another cluster's messages.
 
+pub mod identity;
 pub mod network;
 pub mod node;
 pub mod peers;

@@ -12,6 +12,7 @@
 //! so memory stays flat whatever the snapshot size.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::pb;
@@ -29,8 +30,10 @@ use openraft::raft::{
 use openraft::{BasicNode, Snapshot, Vote};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::raft::identity::{ClusterId, Stamp};
 use crate::raft::peers::{Peers, MAX_MESSAGE_BYTES};
 
 /// Bytes of snapshot data per stream message.
@@ -59,6 +62,8 @@ pub struct NetworkFactory {
     pub(crate) snapshot_timeout: Duration,
     /// How far this node's log is durable (`ferry_storage::log_sync`).
     pub(crate) log_sync: LogSync,
+    /// This node's cluster id, carried by every message.
+    pub(crate) cluster: Arc<ClusterId>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -73,6 +78,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             appends: None,
             unary_appends: false,
             log_sync: Some(self.log_sync.clone()),
+            cluster: self.cluster.clone(),
         }
     }
 }
@@ -100,10 +106,15 @@ pub struct PeerNetwork {
     unary_appends: bool,
     /// The local log's durable end: no commit beyond it goes to the peer.
     log_sync: Option<LogSync>,
+    /// Stamped on every call.
+    cluster: Arc<ClusterId>,
 }
 
-pub(crate) fn client(channel: Channel) -> RaftServiceClient<Channel> {
-    RaftServiceClient::new(channel)
+/// A Raft client whose calls carry this node's cluster id.
+pub(crate) type Client = RaftServiceClient<InterceptedService<Channel, Stamp>>;
+
+pub(crate) fn client(channel: Channel, cluster: &Arc<ClusterId>) -> Client {
+    RaftServiceClient::with_interceptor(channel, Stamp(cluster.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
@@ -126,11 +137,11 @@ fn status_to_rpc<E: std::error::Error>(status: tonic::Status) -> RpcErr<E> {
 impl PeerNetwork {
     // The error type is openraft's `RPCError`, which its network trait returns.
     #[allow(clippy::result_large_err)]
-    fn client<E: std::error::Error>(&self) -> Result<RaftServiceClient<Channel>, RpcErr<E>> {
+    fn client<E: std::error::Error>(&self) -> Result<Client, RpcErr<E>> {
         let ch = self.channel.clone().ok_or_else(|| {
             RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!("bad peer address {}", self.addr))))
         })?;
-        Ok(client(ch))
+        Ok(client(ch, &self.cluster))
     }
 
     /// Sends a unary call whose reply is `Result<Resp, E>` in the codec.
@@ -145,7 +156,7 @@ impl PeerNetwork {
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
         E: std::error::Error + serde::de::DeserializeOwned,
-        F: FnOnce(RaftServiceClient<Channel>, tonic::Request<pb::RaftPayload>) -> Fut,
+        F: FnOnce(Client, tonic::Request<pb::RaftPayload>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<pb::RaftPayload>, tonic::Status>>,
     {
         let data = codec::encode(what, req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -191,7 +202,7 @@ impl PeerNetwork {
                     .channel
                     .clone()
                     .ok_or_else(|| tonic::Status::unavailable(format!("bad peer address {}", self.addr)))?;
-                let replies = client(channel)
+                let replies = client(channel, &self.cluster)
                     .append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(queued))
                     .await?
                     .into_inner();
@@ -368,6 +379,7 @@ mod tests {
             appends: None,
             unary_appends: false,
             log_sync: None,
+            cluster: ClusterId::unknown(),
         }
     }
 

@@ -38,6 +38,8 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// Packs concurrent writes into shared log entries.
     pub proposer: Proposer,
+    /// The cluster this node belongs to ([`crate::raft::identity`]).
+    pub cluster: std::sync::Arc<crate::raft::identity::ClusterId>,
     /// Set once the leader said this node is no longer a member
     /// ([`crate::raft::removal`]): it serves no client call then.
     pub removed: std::sync::atomic::AtomicBool,

@@ -1,0 +1,130 @@
+//! Data directories in the wrong place, with real processes: a copy of
+//! another node's directory, and another cluster's directory started in a
+//! member's place. Both are refused at start; the cluster never notices.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{free_port, wait_for, Proc, Schedulers, FERRY};
+
+/// `cp -a FROM TO`.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let ok = Command::new("cp").arg("-a").arg(from).arg(to).status().is_ok_and(|s| s.success());
+    assert!(ok, "cp -a {} {}", from.display(), to.display());
+}
+
+/// Runs `ferry ARGS` (a daemon expected to refuse to start) and returns its
+/// exit code and stderr, or panics if it still runs after `timeout`.
+fn refused_start(args: &[String], timeout: Duration) -> (Option<i32>, String) {
+    let mut child = Command::new(FERRY)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ferry");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            let mut err = String::new();
+            use std::io::Read;
+            child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read stderr");
+            return (status.code(), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ferry {args:?} still runs after {timeout:?}: it should have refused to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|a| a.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_another_nodes_directory_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sched = Schedulers::start(dir.path(), &[]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    sched.client(&[1, 2, 3]).put("k", b"v".to_vec()).await.expect("put");
+    sched.terminate(2, Duration::from_secs(10)).expect("node 2 stops");
+    let copy = dir.path().join("s4");
+    copy_dir(&sched.data[1], &copy);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (code, err) = refused_start(
+        &args(&["scheduler", "--id", "4", "--listen", &listen, "--data", &copy.display().to_string()]),
+        Duration::from_secs(20),
+    );
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("belongs to node 2, not node 4"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clusters_directory_in_a_members_place_is_refused_and_the_cluster_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A one-node cluster of its own, with a key only it has.
+    let other_addr = format!("127.0.0.1:{}", free_port());
+    let other_data = dir.path().join("other");
+    let members = format!("1={other_addr}");
+    let other_args = args(&[
+        "scheduler",
+        "--id",
+        "1",
+        "--listen",
+        &other_addr,
+        "--data",
+        &other_data.display().to_string(),
+        "--initial-cluster",
+        &members,
+    ]);
+    let mut other = Proc::spawn(&other_args, &dir.path().join("other.log"));
+    let oc = common::client(vec![other_addr.clone()]);
+    wait_for("the other cluster to take a write", Duration::from_secs(20), || async {
+        oc.put("only-in-other", b"x".to_vec()).await.ok()
+    })
+    .await;
+    other.kill9();
+
+    let mut sched = Schedulers::start(dir.path(), &[]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    let c = sched.client(&[2, 3]);
+    c.put("k", b"1".to_vec()).await.expect("put");
+    sched.terminate(1, Duration::from_secs(10)).expect("node 1 stops");
+    let leader = sched.agreed_leader(&[2, 3]).await;
+    let term = c.status().await.expect("status").term;
+
+    // Node 1's directory swapped for the other cluster's, started as before.
+    std::fs::remove_dir_all(&sched.data[0]).expect("remove node 1's data");
+    copy_dir(&other_data, &sched.data[0]);
+    let node1 = args(&[
+        "scheduler",
+        "--id",
+        "1",
+        "--listen",
+        &sched.addr(1),
+        "--data",
+        &sched.data[0].display().to_string(),
+        "--initial-cluster",
+        &sched.members,
+    ]);
+    let (code, err) = refused_start(&node1, Duration::from_secs(20));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("belongs to cluster"), "{err}");
+
+    // Started without the flag it runs, but as its own cluster: the
+    // members' messages to it are refused, and nothing changes for them.
+    let node1: Vec<String> = node1[..node1.len() - 2].to_vec();
+    let foreign = Proc::spawn(&node1, &dir.path().join("foreign.log"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..20 {
+        c.put(&format!("after/{i}"), b"x".to_vec()).await.expect("the members write on");
+    }
+    let status = c.status().await.expect("status");
+    assert_eq!((status.leader_id, status.term), (leader, term), "no election because of the foreign node");
+    assert!(c.get("only-in-other").await.expect("get").is_none(), "nothing of the other cluster came in");
+    assert!(foreign.log_text().contains("refused a Raft message from another cluster"), "{}", foreign.log_text());
+}
