@@ -60,14 +60,15 @@ fn register(endpoint: &str, addr: &str, extra: &[&str]) -> Child {
         .expect("spawn registry register")
 }
 
+/// What `child` wrote to stderr, once it is stopped (killed if it still runs).
 fn stderr_of(mut child: Child) -> String {
     use std::io::Read;
+    let _ = child.kill();
+    let _ = child.wait();
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut err);
     }
-    let _ = child.kill();
-    let _ = child.wait();
     err
 }
 
