@@ -32,6 +32,10 @@ pub struct Args {
     /// The `ferry` binary (default: the one beside this bench).
     #[arg(long)]
     ferry: Option<PathBuf>,
+    /// Pause between two large requests (0: back to back, the worst case;
+    /// 1s: what one large request at a time costs).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    every: Duration,
 }
 
 /// One phase's small writes.
@@ -65,19 +69,29 @@ async fn small_writes(client: ferry_sdk::Client, duration: Duration) -> Phase {
     Phase { latencies: Latencies::new(samples), gap, failed }
 }
 
-/// The largest legal requests, back to back, until `stop`; how many.
-async fn big_requests(client: ferry_sdk::Client, stop: Arc<AtomicBool>) -> anyhow::Result<u64> {
+/// The largest legal requests, `every` apart, until `stop`; how many.
+async fn big_requests(client: ferry_sdk::Client, stop: Arc<AtomicBool>, every: Duration) -> anyhow::Result<u64> {
     let selector: String = (0..64).map(|i| format!("label{i}={}", "v".repeat(100))).collect::<Vec<_>>().join(",");
-    let mut n = 0;
+    let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        client.put(&format!("big/{}", n % 16), vec![b'm'; 1024 * 1024]).await.context("a 1 MiB put")?;
-        let ops = vec![put("tx/a", vec![b'a'; 1024 * 1024]), put("tx/b", vec![b'b'; 512 * 1024 - 8])];
-        client.txn(pb::TxnRequest { success: ops, ..Default::default() }).await.context("a 1.5 MiB txn")?;
-        client
-            .gray(pb::gray_request::Action::Set, "gray", &selector, vec![b'g'; 1024 * 1024])
-            .await
-            .context("a full gray variant")?;
-        n += 3;
+        match n % 3 {
+            0 => client
+                .put(&format!("big/{}", n % 16), vec![b'm'; 1024 * 1024])
+                .await
+                .map(|_| ())
+                .context("a 1 MiB put")?,
+            1 => {
+                let ops = vec![put("tx/a", vec![b'a'; 1024 * 1024]), put("tx/b", vec![b'b'; 512 * 1024 - 8])];
+                client.txn(pb::TxnRequest { success: ops, ..Default::default() }).await.context("a 1.5 MiB txn")?;
+            }
+            _ => {
+                let value = vec![b'g'; 1024 * 1024];
+                let set = client.gray(pb::gray_request::Action::Set, "gray", &selector, value);
+                set.await.context("a full gray variant")?;
+            }
+        }
+        n += 1;
+        tokio::time::sleep(every).await;
     }
     Ok(n)
 }
@@ -89,7 +103,10 @@ fn ms(s: f64) -> String {
 /// Runs the bench.
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let bin = a.ferry.clone().or_else(ferry_beside_bench).context("no ferry binary: build it or pass --ferry")?;
-    println!("small writes alone, then beside the largest legal requests; {} runs of 2 x {:?}", a.runs, a.duration);
+    println!(
+        "small writes alone, then beside the largest legal requests ({:?} apart); {} runs of 2 x {:?}",
+        a.every, a.runs, a.duration
+    );
     let (mut p99_ratio, mut max_ratio) = (Vec::new(), Vec::new());
     let mut elections = 0;
     for run in 1..=a.runs {
@@ -100,14 +117,20 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         let leader = all.status().await?.leader_addr;
         let follower = endpoints.iter().find(|e| **e != leader).cloned().context("a follower")?;
         let small = ferry_sdk::Client::connect([follower])?;
+        // A fresh cluster settles first (its first heartbeats, connections).
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let term = all.status().await?.term;
         let alone = small_writes(small.clone(), a.duration).await;
+        let term_alone = all.status().await?.term;
         let stop = Arc::new(AtomicBool::new(false));
-        let load = tokio::spawn(big_requests(all.clone(), stop.clone()));
+        let load = tokio::spawn(big_requests(all.clone(), stop.clone(), a.every));
         let beside = small_writes(small, a.duration).await;
         stop.store(true, Ordering::Relaxed);
         let sent = load.await??;
-        let moved = all.status().await?.term != term;
+        let moved = all.status().await?.term != term_alone;
+        if term_alone != term {
+            println!("run {run}: the term moved during the phase without large requests (noise of this machine)");
+        }
         elections += usize::from(moved);
         for (name, p) in [("alone", &alone), ("beside", &beside)] {
             println!(
@@ -123,14 +146,15 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         // Each round of three carries 1 + 1.5 + 1 MiB.
         let mib = sent as f64 * 3.5 / 3.0;
         println!(
-            "run {run}: {sent} large requests (about {mib:.0} MiB); term {}",
+            "run {run}: {sent} large requests (about {mib:.0} MiB); term during them {}",
             if moved { "MOVED" } else { "unchanged" }
         );
         p99_ratio.push(beside.latencies.quantile(0.99) / alone.latencies.quantile(0.99));
         max_ratio.push(beside.latencies.quantile(1.0) / alone.latencies.quantile(1.0));
     }
     println!(
-        "median over runs: small-write p99 beside / alone {:.2}, max beside / alone {:.2}; runs with an election: {elections}",
+        "median over runs: small-write p99 beside / alone {:.2}, max beside / alone {:.2}; \
+         runs with an election during the large requests: {elections}",
         median(p99_ratio),
         median(max_ratio)
     );

@@ -80,6 +80,8 @@ pub struct DataDir {
     pub(crate) node_id: Option<NodeId>,
     /// How far the log is durable (set by the log store when it opens).
     pub(crate) log_sync: LogSync,
+    /// Set by the first failed sync, for good (see [`DataDir::sync_blocking`]).
+    pub(crate) sync_failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DataDir {
@@ -113,8 +115,33 @@ impl DataDir {
     /// Makes everything written so far durable, also across a power loss
     /// (see [`ferry_db::Store::sync`]). Blocking: use [`DataDir::sync`]
     /// from async code.
+    ///
+    /// A failure is final: after a writeback error Linux marks the pages
+    /// clean, so a second sync would "succeed" over data that never reached
+    /// the disk, and the journals (the only durable copy) would then be
+    /// reset. Every later sync fails too; the node stops, and its restart
+    /// replays the journals.
     pub(crate) fn sync_blocking(&self) -> std::io::Result<()> {
-        self.db.sync()
+        use std::sync::atomic::Ordering;
+        if self.sync_failed.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other(format!(
+                "an earlier sync of {} failed; restart the node (its journals hold what may be lost)",
+                self.path.display()
+            )));
+        }
+        // Only directories named `fail-sync`: tests run side by side.
+        #[cfg(test)]
+        fail::fail_point!("data-dir-sync", self.path.ends_with("fail-sync"), |_| {
+            self.sync_failed.store(true, Ordering::SeqCst);
+            Err(std::io::Error::other("injected sync failure"))
+        });
+        // sled renames its own files (snapshots of its page table) without
+        // syncing their directory: this sync point covers that too.
+        let synced = self.db.sync().and_then(|()| fsync_dir(&self.path.join("sled")));
+        synced.inspect_err(|e| {
+            tracing::error!(path = %self.path.display(), error = %e, "syncing the data directory failed; this node stops");
+            self.sync_failed.store(true, Ordering::SeqCst);
+        })
     }
 
     /// [`DataDir::sync_blocking`] on a blocking thread.
@@ -133,11 +160,24 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<(LogStore, StateMachin
     Ok((log, sm))
 }
 
+/// `fsync` of a directory: the names created, renamed or removed in it are
+/// durable once it returns.
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
     std::fs::create_dir_all(path).map_err(|source| Error::Open { path: path.into(), source })?;
     std::fs::create_dir_all(path.join("snapshots")).map_err(|source| Error::Open { path: path.into(), source })?;
     let db_options = ferry_db::Options { cache_bytes: options.cache_bytes, flush_every: options.flush_every };
     let db = Db::open(&path.join("sled"), &db_options).map_err(|e| open_error(path, e))?;
+    // The directories just made (or found) are durable entries of their
+    // parents: a power cut cannot take `<data>`, `sled` or `snapshots`
+    // away after the node has acknowledged anything.
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    for dir in [parent, path, &path.join("sled")] {
+        fsync_dir(dir).map_err(|source| Error::Open { path: dir.into(), source })?;
+    }
     let meta = db.tree("meta").map_err(|e| open_error(path, e))?;
     match meta.get(KEY_DATA_VERSION).map_err(|e| open_error(path, e))? {
         Some(raw) => {
@@ -198,6 +238,7 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
         sync_appends_inline: options.sync_appends_inline,
         node_id: options.node_id,
         log_sync: LogSync::new(None),
+        sync_failed: Default::default(),
     };
     // Durable: the format mark written above, and whatever an earlier run
     // that crashed had not synced yet.

@@ -210,8 +210,9 @@ impl LogStore {
         self.drain_background().await?;
         let mut syncing = self.syncing.lock().await;
         if let Some(task) = syncing.take() {
-            // Its outcome does not matter: the sync below covers everything.
-            let _ = task.await;
+            // A failed earlier checkpoint is final (see `DataDir::sync_blocking`):
+            // the journals are kept for the restart to replay.
+            task.await.map_err(std::io::Error::other)??;
         }
         self.dir.sync().await?;
         self.journal().reset_all()
@@ -227,11 +228,9 @@ impl LogStore {
         self.drain_background().await?;
         let mut syncing = self.syncing.lock().await;
         if let Some(task) = syncing.take() {
-            let covered = task.await.map_err(std::io::Error::other).and_then(|r| r);
-            if let Err(e) = covered {
-                tracing::warn!(error = %e, "background log checkpoint failed; syncing again");
-                self.dir.sync().await?;
-            }
+            // A failed checkpoint is final: the journal it was to cover is
+            // not reused, and the append fails (openraft stops the node).
+            task.await.map_err(std::io::Error::other)??;
         }
         self.journal().switch()?;
         let dir = self.dir.clone();
@@ -576,6 +575,28 @@ mod tests {
         drop(log);
         let mut log = reopen(tmp.path());
         assert_eq!(contents(&mut log).await.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_is_final_and_the_journal_keeps_what_sled_may_have_lost() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("fail-sync");
+        let mut log = reopen(&path);
+        log.blocking_append((1..=3).map(|i| entry(1, i))).await.unwrap();
+        // One failed sync (a writeback error), as the kernel reports it once.
+        fail::cfg("data-dir-sync", "return").unwrap();
+        assert!(log.checkpoint().await.is_err());
+        fail::remove("data-dir-sync");
+        // The next sync would "succeed" over pages marked clean: it is refused,
+        // and the journals are not reset.
+        assert!(log.checkpoint().await.is_err(), "a sync after a failed one must fail too");
+        // What sled lost comes back from the journal at the restart.
+        for i in 2..=3 {
+            log.log.remove(&index_key(i)).unwrap();
+        }
+        drop(log);
+        let mut log = reopen(&path);
+        assert_eq!(contents(&mut log).await, [(1, 1), (1, 2), (1, 3)]);
     }
 
     #[tokio::test]

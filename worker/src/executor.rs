@@ -25,7 +25,7 @@ use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -312,7 +312,10 @@ impl Executor {
             // Staged beside the destination (same file system), so the final
             // rename is atomic; the hidden name is never the final one.
             let parent = dest.parent().ok_or("destination has no parent directory")?;
-            std::fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+            if !parent.is_dir() {
+                std::fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+                sync_new_dirs(self.roots.list(), parent)?;
+            }
             let dir = match dirs.get(parent) {
                 Some(dir) => Arc::clone(dir),
                 None => {
@@ -635,6 +638,22 @@ impl Executor {
     }
 }
 
+/// Blocking: after `create_dir_all(dir)`, makes the new directories
+/// durable entries of their parents: fsyncs each parent from `dir`'s up to
+/// the root holding it.
+fn sync_new_dirs(roots: &[PathBuf], dir: &Path) -> Result<(), String> {
+    let mut at = dir;
+    while let Some(parent) = at.parent() {
+        let synced = std::fs::File::open(parent).and_then(|d| d.sync_all());
+        synced.map_err(|e| format!("fsync {}: {e}", parent.display()))?;
+        if roots.iter().any(|r| r == parent) || !roots.iter().any(|r| parent.starts_with(r)) {
+            return Ok(());
+        }
+        at = parent;
+    }
+    Ok(())
+}
+
 /// Resolves when `work`'s job is cancelled.
 fn cancelled(work: &JobWork) -> impl std::future::Future<Output = ()> + Send + 'static {
     let mut stop = work.stop.subscribe();
@@ -714,6 +733,10 @@ fn install_all(work: &JobWork, store: &ChunkStore, retained: &Retained) -> Resul
         }
         let file = open_staging(&f.dir, &f.staging_name, false).map_err(|e| format!("staging: {e}"))?;
         file.set_len(f.size).map_err(|e| format!("staging: {e}"))?;
+        // fchmod on the handle, before the fsync that makes it durable with
+        // the data; setuid, setgid and sticky bits are dropped.
+        file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o777))
+            .map_err(|e| format!("chmod {}: {e}", f.staging.display()))?;
         file.sync_all().map_err(|e| format!("fsync {}: {e}", f.staging.display()))?;
         let got = f
             .tree()
@@ -725,9 +748,6 @@ fn install_all(work: &JobWork, store: &ChunkStore, retained: &Retained) -> Resul
         if got != f.blake3 {
             return Err(format!("{} failed its whole-file BLAKE3 check", f.dest.display()));
         }
-        // fchmod on the handle; setuid, setgid and sticky bits are dropped.
-        file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o777))
-            .map_err(|e| format!("chmod {}: {e}", f.staging.display()))?;
         drop(file);
         if !f.previous.is_empty() {
             // Keep the version being replaced, so its chunks stay reusable.
@@ -737,8 +757,11 @@ fn install_all(work: &JobWork, store: &ChunkStore, retained: &Retained) -> Resul
         // SAFETY: valid descriptor and NUL-terminated names; both in `dir`.
         io_result(unsafe { libc::renameat(dir, f.staging_name.as_ptr(), dir, f.dest_name.as_ptr()) })
             .map_err(|e| format!("rename into {}: {e}", f.dest.display()))?;
+        // The new name is durable only once its directory is: a failure
+        // here is the install's (the hook does not run), not ignored.
         // SAFETY: valid descriptor.
-        let _ = unsafe { libc::fsync(dir) };
+        io_result(unsafe { libc::fsync(dir) })
+            .map_err(|e| format!("fsync of the directory of {}: {e}", f.dest.display()))?;
         for c in &f.chunks {
             let _ = store.put(&c.hash, &Location { path: f.dest.clone(), offset: c.offset, len: c.len });
         }

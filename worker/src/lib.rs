@@ -110,7 +110,7 @@ impl Worker {
         let config_client =
             if config.config_files.is_empty() { None } else { Some(materializer::client(&config.schedulers)?) };
         std::fs::create_dir_all(&config.data).map_err(|e| Error::Storage(format!("{}: {e}", config.data.display())))?;
-        let store = store::ChunkStore::open(&config.data).map_err(|e| Error::Storage(e.to_string()))?;
+        let store = store::ChunkStore::open_or_rebuild(&config.data).map_err(|e| Error::Storage(e.to_string()))?;
         let retained = store::Retained::open(&config.data, config.store_limit, &store)
             .map_err(|e| Error::Storage(format!("{}: {e}", config.data.display())))?;
         let metrics = Arc::new(metrics::WorkerMetrics::default());

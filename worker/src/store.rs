@@ -80,6 +80,29 @@ impl Stamp {
 }
 
 impl ChunkStore {
+    /// [`ChunkStore::open`]; a store that cannot be opened (damaged, or of
+    /// a format this binary does not know) is only a cache of where chunks
+    /// are: it is moved aside (`chunks.sled.damaged-<unix seconds>`) and
+    /// started afresh, with a warning. Chunk locations come back as files
+    /// are indexed and installed again. A store locked by another running
+    /// worker is never touched.
+    pub fn open_or_rebuild(dir: &Path) -> Result<Self, StoreError> {
+        match Self::open(dir) {
+            Err(StoreError::Open { source: ferry_db::Error::Locked, .. }) => Self::open(dir),
+            Err(damaged) => {
+                let path = dir.join("chunks.sled");
+                let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let aside = dir.join(format!("chunks.sled.damaged-{}", secs.as_secs()));
+                tracing::warn!(error = %damaged, aside = %aside.display(),
+                    "the chunk index cannot be opened; it is only a cache: moving it aside and starting a new one");
+                std::fs::rename(&path, &aside)
+                    .map_err(|e| StoreError::Open { path: path.clone(), source: e.into() })?;
+                Self::open(dir)
+            }
+            ok => ok,
+        }
+    }
+
     /// Opens (or creates) the store under `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("chunks.sled");
@@ -316,5 +339,27 @@ mod tests {
         let none = Retained::open(dir.path(), 0, &store).expect("reopen");
         assert_eq!(none.bytes(), 0);
         assert!(hashes.iter().all(|h| store.get(h).is_none()));
+    }
+
+    #[test]
+    fn a_damaged_index_is_moved_aside_and_started_afresh() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ChunkStore::open_or_rebuild(dir.path()).expect("store");
+        store.put(&[1; 32], &Location { path: "/x".into(), offset: 0, len: 1 }).expect("put");
+        drop(store);
+        // A format byte this binary does not know, as a damaged page would
+        // read: the plain open refuses it.
+        {
+            let db = Db::open(&dir.path().join("chunks.sled"), &ferry_db::Options::default()).expect("db");
+            db.tree("meta").expect("meta").insert(KEY_FORMAT, &[0xee]).expect("insert");
+        }
+        assert!(ChunkStore::open(dir.path()).is_err());
+        let store = ChunkStore::open_or_rebuild(dir.path()).expect("rebuilt");
+        assert!(store.get(&[1; 32]).is_none(), "a fresh index");
+        let aside = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("chunks.sled.damaged-"));
+        assert_eq!(aside.count(), 1, "the damaged one is kept aside");
     }
 }
