@@ -329,18 +329,24 @@ fn read_value(value: Option<String>, file: Option<std::path::PathBuf>) -> Result
     use std::io::Read;
     let limit = ferry_sdk::MAX_VALUE_BYTES as u64 + 1;
     let mut out = Vec::new();
-    match (value, file) {
-        (_, Some(path)) => std::fs::File::open(&path)
-            .and_then(|f| f.take(limit).read_to_end(&mut out))
-            .map_err(|e| format!("--file: cannot read {}: {e}", path.display()))?,
-        (Some(v), None) if v == "-" => std::io::stdin()
-            .lock()
-            .take(limit)
-            .read_to_end(&mut out)
-            .map_err(|e| format!("value: cannot read stdin: {e}"))?,
+    let from = match (value, file) {
+        (_, Some(path)) => {
+            std::fs::File::open(&path)
+                .and_then(|f| f.take(limit).read_to_end(&mut out))
+                .map_err(|e| format!("--file: cannot read {}: {e}", path.display()))?;
+            format!("--file: {}", path.display())
+        }
+        (Some(v), None) if v == "-" => {
+            let read = std::io::stdin().lock().take(limit).read_to_end(&mut out);
+            read.map_err(|e| format!("value: cannot read stdin: {e}"))?;
+            "value: stdin".to_string()
+        }
         (Some(v), None) => return Ok(v.into_bytes()),
         (None, None) => return Err("value: give a value, - for stdin, or --file".into()),
     };
+    if out.len() as u64 == limit {
+        return Err(format!("{from} holds more than {} bytes (1 MiB), the largest value", limit - 1));
+    }
     Ok(out)
 }
 
