@@ -40,12 +40,18 @@ pub fn line(args: std::fmt::Arguments<'_>) {
 /// written as a Rust-style escape (`\n`, `\u{1b}`), fit for one line of
 /// text output.
 pub fn escape(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    escape_but(text, |_| false)
+}
+
+/// [`escape`], leaving the control characters `keep` says yes to.
+fn escape_but(text: &str, keep: impl Fn(char) -> bool) -> Cow<'_, str> {
+    let escaped = |c: char| c.is_control() && !keep(c);
+    if !text.chars().any(&escaped) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_control() {
+        if escaped(c) {
             out.extend(c.escape_debug());
         } else {
             out.push(c);
@@ -70,14 +76,7 @@ pub fn value(bytes: &[u8]) {
         return write(&all);
     }
     let text = String::from_utf8_lossy(bytes);
-    let mut out = String::with_capacity(text.len() + 1);
-    for c in text.chars() {
-        if c.is_control() && c != '\n' && c != '\t' {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
-        }
-    }
+    let mut out = escape_but(&text, |c| c == '\n' || c == '\t').into_owned();
     out.push('\n');
     write(out.as_bytes());
 }

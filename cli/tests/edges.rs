@@ -40,17 +40,10 @@ fn text(bytes: &[u8]) -> String {
 /// Waits up to `timeout` for `child` to exit and returns its code; kills it
 /// and panics if it does not.
 fn exits_within(child: &mut std::process::Child, timeout: Duration, what: &str) -> Option<i32> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} still running after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::exit_code_within(child, timeout).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("{what} still running after {timeout:?}");
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,9 +5,9 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{free_port, wait_for, Proc, Schedulers, FERRY};
+use common::{exit_code_within, free_port, wait_for, Proc, Schedulers, FERRY};
 
 /// `cp -a FROM TO`.
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -24,21 +24,15 @@ fn refused_start(args: &[String], timeout: Duration) -> (Option<i32>, String) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn ferry");
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            let mut err = String::new();
-            use std::io::Read;
-            child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read stderr");
-            return (status.code(), err);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ferry {args:?} still runs after {timeout:?}: it should have refused to start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let Some(code) = exit_code_within(&mut child, timeout) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("ferry {args:?} still runs after {timeout:?}: it should have refused to start");
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read stderr");
+    (code, err)
 }
 
 fn args(list: &[&str]) -> Vec<String> {

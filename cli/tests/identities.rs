@@ -4,22 +4,9 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{workers_up, Schedulers, WorkerProc, FERRY};
-
-/// Waits up to `timeout` for `child` to exit; its exit code, or `None` if it
-/// still runs.
-fn exit_code_within(child: &mut Child, timeout: Duration) -> Option<Option<i32>> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status.code());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
+use common::{exit_code_within, workers_up, Schedulers, WorkerProc, FERRY};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_worker_with_a_taken_name_exits_and_the_first_keeps_its_session() {

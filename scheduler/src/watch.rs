@@ -128,7 +128,7 @@ fn fitting(events: &[Event]) -> usize {
         if bytes >= BATCH_BYTES {
             return i;
         }
-        bytes += e.kv.key.len() + e.kv.value.len();
+        bytes += e.kv.bytes();
     }
     events.len().min(BATCH)
 }

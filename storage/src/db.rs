@@ -160,6 +160,14 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<(LogStore, StateMachin
     Ok((log, sm))
 }
 
+/// A meta value of `N` bytes, or the directory is corrupt.
+fn fixed<const N: usize>(path: &Path, name: &str, raw: &[u8]) -> Result<[u8; N], Error> {
+    raw.try_into().map_err(|_| Error::Corrupt {
+        path: path.into(),
+        reason: format!("{name} has {} bytes, expected {N}", raw.len()),
+    })
+}
+
 /// `fsync` of a directory: the names created, renamed or removed in it are
 /// durable once it returns.
 pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -181,11 +189,7 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
     let meta = db.tree("meta").map_err(|e| open_error(path, e))?;
     match meta.get(KEY_DATA_VERSION).map_err(|e| open_error(path, e))? {
         Some(raw) => {
-            let bytes: [u8; 4] = raw.as_ref().try_into().map_err(|_| Error::Corrupt {
-                path: path.into(),
-                reason: format!("data_version has {} bytes, expected 4", raw.as_ref().len()),
-            })?;
-            let found = u32::from_be_bytes(bytes);
+            let found = u32::from_be_bytes(fixed(path, "data_version", raw.as_ref())?);
             if !(OLDEST_UPGRADED..=DATA_VERSION).contains(&found) {
                 return Err(Error::UnknownVersion { path: path.into(), found, supported: DATA_VERSION });
             }
@@ -219,11 +223,7 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
     if let Some(expected) = options.node_id {
         match meta.get(KEY_NODE_ID).map_err(|e| open_error(path, e))? {
             Some(raw) => {
-                let bytes: [u8; 8] = raw.as_ref().try_into().map_err(|_| Error::Corrupt {
-                    path: path.into(),
-                    reason: format!("node_id has {} bytes, expected 8", raw.as_ref().len()),
-                })?;
-                let found = u64::from_be_bytes(bytes);
+                let found = u64::from_be_bytes(fixed(path, "node_id", raw.as_ref())?);
                 if found != expected {
                     return Err(Error::WrongNode { path: path.into(), found, expected });
                 }

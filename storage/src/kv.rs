@@ -23,6 +23,14 @@ pub struct KeyValue {
     pub version: u64,
 }
 
+impl KeyValue {
+    /// What the key and value weigh in a message: listings and watches
+    /// bound their messages by it.
+    pub fn bytes(&self) -> usize {
+        self.key.len() + self.value.len()
+    }
+}
+
 /// The stored form of a key: everything but the key itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StoredValue {

@@ -692,7 +692,7 @@ impl StateReader {
                 break;
             }
             if change.event.kv.key.starts_with(prefix) {
-                bytes += change.event.kv.key.len() + change.event.kv.value.len();
+                bytes += change.event.kv.bytes();
                 out.push((*rev, change.event.clone()));
             }
         }

@@ -114,6 +114,19 @@ where
     }
 }
 
+/// Waits up to `timeout` for `child` to exit: its exit code, or `None` if
+/// it still runs.
+pub fn exit_code_within(child: &mut Child, timeout: Duration) -> Option<Option<i32>> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status.code());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 /// A client with a generous deadline.
 pub fn client(addrs: Vec<String>) -> Client {
     let options = ClientOptions { total_timeout: Duration::from_secs(20), ..Default::default() };

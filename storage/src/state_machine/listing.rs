@@ -90,7 +90,7 @@ pub(crate) fn page(
             out.more = true;
             break;
         }
-        out.bytes += kv.key.len() + kv.value.len();
+        out.bytes += kv.bytes();
         out.kvs.push(kv);
     }
     Ok(out)
