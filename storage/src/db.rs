@@ -1,11 +1,14 @@
 //! Opening a scheduler's data directory.
 //!
 //! One database (`ferry_db`: sled today, in `<data>/sled`) holds the `log`
-//! tree (big-endian u64 keys) and the `meta` tree (vote, committed, last
-//! purged, `data_version`, current snapshot). The log's journal (file `journal`, see `journal.rs`) and
-//! snapshot files (`snapshots/`) live beside it; the state
-//! machine itself is in memory, rebuilt from the current snapshot and the log
-//! on start. A directory from an unknown format version, a corrupt one, or one
+//! tree (big-endian u64 keys) and the `meta` tree (`data_version`, the
+//! commit index). The node's own state file (`state`, see
+//! [`crate::state_file`]: vote, last purged id, current snapshot, node and
+//! cluster ids, how far sled is durable), the log's journals (`journal`,
+//! `journal.1`, see `journal.rs`) and snapshot files (`snapshots/`) live
+//! beside it; the state machine itself is in memory, rebuilt from the
+//! current snapshot and the log on start. A directory from an unknown format
+//! version, a corrupt or damaged one (see [`crate::start_check`]), or one
 //! locked by another process is refused with a clear [`Error`].
 //!
 //! Older formats are upgraded on open, and the directory marked with this
@@ -17,6 +20,8 @@
 //!   stored registry instances as protobuf: nothing is rewritten; those
 //!   entries and snapshot records are converted as they are read
 //!   ([`crate::upgrade`]), and new ones are written in today's encoding.
+//! - Format 4 kept the vote, last purged id, snapshot pointer, node id and
+//!   cluster id in the `meta` tree: they move to the state file.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,18 +31,21 @@ use ferry_db::{Db, Store, Tree};
 use crate::error::Error;
 use crate::log_store::LogStore;
 use crate::log_sync::LogSync;
+use crate::state_file::{NodeState, StateFile};
 use crate::state_machine::StateMachineStore;
 use crate::NodeId;
 
 /// The data format version this binary writes and reads.
-pub const DATA_VERSION: u32 = 4;
+pub const DATA_VERSION: u32 = 5;
 /// The oldest format this binary upgrades.
 const OLDEST_UPGRADED: u32 = 2;
 pub(crate) const KEY_DATA_VERSION: &[u8] = b"data_version";
-/// The node id the directory was first opened as.
-pub(crate) const KEY_NODE_ID: &[u8] = b"node_id";
-/// The id of the cluster the directory's log belongs to, once known.
-pub(crate) const KEY_CLUSTER_ID: &[u8] = b"cluster_id";
+/// Where format 4 kept what the state file holds now.
+const KEY_NODE_ID: &[u8] = b"node_id";
+const KEY_CLUSTER_ID: &[u8] = b"cluster_id";
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
 /// Tuning for [`open`].
 #[derive(Debug, Clone)]
@@ -82,6 +90,8 @@ pub struct DataDir {
     pub(crate) log_sync: LogSync,
     /// Set by the first failed sync, for good (see [`DataDir::sync_blocking`]).
     pub(crate) sync_failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The node's state file.
+    state: std::sync::Arc<std::sync::Mutex<StateFile>>,
 }
 
 impl DataDir {
@@ -92,16 +102,55 @@ impl DataDir {
 
     /// The id of the cluster this directory's log belongs to, if known.
     pub fn cluster_id(&self) -> Result<Option<String>, Error> {
-        let raw = self.meta.get(KEY_CLUSTER_ID).map_err(|source| Error::Store { op: "read cluster id", source })?;
-        Ok(raw.map(|r| String::from_utf8_lossy(r.as_ref()).into_owned()))
+        Ok(self.node_state().cluster_id)
     }
 
-    /// Records the cluster id (durably: the directory is synced).
+    /// Records the cluster id (durably).
     pub fn set_cluster_id(&self, id: &str) -> Result<(), Error> {
-        self.meta
-            .insert(KEY_CLUSTER_ID, id.as_bytes())
-            .map_err(|source| Error::Store { op: "write cluster id", source })?;
-        self.sync_blocking().map_err(|source| Error::Open { path: self.path.clone(), source })
+        self.update_state_blocking(|s| s.cluster_id = Some(id.to_owned()))
+            .map_err(|source| Error::Open { path: self.path.clone(), source })
+    }
+
+    /// What the state file holds now.
+    pub(crate) fn node_state(&self) -> NodeState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).state().clone()
+    }
+
+    /// Changes the state file and syncs it. A failure is final, as for
+    /// [`DataDir::sync_blocking`]. Blocking: use [`DataDir::update_state`]
+    /// from async code.
+    pub(crate) fn update_state_blocking(&self, change: impl FnOnce(&mut NodeState)) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        self.refuse_after_failed_sync()?;
+        let mut file = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = file.state().clone();
+        change(&mut next);
+        if &next == file.state() {
+            return Ok(());
+        }
+        file.write(next).map_err(std::io::Error::other).inspect_err(|e| {
+            tracing::error!(path = %self.path.display(), error = %e, "writing the state file failed; this node stops");
+            self.sync_failed.store(true, Ordering::SeqCst);
+        })
+    }
+
+    /// [`DataDir::update_state_blocking`] on a blocking thread.
+    pub(crate) async fn update_state(
+        &self,
+        change: impl FnOnce(&mut NodeState) + Send + 'static,
+    ) -> std::io::Result<()> {
+        let dir = self.clone();
+        tokio::task::spawn_blocking(move || dir.update_state_blocking(change)).await.map_err(std::io::Error::other)?
+    }
+
+    fn refuse_after_failed_sync(&self) -> std::io::Result<()> {
+        if self.sync_failed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other(format!(
+                "an earlier sync of {} failed; restart the node (its journals hold what may be lost)",
+                self.path.display()
+            )));
+        }
+        Ok(())
     }
 
     pub(crate) fn snapshot_dir(&self) -> PathBuf {
@@ -123,12 +172,7 @@ impl DataDir {
     /// replays the journals.
     pub(crate) fn sync_blocking(&self) -> std::io::Result<()> {
         use std::sync::atomic::Ordering;
-        if self.sync_failed.load(Ordering::SeqCst) {
-            return Err(std::io::Error::other(format!(
-                "an earlier sync of {} failed; restart the node (its journals hold what may be lost)",
-                self.path.display()
-            )));
-        }
+        self.refuse_after_failed_sync()?;
         // Only directories named `fail-sync`: tests run side by side.
         #[cfg(test)]
         fail::fail_point!("data-dir-sync", self.path.ends_with("fail-sync"), |_| {
@@ -187,25 +231,22 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
         fsync_dir(dir).map_err(|source| Error::Open { path: dir.into(), source })?;
     }
     let meta = db.tree("meta").map_err(|e| open_error(path, e))?;
-    match meta.get(KEY_DATA_VERSION).map_err(|e| open_error(path, e))? {
-        Some(raw) => {
-            let found = u32::from_be_bytes(fixed(path, "data_version", raw.as_ref())?);
-            if !(OLDEST_UPGRADED..=DATA_VERSION).contains(&found) {
-                return Err(Error::UnknownVersion { path: path.into(), found, supported: DATA_VERSION });
-            }
-            if found == 2 {
-                for name in db.tree_names() {
-                    if name.starts_with("sm") {
-                        db.drop_tree(&name).map_err(|e| open_error(path, e))?;
-                    }
-                }
-            }
-            if found < DATA_VERSION {
-                tracing::info!(path = %path.display(), from = found, to = DATA_VERSION, "upgrading the data directory");
-                meta.insert(KEY_DATA_VERSION, &DATA_VERSION.to_be_bytes()).map_err(|e| open_error(path, e))?;
-            }
+    let found = match meta.get(KEY_DATA_VERSION).map_err(|e| open_error(path, e))? {
+        Some(raw) => Some(u32::from_be_bytes(fixed(path, "data_version", raw.as_ref())?)),
+        None => None,
+    };
+    let state = match (found, StateFile::open(path)?) {
+        (Some(found), _) if !(OLDEST_UPGRADED..=DATA_VERSION).contains(&found) => {
+            return Err(Error::UnknownVersion { path: path.into(), found, supported: DATA_VERSION });
         }
-        None => {
+        (_, Some(state)) => state,
+        (Some(found), None) if found < DATA_VERSION => StateFile::create(path, legacy_state(path, &meta)?)?,
+        (Some(_), None) => {
+            // Written after the state file: that file was lost, and what it
+            // said cannot be checked.
+            return Err(Error::Corrupt { path: path.into(), reason: "its state file (`state`) is missing".into() });
+        }
+        (None, None) => {
             let has_data = db.tree_names().iter().filter_map(|name| db.tree(name).ok()).any(|tree| !tree.is_empty());
             if has_data {
                 return Err(Error::Corrupt {
@@ -213,22 +254,39 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
                     reason: "it holds data but no data_version key (not written by ferry?)".into(),
                 });
             }
-            meta.insert(KEY_DATA_VERSION, &DATA_VERSION.to_be_bytes()).map_err(|e| open_error(path, e))?;
+            StateFile::create(path, NodeState { node_id: options.node_id, ..NodeState::default() })?
+        }
+    };
+    if found == Some(2) {
+        for name in db.tree_names() {
+            if name.starts_with("sm") {
+                db.drop_tree(&name).map_err(|e| open_error(path, e))?;
+            }
+        }
+    }
+    if found != Some(DATA_VERSION) {
+        if let Some(from) = found {
+            tracing::info!(path = %path.display(), from, to = DATA_VERSION, "upgrading the data directory");
+        }
+        meta.insert(KEY_DATA_VERSION, &DATA_VERSION.to_be_bytes()).map_err(|e| open_error(path, e))?;
+        // Now in the state file.
+        for key in [KEY_NODE_ID, KEY_CLUSTER_ID, KEY_VOTE, KEY_LAST_PURGED, KEY_SNAPSHOT] {
+            meta.remove(key).map_err(|e| open_error(path, e))?;
         }
     }
     // A directory serves the node it was first opened as, and no other: a
     // copy of node 2's data started as node 4 would carry node 2's vote
     // and log under another name. (A directory from before node ids were
     // kept takes the id it is opened with.)
+    let mut state = state;
     if let Some(expected) = options.node_id {
-        match meta.get(KEY_NODE_ID).map_err(|e| open_error(path, e))? {
-            Some(raw) => {
-                let found = u64::from_be_bytes(fixed(path, "node_id", raw.as_ref())?);
-                if found != expected {
-                    return Err(Error::WrongNode { path: path.into(), found, expected });
-                }
+        match state.state().node_id {
+            Some(found) if found != expected => return Err(Error::WrongNode { path: path.into(), found, expected }),
+            Some(_) => {}
+            None => {
+                let next = NodeState { node_id: Some(expected), ..state.state().clone() };
+                state.write(next)?;
             }
-            None => meta.insert(KEY_NODE_ID, &expected.to_be_bytes()).map_err(|e| open_error(path, e))?,
         }
     }
     let dir = DataDir {
@@ -239,11 +297,41 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
         node_id: options.node_id,
         log_sync: LogSync::new(None),
         sync_failed: Default::default(),
+        state: std::sync::Arc::new(std::sync::Mutex::new(state)),
     };
     // Durable: the format mark written above, and whatever an earlier run
     // that crashed had not synced yet.
     dir.sync_blocking().map_err(|source| Error::Open { path: path.into(), source })?;
     Ok(dir)
+}
+
+/// What a format-4 directory kept in its `meta` tree, for its new state
+/// file. How far sled is durable was not recorded: the log store records it
+/// once it has synced sled at open.
+fn legacy_state(path: &Path, meta: &<Db as Store>::Tree) -> Result<NodeState, Error> {
+    fn value<T: serde::de::DeserializeOwned>(
+        meta: &<Db as Store>::Tree,
+        key: &[u8],
+        what: &'static str,
+    ) -> Result<Option<T>, Error> {
+        match meta.get(key).map_err(|source| Error::Store { op: "read meta", source })? {
+            Some(raw) => Ok(Some(crate::codec::decode(what, raw.as_ref())?)),
+            None => Ok(None),
+        }
+    }
+    let node_id = match meta.get(KEY_NODE_ID).map_err(|e| open_error(path, e))? {
+        Some(raw) => Some(u64::from_be_bytes(fixed(path, "node_id", raw.as_ref())?)),
+        None => None,
+    };
+    let cluster_id = meta.get(KEY_CLUSTER_ID).map_err(|e| open_error(path, e))?;
+    Ok(NodeState {
+        node_id,
+        cluster_id: cluster_id.map(|r| String::from_utf8_lossy(r.as_ref()).into_owned()),
+        vote: value(meta, KEY_VOTE, "vote")?,
+        last_purged: value(meta, KEY_LAST_PURGED, "last_purged")?,
+        durable_through: None,
+        snapshot: value(meta, KEY_SNAPSHOT, "snapshot pointer")?,
+    })
 }
 
 fn open_error(path: &Path, e: ferry_db::Error) -> Error {
@@ -310,6 +398,43 @@ mod tests {
         let version = log.dir().meta.get(KEY_DATA_VERSION).unwrap().unwrap();
         assert_eq!(version.as_ref(), &DATA_VERSION.to_be_bytes());
         assert_eq!(log.dir().tree("other").unwrap().get(b"entry").unwrap().unwrap().as_ref(), b"kept");
+    }
+
+    #[tokio::test]
+    async fn a_format_4_directory_moves_its_vote_and_ids_into_the_state_file() {
+        use openraft::storage::RaftLogStorage;
+        use openraft::Vote;
+        let tmp = tempfile::tempdir().unwrap();
+        let vote = Vote::new_committed(7, 2);
+        {
+            let (log, _sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+            // What format 4 wrote, and no state file.
+            let meta = &log.dir().meta;
+            meta.insert(KEY_VOTE, &crate::codec::encode("vote", &vote).unwrap()).unwrap();
+            meta.insert(KEY_NODE_ID, &2u64.to_be_bytes()).unwrap();
+            meta.insert(KEY_CLUSTER_ID, b"c-1").unwrap();
+            meta.insert(KEY_DATA_VERSION, &4u32.to_be_bytes()).unwrap();
+            log.dir().sync_blocking().unwrap();
+            std::fs::remove_file(tmp.path().join(crate::state_file::FILE_NAME)).unwrap();
+        }
+        let (mut log, _sm) = open(tmp.path(), &OpenOptions { node_id: Some(2), ..OpenOptions::default() }).unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(log.dir().cluster_id().unwrap().as_deref(), Some("c-1"));
+        let version = log.dir().meta.get(KEY_DATA_VERSION).unwrap().unwrap();
+        assert_eq!(version.as_ref(), &DATA_VERSION.to_be_bytes());
+        assert!(log.dir().meta.get(KEY_VOTE).unwrap().is_none(), "the state file holds it now");
+        drop((log, _sm));
+        let err = open(tmp.path(), &OpenOptions { node_id: Some(3), ..OpenOptions::default() }).unwrap_err();
+        assert!(matches!(err, Error::WrongNode { found: 2, expected: 3, .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_directory_whose_state_file_is_gone_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(open(tmp.path(), &OpenOptions::default()).unwrap());
+        std::fs::remove_file(tmp.path().join(crate::state_file::FILE_NAME)).unwrap();
+        let err = open(tmp.path(), &OpenOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("its state file (`state`) is missing"), "{err}");
     }
 
     #[tokio::test]

@@ -16,6 +16,15 @@ pub enum Error {
     /// The directory holds data but no (readable) format version, or sled found corruption.
     #[error("data directory {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// The directory lost something its node had promised the others (see
+    /// [`crate::start_check`]): the node must not vote again under its id.
+    #[error(
+        "data directory {path} is damaged: {reason}. This node may have lost a vote or entries it acknowledged, \
+             so it will not start under its id again. Remove it from the cluster (cluster remove-node), move the \
+             directory aside for inspection, and add an empty one under a new --id (cluster add-node); see \
+             docs/operations/safety.md"
+    )]
+    Damaged { path: PathBuf, reason: String },
     /// The directory is another node's.
     #[error(
         "data directory {path} belongs to node {found}, not node {expected} (--id): a node's data cannot serve \

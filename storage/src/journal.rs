@@ -20,12 +20,23 @@
 //! then started over. At open, its records are put back into sled, which
 //! restores whatever a crash took from sled's unflushed buffers.
 //!
-//! Layout: a 64-byte header (`FERRYJ01`, an epoch, a checksum), then records
-//! of a 20-byte head (payload length, a checksum of the epoch and payload,
-//! the epoch) and the payload. Starting over bumps the epoch in the header,
-//! so older records left in the file no longer count; reading stops at the
-//! first record that is short, fails its checksum, or has another epoch (a
-//! torn last write, or the end).
+//! Layout (format 2): a 64-byte header (`FERRYJ02`, an epoch, a checksum),
+//! then records of a 28-byte head (payload length, a checksum of the epoch,
+//! the synced offset and the payload, the epoch, the synced offset) and the
+//! payload. The synced offset is how far the journal was durable when the
+//! record was written: every byte before it had been through an
+//! `fdatasync`. Starting over bumps the epoch in the header, so older
+//! records left in the file no longer count.
+//!
+//! Reading stops at the first record that is short, fails its checksum, or
+//! has another epoch: the end, or a write torn by a crash. A torn write can
+//! only be one that was not synced yet, so the reader looks past it: a valid
+//! record of the current epoch further on whose synced offset is beyond the
+//! bad one proves the bad one had been synced, and so was damaged on disk
+//! afterwards. Then the journal is refused ([`JournalDamaged`]) instead of
+//! read as if its end were there. Format 1 (`FERRYJ01`, a 20-byte head
+//! without the synced offset) is still read, without that check; the first
+//! start over writes format 2.
 //!
 //! [`DataDir::sync`]: crate::db::DataDir
 
@@ -36,11 +47,15 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-const MAGIC: &[u8; 8] = b"FERRYJ01";
+const MAGIC: &[u8; 8] = b"FERRYJ02";
+/// Format 1's magic: records without the synced offset.
+const MAGIC_1: &[u8; 8] = b"FERRYJ01";
 /// Bytes before the first record.
 const HEADER: u64 = 64;
-/// Length (4), checksum (8), epoch (8).
-const RECORD_HEAD: usize = 20;
+/// Length (4), checksum (8), epoch (8), synced offset (8).
+const RECORD_HEAD: usize = 28;
+/// Format 1's record head: length, checksum, epoch.
+const RECORD_HEAD_1: usize = 20;
 /// Zeros written past the last record whenever the records reach the end of
 /// the zeros, so the file system converts its blocks a mebibyte at a time
 /// (one journal commit per mebibyte of records instead of per 4 KiB block).
@@ -61,17 +76,88 @@ pub(crate) struct Journal {
     /// Opened with records in it: appends wait for a [`Journal::reset`],
     /// since records after a torn one may still carry the current epoch.
     stale: bool,
+    /// How far the file is durable in the current epoch.
+    synced: Arc<std::sync::Mutex<Synced>>,
 }
 
-fn checksum(epoch: u64, payload: &[u8]) -> [u8; 8] {
+/// The offset through which a journal's current epoch is durable.
+#[derive(Debug, Clone, Copy)]
+struct Synced {
+    epoch: u64,
+    offset: u64,
+}
+
+/// A journal's file as of one append, to `fdatasync` off the journal's lock
+/// and on a blocking thread: [`SyncPoint::sync`] makes every record
+/// appended before it durable, and records that for later records.
+#[derive(Debug, Clone)]
+pub(crate) struct SyncPoint {
+    file: Arc<File>,
+    epoch: u64,
+    offset: u64,
+    synced: Arc<std::sync::Mutex<Synced>>,
+}
+
+impl SyncPoint {
+    /// `fdatasync`s the file.
+    pub(crate) fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        if synced.epoch == self.epoch {
+            synced.offset = synced.offset.max(self.offset);
+        }
+        Ok(())
+    }
+}
+
+/// A journal whose records were damaged after they were made durable.
+#[derive(Debug, thiserror::Error)]
+#[error("journal {path}: the record at byte {bad} is damaged, but a record at byte {later} was written after it had been synced")]
+pub(crate) struct JournalDamaged {
+    pub path: PathBuf,
+    pub bad: u64,
+    pub later: u64,
+}
+
+/// The first 8 bytes of blake3 over `parts`.
+fn checksum_of(parts: &[&[u8]]) -> [u8; 8] {
     let mut h = blake3::Hasher::new();
-    h.update(&epoch.to_le_bytes());
-    h.update(payload);
+    for part in parts {
+        h.update(part);
+    }
     let mut out = [0u8; 8];
     out.copy_from_slice(&h.finalize().as_bytes()[..8]);
     out
 }
 
+fn checksum(epoch: u64, payload: &[u8]) -> [u8; 8] {
+    checksum_of(&[&epoch.to_le_bytes(), payload])
+}
+
+fn record_checksum(epoch: u64, synced: u64, payload: &[u8]) -> [u8; 8] {
+    checksum_of(&[&epoch.to_le_bytes(), &synced.to_le_bytes(), payload])
+}
+
+/// A record of format 2 at `at`, valid in `epoch`: its payload's length
+/// and the synced offset it carries.
+fn record_at(bytes: &[u8], at: usize, epoch: u64) -> Option<(usize, u64)> {
+    let head = bytes.get(at..at + RECORD_HEAD)?;
+    if head[12..20] != epoch.to_le_bytes() {
+        return None;
+    }
+    let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+    let synced = u64::from_le_bytes(head[20..28].try_into().ok()?);
+    let payload = bytes.get(at + RECORD_HEAD..at + RECORD_HEAD + len)?;
+    (len > 0 && head[4..12] == record_checksum(epoch, synced, payload)).then_some((len, synced))
+}
+
+/// A record of format 1 at `at`, valid in `epoch`: its payload's length.
+fn record_1_at(bytes: &[u8], at: usize, epoch: u64) -> Option<usize> {
+    let head = bytes.get(at..at + RECORD_HEAD_1)?;
+    let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+    let payload = bytes.get(at + RECORD_HEAD_1..at + RECORD_HEAD_1 + len)?;
+    (len > 0 && head[12..20] == epoch.to_le_bytes() && head[4..12] == checksum(epoch, payload)).then_some(len)
+}
 fn header(epoch: u64) -> [u8; HEADER as usize] {
     let mut h = [0u8; HEADER as usize];
     h[..8].copy_from_slice(MAGIC);
@@ -118,6 +204,7 @@ impl Journal {
                 capacity,
                 written: HEADER,
                 stale: false,
+                synced: Arc::new(std::sync::Mutex::new(Synced { epoch: 1, offset: HEADER })),
             };
             Ok((journal, Vec::new()))
         };
@@ -131,25 +218,33 @@ impl Journal {
             // record can have been written yet.
             return create(existing);
         }
-        if bytes.len() < HEADER as usize || &bytes[..8] != MAGIC {
+        let magic = bytes.get(..8).filter(|m| *m == MAGIC || *m == MAGIC_1);
+        let Some(magic) = magic.filter(|_| bytes.len() >= HEADER as usize) else {
             return Err(corrupt(path, "not a ferry journal (bad header)"));
-        }
+        };
         let epoch = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
-        if bytes[16..24] != checksum(epoch, MAGIC) {
+        if bytes[16..24] != checksum(epoch, magic) {
             return Err(corrupt(path, "header checksum mismatch"));
         }
         let mut records = Vec::new();
         let mut at = HEADER as usize;
-        while let Some(head) = bytes.get(at..at + RECORD_HEAD) {
-            let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
-            let sum: [u8; 8] = head[4..12].try_into().expect("8 bytes");
-            let record_epoch = u64::from_le_bytes(head[12..20].try_into().expect("8 bytes"));
-            let Some(payload) = bytes.get(at + RECORD_HEAD..at + RECORD_HEAD + len) else { break };
-            if len == 0 || record_epoch != epoch || sum != checksum(epoch, payload) {
-                break;
+        if magic == MAGIC_1 {
+            while let Some(len) = record_1_at(&bytes, at, epoch) {
+                records.push(bytes[at + RECORD_HEAD_1..at + RECORD_HEAD_1 + len].to_vec());
+                at += RECORD_HEAD_1 + len;
             }
-            records.push(payload.to_vec());
-            at += RECORD_HEAD + len;
+        } else {
+            while let Some((len, _)) = record_at(&bytes, at, epoch) {
+                records.push(bytes[at + RECORD_HEAD..at + RECORD_HEAD + len].to_vec());
+                at += RECORD_HEAD + len;
+            }
+            // Past the end: a later record that knew this offset synced.
+            let later = (at + 1..bytes.len().saturating_sub(RECORD_HEAD - 1))
+                .find(|later| record_at(&bytes, *later, epoch).is_some_and(|(_, synced)| synced > at as u64));
+            if let Some(later) = later {
+                let damaged = JournalDamaged { path: path.into(), bad: at as u64, later: later as u64 };
+                return Err(std::io::Error::new(ErrorKind::InvalidData, damaged));
+            }
         }
         let journal = Self {
             path: path.into(),
@@ -159,6 +254,7 @@ impl Journal {
             capacity,
             written: at as u64,
             stale: true,
+            synced: Arc::new(std::sync::Mutex::new(Synced { epoch, offset: HEADER })),
         };
         Ok((journal, records))
     }
@@ -185,6 +281,14 @@ impl Journal {
         if self.stale {
             return Err(std::io::Error::other(format!("journal {}: reset it before appending", self.path.display())));
         }
+        let synced = {
+            let synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+            if synced.epoch == self.epoch {
+                synced.offset
+            } else {
+                HEADER
+            }
+        };
         let mut buf = Vec::new();
         for payload in payloads {
             let len = u32::try_from(payload.len())
@@ -192,8 +296,9 @@ impl Journal {
                 .filter(|l| *l > 0)
                 .ok_or_else(|| corrupt(&self.path, "a record must hold 1 byte to 4 GiB"))?;
             buf.extend_from_slice(&len.to_le_bytes());
-            buf.extend_from_slice(&checksum(self.epoch, payload));
+            buf.extend_from_slice(&record_checksum(self.epoch, synced, payload));
             buf.extend_from_slice(&self.epoch.to_le_bytes());
+            buf.extend_from_slice(&synced.to_le_bytes());
             buf.extend_from_slice(payload);
         }
         let end = self.end + buf.len() as u64;
@@ -211,10 +316,10 @@ impl Journal {
         Ok(())
     }
 
-    /// The file, to `fdatasync` off the lock and on a blocking thread: every
-    /// record appended before that call is durable after it.
-    pub(crate) fn file(&self) -> Arc<File> {
-        self.file.clone()
+    /// The file as of now, to sync off the lock: every record appended
+    /// before this call is durable after [`SyncPoint::sync`].
+    pub(crate) fn sync_point(&self) -> SyncPoint {
+        SyncPoint { file: self.file.clone(), epoch: self.epoch, offset: self.end, synced: self.synced.clone() }
     }
 
     /// Starts over, empty: call only when everything the records hold is
@@ -234,6 +339,7 @@ impl Journal {
         self.epoch = epoch;
         self.end = HEADER;
         self.stale = false;
+        *self.synced.lock().unwrap_or_else(|e| e.into_inner()) = Synced { epoch, offset: HEADER };
         Ok(())
     }
 }
@@ -330,7 +436,7 @@ mod tests {
         assert!(found.is_empty());
         j.append([b"one".as_slice(), b"two"]).unwrap();
         j.append([b"three".as_slice()]).unwrap();
-        j.file().sync_data().unwrap();
+        j.sync_point().sync().unwrap();
         drop(j);
         let (mut j, found) = Journal::open(&path, 1 << 20).unwrap();
         assert_eq!(payloads(&found), [b"one".as_slice(), b"two", b"three"]);
@@ -363,6 +469,54 @@ mod tests {
         drop(j);
         let (_, found) = Journal::open(&path, 1 << 20).unwrap();
         assert_eq!(payloads(&found), [b"kept".as_slice(), b"replace"]);
+    }
+
+    #[test]
+    fn damage_to_a_synced_record_is_refused_not_read_as_the_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("journal");
+        let (mut j, _) = Journal::open(&path, 1 << 20).unwrap();
+        j.append([b"first".as_slice()]).unwrap();
+        j.append([b"second".as_slice()]).unwrap();
+        j.sync_point().sync().unwrap();
+        j.append([b"third".as_slice()]).unwrap();
+        j.sync_point().sync().unwrap();
+        drop(j);
+        // Flip a byte of "second", which was synced before "third" was written.
+        let second = HEADER + (RECORD_HEAD + 5 + RECORD_HEAD) as u64;
+        let f = File::options().write(true).open(&path).unwrap();
+        f.write_all_at(b"S", second).unwrap();
+        let err = Journal::open(&path, 1 << 20).unwrap_err();
+        let damaged = err.get_ref().and_then(|e| e.downcast_ref::<JournalDamaged>()).expect("JournalDamaged");
+        assert_eq!((damaged.bad, damaged.later), (HEADER + (RECORD_HEAD + 5) as u64, second + 6));
+        assert!(err.to_string().contains("written after it had been synced"), "{err}");
+    }
+
+    #[test]
+    fn a_format_1_journal_is_still_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("journal");
+        let epoch = 3u64;
+        let mut bytes = vec![0u8; HEADER as usize];
+        bytes[..8].copy_from_slice(MAGIC_1);
+        bytes[8..16].copy_from_slice(&epoch.to_le_bytes());
+        bytes[16..24].copy_from_slice(&checksum(epoch, MAGIC_1));
+        for payload in [b"one".as_slice(), b"two"] {
+            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&checksum(epoch, payload));
+            bytes.extend_from_slice(&epoch.to_le_bytes());
+            bytes.extend_from_slice(payload);
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let (mut j, found) = Journal::open(&path, 1 << 20).unwrap();
+        assert_eq!(payloads(&found), [b"one".as_slice(), b"two"]);
+        // Started over, it writes format 2.
+        j.reset().unwrap();
+        j.append([b"three".as_slice()]).unwrap();
+        drop(j);
+        assert_eq!(&std::fs::read(&path).unwrap()[..8], MAGIC);
+        let (_, found) = Journal::open(&path, 1 << 20).unwrap();
+        assert_eq!(payloads(&found), [b"three".as_slice()]);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! - [`jobs`] — workers and file distribution jobs.
 //! - [`log_store`] — `RaftLogStorage`, and its journal (`journal.rs`).
 //! - [`log_sync`] — how far the log is durable: the leader's early appends.
+//! - `state_file` — the vote and the other facts kept outside sled;
+//!   `start_check` — what a start compares against them.
 //! - [`state_machine`] — `RaftStateMachine`, reads, digests.
 //! - [`snapshot`] — the snapshot file format.
 //! - [`registry`] — service registry instances as stored.
@@ -35,6 +37,8 @@ pub mod log_sync;
 pub mod probes;
 pub mod registry;
 pub mod snapshot;
+pub(crate) mod start_check;
+pub(crate) mod state_file;
 pub mod state_machine;
 pub mod upgrade;
 

@@ -4,10 +4,13 @@
 //! Durability: an `append` goes into sled unflushed and into the data
 //! directory's active journal (`journal.rs`), one `pwrite` and one
 //! `fdatasync`, before openraft is told it is saved; at open, the journals'
-//! records are put back into sled. `save_vote`, `truncate` and `purge` flush
-//! sled and `fdatasync` its files ([`DataDir::sync`](crate::db::DataDir)), so
-//! a vote or an entry openraft believes saved survives a crash or a power
-//! loss. When the active journal is full, appends go on in the other one
+//! records are put back into sled. The vote and the last purged id are in
+//! the node's state file ([`crate::state_file`]), written and synced before
+//! openraft hears they are saved; `truncate` flushes sled and `fdatasync`s
+//! its files ([`DataDir::sync`](crate::db::DataDir)), so a vote or an entry
+//! openraft believes saved survives a crash or a power loss. Every full
+//! sled sync records in the state file which entry it covers ("durable
+//! through"), and every open checks sled against it ([`crate::start_check`]). When the active journal is full, appends go on in the other one
 //! while such a full sync (a checkpoint) covers the first in the background;
 //! `truncate` and a clean stop checkpoint at once and start both over.
 //! openraft 0.9 waits for each append to be flushed before it issues the
@@ -35,12 +38,11 @@ use openraft::{Entry, LogId, OptionalSend, RaftLogId, StorageIOError, Vote};
 use crate::codec;
 use crate::db::DataDir;
 use crate::error::Error;
-use crate::journal::{Journal, Journals};
+use crate::journal::{Journal, JournalDamaged, Journals, SyncPoint};
+use crate::start_check::LogFacts;
 use crate::{NodeId, RaftStorageError, TypeConfig};
 
-const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
-const KEY_LAST_PURGED: &[u8] = b"last_purged";
 /// The journals' files in the data directory (used in turn).
 const JOURNAL_FILES: [&str; 2] = ["journal", "journal.1"];
 /// Bytes of one journal: past them appends go to the other journal, and a
@@ -79,7 +81,7 @@ pub struct LogStore {
 struct Background {
     /// The newest append not yet covered by a sync that started, and its
     /// journal file.
-    wanted: Option<(LogId<NodeId>, Arc<std::fs::File>)>,
+    wanted: Option<(LogId<NodeId>, SyncPoint)>,
     /// The newest append synced in the background, or to be.
     written: Option<LogId<NodeId>>,
     /// A task is syncing (it ends when nothing is wanted).
@@ -93,8 +95,14 @@ impl LogStore {
         let committed = Arc::new(AtomicU64::new(committed.map(|c| c.index).unwrap_or(0)));
         let open_error = |source| Error::Open { path: dir.path.clone(), source };
         let paths = JOURNAL_FILES.map(|name| dir.path.join(name));
-        let (mut journal, records) = Journals::open([&paths[0], &paths[1]], JOURNAL_BYTES).map_err(open_error)?;
-        let purged: Option<LogId<NodeId>> = read_meta(&dir.meta, KEY_LAST_PURGED, "last_purged")?;
+        let (mut journal, records) = Journals::open([&paths[0], &paths[1]], JOURNAL_BYTES).map_err(|e| {
+            match e.get_ref().and_then(|inner| inner.downcast_ref::<JournalDamaged>()) {
+                Some(damaged) => Error::Damaged { path: dir.path.clone(), reason: damaged.to_string() },
+                None => open_error(e),
+            }
+        })?;
+        let state = dir.node_state();
+        let purged = state.last_purged;
         if !records.is_empty() {
             // Entries a crash may have taken from sled's unflushed buffers.
             for record in &records {
@@ -109,19 +117,19 @@ impl LogStore {
             }
             dir.sync_blocking().map_err(open_error)?;
         }
+        // All of sled is durable now (the data directory synced it at open):
+        // it must hold what the state file says was, and from now on it
+        // covers what the journals held.
+        let facts = log_facts(&log, &dir, state.durable_through.map(|d| d.index))?;
+        crate::start_check::check(&state, &facts)
+            .map_err(|reason| Error::Damaged { path: dir.path.clone(), reason })?;
+        if facts.last > state.durable_through {
+            dir.update_state_blocking(|s| s.durable_through = facts.last).map_err(open_error)?;
+        }
         journal.reset_all().map_err(open_error)?;
         let journal = Arc::new(Mutex::new(journal));
-        // All of it is durable now.
-        let last = match log.last().map_err(|source| Error::Store { op: "read the log", source })? {
-            Some((_, raw)) => Some(
-                *decode_entry(raw.as_ref())
-                    .map_err(|e| Error::Corrupt { path: dir.path.clone(), reason: e.to_string() })?
-                    .get_log_id(),
-            ),
-            None => None,
-        };
-        dir.log_sync.reset(last.max(purged));
-        let vote = read_meta(&dir.meta, KEY_VOTE, "vote")?;
+        dir.log_sync.reset(facts.last.max(purged));
+        let vote = state.vote;
         Ok(Self {
             dir,
             log,
@@ -153,7 +161,7 @@ impl LogStore {
     }
 
     /// Syncs `file` up to the append of `id` on a blocking thread.
-    fn sync_in_background(&self, id: LogId<NodeId>, file: Arc<std::fs::File>) {
+    fn sync_in_background(&self, id: LogId<NodeId>, file: SyncPoint) {
         let start = {
             let mut background = self.background();
             background.wanted = Some((id, file));
@@ -175,7 +183,7 @@ impl LogStore {
                     }
                 }
             };
-            match file.sync_data() {
+            match file.sync() {
                 Ok(()) => {
                     flushes.fetch_add(1, Ordering::Relaxed);
                     sync.advance(id);
@@ -215,6 +223,8 @@ impl LogStore {
             task.await.map_err(std::io::Error::other)??;
         }
         self.dir.sync().await?;
+        let through = last_in(&self.log).map_err(std::io::Error::other)?.max(self.last_purged());
+        self.dir.update_state(move |s| s.durable_through = through).await?;
         self.journal().reset_all()
     }
 
@@ -232,11 +242,15 @@ impl LogStore {
             // not reused, and the append fails (openraft stops the node).
             task.await.map_err(std::io::Error::other)??;
         }
+        // Every entry in the full journal is in sled: the sync below covers
+        // them all.
+        let through = last_in(&self.log).map_err(std::io::Error::other)?.max(self.last_purged());
         self.journal().switch()?;
         let dir = self.dir.clone();
         *syncing = Some(tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             dir.sync_blocking()?;
+            dir.update_state_blocking(|s| s.durable_through = through)?;
             tracing::debug!(ms = started.elapsed().as_millis() as u64, "log checkpoint (full sled sync)");
             Ok(())
         }));
@@ -282,11 +296,11 @@ impl LogStore {
     }
 }
 
-/// Blocking: makes the last purged id (already in the meta tree) durable,
-/// then deletes the entries up to `upto`, oldest first.
-fn delete_purged(dir: &DataDir, log: &<Db as Store>::Tree, upto: u64) -> std::io::Result<usize> {
-    dir.sync_blocking()?;
-    let (mut deleted, last) = (0, index_key(upto));
+/// Blocking: records the last purged id in the state file, then deletes
+/// the entries up to it, oldest first.
+fn delete_purged(dir: &DataDir, log: &<Db as Store>::Tree, upto: LogId<NodeId>) -> std::io::Result<usize> {
+    dir.update_state_blocking(|s| s.last_purged = s.last_purged.max(Some(upto)))?;
+    let (mut deleted, last) = (0, index_key(upto.index));
     // One remove at a time (not one batch, which would block every other
     // write to sled while it runs).
     while let Some((key, _)) = log.first().map_err(std::io::Error::other)? {
@@ -297,6 +311,30 @@ fn delete_purged(dir: &DataDir, log: &<Db as Store>::Tree, upto: u64) -> std::io
         deleted += 1;
     }
     Ok(deleted)
+}
+
+/// What the log holds, for the start checks: `durable` is the index whose
+/// entry's id they compare.
+fn log_facts(log: &<Db as Store>::Tree, dir: &DataDir, durable: Option<u64>) -> Result<LogFacts, Error> {
+    let corrupt = |reason: String| Error::Corrupt { path: dir.path.clone(), reason };
+    let mut facts = LogFacts::default();
+    let mut previous = None;
+    for item in log.iter() {
+        let (key, raw) = item.map_err(|source| Error::Store { op: "read the log", source })?;
+        let index =
+            key.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| corrupt("a log key is not 8 bytes".into()))?;
+        match previous {
+            None => facts.first = Some(index),
+            Some(p) if p + 1 != index && facts.gap.is_none() => facts.gap = Some((p, index)),
+            Some(_) => {}
+        }
+        previous = Some(index);
+        if Some(index) == durable {
+            facts.at_durable = Some(*decode_entry(raw.as_ref()).map_err(|e| corrupt(e.to_string()))?.get_log_id());
+        }
+    }
+    facts.last = last_in(log).map_err(|e| corrupt(e.to_string()))?;
+    Ok(facts)
 }
 
 fn read_meta<T: serde::de::DeserializeOwned>(
@@ -380,15 +418,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
-        let raw = codec::encode("vote", vote).map_err(|e| StorageIOError::write_vote(&e))?;
-        self.dir.meta.insert(KEY_VOTE, &raw).map_err(|e| StorageIOError::write_vote(&e))?;
-        self.dir.sync().await.map_err(|e| StorageIOError::write_vote(&e))?;
+        let saved = *vote;
+        self.dir.update_state(move |s| s.vote = Some(saved)).await.map_err(|e| StorageIOError::write_vote(&e))?;
         *self.vote.lock().unwrap_or_else(|e| e.into_inner()) = Some(*vote);
         Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
-        read_meta(&self.dir.meta, KEY_VOTE, "vote").map_err(|e| StorageIOError::read_vote(&e).into())
+        Ok(self.dir.node_state().vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), RaftStorageError> {
@@ -452,7 +489,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut journals = self.journal();
             let journal = journals.active();
             journal.append(records.iter().map(Vec::as_slice)).map_err(|e| StorageIOError::write_logs(&e))?;
-            journal.file()
+            journal.sync_point()
         };
         if self.leads(&ids) {
             // Sent to the followers while it syncs (`log_sync.rs`).
@@ -465,11 +502,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // saves the blocking pool's two thread hops per write (about 0.15 ms
         // of a 1.3-1.5 ms one-client put here).
         let flushed = if self.dir.sync_appends_inline {
-            file.sync_data()
+            file.sync()
         } else {
-            tokio::task::spawn_blocking(move || file.sync_data())
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            tokio::task::spawn_blocking(move || file.sync()).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
         };
         self.flushes.fetch_add(1, Ordering::Relaxed);
         // The sync covers every earlier write to this journal too (a
@@ -484,8 +519,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
         // Start the journal over first: once the entries are gone from sled,
-        // replaying it after a crash would bring them back.
+        // replaying it after a crash would bring them back. And durable
+        // through no more than what stays, before anything goes.
         self.checkpoint().await.map_err(|e| StorageIOError::write_logs(&e))?;
+        let stays = match log_id.index.checked_sub(1) {
+            Some(i) => self.try_get_log_entries(i..=i).await?.first().map(|e| e.log_id).or(self.last_purged()),
+            None => None,
+        };
+        let lowered = self.dir.update_state(move |s| s.durable_through = s.durable_through.min(stays));
+        lowered.await.map_err(|e| StorageIOError::write_logs(&e))?;
         let mut batch = Batch::default();
         for item in self.log.range(Bound::Included(&index_key(log_id.index)[..]), Bound::Unbounded) {
             let (key, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
@@ -500,10 +542,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
-        // Recorded first, durable before any entry is deleted: a crash
+        // Durable before any entry is deleted (in the background): a crash
         // leaves extra entries, never a hole.
-        let raw = codec::encode("last_purged", &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
-        self.dir.meta.insert(KEY_LAST_PURGED, &raw).map_err(|e| StorageIOError::write_logs(&e))?;
         *self.purged.lock().unwrap_or_else(|e| e.into_inner()) = Some(log_id);
         let mut purging = self.purging.lock().await;
         let previous = purging.take();
@@ -513,7 +553,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let _ = previous.await;
             }
             let started = Instant::now();
-            match tokio::task::spawn_blocking(move || delete_purged(&dir, &log, log_id.index)).await {
+            match tokio::task::spawn_blocking(move || delete_purged(&dir, &log, log_id)).await {
                 Ok(Ok(deleted)) => {
                     let ms = started.elapsed().as_millis() as u64;
                     tracing::info!(ms, deleted, upto = log_id.index, "purged the log");
@@ -528,187 +568,4 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use openraft::storage::RaftLogStorageExt;
-    use openraft::{CommittedLeaderId, EntryPayload};
-
-    use super::*;
-    use crate::db::{open, OpenOptions};
-
-    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
-        Entry { log_id: LogId::new(CommittedLeaderId::new(term, 1), index), payload: EntryPayload::Blank }
-    }
-
-    /// (term, index) of every entry in the log.
-    async fn contents(log: &mut LogStore) -> Vec<(u64, u64)> {
-        let entries = log.try_get_log_entries(..).await.unwrap();
-        entries.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect()
-    }
-
-    /// Opens `path`, waiting while a store dropped just before still holds
-    /// sled's lock (sled's I/O threads finish their last writes first).
-    fn reopen(path: &std::path::Path) -> LogStore {
-        for _ in 0..250 {
-            match open(path, &OpenOptions::default()) {
-                Err(Error::Locked { .. }) => std::thread::sleep(std::time::Duration::from_millis(20)),
-                opened => return opened.unwrap().0,
-            }
-        }
-        panic!("{} stayed locked for 5 s", path.display());
-    }
-
-    #[tokio::test]
-    async fn entries_that_sled_lost_come_back_from_the_journal() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut log = reopen(tmp.path());
-        log.blocking_append((1..=5).map(|i| entry(1, i))).await.unwrap();
-        // What a crash does to entries still in sled's unflushed buffers:
-        // here 3 to 5 are removed and sled synced without them.
-        for i in 3..=5 {
-            log.log.remove(&index_key(i)).unwrap();
-        }
-        log.dir.sync_blocking().unwrap();
-        drop(log);
-        let mut log = reopen(tmp.path());
-        assert_eq!(contents(&mut log).await, [(1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]);
-        // The journal started over at open: a second reopen finds the same.
-        drop(log);
-        let mut log = reopen(tmp.path());
-        assert_eq!(contents(&mut log).await.len(), 5);
-    }
-
-    #[tokio::test]
-    async fn a_failed_sync_is_final_and_the_journal_keeps_what_sled_may_have_lost() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("fail-sync");
-        let mut log = reopen(&path);
-        log.blocking_append((1..=3).map(|i| entry(1, i))).await.unwrap();
-        // One failed sync (a writeback error), as the kernel reports it once.
-        fail::cfg("data-dir-sync", "return").unwrap();
-        assert!(log.checkpoint().await.is_err());
-        fail::remove("data-dir-sync");
-        // The next sync would "succeed" over pages marked clean: it is refused,
-        // and the journals are not reset.
-        assert!(log.checkpoint().await.is_err(), "a sync after a failed one must fail too");
-        // What sled lost comes back from the journal at the restart.
-        for i in 2..=3 {
-            log.log.remove(&index_key(i)).unwrap();
-        }
-        drop(log);
-        let mut log = reopen(&path);
-        assert_eq!(contents(&mut log).await, [(1, 1), (1, 2), (1, 3)]);
-    }
-
-    #[tokio::test]
-    async fn truncated_and_purged_entries_stay_gone_after_a_reopen() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut log = reopen(tmp.path());
-        log.blocking_append((1..=5).map(|i| entry(1, i))).await.unwrap();
-        log.truncate(LogId::new(CommittedLeaderId::new(1, 1), 3)).await.unwrap();
-        log.blocking_append([entry(2, 3)]).await.unwrap();
-        drop(log);
-        let mut log = reopen(tmp.path());
-        assert_eq!(contents(&mut log).await, [(1, 1), (1, 2), (2, 3)]);
-        log.purge(LogId::new(CommittedLeaderId::new(1, 1), 2)).await.unwrap();
-        // Purged at once for readers, deleted in the background.
-        assert_eq!(contents(&mut log).await, [(2, 3)]);
-        log.purged().await;
-        assert_eq!(log.log.len(), 1);
-        drop(log);
-        let mut log = reopen(tmp.path());
-        assert_eq!(contents(&mut log).await, [(2, 3)]);
-        let state = log.get_log_state().await.unwrap();
-        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(2));
-    }
-
-    #[tokio::test]
-    async fn a_full_journal_checkpoints_and_keeps_every_entry() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut log = reopen(tmp.path());
-        let big = |index: u64| Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(crate::Command {
-                request_id: format!("r{index}"),
-                op: crate::Op::Put { key: format!("k{index}"), value: vec![7u8; 1 << 20] },
-            }),
-        };
-        let turns = |log: &mut LogStore, last: &mut u64| {
-            let len = log.journal().active().len();
-            let turned = len < *last;
-            *last = len;
-            usize::from(turned)
-        };
-        // 20 MiB: the 16 MiB journal is full and the other takes over.
-        let (mut turned, mut last) = (0, 0);
-        for i in 1..=20 {
-            log.blocking_append([big(i)]).await.unwrap();
-            turned += turns(&mut log, &mut last);
-        }
-        assert_eq!(turned, 1);
-        // What a crash does to entries still in sled's buffers: both
-        // journals bring theirs back.
-        for i in 10..=20 {
-            log.log.remove(&index_key(i)).unwrap();
-        }
-        log.dir.sync_blocking().unwrap();
-        drop(log);
-        let mut log = reopen(tmp.path());
-        assert_eq!(contents(&mut log).await.len(), 20);
-        // 35 MiB more: they take turns twice, the second time after the
-        // first background checkpoint.
-        let (mut turned, mut last) = (0, 0);
-        for i in 21..=55 {
-            log.blocking_append([big(i)]).await.unwrap();
-            turned += turns(&mut log, &mut last);
-        }
-        assert_eq!(turned, 2);
-        drop(log);
-        let mut log = reopen(tmp.path());
-        assert_eq!(contents(&mut log).await.len(), 55);
-    }
-
-    #[tokio::test]
-    async fn the_leaders_own_appends_sync_in_the_background_and_applies_wait_for_them() {
-        use openraft::storage::RaftStateMachine;
-
-        let tmp = tempfile::tempdir().unwrap();
-        let (mut log, mut sm) = open(tmp.path(), &OpenOptions { node_id: Some(1), ..OpenOptions::default() }).unwrap();
-        let sync = log.log_sync();
-        let by = |leader: u64, term: u64, index: u64| Entry::<TypeConfig> {
-            log_id: LogId::new(CommittedLeaderId::new(term, leader), index),
-            payload: EntryPayload::Blank,
-        };
-        let in_background = |log: &LogStore| log.background().written;
-
-        // A follower of node 2: synced before the append returns.
-        log.save_vote(&Vote::new_committed(1, 2)).await.unwrap();
-        log.blocking_append([by(2, 1, 1)]).await.unwrap();
-        assert_eq!(sync.synced(), Some(by(2, 1, 1).log_id));
-        // A candidate's entry (vote not granted yet) is not one of a leader.
-        log.save_vote(&Vote::new(2, 1)).await.unwrap();
-        log.blocking_append([by(1, 2, 2)]).await.unwrap();
-        assert_eq!((sync.synced(), in_background(&log)), (Some(by(1, 2, 2).log_id), None));
-
-        // Leader of term 2: its entries are saved once written, synced after.
-        log.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
-        log.blocking_append([by(1, 2, 3)]).await.unwrap();
-        assert_eq!(in_background(&log), Some(by(1, 2, 3).log_id));
-        sync.wait_for(3).await.unwrap();
-
-        // The state machine applies no entry the log has not synced.
-        let applying = sm.apply([by(1, 2, 4)]);
-        assert!(tokio::time::timeout(std::time::Duration::from_millis(100), applying).await.is_err());
-        log.blocking_append([by(1, 2, 4)]).await.unwrap();
-        assert_eq!(sm.apply([by(1, 2, 4)]).await.unwrap().len(), 1);
-        assert_eq!(sync.synced(), Some(by(1, 2, 4).log_id));
-
-        // A checkpoint waits for the background; reopened, all is there.
-        log.blocking_append([by(1, 2, 5)]).await.unwrap();
-        log.checkpoint().await.unwrap();
-        assert_eq!(sync.synced(), Some(by(1, 2, 5).log_id));
-        drop((log, sm));
-        let mut log = reopen(tmp.path());
-        assert_eq!(contents(&mut log).await, [(1, 1), (2, 2), (2, 3), (2, 4), (2, 5)]);
-        assert_eq!(log.log_sync().synced(), Some(by(1, 2, 5).log_id));
-    }
-}
+mod tests;

@@ -14,8 +14,9 @@
 //! while openraft runs no apply (one point in time; the maps are persistent,
 //! so the copy shares them and costs O(1), and later applies copy only the
 //! nodes they change), written off the apply
-//! path as `*.tmp`, fsynced, renamed, and then recorded as current in the database's
-//! `meta` tree (flushed) before older snapshot files are deleted. A build
+//! path as `*.tmp`, fsynced, renamed, and then recorded as current in the
+//! node's state file ([`crate::state_file`], synced) before older snapshot
+//! files are deleted. A build
 //! that finishes after a newer snapshot was installed is not recorded.
 
 mod listing;
@@ -28,7 +29,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_db::Tree;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{BasicNode, Entry, LogId, OptionalSend, SnapshotMeta, StorageIOError, StoredMembership};
 
@@ -51,8 +51,6 @@ pub const DEDUP_WINDOW: u64 = 100_000;
 /// a client's retry budget (the SDK's default is 15 s); it bounds the memory
 /// (about 150 bytes an id) and the snapshot size under sustained load.
 pub const DEDUP_MAX_IDS: usize = 500_000;
-
-const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
 type Membership = StoredMembership<NodeId, BasicNode>;
 
@@ -123,21 +121,6 @@ pub struct Digest {
     pub keys: u64,
     /// Hex BLAKE3 over revision and every key, value and revision field.
     pub hex: String,
-}
-
-fn store_err(op: &'static str) -> impl Fn(ferry_db::Error) -> Error {
-    move |source| Error::Store { op, source }
-}
-
-fn read_value<T: serde::de::DeserializeOwned>(
-    tree: &<ferry_db::Db as ferry_db::Store>::Tree,
-    key: &[u8],
-    what: &'static str,
-) -> Result<Option<T>, Error> {
-    match tree.get(key).map_err(store_err("read"))? {
-        Some(raw) => Ok(Some(codec::decode(what, raw.as_ref())?)),
-        None => Ok(None),
-    }
 }
 
 /// Reads a snapshot file into a state. `meta` (openraft's, on install)
@@ -235,8 +218,7 @@ fn write_records<W: std::io::Write>(state: &State, header: &Header, out: W) -> R
 
 impl StateMachineStore {
     pub(crate) fn new(dir: DataDir) -> Result<Self, Error> {
-        let pointer: Option<(SnapshotMeta<NodeId, BasicNode>, String)> =
-            read_value(&dir.meta, KEY_SNAPSHOT, "snapshot pointer")?;
+        let pointer = dir.node_state().snapshot;
         let state = match &pointer {
             Some((meta, name)) => load(&dir.snapshot_dir().join(name), Some(meta))?,
             None => State::default(),
@@ -332,12 +314,9 @@ impl StateMachineStore {
         let name = format!("snap-{}.bin", meta.snapshot_id);
         std::fs::rename(tmp, dir.join(&name)).map_err(|source| Error::Snapshot { op: "rename", source })?;
         snapshot::sync_dir(&dir)?;
-        self.inner
-            .dir
-            .meta
-            .insert(KEY_SNAPSHOT, &codec::encode("snapshot pointer", &(meta, &name))?)
-            .map_err(store_err("record snapshot"))?;
-        self.inner.dir.sync_blocking().map_err(|source| Error::Snapshot { op: "sync the pointer", source })?;
+        let pointer = (meta.clone(), name.clone());
+        let recorded = self.inner.dir.update_state_blocking(|s| s.snapshot = Some(pointer));
+        recorded.map_err(|source| Error::Snapshot { op: "record the current snapshot", source })?;
         *current = meta.last_log_id;
         if let Ok(listing) = std::fs::read_dir(&dir) {
             for item in listing.flatten() {
@@ -380,9 +359,7 @@ impl StateMachineStore {
     }
 
     fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
-        let Some((meta, name)): Option<(SnapshotMeta<NodeId, BasicNode>, String)> =
-            read_value(&self.inner.dir.meta, KEY_SNAPSHOT, "snapshot pointer")?
-        else {
+        let Some((meta, name)) = self.inner.dir.node_state().snapshot else {
             return Ok(None);
         };
         let path = self.inner.dir.snapshot_dir().join(name);

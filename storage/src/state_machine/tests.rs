@@ -1,4 +1,4 @@
-use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 
 use crate::command::{Command, CommandResult, Op};
@@ -187,7 +187,9 @@ async fn snapshot_installs_into_an_identical_replica_and_survives_reopen() {
     let want = leader.reader().digest().unwrap();
 
     {
-        let (_f, mut follower) = open(follower_dir.path(), &OpenOptions::default()).unwrap();
+        let (mut f, mut follower) = open(follower_dir.path(), &OpenOptions::default()).unwrap();
+        // A follower has the leader's vote before it installs its snapshot.
+        f.save_vote(&openraft::Vote::new_committed(1, 1)).await.unwrap();
         follower.apply(vec![entry(1, "stale", put("stale", "x"))]).await.unwrap();
         let current = leader.get_current_snapshot().await.unwrap().unwrap();
         follower.install_snapshot(&current.meta, current.snapshot).await.unwrap();
@@ -484,7 +486,9 @@ async fn a_snapshot_is_the_state_when_it_was_asked_for_and_a_stale_build_is_not_
     assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(10));
 
     {
-        let (_f, mut follower) = open(follower_dir.path(), &OpenOptions::default()).unwrap();
+        let (mut f, mut follower) = open(follower_dir.path(), &OpenOptions::default()).unwrap();
+        // A follower has the leader's vote before it installs its snapshot.
+        f.save_vote(&openraft::Vote::new_committed(1, 1)).await.unwrap();
         follower.apply(vec![entry(1, "f1", put("mine", "v"))]).await.unwrap();
         let mut stale = follower.get_snapshot_builder().await;
         let current = leader.get_current_snapshot().await.unwrap().unwrap();
