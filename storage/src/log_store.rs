@@ -120,7 +120,9 @@ impl LogStore {
         // All of sled is durable now (the data directory synced it at open):
         // it must hold what the state file says was, and from now on it
         // covers what the journals held.
-        let facts = log_facts(&log, &dir, state.durable_through.map(|d| d.index))?;
+        let snapshot = state.snapshot.as_ref().and_then(|(meta, _)| meta.last_log_id);
+        let base = snapshot.max(purged).map(|id| id.index);
+        let facts = log_facts(&log, &dir, base, state.durable_through.map(|d| d.index))?;
         crate::start_check::check(&state, &facts)
             .map_err(|reason| Error::Damaged { path: dir.path.clone(), reason })?;
         if facts.last > state.durable_through {
@@ -313,13 +315,21 @@ fn delete_purged(dir: &DataDir, log: &<Db as Store>::Tree, upto: LogId<NodeId>) 
     Ok(deleted)
 }
 
-/// What the log holds, for the start checks: `durable` is the index whose
-/// entry's id they compare.
-fn log_facts(log: &<Db as Store>::Tree, dir: &DataDir, durable: Option<u64>) -> Result<LogFacts, Error> {
+/// What the log holds after `base` (the snapshot's or last purged index:
+/// entries up to it may be left over from a purge, with holes), for the
+/// start checks: `durable` is the index whose entry's id they compare.
+fn log_facts(
+    log: &<Db as Store>::Tree,
+    dir: &DataDir,
+    base: Option<u64>,
+    durable: Option<u64>,
+) -> Result<LogFacts, Error> {
     let corrupt = |reason: String| Error::Corrupt { path: dir.path.clone(), reason };
     let mut facts = LogFacts::default();
     let mut previous = None;
-    for item in log.iter() {
+    let after = base.map(index_key);
+    let start = after.as_ref().map_or(Bound::Unbounded, |key| Bound::Excluded(&key[..]));
+    for item in log.range(start, Bound::Unbounded) {
         let (key, raw) = item.map_err(|source| Error::Store { op: "read the log", source })?;
         let index =
             key.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| corrupt("a log key is not 8 bytes".into()))?;

@@ -15,13 +15,17 @@ use crate::state_file::NodeState;
 use crate::NodeId;
 
 /// What the log in sled holds, after the journals were replayed into it.
+/// Entries the snapshot holds are left out of `first` and `gap`: a purge
+/// deletes them in the background, and a follower that installed a
+/// snapshot may hold older ones before it.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct LogFacts {
-    /// The first index present.
+    /// The first index present after the snapshot.
     pub first: Option<u64>,
     /// The last entry's id.
     pub last: Option<LogId<NodeId>>,
-    /// The first hole: the index before it and the next one present.
+    /// The first hole after the snapshot: the index before it and the
+    /// next one present.
     pub gap: Option<(u64, u64)>,
     /// The id of the entry at the state file's `durable_through` index.
     pub at_durable: Option<LogId<NodeId>>,

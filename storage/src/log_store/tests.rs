@@ -88,6 +88,30 @@ async fn a_log_that_lost_what_was_durable_is_refused_at_every_start() {
 }
 
 #[tokio::test]
+async fn entries_a_snapshot_holds_may_be_left_with_holes() {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = try_reopen(tmp.path()).unwrap();
+    init(&mut log).await;
+    log.blocking_append((1..=5).map(|i| entry(1, i))).await.unwrap();
+    sm.apply(log.try_get_log_entries(..=5).await.unwrap()).await.unwrap();
+    sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    log.purge(LogId::new(CommittedLeaderId::new(1, 1), 5)).await.unwrap();
+    log.purged().await;
+    // What a crash in the middle of a purge (or a follower's log before an
+    // installed snapshot) leaves: old entries, then a hole, then the log.
+    for i in 1..=2 {
+        let raw = codec::encode("log entry", &entry(1, i)).unwrap();
+        log.log.insert(&index_key(i), &raw).unwrap();
+    }
+    log.blocking_append((6..=7).map(|i| entry(1, i))).await.unwrap();
+    log.checkpoint().await.unwrap();
+    drop((log, sm));
+    let mut log = reopen(tmp.path());
+    assert_eq!(contents(&mut log).await, [(1, 6), (1, 7)]);
+}
+
+#[tokio::test]
 async fn a_hole_in_the_log_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = reopen(tmp.path());
