@@ -235,7 +235,7 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
         Some(raw) => Some(u32::from_be_bytes(fixed(path, "data_version", raw.as_ref())?)),
         None => None,
     };
-    let state = match (found, StateFile::open(path)?) {
+    let state = match (found, StateFile::open(path, found.is_none())?) {
         (Some(found), _) if !(OLDEST_UPGRADED..=DATA_VERSION).contains(&found) => {
             return Err(Error::UnknownVersion { path: path.into(), found, supported: DATA_VERSION });
         }

@@ -91,8 +91,10 @@ fn read_slot(bytes: &[u8]) -> Option<(u64, &[u8])> {
 }
 
 impl StateFile {
-    /// Reads the state file in `dir`, or `None` if there is none.
-    pub(crate) fn open(dir: &Path) -> Result<Option<Self>, Error> {
+    /// Reads the state file in `dir`, or `None` if there is none. With
+    /// `new_dir` (nothing else in the directory was written yet) a file of
+    /// zeros, cut off while it was created, is removed and counts as none.
+    pub(crate) fn open(dir: &Path, new_dir: bool) -> Result<Option<Self>, Error> {
         let path = dir.join(FILE_NAME);
         let file = match File::options().read(true).write(true).open(&path) {
             Ok(file) => file,
@@ -108,6 +110,11 @@ impl StateFile {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(source) => return Err(Error::Open { path, source }),
             }
+        }
+        if new_dir && bytes.iter().all(|b| *b == 0) {
+            drop(file);
+            std::fs::remove_file(&path).map_err(|source| Error::Open { path, source })?;
+            return Ok(None);
         }
         let newest = bytes.chunks(SLOT).filter_map(read_slot).max_by_key(|(generation, _)| *generation);
         let Some((generation, payload)) = newest else {
@@ -185,18 +192,18 @@ mod tests {
     #[test]
     fn the_newest_write_wins_and_a_torn_one_falls_back_to_the_one_before() {
         let tmp = tempfile::tempdir().unwrap();
-        assert!(StateFile::open(tmp.path()).unwrap().is_none());
+        assert!(StateFile::open(tmp.path(), false).unwrap().is_none());
         let mut file = StateFile::create(tmp.path(), state(1)).unwrap();
         file.write(state(2)).unwrap();
         file.write(state(3)).unwrap();
         drop(file);
-        let file = StateFile::open(tmp.path()).unwrap().unwrap();
+        let file = StateFile::open(tmp.path(), false).unwrap().unwrap();
         assert_eq!(file.state(), &state(3));
         drop(file);
         // Generation 3 went to slot 1: tear it.
         let raw = File::options().write(true).open(tmp.path().join(FILE_NAME)).unwrap();
         raw.write_all_at(&[0xff; 8], (SLOT + SLOT_HEAD + 2) as u64).unwrap();
-        let file = StateFile::open(tmp.path()).unwrap().unwrap();
+        let file = StateFile::open(tmp.path(), false).unwrap().unwrap();
         assert_eq!(file.state(), &state(2));
     }
 
@@ -209,8 +216,18 @@ mod tests {
         let raw = File::options().write(true).open(tmp.path().join(FILE_NAME)).unwrap();
         raw.write_all_at(b"x", (SLOT_HEAD + 1) as u64).unwrap();
         raw.write_all_at(b"x", (SLOT + SLOT_HEAD + 1) as u64).unwrap();
-        let err = StateFile::open(tmp.path()).unwrap_err();
+        let err = StateFile::open(tmp.path(), false).unwrap_err();
         assert!(err.to_string().contains("no valid slot"), "{err}");
         assert!(StateFile::create(tmp.path(), state(1)).is_err(), "an existing state file is never replaced");
+    }
+
+    #[test]
+    fn a_file_cut_off_while_it_was_created_counts_as_none_in_a_new_directory_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        File::create(tmp.path().join(FILE_NAME)).unwrap().set_len(2 * SLOT as u64).unwrap();
+        assert!(StateFile::open(tmp.path(), false).is_err());
+        assert!(StateFile::open(tmp.path(), true).unwrap().is_none());
+        let file = StateFile::create(tmp.path(), state(1)).unwrap();
+        assert_eq!(file.state(), &state(1));
     }
 }
