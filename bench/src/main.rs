@@ -9,8 +9,11 @@
 //!   ([`stream`]).
 //! - `big` — small writes alone and beside the largest legal requests
 //!   ([`big`]).
+//! - `damage` — starts on data directories with one flipped byte: refused,
+//!   whole, or silently short ([`damage`]).
 
 mod big;
+mod damage;
 mod distribute;
 #[cfg(feature = "etcd")]
 mod etcd;
@@ -43,6 +46,8 @@ enum Bench {
     Stream(stream::Args),
     /// Small writes alone, then beside the largest legal requests.
     Big(big::Args),
+    /// Starts on copies of a data directory with one flipped byte each.
+    Damage(damage::Args),
 }
 
 #[tokio::main]
@@ -52,5 +57,6 @@ async fn main() -> anyhow::Result<()> {
         Bench::Distribute(a) => distribute::run(a).await,
         Bench::Stream(a) => stream::run(a).await,
         Bench::Big(a) => big::run(a).await,
+        Bench::Damage(a) => damage::run(a).await,
     }
 }

@@ -1,6 +1,8 @@
-//! Data directories in the wrong place, with real processes: a copy of
-//! another node's directory, and another cluster's directory started in a
-//! member's place. Both are refused at start; the cluster never notices.
+//! Data directories in the wrong place or damaged, with real processes: a
+//! copy of another node's directory, another cluster's directory started in
+//! a member's place, a member whose database was damaged. Each is refused
+//! at start; the cluster never notices, and the documented recovery (a new
+//! member under a new id) works.
 
 mod common;
 
@@ -121,4 +123,75 @@ async fn another_clusters_directory_in_a_members_place_is_refused_and_the_cluste
     assert_eq!((status.leader_id, status.term), (leader, term), "no election because of the foreign node");
     assert!(c.get("only-in-other").await.expect("get").is_none(), "nothing of the other cluster came in");
     assert!(foreign.log_text().contains("refused a Raft message from another cluster"), "{}", foreign.log_text());
+}
+
+/// The case: node 1's sled database replaced by garbage, then lost
+/// altogether. Either way node 1 refuses to start (before, it rejoined as a
+/// voter with no record of its vote), at every try; the others write on,
+/// and the recovery from `docs/operations/safety.md` brings the cluster back
+/// to three voters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_directory_is_refused_at_every_start_and_replaced_by_a_new_member() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sched = Schedulers::start(dir.path(), &[]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    let c = sched.client(&[2, 3]);
+    for i in 0..50 {
+        c.put(&format!("k/{i}"), b"v".to_vec()).await.expect("put");
+    }
+    sched.terminate(1, Duration::from_secs(10)).expect("node 1 stops");
+    let node1 = args(&[
+        "scheduler",
+        "--id",
+        "1",
+        "--listen",
+        &sched.addr(1),
+        "--data",
+        &sched.data[0].display().to_string(),
+        "--initial-cluster",
+        &sched.members,
+    ]);
+    let db = sched.data[0].join("sled").join("db");
+    std::fs::write(&db, common::random_bytes(std::fs::metadata(&db).expect("sled/db").len() as usize, 7))
+        .expect("garbage over sled/db");
+    let (code, err) = refused_start(&node1, Duration::from_secs(20));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("is damaged") || err.contains("is corrupt"), "{err}");
+    std::fs::remove_dir_all(sched.data[0].join("sled")).expect("remove sled");
+    for _ in 0..2 {
+        let (code, err) = refused_start(&node1, Duration::from_secs(20));
+        assert_ne!(code, Some(0), "{err}");
+        assert!(err.contains("is damaged: sled holds the log through nothing but it was durable through"), "{err}");
+        assert!(err.contains("under a new --id"), "{err}");
+    }
+    c.put("after", b"1".to_vec()).await.expect("nodes 2 and 3 write on");
+
+    // The recovery: node 1 out, an empty directory in as node 4.
+    let endpoints = format!("{},{}", sched.addr(2), sched.addr(3));
+    let cli = |list: &[&str]| {
+        let out = common::ferry(&[&["--endpoints", endpoints.as_str()][..], list].concat());
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), text)
+    };
+    let (code, out) = cli(&["cluster", "remove-node", "--id", "1"]);
+    assert_eq!(code, Some(0), "{out}");
+    let addr4 = format!("127.0.0.1:{}", free_port());
+    let data4 = dir.path().join("s4").display().to_string();
+    let _n4 = Proc::spawn(
+        &args(&["scheduler", "--id", "4", "--listen", &addr4, "--data", &data4]),
+        &dir.path().join("s4.log"),
+    );
+    let (code, out) = cli(&["cluster", "add-node", "--id", "4", "--addr", &addr4]);
+    assert_eq!(code, Some(0), "{out}");
+    let members = c.status().await.expect("status").members;
+    assert_eq!(
+        members.iter().map(|m| (m.id, m.kind.as_str())).collect::<Vec<_>>(),
+        [(2, "voter"), (3, "voter"), (4, "voter")]
+    );
+    let four = common::client(vec![addr4]);
+    let value = wait_for("node 4 to serve what was written", Duration::from_secs(20), || async {
+        four.get_with("k/49", true).await.ok().flatten().map(|kv| kv.value)
+    })
+    .await;
+    assert_eq!(value, b"v");
 }

@@ -10,9 +10,11 @@
 //! its files ([`DataDir::sync`](crate::db::DataDir)), so a vote or an entry
 //! openraft believes saved survives a crash or a power loss. Every full
 //! sled sync records in the state file which entry it covers ("durable
-//! through"), and every open checks sled against it ([`crate::start_check`]). When the active journal is full, appends go on in the other one
-//! while such a full sync (a checkpoint) covers the first in the background;
-//! `truncate` and a clean stop checkpoint at once and start both over.
+//! through"), and every open checks sled against it
+//! ([`crate::start_check`]). When the active journal is full, appends go
+//! on in the other one while such a full sync (a checkpoint) covers the
+//! first in the background; `truncate` and a clean stop checkpoint at once
+//! and start both over.
 //! openraft 0.9 waits for each append to be flushed before it issues the
 //! next, so batching concurrent writes into few fsyncs happens one level up,
 //! in the scheduler's proposer (many commands per entry).
