@@ -1,0 +1,17 @@
+//! `ferry-chaos`: Ferry's fault-injection harness. It runs a real cluster
+//! (the built `ferry` binary), breaks it on purpose while workloads record
+//! what they did, and lets independent checkers decide what still held.
+//!
+//! Layout:
+//! - [`cluster`] — the schedulers under test, as processes to kill and restart.
+//! - [`nemesis`] — the faults, on a schedule drawn from the seed.
+//! - [`workload`] — clients that record every operation in a [`history`].
+//! - [`linearizable`] — the linearizability checker for config keys.
+//! - [`scenario`] — the named scenarios, their runs and reports.
+
+pub mod cluster;
+pub mod history;
+pub mod linearizable;
+pub mod nemesis;
+pub mod scenario;
+pub mod workload;

@@ -1,0 +1,371 @@
+//! Linearizability of each config key, checked from the history alone.
+//!
+//! Each key is a register with reads, writes and compare-and-set on its
+//! modify revision; keys are checked one at a time (linearizability is
+//! compositional). The search is Wing and Gong's, with Lowe's memoisation
+//! as Porcupine does it: walk the calls and returns in time order, try to
+//! linearize each call whose effect the model allows, remember every
+//! (linearized set, state) pair already tried, and backtrack at a return
+//! whose call could not be placed. An operation of unknown outcome may
+//! take effect at any point after its call, or never.
+//!
+//! Every value the workload writes is unique, so the revision a value was
+//! written at is one fact: learned from the write's answer or from any read
+//! that saw it, and two answers that disagree on it are a violation in
+//! themselves. The model's state is the current value (or absent); a CAS
+//! holds when the current value's revision is the one it expected (an
+//! unknown revision, of a value written by an operation of unknown outcome
+//! and never read, is taken to match either way).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::history::{Call, Op, Outcome};
+
+/// Why a key's history is not linearizable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    pub key: String,
+    pub reason: String,
+    /// The operations around the first one that could not be placed, in
+    /// time order: the smallest excerpt that shows the problem.
+    pub excerpt: Vec<Op>,
+}
+
+/// Checks every key of `ops`; the first violation per key.
+pub fn check(ops: &[Op]) -> Vec<Violation> {
+    let mut by_key: BTreeMap<&str, Vec<Op>> = BTreeMap::new();
+    for op in ops.iter().filter(|op| !op.surely_not_done()) {
+        by_key.entry(op.key.as_str()).or_default().push(op.clone());
+    }
+    by_key.into_iter().filter_map(|(key, ops)| check_key(key, ops).err()).collect()
+}
+
+/// One entry of the time-ordered list: a call or a return of `op`.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    op: usize,
+    call: bool,
+    time: u64,
+}
+
+const NIL: usize = usize::MAX;
+
+/// The list of entries not linearized yet, as links over `entries`.
+struct Links {
+    next: Vec<usize>,
+    prev: Vec<usize>,
+    /// The head sentinel's next.
+    head: usize,
+}
+
+impl Links {
+    fn unlink(&mut self, e: usize) {
+        let (p, n) = (self.prev[e], self.next[e]);
+        if p == NIL {
+            self.head = n;
+        } else {
+            self.next[p] = n;
+        }
+        if n != NIL {
+            self.prev[n] = p;
+        }
+    }
+
+    fn relink(&mut self, e: usize) {
+        let (p, n) = (self.prev[e], self.next[e]);
+        if p == NIL {
+            self.head = e;
+        } else {
+            self.next[p] = e;
+        }
+        if n != NIL {
+            self.prev[n] = e;
+        }
+    }
+}
+
+fn check_key(key: &str, ops: Vec<Op>) -> Result<(), Violation> {
+    let violation = |reason: String, excerpt: Vec<Op>| Violation { key: key.into(), reason, excerpt };
+    // The revision each value was written at, as the answers say.
+    let mut revision: HashMap<&str, u64> = HashMap::new();
+    for op in &ops {
+        let seen = match (&op.call, &op.outcome) {
+            (Call::Write { value } | Call::Cas { value, .. }, Outcome::Written { revision }) => {
+                Some((value, *revision))
+            }
+            (Call::Read, Outcome::Read { value: Some((value, revision)) }) => Some((value, *revision)),
+            _ => None,
+        };
+        if let Some((value, rev)) = seen {
+            if let Some(known) = revision.insert(value, rev).filter(|known| *known != rev) {
+                let excerpt = ops.iter().filter(|o| mentions(o, value)).cloned().collect();
+                return Err(violation(format!("value {value:?} answered at revisions {known} and {rev}"), excerpt));
+            }
+        }
+    }
+    let rev_of = |state: Option<&str>| -> Option<u64> {
+        match state {
+            None => Some(0),
+            Some(value) => revision.get(value).copied(),
+        }
+    };
+    let mut entries: Vec<Entry> = Vec::with_capacity(ops.len() * 2);
+    for (i, op) in ops.iter().enumerate() {
+        let complete = match op.outcome {
+            Outcome::Unknown { .. } => u64::MAX,
+            _ => op.complete,
+        };
+        entries.push(Entry { op: i, call: true, time: op.invoke });
+        entries.push(Entry { op: i, call: false, time: complete });
+    }
+    // Calls before returns at the same instant: those overlap.
+    entries.sort_by_key(|e| (e.time, !e.call));
+    let mut return_of = vec![0; ops.len()];
+    for (i, e) in entries.iter().enumerate() {
+        if !e.call {
+            return_of[e.op] = i;
+        }
+    }
+    let n = entries.len();
+    let mut links = Links {
+        next: (1..=n).map(|i| if i == n { NIL } else { i }).collect(),
+        prev: (0..n).map(|i| if i == 0 { NIL } else { i - 1 }).collect(),
+        head: if n == 0 { NIL } else { 0 },
+    };
+
+    let words = ops.len().div_ceil(64);
+    let mut linearized = vec![0u64; words];
+    let mut state: Option<&str> = None;
+    let mut stack: Vec<(usize, Option<&str>)> = Vec::new();
+    let mut tried: HashSet<(Vec<u64>, Option<&str>)> = HashSet::new();
+    // The deepest point reached, and the return that stopped it.
+    let mut deepest = (0, NIL);
+    let mut cur = links.head;
+    while links.head != NIL {
+        // A call's own return comes after it in the list, so walking on
+        // from a call always reaches a return.
+        let e = entries[cur];
+        if e.call {
+            let op = &ops[e.op];
+            if let Some(next) = step(state, op, &rev_of) {
+                linearized[e.op / 64] |= 1 << (e.op % 64);
+                if tried.insert((linearized.clone(), next)) {
+                    stack.push((cur, state));
+                    state = next;
+                    links.unlink(return_of[e.op]);
+                    links.unlink(cur);
+                    cur = links.head;
+                    continue;
+                }
+                linearized[e.op / 64] &= !(1 << (e.op % 64));
+            }
+            cur = links.next[cur];
+            continue;
+        }
+        if e.time == u64::MAX {
+            // Only operations of unknown outcome remain: they never happened.
+            return Ok(());
+        }
+        if stack.len() >= deepest.0 {
+            deepest = (stack.len(), cur);
+        }
+        let Some((call, before)) = stack.pop() else {
+            let stuck = &ops[entries[deepest.1].op];
+            // Beside it, and the last three that ended before it began
+            // (what it should have seen).
+            let mut before: Vec<&Op> = ops.iter().filter(|o| o.complete < stuck.invoke).collect();
+            before.sort_by_key(|o| o.complete);
+            let beside = ops.iter().filter(|o| o.invoke <= stuck.complete && o.complete >= stuck.invoke);
+            let mut excerpt: Vec<Op> = before.iter().rev().take(3).copied().chain(beside).cloned().collect();
+            excerpt.sort_by_key(|o| o.invoke);
+            return Err(violation(
+                format!(
+                    "process {}'s {:?} -> {:?} fits no order of the operations before and beside it",
+                    stuck.process, stuck.call, stuck.outcome
+                ),
+                excerpt,
+            ));
+        };
+        let op = entries[call].op;
+        linearized[op / 64] &= !(1 << (op % 64));
+        state = before;
+        links.relink(call);
+        links.relink(return_of[op]);
+        cur = links.next[call];
+    }
+    Ok(())
+}
+
+/// The state after `op` from `state`, if the model allows `op` there.
+fn step<'a>(
+    state: Option<&'a str>,
+    op: &'a Op,
+    rev_of: &impl Fn(Option<&str>) -> Option<u64>,
+) -> Option<Option<&'a str>> {
+    let holds = |expect: u64| rev_of(state).is_none_or(|rev| rev == expect);
+    match (&op.call, &op.outcome) {
+        (Call::Read, Outcome::Read { value }) => (value.as_ref().map(|(v, _)| v.as_str()) == state).then_some(state),
+        (Call::Write { value }, _) => Some(Some(value.as_str())),
+        (Call::Cas { expect, value }, Outcome::Written { .. } | Outcome::Unknown { .. }) => {
+            holds(*expect).then_some(Some(value.as_str()))
+        }
+        (Call::Cas { expect, .. }, Outcome::Mismatch) => (rev_of(state) != Some(*expect)).then_some(state),
+        _ => None,
+    }
+}
+
+fn mentions(op: &Op, value: &str) -> bool {
+    match (&op.call, &op.outcome) {
+        (Call::Write { value: v } | Call::Cas { value: v, .. }, _) if v == value => true,
+        (_, Outcome::Read { value: Some((v, _)) }) => v == value,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(process: usize, call: Call, outcome: Outcome, invoke: u64, complete: u64) -> Op {
+        Op { process, key: "k".into(), call, outcome, invoke, complete }
+    }
+    fn write(v: &str) -> Call {
+        Call::Write { value: v.into() }
+    }
+    fn cas(expect: u64, v: &str) -> Call {
+        Call::Cas { expect, value: v.into() }
+    }
+    fn wrote(revision: u64) -> Outcome {
+        Outcome::Written { revision }
+    }
+    fn read(v: Option<(&str, u64)>) -> Outcome {
+        Outcome::Read { value: v.map(|(v, r)| (v.to_string(), r)) }
+    }
+    fn unknown() -> Outcome {
+        Outcome::Unknown { reason: "timeout".into() }
+    }
+
+    #[test]
+    fn sequential_and_overlapping_histories_that_fit_pass() {
+        let h = [
+            op(0, write("a"), wrote(5), 0, 10),
+            op(1, Call::Read, read(Some(("a", 5))), 20, 30),
+            op(0, cas(5, "b"), wrote(6), 40, 50),
+            op(1, cas(5, "c"), Outcome::Mismatch, 45, 60),
+            op(2, Call::Read, read(Some(("b", 6))), 55, 70),
+        ];
+        assert_eq!(check(&h), []);
+        // A read overlapping a write may see either side.
+        let h = [
+            op(0, write("a"), wrote(5), 0, 10),
+            op(0, write("b"), wrote(6), 20, 40),
+            op(1, Call::Read, read(Some(("a", 5))), 25, 30),
+            op(2, Call::Read, read(Some(("b", 6))), 26, 31),
+        ];
+        assert_eq!(check(&h), []);
+    }
+
+    #[test]
+    fn a_stale_read_is_a_violation() {
+        let h = [
+            op(0, write("a"), wrote(5), 0, 10),
+            op(0, write("b"), wrote(6), 20, 30),
+            op(1, Call::Read, read(Some(("a", 5))), 40, 50),
+        ];
+        let v = check(&h);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].reason.contains("fits no order"), "{}", v[0].reason);
+        assert!(v[0].excerpt.iter().any(|o| o.process == 1));
+    }
+
+    #[test]
+    fn a_lost_acknowledged_write_is_a_violation() {
+        let h = [op(0, write("a"), wrote(5), 0, 10), op(1, Call::Read, read(None), 20, 30)];
+        assert_eq!(check(&h).len(), 1);
+    }
+
+    #[test]
+    fn two_cas_from_the_same_revision_cannot_both_succeed() {
+        let h = [
+            op(0, write("a"), wrote(5), 0, 10),
+            op(1, cas(5, "b"), wrote(6), 20, 30),
+            op(2, cas(5, "c"), wrote(7), 21, 31),
+        ];
+        assert_eq!(check(&h).len(), 1);
+    }
+
+    #[test]
+    fn a_refused_cas_must_have_seen_another_revision() {
+        let h = [op(0, write("a"), wrote(5), 0, 10), op(1, cas(5, "b"), Outcome::Mismatch, 20, 30)];
+        assert_eq!(check(&h).len(), 1);
+    }
+
+    #[test]
+    fn an_unknown_write_may_take_effect_late_or_never() {
+        // Never: nobody saw it.
+        let h = [
+            op(0, write("a"), wrote(5), 0, 10),
+            op(1, write("x"), unknown(), 20, 30),
+            op(2, Call::Read, read(Some(("a", 5))), 40, 50),
+        ];
+        assert_eq!(check(&h), []);
+        // Late: after the client gave up, a read sees it.
+        let h = [
+            op(0, write("a"), wrote(5), 0, 10),
+            op(1, write("x"), unknown(), 20, 30),
+            op(2, Call::Read, read(Some(("a", 5))), 40, 50),
+            op(2, Call::Read, read(Some(("x", 9))), 60, 70),
+        ];
+        assert_eq!(check(&h), []);
+        // But not before it was called.
+        let h = [op(2, Call::Read, read(Some(("x", 9))), 0, 10), op(1, write("x"), unknown(), 20, 30)];
+        assert_eq!(check(&h).len(), 1);
+    }
+
+    #[test]
+    fn two_revisions_for_one_value_is_a_violation() {
+        let h = [op(0, write("a"), wrote(5), 0, 10), op(1, Call::Read, read(Some(("a", 6))), 20, 30)];
+        let v = check(&h);
+        assert!(v[0].reason.contains("revisions 5 and 6"), "{v:?}");
+    }
+
+    #[test]
+    fn keys_are_checked_apart_and_failed_operations_dropped() {
+        let mut other = op(0, write("z"), wrote(3), 0, 10);
+        other.key = "other".into();
+        let h = [
+            other,
+            op(1, Call::Read, read(None), 20, 30),
+            op(1, write("q"), Outcome::Fail { reason: "refused".into() }, 40, 50),
+            op(1, Call::Read, read(None), 60, 70),
+        ];
+        assert_eq!(check(&h), []);
+    }
+
+    #[test]
+    fn a_long_history_is_checked_quickly() {
+        // 2,000 operations of 4 clients, each overlapping the others'.
+        let mut h = Vec::new();
+        let mut rev = 0;
+        let mut last = None::<(String, u64)>;
+        for i in 0..500u64 {
+            for p in 0..4u64 {
+                let t = i * 100 + p;
+                if p == 0 {
+                    rev += 1;
+                    let v = format!("v{i}");
+                    h.push(op(0, write(&v), wrote(rev), t, t + 50));
+                    last = Some((v, rev));
+                } else {
+                    let seen = if p == 1 { last.clone() } else { None };
+                    let outcome = match seen {
+                        Some((v, r)) => read(Some((&v, r))),
+                        None => continue,
+                    };
+                    h.push(op(p as usize, Call::Read, outcome, t + 60, t + 90));
+                }
+            }
+        }
+        assert_eq!(check(&h), []);
+    }
+}

@@ -1,0 +1,186 @@
+//! The named scenarios: each starts a cluster, runs a workload beside a
+//! nemesis for a while, then asks the checkers, and reports.
+//!
+//! A run is reproducible from its seed: the fault schedule (when, and
+//! which node) and every client's choices are drawn from it. (The cluster's
+//! own timing is not: a replay injects the same faults into a cluster that
+//! may be at another point of its work.)
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::sync::Mutex;
+
+use crate::cluster::Cluster;
+use crate::history::{self, History, Outcome};
+use crate::linearizable::{self, Violation};
+use crate::nemesis::{self, Fault, Target};
+use crate::workload;
+
+/// The scenarios `list` shows: name and what it does.
+pub const SCENARIOS: &[(&str, &str)] = &[
+    (
+        "leader-kill-cas",
+        "kill -9 the leader every few seconds (restart after 1 s) under config reads, writes and CAS on 3 hot keys",
+    ),
+    ("follower-kill-cas", "kill -9 a follower every few seconds (restart after 1 s) under the same config workload"),
+];
+
+/// How to run a scenario.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `ferry` binary under test.
+    pub ferry: PathBuf,
+    /// How long the workload and the nemesis run.
+    pub duration: Duration,
+    pub seed: u64,
+    /// Mean time between two faults.
+    pub every: Duration,
+    /// Where the data, logs and history go (default: a temporary
+    /// directory, kept only if the run fails or `keep`).
+    pub dir: Option<PathBuf>,
+    pub keep: bool,
+    /// Serializable reads (see [`workload::Config::serializable`]).
+    pub serializable: bool,
+}
+
+/// What a run found.
+#[derive(Debug)]
+pub struct Report {
+    pub scenario: String,
+    pub seed: u64,
+    /// How faults reach the nodes (loopback: process faults only).
+    pub mode: &'static str,
+    pub faults: Vec<Fault>,
+    /// Operations: ok, failed (surely not done), unknown.
+    pub ops: (usize, usize, usize),
+    pub violations: Vec<Violation>,
+    /// Members whose digest differs, or that did not answer.
+    pub digests: Vec<String>,
+    pub panics: Vec<String>,
+    /// Where the data, logs and `history.jsonl` are (if kept).
+    pub kept: Option<PathBuf>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty() && self.digests.is_empty() && self.panics.is_empty()
+    }
+
+    /// The report as printed.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let kills = self.faults.iter().filter(|f| f.what.starts_with("kill")).count();
+        out += &format!("scenario {}  seed {}  ({})\n", self.scenario, self.seed, self.mode);
+        out += &format!("faults: {kills} kills\n");
+        let (ok, failed, unknown) = self.ops;
+        out += &format!("operations: {ok} ok, {failed} failed, {unknown} unknown\n");
+        out += &format!("linearizability: {} violations\n", self.violations.len());
+        for v in &self.violations {
+            out += &format!("  key {}: {}\n", v.key, v.reason);
+            for op in v.excerpt.iter().take(20) {
+                out += &format!("    {}\n", serde_json::to_string(op).unwrap_or_default());
+            }
+        }
+        out += &format!("state digests: {}\n", if self.digests.is_empty() { "all equal" } else { "DIFFER" });
+        for d in &self.digests {
+            out += &format!("  {d}\n");
+        }
+        out += &format!("panics in logs: {}\n", self.panics.len());
+        for p in self.panics.iter().take(5) {
+            out += &format!("  {p}\n");
+        }
+        if let Some(dir) = &self.kept {
+            out += &format!("files kept in {}\n", dir.display());
+        }
+        out += if self.passed() { "verdict: PASS\n" } else { "verdict: FAIL\n" };
+        out
+    }
+}
+
+/// Runs `name`.
+pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
+    let target = match name {
+        "leader-kill-cas" => Target::Leader,
+        "follower-kill-cas" => Target::Follower,
+        other => bail!("no scenario {other:?}; `ferry-chaos list` shows them"),
+    };
+    let tmp = tempfile::Builder::new().prefix("ferry-chaos-").tempdir()?;
+    let dir = options.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let started = Instant::now();
+    let cluster = Cluster::start(&options.ferry, &dir, 3, options.seed).await?;
+    let endpoints = cluster.endpoints();
+    let cluster = Arc::new(Mutex::new(cluster));
+    let history = History::new(started);
+    let config = workload::Config { clients: 4, keys: 3, serializable: options.serializable };
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = workload::start(&endpoints, &history, config, options.seed, stop.clone())?;
+    let nemesis = tokio::spawn(nemesis::kill_loop(
+        cluster.clone(),
+        target,
+        options.every,
+        Duration::from_secs(1),
+        options.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        stop.clone(),
+        started,
+    ));
+    tokio::time::sleep(options.duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let faults = nemesis.await.context("the nemesis task")?;
+    for client in clients {
+        client.await.context("a client task")?;
+    }
+
+    // Every node up again, then the last reads and the comparisons.
+    let mut c = cluster.lock().await;
+    let mut panics = Vec::new();
+    for (id, status) in c.exited() {
+        panics.push(format!("node {id} exited on its own: {status}"));
+    }
+    for id in 1..=c.nodes.len() as u64 {
+        if !c.running(id) {
+            c.restart(id)?;
+        }
+    }
+    c.wait_for_leader(Duration::from_secs(30)).await?;
+    workload::final_reads(&endpoints, &history, config).await?;
+    let digests = c.digests(Duration::from_secs(30)).await;
+    let first = digests.first().and_then(|(_, d)| d.as_ref().ok()).cloned();
+    let digests: Vec<String> = digests
+        .into_iter()
+        .filter(|(_, d)| d.as_ref().ok() != first.as_ref())
+        .map(|(id, d)| format!("node {id}: {d:?} (node 1: {first:?})"))
+        .collect();
+    panics.extend(c.panics());
+    drop(c);
+
+    let ops = history.ops();
+    let violations = linearizable::check(&ops);
+    let counts = ops.iter().fold((0, 0, 0), |(ok, failed, unknown), op| match op.outcome {
+        Outcome::Unknown { .. } => (ok, failed, unknown + 1),
+        Outcome::Fail { .. } => (ok, failed + 1, unknown),
+        _ => (ok + 1, failed, unknown),
+    });
+    std::fs::write(dir.join("history.jsonl"), history::to_jsonl(&ops))?;
+    let mut report = Report {
+        scenario: name.into(),
+        seed: options.seed,
+        mode: "loopback, process faults only",
+        faults,
+        ops: counts,
+        violations,
+        digests,
+        panics,
+        kept: None,
+    };
+    if options.dir.is_some() {
+        report.kept = Some(dir);
+    } else if options.keep || !report.passed() {
+        report.kept = Some(tmp.keep());
+    }
+    Ok(report)
+}
