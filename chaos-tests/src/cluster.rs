@@ -118,6 +118,16 @@ impl Cluster {
         }
     }
 
+    /// `SIGSTOP` (`stop`) or `SIGCONT`: the process freezes, or goes on,
+    /// with its sockets open.
+    pub fn freeze(&mut self, id: u64, stop: bool) {
+        if let Some(child) = &self.node(id).child {
+            let signal = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: a plain kill(2) of our own child.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
     /// Starts a killed node again on the same data directory.
     pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         self.kill9(id);

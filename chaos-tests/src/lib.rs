@@ -7,6 +7,7 @@
 //! - [`nemesis`] — the faults, on a schedule drawn from the seed.
 //! - [`workload`] — clients that record every operation in a [`history`].
 //! - [`linearizable`] — the linearizability checker for config keys.
+//! - [`watches`] — watchers beside the workload, and their checker.
 //! - [`scenario`] — the named scenarios, their runs and reports.
 
 pub mod cluster;
@@ -14,4 +15,5 @@ pub mod history;
 pub mod linearizable;
 pub mod nemesis;
 pub mod scenario;
+pub mod watches;
 pub mod workload;

@@ -1,8 +1,9 @@
 //! Faults, on a schedule drawn from the run's seed.
 //!
 //! Today: `kill -9` of the leader (or a follower) and a restart on the same
-//! data directory after a pause. Every fault is logged with its time, so
-//! the report can line it up with the history.
+//! data directory after a pause, or `SIGSTOP` and, a while later,
+//! `SIGCONT`. Every fault is logged with its time, so the report can line
+//! it up with the history.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,6 +22,15 @@ pub enum Target {
     Follower,
 }
 
+/// What a fault does to its node.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    /// `kill -9`, and a restart on the same data directory after this long.
+    Kill(Duration),
+    /// `SIGSTOP`, and `SIGCONT` after this long.
+    Freeze(Duration),
+}
+
 /// One fault as it happened.
 #[derive(Debug, Clone)]
 pub struct Fault {
@@ -29,13 +39,14 @@ pub struct Fault {
     pub what: String,
 }
 
-/// Kills `target` every `every` (±50 %, from the seed), leaves it down for
-/// `down`, restarts it; until `stop`. Returns what it did.
-pub async fn kill_loop(
+/// Strikes `target` with `kind` every `every` (±50 %, from the seed) until
+/// `stop`, and undoes each strike (restart, `SIGCONT`) before the next.
+/// Returns what it did.
+pub async fn fault_loop(
     cluster: Arc<Mutex<Cluster>>,
     target: Target,
+    kind: Kind,
     every: Duration,
-    down: Duration,
     seed: u64,
     stop: Arc<AtomicBool>,
     started: std::time::Instant,
@@ -57,23 +68,31 @@ pub async fn kill_loop(
                 others[rng.gen_range(0..others.len())]
             }
         };
-        c.kill9(victim);
-        faults.push(Fault {
-            at: started.elapsed().as_secs_f64(),
-            what: format!("kill -9 node {victim} (leader {leader})"),
-        });
+        let at = || started.elapsed().as_secs_f64();
+        let down = match kind {
+            Kind::Kill(down) => {
+                c.kill9(victim);
+                faults.push(Fault { at: at(), what: format!("kill -9 node {victim} (leader {leader})") });
+                down
+            }
+            Kind::Freeze(down) => {
+                c.freeze(victim, true);
+                faults.push(Fault { at: at(), what: format!("freeze node {victim} (leader {leader})") });
+                down
+            }
+        };
         drop(c);
         tokio::time::sleep(down).await;
         let mut c = cluster.lock().await;
-        match c.restart(victim) {
-            Ok(()) => {
-                faults.push(Fault { at: started.elapsed().as_secs_f64(), what: format!("restart node {victim}") })
+        let undone = match kind {
+            Kind::Kill(_) => c.restart(victim).map(|()| format!("restart node {victim}")),
+            Kind::Freeze(_) => {
+                c.freeze(victim, false);
+                Ok(format!("thaw node {victim}"))
             }
-            Err(e) => faults.push(Fault {
-                at: started.elapsed().as_secs_f64(),
-                what: format!("restart node {victim} failed: {e}"),
-            }),
-        }
+        };
+        let what = undone.unwrap_or_else(|e| format!("restart node {victim} failed: {e}"));
+        faults.push(Fault { at: at(), what });
     }
     faults
 }

@@ -7,7 +7,7 @@
 //! may be at another point of its work.)
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,8 @@ use tokio::sync::Mutex;
 use crate::cluster::Cluster;
 use crate::history::{self, History, Outcome};
 use crate::linearizable::{self, Violation};
-use crate::nemesis::{self, Fault, Target};
+use crate::nemesis::{self, Fault, Kind, Target};
+use crate::watches::{self, Watched};
 use crate::workload;
 
 /// The scenarios `list` shows: name and what it does.
@@ -27,6 +28,10 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "kill -9 the leader every few seconds (restart after 1 s) under config reads, writes and CAS on 3 hot keys",
     ),
     ("follower-kill-cas", "kill -9 a follower every few seconds (restart after 1 s) under the same config workload"),
+    (
+        "leader-freeze-cas",
+        "SIGSTOP the leader for 3 s (past the election timeout), then SIGCONT, under the same config workload",
+    ),
 ];
 
 /// How to run a scenario.
@@ -58,6 +63,10 @@ pub struct Report {
     /// Operations: ok, failed (surely not done), unknown.
     pub ops: (usize, usize, usize),
     pub violations: Vec<Violation>,
+    /// What the watchers saw wrong (gaps, duplicates, strangers, lag).
+    pub watch_problems: Vec<String>,
+    /// Watchers, and the snapshot messages they got.
+    pub watchers: (usize, usize),
     /// Members whose digest differs, or that did not answer.
     pub digests: Vec<String>,
     pub panics: Vec<String>,
@@ -66,16 +75,31 @@ pub struct Report {
 }
 
 impl Report {
+    /// How many faults struck (kills, freezes), not counting their undoing.
+    pub fn strikes(&self) -> usize {
+        self.faults.iter().filter(|f| f.what.starts_with("kill") || f.what.starts_with("freeze")).count()
+    }
+
+    fn scenario_fault(&self) -> &'static str {
+        if self.scenario.contains("freeze") {
+            "SIGSTOP"
+        } else {
+            "kill -9"
+        }
+    }
+
     pub fn passed(&self) -> bool {
-        self.violations.is_empty() && self.digests.is_empty() && self.panics.is_empty()
+        self.violations.is_empty()
+            && self.watch_problems.is_empty()
+            && self.digests.is_empty()
+            && self.panics.is_empty()
     }
 
     /// The report as printed.
     pub fn text(&self) -> String {
         let mut out = String::new();
-        let kills = self.faults.iter().filter(|f| f.what.starts_with("kill")).count();
         out += &format!("scenario {}  seed {}  ({})\n", self.scenario, self.seed, self.mode);
-        out += &format!("faults: {kills} kills\n");
+        out += &format!("faults: {} ({})\n", self.strikes(), self.scenario_fault());
         let (ok, failed, unknown) = self.ops;
         out += &format!("operations: {ok} ok, {failed} failed, {unknown} unknown\n");
         out += &format!("linearizability: {} violations\n", self.violations.len());
@@ -84,6 +108,14 @@ impl Report {
             for op in v.excerpt.iter().take(20) {
                 out += &format!("    {}\n", serde_json::to_string(op).unwrap_or_default());
             }
+        }
+        let (watchers, snapshots) = self.watchers;
+        out += &format!(
+            "watches: {} problems ({watchers} watchers, {snapshots} snapshot messages)\n",
+            self.watch_problems.len()
+        );
+        for p in self.watch_problems.iter().take(10) {
+            out += &format!("  {p}\n");
         }
         out += &format!("state digests: {}\n", if self.digests.is_empty() { "all equal" } else { "DIFFER" });
         for d in &self.digests {
@@ -103,9 +135,10 @@ impl Report {
 
 /// Runs `name`.
 pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
-    let target = match name {
-        "leader-kill-cas" => Target::Leader,
-        "follower-kill-cas" => Target::Follower,
+    let (target, kind) = match name {
+        "leader-kill-cas" => (Target::Leader, Kind::Kill(Duration::from_secs(1))),
+        "follower-kill-cas" => (Target::Follower, Kind::Kill(Duration::from_secs(1))),
+        "leader-freeze-cas" => (Target::Leader, Kind::Freeze(Duration::from_secs(3))),
         other => bail!("no scenario {other:?}; `ferry-chaos list` shows them"),
     };
     let tmp = tempfile::Builder::new().prefix("ferry-chaos-").tempdir()?;
@@ -118,12 +151,21 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     let history = History::new(started);
     let config = workload::Config { clients: 4, keys: 3, serializable: options.serializable };
     let stop = Arc::new(AtomicBool::new(false));
+    // Two watchers, each preferring another member.
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    let mut watchers = Vec::new();
+    for i in 0..2 {
+        let mut order = endpoints.clone();
+        order.rotate_left(i + 1);
+        let current = Arc::new(AtomicU64::new(0));
+        watchers.push((watches::start(order, "chaos/", watch_stop.clone(), current.clone())?, current));
+    }
     let clients = workload::start(&endpoints, &history, config, options.seed, stop.clone())?;
-    let nemesis = tokio::spawn(nemesis::kill_loop(
+    let nemesis = tokio::spawn(nemesis::fault_loop(
         cluster.clone(),
         target,
+        kind,
         options.every,
-        Duration::from_secs(1),
         options.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         stop.clone(),
         started,
@@ -148,6 +190,25 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     }
     c.wait_for_leader(Duration::from_secs(30)).await?;
     workload::final_reads(&endpoints, &history, config).await?;
+    // The watchers catch up with the last acknowledged write, then stop.
+    let newest = history
+        .ops()
+        .iter()
+        .filter_map(|op| match op.outcome {
+            Outcome::Written { revision } => Some(revision),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while watchers.iter().any(|(_, current)| current.load(Ordering::Relaxed) < newest) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    watch_stop.store(true, Ordering::Relaxed);
+    let mut watched: Vec<Watched> = Vec::new();
+    for (task, _) in watchers {
+        watched.push(task.await.context("a watcher task")?);
+    }
     let digests = c.digests(Duration::from_secs(30)).await;
     let first = digests.first().and_then(|(_, d)| d.as_ref().ok()).cloned();
     let digests: Vec<String> = digests
@@ -160,6 +221,9 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
 
     let ops = history.ops();
     let violations = linearizable::check(&ops);
+    let watch_problems: Vec<String> =
+        watched.iter().enumerate().flat_map(|(i, w)| watches::check(&ops, w, &format!("watcher {i}"))).collect();
+    let watcher_counts = (watched.len(), watched.iter().map(|w| w.snapshots.len()).sum());
     let counts = ops.iter().fold((0, 0, 0), |(ok, failed, unknown), op| match op.outcome {
         Outcome::Unknown { .. } => (ok, failed, unknown + 1),
         Outcome::Fail { .. } => (ok, failed + 1, unknown),
@@ -173,6 +237,8 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         faults,
         ops: counts,
         violations,
+        watch_problems,
+        watchers: watcher_counts,
         digests,
         panics,
         kept: None,
