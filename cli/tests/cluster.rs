@@ -420,3 +420,32 @@ async fn a_node_joins_only_once_caught_up_and_a_removed_node_turns_clients_away(
     let (code, err) = only4(&["config", "get", "before", "--serializable"]);
     assert_ne!(code, Some(0), "no stale reads from a removed node: {err}");
 }
+
+/// Found by `ferry-chaos run leader-kill-cas` (100 leader kills): a leader
+/// killed and restarted before the others' election timeout came back as
+/// the leader of its old term (openraft restores a committed vote for
+/// itself) with a commit index older than the cluster's (it is not synced),
+/// and answered linearizable reads from that older state. A restarted node
+/// now starts as a follower, as etcd's do: its reads wait for a leader's
+/// commit index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restarted_at_once_serves_no_stale_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Elections slow enough that the restart always comes first.
+    let mut cluster = Schedulers::start(dir.path(), &["--election-timeout-min", "3s", "--election-timeout-max", "5s"]);
+    let leader = cluster.agreed_leader(&[1, 2, 3]).await;
+    let term = cluster.client(&[1, 2, 3]).status().await.expect("status").term;
+    let pinned = cluster.client(&[leader]);
+    for i in 0..300 {
+        pinned.put("k", i.to_string().into_bytes()).await.expect("put");
+    }
+    cluster.kill9(leader);
+    cluster.restart(leader);
+    let read = wait_for("the restarted node to answer a read", Duration::from_secs(30), || async {
+        cluster.client(&[leader]).get("k").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(read.value, b"299", "a linearizable read after the restart saw an older value");
+    let now = cluster.client(&[1, 2, 3]).status().await.expect("status");
+    assert!(now.term > term, "an election happened after the restart (term {term} -> {})", now.term);
+}

@@ -405,7 +405,7 @@ mod tests {
         use openraft::storage::RaftLogStorage;
         use openraft::Vote;
         let tmp = tempfile::tempdir().unwrap();
-        let vote = Vote::new_committed(7, 2);
+        let vote = Vote::new_committed(7, 3);
         {
             let (log, _sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
             // What format 4 wrote, and no state file.

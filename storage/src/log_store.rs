@@ -133,7 +133,20 @@ impl LogStore {
         journal.reset_all().map_err(open_error)?;
         let journal = Arc::new(Mutex::new(journal));
         dir.log_sync.reset(facts.last.max(purged));
-        let vote = state.vote;
+        // A node starts as a follower, as etcd's do. openraft 0.9 would make
+        // a node whose saved vote is its own committed one the leader of that
+        // term again at once, with the commit index it last saved (not
+        // synced, so possibly older than the cluster's), and it would answer
+        // linearizable reads from that older state until the index caught
+        // up. Read back as not committed, the vote still binds the node to
+        // itself in that term; it leads again only by winning an election,
+        // whose first entry brings the commit index up to date.
+        let vote = state.vote.map(|vote| match dir.node_id {
+            Some(me) if vote.is_committed() && vote.leader_id().voted_for() == Some(me) => {
+                Vote::new(vote.leader_id().term, me)
+            }
+            _ => vote,
+        });
         Ok(Self {
             dir,
             log,
@@ -437,7 +450,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
-        Ok(self.dir.node_state().vote)
+        // As this store started with it (see `LogStore::new`), or saved since.
+        Ok(*self.vote.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), RaftStorageError> {

@@ -266,3 +266,22 @@ async fn the_leaders_own_appends_sync_in_the_background_and_applies_wait_for_the
     assert_eq!(contents(&mut log).await, [(1, 1), (2, 2), (2, 3), (2, 4), (2, 5)]);
     assert_eq!(log.log_sync().synced(), Some(by(1, 2, 5).log_id));
 }
+
+#[tokio::test]
+async fn a_node_that_led_starts_again_as_a_follower_bound_to_its_vote() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = OpenOptions { node_id: Some(1), ..OpenOptions::default() };
+    let (mut log, _sm) = open(tmp.path(), &options).unwrap();
+    log.save_vote(&Vote::new_committed(4, 1)).await.unwrap();
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(4, 1)));
+    drop((log, _sm));
+    let (mut log, _sm) = open(tmp.path(), &options).unwrap();
+    // Still its own vote in term 4 (it grants no other in that term), but
+    // not a leader's: it leads again only by winning an election.
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(4, 1)));
+    // Another leader's committed vote is read back as it was.
+    log.save_vote(&Vote::new_committed(5, 2)).await.unwrap();
+    drop((log, _sm));
+    let (mut log, _sm) = open(tmp.path(), &options).unwrap();
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(5, 2)));
+}
