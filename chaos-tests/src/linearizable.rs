@@ -6,7 +6,8 @@
 //! as Porcupine does it: walk the calls and returns in time order, try to
 //! linearize each call whose effect the model allows, remember every
 //! (linearized set, state) pair already tried, and backtrack at a return
-//! whose call could not be placed. An operation of unknown outcome may
+//! whose call could not be placed (the sets are kept as hashes, see
+//! below). An operation of unknown outcome may
 //! take effect at any point after its call, or never.
 //!
 //! Every value the workload writes is unique, so the revision a value was
@@ -133,11 +134,24 @@ fn check_key(key: &str, ops: Vec<Op>) -> Result<(), Violation> {
         head: if n == 0 { NIL } else { 0 },
     };
 
-    let words = ops.len().div_ceil(64);
-    let mut linearized = vec![0u64; words];
+    // The set of linearized operations, as a 128-bit Zobrist hash (the XOR
+    // of a random word per member): a long history's sets would take
+    // gigabytes as bitsets. Two different sets share a hash with odds
+    // around 2^-100 over a run, far below anything else here.
+    let zobrist: Vec<u128> = {
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        (0..ops.len()).map(|_| (u128::from(next()) << 64) | u128::from(next())).collect()
+    };
+    let mut linearized = 0u128;
     let mut state: Option<&str> = None;
     let mut stack: Vec<(usize, Option<&str>)> = Vec::new();
-    let mut tried: HashSet<(Vec<u64>, Option<&str>)> = HashSet::new();
+    let mut tried: HashSet<(u128, Option<&str>)> = HashSet::new();
     // The deepest point reached, and the return that stopped it.
     let mut deepest = (0, NIL);
     let mut cur = links.head;
@@ -148,8 +162,8 @@ fn check_key(key: &str, ops: Vec<Op>) -> Result<(), Violation> {
         if e.call {
             let op = &ops[e.op];
             if let Some(next) = step(state, op, &rev_of) {
-                linearized[e.op / 64] |= 1 << (e.op % 64);
-                if tried.insert((linearized.clone(), next)) {
+                linearized ^= zobrist[e.op];
+                if tried.insert((linearized, next)) {
                     stack.push((cur, state));
                     state = next;
                     links.unlink(return_of[e.op]);
@@ -157,7 +171,7 @@ fn check_key(key: &str, ops: Vec<Op>) -> Result<(), Violation> {
                     cur = links.head;
                     continue;
                 }
-                linearized[e.op / 64] &= !(1 << (e.op % 64));
+                linearized ^= zobrist[e.op];
             }
             cur = links.next[cur];
             continue;
@@ -187,7 +201,7 @@ fn check_key(key: &str, ops: Vec<Op>) -> Result<(), Violation> {
             ));
         };
         let op = entries[call].op;
-        linearized[op / 64] &= !(1 << (op % 64));
+        linearized ^= zobrist[op];
         state = before;
         links.relink(call);
         links.relink(return_of[op]);
