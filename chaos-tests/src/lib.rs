@@ -8,10 +8,12 @@
 //! - [`workload`] — clients that record every operation in a [`history`].
 //! - [`linearizable`] — the linearizability checker for config keys.
 //! - [`watches`] — watchers beside the workload, and their checker.
+//! - [`leases`] — leases kept and let go beside it, and their checker.
 //! - [`scenario`] — the named scenarios, their runs and reports.
 
 pub mod cluster;
 pub mod history;
+pub mod leases;
 pub mod linearizable;
 pub mod nemesis;
 pub mod scenario;

@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 
 use crate::cluster::Cluster;
 use crate::history::{self, History, Outcome};
+use crate::leases;
 use crate::linearizable::{self, Violation};
 use crate::nemesis::{self, Fault, Kind, Target};
 use crate::watches::{self, Watched};
@@ -67,6 +68,10 @@ pub struct Report {
     pub watch_problems: Vec<String>,
     /// Watchers, and the snapshot messages they got.
     pub watchers: (usize, usize),
+    /// What the lease checker found (early or late expiries).
+    pub lease_problems: Vec<String>,
+    /// Leases granted, kept and let go.
+    pub leases: usize,
     /// Members whose digest differs, or that did not answer.
     pub digests: Vec<String>,
     pub panics: Vec<String>,
@@ -91,6 +96,7 @@ impl Report {
     pub fn passed(&self) -> bool {
         self.violations.is_empty()
             && self.watch_problems.is_empty()
+            && self.lease_problems.is_empty()
             && self.digests.is_empty()
             && self.panics.is_empty()
     }
@@ -115,6 +121,10 @@ impl Report {
             self.watch_problems.len()
         );
         for p in self.watch_problems.iter().take(10) {
+            out += &format!("  {p}\n");
+        }
+        out += &format!("leases: {} problems ({} leases)\n", self.lease_problems.len(), self.leases);
+        for p in self.lease_problems.iter().take(10) {
             out += &format!("  {p}\n");
         }
         out += &format!("state digests: {}\n", if self.digests.is_empty() { "all equal" } else { "DIFFER" });
@@ -161,6 +171,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         watchers.push((watches::start(order, "chaos/", watch_stop.clone(), current.clone())?, current));
     }
     let clients = workload::start(&endpoints, &history, config, options.seed, stop.clone())?;
+    let lease_clients = leases::start(&endpoints, &history, 2, Duration::from_secs(2), options.seed, stop.clone())?;
     let nemesis = tokio::spawn(nemesis::fault_loop(
         cluster.clone(),
         target,
@@ -175,6 +186,10 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     let faults = nemesis.await.context("the nemesis task")?;
     for client in clients {
         client.await.context("a client task")?;
+    }
+    let mut lease_runs = Vec::new();
+    for client in lease_clients {
+        lease_runs.extend(client.await.context("a lease client task")?);
     }
 
     // Every node up again, then the last reads and the comparisons.
@@ -224,6 +239,8 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     let watch_problems: Vec<String> =
         watched.iter().enumerate().flat_map(|(i, w)| watches::check(&ops, w, &format!("watcher {i}"))).collect();
     let watcher_counts = (watched.len(), watched.iter().map(|w| w.snapshots.len()).sum());
+    let fault_times: Vec<u64> = faults.iter().map(|f| (f.at * 1e9) as u64).collect();
+    let lease_problems = leases::check(&lease_runs, &fault_times);
     let counts = ops.iter().fold((0, 0, 0), |(ok, failed, unknown), op| match op.outcome {
         Outcome::Unknown { .. } => (ok, failed, unknown + 1),
         Outcome::Fail { .. } => (ok, failed + 1, unknown),
@@ -239,6 +256,8 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         violations,
         watch_problems,
         watchers: watcher_counts,
+        lease_problems,
+        leases: lease_runs.len(),
         digests,
         panics,
         kept: None,
