@@ -41,6 +41,12 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|a| a.to_string()).collect()
 }
 
+/// Node 1's flags as the cluster started it.
+fn node1_args(sched: &Schedulers) -> Vec<String> {
+    let data = sched.data[0].display().to_string();
+    args(&["scheduler", "--id", "1", "--listen", &sched.addr(1), "--data", &data, "--initial-cluster", &sched.members])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_of_another_nodes_directory_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -96,17 +102,7 @@ async fn another_clusters_directory_in_a_members_place_is_refused_and_the_cluste
     // Node 1's directory swapped for the other cluster's, started as before.
     std::fs::remove_dir_all(&sched.data[0]).expect("remove node 1's data");
     copy_dir(&other_data, &sched.data[0]);
-    let node1 = args(&[
-        "scheduler",
-        "--id",
-        "1",
-        "--listen",
-        &sched.addr(1),
-        "--data",
-        &sched.data[0].display().to_string(),
-        "--initial-cluster",
-        &sched.members,
-    ]);
+    let node1 = node1_args(&sched);
     let (code, err) = refused_start(&node1, Duration::from_secs(20));
     assert_ne!(code, Some(0), "{err}");
     assert!(err.contains("belongs to cluster"), "{err}");
@@ -140,17 +136,7 @@ async fn a_damaged_directory_is_refused_at_every_start_and_replaced_by_a_new_mem
         c.put(&format!("k/{i}"), b"v".to_vec()).await.expect("put");
     }
     sched.terminate(1, Duration::from_secs(10)).expect("node 1 stops");
-    let node1 = args(&[
-        "scheduler",
-        "--id",
-        "1",
-        "--listen",
-        &sched.addr(1),
-        "--data",
-        &sched.data[0].display().to_string(),
-        "--initial-cluster",
-        &sched.members,
-    ]);
+    let node1 = node1_args(&sched);
     let db = sched.data[0].join("sled").join("db");
     std::fs::write(&db, common::random_bytes(std::fs::metadata(&db).expect("sled/db").len() as usize, 7))
         .expect("garbage over sled/db");

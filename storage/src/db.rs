@@ -309,16 +309,6 @@ fn open_dir(path: &Path, options: &OpenOptions) -> Result<DataDir, Error> {
 /// file. How far sled is durable was not recorded: the log store records it
 /// once it has synced sled at open.
 fn legacy_state(path: &Path, meta: &<Db as Store>::Tree) -> Result<NodeState, Error> {
-    fn value<T: serde::de::DeserializeOwned>(
-        meta: &<Db as Store>::Tree,
-        key: &[u8],
-        what: &'static str,
-    ) -> Result<Option<T>, Error> {
-        match meta.get(key).map_err(|source| Error::Store { op: "read meta", source })? {
-            Some(raw) => Ok(Some(crate::codec::decode(what, raw.as_ref())?)),
-            None => Ok(None),
-        }
-    }
     let node_id = match meta.get(KEY_NODE_ID).map_err(|e| open_error(path, e))? {
         Some(raw) => Some(u64::from_be_bytes(fixed(path, "node_id", raw.as_ref())?)),
         None => None,
@@ -327,11 +317,23 @@ fn legacy_state(path: &Path, meta: &<Db as Store>::Tree) -> Result<NodeState, Er
     Ok(NodeState {
         node_id,
         cluster_id: cluster_id.map(|r| String::from_utf8_lossy(r.as_ref()).into_owned()),
-        vote: value(meta, KEY_VOTE, "vote")?,
-        last_purged: value(meta, KEY_LAST_PURGED, "last_purged")?,
+        vote: read_meta(meta, KEY_VOTE, "vote")?,
+        last_purged: read_meta(meta, KEY_LAST_PURGED, "last_purged")?,
         durable_through: None,
-        snapshot: value(meta, KEY_SNAPSHOT, "snapshot pointer")?,
+        snapshot: read_meta(meta, KEY_SNAPSHOT, "snapshot pointer")?,
     })
+}
+
+/// A value of the `meta` tree, decoded.
+pub(crate) fn read_meta<T: serde::de::DeserializeOwned>(
+    tree: &<Db as Store>::Tree,
+    key: &[u8],
+    what: &'static str,
+) -> Result<Option<T>, Error> {
+    match tree.get(key).map_err(|source| Error::Store { op: "read meta", source })? {
+        Some(raw) => Ok(Some(crate::codec::decode(what, raw.as_ref())?)),
+        None => Ok(None),
+    }
 }
 
 fn open_error(path: &Path, e: ferry_db::Error) -> Error {

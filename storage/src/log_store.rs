@@ -38,7 +38,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogId, StorageIOError, Vote};
 
 use crate::codec;
-use crate::db::DataDir;
+use crate::db::{read_meta, DataDir};
 use crate::error::Error;
 use crate::journal::{Journal, JournalDamaged, Journals, SyncPoint};
 use crate::start_check::LogFacts;
@@ -360,17 +360,6 @@ fn log_facts(
     }
     facts.last = last_in(log).map_err(|e| corrupt(e.to_string()))?;
     Ok(facts)
-}
-
-fn read_meta<T: serde::de::DeserializeOwned>(
-    tree: &<Db as Store>::Tree,
-    key: &[u8],
-    what: &'static str,
-) -> Result<Option<T>, Error> {
-    match tree.get(key).map_err(|source| Error::Store { op: "read meta", source })? {
-        Some(raw) => Ok(Some(codec::decode(what, raw.as_ref())?)),
-        None => Ok(None),
-    }
 }
 
 fn index_key(index: u64) -> [u8; 8] {
