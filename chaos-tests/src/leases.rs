@@ -9,9 +9,10 @@
 //!   since the last renewal (or the grant) heard back before the read
 //!   began, less a clock margin;
 //! - **late**: a read that began later than `ttl` after the last renewal
-//!   could have been sent, and after the last fault's election, plus a
-//!   margin, must find the key gone (a new leader gives every lease its
-//!   full TTL again, so a failover may keep a lease that long).
+//!   could have been sent, and after the election of the last fault before
+//!   it, plus a margin, must find the key gone (a new leader gives every
+//!   lease its full TTL again, so a failover, also one after the expiry
+//!   but before its revoke was committed, may keep a lease that long).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -161,10 +162,15 @@ pub fn check(runs: &[LeaseRun], faults: &[u64]) -> Vec<String> {
             }
         }
         let Some(abandoned) = run.abandoned else { continue };
-        let last_fault = faults.iter().copied().filter(|f| *f <= abandoned + ns(run.ttl)).max();
-        let from = last_fault.map_or(abandoned, |fault| abandoned.max(fault + ns(ELECTION)));
-        let due = from + ns(run.ttl) + ns(LATE_MARGIN);
-        if let Some(r) = run.reads.iter().find(|r| r.present && r.invoke > due) {
+        // Gone within a TTL of the renewals' end or of the last election
+        // before the read, whichever is later (a failover before the
+        // expiry's revoke is committed starts the TTL again).
+        let due = |read: &Read| {
+            let last_fault = faults.iter().copied().filter(|f| *f <= read.invoke).max();
+            let from = last_fault.map_or(abandoned, |fault| abandoned.max(fault + ns(ELECTION)));
+            from + ns(run.ttl) + ns(LATE_MARGIN)
+        };
+        if let Some(r) = run.reads.iter().find(|r| r.present && r.invoke > due(r)) {
             problems.push(format!(
                 "{}: still there at {:.3} s, {:.3} s after its renewals stopped (TTL {:?}): kept too long",
                 run.key,
@@ -215,7 +221,13 @@ mod tests {
         let r = run(&[S], Some(S), &[(5 * S, true), (6 * S, false)]);
         let problems = check(std::slice::from_ref(&r), &[]);
         assert!(problems[0].contains("kept too long"), "{problems:?}");
-        // A failover at 2 s gives the lease its TTL again from the election.
-        assert_eq!(check(&[r], &[2 * S]), Vec::<String>::new());
+        // A failover at 2 s gives the lease its TTL again from the election,
+        assert_eq!(check(std::slice::from_ref(&r), &[2 * S]), Vec::<String>::new());
+        // and so does one just after the TTL, before the revoke committed.
+        let r2 = run(&[S], Some(S), &[(7 * S, true), (8 * S, false)]);
+        assert_eq!(check(std::slice::from_ref(&r2), &[3 * S + S / 10]), Vec::<String>::new());
+        // But not one long after the key should have gone.
+        let r3 = run(&[S], Some(S), &[(5 * S, true), (9 * S, true), (10 * S, false)]);
+        assert!(!check(&[r3], &[8 * S]).is_empty());
     }
 }
