@@ -149,15 +149,8 @@ pub fn check(runs: &[LeaseRun], faults: &[u64]) -> Vec<String> {
         for r in run.reads.iter().filter(|r| !r.present) {
             // Renewed no earlier than heard back, or granted no earlier than asked.
             let floor = run.renewals.iter().copied().filter(|t| *t <= r.invoke).max().unwrap_or(run.granted);
-            let floor = floor.max(run.granted);
             if r.complete + ns(EARLY_MARGIN) < floor + ns(run.ttl) {
-                problems.push(format!(
-                    "{}: gone at {:.3} s, {:.3} s after its last renewal (TTL {:?}): expired early",
-                    run.key,
-                    r.complete as f64 / 1e9,
-                    (r.complete - floor) as f64 / 1e9,
-                    run.ttl
-                ));
+                problems.push(problem(run, "gone", r.complete, floor, "its last renewal", "expired early"));
                 break;
             }
         }
@@ -171,16 +164,16 @@ pub fn check(runs: &[LeaseRun], faults: &[u64]) -> Vec<String> {
             from + ns(run.ttl) + ns(LATE_MARGIN)
         };
         if let Some(r) = run.reads.iter().find(|r| r.present && r.invoke > due(r)) {
-            problems.push(format!(
-                "{}: still there at {:.3} s, {:.3} s after its renewals stopped (TTL {:?}): kept too long",
-                run.key,
-                r.invoke as f64 / 1e9,
-                (r.invoke - abandoned) as f64 / 1e9,
-                run.ttl
-            ));
+            problems.push(problem(run, "still there", r.invoke, abandoned, "its renewals stopped", "kept too long"));
         }
     }
     problems
+}
+
+/// One line of the report: what a read found `at`, `since` what.
+fn problem(run: &LeaseRun, found: &str, at: u64, since: u64, what: &str, verdict: &str) -> String {
+    let (at_s, after_s) = (at as f64 / 1e9, at.saturating_sub(since) as f64 / 1e9);
+    format!("{}: {found} at {at_s:.3} s, {after_s:.3} s after {what} (TTL {:?}): {verdict}", run.key, run.ttl)
 }
 
 #[cfg(test)]

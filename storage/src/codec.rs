@@ -14,6 +14,19 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
+/// The first `N` bytes of blake3 over `parts`, one after another: the
+/// checksum of the journal's records, the state file's slots and snapshot
+/// frames (each format fixes its `N` and parts).
+pub(crate) fn checksum<const N: usize>(parts: &[&[u8]]) -> [u8; N] {
+    let mut hasher = blake3::Hasher::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    let mut out = [0u8; N];
+    out.copy_from_slice(&hasher.finalize().as_bytes()[..N]);
+    out
+}
+
 /// The format version this binary writes.
 pub const FORMAT_VERSION: u8 = 2;
 

@@ -119,23 +119,12 @@ pub(crate) struct JournalDamaged {
     pub later: u64,
 }
 
-/// The first 8 bytes of blake3 over `parts`.
-fn checksum_of(parts: &[&[u8]]) -> [u8; 8] {
-    let mut h = blake3::Hasher::new();
-    for part in parts {
-        h.update(part);
-    }
-    let mut out = [0u8; 8];
-    out.copy_from_slice(&h.finalize().as_bytes()[..8]);
-    out
-}
-
 fn checksum(epoch: u64, payload: &[u8]) -> [u8; 8] {
-    checksum_of(&[&epoch.to_le_bytes(), payload])
+    crate::codec::checksum(&[&epoch.to_le_bytes(), payload])
 }
 
 fn record_checksum(epoch: u64, synced: u64, payload: &[u8]) -> [u8; 8] {
-    checksum_of(&[&epoch.to_le_bytes(), &synced.to_le_bytes(), payload])
+    crate::codec::checksum(&[&epoch.to_le_bytes(), &synced.to_le_bytes(), payload])
 }
 
 /// A record of format 2 at `at`, valid in `epoch`: its payload's length

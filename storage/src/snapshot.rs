@@ -113,10 +113,7 @@ fn invalid(reason: impl Into<String>) -> Error {
 /// A format 2 frame's checksum: the first bytes of blake3 over its length
 /// prefix and payload.
 fn frame_sum(len: &[u8; 4], payload: &[u8]) -> [u8; FRAME_SUM] {
-    let hash = blake3::Hasher::new().update(len).update(payload).finalize();
-    let mut sum = [0u8; FRAME_SUM];
-    sum.copy_from_slice(&hash.as_bytes()[..FRAME_SUM]);
-    sum
+    codec::checksum(&[len, payload])
 }
 
 /// Writes frames to a file, in format 2.

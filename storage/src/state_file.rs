@@ -69,13 +69,7 @@ pub(crate) struct StateFile {
 }
 
 fn checksum(generation: u64, payload: &[u8]) -> [u8; 16] {
-    let mut h = blake3::Hasher::new();
-    h.update(&generation.to_le_bytes());
-    h.update(&(payload.len() as u32).to_le_bytes());
-    h.update(payload);
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
-    out
+    codec::checksum(&[&generation.to_le_bytes(), &(payload.len() as u32).to_le_bytes(), payload])
 }
 
 /// The generation and payload of a valid slot.
