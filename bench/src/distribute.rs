@@ -3,7 +3,7 @@
 //! run: the source sending the file to each target over its one capped link.
 //!
 //! Bandwidth is capped, when run as root, with `tc tbf` on a network
-//! namespace per worker (see [`crate::netns`]; the naive copy then runs over
+//! namespace per worker (see `ferry_lab::netns`; the naive copy then runs over
 //! the same capped links); otherwise with the workers' own `--upload-limit`
 //! and `--download-limit` (the naive copy uses the same limiter on the
 //! source's link). The output says which. Workers are real `ferry worker`
@@ -150,7 +150,7 @@ async fn naive(
     dir: &Path,
     targets: usize,
     bandwidth: u64,
-    lab: Option<&crate::netns::Lab>,
+    lab: Option<&ferry_lab::netns::Lab>,
 ) -> anyhow::Result<Duration> {
     let link = Bandwidth::new(if lab.is_some() { None } else { Some(bandwidth) });
     let start = Instant::now();
@@ -297,12 +297,18 @@ async fn once(a: &Args, ferry: &Path, with_naive: bool) -> anyhow::Result<Outcom
         None => std::env::temp_dir().join(format!("ferry-bench-dist-{}", std::process::id())),
     };
     std::fs::create_dir_all(&root)?;
-    let lab = match (a.link.as_str(), crate::netns::Lab::unavailable()) {
+    let lab = match (a.link.as_str(), ferry_lab::netns::Lab::unavailable()) {
         ("tc", Some(why)) => bail!("--link tc: {why}"),
         ("limiter", _) | ("auto", Some(_)) => None,
-        _ => Some(crate::netns::Lab::create(a.workers + 1, a.bandwidth, a.host_queue == "fifo")?),
+        _ => {
+            let lab = ferry_lab::netns::Lab::create(a.workers + 1)?;
+            for i in 0..=a.workers {
+                lab.cap(i, a.bandwidth, a.host_queue == "fifo")?;
+            }
+            Some(lab)
+        }
     };
-    let mut how = match (&lab, crate::netns::Lab::unavailable()) {
+    let mut how = match (&lab, ferry_lab::netns::Lab::unavailable()) {
         (Some(_), _) => {
             let queue = if a.host_queue == "fifo" { "FIFO" } else { "pfifo_fast" };
             let mut h = format!("capped by tc tbf on one network namespace per worker; hosts' queues {queue}");

@@ -19,7 +19,6 @@ mod distribute;
 mod etcd;
 mod kv;
 mod kv_target;
-mod netns;
 mod procs;
 mod stats;
 mod stream;

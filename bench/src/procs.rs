@@ -1,71 +1,14 @@
-//! Clusters as child processes: the helpers both the etcd members and
-//! Ferry's scheduler processes use (free ports, children that die with the
-//! bench, log tails), and [`FerryProcs`], three `ferry scheduler` processes,
-//! so a store runs on its own threads rather than sharing the bench's
-//! runtime with the load generator.
+//! Clusters as child processes: [`FerryProcs`], three `ferry scheduler`
+//! processes, so a store runs on its own threads rather than sharing the
+//! bench's runtime with the load generator. (The helpers for children,
+//! ports and logs are `ferry_lab::procs`, shared with the chaos harness.)
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-
-/// `n` distinct ports that were free a moment ago, taken from below the
-/// kernel's ephemeral range: a port the kernel hands out (to a client's
-/// outgoing connection, or to a bind to port 0) could be taken by someone
-/// else between this check and the child's bind.
-pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    const SPAN: u32 = 12_000;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    let low = ephemeral_low.saturating_sub(SPAN).max(1_024);
-    let span = ephemeral_low.saturating_sub(low).max(1);
-    let start = std::process::id().wrapping_mul(7_919) % span;
-    // Held until all are found, so they differ.
-    let mut held = Vec::with_capacity(n);
-    for i in 0..span {
-        if held.len() == n {
-            break;
-        }
-        let Ok(port) = u16::try_from(low + (start + i) % span) else { continue };
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            held.push(l);
-        }
-    }
-    if held.len() < n {
-        bail!("found only {} free ports of {n} in {low}-{}", held.len(), low + span - 1);
-    }
-    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
-}
-
-/// The last lines of a child's log, for error messages.
-pub fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(5)..].join("\n")
-}
-
-/// Starts `cmd` with stdout and stderr in `log`, killed by the kernel if the
-/// bench dies without unwinding.
-pub fn spawn_logged(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
-    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
-    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-    // PR_SET_PDEATHSIG fires when the thread that forked dies; we fork from
-    // a runtime worker (or the main) thread, which lives as long as the bench.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn().context("starting a child process")
-}
+pub use ferry_lab::procs::{free_ports, log_tail, spawn_logged};
 
 /// The `ferry` binary beside this bench's own (`cargo build --release -p
 /// ferry` puts both in `target/release`), if it is there.

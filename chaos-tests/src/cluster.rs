@@ -1,118 +1,172 @@
-//! The cluster under test: real `ferry scheduler` processes on loopback,
-//! each with its own data directory and log, that a nemesis can kill and
-//! restart on the same directory.
+//! The cluster under test: real `ferry scheduler` and `ferry worker`
+//! processes, each with its own data directory and log, that a nemesis can
+//! kill and restart on the same directory, freeze, or cut off.
 //!
-//! (Network namespaces per node, for partitions, come with the network
-//! nemeses; until then every run is on loopback with process faults only,
-//! and the report says so.)
+//! As root, every process lives in its own network namespace on a bridge
+//! (`ferry_lab::netns`) and listens on its own address; the harness's
+//! clients, in the root namespace, reach every node through the bridge, so
+//! a node cut off from its peers still has clients ("clients on both
+//! sides"). Otherwise everything shares loopback and only process faults
+//! apply; [`Cluster::mode`] says which.
 
-use std::os::unix::process::CommandExt;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ferry_lab::netns::Lab;
+use ferry_lab::procs::{free_ports, spawn_logged};
 
-/// One scheduler.
-pub struct Node {
-    pub id: u64,
-    pub addr: String,
-    pub data: PathBuf,
-    pub log: PathBuf,
-    child: Option<Child>,
-    /// Starts so far (its log keeps every one).
-    pub starts: usize,
+/// A scheduler (by its Raft id, from 1) or a worker (by its number, from
+/// 1: worker `w1`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Who {
+    Node(u64),
+    Worker(usize),
 }
 
-/// Three (or more) schedulers; killed on drop.
-pub struct Cluster {
-    ferry: PathBuf,
-    pub nodes: Vec<Node>,
-    members: String,
-}
-
-/// Ports that were free a moment ago, below the kernel's ephemeral range.
-fn free_ports(n: usize, seed: u64) -> anyhow::Result<Vec<u16>> {
-    let mut held = Vec::new();
-    let start = (std::process::id() as u64).wrapping_mul(7919).wrapping_add(seed) % 10_000;
-    for i in 0..10_000u64 {
-        if held.len() == n {
-            break;
-        }
-        let port = 20_000 + ((start + i) % 10_000) as u16;
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            held.push(l);
+impl std::fmt::Display for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Who::Node(id) => write!(f, "node {id}"),
+            Who::Worker(n) => write!(f, "worker w{n}"),
         }
     }
-    anyhow::ensure!(held.len() == n, "found only {} free ports", held.len());
-    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+/// One process of the cluster, restartable with the same arguments.
+pub struct Proc {
+    /// Its listening address (`host:port`).
+    pub addr: String,
+    /// Its data directory.
+    pub data: PathBuf,
+    /// Stdout and stderr of every start.
+    pub log: PathBuf,
+    args: Vec<OsString>,
+    child: Option<Child>,
+}
+
+/// A worker's files: it may write only under `root`.
+pub struct WorkerDirs {
+    pub name: String,
+    pub root: PathBuf,
+}
+
+/// Which of a node's links to its peers a cut drops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Cut {
+    /// Both ways: the node neither hears nor reaches its peers.
+    Both,
+    /// Only what comes in: the node's messages reach its peers, their
+    /// answers (and their own messages) do not reach it.
+    Inbound,
+}
+
+/// Three schedulers and some workers; killed on drop.
+pub struct Cluster {
+    ferry: PathBuf,
+    /// Schedulers first (node `id` at `id - 1`), then workers.
+    procs: Vec<Proc>,
+    nodes: usize,
+    pub workers: Vec<WorkerDirs>,
+    /// Process `i` lives in the lab's host `i`.
+    lab: Option<Lab>,
 }
 
 impl Cluster {
-    /// Starts `n` schedulers of `ferry` under `dir` and waits for a leader.
-    pub async fn start(ferry: &Path, dir: &Path, n: usize, seed: u64) -> anyhow::Result<Self> {
-        let ports = free_ports(n, seed)?;
-        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let members = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
-        let nodes = addrs
-            .into_iter()
-            .enumerate()
-            .map(|(i, addr)| Node {
-                id: i as u64 + 1,
-                addr,
-                data: dir.join(format!("s{}", i + 1)),
-                log: dir.join(format!("s{}.log", i + 1)),
-                child: None,
-                starts: 0,
-            })
-            .collect();
-        let mut cluster = Self { ferry: ferry.into(), nodes, members };
-        for id in 1..=n as u64 {
-            cluster.spawn(id)?;
+    /// Starts `nodes` schedulers and `workers` workers of `ferry` under
+    /// `dir` and waits for a leader and for every worker to be connected.
+    /// With `network`, each in its own namespace (which needs root:
+    /// [`Lab::unavailable`] says why not).
+    pub async fn start(ferry: &Path, dir: &Path, nodes: usize, workers: usize, network: bool) -> anyhow::Result<Self> {
+        let all = nodes + workers;
+        let (lab, addrs) = if network {
+            let lab = Lab::create(all)?;
+            let addrs = (0..all).map(|i| format!("{}:{}", lab.ip(i), if i < nodes { 7001 } else { 7101 })).collect();
+            (Some(lab), addrs)
+        } else {
+            (None, free_ports(all)?.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>())
+        };
+        let members = addrs[..nodes].iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>();
+        let (members, schedulers) = (members.join(","), addrs[..nodes].join(","));
+        let log = std::env::var("FERRY_CHAOS_LOG").unwrap_or_else(|_| "info".into());
+        let mut procs = Vec::new();
+        let mut worker_dirs = Vec::new();
+        for (i, addr) in addrs.into_iter().enumerate() {
+            let (name, args): (String, Vec<OsString>) = if i < nodes {
+                let name = format!("s{}", i + 1);
+                let data = dir.join(&name);
+                let args =
+                    ["scheduler", "--id", &(i + 1).to_string(), "--listen", &addr, "--initial-cluster", &members];
+                let mut args: Vec<OsString> = args.iter().map(OsString::from).collect();
+                args.extend(["--data".into(), data.into()]);
+                (name, args)
+            } else {
+                let name = format!("w{}", i - nodes + 1);
+                let root = dir.join(&name).join("root");
+                let data = dir.join(&name).join("data");
+                std::fs::create_dir_all(&root)?;
+                let args = ["worker", "--name", &name, "--listen", &addr, "--schedulers", &schedulers];
+                let mut args: Vec<OsString> = args.iter().map(OsString::from).collect();
+                args.extend(["--data".into(), data.into(), "--allow-root".into(), root.clone().into()]);
+                worker_dirs.push(WorkerDirs { name: name.clone(), root });
+                (name, args)
+            };
+            let data = dir.join(&name);
+            procs.push(Proc { addr, data, log: dir.join(format!("{name}.log")), args, child: None });
+        }
+        let mut cluster = Self { ferry: ferry.into(), procs, nodes, workers: worker_dirs, lab };
+        for i in 0..all {
+            cluster.spawn(i, &log)?;
         }
         cluster.wait_for_leader(Duration::from_secs(30)).await?;
+        cluster.wait_for_workers(Duration::from_secs(30)).await?;
         Ok(cluster)
     }
 
-    fn node(&mut self, id: u64) -> &mut Node {
-        &mut self.nodes[id as usize - 1]
+    /// How faults reach the nodes.
+    pub fn mode(&self) -> &'static str {
+        if self.lab.is_some() {
+            "a network namespace per process on a bridge"
+        } else {
+            "loopback, process faults only"
+        }
     }
 
-    fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
-        let (ferry, members) = (self.ferry.clone(), self.members.clone());
-        let node = self.node(id);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
-        let mut cmd = Command::new(&ferry);
-        cmd.args(["scheduler", "--id", &id.to_string(), "--listen", &node.addr])
-            .arg("--data")
-            .arg(&node.data)
-            .args(["--initial-cluster", &members])
-            .env("RUST_LOG", std::env::var("FERRY_CHAOS_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        // SAFETY: prctl is async-signal-safe; the child dies with the harness.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+    fn index(&self, who: Who) -> usize {
+        match who {
+            Who::Node(id) => id as usize - 1,
+            Who::Worker(n) => self.nodes + n - 1,
         }
-        node.child = Some(cmd.spawn().with_context(|| format!("starting {}", ferry.display()))?);
-        node.starts += 1;
+    }
+
+    fn spawn(&mut self, i: usize, log: &str) -> anyhow::Result<()> {
+        let mut cmd = match &self.lab {
+            Some(lab) => lab.command(i, &self.ferry),
+            None => Command::new(&self.ferry),
+        };
+        let proc = &mut self.procs[i];
+        cmd.args(&proc.args).env("RUST_LOG", log);
+        let child = spawn_logged(cmd, &proc.log).with_context(|| format!("starting {}", self.ferry.display()))?;
+        proc.child = Some(child);
         Ok(())
     }
 
     /// The schedulers' addresses.
     pub fn endpoints(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.addr.clone()).collect()
+        self.procs[..self.nodes].iter().map(|p| p.addr.clone()).collect()
+    }
+
+    /// The schedulers' ids.
+    pub fn node_ids(&self) -> Vec<u64> {
+        (1..=self.nodes as u64).collect()
     }
 
     /// `kill -9`.
-    pub fn kill9(&mut self, id: u64) {
-        if let Some(mut child) = self.node(id).child.take() {
+    pub fn kill9(&mut self, who: Who) {
+        let i = self.index(who);
+        if let Some(mut child) = self.procs[i].child.take() {
             child.kill().ok();
             child.wait().ok();
         }
@@ -120,49 +174,91 @@ impl Cluster {
 
     /// `SIGSTOP` (`stop`) or `SIGCONT`: the process freezes, or goes on,
     /// with its sockets open.
-    pub fn freeze(&mut self, id: u64, stop: bool) {
-        if let Some(child) = &self.node(id).child {
+    pub fn freeze(&mut self, who: Who, stop: bool) {
+        if let Some(child) = &self.procs[self.index(who)].child {
             let signal = if stop { libc::SIGSTOP } else { libc::SIGCONT };
             // SAFETY: a plain kill(2) of our own child.
             unsafe { libc::kill(child.id() as i32, signal) };
         }
     }
 
-    /// Starts a killed node again on the same data directory.
-    pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
-        self.kill9(id);
-        self.spawn(id)
+    /// Starts a killed process again on the same data directory.
+    pub fn restart(&mut self, who: Who) -> anyhow::Result<()> {
+        self.kill9(who);
+        let log = std::env::var("FERRY_CHAOS_LOG").unwrap_or_else(|_| "info".into());
+        self.spawn(self.index(who), &log)
     }
 
-    /// Whether node `id`'s process runs (as far as the harness knows).
-    pub fn running(&mut self, id: u64) -> bool {
-        self.node(id).child.is_some()
+    /// Whether the process runs (as far as the harness knows).
+    pub fn running(&self, who: Who) -> bool {
+        self.procs[self.index(who)].child.is_some()
     }
 
-    /// Nodes whose process exited on its own (a crash, or a refusal).
-    pub fn exited(&mut self) -> Vec<(u64, String)> {
+    /// Processes that exited on their own (a crash, or a refusal).
+    pub fn exited(&mut self) -> Vec<(Who, String)> {
         let mut out = Vec::new();
-        for node in &mut self.nodes {
-            if let Some(Ok(Some(status))) = node.child.as_mut().map(|c| c.try_wait()) {
-                out.push((node.id, status.to_string()));
-                node.child = None;
+        for i in 0..self.procs.len() {
+            let who = if i < self.nodes { Who::Node(i as u64 + 1) } else { Who::Worker(i - self.nodes + 1) };
+            let proc = &mut self.procs[i];
+            if let Some(Ok(Some(status))) = proc.child.as_mut().map(|c| c.try_wait()) {
+                out.push((who, status.to_string()));
+                proc.child = None;
             }
         }
         out
     }
 
-    /// The leader's id as the running nodes report it.
+    /// Starts every process that is not running.
+    pub fn restart_stopped(&mut self) -> anyhow::Result<()> {
+        let all: Vec<Who> = (1..=self.nodes as u64)
+            .map(Who::Node)
+            .chain((1..=self.workers.len()).map(Who::Worker))
+            .filter(|who| !self.running(*who))
+            .collect();
+        for who in all {
+            self.restart(who)?;
+        }
+        Ok(())
+    }
+
+    /// Cuts node `id` off from the other schedulers (the harness's clients
+    /// and the workers still reach it) until [`Cluster::heal`].
+    pub fn cut(&self, id: u64, cut: Cut) -> anyhow::Result<()> {
+        let lab = self.lab.as_ref().context("cutting links needs network namespaces")?;
+        let host = self.index(Who::Node(id));
+        for peer in (0..self.nodes).filter(|i| *i != host) {
+            let ip = lab.ip(peer).to_string();
+            lab.exec(host, &["iptables", "-A", "INPUT", "-s", &ip, "-j", "DROP"])?;
+            if cut == Cut::Both {
+                lab.exec(host, &["iptables", "-A", "OUTPUT", "-d", &ip, "-j", "DROP"])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every cut of node `id` away.
+    pub fn heal(&self, id: u64) -> anyhow::Result<()> {
+        let lab = self.lab.as_ref().context("healing links needs network namespaces")?;
+        let host = self.index(Who::Node(id));
+        lab.exec(host, &["iptables", "-F", "INPUT"])?;
+        lab.exec(host, &["iptables", "-F", "OUTPUT"])
+    }
+
+    /// The leader's id as the running nodes report it: the one named in the
+    /// highest term (a leader cut off from its peers may still believe in
+    /// its own older term).
     pub async fn leader(&self) -> Option<u64> {
-        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-            let client = ferry_sdk::Client::connect([node.addr.clone()]).ok()?;
-            let status = tokio::time::timeout(Duration::from_millis(500), client.status_of(&node.addr)).await;
+        let mut best: Option<(u64, u64)> = None;
+        for proc in self.procs[..self.nodes].iter().filter(|p| p.child.is_some()) {
+            let Ok(client) = ferry_sdk::Client::connect([proc.addr.clone()]) else { continue };
+            let status = tokio::time::timeout(Duration::from_millis(500), client.status_of(&proc.addr)).await;
             if let Ok(Ok(status)) = status {
-                if status.leader_id != 0 {
-                    return Some(status.leader_id);
+                if status.leader_id != 0 && best.is_none_or(|(term, _)| status.term > term) {
+                    best = Some((status.term, status.leader_id));
                 }
             }
         }
-        None
+        best.map(|(_, leader)| leader)
     }
 
     /// Waits until a leader is known.
@@ -179,22 +275,42 @@ impl Cluster {
         }
     }
 
+    /// Waits until the leader lists every worker as connected.
+    pub async fn wait_for_workers(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let client = ferry_sdk::Client::connect(self.endpoints())?;
+        loop {
+            let listed = client.list_workers().await.unwrap_or_default();
+            let connected = self
+                .workers
+                .iter()
+                .all(|w| listed.iter().any(|l| l.info.as_ref().is_some_and(|i| i.name == w.name) && l.state == "up"));
+            if connected {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("not every worker connected within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Every node's (applied index, digest), once all have applied the
     /// same index (or `timeout` passed: then what they have).
     pub async fn digests(&self, timeout: Duration) -> Vec<(u64, Result<(u64, String), String>)> {
         let deadline = Instant::now() + timeout;
         loop {
             let mut out = Vec::new();
-            for node in &self.nodes {
-                let got = match ferry_sdk::Client::connect([node.addr.clone()]) {
+            for (i, proc) in self.procs[..self.nodes].iter().enumerate() {
+                let got = match ferry_sdk::Client::connect([proc.addr.clone()]) {
                     Ok(client) => client
-                        .state_digest_of(&node.addr)
+                        .state_digest_of(&proc.addr)
                         .await
                         .map(|d| (d.applied_index, d.digest))
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
-                out.push((node.id, got));
+                out.push((i as u64 + 1, got));
             }
             let applied: Vec<u64> = out.iter().filter_map(|(_, d)| d.as_ref().ok().map(|d| d.0)).collect();
             let settled = applied.len() == out.len() && applied.windows(2).all(|w| w[0] == w[1]);
@@ -205,12 +321,13 @@ impl Cluster {
         }
     }
 
-    /// Lines of the nodes' logs that show a panic.
+    /// Lines of the processes' logs that show a panic.
     pub fn panics(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for node in &self.nodes {
-            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
-            out.extend(text.lines().filter(|l| l.contains("panicked")).map(|l| format!("node {}: {l}", node.id)));
+        for proc in &self.procs {
+            let text = std::fs::read_to_string(&proc.log).unwrap_or_default();
+            let name = proc.log.file_stem().unwrap_or_default().to_string_lossy();
+            out.extend(text.lines().filter(|l| l.contains("panicked")).map(|l| format!("{name}: {l}")));
         }
         out
     }
@@ -218,8 +335,8 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
+        for proc in &mut self.procs {
+            if let Some(mut child) = proc.child.take() {
                 child.kill().ok();
                 child.wait().ok();
             }

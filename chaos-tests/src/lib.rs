@@ -3,16 +3,19 @@
 //! what they did, and lets independent checkers decide what still held.
 //!
 //! Layout:
-//! - [`cluster`] — the schedulers under test, as processes to kill and restart.
+//! - [`cluster`] — the schedulers and workers under test, as processes to kill,
+//!   freeze, restart and cut off.
 //! - [`nemesis`] — the faults, on a schedule drawn from the seed.
 //! - [`workload`] — clients that record every operation in a [`history`].
 //! - [`linearizable`] — the linearizability checker for config keys.
 //! - [`watches`] — watchers beside the workload, and their checker.
 //! - [`leases`] — leases kept and let go beside it, and their checker.
+//! - [`jobs`] — file distribution jobs beside it, and their checker.
 //! - [`scenario`] — the named scenarios, their runs and reports.
 
 pub mod cluster;
 pub mod history;
+pub mod jobs;
 pub mod leases;
 pub mod linearizable;
 pub mod nemesis;

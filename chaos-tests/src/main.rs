@@ -75,6 +75,11 @@ async fn main() -> anyhow::Result<()> {
     let options = Options { ferry, duration, seed, every, dir: None, keep, serializable: serializable_reads };
     let mut failed = false;
     for name in names {
+        let (_, kind) = scenario::fault_of(&name)?;
+        if let (true, Some(why)) = (all && kind.network(), ferry_lab::netns::Lab::unavailable()) {
+            println!("scenario {name}: skipped, it needs network namespaces ({why})");
+            continue;
+        }
         let report = scenario::run(&name, &options).await?;
         print!("{}", report.text());
         failed |= !report.passed();

@@ -1,9 +1,10 @@
 //! Faults, on a schedule drawn from the run's seed.
 //!
-//! Today: `kill -9` of the leader (or a follower) and a restart on the same
-//! data directory after a pause, or `SIGSTOP` and, a while later,
-//! `SIGCONT`. Every fault is logged with its time, so the report can line
-//! it up with the history.
+//! `kill -9` of the leader (or a follower) and a restart on the same data
+//! directory after a pause; `SIGSTOP` and, a while later, `SIGCONT`; and,
+//! with network namespaces, a node's links to its peers cut (both ways, or
+//! only inbound), or flapping, and healed a while later. Every fault is
+//! logged with its time, so the report can line it up with the history.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,13 +14,17 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Cut, Who};
 
-/// Which node a fault hits.
+/// Which process a fault hits.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Target {
     Leader,
     Follower,
+    /// The jobs' source worker (`w1`).
+    Source,
+    /// One of the jobs' target workers (`w2` on).
+    JobTarget,
 }
 
 /// What a fault does to its node.
@@ -29,6 +34,29 @@ pub enum Kind {
     Kill(Duration),
     /// `SIGSTOP`, and `SIGCONT` after this long.
     Freeze(Duration),
+    /// The node's links to its peers cut, and healed after this long.
+    Isolate(Cut, Duration),
+    /// The node's links to its peers cut and healed in turn every 500 ms,
+    /// for this long.
+    Flap(Duration),
+}
+
+impl Kind {
+    /// Whether the fault needs network namespaces.
+    pub fn network(self) -> bool {
+        matches!(self, Kind::Isolate(..) | Kind::Flap(_))
+    }
+
+    /// What the report calls a strike of this kind.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Kill(_) => "kill -9",
+            Kind::Freeze(_) => "SIGSTOP",
+            Kind::Isolate(Cut::Both, _) => "isolated from its peers",
+            Kind::Isolate(Cut::Inbound, _) => "inbound links cut",
+            Kind::Flap(_) => "flapping links",
+        }
+    }
 }
 
 /// One fault as it happened.
@@ -62,37 +90,86 @@ pub async fn fault_loop(
         let mut c = cluster.lock().await;
         let Some(leader) = c.leader().await else { continue };
         let victim = match target {
-            Target::Leader => leader,
+            Target::Leader => Who::Node(leader),
             Target::Follower => {
-                let others: Vec<u64> = c.nodes.iter().map(|n| n.id).filter(|id| *id != leader).collect();
-                others[rng.gen_range(0..others.len())]
+                let others: Vec<u64> = c.node_ids().into_iter().filter(|id| *id != leader).collect();
+                Who::Node(others[rng.gen_range(0..others.len())])
             }
+            Target::Source => Who::Worker(1),
+            Target::JobTarget => Who::Worker(rng.gen_range(2..=c.workers.len())),
         };
         let at = || started.elapsed().as_secs_f64();
-        let down = match kind {
-            Kind::Kill(down) => {
+        let struck = match kind {
+            Kind::Kill(_) => {
                 c.kill9(victim);
-                faults.push(Fault { at: at(), what: format!("kill -9 node {victim} (leader {leader})") });
-                down
+                Ok(())
             }
-            Kind::Freeze(down) => {
+            Kind::Freeze(_) => {
                 c.freeze(victim, true);
-                faults.push(Fault { at: at(), what: format!("freeze node {victim} (leader {leader})") });
-                down
+                Ok(())
             }
+            Kind::Isolate(cut, _) => node(victim).and_then(|id| c.cut(id, cut)),
+            Kind::Flap(_) => node(victim).and_then(|id| c.cut(id, Cut::Both)),
         };
+        let mut what = format!("strike {victim} (leader {leader}): {}", kind.label());
+        if let Err(e) = struck {
+            what += &format!(" failed: {e}");
+        }
+        faults.push(Fault { at: at(), what });
         drop(c);
-        tokio::time::sleep(down).await;
+        let down = match kind {
+            Kind::Kill(down) | Kind::Freeze(down) | Kind::Isolate(_, down) => {
+                tokio::time::sleep(down).await;
+                Ok(())
+            }
+            Kind::Flap(down) => match node(victim) {
+                Ok(id) => flap(&cluster, id, down).await,
+                Err(e) => Err(e),
+            },
+        };
         let mut c = cluster.lock().await;
-        let undone = match kind {
-            Kind::Kill(_) => c.restart(victim).map(|()| format!("restart node {victim}")),
+        let undone = down.and_then(|()| match kind {
+            Kind::Kill(_) => c.restart(victim).map(|()| format!("restart {victim}")),
             Kind::Freeze(_) => {
                 c.freeze(victim, false);
-                Ok(format!("thaw node {victim}"))
+                Ok(format!("thaw {victim}"))
             }
-        };
-        let what = undone.unwrap_or_else(|e| format!("restart node {victim} failed: {e}"));
+            Kind::Isolate(..) | Kind::Flap(_) => {
+                node(victim).and_then(|id| c.heal(id)).map(|()| format!("heal {victim}"))
+            }
+        });
+        let what = undone.unwrap_or_else(|e| format!("undoing the fault on {victim} failed: {e}"));
         faults.push(Fault { at: at(), what });
     }
     faults
+}
+
+/// The scheduler `who` is, for the network faults (which cut schedulers
+/// only).
+fn node(who: Who) -> anyhow::Result<u64> {
+    match who {
+        Who::Node(id) => Ok(id),
+        Who::Worker(_) => anyhow::bail!("network faults cut schedulers only"),
+    }
+}
+
+/// Cuts and heals `victim`'s links in turn every 500 ms for `down`,
+/// leaving them cut.
+async fn flap(cluster: &Mutex<Cluster>, victim: u64, down: Duration) -> anyhow::Result<()> {
+    let until = std::time::Instant::now() + down;
+    let mut cut = true;
+    while std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let c = cluster.lock().await;
+        if cut {
+            c.heal(victim)?;
+        } else {
+            c.cut(victim, Cut::Both)?;
+        }
+        cut = !cut;
+    }
+    if !cut {
+        cluster.lock().await.cut(victim, Cut::Both)?;
+    }
+    Ok(())
 }

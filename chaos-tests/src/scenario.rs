@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ferry_lab::netns::Lab;
 use tokio::sync::Mutex;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Cut};
 use crate::history::{self, History, Outcome};
+use crate::jobs::{self, Jobs};
 use crate::leases;
 use crate::linearizable::{self, Violation};
 use crate::nemesis::{self, Fault, Kind, Target};
@@ -33,7 +35,42 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "leader-freeze-cas",
         "SIGSTOP the leader for 3 s (past the election timeout), then SIGCONT, under the same config workload",
     ),
+    (
+        "leader-isolate-cas",
+        "cut the leader off from its peers for 5 s (clients still reach every node), then heal [root]",
+    ),
+    (
+        "leader-oneway-cas",
+        "drop what reaches the leader from its peers for 5 s (its own messages still go out), then heal [root]",
+    ),
+    ("leader-flap-cas", "cut and heal the leader's links every 500 ms for 6 s [root]"),
+    ("source-kill", "kill -9 the jobs' source worker (restart after 1 s) while it serves a job"),
+    ("target-kill", "kill -9 one of a job's target workers (restart after 1 s) mid-job"),
+    (
+        "target-freeze",
+        "SIGSTOP a target worker for 18 s (5 s silent counts as down, then the job's 10 s grace), then SIGCONT",
+    ),
 ];
+
+/// Workers beside the schedulers: the jobs' source and three targets.
+const WORKERS: usize = 4;
+
+/// What scenario `name` strikes, and how.
+pub fn fault_of(name: &str) -> anyhow::Result<(Target, Kind)> {
+    let secs = Duration::from_secs;
+    Ok(match name {
+        "leader-kill-cas" => (Target::Leader, Kind::Kill(secs(1))),
+        "follower-kill-cas" => (Target::Follower, Kind::Kill(secs(1))),
+        "leader-freeze-cas" => (Target::Leader, Kind::Freeze(secs(3))),
+        "leader-isolate-cas" => (Target::Leader, Kind::Isolate(Cut::Both, secs(5))),
+        "leader-oneway-cas" => (Target::Leader, Kind::Isolate(Cut::Inbound, secs(5))),
+        "leader-flap-cas" => (Target::Leader, Kind::Flap(secs(6))),
+        "source-kill" => (Target::Source, Kind::Kill(secs(1))),
+        "target-kill" => (Target::JobTarget, Kind::Kill(secs(1))),
+        "target-freeze" => (Target::JobTarget, Kind::Freeze(secs(18))),
+        other => bail!("no scenario {other:?}; `ferry-chaos list` shows them"),
+    })
+}
 
 /// How to run a scenario.
 #[derive(Debug, Clone)]
@@ -60,6 +97,8 @@ pub struct Report {
     pub seed: u64,
     /// How faults reach the nodes (loopback: process faults only).
     pub mode: &'static str,
+    /// What each strike does.
+    pub fault: &'static str,
     pub faults: Vec<Fault>,
     /// Operations: ok, failed (surely not done), unknown.
     pub ops: (usize, usize, usize),
@@ -72,6 +111,8 @@ pub struct Report {
     pub lease_problems: Vec<String>,
     /// Leases granted, kept and let go.
     pub leases: usize,
+    /// The job workload's runs and what its checker found.
+    pub jobs: Jobs,
     /// Members whose digest differs, or that did not answer.
     pub digests: Vec<String>,
     pub panics: Vec<String>,
@@ -82,21 +123,14 @@ pub struct Report {
 impl Report {
     /// How many faults struck (kills, freezes), not counting their undoing.
     pub fn strikes(&self) -> usize {
-        self.faults.iter().filter(|f| f.what.starts_with("kill") || f.what.starts_with("freeze")).count()
-    }
-
-    fn scenario_fault(&self) -> &'static str {
-        if self.scenario.contains("freeze") {
-            "SIGSTOP"
-        } else {
-            "kill -9"
-        }
+        self.faults.iter().filter(|f| f.what.starts_with("strike") && !f.what.contains(" failed: ")).count()
     }
 
     pub fn passed(&self) -> bool {
         self.violations.is_empty()
             && self.watch_problems.is_empty()
             && self.lease_problems.is_empty()
+            && self.jobs.problems.is_empty()
             && self.digests.is_empty()
             && self.panics.is_empty()
     }
@@ -105,7 +139,10 @@ impl Report {
     pub fn text(&self) -> String {
         let mut out = String::new();
         out += &format!("scenario {}  seed {}  ({})\n", self.scenario, self.seed, self.mode);
-        out += &format!("faults: {} ({})\n", self.strikes(), self.scenario_fault());
+        out += &format!("faults: {} ({})\n", self.strikes(), self.fault);
+        for f in self.faults.iter().filter(|f| f.what.contains("failed")).take(5) {
+            out += &format!("  at {:.1} s: {}\n", f.at, f.what);
+        }
         let (ok, failed, unknown) = self.ops;
         out += &format!("operations: {ok} ok, {failed} failed, {unknown} unknown\n");
         out += &format!("linearizability: {} violations\n", self.violations.len());
@@ -127,6 +164,17 @@ impl Report {
         for p in self.lease_problems.iter().take(10) {
             out += &format!("  {p}\n");
         }
+        let (acked, succeeded, installed, failed) = self.jobs.counts();
+        let (reused, moved) = self.jobs.runs.iter().fold((0, 0), |(r, m), run| (r + run.reused, m + run.moved));
+        out += &format!(
+            "jobs: {} problems ({acked} acknowledged, {succeeded} succeeded; targets: {installed} installed \
+             byte-identical, {failed} failed with a reason; {} % of bytes reused)\n",
+            self.jobs.problems.len(),
+            (reused * 100).checked_div(reused + moved).unwrap_or(0)
+        );
+        for p in self.jobs.problems.iter().take(10) {
+            out += &format!("  {p}\n");
+        }
         out += &format!("state digests: {}\n", if self.digests.is_empty() { "all equal" } else { "DIFFER" });
         for d in &self.digests {
             out += &format!("  {d}\n");
@@ -145,17 +193,18 @@ impl Report {
 
 /// Runs `name`.
 pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
-    let (target, kind) = match name {
-        "leader-kill-cas" => (Target::Leader, Kind::Kill(Duration::from_secs(1))),
-        "follower-kill-cas" => (Target::Follower, Kind::Kill(Duration::from_secs(1))),
-        "leader-freeze-cas" => (Target::Leader, Kind::Freeze(Duration::from_secs(3))),
-        other => bail!("no scenario {other:?}; `ferry-chaos list` shows them"),
+    let (target, kind) = fault_of(name)?;
+    let network = match Lab::unavailable() {
+        None => true,
+        Some(why) if kind.network() => bail!("scenario {name} needs network namespaces, which need root: {why}"),
+        Some(_) => false,
     };
     let tmp = tempfile::Builder::new().prefix("ferry-chaos-").tempdir()?;
     let dir = options.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let started = Instant::now();
-    let cluster = Cluster::start(&options.ferry, &dir, 3, options.seed).await?;
+    let cluster = Cluster::start(&options.ferry, &dir, 3, WORKERS, network).await?;
+    let mode = cluster.mode();
     let endpoints = cluster.endpoints();
     let cluster = Arc::new(Mutex::new(cluster));
     let history = History::new(started);
@@ -171,6 +220,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         watchers.push((watches::start(order, "chaos/", watch_stop.clone(), current.clone())?, current));
     }
     let clients = workload::start(&endpoints, &history, config, options.seed, stop.clone())?;
+    let job_loop = jobs::start(endpoints.clone(), &cluster.lock().await.workers, options.seed, started, stop.clone());
     let lease_clients = leases::start(&endpoints, &history, 2, Duration::from_secs(2), options.seed, stop.clone())?;
     let nemesis = tokio::spawn(nemesis::fault_loop(
         cluster.clone(),
@@ -191,19 +241,20 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     for client in lease_clients {
         lease_runs.extend(client.await.context("a lease client task")?);
     }
+    let mut jobs = job_loop.await.context("the job task")?;
 
     // Every node up again, then the last reads and the comparisons.
     let mut c = cluster.lock().await;
     let mut panics = Vec::new();
-    for (id, status) in c.exited() {
-        panics.push(format!("node {id} exited on its own: {status}"));
+    for (who, status) in c.exited() {
+        panics.push(format!("{who} exited on its own: {status}"));
     }
-    for id in 1..=c.nodes.len() as u64 {
-        if !c.running(id) {
-            c.restart(id)?;
-        }
-    }
+    c.restart_stopped()?;
     c.wait_for_leader(Duration::from_secs(30)).await?;
+    if let Err(e) = c.wait_for_workers(Duration::from_secs(30)).await {
+        jobs.problems.push(e.to_string());
+    }
+    jobs.problems.extend(jobs::final_check(&endpoints, &jobs, &c.workers).await);
     workload::final_reads(&endpoints, &history, config).await?;
     // The watchers catch up with the last acknowledged write, then stop.
     let newest = history
@@ -247,10 +298,13 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         _ => (ok + 1, failed, unknown),
     });
     std::fs::write(dir.join("history.jsonl"), history::to_jsonl(&ops))?;
+    let job_lines: Vec<String> = jobs.runs.iter().filter_map(|r| serde_json::to_string(r).ok()).collect();
+    std::fs::write(dir.join("jobs.jsonl"), job_lines.join("\n") + "\n")?;
     let mut report = Report {
         scenario: name.into(),
         seed: options.seed,
-        mode: "loopback, process faults only",
+        mode,
+        fault: kind.label(),
         faults,
         ops: counts,
         violations,
@@ -258,6 +312,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         watchers: watcher_counts,
         lease_problems,
         leases: lease_runs.len(),
+        jobs,
         digests,
         panics,
         kept: None,

@@ -1,17 +1,22 @@
-//! A small network lab for `distribute` when run as root: one network
-//! namespace per worker, each joined to a bridge in the root namespace by a
-//! veth pair, with a `tc tbf` qdisc capping both directions of every link at
-//! B (egress of the namespace side = upload, egress of the bridge side =
-//! download). The schedulers listen on the bridge's address. Everything is
-//! removed on drop.
+//! A small network lab, when run as root: one network namespace per host,
+//! each joined to a bridge in the root namespace by a veth pair (the host's
+//! `eth0`). Processes of the root namespace (a bench's or a harness's
+//! clients) reach every host at its address through the bridge. Everything
+//! is removed on drop.
 //!
-//! The tbf on the namespace side stands for the worker host's NIC, so its
-//! queue is, by default, the kernel's built-in one for a NIC: `pfifo_fast`,
-//! which sends packets of sockets that ask for `TC_PRIO_INTERACTIVE` first
-//! and `TC_PRIO_BULK` last (see `ferry_worker::net`), holding about 100 ms
-//! at B.
-//! With `host_fifo` it is a plain 100 ms FIFO, as the bridge side (the
-//! switch's port towards the worker) always is.
+//! [`Lab::cap`] puts a `tc tbf` qdisc on both directions of a host's link
+//! (egress of the namespace side = upload, egress of the bridge side =
+//! download). The tbf on the namespace side stands for the host's NIC, so
+//! its queue is, by default, the kernel's built-in one for a NIC:
+//! `pfifo_fast`, which sends packets of sockets that ask for
+//! `TC_PRIO_INTERACTIVE` first and `TC_PRIO_BULK` last (see
+//! `ferry_worker::net`), holding about 100 ms at the rate. With `host_fifo`
+//! it is a plain 100 ms FIFO, as the bridge side (the switch's port towards
+//! the host) always is.
+//!
+//! [`Lab::exec`] runs a command inside a host's namespace: the chaos
+//! harness cuts links there with `iptables`, whose rules each namespace
+//! keeps for itself.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
@@ -23,7 +28,7 @@ use anyhow::{bail, Context};
 pub struct Lab {
     tag: String,
     subnet: u8,
-    workers: usize,
+    hosts: usize,
     rule: Vec<String>,
 }
 
@@ -50,14 +55,14 @@ impl Lab {
         None
     }
 
-    /// Creates the bridge and `workers` capped namespaces.
-    pub fn create(workers: usize, bytes_per_sec: u64, host_fifo: bool) -> anyhow::Result<Self> {
-        if workers > 200 {
-            bail!("the lab holds at most 200 workers");
+    /// Creates the bridge and `hosts` namespaces.
+    pub fn create(hosts: usize) -> anyhow::Result<Self> {
+        if hosts > 200 {
+            bail!("the lab holds at most 200 hosts");
         }
         let pid = std::process::id();
         let mut lab =
-            Self { tag: format!("{}", pid % 100_000), subnet: (pid % 200) as u8 + 20, workers: 0, rule: vec![] };
+            Self { tag: format!("{}", pid % 100_000), subnet: (pid % 200) as u8 + 20, hosts: 0, rule: vec![] };
         let bridge = lab.bridge();
         let host = format!("{}/24", lab.host_ip());
         run(&["ip", "link", "add", &bridge, "type", "bridge"])?;
@@ -71,33 +76,54 @@ impl Lab {
         insert.extend(rule.iter().cloned());
         run(&insert.iter().map(String::as_str).collect::<Vec<_>>())?;
         lab.rule = rule;
-        let rate = format!("{}bit", bytes_per_sec * 8);
-        let burst = format!("{}", (bytes_per_sec / 50).max(64 * 1024));
-        for i in 0..workers {
+        for i in 0..hosts {
             let (ns, veth, ip) = (lab.ns(i), lab.veth(i), format!("{}/24", lab.ip(i)));
             run(&["ip", "netns", "add", &ns])?;
-            lab.workers = i + 1;
+            lab.hosts = i + 1;
             run(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
             run(&["ip", "link", "set", &veth, "master", &bridge, "up"])?;
             run(&["ip", "-n", &ns, "addr", "add", &ip, "dev", "eth0"])?;
             run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-            let tbf = ["root", "handle", "1:", "tbf", "rate", &rate, "burst", &burst, "latency", "100ms"];
-            let mut down = vec!["tc", "qdisc", "add", "dev", &veth];
-            down.extend(tbf);
-            run(&down)?;
-            let mut up = vec!["ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0"];
-            up.extend(tbf);
-            run(&up)?;
-            if !host_fifo {
-                // pfifo_fast holds as many packets as the device's queue
-                // length: 100 ms of full-size frames at B.
-                let frames = (bytes_per_sec / 10 / 1514).max(16).to_string();
-                run(&["ip", "-n", &ns, "link", "set", "eth0", "txqueuelen", &frames])?;
-                run(&["ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0", "parent", "1:1", "pfifo_fast"])?;
-            }
         }
         Ok(lab)
+    }
+
+    /// Caps both directions of host `i`'s link at `bytes_per_sec`.
+    pub fn cap(&self, i: usize, bytes_per_sec: u64, host_fifo: bool) -> anyhow::Result<()> {
+        let (ns, veth) = (self.ns(i), self.veth(i));
+        let rate = format!("{}bit", bytes_per_sec * 8);
+        let burst = format!("{}", (bytes_per_sec / 50).max(64 * 1024));
+        let tbf = ["root", "handle", "1:", "tbf", "rate", &rate, "burst", &burst, "latency", "100ms"];
+        let mut down = vec!["tc", "qdisc", "replace", "dev", &veth];
+        down.extend(tbf);
+        run(&down)?;
+        let mut up = vec!["tc", "qdisc", "replace", "dev", "eth0"];
+        up.extend(tbf);
+        self.exec(i, &up)?;
+        if !host_fifo {
+            // pfifo_fast holds as many packets as the device's queue
+            // length: 100 ms of full-size frames at the rate.
+            let frames = (bytes_per_sec / 10 / 1514).max(16).to_string();
+            run(&["ip", "-n", &ns, "link", "set", "eth0", "txqueuelen", &frames])?;
+            self.exec(i, &["tc", "qdisc", "add", "dev", "eth0", "parent", "1:1", "pfifo_fast"])?;
+        }
+        Ok(())
+    }
+
+    /// Takes host `i`'s cap off again.
+    pub fn uncap(&self, i: usize) -> anyhow::Result<()> {
+        run(&["tc", "qdisc", "del", "dev", &self.veth(i), "root"])?;
+        self.exec(i, &["tc", "qdisc", "del", "dev", "eth0", "root"])
+    }
+
+    /// Runs `args` inside host `i`'s namespace and waits for it.
+    pub fn exec(&self, i: usize, args: &[&str]) -> anyhow::Result<()> {
+        let mut all = vec!["ip", "netns", "exec"];
+        let ns = self.ns(i);
+        all.push(&ns);
+        all.extend(args);
+        run(&all)
     }
 
     fn bridge(&self) -> String {
@@ -105,32 +131,32 @@ impl Lab {
     }
 
     fn veth(&self, i: usize) -> String {
-        format!("fv{}w{i}", self.tag)
+        format!("fv{}h{i}", self.tag)
     }
 
-    /// Worker `i`'s namespace.
+    /// Host `i`'s namespace.
     pub fn ns(&self, i: usize) -> String {
-        format!("ferry-{}-w{i}", self.tag)
+        format!("ferry-{}-h{i}", self.tag)
     }
 
-    /// The bridge's address (the schedulers listen here).
+    /// The bridge's address: the root namespace's, on the lab's network.
     pub fn host_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 211, self.subnet, 1)
     }
 
-    /// Worker `i`'s address.
+    /// Host `i`'s address.
     pub fn ip(&self, i: usize) -> Ipv4Addr {
         Ipv4Addr::new(10, 211, self.subnet, 10 + i as u8)
     }
 
-    /// `program` run inside worker `i`'s namespace.
+    /// `program` run inside host `i`'s namespace.
     pub fn command(&self, i: usize, program: &std::path::Path) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.ns(i)]).arg(program);
         c
     }
 
-    /// Runs `f` on a thread that entered worker `i`'s namespace: sockets it
+    /// Runs `f` on a thread that entered host `i`'s namespace: sockets it
     /// creates live there (a socket keeps the namespace it was made in).
     pub fn inside<T: Send + 'static>(
         &self,
@@ -151,7 +177,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for i in 0..self.workers {
+        for i in 0..self.hosts {
             let _ = run(&["ip", "netns", "del", &self.ns(i)]);
         }
         let _ = run(&["ip", "link", "del", &self.bridge()]);
