@@ -72,14 +72,23 @@ pub struct Cluster {
     pub workers: Vec<WorkerDirs>,
     /// Process `i` lives in the lab's host `i`.
     lab: Option<Lab>,
+    /// `FAILPOINTS` of every process (crash points; see `ferry_storage::crash`).
+    failpoints: Option<String>,
 }
 
 impl Cluster {
     /// Starts `nodes` schedulers and `workers` workers of `ferry` under
     /// `dir` and waits for a leader and for every worker to be connected.
     /// With `network`, each in its own namespace (which needs root:
-    /// [`Lab::unavailable`] says why not).
-    pub async fn start(ferry: &Path, dir: &Path, nodes: usize, workers: usize, network: bool) -> anyhow::Result<Self> {
+    /// [`Lab::unavailable`] says why not). Every worker has a hook named
+    /// `reload` (`true`).
+    pub async fn start(
+        ferry: &Path,
+        dir: &Path,
+        (nodes, workers): (usize, usize),
+        network: bool,
+        failpoints: Option<String>,
+    ) -> anyhow::Result<Self> {
         let all = nodes + workers;
         let (lab, addrs) = if network {
             let lab = Lab::create(all)?;
@@ -107,7 +116,17 @@ impl Cluster {
                 let root = dir.join(&name).join("root");
                 let data = dir.join(&name).join("data");
                 std::fs::create_dir_all(&root)?;
-                let args = ["worker", "--name", &name, "--listen", &addr, "--schedulers", &schedulers];
+                let args = [
+                    "worker",
+                    "--name",
+                    &name,
+                    "--listen",
+                    &addr,
+                    "--schedulers",
+                    &schedulers,
+                    "--hook",
+                    "reload=true",
+                ];
                 let mut args: Vec<OsString> = args.iter().map(OsString::from).collect();
                 args.extend(["--data".into(), data.into(), "--allow-root".into(), root.clone().into()]);
                 worker_dirs.push(WorkerDirs { name: name.clone(), root });
@@ -116,7 +135,7 @@ impl Cluster {
             let data = dir.join(&name);
             procs.push(Proc { addr, data, log: dir.join(format!("{name}.log")), args, child: None });
         }
-        let mut cluster = Self { ferry: ferry.into(), procs, nodes, workers: worker_dirs, lab };
+        let mut cluster = Self { ferry: ferry.into(), procs, nodes, workers: worker_dirs, lab, failpoints };
         for i in 0..all {
             cluster.spawn(i, &log)?;
         }
@@ -148,6 +167,9 @@ impl Cluster {
         };
         let proc = &mut self.procs[i];
         cmd.args(&proc.args).env("RUST_LOG", log);
+        if let Some(failpoints) = &self.failpoints {
+            cmd.env("FAILPOINTS", failpoints);
+        }
         let child = spawn_logged(cmd, &proc.log).with_context(|| format!("starting {}", self.ferry.display()))?;
         proc.child = Some(child);
         Ok(())
@@ -195,13 +217,13 @@ impl Cluster {
     }
 
     /// Processes that exited on their own (a crash, or a refusal).
-    pub fn exited(&mut self) -> Vec<(Who, String)> {
+    pub fn exited(&mut self) -> Vec<(Who, std::process::ExitStatus)> {
         let mut out = Vec::new();
         for i in 0..self.procs.len() {
             let who = if i < self.nodes { Who::Node(i as u64 + 1) } else { Who::Worker(i - self.nodes + 1) };
             let proc = &mut self.procs[i];
             if let Some(Ok(Some(status))) = proc.child.as_mut().map(|c| c.try_wait()) {
-                out.push((who, status.to_string()));
+                out.push((who, status));
                 proc.child = None;
             }
         }
@@ -217,6 +239,19 @@ impl Cluster {
             .collect();
         for who in all {
             self.restart(who)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the crash points away: every process restarts without them
+    /// (if any were armed), so the final checks run on a quiet cluster.
+    pub fn disarm(&mut self) -> anyhow::Result<()> {
+        if self.failpoints.take().is_some() {
+            let all: Vec<Who> =
+                (1..=self.nodes as u64).map(Who::Node).chain((1..=self.workers.len()).map(Who::Worker)).collect();
+            for who in all {
+                self.restart(who)?;
+            }
         }
         Ok(())
     }
@@ -319,6 +354,13 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The crash point named last in the log of `who`, if any.
+    pub fn last_crash_point(&self, who: Who) -> Option<String> {
+        let text = std::fs::read_to_string(&self.procs[self.index(who)].log).ok()?;
+        let line = text.lines().rev().find(|l| l.starts_with("crash point "))?;
+        Some(line.trim_start_matches("crash point ").split(':').next()?.to_string())
     }
 
     /// Lines of the processes' logs that show a panic.

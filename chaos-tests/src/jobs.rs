@@ -198,6 +198,7 @@ async fn job_loop(
             files: vec![path.to_string_lossy().into_owned()],
             targets: targets.iter().map(|(name, _)| name.clone()).collect(),
             destination: format!("j{k}/"),
+            hook: "reload".into(),
             timeout_ms: 60_000,
             grace_ms: 10_000,
             ..Default::default()
@@ -210,6 +211,8 @@ async fn job_loop(
                 if matches!(&e, Error::Rejected(s) if s.code() == tonic::Code::InvalidArgument) {
                     jobs.problems.push(format!("job {k}: refused as bad input: {e}"));
                 }
+                // The source is restarting, say: do not spin.
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
         if let Some(id) = run.job_id.clone() {

@@ -11,11 +11,14 @@
 //! - [`watches`] — watchers beside the workload, and their checker.
 //! - [`leases`] — leases kept and let go beside it, and their checker.
 //! - [`jobs`] — file distribution jobs beside it, and their checker.
+//! - [`lazyfs`] — a power-loss filesystem for data directories: unsynced
+//!   writes live in memory until a power cut throws them away.
 //! - [`scenario`] — the named scenarios, their runs and reports.
 
 pub mod cluster;
 pub mod history;
 pub mod jobs;
+pub mod lazyfs;
 pub mod leases;
 pub mod linearizable;
 pub mod nemesis;

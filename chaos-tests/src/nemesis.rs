@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -39,7 +39,22 @@ pub enum Kind {
     /// The node's links to its peers cut and healed in turn every 500 ms,
     /// for this long.
     Flap(Duration),
+    /// No strike from outside: the processes die at their armed crash
+    /// points ([`CRASH_POINTS`]) and are restarted after this long.
+    CrashPoints(Duration),
 }
+
+/// `FAILPOINTS` of the crash-point scenario: where, and how often, a
+/// process dies (points of `ferry_storage::crash` and the worker's).
+///
+/// A node that dies applying a batch applies it again when it replays its
+/// log at restart, so the apply point is rare: at 2 % a node would seldom
+/// get past its own replay.
+pub const CRASH_POINTS: &str = "log-before-sync=0.02%return;snapshot-build=30%return;\
+     snapshot-install=30%return;apply-batch=0.1%return;install-before-rename=2%return;hook-running=2%return";
+
+/// The exit status of a process that died at a crash point.
+pub const CRASH_EXIT: i32 = 70;
 
 impl Kind {
     /// Whether the fault needs network namespaces.
@@ -55,6 +70,7 @@ impl Kind {
             Kind::Isolate(Cut::Both, _) => "isolated from its peers",
             Kind::Isolate(Cut::Inbound, _) => "inbound links cut",
             Kind::Flap(_) => "flapping links",
+            Kind::CrashPoints(_) => "crash points",
         }
     }
 }
@@ -79,6 +95,9 @@ pub async fn fault_loop(
     stop: Arc<AtomicBool>,
     started: std::time::Instant,
 ) -> Vec<Fault> {
+    if let Kind::CrashPoints(down) = kind {
+        return revive(cluster, down, stop, started).await;
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut faults = Vec::new();
     while !stop.load(Ordering::Relaxed) {
@@ -100,7 +119,7 @@ pub async fn fault_loop(
         };
         let at = || started.elapsed().as_secs_f64();
         let struck = match kind {
-            Kind::Kill(_) => {
+            Kind::Kill(_) | Kind::CrashPoints(_) => {
                 c.kill9(victim);
                 Ok(())
             }
@@ -118,7 +137,7 @@ pub async fn fault_loop(
         faults.push(Fault { at: at(), what });
         drop(c);
         let down = match kind {
-            Kind::Kill(down) | Kind::Freeze(down) | Kind::Isolate(_, down) => {
+            Kind::Kill(down) | Kind::Freeze(down) | Kind::Isolate(_, down) | Kind::CrashPoints(down) => {
                 tokio::time::sleep(down).await;
                 Ok(())
             }
@@ -129,7 +148,7 @@ pub async fn fault_loop(
         };
         let mut c = cluster.lock().await;
         let undone = down.and_then(|()| match kind {
-            Kind::Kill(_) => c.restart(victim).map(|()| format!("restart {victim}")),
+            Kind::Kill(_) | Kind::CrashPoints(_) => c.restart(victim).map(|()| format!("restart {victim}")),
             Kind::Freeze(_) => {
                 c.freeze(victim, false);
                 Ok(format!("thaw {victim}"))
@@ -172,4 +191,36 @@ async fn flap(cluster: &Mutex<Cluster>, victim: u64, down: Duration) -> anyhow::
         cluster.lock().await.cut(victim, Cut::Both)?;
     }
     Ok(())
+}
+
+/// Restarts, after `down`, every process that died at a crash point, until
+/// `stop`. A process that exited otherwise is left down (the report counts
+/// it as an unexpected exit).
+async fn revive(cluster: Arc<Mutex<Cluster>>, down: Duration, stop: Arc<AtomicBool>, started: Instant) -> Vec<Fault> {
+    let mut faults = Vec::new();
+    let mut unexpected = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let exited = cluster.lock().await.exited();
+        for (who, status) in exited {
+            let at = started.elapsed().as_secs_f64();
+            if status.code() != Some(CRASH_EXIT) {
+                unexpected.push(Fault { at, what: format!("{who} exited on its own: {status}") });
+                continue;
+            }
+            let point = cluster.lock().await.last_crash_point(who).unwrap_or_else(|| "?".into());
+            faults.push(Fault { at, what: format!("strike {who}: died at crash point {point}") });
+            let cluster = cluster.clone();
+            // Each restart waits on its own, so crashes close together
+            // are not serialised.
+            tokio::spawn(async move {
+                tokio::time::sleep(down).await;
+                if let Err(e) = cluster.lock().await.restart(who) {
+                    eprintln!("restarting {who}: {e}");
+                }
+            });
+        }
+    }
+    faults.extend(unexpected);
+    faults
 }

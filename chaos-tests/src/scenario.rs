@@ -44,6 +44,11 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "drop what reaches the leader from its peers for 5 s (its own messages still go out), then heal [root]",
     ),
     ("leader-flap-cas", "cut and heal the leader's links every 500 ms for 6 s [root]"),
+    (
+        "crash-points",
+        "processes die at armed crash points (log append before sync, snapshot build and install, mid-batch apply, \
+         install before rename, hook running) and restart after 1 s [a `--features failpoints` build]",
+    ),
     ("source-kill", "kill -9 the jobs' source worker (restart after 1 s) while it serves a job"),
     ("target-kill", "kill -9 one of a job's target workers (restart after 1 s) mid-job"),
     (
@@ -65,6 +70,7 @@ pub fn fault_of(name: &str) -> anyhow::Result<(Target, Kind)> {
         "leader-isolate-cas" => (Target::Leader, Kind::Isolate(Cut::Both, secs(5))),
         "leader-oneway-cas" => (Target::Leader, Kind::Isolate(Cut::Inbound, secs(5))),
         "leader-flap-cas" => (Target::Leader, Kind::Flap(secs(6))),
+        "crash-points" => (Target::Leader, Kind::CrashPoints(secs(1))),
         "source-kill" => (Target::Source, Kind::Kill(secs(1))),
         "target-kill" => (Target::JobTarget, Kind::Kill(secs(1))),
         "target-freeze" => (Target::JobTarget, Kind::Freeze(secs(18))),
@@ -140,6 +146,16 @@ impl Report {
         let mut out = String::new();
         out += &format!("scenario {}  seed {}  ({})\n", self.scenario, self.seed, self.mode);
         out += &format!("faults: {} ({})\n", self.strikes(), self.fault);
+        let mut points = std::collections::BTreeMap::<&str, usize>::new();
+        for f in &self.faults {
+            if let Some((_, point)) = f.what.split_once("crash point ") {
+                *points.entry(point).or_default() += 1;
+            }
+        }
+        if !points.is_empty() {
+            let each: Vec<String> = points.iter().map(|(p, n)| format!("{p} {n}")).collect();
+            out += &format!("  at: {}\n", each.join(", "));
+        }
         for f in self.faults.iter().filter(|f| f.what.contains("failed")).take(5) {
             out += &format!("  at {:.1} s: {}\n", f.at, f.what);
         }
@@ -179,7 +195,7 @@ impl Report {
         for d in &self.digests {
             out += &format!("  {d}\n");
         }
-        out += &format!("panics in logs: {}\n", self.panics.len());
+        out += &format!("panics and unexpected exits: {}\n", self.panics.len());
         for p in self.panics.iter().take(5) {
             out += &format!("  {p}\n");
         }
@@ -203,7 +219,8 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     let dir = options.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let started = Instant::now();
-    let cluster = Cluster::start(&options.ferry, &dir, 3, WORKERS, network).await?;
+    let failpoints = matches!(kind, Kind::CrashPoints(_)).then(|| nemesis::CRASH_POINTS.to_string());
+    let cluster = Cluster::start(&options.ferry, &dir, (3, WORKERS), network, failpoints).await?;
     let mode = cluster.mode();
     let endpoints = cluster.endpoints();
     let cluster = Arc::new(Mutex::new(cluster));
@@ -233,7 +250,25 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     ));
     tokio::time::sleep(options.duration).await;
     stop.store(true, Ordering::Relaxed);
-    let faults = nemesis.await.context("the nemesis task")?;
+    let mut faults = nemesis.await.context("the nemesis task")?;
+    // Every process up again, crash points disarmed, before the clients
+    // finish what they were doing (the job in flight is followed to its end).
+    let mut panics: Vec<String> =
+        faults.iter().filter(|f| f.what.contains("exited on its own")).map(|f| f.what.clone()).collect();
+    faults.retain(|f| !f.what.contains("exited on its own"));
+    if matches!(kind, Kind::CrashPoints(_)) && !faults.iter().any(|f| f.what.starts_with("strike")) {
+        panics.push("no crash point fired: is `ferry` built with `--features failpoints`?".into());
+    }
+    {
+        let mut c = cluster.lock().await;
+        for (who, status) in c.exited() {
+            if !(matches!(kind, Kind::CrashPoints(_)) && status.code() == Some(nemesis::CRASH_EXIT)) {
+                panics.push(format!("{who} exited on its own: {status}"));
+            }
+        }
+        c.restart_stopped()?;
+        c.disarm()?;
+    }
     for client in clients {
         client.await.context("a client task")?;
     }
@@ -243,13 +278,11 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     }
     let mut jobs = job_loop.await.context("the job task")?;
 
-    // Every node up again, then the last reads and the comparisons.
+    // The last reads and the comparisons.
     let mut c = cluster.lock().await;
-    let mut panics = Vec::new();
     for (who, status) in c.exited() {
         panics.push(format!("{who} exited on its own: {status}"));
     }
-    c.restart_stopped()?;
     c.wait_for_leader(Duration::from_secs(30)).await?;
     if let Err(e) = c.wait_for_workers(Duration::from_secs(30)).await {
         jobs.problems.push(e.to_string());

@@ -90,6 +90,7 @@ impl Scheduler {
     ) -> Result<Self, Error> {
         let addr = grpc.local_addr().map_err(|source| Error::Bind { addr: config.listen.to_string(), source })?;
         config.listen = addr;
+        ferry_storage::crash::arm();
         config.validate()?;
         let members = config.members()?;
         let raft_config = Arc::new(raft_config(&config)?);

@@ -27,6 +27,7 @@
 
 pub mod codec;
 pub mod command;
+pub mod crash;
 pub mod db;
 pub mod error;
 pub mod jobs;

@@ -506,6 +506,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             journal.append(records.iter().map(Vec::as_slice)).map_err(|e| StorageIOError::write_logs(&e))?;
             journal.sync_point()
         };
+        crate::crash_point!("log-before-sync");
         if self.leads(&ids) {
             // Sent to the followers while it syncs (`log_sync.rs`).
             self.sync_in_background(last, file);

@@ -286,6 +286,7 @@ impl StateMachineStore {
         let started = Instant::now();
         let file = std::fs::File::create(&tmp).map_err(|source| Error::Snapshot { op: "create", source })?;
         let file = write_records(state, &header, file)?;
+        crate::crash_point!("snapshot-build");
         file.sync_all().map_err(|source| Error::Snapshot { op: "fsync", source })?;
         drop(file);
         tracing::info!(ms = started.elapsed().as_millis() as u64, "wrote a snapshot file");
@@ -342,6 +343,7 @@ impl StateMachineStore {
             std::io::copy(&mut received, &mut out).map_err(|source| Error::Snapshot { op: "copy", source })?;
             out.sync_all().map_err(|source| Error::Snapshot { op: "fsync", source })?;
         }
+        crate::crash_point!("snapshot-install");
         let next = load(&tmp, Some(meta))?;
         let (applied, revision) = (next.last_applied.map(|l| l.index).unwrap_or(0), next.revision);
 

@@ -754,6 +754,7 @@ fn install_all(work: &JobWork, store: &ChunkStore, retained: &Retained) -> Resul
             retained.keep(store, &f.dest, &f.previous);
         }
         let dir = f.dir.as_raw_fd();
+        fail::fail_point!("install-before-rename", |_| crate::crash("install-before-rename"));
         // SAFETY: valid descriptor and NUL-terminated names; both in `dir`.
         io_result(unsafe { libc::renameat(dir, f.staging_name.as_ptr(), dir, f.dest_name.as_ptr()) })
             .map_err(|e| format!("rename into {}: {e}", f.dest.display()))?;

@@ -44,6 +44,7 @@ async fn run_until(command: &str, env: &[(&str, String)], cancelled: impl Future
         .spawn()
         .map_err(|e| format!("cannot start hook: {e}"))?;
     let mut group = Group(child.id());
+    fail::fail_point!("hook-running", |_| crate::crash("hook-running"));
     let result = tokio::select! {
         waited = tokio::time::timeout(HOOK_TIMEOUT, child.wait()) => match waited {
             Ok(Ok(status)) => {

@@ -249,6 +249,17 @@ fn arm_failpoints() {
     }
 }
 
+/// Dies at crash point `point` (see `FAILPOINTS` above): no unwinding, no
+/// destructor, nothing flushed, with the same status as the schedulers'
+/// crash points (`ferry_storage::crash`). The worker's points:
+/// `install-before-rename` (a staged file checked, not yet renamed into
+/// place) and `hook-running` (a job's hook started, not yet waited for).
+#[cfg(feature = "failpoints")]
+pub(crate) fn crash(point: &str) -> ! {
+    eprintln!("crash point {point}: exiting with status 70");
+    std::process::exit(70)
+}
+
 /// The reflection services (v1, and v1alpha for grpcurl 1.8) over Ferry's
 /// and the health service's descriptors. They advertise only what this
 /// listener serves: the descriptor set also holds the schedulers' services.

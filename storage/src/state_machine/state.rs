@@ -274,11 +274,17 @@ impl State {
             return CommandResult::Batch(
                 commands
                     .iter()
-                    .map(|c| match c.op {
+                    .enumerate()
+                    .map(|(i, c)| match c.op {
                         Op::Batch(_) => {
                             CommandResult::Rejected { reason: "op: a batch must not contain a batch".into() }
                         }
-                        _ => self.apply_command(index, c),
+                        _ => {
+                            if i == commands.len() / 2 && i > 0 {
+                                crate::crash_point!("apply-batch");
+                            }
+                            self.apply_command(index, c)
+                        }
                     })
                     .collect(),
             );
