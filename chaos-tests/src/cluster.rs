@@ -18,6 +18,8 @@ use anyhow::{bail, Context};
 use ferry_lab::netns::Lab;
 use ferry_lab::procs::{free_ports, spawn_logged};
 
+use crate::lazyfs::LazyFs;
+
 /// A scheduler (by its Raft id, from 1) or a worker (by its number, from
 /// 1: worker `w1`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -39,8 +41,6 @@ impl std::fmt::Display for Who {
 pub struct Proc {
     /// Its listening address (`host:port`).
     pub addr: String,
-    /// Its data directory.
-    pub data: PathBuf,
     /// Stdout and stderr of every start.
     pub log: PathBuf,
     args: Vec<OsString>,
@@ -63,6 +63,21 @@ pub enum Cut {
     Inbound,
 }
 
+/// What to start.
+#[derive(Debug, Clone, Default)]
+pub struct Spec {
+    pub nodes: usize,
+    pub workers: usize,
+    /// Each process in its own network namespace (needs root).
+    pub network: bool,
+    /// `FAILPOINTS` of every process (crash points; see `ferry_storage::crash`).
+    pub failpoints: Option<String>,
+    /// Each process's directories (a scheduler's data, a worker's data and
+    /// root) on its own power-loss filesystem ([`LazyFs`]; needs root and
+    /// `/dev/fuse`).
+    pub power_loss: bool,
+}
+
 /// Three schedulers and some workers; killed on drop.
 pub struct Cluster {
     ferry: PathBuf,
@@ -74,6 +89,8 @@ pub struct Cluster {
     lab: Option<Lab>,
     /// `FAILPOINTS` of every process (crash points; see `ferry_storage::crash`).
     failpoints: Option<String>,
+    /// Process `i`'s power-loss filesystem, if [`Spec::power_loss`].
+    disks: Vec<LazyFs>,
 }
 
 impl Cluster {
@@ -82,14 +99,19 @@ impl Cluster {
     /// With `network`, each in its own namespace (which needs root:
     /// [`Lab::unavailable`] says why not). Every worker has a hook named
     /// `reload` (`true`).
-    pub async fn start(
-        ferry: &Path,
-        dir: &Path,
-        (nodes, workers): (usize, usize),
-        network: bool,
-        failpoints: Option<String>,
-    ) -> anyhow::Result<Self> {
+    pub async fn start(ferry: &Path, dir: &Path, spec: Spec) -> anyhow::Result<Self> {
+        let Spec { nodes, workers, network, failpoints, power_loss } = spec;
         let all = nodes + workers;
+        let mut disks = Vec::new();
+        if power_loss {
+            for i in 0..all {
+                let name = if i < nodes { format!("s{}", i + 1) } else { format!("w{}", i - nodes + 1) };
+                let (disk, mount) = (dir.join(format!("{name}.disk")), dir.join(format!("{name}.mnt")));
+                std::fs::create_dir_all(&disk)?;
+                std::fs::create_dir_all(&mount)?;
+                disks.push(LazyFs::mount(&disk, &mount)?);
+            }
+        }
         let (lab, addrs) = if network {
             let lab = Lab::create(all)?;
             let addrs = (0..all).map(|i| format!("{}:{}", lab.ip(i), if i < nodes { 7001 } else { 7101 })).collect();
@@ -105,7 +127,10 @@ impl Cluster {
         for (i, addr) in addrs.into_iter().enumerate() {
             let (name, args): (String, Vec<OsString>) = if i < nodes {
                 let name = format!("s{}", i + 1);
-                let data = dir.join(&name);
+                let data = match disks.get(i) {
+                    Some(disk) => disk.mountpoint().join("data"),
+                    None => dir.join(&name),
+                };
                 let args =
                     ["scheduler", "--id", &(i + 1).to_string(), "--listen", &addr, "--initial-cluster", &members];
                 let mut args: Vec<OsString> = args.iter().map(OsString::from).collect();
@@ -113,8 +138,8 @@ impl Cluster {
                 (name, args)
             } else {
                 let name = format!("w{}", i - nodes + 1);
-                let root = dir.join(&name).join("root");
-                let data = dir.join(&name).join("data");
+                let home = disks.get(i).map_or_else(|| dir.join(&name), |disk| disk.mountpoint().to_path_buf());
+                let (root, data) = (home.join("root"), home.join("data"));
                 std::fs::create_dir_all(&root)?;
                 let args = [
                     "worker",
@@ -132,10 +157,9 @@ impl Cluster {
                 worker_dirs.push(WorkerDirs { name: name.clone(), root });
                 (name, args)
             };
-            let data = dir.join(&name);
-            procs.push(Proc { addr, data, log: dir.join(format!("{name}.log")), args, child: None });
+            procs.push(Proc { addr, log: dir.join(format!("{name}.log")), args, child: None });
         }
-        let mut cluster = Self { ferry: ferry.into(), procs, nodes, workers: worker_dirs, lab, failpoints };
+        let mut cluster = Self { ferry: ferry.into(), procs, nodes, workers: worker_dirs, lab, failpoints, disks };
         for i in 0..all {
             cluster.spawn(i, &log)?;
         }
@@ -241,6 +265,20 @@ impl Cluster {
             self.restart(who)?;
         }
         Ok(())
+    }
+
+    /// Whether the schedulers' data directories are on power-loss
+    /// filesystems.
+    pub fn power_loss(&self) -> bool {
+        !self.disks.is_empty()
+    }
+
+    /// Kills `who` and cuts its disk's power: every write it had not made
+    /// durable is gone. Returns the bytes lost.
+    pub fn power_cut(&mut self, who: Who) -> anyhow::Result<u64> {
+        self.kill9(who);
+        let disk = self.disks.get(self.index(who)).context("no power-loss filesystem under this process")?;
+        Ok(disk.power_cut())
     }
 
     /// Takes the crash points away: every process restarts without them

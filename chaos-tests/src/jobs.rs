@@ -9,7 +9,9 @@
 //!   answers;
 //! - every job ends, and each target is either installed with a file
 //!   byte-identical to the source's or failed (or cancelled) with a reason;
-//! - a final path never holds anything but the whole file (the sampler);
+//! - a final path never holds anything but the whole file (the sampler),
+//!   and an installed file is still whole after the next job (whatever the
+//!   nemesis did to its worker meanwhile);
 //! - no staging file is left once the job has ended and every worker is
 //!   back.
 //!
@@ -165,6 +167,8 @@ async fn job_loop(
         return jobs;
     }
     let mut k = 0;
+    // The last finished job's hash and the targets that installed it.
+    let mut previous: Option<(usize, blake3::Hash, Vec<String>)> = None;
     while !stop.load(Ordering::Relaxed) {
         k += 1;
         let data = if k % 4 == 0 {
@@ -219,6 +223,11 @@ async fn job_loop(
             check_visible(&endpoints, &id, k, &mut jobs.problems).await;
             follow(&client, &id, &mut run, &mut jobs.problems).await;
             check_targets(&run, &targets, hash, &mut jobs.problems);
+            if let Some((before, hash, installed)) = previous.take() {
+                check_kept(before, hash, &installed, &targets, &mut jobs.problems);
+            }
+            let installed = run.targets.iter().filter(|(_, s, _)| s == "installed" || s == "unchanged");
+            previous = Some((k, hash, installed.map(|(w, _, _)| w.clone()).collect()));
             // Keep the last job's files (the next one reuses their chunks).
             for (_, root) in &targets {
                 let _ = std::fs::remove_dir_all(root.join(format!("j{}", k.saturating_sub(2))));
@@ -294,6 +303,30 @@ fn check_targets(run: &JobRun, targets: &[(String, PathBuf)], hash: blake3::Hash
     }
     if run.state != "running" && run.targets.len() != targets.len() {
         problems.push(format!("job {k}: the report names {} targets of {}", run.targets.len(), targets.len()));
+    }
+}
+
+/// The files of job `k`, installed by `installed`, are still whole one job
+/// later (after whatever the nemesis did meanwhile: a power cut of the
+/// target, say).
+fn check_kept(
+    k: usize,
+    hash: blake3::Hash,
+    installed: &[String],
+    targets: &[(String, PathBuf)],
+    problems: &mut Vec<String>,
+) {
+    for (name, root) in targets.iter().filter(|(name, _)| installed.contains(name)) {
+        let path = install_path(root, k);
+        match std::fs::read(&path) {
+            Ok(bytes) if blake3::hash(&bytes) == hash => {}
+            Ok(bytes) => problems.push(format!(
+                "job {k}: {name} had installed {}, which now holds {} other bytes",
+                path.display(),
+                bytes.len()
+            )),
+            Err(e) => problems.push(format!("job {k}: {name} had installed {}, now: {e}", path.display())),
+        }
     }
 }
 

@@ -80,6 +80,10 @@ async fn main() -> anyhow::Result<()> {
             println!("scenario {name}: skipped, it needs network namespaces ({why})");
             continue;
         }
+        if let (true, Some(why)) = (all && kind.power_loss(), ferry_chaos::lazyfs::LazyFs::unsupported()) {
+            println!("scenario {name}: skipped, it needs a FUSE mount ({why})");
+            continue;
+        }
         let report = scenario::run(&name, &options).await?;
         print!("{}", report.text());
         failed |= !report.passed();

@@ -39,6 +39,10 @@ pub enum Kind {
     /// The node's links to its peers cut and healed in turn every 500 ms,
     /// for this long.
     Flap(Duration),
+    /// `kill -9` of the victim (and, if it is a scheduler, of one more: a
+    /// majority with the leader), each losing what its disk had not made
+    /// durable (a power cut on [`crate::lazyfs`]), restarted after this long.
+    PowerCut(Duration),
     /// No strike from outside: the processes die at their armed crash
     /// points ([`CRASH_POINTS`]) and are restarted after this long.
     CrashPoints(Duration),
@@ -57,6 +61,11 @@ pub const CRASH_POINTS: &str = "log-before-sync=0.02%return;snapshot-build=30%re
 pub const CRASH_EXIT: i32 = 70;
 
 impl Kind {
+    /// Whether the fault needs power-loss filesystems.
+    pub fn power_loss(self) -> bool {
+        matches!(self, Kind::PowerCut(_))
+    }
+
     /// Whether the fault needs network namespaces.
     pub fn network(self) -> bool {
         matches!(self, Kind::Isolate(..) | Kind::Flap(_))
@@ -71,6 +80,7 @@ impl Kind {
             Kind::Isolate(Cut::Inbound, _) => "inbound links cut",
             Kind::Flap(_) => "flapping links",
             Kind::CrashPoints(_) => "crash points",
+            Kind::PowerCut(_) => "power cut",
         }
     }
 }
@@ -81,6 +91,8 @@ pub struct Fault {
     /// Seconds since the run started.
     pub at: f64,
     pub what: String,
+    /// Bytes a power cut threw away (written, not yet synced).
+    pub lost: u64,
 }
 
 /// Strikes `target` with `kind` every `every` (±50 %, from the seed) until
@@ -118,7 +130,20 @@ pub async fn fault_loop(
             Target::JobTarget => Who::Worker(rng.gen_range(2..=c.workers.len())),
         };
         let at = || started.elapsed().as_secs_f64();
+        // A power cut takes one more scheduler down with the victim.
+        let second = match (kind, victim) {
+            (Kind::PowerCut(_), Who::Node(id)) => {
+                let others: Vec<u64> = c.node_ids().into_iter().filter(|other| *other != id).collect();
+                Some(Who::Node(others[rng.gen_range(0..others.len())]))
+            }
+            _ => None,
+        };
+        let mut lost = 0;
         let struck = match kind {
+            Kind::PowerCut(_) => [Some(victim), second].into_iter().flatten().try_for_each(|who| {
+                lost += c.power_cut(who)?;
+                Ok(())
+            }),
             Kind::Kill(_) | Kind::CrashPoints(_) => {
                 c.kill9(victim);
                 Ok(())
@@ -131,13 +156,21 @@ pub async fn fault_loop(
             Kind::Flap(_) => node(victim).and_then(|id| c.cut(id, Cut::Both)),
         };
         let mut what = format!("strike {victim} (leader {leader}): {}", kind.label());
+        if let Some(second) = second {
+            what =
+                format!("strike {victim} and {second} (leader {leader}): {}, {lost} unsynced bytes lost", kind.label());
+        }
         if let Err(e) = struck {
             what += &format!(" failed: {e}");
         }
-        faults.push(Fault { at: at(), what });
+        faults.push(Fault { at: at(), what, lost });
         drop(c);
         let down = match kind {
-            Kind::Kill(down) | Kind::Freeze(down) | Kind::Isolate(_, down) | Kind::CrashPoints(down) => {
+            Kind::Kill(down)
+            | Kind::Freeze(down)
+            | Kind::Isolate(_, down)
+            | Kind::CrashPoints(down)
+            | Kind::PowerCut(down) => {
                 tokio::time::sleep(down).await;
                 Ok(())
             }
@@ -149,6 +182,11 @@ pub async fn fault_loop(
         let mut c = cluster.lock().await;
         let undone = down.and_then(|()| match kind {
             Kind::Kill(_) | Kind::CrashPoints(_) => c.restart(victim).map(|()| format!("restart {victim}")),
+            Kind::PowerCut(_) => [Some(victim), second]
+                .into_iter()
+                .flatten()
+                .try_for_each(|who| c.restart(who))
+                .map(|()| format!("restart {victim} and {}", second.map_or(String::new(), |s| s.to_string()))),
             Kind::Freeze(_) => {
                 c.freeze(victim, false);
                 Ok(format!("thaw {victim}"))
@@ -158,7 +196,7 @@ pub async fn fault_loop(
             }
         });
         let what = undone.unwrap_or_else(|e| format!("undoing the fault on {victim} failed: {e}"));
-        faults.push(Fault { at: at(), what });
+        faults.push(Fault { at: at(), what, lost: 0 });
     }
     faults
 }
@@ -205,11 +243,11 @@ async fn revive(cluster: Arc<Mutex<Cluster>>, down: Duration, stop: Arc<AtomicBo
         for (who, status) in exited {
             let at = started.elapsed().as_secs_f64();
             if status.code() != Some(CRASH_EXIT) {
-                unexpected.push(Fault { at, what: format!("{who} exited on its own: {status}") });
+                unexpected.push(Fault { at, what: format!("{who} exited on its own: {status}"), lost: 0 });
                 continue;
             }
             let point = cluster.lock().await.last_crash_point(who).unwrap_or_else(|| "?".into());
-            faults.push(Fault { at, what: format!("strike {who}: died at crash point {point}") });
+            faults.push(Fault { at, what: format!("strike {who}: died at crash point {point}"), lost: 0 });
             let cluster = cluster.clone();
             // Each restart waits on its own, so crashes close together
             // are not serialised.

@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use ferry_lab::netns::Lab;
 use tokio::sync::Mutex;
 
-use crate::cluster::{Cluster, Cut};
+use crate::cluster::{Cluster, Cut, Spec};
 use crate::history::{self, History, Outcome};
 use crate::jobs::{self, Jobs};
 use crate::leases;
@@ -45,6 +45,16 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ),
     ("leader-flap-cas", "cut and heal the leader's links every 500 ms for 6 s [root]"),
     (
+        "power-cut",
+        "kill -9 the leader and one follower at once and drop every write their disks had not synced \
+         (data directories on a LazyFS-like FUSE layer), restart after 1 s [root]",
+    ),
+    (
+        "target-power-cut",
+        "kill -9 a job's target worker and drop every write its disk had not synced (its root and data on \
+         the FUSE layer), restart after 1 s: every file it installed must still be whole [root]",
+    ),
+    (
         "crash-points",
         "processes die at armed crash points (log append before sync, snapshot build and install, mid-batch apply, \
          install before rename, hook running) and restart after 1 s [a `--features failpoints` build]",
@@ -71,6 +81,8 @@ pub fn fault_of(name: &str) -> anyhow::Result<(Target, Kind)> {
         "leader-oneway-cas" => (Target::Leader, Kind::Isolate(Cut::Inbound, secs(5))),
         "leader-flap-cas" => (Target::Leader, Kind::Flap(secs(6))),
         "crash-points" => (Target::Leader, Kind::CrashPoints(secs(1))),
+        "power-cut" => (Target::Leader, Kind::PowerCut(secs(1))),
+        "target-power-cut" => (Target::JobTarget, Kind::PowerCut(secs(1))),
         "source-kill" => (Target::Source, Kind::Kill(secs(1))),
         "target-kill" => (Target::JobTarget, Kind::Kill(secs(1))),
         "target-freeze" => (Target::JobTarget, Kind::Freeze(secs(18))),
@@ -152,6 +164,15 @@ impl Report {
                 *points.entry(point).or_default() += 1;
             }
         }
+        let mut lost: Vec<u64> = self.faults.iter().filter(|f| f.what.contains("power cut")).map(|f| f.lost).collect();
+        if !lost.is_empty() {
+            lost.sort_unstable();
+            out += &format!(
+                "  unsynced bytes thrown away: {} in all, median {} per cut\n",
+                lost.iter().sum::<u64>(),
+                lost[lost.len() / 2]
+            );
+        }
         if !points.is_empty() {
             let each: Vec<String> = points.iter().map(|(p, n)| format!("{p} {n}")).collect();
             out += &format!("  at: {}\n", each.join(", "));
@@ -215,12 +236,16 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         Some(why) if kind.network() => bail!("scenario {name} needs network namespaces, which need root: {why}"),
         Some(_) => false,
     };
+    if let (Kind::PowerCut(_), Some(why)) = (kind, crate::lazyfs::LazyFs::unsupported()) {
+        bail!("scenario {name} needs a FUSE mount: {why}");
+    }
     let tmp = tempfile::Builder::new().prefix("ferry-chaos-").tempdir()?;
     let dir = options.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let started = Instant::now();
     let failpoints = matches!(kind, Kind::CrashPoints(_)).then(|| nemesis::CRASH_POINTS.to_string());
-    let cluster = Cluster::start(&options.ferry, &dir, (3, WORKERS), network, failpoints).await?;
+    let spec = Spec { nodes: 3, workers: WORKERS, network, failpoints, power_loss: matches!(kind, Kind::PowerCut(_)) };
+    let cluster = Cluster::start(&options.ferry, &dir, spec).await?;
     let mode = cluster.mode();
     let endpoints = cluster.endpoints();
     let cluster = Arc::new(Mutex::new(cluster));

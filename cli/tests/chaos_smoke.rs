@@ -1,6 +1,7 @@
-//! The chaos harness's smoke, on every change: three scenarios (a leader
-//! killed, a leader cut off from its peers, a job's target killed) for a
-//! short while on a fixed seed, with the `ferry` binary these tests build.
+//! The chaos harness's smoke, on every change: three scenarios (power cuts
+//! of the leader and a follower, a leader cut off from its peers, crash
+//! points in every process) for a short while on a fixed seed, with the
+//! `ferry` binary these tests build (which has the crash points).
 //! The full matrix is `ferry-chaos run --all` (docs/operations/chaos.md).
 
 use std::time::Duration;
@@ -18,11 +19,12 @@ async fn three_scenarios_pass_a_short_run() {
         keep: false,
         serializable: false,
     };
-    // Cutting links needs network namespaces (root); without them the
-    // leader is frozen instead.
+    // Cutting links needs network namespaces, and power cuts a FUSE mount
+    // (root for both); without them the leader is frozen, or killed, instead.
     let partition =
         if ferry_lab::netns::Lab::unavailable().is_none() { "leader-isolate-cas" } else { "leader-freeze-cas" };
-    for name in ["leader-kill-cas", partition, "target-kill"] {
+    let power = if ferry_chaos::lazyfs::LazyFs::unsupported().is_none() { "power-cut" } else { "leader-kill-cas" };
+    for name in [power, partition, "crash-points"] {
         let report = scenario::run(name, &options).await.expect("the scenario runs");
         let text = report.text();
         println!("{text}");

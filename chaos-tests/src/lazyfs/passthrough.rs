@@ -232,7 +232,11 @@ fn disk_flags(flags: i32) -> i32 {
         | libc::O_TRUNC
         | libc::O_APPEND
         | libc::O_DIRECT
-        | libc::O_NOCTTY;
+        | libc::O_NOCTTY
+        // The kernel resolved the client's name already; the disk file is
+        // reopened through its `/proc/self/fd` link, which O_NOFOLLOW
+        // would refuse (ELOOP).
+        | libc::O_NOFOLLOW;
     flags & !dropped | libc::O_RDWR
 }
 

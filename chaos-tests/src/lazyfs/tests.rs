@@ -166,6 +166,19 @@ fn lazyfs_unlinked_open_file_still_works() {
 }
 
 #[test]
+fn lazyfs_opens_with_nofollow_as_a_disk_does() {
+    let Some(m) = Mounted::new() else { return };
+    let nofollow = |create: bool| {
+        OpenOptions::new().read(true).write(true).create(create).custom_flags(libc::O_NOFOLLOW).open(m.path("f"))
+    };
+    nofollow(true).unwrap().write_all(b"x").unwrap();
+    nofollow(false).unwrap();
+    std::os::unix::fs::symlink("f", m.path("link")).unwrap();
+    let err = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(m.path("link")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "a symlink is still refused");
+}
+
+#[test]
 fn lazyfs_append_and_exclusive_create_behave() {
     let Some(m) = Mounted::new() else { return };
     fs::write(m.path("log"), b"one").unwrap();
