@@ -76,6 +76,8 @@ pub struct Spec {
     /// root) on its own power-loss filesystem ([`LazyFs`]; needs root and
     /// `/dev/fuse`).
     pub power_loss: bool,
+    /// Flags added to every `ferry scheduler`.
+    pub scheduler_args: Vec<String>,
 }
 
 /// Three schedulers and some workers; killed on drop.
@@ -100,7 +102,7 @@ impl Cluster {
     /// [`Lab::unavailable`] says why not). Every worker has a hook named
     /// `reload` (`true`).
     pub async fn start(ferry: &Path, dir: &Path, spec: Spec) -> anyhow::Result<Self> {
-        let Spec { nodes, workers, network, failpoints, power_loss } = spec;
+        let Spec { nodes, workers, network, failpoints, power_loss, scheduler_args } = spec;
         let all = nodes + workers;
         let mut disks = Vec::new();
         if power_loss {
@@ -135,6 +137,7 @@ impl Cluster {
                     ["scheduler", "--id", &(i + 1).to_string(), "--listen", &addr, "--initial-cluster", &members];
                 let mut args: Vec<OsString> = args.iter().map(OsString::from).collect();
                 args.extend(["--data".into(), data.into()]);
+                args.extend(scheduler_args.iter().map(OsString::from));
                 (name, args)
             } else {
                 let name = format!("w{}", i - nodes + 1);

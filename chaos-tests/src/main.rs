@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let Command::Run { scenario, all, duration, seed, every, ferry, keep, serializable_reads } = cli.command else {
         for (name, about) in SCENARIOS {
-            println!("{name:<20} {about}");
+            println!("{name:<24} {about}");
         }
         return Ok(());
     };
@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let options = Options { ferry, duration, seed, every, dir: None, keep, serializable: serializable_reads };
     let mut failed = false;
     for name in names {
-        let (_, kind) = scenario::fault_of(&name)?;
+        let kind = scenario::plan_of(&name)?.kind;
         if let (true, Some(why)) = (all && kind.network(), ferry_lab::netns::Lab::unavailable()) {
             println!("scenario {name}: skipped, it needs network namespaces ({why})");
             continue;

@@ -44,8 +44,8 @@ pub enum Kind {
     /// durable (a power cut on [`crate::lazyfs`]), restarted after this long.
     PowerCut(Duration),
     /// No strike from outside: the processes die at their armed crash
-    /// points ([`CRASH_POINTS`]) and are restarted after this long.
-    CrashPoints(Duration),
+    /// points ([`CRASH_POINTS`]) and [`revive`] restarts them.
+    CrashPoints,
 }
 
 /// `FAILPOINTS` of the crash-point scenario: where, and how often, a
@@ -79,7 +79,7 @@ impl Kind {
             Kind::Isolate(Cut::Both, _) => "isolated from its peers",
             Kind::Isolate(Cut::Inbound, _) => "inbound links cut",
             Kind::Flap(_) => "flapping links",
-            Kind::CrashPoints(_) => "crash points",
+            Kind::CrashPoints => "crash points",
             Kind::PowerCut(_) => "power cut",
         }
     }
@@ -107,8 +107,8 @@ pub async fn fault_loop(
     stop: Arc<AtomicBool>,
     started: std::time::Instant,
 ) -> Vec<Fault> {
-    if let Kind::CrashPoints(down) = kind {
-        return revive(cluster, down, stop, started).await;
+    if kind == Kind::CrashPoints {
+        return Vec::new();
     }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut faults = Vec::new();
@@ -144,7 +144,7 @@ pub async fn fault_loop(
                 lost += c.power_cut(who)?;
                 Ok(())
             }),
-            Kind::Kill(_) | Kind::CrashPoints(_) => {
+            Kind::Kill(_) | Kind::CrashPoints => {
                 c.kill9(victim);
                 Ok(())
             }
@@ -166,14 +166,11 @@ pub async fn fault_loop(
         faults.push(Fault { at: at(), what, lost });
         drop(c);
         let down = match kind {
-            Kind::Kill(down)
-            | Kind::Freeze(down)
-            | Kind::Isolate(_, down)
-            | Kind::CrashPoints(down)
-            | Kind::PowerCut(down) => {
+            Kind::Kill(down) | Kind::Freeze(down) | Kind::Isolate(_, down) | Kind::PowerCut(down) => {
                 tokio::time::sleep(down).await;
                 Ok(())
             }
+            Kind::CrashPoints => Ok(()),
             Kind::Flap(down) => match node(victim) {
                 Ok(id) => flap(&cluster, id, down).await,
                 Err(e) => Err(e),
@@ -181,7 +178,7 @@ pub async fn fault_loop(
         };
         let mut c = cluster.lock().await;
         let undone = down.and_then(|()| match kind {
-            Kind::Kill(_) | Kind::CrashPoints(_) => c.restart(victim).map(|()| format!("restart {victim}")),
+            Kind::Kill(_) | Kind::CrashPoints => c.restart(victim).map(|()| format!("restart {victim}")),
             Kind::PowerCut(_) => [Some(victim), second]
                 .into_iter()
                 .flatten()
@@ -232,9 +229,14 @@ async fn flap(cluster: &Mutex<Cluster>, victim: u64, down: Duration) -> anyhow::
 }
 
 /// Restarts, after `down`, every process that died at a crash point, until
-/// `stop`. A process that exited otherwise is left down (the report counts
+/// `stop` (beside the nemesis, in scenarios with crash points armed). A process that exited otherwise is left down (the report counts
 /// it as an unexpected exit).
-async fn revive(cluster: Arc<Mutex<Cluster>>, down: Duration, stop: Arc<AtomicBool>, started: Instant) -> Vec<Fault> {
+pub async fn revive(
+    cluster: Arc<Mutex<Cluster>>,
+    down: Duration,
+    stop: Arc<AtomicBool>,
+    started: Instant,
+) -> Vec<Fault> {
     let mut faults = Vec::new();
     let mut unexpected = Vec::new();
     while !stop.load(Ordering::Relaxed) {

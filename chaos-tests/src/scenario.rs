@@ -55,6 +55,11 @@ pub const SCENARIOS: &[(&str, &str)] = &[
          the FUSE layer), restart after 1 s: every file it installed must still be whole [root]",
     ),
     (
+        "snapshot-install-crash",
+        "kill -9 a follower for 3 s with snapshots every 300 entries: it comes back behind the purge, gets a \
+         snapshot, and dies installing every other one (the snapshot-install crash point) [failpoints build]",
+    ),
+    (
         "crash-points",
         "processes die at armed crash points (log append before sync, snapshot build and install, mid-batch apply, \
          install before rename, hook running) and restart after 1 s [a `--features failpoints` build]",
@@ -70,24 +75,49 @@ pub const SCENARIOS: &[(&str, &str)] = &[
 /// Workers beside the schedulers: the jobs' source and three targets.
 const WORKERS: usize = 4;
 
-/// What scenario `name` strikes, and how.
-pub fn fault_of(name: &str) -> anyhow::Result<(Target, Kind)> {
+/// What a scenario does.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Which process the nemesis strikes, and how.
+    pub target: Target,
+    pub kind: Kind,
+    /// `FAILPOINTS` of every process: crash points, whose deaths the
+    /// harness revives.
+    pub failpoints: Option<&'static str>,
+    /// Flags added to every `ferry scheduler`.
+    pub scheduler_args: &'static [&'static str],
+}
+
+/// What scenario `name` does.
+pub fn plan_of(name: &str) -> anyhow::Result<Plan> {
     let secs = Duration::from_secs;
-    Ok(match name {
+    let (target, kind) = match name {
         "leader-kill-cas" => (Target::Leader, Kind::Kill(secs(1))),
         "follower-kill-cas" => (Target::Follower, Kind::Kill(secs(1))),
         "leader-freeze-cas" => (Target::Leader, Kind::Freeze(secs(3))),
         "leader-isolate-cas" => (Target::Leader, Kind::Isolate(Cut::Both, secs(5))),
         "leader-oneway-cas" => (Target::Leader, Kind::Isolate(Cut::Inbound, secs(5))),
         "leader-flap-cas" => (Target::Leader, Kind::Flap(secs(6))),
-        "crash-points" => (Target::Leader, Kind::CrashPoints(secs(1))),
+        "crash-points" => (Target::Leader, Kind::CrashPoints),
+        "snapshot-install-crash" => (Target::Follower, Kind::Kill(secs(3))),
         "power-cut" => (Target::Leader, Kind::PowerCut(secs(1))),
         "target-power-cut" => (Target::JobTarget, Kind::PowerCut(secs(1))),
         "source-kill" => (Target::Source, Kind::Kill(secs(1))),
         "target-kill" => (Target::JobTarget, Kind::Kill(secs(1))),
         "target-freeze" => (Target::JobTarget, Kind::Freeze(secs(18))),
         other => bail!("no scenario {other:?}; `ferry-chaos list` shows them"),
-    })
+    };
+    let (failpoints, scheduler_args): (_, &[&str]) = match name {
+        "crash-points" => (Some(nemesis::CRASH_POINTS), &[]),
+        // Snapshots every 300 entries, 30 kept behind: a follower down for
+        // 3 s comes back behind the purge and gets a snapshot, and dies
+        // installing every other one.
+        "snapshot-install-crash" => {
+            (Some("snapshot-install=50%return"), &["--snapshot-every", "300", "--logs-to-keep", "30"])
+        }
+        _ => (None, &[]),
+    };
+    Ok(Plan { target, kind, failpoints, scheduler_args })
 }
 
 /// How to run a scenario.
@@ -230,21 +260,27 @@ impl Report {
 
 /// Runs `name`.
 pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
-    let (target, kind) = fault_of(name)?;
+    let Plan { target, kind, failpoints, scheduler_args } = plan_of(name)?;
     let network = match Lab::unavailable() {
         None => true,
         Some(why) if kind.network() => bail!("scenario {name} needs network namespaces, which need root: {why}"),
         Some(_) => false,
     };
-    if let (Kind::PowerCut(_), Some(why)) = (kind, crate::lazyfs::LazyFs::unsupported()) {
+    if let (true, Some(why)) = (kind.power_loss(), crate::lazyfs::LazyFs::unsupported()) {
         bail!("scenario {name} needs a FUSE mount: {why}");
     }
     let tmp = tempfile::Builder::new().prefix("ferry-chaos-").tempdir()?;
     let dir = options.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let started = Instant::now();
-    let failpoints = matches!(kind, Kind::CrashPoints(_)).then(|| nemesis::CRASH_POINTS.to_string());
-    let spec = Spec { nodes: 3, workers: WORKERS, network, failpoints, power_loss: matches!(kind, Kind::PowerCut(_)) };
+    let spec = Spec {
+        nodes: 3,
+        workers: WORKERS,
+        network,
+        failpoints: failpoints.map(str::to_string),
+        power_loss: kind.power_loss(),
+        scheduler_args: scheduler_args.iter().map(|a| a.to_string()).collect(),
+    };
     let cluster = Cluster::start(&options.ferry, &dir, spec).await?;
     let mode = cluster.mode();
     let endpoints = cluster.endpoints();
@@ -273,21 +309,27 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         stop.clone(),
         started,
     ));
+    let reviver = failpoints
+        .map(|_| tokio::spawn(nemesis::revive(cluster.clone(), Duration::from_secs(1), stop.clone(), started)));
     tokio::time::sleep(options.duration).await;
     stop.store(true, Ordering::Relaxed);
     let mut faults = nemesis.await.context("the nemesis task")?;
+    if let Some(reviver) = reviver {
+        faults.extend(reviver.await.context("the reviver task")?);
+        faults.sort_by(|a, b| a.at.total_cmp(&b.at));
+    }
     // Every process up again, crash points disarmed, before the clients
     // finish what they were doing (the job in flight is followed to its end).
     let mut panics: Vec<String> =
         faults.iter().filter(|f| f.what.contains("exited on its own")).map(|f| f.what.clone()).collect();
     faults.retain(|f| !f.what.contains("exited on its own"));
-    if matches!(kind, Kind::CrashPoints(_)) && !faults.iter().any(|f| f.what.starts_with("strike")) {
+    if failpoints.is_some() && !faults.iter().any(|f| f.what.contains("crash point")) {
         panics.push("no crash point fired: is `ferry` built with `--features failpoints`?".into());
     }
     {
         let mut c = cluster.lock().await;
         for (who, status) in c.exited() {
-            if !(matches!(kind, Kind::CrashPoints(_)) && status.code() == Some(nemesis::CRASH_EXIT)) {
+            if !(failpoints.is_some() && status.code() == Some(nemesis::CRASH_EXIT)) {
                 panics.push(format!("{who} exited on its own: {status}"));
             }
         }

@@ -315,8 +315,21 @@ impl LogStore {
 
 /// Blocking: records the last purged id in the state file, then deletes
 /// the entries up to it, oldest first.
+///
+/// Never past the current snapshot: openraft 0.9 purges the log up to a
+/// snapshot it is installing while the state machine may still be saving
+/// it, and a node that died in between would restart on an older snapshot
+/// with the entries after it gone (the chaos harness's
+/// `snapshot-install-crash` found it). Entries past the current snapshot
+/// stay, and go at a later purge, after the snapshot has moved on.
 fn delete_purged(dir: &DataDir, log: &<Db as Store>::Tree, upto: LogId<NodeId>) -> std::io::Result<usize> {
-    dir.update_state_blocking(|s| s.last_purged = s.last_purged.max(Some(upto)))?;
+    let mut upto = Some(upto);
+    dir.update_state_blocking(|s| {
+        let snapshot = s.snapshot.as_ref().and_then(|(meta, _)| meta.last_log_id);
+        upto = upto.min(snapshot);
+        s.last_purged = s.last_purged.max(upto);
+    })?;
+    let Some(upto) = upto else { return Ok(0) };
     let (mut deleted, last) = (0, index_key(upto.index));
     // One remove at a time (not one batch, which would block every other
     // write to sled while it runs).

@@ -176,6 +176,27 @@ async fn truncated_and_purged_entries_stay_gone_after_a_reopen() {
 }
 
 #[tokio::test]
+async fn a_purge_past_the_current_snapshot_stops_at_it_and_the_node_restarts() {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = try_reopen(tmp.path()).unwrap();
+    init(&mut log).await;
+    log.blocking_append((1..=6).map(|i| entry(1, i))).await.unwrap();
+    sm.apply(log.try_get_log_entries(..=2).await.unwrap()).await.unwrap();
+    sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    // openraft purges up to a snapshot (through 5) it is still installing;
+    // the node dies before the state machine has it.
+    log.purge(LogId::new(CommittedLeaderId::new(1, 1), 5)).await.unwrap();
+    log.purged().await;
+    drop((log, sm));
+    // It restarts on the snapshot through 2, with the entries after it.
+    let (mut log, _sm) = try_reopen(tmp.path()).expect("not refused as damaged");
+    assert_eq!(contents(&mut log).await, [(1, 3), (1, 4), (1, 5), (1, 6)]);
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(2));
+}
+
+#[tokio::test]
 async fn a_full_journal_checkpoints_and_keeps_every_entry() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = reopen(tmp.path());
