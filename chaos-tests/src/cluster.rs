@@ -78,6 +78,9 @@ pub struct Spec {
     pub power_loss: bool,
     /// Flags added to every `ferry scheduler`.
     pub scheduler_args: Vec<String>,
+    /// Each process's directories on its own tmpfs of this many bytes, so
+    /// [`Cluster::fill`] can fill it (needs root).
+    pub small_disks: Option<u64>,
 }
 
 /// Three schedulers and some workers; killed on drop.
@@ -93,6 +96,8 @@ pub struct Cluster {
     failpoints: Option<String>,
     /// Process `i`'s power-loss filesystem, if [`Spec::power_loss`].
     disks: Vec<LazyFs>,
+    /// Process `i`'s tmpfs, if [`Spec::small_disks`] (unmounted on drop).
+    tmpfs: Vec<PathBuf>,
 }
 
 impl Cluster {
@@ -102,12 +107,22 @@ impl Cluster {
     /// [`Lab::unavailable`] says why not). Every worker has a hook named
     /// `reload` (`true`).
     pub async fn start(ferry: &Path, dir: &Path, spec: Spec) -> anyhow::Result<Self> {
-        let Spec { nodes, workers, network, failpoints, power_loss, scheduler_args } = spec;
+        let Spec { nodes, workers, network, failpoints, power_loss, scheduler_args, small_disks } = spec;
         let all = nodes + workers;
+        let name_of = |i: usize| if i < nodes { format!("s{}", i + 1) } else { format!("w{}", i - nodes + 1) };
+        let mut tmpfs = Vec::new();
+        if let Some(bytes) = small_disks {
+            for i in 0..all {
+                let mount = dir.join(format!("{}.tmpfs", name_of(i)));
+                std::fs::create_dir_all(&mount)?;
+                run(&["mount", "-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs", &mount.to_string_lossy()])?;
+                tmpfs.push(mount);
+            }
+        }
         let mut disks = Vec::new();
         if power_loss {
             for i in 0..all {
-                let name = if i < nodes { format!("s{}", i + 1) } else { format!("w{}", i - nodes + 1) };
+                let name = name_of(i);
                 let (disk, mount) = (dir.join(format!("{name}.disk")), dir.join(format!("{name}.mnt")));
                 std::fs::create_dir_all(&disk)?;
                 std::fs::create_dir_all(&mount)?;
@@ -129,9 +144,10 @@ impl Cluster {
         for (i, addr) in addrs.into_iter().enumerate() {
             let (name, args): (String, Vec<OsString>) = if i < nodes {
                 let name = format!("s{}", i + 1);
-                let data = match disks.get(i) {
-                    Some(disk) => disk.mountpoint().join("data"),
-                    None => dir.join(&name),
+                let data = match (disks.get(i), tmpfs.get(i)) {
+                    (Some(disk), _) => disk.mountpoint().join("data"),
+                    (None, Some(mount)) => mount.join("data"),
+                    (None, None) => dir.join(&name),
                 };
                 let args =
                     ["scheduler", "--id", &(i + 1).to_string(), "--listen", &addr, "--initial-cluster", &members];
@@ -141,7 +157,11 @@ impl Cluster {
                 (name, args)
             } else {
                 let name = format!("w{}", i - nodes + 1);
-                let home = disks.get(i).map_or_else(|| dir.join(&name), |disk| disk.mountpoint().to_path_buf());
+                let home = match (disks.get(i), tmpfs.get(i)) {
+                    (Some(disk), _) => disk.mountpoint().to_path_buf(),
+                    (None, Some(mount)) => mount.clone(),
+                    (None, None) => dir.join(&name),
+                };
                 let (root, data) = (home.join("root"), home.join("data"));
                 std::fs::create_dir_all(&root)?;
                 let args = [
@@ -162,7 +182,8 @@ impl Cluster {
             };
             procs.push(Proc { addr, log: dir.join(format!("{name}.log")), args, child: None });
         }
-        let mut cluster = Self { ferry: ferry.into(), procs, nodes, workers: worker_dirs, lab, failpoints, disks };
+        let mut cluster =
+            Self { ferry: ferry.into(), procs, nodes, workers: worker_dirs, lab, failpoints, disks, tmpfs };
         for i in 0..all {
             cluster.spawn(i, &log)?;
         }
@@ -282,6 +303,42 @@ impl Cluster {
         self.kill9(who);
         let disk = self.disks.get(self.index(who)).context("no power-loss filesystem under this process")?;
         Ok(disk.power_cut())
+    }
+
+    /// Fills the tmpfs of `who` ([`Spec::small_disks`]) with a ballast file
+    /// until the disk is full. Returns the bytes written.
+    pub fn fill(&self, who: Who) -> anyhow::Result<u64> {
+        use std::io::Write;
+        let mount = self.tmpfs.get(self.index(who)).context("no small disk under this process")?;
+        let mut ballast = std::fs::File::create(mount.join("ballast"))?;
+        let block = vec![0u8; 64 * 1024];
+        let mut written = 0;
+        loop {
+            match ballast.write(&block) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(written)
+    }
+
+    /// Takes the ballast of [`Cluster::fill`] away.
+    pub fn unfill(&self, who: Who) -> anyhow::Result<()> {
+        let mount = self.tmpfs.get(self.index(who)).context("no small disk under this process")?;
+        Ok(std::fs::remove_file(mount.join("ballast"))?)
+    }
+
+    /// If `who` exited on its own: its status and the last error in its log.
+    pub fn exited_one(&mut self, who: Who) -> Option<(std::process::ExitStatus, String)> {
+        let i = self.index(who);
+        let proc = &mut self.procs[i];
+        let status = proc.child.as_mut()?.try_wait().ok()??;
+        proc.child = None;
+        let text = std::fs::read_to_string(&proc.log).unwrap_or_default();
+        let last = text.lines().rev().find(|l| l.contains("error") || l.contains("ERROR")).unwrap_or_default();
+        Some((status, without_colours(last).chars().take(300).collect()))
     }
 
     /// Takes the crash points away: every process restarts without them
@@ -424,5 +481,28 @@ impl Drop for Cluster {
                 child.wait().ok();
             }
         }
+        for mount in &self.tmpfs {
+            let _ = run(&["umount", "-l", &mount.to_string_lossy()]);
+        }
     }
+}
+
+/// `line` without its terminal colour codes (`ESC [ ... m`).
+fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn run(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
+    anyhow::ensure!(out.status.success(), "{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    Ok(())
 }

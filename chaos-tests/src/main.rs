@@ -76,7 +76,8 @@ async fn main() -> anyhow::Result<()> {
     let mut failed = false;
     for name in names {
         let kind = scenario::plan_of(&name)?.kind;
-        if let (true, Some(why)) = (all && kind.network(), ferry_lab::netns::Lab::unavailable()) {
+        if let (true, Some(why)) = (all && (kind.network() || kind.small_disks()), ferry_lab::netns::Lab::unavailable())
+        {
             println!("scenario {name}: skipped, it needs network namespaces ({why})");
             continue;
         }

@@ -43,6 +43,10 @@ pub enum Kind {
     /// majority with the leader), each losing what its disk had not made
     /// durable (a power cut on [`crate::lazyfs`]), restarted after this long.
     PowerCut(Duration),
+    /// The victim's disk filled with a ballast file (a small tmpfs), and
+    /// emptied after this long; a process that stopped meanwhile is
+    /// restarted then.
+    DiskFull(Duration),
     /// No strike from outside: the processes die at their armed crash
     /// points ([`CRASH_POINTS`]) and [`revive`] restarts them.
     CrashPoints,
@@ -66,6 +70,11 @@ impl Kind {
         matches!(self, Kind::PowerCut(_))
     }
 
+    /// Whether the fault needs small disks of their own (tmpfs, as root).
+    pub fn small_disks(self) -> bool {
+        matches!(self, Kind::DiskFull(_))
+    }
+
     /// Whether the fault needs network namespaces.
     pub fn network(self) -> bool {
         matches!(self, Kind::Isolate(..) | Kind::Flap(_))
@@ -81,12 +90,13 @@ impl Kind {
             Kind::Flap(_) => "flapping links",
             Kind::CrashPoints => "crash points",
             Kind::PowerCut(_) => "power cut",
+            Kind::DiskFull(_) => "disk full",
         }
     }
 }
 
 /// One fault as it happened.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Fault {
     /// Seconds since the run started.
     pub at: f64,
@@ -139,7 +149,9 @@ pub async fn fault_loop(
             _ => None,
         };
         let mut lost = 0;
+        let mut filled = 0;
         let struck = match kind {
+            Kind::DiskFull(_) => c.fill(victim).map(|bytes| filled = bytes),
             Kind::PowerCut(_) => [Some(victim), second].into_iter().flatten().try_for_each(|who| {
                 lost += c.power_cut(who)?;
                 Ok(())
@@ -156,6 +168,9 @@ pub async fn fault_loop(
             Kind::Flap(_) => node(victim).and_then(|id| c.cut(id, Cut::Both)),
         };
         let mut what = format!("strike {victim} (leader {leader}): {}", kind.label());
+        if filled > 0 {
+            what += &format!(" ({filled} bytes of ballast)");
+        }
         if let Some(second) = second {
             what =
                 format!("strike {victim} and {second} (leader {leader}): {}, {lost} unsynced bytes lost", kind.label());
@@ -166,7 +181,11 @@ pub async fn fault_loop(
         faults.push(Fault { at: at(), what, lost });
         drop(c);
         let down = match kind {
-            Kind::Kill(down) | Kind::Freeze(down) | Kind::Isolate(_, down) | Kind::PowerCut(down) => {
+            Kind::Kill(down)
+            | Kind::Freeze(down)
+            | Kind::Isolate(_, down)
+            | Kind::PowerCut(down)
+            | Kind::DiskFull(down) => {
                 tokio::time::sleep(down).await;
                 Ok(())
             }
@@ -188,6 +207,12 @@ pub async fn fault_loop(
                 c.freeze(victim, false);
                 Ok(format!("thaw {victim}"))
             }
+            Kind::DiskFull(_) => c.unfill(victim).and_then(|()| match c.exited_one(victim) {
+                None => Ok(format!("empty the disk of {victim}")),
+                Some((status, error)) => c
+                    .restart(victim)
+                    .map(|()| format!("empty the disk of {victim}, which had stopped ({status}: {error}); restart it")),
+            }),
             Kind::Isolate(..) | Kind::Flap(_) => {
                 node(victim).and_then(|id| c.heal(id)).map(|()| format!("heal {victim}"))
             }

@@ -70,6 +70,11 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "target-freeze",
         "SIGSTOP a target worker for 18 s (5 s silent counts as down, then the job's 10 s grace), then SIGCONT",
     ),
+    (
+        "follower-disk-full",
+        "fill a follower's disk (a 256 MiB tmpfs) for 5 s, then empty it (and restart the node if it stopped) [root]",
+    ),
+    ("target-disk-full", "fill a job target's disk (a 256 MiB tmpfs holding its root) for 5 s, then empty it [root]"),
 ];
 
 /// Workers beside the schedulers: the jobs' source and three targets.
@@ -105,6 +110,8 @@ pub fn plan_of(name: &str) -> anyhow::Result<Plan> {
         "source-kill" => (Target::Source, Kind::Kill(secs(1))),
         "target-kill" => (Target::JobTarget, Kind::Kill(secs(1))),
         "target-freeze" => (Target::JobTarget, Kind::Freeze(secs(18))),
+        "follower-disk-full" => (Target::Follower, Kind::DiskFull(secs(5))),
+        "target-disk-full" => (Target::JobTarget, Kind::DiskFull(secs(5))),
         other => bail!("no scenario {other:?}; `ferry-chaos list` shows them"),
     };
     let (failpoints, scheduler_args): (_, &[&str]) = match name {
@@ -207,7 +214,7 @@ impl Report {
             let each: Vec<String> = points.iter().map(|(p, n)| format!("{p} {n}")).collect();
             out += &format!("  at: {}\n", each.join(", "));
         }
-        for f in self.faults.iter().filter(|f| f.what.contains("failed")).take(5) {
+        for f in self.faults.iter().filter(|f| f.what.contains(" failed: ") || f.what.contains("had stopped")).take(5) {
             out += &format!("  at {:.1} s: {}\n", f.at, f.what);
         }
         let (ok, failed, unknown) = self.ops;
@@ -263,7 +270,9 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     let Plan { target, kind, failpoints, scheduler_args } = plan_of(name)?;
     let network = match Lab::unavailable() {
         None => true,
-        Some(why) if kind.network() => bail!("scenario {name} needs network namespaces, which need root: {why}"),
+        Some(why) if kind.network() || kind.small_disks() => {
+            bail!("scenario {name} needs network namespaces or mounts, which need root: {why}")
+        }
         Some(_) => false,
     };
     if let (true, Some(why)) = (kind.power_loss(), crate::lazyfs::LazyFs::unsupported()) {
@@ -280,6 +289,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         failpoints: failpoints.map(str::to_string),
         power_loss: kind.power_loss(),
         scheduler_args: scheduler_args.iter().map(|a| a.to_string()).collect(),
+        small_disks: kind.small_disks().then_some(256 << 20),
     };
     let cluster = Cluster::start(&options.ferry, &dir, spec).await?;
     let mode = cluster.mode();
@@ -398,8 +408,9 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         _ => (ok + 1, failed, unknown),
     });
     std::fs::write(dir.join("history.jsonl"), history::to_jsonl(&ops))?;
-    let job_lines: Vec<String> = jobs.runs.iter().filter_map(|r| serde_json::to_string(r).ok()).collect();
-    std::fs::write(dir.join("jobs.jsonl"), job_lines.join("\n") + "\n")?;
+    write_jsonl(&dir.join("jobs.jsonl"), &jobs.runs)?;
+    write_jsonl(&dir.join("faults.jsonl"), &faults)?;
+    write_jsonl(&dir.join("leases.jsonl"), &lease_runs)?;
     let mut report = Report {
         scenario: name.into(),
         seed: options.seed,
@@ -423,4 +434,10 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         report.kept = Some(tmp.keep());
     }
     Ok(report)
+}
+
+/// `items` as JSON lines (the run's records, kept beside `history.jsonl`).
+fn write_jsonl<T: serde::Serialize>(path: &std::path::Path, items: &[T]) -> anyhow::Result<()> {
+    let lines: Vec<String> = items.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
+    std::fs::write(path, lines.join("\n") + "\n").with_context(|| format!("writing {}", path.display()))
 }

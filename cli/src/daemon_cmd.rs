@@ -96,10 +96,19 @@ pub async fn scheduler(a: SchedulerArgs) -> u8 {
             return if matches!(e, ferry_scheduler::Error::Config(_)) { 2 } else { 1 };
         }
     };
-    stop_signal().await;
-    tracing::info!("stopping on signal");
+    let code = tokio::select! {
+        () = stop_signal() => {
+            tracing::info!("stopping on signal");
+            0
+        }
+        why = scheduler.failed() => {
+            tracing::error!(reason = %why, "raft stopped on an error; exiting so that a restart replays the journals");
+            eprintln!("error: raft stopped: {why}");
+            1
+        }
+    };
     scheduler.shutdown().await;
-    0
+    code
 }
 
 /// `ferry dev`: three schedulers in one process on loopback.

@@ -227,6 +227,23 @@ impl Scheduler {
         &self.node
     }
 
+    /// Resolves when Raft has stopped on its own: a storage error (a full
+    /// disk, a failed sync) is fatal to openraft, and a node left serving
+    /// "stopping" to every call would never come back. The daemon exits
+    /// then, so its supervisor restarts it on the journals once the cause
+    /// is gone. Returns why it stopped.
+    pub async fn failed(&self) -> String {
+        let mut metrics = self.node.raft.metrics();
+        loop {
+            if let Err(fatal) = &metrics.borrow().running_state {
+                return fatal.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "raft stopped".into();
+            }
+        }
+    }
+
     /// Stops serving, then stops Raft. In-flight calls finish first.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
