@@ -285,16 +285,9 @@ fn check_targets(run: &JobRun, targets: &[(String, PathBuf)], hash: blake3::Hash
         match state.as_str() {
             "installed" | "unchanged" => {
                 let Some((_, root)) = targets.iter().find(|(n, _)| n == name) else { continue };
-                let path = install_path(root, k);
-                match std::fs::read(&path) {
-                    Ok(bytes) if blake3::hash(&bytes) == hash => {}
-                    Ok(bytes) => problems.push(format!(
-                        "job {k}: {name} reported {state}, but {} holds {} other bytes (source: {})",
-                        path.display(),
-                        bytes.len(),
-                        run.size
-                    )),
-                    Err(e) => problems.push(format!("job {k}: {name} reported {state}, but {}: {e}", path.display())),
+                if let Some(wrong) = not_whole(&install_path(root, k), hash) {
+                    problems
+                        .push(format!("job {k}: {name} reported {state}, but {wrong} (source: {} bytes)", run.size));
                 }
             }
             "failed" | "cancelled" if !reason.is_empty() => {}
@@ -317,16 +310,18 @@ fn check_kept(
     problems: &mut Vec<String>,
 ) {
     for (name, root) in targets.iter().filter(|(name, _)| installed.contains(name)) {
-        let path = install_path(root, k);
-        match std::fs::read(&path) {
-            Ok(bytes) if blake3::hash(&bytes) == hash => {}
-            Ok(bytes) => problems.push(format!(
-                "job {k}: {name} had installed {}, which now holds {} other bytes",
-                path.display(),
-                bytes.len()
-            )),
-            Err(e) => problems.push(format!("job {k}: {name} had installed {}, now: {e}", path.display())),
+        if let Some(wrong) = not_whole(&install_path(root, k), hash) {
+            problems.push(format!("job {k}: {name} had installed it, and now {wrong}"));
         }
+    }
+}
+
+/// What is wrong with the file at `path`, if it is not the bytes of `hash`.
+fn not_whole(path: &Path, hash: blake3::Hash) -> Option<String> {
+    match std::fs::read(path) {
+        Ok(bytes) if blake3::hash(&bytes) == hash => None,
+        Ok(bytes) => Some(format!("{} holds {} other bytes", path.display(), bytes.len())),
+        Err(e) => Some(format!("{}: {e}", path.display())),
     }
 }
 

@@ -132,6 +132,11 @@ impl LogStore {
         }
         journal.reset_all().map_err(open_error)?;
         let journal = Arc::new(Mutex::new(journal));
+        // openraft reads the log after the last purged id (for the latest
+        // membership, say), so nothing the snapshot holds may count as log:
+        // a purge stopped at an older snapshot, or an installed snapshot,
+        // may have left holes below the current one.
+        let purged = purged.max(snapshot);
         dir.log_sync.reset(facts.last.max(purged));
         // A node starts as a follower, as etcd's do. openraft 0.9 would make
         // a node whose saved vote is its own committed one the leader of that

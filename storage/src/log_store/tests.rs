@@ -197,6 +197,27 @@ async fn a_purge_past_the_current_snapshot_stops_at_it_and_the_node_restarts() {
 }
 
 #[tokio::test]
+async fn after_a_restart_the_log_starts_after_the_current_snapshot() {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = try_reopen(tmp.path()).unwrap();
+    init(&mut log).await;
+    log.blocking_append((1..=6).map(|i| entry(1, i))).await.unwrap();
+    sm.apply(log.try_get_log_entries(..=5).await.unwrap()).await.unwrap();
+    sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    // A hole below the snapshot, as a truncation before an installed
+    // snapshot leaves it; nothing was purged.
+    log.log.remove(&index_key(3)).unwrap();
+    log.checkpoint().await.unwrap();
+    drop((log, sm));
+    let (mut log, _sm) = try_reopen(tmp.path()).unwrap();
+    // openraft reads from after the last purged id: it must not meet the hole.
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(5));
+    assert_eq!(contents(&mut log).await, [(1, 6)]);
+}
+
+#[tokio::test]
 async fn a_full_journal_checkpoints_and_keeps_every_entry() {
     let tmp = tempfile::tempdir().unwrap();
     let mut log = reopen(tmp.path());
