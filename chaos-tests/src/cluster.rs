@@ -343,15 +343,17 @@ impl Cluster {
 
     /// Takes the crash points away: every process restarts without them
     /// (if any were armed), so the final checks run on a quiet cluster.
-    pub fn disarm(&mut self) -> anyhow::Result<()> {
-        if self.failpoints.take().is_some() {
-            let all: Vec<Who> =
-                (1..=self.nodes as u64).map(Who::Node).chain((1..=self.workers.len()).map(Who::Worker)).collect();
-            for who in all {
-                self.restart(who)?;
-            }
+    /// Returns whether it restarted them (a fault the checkers must know).
+    pub fn disarm(&mut self) -> anyhow::Result<bool> {
+        if self.failpoints.take().is_none() {
+            return Ok(false);
         }
-        Ok(())
+        let all: Vec<Who> =
+            (1..=self.nodes as u64).map(Who::Node).chain((1..=self.workers.len()).map(Who::Worker)).collect();
+        for who in all {
+            self.restart(who)?;
+        }
+        Ok(true)
     }
 
     /// Cuts node `id` off from the other schedulers (the harness's clients

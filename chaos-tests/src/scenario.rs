@@ -157,6 +157,9 @@ pub struct Report {
     pub faults: Vec<Fault>,
     /// Operations: ok, failed (surely not done), unknown.
     pub ops: (usize, usize, usize),
+    /// The longest time between two acknowledged writes while the
+    /// workload ran (seconds): how long the cluster could not take one.
+    pub write_gap: f64,
     pub violations: Vec<Violation>,
     /// What the watchers saw wrong (gaps, duplicates, strangers, lag).
     pub watch_problems: Vec<String>,
@@ -219,6 +222,7 @@ impl Report {
         }
         let (ok, failed, unknown) = self.ops;
         out += &format!("operations: {ok} ok, {failed} failed, {unknown} unknown\n");
+        out += &format!("longest time without an acknowledged write: {:.1} s\n", self.write_gap);
         out += &format!("linearizability: {} violations\n", self.violations.len());
         for v in &self.violations {
             out += &format!("  key {}: {}\n", v.key, v.reason);
@@ -323,6 +327,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         .map(|_| tokio::spawn(nemesis::revive(cluster.clone(), Duration::from_secs(1), stop.clone(), started)));
     tokio::time::sleep(options.duration).await;
     stop.store(true, Ordering::Relaxed);
+    let workload_end = history.now();
     let mut faults = nemesis.await.context("the nemesis task")?;
     if let Some(reviver) = reviver {
         faults.extend(reviver.await.context("the reviver task")?);
@@ -344,7 +349,11 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
             }
         }
         c.restart_stopped()?;
-        c.disarm()?;
+        if c.disarm()? {
+            // A new leader gives every lease its full TTL again.
+            let at = started.elapsed().as_secs_f64();
+            faults.push(Fault { at, what: "restart every process without crash points".into(), lost: 0 });
+        }
     }
     for client in clients {
         client.await.context("a client task")?;
@@ -407,6 +416,13 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         Outcome::Fail { .. } => (ok, failed + 1, unknown),
         _ => (ok + 1, failed, unknown),
     });
+    let mut written: Vec<u64> = ops
+        .iter()
+        .filter(|op| matches!(op.outcome, Outcome::Written { .. }) && op.complete <= workload_end)
+        .map(|op| op.complete)
+        .collect();
+    written.sort_unstable();
+    let write_gap = written.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as f64 / 1e9;
     std::fs::write(dir.join("history.jsonl"), history::to_jsonl(&ops))?;
     write_jsonl(&dir.join("jobs.jsonl"), &jobs.runs)?;
     write_jsonl(&dir.join("faults.jsonl"), &faults)?;
@@ -418,6 +434,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         fault: kind.label(),
         faults,
         ops: counts,
+        write_gap,
         violations,
         watch_problems,
         watchers: watcher_counts,

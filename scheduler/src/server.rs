@@ -130,7 +130,8 @@ impl Scheduler {
             config: config.clone(),
             start_commit,
             metrics,
-            proposer: Proposer::start(raft.clone()),
+            // The deadline of a write (`Node::op_timeout`).
+            proposer: Proposer::start(raft.clone(), config.rpc_timeout * 5),
             removed: Default::default(),
             cluster,
         });

@@ -106,6 +106,7 @@ impl Node {
             Outcome::Applied(result) => Ok(result),
             Outcome::NotLeader(f) => Err(self.forward_to(&f)),
             Outcome::Failed(reason) => Err(Error::Stopped(reason)),
+            Outcome::TimedOut => Err(Error::Timeout("the write was not committed in time (is a quorum up?)".into())),
         }
     }
 

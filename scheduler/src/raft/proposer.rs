@@ -8,8 +8,16 @@
 //! A lone write is proposed as itself, so an idle cluster adds no delay:
 //! when nothing is queued and a slot is free, the caller's own task proposes
 //! it, without the two task hops through the proposer.
+//!
+//! An entry holds its slot at most the write deadline: openraft 0.9 may
+//! never answer a write proposed by a leader that lost its leadership with
+//! it in flight (frozen, say), and two such writes would otherwise hold both
+//! slots for good, leaving that node unable to write whenever it led again
+//! (the chaos harness's `leader-freeze-cas` found it). Its callers get
+//! [`Outcome::TimedOut`]: the write may still have been committed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_storage::{Command, CommandResult, NodeId, Op, TypeConfig};
 use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
@@ -42,6 +50,8 @@ pub enum Outcome {
     NotLeader(ForwardToLeader<NodeId, BasicNode>),
     /// openraft refused the write or stopped.
     Failed(String),
+    /// No answer within the write deadline: it may or may not be committed.
+    TimedOut,
 }
 
 struct Pending {
@@ -56,15 +66,18 @@ pub struct Proposer {
     /// Entries in flight, shared with the proposer task.
     slots: Arc<Semaphore>,
     raft: Raft<TypeConfig>,
+    /// How long an entry may hold its slot.
+    deadline: Duration,
 }
 
 impl Proposer {
-    /// Starts the proposer task for `raft` on the current runtime.
-    pub fn start(raft: Raft<TypeConfig>) -> Self {
+    /// Starts the proposer task for `raft` on the current runtime; an
+    /// entry waits for openraft's answer at most `deadline`.
+    pub fn start(raft: Raft<TypeConfig>, deadline: Duration) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-        tokio::spawn(run(raft.clone(), rx, slots.clone()));
-        Self { tx, slots, raft }
+        tokio::spawn(run(raft.clone(), rx, slots.clone(), deadline));
+        Self { tx, slots, raft, deadline }
     }
 
     /// Proposes `cmd` and waits for its outcome.
@@ -73,7 +86,7 @@ impl Proposer {
         // Writes that come in meanwhile queue for the proposer task as before.
         if self.tx.capacity() == self.tx.max_capacity() {
             if let Ok(_permit) = self.slots.clone().try_acquire_owned() {
-                return write_one(&self.raft, cmd).await;
+                return write_one(&self.raft, cmd, self.deadline).await;
             }
         }
         let (reply, rx) = oneshot::channel();
@@ -84,7 +97,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, slots: Arc<Semaphore>) {
+async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, slots: Arc<Semaphore>, deadline: Duration) {
     let mut carry: Option<Pending> = None;
     loop {
         // Wait for a slot first, so writes queue up while entries are in flight.
@@ -117,30 +130,37 @@ async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<Pending>, slots: Arc
         }
         let raft = raft.clone();
         tokio::spawn(async move {
-            commit(&raft, batch).await;
+            commit(&raft, batch, deadline).await;
             drop(permit);
         });
     }
 }
 
 /// Proposes one command as its own entry.
-async fn write_one(raft: &Raft<TypeConfig>, cmd: Command) -> Outcome {
-    match raft.client_write(cmd).await {
-        Ok(resp) => Outcome::Applied(resp.data),
-        Err(e) => failure(&e),
+async fn write_one(raft: &Raft<TypeConfig>, cmd: Command, deadline: Duration) -> Outcome {
+    match tokio::time::timeout(deadline, raft.client_write(cmd)).await {
+        Ok(Ok(resp)) => Outcome::Applied(resp.data),
+        Ok(Err(e)) => failure(&e),
+        Err(_) => Outcome::TimedOut,
     }
 }
 
-async fn commit(raft: &Raft<TypeConfig>, mut batch: Vec<Pending>) {
+async fn commit(raft: &Raft<TypeConfig>, mut batch: Vec<Pending>, deadline: Duration) {
     if batch.len() == 1 {
         let Some(p) = batch.pop() else { return };
-        let _ = p.reply.send(write_one(raft, p.cmd).await);
+        let _ = p.reply.send(write_one(raft, p.cmd, deadline).await);
         return;
     }
     let (cmds, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
     let n = cmds.len();
     let entry = Command { request_id: String::new(), op: Op::Batch(cmds) };
-    match raft.client_write(entry).await {
+    let Ok(written) = tokio::time::timeout(deadline, raft.client_write(entry)).await else {
+        for reply in replies {
+            let _ = reply.send(Outcome::TimedOut);
+        }
+        return;
+    };
+    match written {
         Ok(resp) => match resp.data {
             CommandResult::Batch(results) if results.len() == n => {
                 for (reply, result) in replies.into_iter().zip(results) {
