@@ -228,20 +228,26 @@ impl Scheduler {
         &self.node
     }
 
-    /// Resolves when Raft has stopped on its own: a storage error (a full
+    /// Resolves when Raft has stopped on an error: a storage error (a full
     /// disk, a failed sync) is fatal to openraft, and a node left serving
     /// "stopping" to every call would never come back. The daemon exits
     /// then, so its supervisor restarts it on the journals once the cause
-    /// is gone. Returns why it stopped.
+    /// is gone. Returns why it stopped. Raft stopped on purpose (a node
+    /// removed from the cluster, which goes on turning clients away) never
+    /// resolves it.
     pub async fn failed(&self) -> String {
         let mut metrics = self.node.raft.metrics();
+        let mut open = true;
         loop {
-            if let Err(fatal) = &metrics.borrow().running_state {
-                return fatal.to_string();
+            let stopped = metrics.borrow().running_state.clone().err();
+            match stopped {
+                Some(openraft::error::Fatal::Stopped) => std::future::pending::<()>().await,
+                Some(fatal) => return fatal.to_string(),
+                None if !open => std::future::pending::<()>().await,
+                None => {}
             }
-            if metrics.changed().await.is_err() {
-                return "raft stopped".into();
-            }
+            // Closed: the core is gone, and its last word is in the value.
+            open = metrics.changed().await.is_ok();
         }
     }
 
