@@ -28,13 +28,23 @@ macro_rules! crash_point {
     };
 }
 
-/// Arms the points named in `FAILPOINTS`, once per process (does nothing
-/// without the `failpoints` feature, where there are no points).
+/// Arms the points named in `FAILPOINTS` (`name=actions;...`), once per
+/// process (does nothing without the `failpoints` feature, where there are
+/// no points). Each point is set with `fail::cfg`: `fail::FailScenario`
+/// would hold the crate's one scenario lock for good, and a second holder
+/// in the same process (`ferry demo` runs schedulers and workers together)
+/// would wait on it forever.
 pub fn arm() {
     #[cfg(feature = "failpoints")]
     {
         static ARMED: std::sync::Once = std::sync::Once::new();
-        // The scenario lives as long as the process: kept, not torn down.
-        ARMED.call_once(|| std::mem::forget(fail::FailScenario::setup()));
+        ARMED.call_once(|| {
+            let spec = std::env::var("FAILPOINTS").unwrap_or_default();
+            for (name, actions) in spec.split(';').filter_map(|point| point.split_once('=')) {
+                if let Err(e) = fail::cfg(name.trim(), actions.trim()) {
+                    eprintln!("FAILPOINTS: {name}: {e}");
+                }
+            }
+        });
     }
 }
