@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ferry_lab::netns::Lab;
-use ferry_lab::procs::{free_ports, spawn_logged};
+use ferry_lab::procs::{free_ports, run, spawn_logged};
 
 use crate::lazyfs::LazyFs;
 
@@ -501,10 +501,4 @@ fn without_colours(line: &str) -> String {
         }
     }
     out
-}
-
-fn run(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
-    anyhow::ensure!(out.status.success(), "{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    Ok(())
 }

@@ -24,20 +24,14 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
+use crate::procs::run;
+
 /// The namespaces, veths and bridge of one run.
 pub struct Lab {
     tag: String,
     subnet: u8,
     hosts: usize,
     rule: Vec<String>,
-}
-
-fn run(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
-    if !out.status.success() {
-        bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
 }
 
 impl Lab {

@@ -67,3 +67,13 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
     }
     cmd.spawn().context("starting a child process")
 }
+
+/// Runs `args` (a program and its arguments) to its end: an error, with
+/// its stderr, unless it succeeded.
+pub fn run(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
