@@ -21,6 +21,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{bail, Context};
 
@@ -54,9 +55,15 @@ impl Lab {
         if hosts > 200 {
             bail!("the lab holds at most 200 hosts");
         }
+        // Names unique per lab, not only per process: a namespace's end of
+        // a veth pair goes away in the kernel's own time after the
+        // namespace is deleted, so the next lab of the same process must
+        // not reuse the names (the chaos smoke runs three in a row).
+        static LABS: AtomicU32 = AtomicU32::new(0);
+        let n = LABS.fetch_add(1, Ordering::Relaxed) % 10;
         let pid = std::process::id();
-        let mut lab =
-            Self { tag: format!("{}", pid % 100_000), subnet: (pid % 200) as u8 + 20, hosts: 0, rule: vec![] };
+        let tag = format!("{}{n}", pid % 100_000);
+        let mut lab = Self { tag, subnet: ((pid + n) % 200) as u8 + 20, hosts: 0, rule: vec![] };
         let bridge = lab.bridge();
         let host = format!("{}/24", lab.host_ip());
         run(&["ip", "link", "add", &bridge, "type", "bridge"])?;
@@ -172,6 +179,8 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for i in 0..self.hosts {
+            // Deleting our end removes the pair at once.
+            let _ = run(&["ip", "link", "del", &self.veth(i)]);
             let _ = run(&["ip", "netns", "del", &self.ns(i)]);
         }
         let _ = run(&["ip", "link", "del", &self.bridge()]);
