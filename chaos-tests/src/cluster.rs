@@ -41,6 +41,9 @@ impl std::fmt::Display for Who {
 pub struct Proc {
     /// Its listening address (`host:port`).
     pub addr: String,
+    /// Its admin HTTP address (`host:port`): metrics and, in the
+    /// `failpoints` build, `/failpoints` ([`Cluster::set_fault`]).
+    pub admin: String,
     /// Stdout and stderr of every start.
     pub log: PathBuf,
     args: Vec<OsString>,
@@ -129,19 +132,22 @@ impl Cluster {
                 disks.push(LazyFs::mount(&disk, &mount)?);
             }
         }
-        let (lab, addrs) = if network {
+        let (lab, addrs, admins) = if network {
             let lab = Lab::create(all)?;
-            let addrs = (0..all).map(|i| format!("{}:{}", lab.ip(i), if i < nodes { 7001 } else { 7101 })).collect();
-            (Some(lab), addrs)
+            let at = |i: usize, port: u16| format!("{}:{}", lab.ip(i), if i < nodes { port } else { port + 100 });
+            let (addrs, admins) = (0..all).map(|i| (at(i, 7001), at(i, 7002))).unzip();
+            (Some(lab), addrs, admins)
         } else {
-            (None, free_ports(all)?.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>())
+            let ports: Vec<String> = free_ports(2 * all)?.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+            let (addrs, admins) = ports.split_at(all);
+            (None, addrs.to_vec(), admins.to_vec())
         };
         let members = addrs[..nodes].iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>();
         let (members, schedulers) = (members.join(","), addrs[..nodes].join(","));
         let log = std::env::var("FERRY_CHAOS_LOG").unwrap_or_else(|_| "info".into());
         let mut procs = Vec::new();
         let mut worker_dirs = Vec::new();
-        for (i, addr) in addrs.into_iter().enumerate() {
+        for (i, (addr, admin)) in addrs.into_iter().zip(admins).enumerate() {
             let (name, args): (String, Vec<OsString>) = if i < nodes {
                 let name = format!("s{}", i + 1);
                 let data = match (disks.get(i), tmpfs.get(i)) {
@@ -180,7 +186,9 @@ impl Cluster {
                 worker_dirs.push(WorkerDirs { name: name.clone(), root });
                 (name, args)
             };
-            procs.push(Proc { addr, log: dir.join(format!("{name}.log")), args, child: None });
+            let mut args = args;
+            args.extend(["--admin-listen".into(), OsString::from(&admin)]);
+            procs.push(Proc { addr, admin, log: dir.join(format!("{name}.log")), args, child: None });
         }
         let mut cluster =
             Self { ferry: ferry.into(), procs, nodes, workers: worker_dirs, lab, failpoints, disks, tmpfs };
@@ -371,12 +379,84 @@ impl Cluster {
         Ok(())
     }
 
-    /// Takes every cut of node `id` away.
-    pub fn heal(&self, id: u64) -> anyhow::Result<()> {
+    /// Cuts the processes of `side` off from every other process of the
+    /// cluster, both ways (the harness, in the root namespace, still
+    /// reaches them all).
+    pub fn split(&self, side: &[Who]) -> anyhow::Result<()> {
+        let lab = self.lab.as_ref().context("cutting links needs network namespaces")?;
+        let inside: Vec<usize> = side.iter().map(|who| self.index(*who)).collect();
+        for host in &inside {
+            for other in (0..self.procs.len()).filter(|i| !inside.contains(i)) {
+                let ip = lab.ip(other).to_string();
+                lab.exec(*host, &["iptables", "-A", "INPUT", "-s", &ip, "-j", "DROP"])?;
+                lab.exec(*host, &["iptables", "-A", "OUTPUT", "-d", &ip, "-j", "DROP"])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Caps `who`'s link at `bytes_per_sec` both ways, or frees it with
+    /// `None`.
+    pub fn squeeze(&self, who: Who, bytes_per_sec: Option<u64>) -> anyhow::Result<()> {
+        let lab = self.lab.as_ref().context("capping a link needs network namespaces")?;
+        match bytes_per_sec {
+            Some(rate) => lab.cap(self.index(who), rate, true),
+            None => lab.uncap(self.index(who)),
+        }
+    }
+
+    /// Takes every cut of `who` away.
+    pub fn heal(&self, who: Who) -> anyhow::Result<()> {
         let lab = self.lab.as_ref().context("healing links needs network namespaces")?;
-        let host = self.index(Who::Node(id));
+        let host = self.index(who);
         lab.exec(host, &["iptables", "-F", "INPUT"])?;
         lab.exec(host, &["iptables", "-F", "OUTPUT"])
+    }
+
+    /// Sets fail point `name` of `who` to `actions` (the `fail` crate's
+    /// forms, e.g. `30%return(500)`), or removes it with `None`, at run
+    /// time through its admin port (`ferry_lab::faults`; the `failpoints`
+    /// build only). The point holds until removed or the process restarts.
+    pub async fn set_fault(&self, who: Who, name: &str, actions: Option<&str>) -> anyhow::Result<()> {
+        let (method, body) = match actions {
+            Some(actions) => ("PUT", actions),
+            None => ("DELETE", ""),
+        };
+        self.admin(who, method, &format!("/failpoints/{name}"), body).await.map(drop)
+    }
+
+    /// The sum of every sample of metric `name` (e.g.
+    /// `ferry_worker_bad_chunks_total`) `who` reports now.
+    pub async fn metric(&self, who: Who, name: &str) -> anyhow::Result<f64> {
+        let text = self.admin(who, "GET", "/metrics", "").await?;
+        let samples = text.lines().filter(|l| l.split(['{', ' ']).next() == Some(name));
+        Ok(samples.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum())
+    }
+
+    /// One HTTP/1.1 exchange with `who`'s admin port: the body of a 200.
+    async fn admin(&self, who: Who, method: &str, path: &str, body: &str) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let proc = &self.procs[self.index(who)];
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            proc.admin,
+            body.len()
+        );
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(&proc.admin).await?;
+            stream.write_all(request.as_bytes()).await?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await?;
+            anyhow::Ok(answer)
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .with_context(|| format!("{who}'s admin port {} did not answer", proc.admin))??;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("{who} answered {method} {path} with {}: {}", head.lines().next().unwrap_or_default(), body.trim());
+        }
+        Ok(body.to_string())
     }
 
     /// The leader's id as the running nodes report it: the one named in the

@@ -56,6 +56,8 @@ pub struct JobRun {
 pub struct Jobs {
     pub runs: Vec<JobRun>,
     pub problems: Vec<String>,
+    /// What the report adds under the jobs' line (what a fault did).
+    pub notes: Vec<String>,
 }
 
 impl Jobs {

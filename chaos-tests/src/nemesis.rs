@@ -47,6 +47,18 @@ pub enum Kind {
     /// emptied after this long; a process that stopped meanwhile is
     /// restarted then.
     DiskFull(Duration),
+    /// Fail point `point` of the victim set to `actions` at run time (the
+    /// `--features failpoints` build: `ferry_lab::faults`), and removed
+    /// after this long: its gRPC calls delayed or dropped, its chunks
+    /// served corrupt.
+    FailPoint { point: &'static str, actions: &'static str, down: Duration },
+    /// The victim's link capped at [`SQUEEZE`] bytes/s both ways (`tc
+    /// tbf`), and freed after this long.
+    Squeeze(Duration),
+    /// The leader, the jobs' source and one target (`w2`) cut off from
+    /// everyone else (a minority; the harness's clients reach both sides),
+    /// and healed after this long.
+    Split(Duration),
     /// No strike from outside: the processes die at their armed crash
     /// points ([`CRASH_POINTS`]) and [`revive`] restarts them.
     CrashPoints,
@@ -60,6 +72,9 @@ pub enum Kind {
 /// get past its own replay.
 pub const CRASH_POINTS: &str = "log-before-sync=0.02%return;snapshot-build=30%return;\
      snapshot-install=30%return;apply-batch=0.1%return;install-before-rename=2%return;hook-running=2%return";
+
+/// The rate of a squeezed link, bytes per second.
+pub const SQUEEZE: u64 = 256 * 1024;
 
 /// The exit status of a process that died at a crash point.
 pub const CRASH_EXIT: i32 = 70;
@@ -77,7 +92,13 @@ impl Kind {
 
     /// Whether the fault needs network namespaces.
     pub fn network(self) -> bool {
-        matches!(self, Kind::Isolate(..) | Kind::Flap(_))
+        matches!(self, Kind::Isolate(..) | Kind::Flap(_) | Kind::Squeeze(_) | Kind::Split(_))
+    }
+
+    /// Whether the fault sets fail points at run time (which needs a
+    /// `--features failpoints` build of `ferry`).
+    pub fn fail_point(self) -> bool {
+        matches!(self, Kind::FailPoint { .. })
     }
 
     /// What the report calls a strike of this kind.
@@ -91,6 +112,12 @@ impl Kind {
             Kind::CrashPoints => "crash points",
             Kind::PowerCut(_) => "power cut",
             Kind::DiskFull(_) => "disk full",
+            Kind::FailPoint { point: "rpc-delay", .. } => "gRPC calls held",
+            Kind::FailPoint { point: "rpc-drop", .. } => "gRPC calls dropped",
+            Kind::FailPoint { point: "chunk-server-corrupt", .. } => "chunks served corrupt",
+            Kind::FailPoint { .. } => "fail point set",
+            Kind::Squeeze(_) => "link squeezed to 256 KiB/s",
+            Kind::Split(_) => "cut off with the jobs' source and one target (a minority)",
         }
     }
 }
@@ -150,7 +177,11 @@ pub async fn fault_loop(
         };
         let mut lost = 0;
         let mut filled = 0;
+        let side = [victim, Who::Worker(1), Who::Worker(2)];
         let struck = match kind {
+            Kind::FailPoint { point, actions, .. } => c.set_fault(victim, point, Some(actions)).await,
+            Kind::Squeeze(_) => c.squeeze(victim, Some(SQUEEZE)),
+            Kind::Split(_) => c.split(&side),
             Kind::DiskFull(_) => c.fill(victim).map(|bytes| filled = bytes),
             Kind::PowerCut(_) => [Some(victim), second].into_iter().flatten().try_for_each(|who| {
                 lost += c.power_cut(who)?;
@@ -185,7 +216,10 @@ pub async fn fault_loop(
             | Kind::Freeze(down)
             | Kind::Isolate(_, down)
             | Kind::PowerCut(down)
-            | Kind::DiskFull(down) => {
+            | Kind::DiskFull(down)
+            | Kind::FailPoint { down, .. }
+            | Kind::Squeeze(down)
+            | Kind::Split(down) => {
                 tokio::time::sleep(down).await;
                 Ok(())
             }
@@ -196,7 +230,14 @@ pub async fn fault_loop(
             },
         };
         let mut c = cluster.lock().await;
-        let undone = down.and_then(|()| match kind {
+        let removed = match kind {
+            Kind::FailPoint { point, .. } => c.set_fault(victim, point, None).await,
+            _ => Ok(()),
+        };
+        let undone = down.and(removed).and_then(|()| match kind {
+            Kind::FailPoint { point, .. } => Ok(format!("remove {point} from {victim}")),
+            Kind::Squeeze(_) => c.squeeze(victim, None).map(|()| format!("free the link of {victim}")),
+            Kind::Split(_) => side.iter().try_for_each(|who| c.heal(*who)).map(|()| "heal the split".to_string()),
             Kind::Kill(_) | Kind::CrashPoints => c.restart(victim).map(|()| format!("restart {victim}")),
             Kind::PowerCut(_) => [Some(victim), second]
                 .into_iter()
@@ -213,9 +254,7 @@ pub async fn fault_loop(
                     .restart(victim)
                     .map(|()| format!("empty the disk of {victim}, which had stopped ({status}: {error}); restart it")),
             }),
-            Kind::Isolate(..) | Kind::Flap(_) => {
-                node(victim).and_then(|id| c.heal(id)).map(|()| format!("heal {victim}"))
-            }
+            Kind::Isolate(..) | Kind::Flap(_) => c.heal(victim).map(|()| format!("heal {victim}")),
         });
         let what = undone.unwrap_or_else(|e| format!("undoing the fault on {victim} failed: {e}"));
         faults.push(Fault { at: at(), what, lost: 0 });
@@ -241,7 +280,7 @@ async fn flap(cluster: &Mutex<Cluster>, victim: u64, down: Duration) -> anyhow::
         tokio::time::sleep(Duration::from_millis(500)).await;
         let c = cluster.lock().await;
         if cut {
-            c.heal(victim)?;
+            c.heal(Who::Node(victim))?;
         } else {
             c.cut(victim, Cut::Both)?;
         }

@@ -75,6 +75,22 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "fill a follower's disk (a 256 MiB tmpfs) for 5 s, then empty it (and restart the node if it stopped) [root]",
     ),
     ("target-disk-full", "fill a job target's disk (a 256 MiB tmpfs holding its root) for 5 s, then empty it [root]"),
+    (
+        "leader-minority-split",
+        "cut the leader, the jobs' source and one target off from the two followers and the other targets for 6 s \
+         (clients reach both sides), then heal [root]",
+    ),
+    ("target-starved", "cap a job target's link at 256 KiB/s both ways for 10 s (tc tbf), then free it [root]"),
+    (
+        "follower-slow-rpc",
+        "hold every gRPC call that reaches a follower (Raft heartbeats included) 400 ms for 8 s [failpoints build]",
+    ),
+    ("leader-drop-rpc", "answer 30 % of the gRPC calls that reach the leader Unavailable for 6 s [failpoints build]"),
+    (
+        "corrupt-chunks",
+        "the jobs' source corrupts half the chunks it serves for 10 s: targets must catch them by their BLAKE3 \
+         and fetch again [failpoints build]",
+    ),
 ];
 
 /// Workers beside the schedulers: the jobs' source and three targets.
@@ -112,6 +128,17 @@ pub fn plan_of(name: &str) -> anyhow::Result<Plan> {
         "target-freeze" => (Target::JobTarget, Kind::Freeze(secs(18))),
         "follower-disk-full" => (Target::Follower, Kind::DiskFull(secs(5))),
         "target-disk-full" => (Target::JobTarget, Kind::DiskFull(secs(5))),
+        "leader-minority-split" => (Target::Leader, Kind::Split(secs(6))),
+        "target-starved" => (Target::JobTarget, Kind::Squeeze(secs(10))),
+        "follower-slow-rpc" => {
+            (Target::Follower, Kind::FailPoint { point: "rpc-delay", actions: "return(400)", down: secs(8) })
+        }
+        "leader-drop-rpc" => {
+            (Target::Leader, Kind::FailPoint { point: "rpc-drop", actions: "30%return", down: secs(6) })
+        }
+        "corrupt-chunks" => {
+            (Target::Source, Kind::FailPoint { point: "chunk-server-corrupt", actions: "50%return", down: secs(10) })
+        }
         other => bail!("no scenario {other:?}; `ferry-chaos list` shows them"),
     };
     let (failpoints, scheduler_args): (_, &[&str]) = match name {
@@ -250,6 +277,9 @@ impl Report {
             self.jobs.problems.len(),
             (reused * 100).checked_div(reused + moved).unwrap_or(0)
         );
+        for note in &self.jobs.notes {
+            out += &format!("  {note}\n");
+        }
         for p in self.jobs.problems.iter().take(10) {
             out += &format!("  {p}\n");
         }
@@ -296,6 +326,13 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         small_disks: kind.small_disks().then_some(256 << 20),
     };
     let cluster = Cluster::start(&options.ferry, &dir, spec).await?;
+    if kind.fail_point() || failpoints.is_some() {
+        // A build without the feature would run the scenario with no fault.
+        let probe = cluster.set_fault(crate::cluster::Who::Node(1), "ferry-chaos-probe", Some("off")).await;
+        probe.with_context(|| {
+            format!("scenario {name} needs fail points: build ferry with `cargo build --release -p ferry --features failpoints`")
+        })?;
+    }
     let mode = cluster.mode();
     let endpoints = cluster.endpoints();
     let cluster = Arc::new(Mutex::new(cluster));
@@ -374,6 +411,18 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         jobs.problems.push(e.to_string());
     }
     jobs.problems.extend(jobs::final_check(&endpoints, &jobs, &c.workers).await);
+    if name == "corrupt-chunks" {
+        // The fault must have done something: the targets caught corrupt
+        // chunks (and fetched them again, or the job checks above fail).
+        let mut caught = 0.0;
+        for n in 2..=WORKERS {
+            caught += c.metric(crate::cluster::Who::Worker(n), "ferry_worker_bad_chunks_total").await?;
+        }
+        jobs.notes.push(format!("{caught} corrupt chunks caught by their BLAKE3 check"));
+        if caught == 0.0 {
+            jobs.problems.push("no target caught a corrupt chunk: the fault did nothing".into());
+        }
+    }
     workload::final_reads(&endpoints, &history, config).await?;
     // The watchers catch up with the last acknowledged write, then stop.
     let newest = history

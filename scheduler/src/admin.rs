@@ -20,6 +20,19 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(node)
+        .merge(fault_routes())
+}
+
+/// `/failpoints`, in builds with the `failpoints` feature (see
+/// `ferry_lab::faults`).
+#[cfg(feature = "failpoints")]
+fn fault_routes() -> Router {
+    ferry_lab::faults::router()
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn fault_routes() -> Router {
+    Router::new()
 }
 
 /// The node's figures for the metrics, read now.

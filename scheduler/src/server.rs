@@ -373,6 +373,7 @@ async fn serve_grpc(
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .layer(fault_layer())
         .layer(crate::grpc::forward::ForwardLayer::new(node.clone()))
         .add_service(health_service)
         .add_service(v1)
@@ -390,4 +391,16 @@ async fn serve_grpc(
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }
+}
+
+/// The gRPC fault layer a test drives at run time (`ferry_lab::faults`), in
+/// builds with the `failpoints` feature; nothing in others.
+#[cfg(feature = "failpoints")]
+fn fault_layer() -> ferry_lab::faults::FaultLayer {
+    ferry_lab::faults::FaultLayer
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn fault_layer() -> tower::layer::util::Identity {
+    tower::layer::util::Identity::new()
 }

@@ -153,6 +153,7 @@ impl Worker {
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
                 .initial_stream_window_size(Some(4 * 1024 * 1024))
                 .initial_connection_window_size(Some(16 * 1024 * 1024))
+                .layer(fault_layer())
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
@@ -284,4 +285,16 @@ fn reflection() -> Result<
         .build_v1alpha()
         .map_err(|e| Error::Reflection(e.to_string()))?;
     Ok((v1, v1alpha))
+}
+
+/// The gRPC fault layer a test drives at run time (`ferry_lab::faults`), in
+/// builds with the `failpoints` feature; nothing in others.
+#[cfg(feature = "failpoints")]
+fn fault_layer() -> ferry_lab::faults::FaultLayer {
+    ferry_lab::faults::FaultLayer
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn fault_layer() -> tower::layer::util::Identity {
+    tower::layer::util::Identity::new()
 }

@@ -126,6 +126,19 @@ pub fn router(metrics: Arc<WorkerMetrics>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(metrics)
+        .merge(fault_routes())
+}
+
+/// `/failpoints`, in builds with the `failpoints` feature (see
+/// `ferry_lab::faults`).
+#[cfg(feature = "failpoints")]
+fn fault_routes() -> Router {
+    ferry_lab::faults::router()
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn fault_routes() -> Router {
+    Router::new()
 }
 
 async fn render(State(m): State<Arc<WorkerMetrics>>) -> impl IntoResponse {
