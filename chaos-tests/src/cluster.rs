@@ -89,9 +89,14 @@ pub struct Spec {
 /// Three schedulers and some workers; killed on drop.
 pub struct Cluster {
     ferry: PathBuf,
-    /// Schedulers first (node `id` at `id - 1`), then workers.
+    /// Schedulers first (node `ids[i]` at `i`), then workers.
     procs: Vec<Proc>,
     nodes: usize,
+    /// The Raft id of the scheduler at each slot: `1..=nodes` at first; a
+    /// slot [`Cluster::replace`]d gets a new one.
+    ids: Vec<u64>,
+    dir: PathBuf,
+    scheduler_args: Vec<String>,
     pub workers: Vec<WorkerDirs>,
     /// Process `i` lives in the lab's host `i`.
     lab: Option<Lab>,
@@ -160,6 +165,7 @@ impl Cluster {
                 let mut args: Vec<OsString> = args.iter().map(OsString::from).collect();
                 args.extend(["--data".into(), data.into()]);
                 args.extend(scheduler_args.iter().map(OsString::from));
+
                 (name, args)
             } else {
                 let name = format!("w{}", i - nodes + 1);
@@ -190,8 +196,19 @@ impl Cluster {
             args.extend(["--admin-listen".into(), OsString::from(&admin)]);
             procs.push(Proc { addr, admin, log: dir.join(format!("{name}.log")), args, child: None });
         }
-        let mut cluster =
-            Self { ferry: ferry.into(), procs, nodes, workers: worker_dirs, lab, failpoints, disks, tmpfs };
+        let mut cluster = Self {
+            ferry: ferry.into(),
+            procs,
+            nodes,
+            ids: (1..=nodes as u64).collect(),
+            dir: dir.into(),
+            scheduler_args,
+            workers: worker_dirs,
+            lab,
+            failpoints,
+            disks,
+            tmpfs,
+        };
         for i in 0..all {
             cluster.spawn(i, &log)?;
         }
@@ -211,7 +228,7 @@ impl Cluster {
 
     fn index(&self, who: Who) -> usize {
         match who {
-            Who::Node(id) => id as usize - 1,
+            Who::Node(id) => self.ids.iter().position(|i| *i == id).unwrap_or_else(|| panic!("no node {id}")),
             Who::Worker(n) => self.nodes + n - 1,
         }
     }
@@ -238,7 +255,34 @@ impl Cluster {
 
     /// The schedulers' ids.
     pub fn node_ids(&self) -> Vec<u64> {
-        (1..=self.nodes as u64).collect()
+        self.ids.clone()
+    }
+
+    /// Every process, schedulers first.
+    fn everyone(&self) -> Vec<Who> {
+        self.ids.iter().map(|id| Who::Node(*id)).chain((1..=self.workers.len()).map(Who::Worker)).collect()
+    }
+
+    /// Kills scheduler `old` (which the caller removed from the cluster)
+    /// and starts, in its place and at its address, a fresh node under a
+    /// new id with an empty data directory and no `--initial-cluster`, as
+    /// an operator replaces a member (docs/operations/cluster.md). Returns
+    /// the new id and address; the caller adds it to the cluster.
+    pub fn replace(&mut self, old: u64) -> anyhow::Result<(u64, String)> {
+        let slot = self.index(Who::Node(old));
+        self.kill9(Who::Node(old));
+        let new = self.ids.iter().max().copied().unwrap_or(0) + 1;
+        let data = self.dir.join(format!("s{}-node{new}", slot + 1));
+        let proc = &mut self.procs[slot];
+        let mut args: Vec<OsString> =
+            ["scheduler", "--id", &new.to_string(), "--listen", &proc.addr].iter().map(OsString::from).collect();
+        args.extend(["--data".into(), data.into(), "--admin-listen".into(), OsString::from(&proc.admin)]);
+        args.extend(self.scheduler_args.iter().map(OsString::from));
+        proc.args = args;
+        self.ids[slot] = new;
+        let log = std::env::var("FERRY_CHAOS_LOG").unwrap_or_else(|_| "info".into());
+        self.spawn(slot, &log)?;
+        Ok((new, self.procs[slot].addr.clone()))
     }
 
     /// `kill -9`.
@@ -275,8 +319,7 @@ impl Cluster {
     /// Processes that exited on their own (a crash, or a refusal).
     pub fn exited(&mut self) -> Vec<(Who, std::process::ExitStatus)> {
         let mut out = Vec::new();
-        for i in 0..self.procs.len() {
-            let who = if i < self.nodes { Who::Node(i as u64 + 1) } else { Who::Worker(i - self.nodes + 1) };
+        for (i, who) in self.everyone().into_iter().enumerate() {
             let proc = &mut self.procs[i];
             if let Some(Ok(Some(status))) = proc.child.as_mut().map(|c| c.try_wait()) {
                 out.push((who, status));
@@ -288,11 +331,7 @@ impl Cluster {
 
     /// Starts every process that is not running.
     pub fn restart_stopped(&mut self) -> anyhow::Result<()> {
-        let all: Vec<Who> = (1..=self.nodes as u64)
-            .map(Who::Node)
-            .chain((1..=self.workers.len()).map(Who::Worker))
-            .filter(|who| !self.running(*who))
-            .collect();
+        let all: Vec<Who> = self.everyone().into_iter().filter(|who| !self.running(*who)).collect();
         for who in all {
             self.restart(who)?;
         }
@@ -356,9 +395,7 @@ impl Cluster {
         if self.failpoints.take().is_none() {
             return Ok(false);
         }
-        let all: Vec<Who> =
-            (1..=self.nodes as u64).map(Who::Node).chain((1..=self.workers.len()).map(Who::Worker)).collect();
-        for who in all {
+        for who in self.everyone() {
             self.restart(who)?;
         }
         Ok(true)
@@ -525,7 +562,7 @@ impl Cluster {
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
-                out.push((i as u64 + 1, got));
+                out.push((self.ids[i], got));
             }
             let applied: Vec<u64> = out.iter().filter_map(|(_, d)| d.as_ref().ok().map(|d| d.0)).collect();
             let settled = applied.len() == out.len() && applied.windows(2).all(|w| w[0] == w[1]);

@@ -59,6 +59,11 @@ pub enum Kind {
     /// everyone else (a minority; the harness's clients reach both sides),
     /// and healed after this long.
     Split(Duration),
+    /// The victim (a follower) replaced as an operator replaces a member:
+    /// removed, its process stopped, a fresh node under a new id started at
+    /// its address and added; the leader killed while the add is under
+    /// way, and restarted after this long. The new node must end a voter.
+    Replace(Duration),
     /// No strike from outside: the processes die at their armed crash
     /// points ([`CRASH_POINTS`]) and [`revive`] restarts them.
     CrashPoints,
@@ -118,6 +123,7 @@ impl Kind {
             Kind::FailPoint { .. } => "fail point set",
             Kind::Squeeze(_) => "link squeezed to 256 KiB/s",
             Kind::Split(_) => "cut off with the jobs' source and one target (a minority)",
+            Kind::Replace(_) => "replaced by a fresh node, the leader killed mid-add",
         }
     }
 }
@@ -167,6 +173,11 @@ pub async fn fault_loop(
             Target::JobTarget => Who::Worker(rng.gen_range(2..=c.workers.len())),
         };
         let at = || started.elapsed().as_secs_f64();
+        if let (Kind::Replace(down), Who::Node(old)) = (kind, victim) {
+            drop(c);
+            faults.extend(replace_under_kill(&cluster, old, leader, down, &mut rng, started).await);
+            continue;
+        }
         // A power cut takes one more scheduler down with the victim.
         let second = match (kind, victim) {
             (Kind::PowerCut(_), Who::Node(id)) => {
@@ -187,7 +198,8 @@ pub async fn fault_loop(
                 lost += c.power_cut(who)?;
                 Ok(())
             }),
-            Kind::Kill(_) | Kind::CrashPoints => {
+            // (A replace strikes schedulers only, above.)
+            Kind::Kill(_) | Kind::CrashPoints | Kind::Replace(_) => {
                 c.kill9(victim);
                 Ok(())
             }
@@ -213,6 +225,7 @@ pub async fn fault_loop(
         drop(c);
         let down = match kind {
             Kind::Kill(down)
+            | Kind::Replace(down)
             | Kind::Freeze(down)
             | Kind::Isolate(_, down)
             | Kind::PowerCut(down)
@@ -238,7 +251,9 @@ pub async fn fault_loop(
             Kind::FailPoint { point, .. } => Ok(format!("remove {point} from {victim}")),
             Kind::Squeeze(_) => c.squeeze(victim, None).map(|()| format!("free the link of {victim}")),
             Kind::Split(_) => side.iter().try_for_each(|who| c.heal(*who)).map(|()| "heal the split".to_string()),
-            Kind::Kill(_) | Kind::CrashPoints => c.restart(victim).map(|()| format!("restart {victim}")),
+            Kind::Kill(_) | Kind::CrashPoints | Kind::Replace(_) => {
+                c.restart(victim).map(|()| format!("restart {victim}"))
+            }
             Kind::PowerCut(_) => [Some(victim), second]
                 .into_iter()
                 .flatten()
@@ -327,4 +342,69 @@ pub async fn revive(
     }
     faults.extend(unexpected);
     faults
+}
+
+/// [`Kind::Replace`]: replaces follower `old` and kills `leader` mid-add.
+async fn replace_under_kill(
+    cluster: &Mutex<Cluster>,
+    old: u64,
+    leader: u64,
+    down: Duration,
+    rng: &mut StdRng,
+    started: Instant,
+) -> Vec<Fault> {
+    let at = || started.elapsed().as_secs_f64();
+    let fault = |what: String| Fault { at: at(), what, lost: 0 };
+    let mut out = Vec::new();
+    let client = match ferry_sdk::Client::connect(cluster.lock().await.endpoints()) {
+        Ok(client) => client,
+        Err(e) => return vec![fault(format!("strike node {old}: replace failed: {e}"))],
+    };
+    if let Err(e) = client.remove_node(old).await {
+        // Sent and lost, or refused: what the membership says decides.
+        let members = client.status().await.map(|s| s.members).unwrap_or_default();
+        if members.iter().any(|m| m.id == old) {
+            return vec![fault(format!("strike node {old} (leader {leader}): remove failed: {e}"))];
+        }
+    }
+    let (new, addr) = match cluster.lock().await.replace(old) {
+        Ok(started) => started,
+        Err(e) => return vec![fault(format!("strike node {old}: removed; starting its replacement failed: {e}"))],
+    };
+    let what = format!("strike node {old} (leader {leader}): removed; node {new} started at {addr} and being added");
+    out.push(fault(what));
+    let adding = {
+        let (client, addr) = (client.clone(), addr.clone());
+        tokio::spawn(async move { client.add_node(new, &addr, false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
+    cluster.lock().await.kill9(Who::Node(leader));
+    out.push(fault(format!("strike node {leader}: kill -9 of the leader while node {new} is being added")));
+    tokio::time::sleep(down).await;
+    if let Err(e) = cluster.lock().await.restart(Who::Node(leader)) {
+        out.push(fault(format!("undoing the fault on node {leader} failed: {e}")));
+    }
+    let first = adding.await.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from));
+    // An add lost with the leader is asked again: a learner at the same
+    // address is promoted, a node not yet added is added.
+    let mut tries = 1;
+    let mut last = first.err().map(|e| e.to_string());
+    loop {
+        let members = client.status().await.map(|s| s.members).unwrap_or_default();
+        if members.iter().any(|m| m.id == new && m.kind == "voter") {
+            out.push(fault(format!("restart node {leader}; node {new} is a voter (added in {tries} tries)")));
+            break;
+        }
+        if tries == 5 {
+            let why = last.unwrap_or_default();
+            out.push(fault(format!(
+                "undoing the fault on node {old} failed: node {new} not a voter after 5 adds: {why}"
+            )));
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tries += 1;
+        last = client.add_node(new, &addr, false).await.err().map(|e| e.to_string());
+    }
+    out
 }

@@ -76,6 +76,11 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ),
     ("target-disk-full", "fill a job target's disk (a 256 MiB tmpfs holding its root) for 5 s, then empty it [root]"),
     (
+        "membership-kill",
+        "replace a follower as an operator does (remove it, start a fresh node under a new id at its address, add \
+         it) and kill -9 the leader while the add runs; the new node must end a voter",
+    ),
+    (
         "leader-minority-split",
         "cut the leader, the jobs' source and one target off from the two followers and the other targets for 6 s \
          (clients reach both sides), then heal [root]",
@@ -129,6 +134,7 @@ pub fn plan_of(name: &str) -> anyhow::Result<Plan> {
         "follower-disk-full" => (Target::Follower, Kind::DiskFull(secs(5))),
         "target-disk-full" => (Target::JobTarget, Kind::DiskFull(secs(5))),
         "leader-minority-split" => (Target::Leader, Kind::Split(secs(6))),
+        "membership-kill" => (Target::Follower, Kind::Replace(secs(1))),
         "target-starved" => (Target::JobTarget, Kind::Squeeze(secs(10))),
         "follower-slow-rpc" => {
             (Target::Follower, Kind::FailPoint { point: "rpc-delay", actions: "return(400)", down: secs(8) })
