@@ -259,8 +259,20 @@ impl Cluster {
     }
 
     /// Every process, schedulers first.
-    fn everyone(&self) -> Vec<Who> {
+    pub fn everyone(&self) -> Vec<Who> {
         self.ids.iter().map(|id| Who::Node(*id)).chain((1..=self.workers.len()).map(Who::Worker)).collect()
+    }
+
+    /// `who`'s resident memory and the disk its data directory takes
+    /// (allocated blocks), in bytes; `None` while it is down.
+    pub fn usage(&self, who: Who) -> Option<(u64, u64)> {
+        let proc = &self.procs[self.index(who)];
+        let pid = proc.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let rss_kb: u64 =
+            status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+        let data = proc.args.iter().skip_while(|a| *a != "--data").nth(1)?;
+        Some((rss_kb * 1024, disk_usage(Path::new(data))))
     }
 
     /// Kills scheduler `old` (which the caller removed from the cluster)
@@ -618,4 +630,23 @@ fn without_colours(line: &str) -> String {
         }
     }
     out
+}
+
+/// Bytes of disk the files under `dir` take (allocated blocks).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    total
 }

@@ -1,8 +1,8 @@
 //! The job workload and its checker: one job after another from worker
-//! `w1` to every other worker, each a new version of a file (a few small
-//! edits of the last one, so most chunks are reused: a delta update; every
-//! fourth an odd small size), while a sampler reads the targets' final
-//! paths.
+//! `w1` to every other worker, each a new version of a set of files (a few
+//! small edits of the last one, so most chunks are reused: a delta update;
+//! in the scenarios' [`Shape::CHAOS`] every fourth an odd small size), while
+//! a sampler reads the targets' final paths.
 //!
 //! What must hold (issue 25's job checker):
 //! - a job acknowledged at submit is found at once by every member that
@@ -15,9 +15,10 @@
 //! - no staging file is left once the job has ended and every worker is
 //!   back.
 //!
-//! Job `k` writes `src/f<k>.bin` on the source and installs it as
-//! `j<k>/f<k>.bin` under each target's root, so a job whose submit had no
-//! answer (and may still run) cannot touch another job's files.
+//! Job `k` writes `src/f<k>-<i>.bin` (file `i` of its set) on the source
+//! and installs them as `j<k>/f<k>-<i>.bin` under each target's root, so a
+//! job whose submit had no answer (and may still run) cannot touch another
+//! job's files.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,8 +38,10 @@ pub struct JobRun {
     pub k: usize,
     /// Seconds since the run started, at submit.
     pub at: f64,
+    /// Bytes of all its files.
     pub size: usize,
-    pub blake3: String,
+    /// Each file's BLAKE3.
+    pub blake3: Vec<String>,
     /// Set when the submit was acknowledged.
     pub job_id: Option<String>,
     /// Why the submit got no id (refused, or no answer).
@@ -72,11 +75,33 @@ impl Jobs {
     }
 }
 
-/// The file the current job installs, for the sampler: (job, hash, size).
-type Current = Arc<Mutex<Option<(usize, blake3::Hash, usize)>>>;
+/// What the jobs carry and how often they go.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Files per job.
+    pub files: usize,
+    /// Bytes of each file (about: the edits change it a little).
+    pub bytes: usize,
+    /// Every fourth job carries odd small sizes instead (1 B, 4097 B, ...).
+    pub odd_sizes: bool,
+    /// The least time from one submit to the next (zero: the next job goes
+    /// as soon as the last ended).
+    pub pace: Duration,
+}
 
-fn install_path(root: &Path, k: usize) -> PathBuf {
-    root.join(format!("j{k}")).join(format!("f{k}.bin"))
+impl Shape {
+    /// The scenarios': one ~2 MB file, odd sizes, back to back.
+    pub const CHAOS: Shape = Shape { files: 1, bytes: 2_000_000, odd_sizes: true, pace: Duration::ZERO };
+}
+
+/// A job's files as the source wrote them: (hash, size) of each.
+type Version = Vec<(blake3::Hash, usize)>;
+
+/// The files the current job installs, for the sampler.
+type Current = Arc<Mutex<Option<(usize, Version)>>>;
+
+fn install_path(root: &Path, k: usize, i: usize) -> PathBuf {
+    root.join(format!("j{k}")).join(format!("f{k}-{i}.bin"))
 }
 
 /// A few edits of `data`: overwritten ranges, an insertion, a trimmed or
@@ -101,6 +126,7 @@ fn edit(data: &mut Vec<u8>, rng: &mut StdRng) {
 pub fn start(
     endpoints: Vec<String>,
     workers: &[WorkerDirs],
+    shape: Shape,
     seed: u64,
     started: Instant,
     stop: Arc<AtomicBool>,
@@ -114,7 +140,7 @@ pub fn start(
         move || sample(&targets, &current, &stop)
     });
     tokio::spawn(async move {
-        let mut jobs = job_loop(endpoints, source, targets, seed, started, stop, current).await;
+        let mut jobs = job_loop(endpoints, source, targets, shape, seed, started, stop, current).await;
         sampler_stop.store(true, Ordering::Relaxed);
         match sampler.await {
             Ok(problems) => jobs.problems.extend(problems),
@@ -130,24 +156,29 @@ fn sample(targets: &[(String, PathBuf)], current: &Current, stop: &AtomicBool) -
     let mut problems = Vec::new();
     while !stop.load(Ordering::Relaxed) && problems.len() < 10 {
         std::thread::sleep(Duration::from_millis(200));
-        let Some((k, hash, size)) = *current.lock().unwrap_or_else(|e| e.into_inner()) else { continue };
+        let Some((k, version)) = current.lock().unwrap_or_else(|e| e.into_inner()).clone() else { continue };
         for (name, root) in targets {
-            let Ok(bytes) = std::fs::read(install_path(root, k)) else { continue };
-            if blake3::hash(&bytes) != hash {
-                problems.push(format!(
-                    "job {k}: {name}'s final path held {} bytes that are not the {size} bytes of the source",
-                    bytes.len()
-                ));
+            for (i, (hash, size)) in version.iter().enumerate() {
+                let Ok(bytes) = std::fs::read(install_path(root, k, i)) else { continue };
+                if blake3::hash(&bytes) != *hash {
+                    problems.push(format!(
+                        "job {k}: {name}'s final path of file {i} held {} bytes that are not the {size} bytes of the \
+                         source",
+                        bytes.len()
+                    ));
+                }
             }
         }
     }
     problems
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn job_loop(
     endpoints: Vec<String>,
     (source, source_root): (String, PathBuf),
     targets: Vec<(String, PathBuf)>,
+    shape: Shape,
     seed: u64,
     started: Instant,
     stop: Arc<AtomicBool>,
@@ -162,7 +193,9 @@ async fn job_loop(
         }
     };
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut big: Vec<u8> = (0..2_000_000 + rng.gen_range(0..100_000)).map(|_| rng.gen()).collect();
+    let mut big: Vec<Vec<u8>> = (0..shape.files)
+        .map(|_| (0..shape.bytes + rng.gen_range(0..shape.bytes / 20 + 1)).map(|_| rng.gen()).collect())
+        .collect();
     let src_dir = source_root.join("src");
     if let Err(e) = std::fs::create_dir_all(&src_dir) {
         jobs.problems.push(format!("creating {}: {e}", src_dir.display()));
@@ -170,28 +203,34 @@ async fn job_loop(
     }
     let mut k = 0;
     // The last finished job's hash and the targets that installed it.
-    let mut previous: Option<(usize, blake3::Hash, Vec<String>)> = None;
+    let mut previous: Option<(usize, Version, Vec<String>)> = None;
     while !stop.load(Ordering::Relaxed) {
         k += 1;
-        let data = if k % 4 == 0 {
-            let size = [1usize, 4097, 65_537, 1_048_577][rng.gen_range(0..4)];
-            (0..size).map(|_| rng.gen()).collect()
-        } else {
-            edit(&mut big, &mut rng);
-            big.clone()
-        };
-        let hash = blake3::hash(&data);
-        let path = src_dir.join(format!("f{k}.bin"));
-        let tmp = src_dir.join(format!(".f{k}.tmp"));
-        if let Err(e) = std::fs::write(&tmp, &data).and_then(|()| std::fs::rename(&tmp, &path)) {
-            jobs.problems.push(format!("writing {}: {e}", path.display()));
-            break;
+        let submitted = Instant::now();
+        let mut version = Version::new();
+        let mut paths = Vec::new();
+        for (i, big) in big.iter_mut().enumerate() {
+            let data = if shape.odd_sizes && k % 4 == 0 {
+                let size = [1usize, 4097, 65_537, 1_048_577][rng.gen_range(0..4)];
+                (0..size).map(|_| rng.gen()).collect()
+            } else {
+                edit(big, &mut rng);
+                big.clone()
+            };
+            let path = src_dir.join(format!("f{k}-{i}.bin"));
+            let tmp = src_dir.join(format!(".f{k}-{i}.tmp"));
+            if let Err(e) = std::fs::write(&tmp, &data).and_then(|()| std::fs::rename(&tmp, &path)) {
+                jobs.problems.push(format!("writing {}: {e}", path.display()));
+                return jobs;
+            }
+            version.push((blake3::hash(&data), data.len()));
+            paths.push(path);
         }
         let mut run = JobRun {
             k,
             at: started.elapsed().as_secs_f64(),
-            size: data.len(),
-            blake3: hash.to_hex().to_string(),
+            size: version.iter().map(|(_, size)| size).sum(),
+            blake3: version.iter().map(|(hash, _)| hash.to_hex().to_string()).collect(),
             job_id: None,
             submit_error: None,
             state: String::new(),
@@ -201,7 +240,7 @@ async fn job_loop(
         };
         let spec = pb::JobSpec {
             source: source.clone(),
-            files: vec![path.to_string_lossy().into_owned()],
+            files: paths.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
             targets: targets.iter().map(|(name, _)| name.clone()).collect(),
             destination: format!("j{k}/"),
             hook: "reload".into(),
@@ -209,7 +248,7 @@ async fn job_loop(
             grace_ms: 10_000,
             ..Default::default()
         };
-        *current.lock().unwrap_or_else(|e| e.into_inner()) = Some((k, hash, data.len()));
+        *current.lock().unwrap_or_else(|e| e.into_inner()) = Some((k, version.clone()));
         match client.submit_job(spec, false).await {
             Ok(resp) => run.job_id = Some(resp.job_id),
             Err(e) => {
@@ -224,20 +263,23 @@ async fn job_loop(
         if let Some(id) = run.job_id.clone() {
             check_visible(&endpoints, &id, k, &mut jobs.problems).await;
             follow(&client, &id, &mut run, &mut jobs.problems).await;
-            check_targets(&run, &targets, hash, &mut jobs.problems);
-            if let Some((before, hash, installed)) = previous.take() {
-                check_kept(before, hash, &installed, &targets, &mut jobs.problems);
+            check_targets(&run, &targets, &version, &mut jobs.problems);
+            if let Some((before, version, installed)) = previous.take() {
+                check_kept(before, &version, &installed, &targets, &mut jobs.problems);
             }
             let installed = run.targets.iter().filter(|(_, s, _)| s == "installed" || s == "unchanged");
-            previous = Some((k, hash, installed.map(|(w, _, _)| w.clone()).collect()));
+            previous = Some((k, version, installed.map(|(w, _, _)| w.clone()).collect()));
             // Keep the last job's files (the next one reuses their chunks).
             for (_, root) in &targets {
                 let _ = std::fs::remove_dir_all(root.join(format!("j{}", k.saturating_sub(2))));
             }
         }
         *current.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let _ = std::fs::remove_file(&path);
+        paths.iter().for_each(|path| drop(std::fs::remove_file(path)));
         jobs.runs.push(run);
+        while submitted.elapsed() < shape.pace && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     jobs
 }
@@ -281,15 +323,16 @@ async fn follow(client: &Client, id: &str, run: &mut JobRun, problems: &mut Vec<
 }
 
 /// Each target installed the exact bytes, or failed with a reason.
-fn check_targets(run: &JobRun, targets: &[(String, PathBuf)], hash: blake3::Hash, problems: &mut Vec<String>) {
+fn check_targets(run: &JobRun, targets: &[(String, PathBuf)], version: &Version, problems: &mut Vec<String>) {
     let k = run.k;
     for (name, state, reason) in &run.targets {
         match state.as_str() {
             "installed" | "unchanged" => {
                 let Some((_, root)) = targets.iter().find(|(n, _)| n == name) else { continue };
-                if let Some(wrong) = not_whole(&install_path(root, k), hash) {
-                    problems
-                        .push(format!("job {k}: {name} reported {state}, but {wrong} (source: {} bytes)", run.size));
+                for (i, (hash, size)) in version.iter().enumerate() {
+                    if let Some(wrong) = not_whole(&install_path(root, k, i), *hash) {
+                        problems.push(format!("job {k}: {name} reported {state}, but {wrong} (source: {size} bytes)"));
+                    }
                 }
             }
             "failed" | "cancelled" if !reason.is_empty() => {}
@@ -306,14 +349,16 @@ fn check_targets(run: &JobRun, targets: &[(String, PathBuf)], hash: blake3::Hash
 /// target, say).
 fn check_kept(
     k: usize,
-    hash: blake3::Hash,
+    version: &Version,
     installed: &[String],
     targets: &[(String, PathBuf)],
     problems: &mut Vec<String>,
 ) {
     for (name, root) in targets.iter().filter(|(name, _)| installed.contains(name)) {
-        if let Some(wrong) = not_whole(&install_path(root, k), hash) {
-            problems.push(format!("job {k}: {name} had installed it, and now {wrong}"));
+        for (i, (hash, _)) in version.iter().enumerate() {
+            if let Some(wrong) = not_whole(&install_path(root, k, i), *hash) {
+                problems.push(format!("job {k}: {name} had installed it, and now {wrong}"));
+            }
         }
     }
 }

@@ -22,6 +22,8 @@ pub mod lazyfs;
 pub mod leases;
 pub mod linearizable;
 pub mod nemesis;
+pub mod registry;
 pub mod scenario;
+pub mod soak;
 pub mod watches;
 pub mod workload;

@@ -18,11 +18,12 @@ use tokio::sync::Mutex;
 use crate::cluster::{Cluster, Cut, Spec};
 use crate::history::{self, History, Outcome};
 use crate::jobs::{self, Jobs};
-use crate::leases;
 use crate::linearizable::{self, Violation};
 use crate::nemesis::{self, Fault, Kind, Target};
+use crate::soak;
 use crate::watches::{self, Watched};
 use crate::workload;
+use crate::{leases, registry};
 
 /// The scenarios `list` shows: name and what it does.
 pub const SCENARIOS: &[(&str, &str)] = &[
@@ -76,6 +77,12 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ),
     ("target-disk-full", "fill a job target's disk (a 256 MiB tmpfs holding its root) for 5 s, then empty it [root]"),
     (
+        "soak",
+        "the workload Ferry exists for, compressed: 20 workers get 5 files of 10 MB, edited and pushed again every \
+         30 s, beside config writes at ~50/s, while the leader is killed every 2 min; every job must succeed and \
+         memory and disk must stop growing (run it for 30m; not in --all)",
+    ),
+    (
         "membership-kill",
         "replace a follower as an operator does (remove it, start a fresh node under a new id at its address, add \
          it) and kill -9 the leader while the add runs; the new node must end a voter",
@@ -112,6 +119,17 @@ pub struct Plan {
     pub failpoints: Option<&'static str>,
     /// Flags added to every `ferry scheduler`.
     pub scheduler_args: &'static [&'static str],
+    /// Workers beside the schedulers.
+    pub workers: usize,
+    /// What the jobs carry, how often.
+    pub shape: jobs::Shape,
+    /// The config clients' pace (see [`workload::Config::pace`]).
+    pub pace: Duration,
+    /// Mean time between two faults unless `--every` says otherwise.
+    pub every: Duration,
+    /// A soak ([`crate::soak`]): every job must succeed, and memory and
+    /// disk are sampled and must stop growing.
+    pub soak: bool,
 }
 
 /// What scenario `name` does.
@@ -145,6 +163,7 @@ pub fn plan_of(name: &str) -> anyhow::Result<Plan> {
         "corrupt-chunks" => {
             (Target::Source, Kind::FailPoint { point: "chunk-server-corrupt", actions: "50%return", down: secs(10) })
         }
+        "soak" => (Target::Leader, Kind::Kill(secs(1))),
         other => bail!("no scenario {other:?}; `ferry-chaos list` shows them"),
     };
     let (failpoints, scheduler_args): (_, &[&str]) = match name {
@@ -157,7 +176,23 @@ pub fn plan_of(name: &str) -> anyhow::Result<Plan> {
         }
         _ => (None, &[]),
     };
-    Ok(Plan { target, kind, failpoints, scheduler_args })
+    let plan = Plan {
+        target,
+        kind,
+        failpoints,
+        scheduler_args,
+        workers: WORKERS,
+        shape: jobs::Shape::CHAOS,
+        pace: Duration::ZERO,
+        every: secs(5),
+        soak: false,
+    };
+    Ok(match name {
+        "soak" => {
+            Plan { workers: soak::WORKERS, shape: soak::SHAPE, pace: soak::PACE, every: secs(120), soak: true, ..plan }
+        }
+        _ => plan,
+    })
 }
 
 /// How to run a scenario.
@@ -168,8 +203,8 @@ pub struct Options {
     /// How long the workload and the nemesis run.
     pub duration: Duration,
     pub seed: u64,
-    /// Mean time between two faults.
-    pub every: Duration,
+    /// Mean time between two faults (default: the scenario's own).
+    pub every: Option<Duration>,
     /// Where the data, logs and history go (default: a temporary
     /// directory, kept only if the run fails or `keep`).
     pub dir: Option<PathBuf>,
@@ -202,11 +237,19 @@ pub struct Report {
     pub lease_problems: Vec<String>,
     /// Leases granted, kept and let go.
     pub leases: usize,
+    /// What the registry checker found (instances missing, resurrected,
+    /// kept too long), and how many instances the clients registered.
+    pub registry_problems: Vec<String>,
+    pub instances: usize,
     /// The job workload's runs and what its checker found.
     pub jobs: Jobs,
     /// Members whose digest differs, or that did not answer.
     pub digests: Vec<String>,
     pub panics: Vec<String>,
+    /// Processes whose memory or data directory went on growing (a soak).
+    pub growth: Vec<String>,
+    /// A soak's table of memory and disk over the run (empty otherwise).
+    pub resources: String,
     /// Where the data, logs and `history.jsonl` are (if kept).
     pub kept: Option<PathBuf>,
 }
@@ -221,9 +264,11 @@ impl Report {
         self.violations.is_empty()
             && self.watch_problems.is_empty()
             && self.lease_problems.is_empty()
+            && self.registry_problems.is_empty()
             && self.jobs.problems.is_empty()
             && self.digests.is_empty()
             && self.panics.is_empty()
+            && self.growth.is_empty()
     }
 
     /// The report as printed.
@@ -275,6 +320,10 @@ impl Report {
         for p in self.lease_problems.iter().take(10) {
             out += &format!("  {p}\n");
         }
+        out += &format!("registry: {} problems ({} instances)\n", self.registry_problems.len(), self.instances);
+        for p in self.registry_problems.iter().take(10) {
+            out += &format!("  {p}\n");
+        }
         let (acked, succeeded, installed, failed) = self.jobs.counts();
         let (reused, moved) = self.jobs.runs.iter().fold((0, 0), |(r, m), run| (r + run.reused, m + run.moved));
         out += &format!(
@@ -297,6 +346,13 @@ impl Report {
         for p in self.panics.iter().take(5) {
             out += &format!("  {p}\n");
         }
+        if !self.resources.is_empty() {
+            out += &format!("memory and disk: {} still growing\n", self.growth.len());
+            out += &self.resources;
+            for g in &self.growth {
+                out += &format!("  {g}\n");
+            }
+        }
         if let Some(dir) = &self.kept {
             out += &format!("files kept in {}\n", dir.display());
         }
@@ -307,7 +363,8 @@ impl Report {
 
 /// Runs `name`.
 pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
-    let Plan { target, kind, failpoints, scheduler_args } = plan_of(name)?;
+    let plan = plan_of(name)?;
+    let Plan { target, kind, failpoints, scheduler_args, .. } = plan;
     let network = match Lab::unavailable() {
         None => true,
         Some(why) if kind.network() || kind.small_disks() => {
@@ -324,7 +381,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     let started = Instant::now();
     let spec = Spec {
         nodes: 3,
-        workers: WORKERS,
+        workers: plan.workers,
         network,
         failpoints: failpoints.map(str::to_string),
         power_loss: kind.power_loss(),
@@ -343,7 +400,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     let endpoints = cluster.endpoints();
     let cluster = Arc::new(Mutex::new(cluster));
     let history = History::new(started);
-    let config = workload::Config { clients: 4, keys: 3, serializable: options.serializable };
+    let config = workload::Config { clients: 4, keys: 3, serializable: options.serializable, pace: plan.pace };
     let stop = Arc::new(AtomicBool::new(false));
     // Two watchers, each preferring another member.
     let watch_stop = Arc::new(AtomicBool::new(false));
@@ -355,23 +412,31 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         watchers.push((watches::start(order, "chaos/", watch_stop.clone(), current.clone())?, current));
     }
     let clients = workload::start(&endpoints, &history, config, options.seed, stop.clone())?;
-    let job_loop = jobs::start(endpoints.clone(), &cluster.lock().await.workers, options.seed, started, stop.clone());
+    let job_loop =
+        jobs::start(endpoints.clone(), &cluster.lock().await.workers, plan.shape, options.seed, started, stop.clone());
     let lease_clients = leases::start(&endpoints, &history, 2, Duration::from_secs(2), options.seed, stop.clone())?;
+    let registry_clients =
+        registry::start(&endpoints, &history, 2, Duration::from_secs(2), options.seed, stop.clone())?;
     let nemesis = tokio::spawn(nemesis::fault_loop(
         cluster.clone(),
         target,
         kind,
-        options.every,
+        options.every.unwrap_or(plan.every),
         options.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
         stop.clone(),
         started,
     ));
     let reviver = failpoints
         .map(|_| tokio::spawn(nemesis::revive(cluster.clone(), Duration::from_secs(1), stop.clone(), started)));
+    let sampler = plan.soak.then(|| tokio::spawn(soak::sample(cluster.clone(), options.duration, started)));
     tokio::time::sleep(options.duration).await;
     stop.store(true, Ordering::Relaxed);
     let workload_end = history.now();
     let mut faults = nemesis.await.context("the nemesis task")?;
+    let samples = match sampler {
+        Some(task) => task.await.context("the soak's sampler")?,
+        None => Vec::new(),
+    };
     if let Some(reviver) = reviver {
         faults.extend(reviver.await.context("the reviver task")?);
         faults.sort_by(|a, b| a.at.total_cmp(&b.at));
@@ -405,6 +470,10 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     for client in lease_clients {
         lease_runs.extend(client.await.context("a lease client task")?);
     }
+    let mut instance_runs = Vec::new();
+    for client in registry_clients {
+        instance_runs.extend(client.await.context("a registry client task")?);
+    }
     let mut jobs = job_loop.await.context("the job task")?;
 
     // The last reads and the comparisons.
@@ -417,11 +486,16 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         jobs.problems.push(e.to_string());
     }
     jobs.problems.extend(jobs::final_check(&endpoints, &jobs, &c.workers).await);
+    if plan.soak {
+        for run in jobs.runs.iter().filter(|r| r.state != "succeeded") {
+            jobs.problems.push(format!("job {} ended {:?}: a soak's jobs must all succeed", run.k, run.state));
+        }
+    }
     if name == "corrupt-chunks" {
         // The fault must have done something: the targets caught corrupt
         // chunks (and fetched them again, or the job checks above fail).
         let mut caught = 0.0;
-        for n in 2..=WORKERS {
+        for n in 2..=plan.workers {
             caught += c.metric(crate::cluster::Who::Worker(n), "ferry_worker_bad_chunks_total").await?;
         }
         jobs.notes.push(format!("{caught} corrupt chunks caught by their BLAKE3 check"));
@@ -466,6 +540,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     let watcher_counts = (watched.len(), watched.iter().map(|w| w.snapshots.len()).sum());
     let fault_times: Vec<u64> = faults.iter().map(|f| (f.at * 1e9) as u64).collect();
     let lease_problems = leases::check(&lease_runs, &fault_times);
+    let registry_problems = registry::check(&instance_runs, &fault_times);
     let counts = ops.iter().fold((0, 0, 0), |(ok, failed, unknown), op| match op.outcome {
         Outcome::Unknown { .. } => (ok, failed, unknown + 1),
         Outcome::Fail { .. } => (ok, failed + 1, unknown),
@@ -482,6 +557,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     write_jsonl(&dir.join("jobs.jsonl"), &jobs.runs)?;
     write_jsonl(&dir.join("faults.jsonl"), &faults)?;
     write_jsonl(&dir.join("leases.jsonl"), &lease_runs)?;
+    write_jsonl(&dir.join("registry.jsonl"), &instance_runs)?;
     let mut report = Report {
         scenario: name.into(),
         seed: options.seed,
@@ -495,9 +571,13 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         watchers: watcher_counts,
         lease_problems,
         leases: lease_runs.len(),
+        registry_problems,
+        instances: instance_runs.len(),
         jobs,
         digests,
         panics,
+        growth: soak::growth(&samples),
+        resources: soak::table(&samples),
         kept: None,
     };
     if options.dir.is_some() {

@@ -26,6 +26,9 @@ pub struct Config {
     /// them to be stale, so the checker must report them; a self-test of
     /// the harness.
     pub serializable: bool,
+    /// The least time between two operations of one client (zero: as fast
+    /// as answers come).
+    pub pace: Duration,
 }
 
 /// A client that gives up soon: an operation cut off by a fault becomes
@@ -94,6 +97,7 @@ async fn client_loop(
         let key = format!("chaos/k{k}");
         n += 1;
         let value = format!("{process}-{n}");
+        let began = tokio::time::Instant::now();
         let roll: u32 = rng.gen_range(0..10);
         let call = match (roll, seen[k]) {
             (4..=6, _) => Call::Write { value },
@@ -110,6 +114,7 @@ async fn client_loop(
             }
             _ => {}
         }
+        tokio::time::sleep_until(began + config.pace).await;
     }
 }
 

@@ -14,7 +14,7 @@ async fn three_scenarios_pass_a_short_run() {
         ferry: env!("CARGO_BIN_EXE_ferry").into(),
         duration: Duration::from_secs(30),
         seed: 7,
-        every: Duration::from_secs(5),
+        every: Some(Duration::from_secs(5)),
         dir: None,
         keep: false,
         serializable: false,
