@@ -488,7 +488,11 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     jobs.problems.extend(jobs::final_check(&endpoints, &jobs, &c.workers).await);
     if plan.soak {
         for run in jobs.runs.iter().filter(|r| r.state != "succeeded") {
-            jobs.problems.push(format!("job {} ended {:?}: a soak's jobs must all succeed", run.k, run.state));
+            let why = match &run.submit_error {
+                Some(e) => format!("was not taken: {e}"),
+                None => format!("ended {:?}", run.state),
+            };
+            jobs.problems.push(format!("job {} {why}: a soak's jobs must all succeed", run.k));
         }
     }
     if name == "corrupt-chunks" {

@@ -74,6 +74,22 @@ impl Sessions {
         self.lock().get(worker).filter(|s| s.last_seen.elapsed() < SILENCE_IS_DOWN).map(|s| s.epoch)
     }
 
+    /// Waits up to `timeout` for `worker` to be connected (a new leader's
+    /// workers reconnect within [`SILENCE_IS_DOWN`]); its epoch then.
+    pub async fn wait_connected(&self, worker: &str, timeout: Duration) -> Option<u64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let opened = self.changed.notified();
+            tokio::pin!(opened);
+            // Registered before the look, so an open in between still wakes us.
+            opened.as_mut().enable();
+            if let Some(epoch) = self.epoch(worker) {
+                return Some(epoch);
+            }
+            tokio::time::timeout_at(deadline, opened).await.ok()?;
+        }
+    }
+
     /// Queues a command for `worker`; false if it is not connected or its
     /// queue is full (the planner tries again next round).
     pub fn send(&self, worker: &str, msg: ToWorker) -> bool {

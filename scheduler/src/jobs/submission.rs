@@ -10,7 +10,7 @@ use ferry_storage::{Command, CommandResult, Job, JobEvent, JobPhase, Op, Target}
 use crate::clock::now_ms;
 use crate::error::Error;
 use crate::jobs::batcher::event;
-use crate::jobs::sessions::Sessions;
+use crate::jobs::sessions::{Sessions, SILENCE_IS_DOWN};
 use crate::jobs::spec::{self, JobRequest};
 use crate::raft::node::Node;
 use crate::raft::proposer::MAX_COMMAND_BYTES;
@@ -53,8 +53,13 @@ pub async fn submit(node: &Node, sessions: &Sessions, req: JobRequest, request_i
     }
     let workers = node.reader.workers()?;
     let checked = spec::check(&req, &workers).map_err(Error::InvalidArgument)?;
-    if sessions.epoch(&checked.source.name).is_none() {
-        return Err(Error::FailedPrecondition(format!("source: worker {} is not connected", checked.source.name)));
+    // Right after an election no worker has reconnected yet: give the
+    // source the time a live worker takes to find the new leader.
+    if sessions.wait_connected(&checked.source.name, SILENCE_IS_DOWN).await.is_none() {
+        return Err(Error::FailedPrecondition(format!(
+            "source: worker {} is not connected (waited {SILENCE_IS_DOWN:?})",
+            checked.source.name
+        )));
     }
     // Index on the source: the manifest goes into the log with the job.
     let files = sessions
