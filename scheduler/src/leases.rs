@@ -8,6 +8,12 @@
 //! most [`EXPIRE_BATCH`] per tick, oldest deadline first, so a mass expiry
 //! is spread rather than a storm. Before revoking, it asks the registry's
 //! protect threshold ([`crate::registry::protect`]) which leases to keep.
+//!
+//! A lease whose revoke is on its way through the log is not renewed: a
+//! keep-alive then answers that the lease is gone (TTL 0), as etcd's
+//! lessor does. Renewing it would acknowledge a TTL that the revoke, once
+//! committed, cuts short (the chaos harness saw a key deleted 0.85 s after
+//! a renewal of its 2 s lease, the revoke having waited for a quorum).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,6 +37,9 @@ const RETRY: Duration = Duration::from_secs(3);
 #[derive(Default)]
 pub struct LeaseClock {
     deadlines: Mutex<HashMap<u64, Instant>>,
+    /// Leases whose revoke is proposed (locked after `deadlines`, and only
+    /// under it).
+    revoking: Mutex<std::collections::HashSet<u64>>,
     /// Leases renewed by a keep-alive since the expiry loop last looked.
     renewed: Mutex<std::collections::HashSet<u64>>,
 }
@@ -40,10 +49,39 @@ impl LeaseClock {
         self.deadlines.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Restarts `id`'s TTL now.
-    pub fn renew(&self, id: u64, ttl_ms: u64) {
-        self.lock().insert(id, Instant::now() + Duration::from_millis(ttl_ms));
+    fn revoking(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.revoking.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Restarts `id`'s TTL now, unless its revoke is under way; whether it
+    /// did.
+    pub fn renew(&self, id: u64, ttl_ms: u64) -> bool {
+        let mut deadlines = self.lock();
+        if self.revoking().contains(&id) {
+            return false;
+        }
+        deadlines.insert(id, Instant::now() + Duration::from_millis(ttl_ms));
+        drop(deadlines);
         self.renewed.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+        true
+    }
+
+    /// Of `ids`, those still past their deadline at `now` (not renewed
+    /// since they were found expired), marked as being revoked: no
+    /// keep-alive renews them from here on.
+    fn start_revoking(&self, ids: Vec<u64>, now: Instant) -> Vec<u64> {
+        let deadlines = self.lock();
+        let mut revoking = self.revoking();
+        let ids: Vec<u64> = ids.into_iter().filter(|id| deadlines.get(id).is_none_or(|d| *d <= now)).collect();
+        revoking.extend(ids.iter().copied());
+        ids
+    }
+
+    /// Forgets every deadline and revoke (this node stopped leading).
+    fn clear(&self) {
+        let mut deadlines = self.lock();
+        deadlines.clear();
+        self.revoking().clear();
     }
 
     /// The leases renewed since the last call.
@@ -71,6 +109,7 @@ pub async fn grant(node: &Node, clock: &LeaseClock, ttl_ms: u64, request_id: Str
     let cmd = Command { request_id, op: Op::LeaseGrant { id: new_lease_id(), ttl_ms } };
     match node.propose(cmd).await? {
         CommandResult::LeaseGranted { id, ttl_ms } => {
+            // A new id (or a retried grant's): never one being revoked.
             clock.renew(id, ttl_ms);
             Ok((id, ttl_ms))
         }
@@ -93,19 +132,16 @@ pub async fn revoke(node: &Node, id: u64, request_id: String) -> Result<u64, Err
 }
 
 /// One keep-alive of lease `id`: its TTL, restarted now, or 0 if the lease
-/// is gone. Only a leader that a quorum acknowledged lately renews: a
-/// leader cut off from the majority answers "not leader", and the holder
-/// goes to the new one.
+/// is gone or its revoke is under way. Only a leader that a quorum
+/// acknowledged lately renews: a leader cut off from the majority answers
+/// "not leader", and the holder goes to the new one.
 pub fn keep_alive(node: &Node, clock: &LeaseClock, id: u64) -> Result<u64, Error> {
     if !node.leads_with_quorum() {
         return Err(node.not_leader());
     }
     match node.reader.lease(id)? {
-        Some(lease) => {
-            clock.renew(id, lease.ttl_ms);
-            Ok(lease.ttl_ms)
-        }
-        None => Ok(0),
+        Some(lease) if clock.renew(id, lease.ttl_ms) => Ok(lease.ttl_ms),
+        Some(_) | None => Ok(0),
     }
 }
 
@@ -137,7 +173,7 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
         }
         if !node.is_leader() {
             if leading {
-                clock.lock().clear();
+                clock.clear();
                 proposed.clear();
                 protected.clear();
                 leading = false;
@@ -169,6 +205,7 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
             }
             let live: std::collections::HashSet<u64> = leases.iter().map(|l| l.id).collect();
             deadlines.retain(|id, _| live.contains(id));
+            clock.revoking().retain(|id| live.contains(id));
             proposed.retain(|id, at| live.contains(id) && at.elapsed() < RETRY);
             for l in &leases {
                 let deadline = *deadlines.entry(l.id).or_insert_with(|| now + Duration::from_millis(l.ttl_ms));
@@ -222,6 +259,8 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
             }
         }
         let ids: Vec<u64> = candidates.into_iter().filter(|id| !keep.contains(id)).collect();
+        // Renewed since they were found expired: they live on.
+        let ids = clock.start_revoking(ids, now);
         protected.retain(|id| !ids.contains(id));
         if ids.is_empty() {
             continue;
@@ -237,5 +276,27 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
                 tracing::warn!(error = %e, "could not revoke expired leases; will try again");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_being_revoked_is_not_renewed_and_one_renewed_first_is_not_revoked() {
+        let clock = LeaseClock::default();
+        assert!(clock.renew(1, 0));
+        assert!(clock.renew(2, 0));
+        let expired_at = Instant::now();
+        std::thread::sleep(Duration::from_millis(5));
+        // Lease 2's holder came back after the expiry loop found it expired.
+        assert!(clock.renew(2, 60_000));
+        assert_eq!(clock.start_revoking(vec![1, 2], expired_at), vec![1], "lease 2 was renewed in between");
+        assert!(!clock.renew(1, 60_000), "a keep-alive of a lease on its way out renews nothing");
+        assert!(clock.remaining(1).is_some_and(|left| left.is_zero()), "its deadline stays where it was");
+        assert!(clock.renew(2, 60_000));
+        clock.clear();
+        assert!(clock.renew(1, 60_000), "a new term starts afresh");
     }
 }
