@@ -198,8 +198,10 @@ pub async fn run_expiry(node: Arc<Node>, clock: Arc<LeaseClock>, mut shutdown: w
         {
             let mut deadlines = clock.lock();
             if !leading {
-                // A new leader: every lease gets its full TTL from now.
+                // A new leader: every lease gets its full TTL from now, and
+                // no revoke of an earlier term counts.
                 deadlines.clear();
+                clock.revoking().clear();
                 leading = true;
                 protected = leases.iter().filter(|l| registry::has_suspect(&node, l)).map(|l| l.id).collect();
             }
