@@ -73,12 +73,7 @@ pub fn table(samples: &[Sample]) -> String {
 /// The processes that grew from the middle sample to the last by more
 /// than a quarter (and more than the slack).
 pub fn growth(samples: &[Sample]) -> Vec<String> {
-    let (Some(middle), Some(end)) = (samples.get(samples.len().saturating_sub(2)), samples.last()) else {
-        return Vec::new();
-    };
-    if samples.len() < 2 {
-        return Vec::new();
-    }
+    let [.., middle, end] = samples else { return Vec::new() };
     let mut problems = Vec::new();
     for ((who, before), (_, after)) in middle.usage.iter().zip(&end.usage) {
         let (Some(before), Some(after)) = (before, after) else { continue };
