@@ -171,31 +171,46 @@ async fn status(c: &Client, as_json: bool) -> u8 {
                 "id": m.id, "addr": m.addr, "kind": m.kind, "role": s.role,
                 "term": s.term, "applied_index": s.applied_index, "commit_index": s.commit_index,
                 "last_log_index": s.last_log_index, "snapshot_index": s.snapshot_index,
+                "version": s.version,
             }),
             Err(_) => json!({"id": m.id, "addr": m.addr, "kind": m.kind, "role": "unreachable"}),
         };
         rows.push(row);
     }
     let leader = if first.leader_id == 0 { serde_json::Value::Null } else { json!(first.leader_id) };
+    // The leader's view of the lowest version among the members.
+    let cluster_version = match rows.iter().find(|r| r["role"] == "leader") {
+        Some(r) => {
+            c.status_of(r["addr"].as_str().unwrap_or_default()).await.map(|s| s.cluster_version).unwrap_or_default()
+        }
+        None => String::new(),
+    };
     if as_json {
-        print_json(&json!({"leader": leader, "term": first.term, "revision": first.revision, "members": rows}));
+        print_json(&json!({
+            "leader": leader, "term": first.term, "revision": first.revision,
+            "cluster_version": cluster_version, "members": rows,
+        }));
     } else {
         match first.leader_id {
             0 => println!("leader: none known   term: {}   revision: {}", first.term, first.revision),
             id => println!("leader: {id}   term: {}   revision: {}", first.term, first.revision),
         }
-        println!("{:<4} {:<22} {:<8} {:<12} {:>10} {:>10}", "ID", "ADDR", "KIND", "ROLE", "APPLIED", "COMMIT");
+        if !cluster_version.is_empty() {
+            println!("cluster version: {cluster_version}");
+        }
+        println!("{:<4} {:<22} {:<8} {:<12} {:>10} {:>10}  VERSION", "ID", "ADDR", "KIND", "ROLE", "APPLIED", "COMMIT");
         for r in rows {
             let num = |k: &str| r.get(k).and_then(|v| v.as_u64()).map(|n| n.to_string()).unwrap_or_else(|| "-".into());
             let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
             println!(
-                "{:<4} {:<22} {:<8} {:<12} {:>10} {:>10}",
+                "{:<4} {:<22} {:<8} {:<12} {:>10} {:>10}  {}",
                 num("id"),
                 s("addr"),
                 s("kind"),
                 s("role"),
                 num("applied_index"),
-                num("commit_index")
+                num("commit_index"),
+                s("version")
             );
         }
     }

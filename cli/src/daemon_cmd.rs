@@ -76,6 +76,9 @@ fn merge(a: SchedulerArgs) -> Result<SchedulerConfig, String> {
     if let Some(v) = a.logs_to_keep {
         c.logs_to_keep = v;
     }
+    if let Some(v) = a.job_history {
+        c.job_history = v;
+    }
     c.validate().map_err(|e| format!("invalid value for --{e}"))?;
     Ok(c)
 }

@@ -21,6 +21,7 @@ mod demo_cmd;
 mod job_cmd;
 mod output;
 mod txn_cmd;
+mod worker_args;
 mod worker_cmd;
 
 use std::process::ExitCode;

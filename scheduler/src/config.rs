@@ -64,6 +64,10 @@ pub struct SchedulerConfig {
     /// service's instances would expire at once, they are flagged `suspect`
     /// and kept instead of removed (1.0: never protect).
     pub registry_protect_threshold: f64,
+    /// Finished jobs kept in the state (succeeded, failed or cancelled);
+    /// the leader forgets older ones, oldest finish first, once every
+    /// scheduler runs 0.2.0 or later. 0 keeps every job.
+    pub job_history: u64,
     /// Set by [`crate::LocalCluster`], never read from a file: several nodes
     /// share this process's runtime, so log syncs go to the blocking pool
     /// (see `ferry_storage::OpenOptions::sync_appends_inline`).
@@ -90,6 +94,7 @@ impl Default for SchedulerConfig {
             logs_to_keep: 1_000,
             max_batch_entries: 4,
             registry_protect_threshold: 0.5,
+            job_history: 1000,
             shares_runtime: false,
         }
     }

@@ -134,6 +134,7 @@ impl Scheduler {
             proposer: Proposer::start(raft.clone(), config.rpc_timeout * 5),
             removed: Default::default(),
             cluster,
+            versions: Default::default(),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -147,6 +148,8 @@ impl Scheduler {
         tasks.push(tokio::spawn(crate::leases::run_expiry(node.clone(), clock, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::probes::run_alerts(node.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::raft::removal::run(node.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::raft::versions::run(node.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::jobs::history::run(node.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::jobs::driver::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::raft::snapshots::run(
             raft.clone(),

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::jobs::{Job, JobEvent, WorkerRecord};
 use crate::kv::Txn;
 
+/// Most job ids in one [`Op::ForgetJobs`].
+pub const MAX_FORGET: usize = 1024;
+
 /// One write to the replicated state, as logged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
@@ -110,6 +113,13 @@ pub enum Op {
         /// The worker's results and output state.
         state: crate::probes::WorkerProbe,
     },
+    /// Drop finished jobs from the state (the leader keeps the newest
+    /// `job_history`). A job still running is kept. Added in 0.2.0: the
+    /// leader proposes it only once every member runs 0.2.0 or later.
+    ForgetJobs {
+        /// Job ids; unknown ones are skipped.
+        ids: Vec<String>,
+    },
 }
 
 /// The result of applying one log entry.
@@ -187,6 +197,7 @@ impl Command {
                 Op::ProbeDefine(def) => 256 + def.targets.iter().map(|t| t.url.len() + t.host.len()).sum::<usize>(),
                 Op::ProbeDelete { name } => name.len(),
                 Op::ProbeReport { probe, state } => probe.len() + state.worker.len() + 64 + state.results.len() * 64,
+                Op::ForgetJobs { ids } => ids.iter().map(|id| id.len() + 8).sum(),
                 Op::Txn(t) => {
                     let op_size = |o: &crate::kv::TxnOp| match o {
                         crate::kv::TxnOp::Put { key, value } => key.len() + value.len(),
@@ -225,6 +236,12 @@ impl Command {
                 Ok(())
             }
             Op::JobEvents(_) => Ok(()),
+            Op::ForgetJobs { ids } => {
+                if ids.len() > MAX_FORGET {
+                    return Err(format!("ids: at most {MAX_FORGET} jobs in one command"));
+                }
+                Ok(())
+            }
             Op::Txn(t) => t.validate(),
             Op::LeaseGrant { id, ttl_ms } => {
                 if *id == 0 {

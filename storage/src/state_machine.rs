@@ -510,6 +510,19 @@ impl StateReader {
         Ok(self.inner.read().jobs.values().cloned().collect())
     }
 
+    /// Ids of the jobs no longer running, oldest finish first.
+    pub fn finished_jobs(&self) -> Vec<String> {
+        let state = self.inner.read();
+        let mut done: Vec<(u64, &String)> = state
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.phase != crate::jobs::JobPhase::Running)
+            .map(|(id, j)| (j.finished_ms, id))
+            .collect();
+        done.sort();
+        done.into_iter().map(|(_, id)| id.clone()).collect()
+    }
+
     /// One key, if present.
     pub fn get(&self, key: &str) -> Result<Option<KeyValue>, Error> {
         Ok(self.inner.read().kv.get(key).map(|v| v.clone().with_key(key.to_owned())))

@@ -49,7 +49,8 @@ impl Upgrade for Command {
             | Op::GrayDrop { .. }
             | Op::ProbeDefine(_)
             | Op::ProbeDelete { .. }
-            | Op::ProbeReport { .. } => {}
+            | Op::ProbeReport { .. }
+            | Op::ForgetJobs { .. } => {}
         }
     }
 }

@@ -135,8 +135,9 @@ impl ClusterService for ClusterServiceImpl {
             purged_index: m.purged.map(|p| p.index).unwrap_or(0),
             revision: node.reader.revision(),
             members: members(node),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::raft::versions::Version::this().to_string(),
             log_flushes: node.log.append_flushes(),
+            cluster_version: node.versions.cluster().map(|v| v.to_string()).unwrap_or_default(),
         }))
     }
 

@@ -9,9 +9,11 @@
 //! - [`planner`] — pure: which target pulls which chunk from whom, and when
 //!   to prepare, pack, clean up, fail and call back.
 //! - [`driver`] — runs the planner on the leader and carries out its actions.
+//! - [`history`] — the leader forgets the oldest finished jobs.
 
 pub mod batcher;
 pub mod driver;
+pub mod history;
 pub mod planner;
 pub mod report;
 pub mod sessions;

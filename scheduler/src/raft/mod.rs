@@ -7,6 +7,7 @@
 //! - [`snapshots`] — when each node builds a snapshot (staggered).
 //! - [`removal`] — a removed node notices, stops Raft and turns clients away.
 //! - [`identity`] — the cluster id, and refusing another cluster's messages.
+//! - [`versions`] — the members' versions and the features they allow.
 
 pub mod identity;
 pub mod network;
@@ -15,3 +16,4 @@ pub mod peers;
 pub mod proposer;
 pub mod removal;
 pub mod snapshots;
+pub mod versions;

@@ -43,6 +43,8 @@ pub struct Node {
     /// Set once the leader said this node is no longer a member
     /// ([`crate::raft::removal`]): it serves no client call then.
     pub removed: std::sync::atomic::AtomicBool,
+    /// The members' versions, while this node leads ([`crate::raft::versions`]).
+    pub versions: crate::raft::versions::Versions,
 }
 
 impl Node {

@@ -468,6 +468,14 @@ impl State {
                 }
                 CommandResult::Done
             }
+            Op::ForgetJobs { ids } => {
+                for id in ids {
+                    if self.jobs.get(id).is_some_and(|j| j.phase != crate::jobs::JobPhase::Running) {
+                        self.jobs.remove(id);
+                    }
+                }
+                CommandResult::Done
+            }
         };
         self.revision = revision;
         result

@@ -502,3 +502,50 @@ async fn a_snapshot_is_the_state_when_it_was_asked_for_and_a_stale_build_is_not_
     let (_f, reopened) = open(follower_dir.path(), &OpenOptions::default()).unwrap();
     assert_eq!(reopened.reader().digest().unwrap(), at_ten);
 }
+
+#[tokio::test]
+async fn forgetting_jobs_drops_finished_ones_oldest_first_and_never_a_running_one() {
+    use crate::jobs::{Job, JobEvent, JobPhase};
+    let tmp = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(tmp.path(), &OpenOptions::default()).unwrap();
+    let reader = sm.reader();
+    let job = |id: &str| Job {
+        id: id.into(),
+        source: "src".into(),
+        targets: vec![crate::jobs::Target::new("a".into(), vec!["/r/a".into()], &[])],
+        files: vec![],
+        hook: String::new(),
+        callback_url: String::new(),
+        timeout_ms: 1000,
+        grace_ms: 1000,
+        requested_targets: vec!["a".into()],
+        selector: String::new(),
+        destination: String::new(),
+        phase: JobPhase::Running,
+        created_ms: 1,
+        finished_ms: 0,
+    };
+    let cancel = |id: &str, at_ms: u64| JobEvent::Cancel { job: id.into(), at_ms };
+    sm.apply(vec![
+        entry(1, "", Op::CreateJob(Box::new(job("old")))),
+        entry(2, "", Op::CreateJob(Box::new(job("new")))),
+        entry(3, "", Op::CreateJob(Box::new(job("running")))),
+        // "new" finishes first, "old" after it.
+        entry(4, "", Op::JobEvents(vec![cancel("new", 10), cancel("old", 20)])),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(reader.finished_jobs(), ["new", "old"], "oldest finish first; the running job is not finished");
+    let r = sm
+        .apply(vec![entry(5, "", Op::ForgetJobs { ids: vec!["new".into(), "running".into(), "unknown".into()] })])
+        .await
+        .unwrap();
+    assert_eq!(r[0], CommandResult::Done);
+    let left: Vec<String> = reader.jobs().unwrap().into_iter().map(|j| j.id).collect();
+    assert_eq!(left, ["old", "running"], "a running job is kept even when named");
+    let too_many = Command {
+        request_id: String::new(),
+        op: Op::ForgetJobs { ids: vec![String::new(); crate::command::MAX_FORGET + 1] },
+    };
+    assert!(too_many.validate().unwrap_err().starts_with("ids: "));
+}
