@@ -84,11 +84,22 @@ pub struct Spec {
     /// Each process's directories on its own tmpfs of this many bytes, so
     /// [`Cluster::fill`] can fill it (needs root).
     pub small_disks: Option<u64>,
+    /// An older `ferry` and the processes (by slot: schedulers from 0, then
+    /// workers) that start on it; [`Cluster::upgrade`] moves one to the
+    /// binary under test.
+    pub base: Option<(PathBuf, Vec<usize>)>,
+    /// Flags added to a `ferry scheduler` that runs the binary under test
+    /// (not [`Spec::base`]'s, which may not know them).
+    pub new_args: Vec<String>,
 }
 
 /// Three schedulers and some workers; killed on drop.
 pub struct Cluster {
     ferry: PathBuf,
+    /// The binary each process runs: `ferry`, or [`Spec::base`]'s.
+    binaries: Vec<PathBuf>,
+    /// [`Spec::new_args`].
+    new_args: Vec<String>,
     /// Schedulers first (node `ids[i]` at `i`), then workers.
     procs: Vec<Proc>,
     nodes: usize,
@@ -115,8 +126,15 @@ impl Cluster {
     /// [`Lab::unavailable`] says why not). Every worker has a hook named
     /// `reload` (`true`).
     pub async fn start(ferry: &Path, dir: &Path, spec: Spec) -> anyhow::Result<Self> {
-        let Spec { nodes, workers, network, failpoints, power_loss, scheduler_args, small_disks } = spec;
+        let Spec { nodes, workers, network, failpoints, power_loss, scheduler_args, small_disks, base, new_args } =
+            spec;
         let all = nodes + workers;
+        let binaries = (0..all)
+            .map(|i| match &base {
+                Some((older, slots)) if slots.contains(&i) => older.clone(),
+                _ => ferry.to_path_buf(),
+            })
+            .collect();
         let name_of = |i: usize| if i < nodes { format!("s{}", i + 1) } else { format!("w{}", i - nodes + 1) };
         let mut tmpfs = Vec::new();
         if let Some(bytes) = small_disks {
@@ -198,6 +216,8 @@ impl Cluster {
         }
         let mut cluster = Self {
             ferry: ferry.into(),
+            binaries,
+            new_args,
             procs,
             nodes,
             ids: (1..=nodes as u64).collect(),
@@ -234,16 +254,20 @@ impl Cluster {
     }
 
     fn spawn(&mut self, i: usize, log: &str) -> anyhow::Result<()> {
+        let binary = &self.binaries[i];
         let mut cmd = match &self.lab {
-            Some(lab) => lab.command(i, &self.ferry),
-            None => Command::new(&self.ferry),
+            Some(lab) => lab.command(i, binary),
+            None => Command::new(binary),
         };
         let proc = &mut self.procs[i];
         cmd.args(&proc.args).env("RUST_LOG", log);
+        if i < self.nodes && *binary == self.ferry {
+            cmd.args(&self.new_args);
+        }
         if let Some(failpoints) = &self.failpoints {
             cmd.env("FAILPOINTS", failpoints);
         }
-        let child = spawn_logged(cmd, &proc.log).with_context(|| format!("starting {}", self.ferry.display()))?;
+        let child = spawn_logged(cmd, &proc.log).with_context(|| format!("starting {}", binary.display()))?;
         proc.child = Some(child);
         Ok(())
     }
@@ -304,6 +328,44 @@ impl Cluster {
             child.kill().ok();
             child.wait().ok();
         }
+    }
+
+    /// Stops `who` as an operator does (`SIGTERM`, a clean stop), and
+    /// `kill -9` if it has not exited within `within`. Whether it exited
+    /// on its own in time.
+    pub async fn stop(&mut self, who: Who, within: Duration) -> bool {
+        let i = self.index(who);
+        let Some(mut child) = self.procs[i].child.take() else { return true };
+        // SAFETY: a plain kill(2) of our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.kill().ok();
+        child.wait().ok();
+        false
+    }
+
+    /// Starts `who`, stopped, again on the binary under test (the same data
+    /// directory and flags).
+    pub fn upgrade(&mut self, who: Who) -> anyhow::Result<()> {
+        let i = self.index(who);
+        self.binaries[i] = self.ferry.clone();
+        self.restart(who)
+    }
+
+    /// Whether `who` runs the binary under test (not [`Spec::base`]'s).
+    pub fn upgraded(&self, who: Who) -> bool {
+        self.binaries[self.index(who)] == self.ferry
+    }
+
+    /// The binary under test.
+    pub fn ferry(&self) -> &Path {
+        &self.ferry
     }
 
     /// `SIGSTOP` (`stop`) or `SIGCONT`: the process freezes, or goes on,

@@ -397,8 +397,18 @@ pub fn staging_left(workers: &[WorkerDirs]) -> Vec<String> {
 
 /// After the run, with every process back: every member lists every
 /// acknowledged job, and no staging file is left.
-pub async fn final_check(endpoints: &[String], jobs: &Jobs, workers: &[WorkerDirs]) -> Vec<String> {
+pub async fn final_check(
+    endpoints: &[String],
+    jobs: &Jobs,
+    workers: &[WorkerDirs],
+    kept: Option<usize>,
+) -> Vec<String> {
     let mut problems = staging_left(workers);
+    // With a bounded history (`kept`), only the newest jobs must still be
+    // listed (the workload runs one job at a time), and the oldest must be
+    // gone.
+    let acknowledged: Vec<&JobRun> = jobs.runs.iter().filter(|r| r.job_id.is_some()).collect();
+    let must = &acknowledged[acknowledged.len().saturating_sub(kept.unwrap_or(usize::MAX))..];
     for addr in endpoints {
         let listed = match Client::connect([addr.clone()]) {
             Ok(one) => one.list_jobs().await.map_err(|e| e.to_string()),
@@ -406,10 +416,21 @@ pub async fn final_check(endpoints: &[String], jobs: &Jobs, workers: &[WorkerDir
         };
         match listed {
             Ok(listed) => {
-                for run in &jobs.runs {
+                for run in must {
                     let Some(id) = &run.job_id else { continue };
                     if !listed.iter().any(|j| &j.job_id == id) {
                         problems.push(format!("job {} ({id}): acknowledged, but {addr} does not list it", run.k));
+                    }
+                }
+                // The first job finished long before the end: a bounded
+                // history has forgotten it.
+                let first = acknowledged.first().and_then(|r| r.job_id.as_ref());
+                if let (Some(kept), Some(first)) = (kept, first) {
+                    if acknowledged.len() > 2 * kept && listed.iter().any(|j| &j.job_id == first) {
+                        problems.push(format!(
+                            "{addr} still lists the first job ({first}) of {}: its history of {kept} was not bounded",
+                            acknowledged.len()
+                        ));
                     }
                 }
             }

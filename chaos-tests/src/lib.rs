@@ -13,6 +13,7 @@
 //! - [`jobs`] — file distribution jobs beside it, and their checker.
 //! - [`lazyfs`] — a power-loss filesystem for data directories: unsynced
 //!   writes live in memory until a power cut throws them away.
+//! - [`upgrade`] — rolling upgrades from an older release under load.
 //! - [`scenario`] — the named scenarios, their runs and reports.
 
 pub mod cluster;
@@ -25,5 +26,6 @@ pub mod nemesis;
 pub mod registry;
 pub mod scenario;
 pub mod soak;
+pub mod upgrade;
 pub mod watches;
 pub mod workload;

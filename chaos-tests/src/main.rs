@@ -40,6 +40,10 @@ enum Command {
         /// The `ferry` binary (default: the one beside this one).
         #[arg(long)]
         ferry: Option<PathBuf>,
+        /// An older `ferry` for the scenarios that start on one
+        /// (`rolling-upgrade`, `mixed-*`); `--all` skips them without it.
+        #[arg(long)]
+        from: Option<PathBuf>,
         /// Keep the data, logs and history even if the run passes.
         #[arg(long)]
         keep: bool,
@@ -53,7 +57,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let Command::Run { scenario, all, duration, seed, every, ferry, keep, serializable_reads } = cli.command else {
+    let Command::Run { scenario, all, duration, seed, every, ferry, from, keep, serializable_reads } = cli.command
+    else {
         for (name, about) in SCENARIOS {
             println!("{name:<24} {about}");
         }
@@ -72,10 +77,19 @@ async fn main() -> anyhow::Result<()> {
         Some(name) if !all => vec![name],
         _ => SCENARIOS.iter().map(|(name, _)| name.to_string()).filter(|name| name != "soak").collect(),
     };
-    let options = Options { ferry, duration, seed, every, dir: None, keep, serializable: serializable_reads };
+    if let Some(from) = &from {
+        anyhow::ensure!(from.is_file(), "--from: no ferry binary at {}", from.display());
+    }
+    let options =
+        Options { ferry, duration, seed, every, dir: None, keep, serializable: serializable_reads, base: from.clone() };
     let mut failed = false;
     for name in names {
-        let kind = scenario::plan_of(&name)?.kind;
+        let plan = scenario::plan_of(&name)?;
+        let kind = plan.kind;
+        if all && !plan.base.is_empty() && from.is_none() {
+            println!("scenario {name}: skipped, it starts on an older ferry (--from)");
+            continue;
+        }
         if let (true, Some(why)) = (all && (kind.network() || kind.small_disks()), ferry_lab::netns::Lab::unavailable())
         {
             println!("scenario {name}: skipped, it needs network namespaces ({why})");

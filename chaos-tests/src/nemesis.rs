@@ -67,6 +67,9 @@ pub enum Kind {
     /// No strike from outside: the processes die at their armed crash
     /// points ([`CRASH_POINTS`]) and [`revive`] restarts them.
     CrashPoints,
+    /// No strike: every process is moved to the binary under test, one at
+    /// a time ([`crate::upgrade::rolling`]).
+    Upgrade,
 }
 
 /// `FAILPOINTS` of the crash-point scenario: where, and how often, a
@@ -124,6 +127,7 @@ impl Kind {
             Kind::Squeeze(_) => "link squeezed to 256 KiB/s",
             Kind::Split(_) => "cut off with the jobs' source and one target (a minority)",
             Kind::Replace(_) => "replaced by a fresh node, the leader killed mid-add",
+            Kind::Upgrade => "stopped and started on the new binary",
         }
     }
 }
@@ -150,7 +154,7 @@ pub async fn fault_loop(
     stop: Arc<AtomicBool>,
     started: std::time::Instant,
 ) -> Vec<Fault> {
-    if kind == Kind::CrashPoints {
+    if matches!(kind, Kind::CrashPoints | Kind::Upgrade) {
         return Vec::new();
     }
     let mut rng = StdRng::seed_from_u64(seed);
@@ -199,7 +203,7 @@ pub async fn fault_loop(
                 Ok(())
             }),
             // (A replace strikes schedulers only, above.)
-            Kind::Kill(_) | Kind::CrashPoints | Kind::Replace(_) => {
+            Kind::Kill(_) | Kind::CrashPoints | Kind::Replace(_) | Kind::Upgrade => {
                 c.kill9(victim);
                 Ok(())
             }
@@ -236,7 +240,7 @@ pub async fn fault_loop(
                 tokio::time::sleep(down).await;
                 Ok(())
             }
-            Kind::CrashPoints => Ok(()),
+            Kind::CrashPoints | Kind::Upgrade => Ok(()),
             Kind::Flap(down) => match node(victim) {
                 Ok(id) => flap(&cluster, id, down).await,
                 Err(e) => Err(e),
@@ -251,7 +255,7 @@ pub async fn fault_loop(
             Kind::FailPoint { point, .. } => Ok(format!("remove {point} from {victim}")),
             Kind::Squeeze(_) => c.squeeze(victim, None).map(|()| format!("free the link of {victim}")),
             Kind::Split(_) => side.iter().try_for_each(|who| c.heal(*who)).map(|()| "heal the split".to_string()),
-            Kind::Kill(_) | Kind::CrashPoints | Kind::Replace(_) => {
+            Kind::Kill(_) | Kind::CrashPoints | Kind::Replace(_) | Kind::Upgrade => {
                 c.restart(victim).map(|()| format!("restart {victim}"))
             }
             Kind::PowerCut(_) => [Some(victim), second]

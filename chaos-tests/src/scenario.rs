@@ -21,6 +21,7 @@ use crate::jobs::{self, Jobs};
 use crate::linearizable::{self, Violation};
 use crate::nemesis::{self, Fault, Kind, Target};
 use crate::soak;
+use crate::upgrade;
 use crate::watches::{self, Watched};
 use crate::workload;
 use crate::{leases, registry};
@@ -99,6 +100,22 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ),
     ("leader-drop-rpc", "answer 30 % of the gRPC calls that reach the leader Unavailable for 6 s [failpoints build]"),
     (
+        "rolling-upgrade",
+        "start every process on an older ferry (--from), then upgrade them one at a time as docs/operations/upgrades.md \
+         says (followers, the leader, the workers; each stopped cleanly) under the workloads: no operation may fail, \
+         every job must succeed [needs --from]",
+    ),
+    (
+        "mixed-old-majority",
+        "two schedulers and two workers on an older ferry (--from), the rest on this one; kill -9 the leader every \
+         20 s so it leads from either release [needs --from]",
+    ),
+    (
+        "mixed-new-majority",
+        "one scheduler and one worker on an older ferry (--from), the rest on this one; kill -9 the leader every \
+         20 s [needs --from]",
+    ),
+    (
         "corrupt-chunks",
         "the jobs' source corrupts half the chunks it serves for 10 s: targets must catch them by their BLAKE3 \
          and fetch again [failpoints build]",
@@ -107,6 +124,11 @@ pub const SCENARIOS: &[(&str, &str)] = &[
 
 /// Workers beside the schedulers: the jobs' source and three targets.
 const WORKERS: usize = 4;
+
+/// `--job-history` of the new release in the upgrade scenarios.
+const SHORT_HISTORY: &[&str] = &["--job-history", "5"];
+/// Finished jobs that [`SHORT_HISTORY`] keeps.
+const SHORT_HISTORY_KEEP: usize = 5;
 
 /// What a scenario does.
 #[derive(Debug, Clone, Copy)]
@@ -130,6 +152,13 @@ pub struct Plan {
     /// A soak ([`crate::soak`]): every job must succeed, and memory and
     /// disk are sampled and must stop growing.
     pub soak: bool,
+    /// The processes (slots: schedulers from 0, then workers) that start on
+    /// the older ferry of [`Options::base`]; none: no older ferry needed.
+    pub base: &'static [usize],
+    /// Nothing may fail: no client operation, no job (a rolling upgrade).
+    pub strict: bool,
+    /// Flags of schedulers on the binary under test only ([`Spec::new_args`]).
+    pub new_args: &'static [&'static str],
 }
 
 /// What scenario `name` does.
@@ -164,6 +193,8 @@ pub fn plan_of(name: &str) -> anyhow::Result<Plan> {
             (Target::Source, Kind::FailPoint { point: "chunk-server-corrupt", actions: "50%return", down: secs(10) })
         }
         "soak" => (Target::Leader, Kind::Kill(secs(1))),
+        "rolling-upgrade" => (Target::Leader, Kind::Upgrade),
+        "mixed-old-majority" | "mixed-new-majority" => (Target::Leader, Kind::Kill(secs(1))),
         other => bail!("no scenario {other:?}; `ferry-chaos list` shows them"),
     };
     let (failpoints, scheduler_args): (_, &[&str]) = match name {
@@ -186,8 +217,18 @@ pub fn plan_of(name: &str) -> anyhow::Result<Plan> {
         pace: Duration::ZERO,
         every: secs(5),
         soak: false,
+        base: &[],
+        strict: false,
+        new_args: &[],
     };
+    // Slots: schedulers 0-2, then workers w1 (the jobs' source) to w4.
     Ok(match name {
+        // A short job history on the new release: its leader must keep every
+        // job while an older scheduler runs (which could not apply the op
+        // that forgets them), and forget the oldest once all are upgraded.
+        "rolling-upgrade" => Plan { base: &[0, 1, 2, 3, 4, 5, 6], strict: true, new_args: SHORT_HISTORY, ..plan },
+        "mixed-old-majority" => Plan { base: &[0, 1, 3, 5], every: secs(20), new_args: SHORT_HISTORY, ..plan },
+        "mixed-new-majority" => Plan { base: &[0, 4], every: secs(20), new_args: SHORT_HISTORY, ..plan },
         "soak" => {
             Plan { workers: soak::WORKERS, shape: soak::SHAPE, pace: soak::PACE, every: secs(120), soak: true, ..plan }
         }
@@ -211,6 +252,9 @@ pub struct Options {
     pub keep: bool,
     /// Serializable reads (see [`workload::Config::serializable`]).
     pub serializable: bool,
+    /// An older `ferry`, for the scenarios that start on one
+    /// ([`Plan::base`]).
+    pub base: Option<PathBuf>,
 }
 
 /// What a run found.
@@ -250,6 +294,12 @@ pub struct Report {
     pub growth: Vec<String>,
     /// A soak's table of memory and disk over the run (empty otherwise).
     pub resources: String,
+    /// What a rolling upgrade or a mixed-version run broke: a step that
+    /// failed, an operation that failed, a process that did not stop.
+    pub upgrade_problems: Vec<String>,
+    /// Figures of the run (clients' latency before and during an upgrade,
+    /// which release led).
+    pub notes: Vec<String>,
     /// Where the data, logs and `history.jsonl` are (if kept).
     pub kept: Option<PathBuf>,
 }
@@ -269,6 +319,7 @@ impl Report {
             && self.digests.is_empty()
             && self.panics.is_empty()
             && self.growth.is_empty()
+            && self.upgrade_problems.is_empty()
     }
 
     /// The report as printed.
@@ -353,6 +404,15 @@ impl Report {
                 out += &format!("  {g}\n");
             }
         }
+        for note in &self.notes {
+            out += &format!("{note}\n");
+        }
+        if !self.upgrade_problems.is_empty() {
+            out += &format!("upgrade: {} problems\n", self.upgrade_problems.len());
+        }
+        for p in self.upgrade_problems.iter().take(10) {
+            out += &format!("  {p}\n");
+        }
         if let Some(dir) = &self.kept {
             out += &format!("files kept in {}\n", dir.display());
         }
@@ -379,6 +439,11 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     let dir = options.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let started = Instant::now();
+    let base = match (plan.base, &options.base) {
+        ([], _) => None,
+        (slots, Some(older)) => Some((older.clone(), slots.to_vec())),
+        (_, None) => bail!("scenario {name} starts on an older ferry: pass --from PATH (docs/operations/upgrades.md)"),
+    };
     let spec = Spec {
         nodes: 3,
         workers: plan.workers,
@@ -387,6 +452,8 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         power_loss: kind.power_loss(),
         scheduler_args: scheduler_args.iter().map(|a| a.to_string()).collect(),
         small_disks: kind.small_disks().then_some(256 << 20),
+        base,
+        new_args: plan.new_args.iter().map(|a| a.to_string()).collect(),
     };
     let cluster = Cluster::start(&options.ferry, &dir, spec).await?;
     if kind.fail_point() || failpoints.is_some() {
@@ -400,7 +467,13 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     let endpoints = cluster.endpoints();
     let cluster = Arc::new(Mutex::new(cluster));
     let history = History::new(started);
-    let config = workload::Config { clients: 4, keys: 3, serializable: options.serializable, pace: plan.pace };
+    let config = workload::Config {
+        clients: 4,
+        keys: 3,
+        serializable: options.serializable,
+        pace: plan.pace,
+        sdk_deadlines: plan.strict,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     // Two watchers, each preferring another member.
     let watch_stop = Arc::new(AtomicBool::new(false));
@@ -417,15 +490,20 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     let lease_clients = leases::start(&endpoints, &history, 2, Duration::from_secs(2), options.seed, stop.clone())?;
     let registry_clients =
         registry::start(&endpoints, &history, 2, Duration::from_secs(2), options.seed, stop.clone())?;
-    let nemesis = tokio::spawn(nemesis::fault_loop(
-        cluster.clone(),
-        target,
-        kind,
-        options.every.unwrap_or(plan.every),
-        options.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-        stop.clone(),
-        started,
-    ));
+    let nemesis = if kind == Kind::Upgrade {
+        // A quarter of the run first: the clients' latency before.
+        tokio::spawn(upgrade::rolling(cluster.clone(), options.duration / 4, started))
+    } else {
+        tokio::spawn(nemesis::fault_loop(
+            cluster.clone(),
+            target,
+            kind,
+            options.every.unwrap_or(plan.every),
+            options.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            stop.clone(),
+            started,
+        ))
+    };
     let reviver = failpoints
         .map(|_| tokio::spawn(nemesis::revive(cluster.clone(), Duration::from_secs(1), stop.clone(), started)));
     let sampler = plan.soak.then(|| tokio::spawn(soak::sample(cluster.clone(), options.duration, started)));
@@ -485,14 +563,16 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     if let Err(e) = c.wait_for_workers(Duration::from_secs(30)).await {
         jobs.problems.push(e.to_string());
     }
-    jobs.problems.extend(jobs::final_check(&endpoints, &jobs, &c.workers).await);
-    if plan.soak {
+    // Once every scheduler runs the new release, its short history applies.
+    let kept = (kind == Kind::Upgrade).then_some(SHORT_HISTORY_KEEP);
+    jobs.problems.extend(jobs::final_check(&endpoints, &jobs, &c.workers, kept).await);
+    if plan.soak || plan.strict {
         for run in jobs.runs.iter().filter(|r| r.state != "succeeded") {
             let why = match &run.submit_error {
                 Some(e) => format!("was not taken: {e}"),
                 None => format!("ended {:?}", run.state),
             };
-            jobs.problems.push(format!("job {} {why}: a soak's jobs must all succeed", run.k));
+            jobs.problems.push(format!("job {} {why}: every job of this scenario must succeed", run.k));
         }
     }
     if name == "corrupt-chunks" {
@@ -556,6 +636,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         .map(|op| op.complete)
         .collect();
     written.sort_unstable();
+    let (upgrade_problems, notes) = upgrade_findings(&plan, &faults, &ops);
     let write_gap = written.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as f64 / 1e9;
     std::fs::write(dir.join("history.jsonl"), history::to_jsonl(&ops))?;
     write_jsonl(&dir.join("jobs.jsonl"), &jobs.runs)?;
@@ -582,6 +663,8 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         panics,
         growth: soak::growth(&samples),
         resources: soak::table(&samples),
+        upgrade_problems,
+        notes,
         kept: None,
     };
     if options.dir.is_some() {
@@ -590,6 +673,56 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         report.kept = Some(tmp.keep());
     }
     Ok(report)
+}
+
+/// What a rolling upgrade or a mixed-version run found: problems (a step
+/// that failed or a process killed after not stopping; under
+/// [`Plan::strict`], any operation that did not succeed) and figures (the
+/// clients' latency before and during the upgrade; which release led when
+/// the leader was struck).
+fn upgrade_findings(plan: &Plan, faults: &[Fault], ops: &[history::Op]) -> (Vec<String>, Vec<String>) {
+    let (mut problems, mut notes) = (Vec::new(), Vec::new());
+    if plan.kind == Kind::Upgrade {
+        for f in faults.iter().filter(|f| f.what.contains("failed") || f.what.contains("killed after")) {
+            problems.push(format!("at {:.1} s: {}", f.at, f.what));
+        }
+        let at = |what: &str| faults.iter().find(|f| f.what == what).map(|f| f.at);
+        match (at(upgrade::START), at(upgrade::DONE)) {
+            (Some(start), Some(done)) => {
+                let ms = |(n, p99, max): (usize, f64, f64)| format!("{n} ops, p99 {p99:.0} ms, max {max:.0} ms");
+                notes.push(format!(
+                    "client latency before the upgrade: {}; during it ({:.0} s): {}",
+                    ms(upgrade::latency(ops, 0.0, start)),
+                    done - start,
+                    ms(upgrade::latency(ops, start, done))
+                ));
+            }
+            _ => problems.push("the upgrade did not finish within the run (see the steps above)".into()),
+        }
+        for f in faults.iter().filter(|f| f.what.starts_with("upgrade")) {
+            notes.push(format!("  at {:.1} s: {}", f.at, f.what));
+        }
+    }
+    if plan.strict {
+        let bad: Vec<&history::Op> =
+            ops.iter().filter(|op| matches!(op.outcome, Outcome::Fail { .. } | Outcome::Unknown { .. })).collect();
+        if !bad.is_empty() {
+            problems.push(format!("{} client operations did not succeed; the first: {:?}", bad.len(), bad[0]));
+        }
+    }
+    if !plan.base.is_empty() && plan.kind != Kind::Upgrade {
+        // "strike node N (leader N)": node N sits in slot N-1.
+        let leaders: Vec<usize> = faults
+            .iter()
+            .filter_map(|f| f.what.split_once("(leader ")?.1.split(')').next()?.parse::<usize>().ok())
+            .collect();
+        let older = leaders.iter().filter(|id| plan.base.contains(&(**id - 1))).count();
+        notes.push(format!(
+            "the struck leader ran the older release {older} times and this one {} times",
+            leaders.len() - older
+        ));
+    }
+    (problems, notes)
 }
 
 /// `items` as JSON lines (the run's records, kept beside `history.jsonl`).

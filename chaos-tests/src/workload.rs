@@ -29,6 +29,10 @@ pub struct Config {
     /// The least time between two operations of one client (zero: as fast
     /// as answers come).
     pub pace: Duration,
+    /// The SDK's own deadlines (15 s a call, retries within it), as a user's
+    /// client has them, instead of [`client`]'s short ones: a rolling
+    /// upgrade must not fail a call a user would have made.
+    pub sdk_deadlines: bool,
 }
 
 /// A client that gives up soon: an operation cut off by a fault becomes
@@ -128,7 +132,11 @@ pub fn start(
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     for process in 0..config.clients {
-        let client = client(endpoints)?;
+        let client = if config.sdk_deadlines {
+            Client::with_options(endpoints.iter().cloned(), ClientOptions::default())?
+        } else {
+            client(endpoints)?
+        };
         let task = client_loop(client, history.clone(), process, config, seed ^ (process as u64 + 1), stop.clone());
         tasks.push(tokio::spawn(task));
     }

@@ -207,6 +207,14 @@ pub enum ClusterCmd {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         id: u64,
     },
+    /// Move leadership to another voter (before stopping the leader, e.g. to
+    /// upgrade it): writes and reads wait, not fail, for about
+    /// `election_timeout_max`.
+    TransferLeader {
+        /// The voter to lead next (default: the most caught-up one).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        to: Option<u64>,
+    },
     /// Every member's state digest: replicas at the same applied index must
     /// show the same digest (exit 1 if a member does not answer).
     Digest,

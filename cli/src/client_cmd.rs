@@ -51,6 +51,19 @@ pub async fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> u8 {
             Err(e) => fail(e),
         },
         ClusterCmd::Digest => digest(&c, args.json).await,
+        ClusterCmd::TransferLeader { to } => match c.transfer_leader(to).await {
+            Ok(r) if args.json => {
+                print_json(&json!({
+                    "leader": r.leader_id, "leader_addr": r.leader_addr, "term": r.term, "took_ms": r.took_ms,
+                }));
+                0
+            }
+            Ok(r) => {
+                println!("leader: {} ({})   term: {}   moved in {} ms", r.leader_id, r.leader_addr, r.term, r.took_ms);
+                0
+            }
+            Err(e) => fail(e),
+        },
     }
 }
 

@@ -102,6 +102,7 @@ pub async fn scheduler(a: SchedulerArgs) -> u8 {
     let code = tokio::select! {
         () = stop_signal() => {
             tracing::info!("stopping on signal");
+            scheduler.step_down().await;
             0
         }
         why = scheduler.failed() => {

@@ -18,6 +18,7 @@ async fn three_scenarios_pass_a_short_run() {
         dir: None,
         keep: false,
         serializable: false,
+        base: None,
     };
     // Cutting links needs network namespaces, and power cuts a FUSE mount
     // (root for both); without them the leader is frozen, or killed, instead.

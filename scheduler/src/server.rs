@@ -135,6 +135,7 @@ impl Scheduler {
             removed: Default::default(),
             cluster,
             versions: Default::default(),
+            held: tokio::sync::watch::channel(false).0,
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -251,6 +252,29 @@ impl Scheduler {
             }
             // Closed: the core is gone, and its last word is in the value.
             open = metrics.changed().await.is_ok();
+        }
+    }
+
+    /// A leader about to stop hands leadership to another voter first
+    /// ([`crate::raft::transfer`]), so that calls wait the lease out
+    /// instead of an election timeout after it is gone; when the cluster
+    /// cannot take a transfer yet (a member older than 0.2.0), or it fails,
+    /// the node stops as before.
+    pub async fn step_down(&self) {
+        use crate::raft::versions::Feature;
+        if !self.node.is_leader() {
+            return;
+        }
+        if !self.node.versions.allows(Feature::TransferLeader) {
+            crate::raft::versions::refresh(&self.node).await;
+        }
+        if !self.node.versions.allows(Feature::TransferLeader) {
+            tracing::info!(reason = %self.node.versions.refusal(Feature::TransferLeader), "stopping as leader");
+            return;
+        }
+        match crate::raft::transfer::transfer(&self.node, None).await {
+            Ok(m) => tracing::info!(to = m.leader_id, took_ms = m.took.as_millis() as u64, "handed leadership over"),
+            Err(e) => tracing::warn!(error = %e, "could not hand leadership over; stopping as leader"),
         }
     }
 

@@ -252,6 +252,20 @@ impl ClusterService for ClusterServiceImpl {
         Ok(Response::new(pb::MembershipResponse { log_index: index, members: members(&self.node) }))
     }
 
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let to = Some(request.into_inner().to).filter(|to| *to != 0);
+        let moved = crate::raft::transfer::transfer(&self.node, to).await?;
+        Ok(Response::new(pb::TransferLeaderResponse {
+            leader_id: moved.leader_id,
+            leader_addr: moved.leader_addr,
+            term: moved.term,
+            took_ms: moved.took.as_millis() as u64,
+        }))
+    }
+
     async fn state_digest(
         &self,
         _request: Request<pb::StateDigestRequest>,

@@ -34,7 +34,7 @@ const LEADER_ONLY: &[(&str, &[&str])] = &[
     (pb::probe_service_server::SERVICE_NAME, &["DefineProbe", "DeleteProbe", "Report"]),
     (pb::job_service_server::SERVICE_NAME, &["SubmitJob", "CancelJob"]),
     (pb::worker_service_server::SERVICE_NAME, &["ListWorkers"]),
-    (pb::cluster_service_server::SERVICE_NAME, &["AddNode", "RemoveNode"]),
+    (pb::cluster_service_server::SERVICE_NAME, &["AddNode", "RemoveNode", "TransferLeader"]),
 ];
 
 /// True if the call at `path` (`/package.Service/Method`) runs on the leader.

@@ -123,4 +123,12 @@ impl RaftService for RaftServiceImpl {
         let read_index = self.node.read_index().await?;
         Ok(Response::new(pb::ReadIndexResponse { read_index }))
     }
+
+    async fn timeout_now(
+        &self,
+        request: Request<pb::TimeoutNowRequest>,
+    ) -> Result<Response<pb::TimeoutNowResponse>, Status> {
+        crate::raft::transfer::timeout_now(&self.node, request.into_inner()).await?;
+        Ok(Response::new(pb::TimeoutNowResponse {}))
+    }
 }

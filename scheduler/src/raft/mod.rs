@@ -8,6 +8,7 @@
 //! - [`removal`] — a removed node notices, stops Raft and turns clients away.
 //! - [`identity`] — the cluster id, and refusing another cluster's messages.
 //! - [`versions`] — the members' versions and the features they allow.
+//! - [`transfer`] — handing leadership to another voter.
 
 pub mod identity;
 pub mod network;
@@ -16,4 +17,5 @@ pub mod peers;
 pub mod proposer;
 pub mod removal;
 pub mod snapshots;
+pub mod transfer;
 pub mod versions;

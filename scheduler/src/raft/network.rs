@@ -486,6 +486,13 @@ mod tests {
         ) -> Result<tonic::Response<pb::ReadIndexResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented("read index"))
         }
+
+        async fn timeout_now(
+            &self,
+            _: tonic::Request<pb::TimeoutNowRequest>,
+        ) -> Result<tonic::Response<pb::TimeoutNowResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("timeout now"))
+        }
     }
 
     async fn serve(peer: Echo) -> std::net::SocketAddr {

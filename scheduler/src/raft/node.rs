@@ -45,9 +45,34 @@ pub struct Node {
     pub removed: std::sync::atomic::AtomicBool,
     /// The members' versions, while this node leads ([`crate::raft::versions`]).
     pub versions: crate::raft::versions::Versions,
+    /// True while leadership is being handed over
+    /// ([`crate::raft::transfer`]): writes and read barriers wait.
+    pub held: tokio::sync::watch::Sender<bool>,
+}
+
+/// Writes and read barriers wait while this lives ([`Node::hold`]).
+pub struct Held<'a>(&'a tokio::sync::watch::Sender<bool>);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(false);
+    }
 }
 
 impl Node {
+    /// Holds writes and read barriers until the guard drops (a leader
+    /// transfer); `None` if they are held already.
+    pub fn hold(&self) -> Option<Held<'_>> {
+        let was = self.held.send_replace(true);
+        (!was).then_some(Held(&self.held))
+    }
+
+    /// Waits while calls are held (at most a write's deadline).
+    async fn unheld(&self) {
+        let mut rx = self.held.subscribe();
+        let _ = tokio::time::timeout(self.op_timeout(), rx.wait_for(|held| !*held)).await;
+    }
+
     /// How long a write or a read barrier may wait for the cluster.
     pub fn op_timeout(&self) -> Duration {
         self.config.rpc_timeout * 5
@@ -101,6 +126,7 @@ impl Node {
                 crate::raft::proposer::MAX_COMMAND_BYTES >> 10
             )));
         }
+        self.unheld().await;
         let outcome = tokio::time::timeout(self.op_timeout(), self.proposer.propose(cmd))
             .await
             .map_err(|_| Error::Timeout("the write was not committed in time (is a quorum up?)".into()))?;
@@ -119,6 +145,7 @@ impl Node {
         if serializable {
             return Ok(());
         }
+        self.unheld().await;
         let index = match self.raft.get_read_log_id().await {
             Ok((read, _)) => read.map(|l| l.index),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
@@ -158,6 +185,7 @@ impl Node {
 
     /// The leader's read index, for a follower's barrier. Leader only.
     pub async fn read_index(&self) -> Result<u64, Error> {
+        self.unheld().await;
         match self.raft.get_read_log_id().await {
             Ok((read, _)) => Ok(read.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(self.forward_to(&f)),

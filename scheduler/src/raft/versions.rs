@@ -193,6 +193,18 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Asks every member now (a leader that needs a gate before the next poll,
+/// e.g. a transfer just after an election).
+pub async fn refresh(node: &Node) {
+    let members: Vec<(NodeId, String)> = {
+        let m = node.raft.metrics().borrow().clone();
+        m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+    };
+    let heard = ask(node, &members).await;
+    let ids: Vec<NodeId> = members.iter().map(|(id, _)| *id).collect();
+    node.versions.update(&ids, heard);
+}
+
 /// The versions the members report, at most [`ASK_TIMEOUT`] each, all at once.
 async fn ask(node: &Node, members: &[(NodeId, String)]) -> BTreeMap<NodeId, Version> {
     let asks = members.iter().map(|(id, addr)| async move {

@@ -56,6 +56,13 @@ impl Client {
         self.call(Call::new("remove-node").only_unsent(), msg, ClusterServiceClient::remove_node).await
     }
 
+    /// Moves leadership to voter `to` (or the most caught-up voter): writes
+    /// wait, not fail, while it moves. Not retried once sent.
+    pub async fn transfer_leader(&self, to: Option<u64>) -> Result<pb::TransferLeaderResponse, Error> {
+        let msg = pb::TransferLeaderRequest { to: to.unwrap_or(0) };
+        self.call(Call::new("transfer-leader").only_unsent(), msg, ClusterServiceClient::transfer_leader).await
+    }
+
     /// Every registered worker with its state (as the leader sees it).
     pub async fn list_workers(&self) -> Result<Vec<pb::WorkerStatus>, Error> {
         self.call("list-workers", pb::ListWorkersRequest {}, WorkerServiceClient::list_workers).await.map(|r| r.workers)

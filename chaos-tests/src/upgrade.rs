@@ -1,0 +1,186 @@
+//! Rolling upgrades under load: every process moved, one at a time, from an
+//! older `ferry` ([`crate::cluster::Spec::base`]) to the binary under test,
+//! the way `docs/operations/upgrades.md` tells an operator to, while the
+//! workloads run on; and what the clients felt.
+//!
+//! The order: the followers, then the leader (leadership moved away first
+//! with `ferry cluster transfer-leader` when the leader's release has it;
+//! an older one is stopped, and the others elect), then the workers. Each
+//! process is stopped cleanly (`SIGTERM`; a worker of a release that drains
+//! finishes its transfers first), started on the new binary with the same
+//! data directory and flags, and is ready before the next one goes.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+
+use crate::cluster::{Cluster, Who};
+use crate::history::Op;
+use crate::nemesis::Fault;
+
+/// How long a process has to stop cleanly before it is killed.
+const STOP_WITHIN: Duration = Duration::from_secs(30);
+/// How long a restarted process has to be ready.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+/// A pause between two steps, as an operator checks the cluster.
+const BETWEEN: Duration = Duration::from_secs(2);
+
+/// What the report calls the first and the last step.
+pub const START: &str = "upgrade: start";
+pub const DONE: &str = "upgrade: done";
+
+/// Waits `warmup` (the clients' latency before), then upgrades every
+/// process. Returns each step; a step that failed says so (and the report
+/// counts it as a problem).
+pub async fn rolling(cluster: Arc<Mutex<Cluster>>, warmup: Duration, started: Instant) -> Vec<Fault> {
+    tokio::time::sleep(warmup).await;
+    let at = || started.elapsed().as_secs_f64();
+    let mut faults = vec![Fault { at: at(), what: START.into(), lost: 0 }];
+    let mut step = |what: String| faults.push(Fault { at: at(), what, lost: 0 });
+    loop {
+        let mut c = cluster.lock().await;
+        let Ok(leader) = c.wait_for_leader(READY_WITHIN).await else {
+            step("upgrade failed: no leader".into());
+            return faults;
+        };
+        let pending: Vec<u64> = c.node_ids().into_iter().filter(|id| !c.upgraded(Who::Node(*id))).collect();
+        let Some(next) = pending.iter().copied().find(|id| *id != leader).or(pending.first().copied()) else {
+            break;
+        };
+        let mut what = format!("upgrade node {next}");
+        if next == leader {
+            // Leadership moves first; a leader whose release has no
+            // transfer-leader is stopped, and the others elect.
+            let addr = c.endpoints()[c.node_ids().iter().position(|i| *i == leader).unwrap_or(0)].clone();
+            let t = Instant::now();
+            match transfer_leader(c.ferry(), &addr) {
+                Ok(_) => what += &format!(" (the leader; leadership moved in {:.2} s)", t.elapsed().as_secs_f64()),
+                Err(e) => what += &format!(" (the leader; not moved first: {e})"),
+            }
+        }
+        // The checkers excuse what a fault explains (a lease kept while
+        // the leader changes): the step starts here.
+        step(format!("upgrade node {next}: stopping"));
+        what += &upgrade_one(&mut c, Who::Node(next)).await;
+        let failed = what.contains("failed");
+        step(what);
+        drop(c);
+        if failed {
+            return faults;
+        }
+        tokio::time::sleep(BETWEEN).await;
+    }
+    let workers = cluster.lock().await.workers.len();
+    for n in 1..=workers {
+        let mut c = cluster.lock().await;
+        step(format!("upgrade worker w{n}: stopping"));
+        let what = format!("upgrade worker w{n}") + &upgrade_one(&mut c, Who::Worker(n)).await;
+        let failed = what.contains("failed");
+        step(what);
+        drop(c);
+        if failed {
+            return faults;
+        }
+        tokio::time::sleep(BETWEEN).await;
+    }
+    step(DONE.into());
+    faults
+}
+
+/// Stops `who` cleanly, starts it on the binary under test and waits until
+/// it is ready: a scheduler knows the leader and has applied what the
+/// leader had committed; a worker is connected. Says how it went.
+async fn upgrade_one(c: &mut Cluster, who: Who) -> String {
+    let t = Instant::now();
+    let clean = c.stop(who, STOP_WITHIN).await;
+    let stopped = t.elapsed().as_secs_f64();
+    let mut what = if clean {
+        format!(": stopped in {stopped:.1} s")
+    } else {
+        format!(": killed after {stopped:.0} s without stopping")
+    };
+    if let Err(e) = c.upgrade(who) {
+        return what + &format!(", restart failed: {e}");
+    }
+    let t = Instant::now();
+    let ready = match who {
+        Who::Node(id) => scheduler_ready(c, id).await,
+        Who::Worker(_) => c.wait_for_workers(READY_WITHIN).await,
+    };
+    match ready {
+        Ok(()) => what += &format!(", ready on the new binary in {:.1} s", t.elapsed().as_secs_f64()),
+        Err(e) => what += &format!(", failed to be ready: {e}"),
+    }
+    what
+}
+
+async fn scheduler_ready(c: &Cluster, id: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY_WITHIN;
+    let addr = c.endpoints()[c.node_ids().iter().position(|i| *i == id).unwrap_or(0)].clone();
+    let client = ferry_sdk::Client::connect(c.endpoints())?;
+    loop {
+        let own = tokio::time::timeout(Duration::from_secs(1), client.status_of(&addr)).await;
+        let leader = tokio::time::timeout(Duration::from_secs(1), client.status()).await;
+        if let (Ok(Ok(own)), Ok(Ok(leader))) = (own, leader) {
+            if own.leader_id != 0 && own.applied_index >= leader.commit_index.min(leader.applied_index) {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "node {id} not caught up within {READY_WITHIN:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Moves leadership away from the leader at `endpoint` with the CLI of the
+/// binary under test.
+pub fn transfer_leader(ferry: &std::path::Path, endpoint: &str) -> anyhow::Result<String> {
+    let out = Command::new(ferry).args(["--endpoints", endpoint, "cluster", "transfer-leader"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string() + &String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(out.status.success(), "ferry cluster transfer-leader: {}", text.trim());
+    Ok(text)
+}
+
+/// Latency of the operations that completed in `[from, to)` seconds of the
+/// run: (count, p99, max) in milliseconds.
+pub fn latency(ops: &[Op], from: f64, to: f64) -> (usize, f64, f64) {
+    let (from, to) = ((from * 1e9) as u64, (to * 1e9) as u64);
+    let mut took: Vec<u64> =
+        ops.iter().filter(|op| op.complete >= from && op.complete < to).map(|op| op.complete - op.invoke).collect();
+    if took.is_empty() {
+        return (0, 0.0, 0.0);
+    }
+    took.sort_unstable();
+    let p99 = took[(took.len() * 99 / 100).min(took.len() - 1)];
+    (took.len(), p99 as f64 / 1e6, took[took.len() - 1] as f64 / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Call, Outcome};
+
+    fn op(invoke_ms: u64, took_ms: u64) -> Op {
+        Op {
+            process: 0,
+            key: "k".into(),
+            call: Call::Read,
+            outcome: Outcome::Read { value: None },
+            invoke: invoke_ms * 1_000_000,
+            complete: (invoke_ms + took_ms) * 1_000_000,
+        }
+    }
+
+    #[test]
+    fn latency_counts_the_operations_that_completed_in_the_window() {
+        let mut ops: Vec<Op> = (0..100).map(|i| op(i * 10, 2)).collect();
+        ops.push(op(500, 300));
+        ops.push(op(2_000, 5));
+        let (n, p99, max) = latency(&ops, 0.0, 1.5);
+        assert_eq!((n, max), (101, 300.0));
+        assert_eq!(p99, 2.0, "one slow op in 101 is past the 99th percentile");
+        assert_eq!(latency(&ops, 1.5, 3.0), (1, 5.0, 5.0));
+        assert_eq!(latency(&ops, 5.0, 6.0), (0, 0.0, 0.0));
+    }
+}
