@@ -49,21 +49,22 @@ pub async fn rolling(cluster: Arc<Mutex<Cluster>>, warmup: Duration, started: In
         let Some(next) = pending.iter().copied().find(|id| *id != leader).or(pending.first().copied()) else {
             break;
         };
-        let mut what = format!("upgrade node {next}");
+        let who = Who::Node(next);
+        // The checkers excuse what a fault explains (a lease kept while
+        // the leader changes): each part of a step is one.
+        step(format!("upgrade {who}: stopping"));
         if next == leader {
             // Leadership moves first; a leader whose release has no
             // transfer-leader is stopped, and the others elect.
             let addr = c.endpoints()[c.node_ids().iter().position(|i| *i == leader).unwrap_or(0)].clone();
             let t = Instant::now();
-            match transfer_leader(c.ferry(), &addr) {
-                Ok(_) => what += &format!(" (the leader; leadership moved in {:.2} s)", t.elapsed().as_secs_f64()),
-                Err(e) => what += &format!(" (the leader; not moved first: {e})"),
-            }
+            step(match transfer_leader(c.ferry(), &addr) {
+                Ok(_) => format!("upgrade {who}: leadership moved away in {:.2} s", t.elapsed().as_secs_f64()),
+                Err(e) => format!("upgrade {who}: the leader, stopped without moving leadership first: {e}"),
+            });
         }
-        // The checkers excuse what a fault explains (a lease kept while
-        // the leader changes): the step starts here.
-        step(format!("upgrade node {next}: stopping"));
-        what += &upgrade_one(&mut c, Who::Node(next)).await;
+        step(stop_one(&mut c, who).await);
+        let what = start_one(&mut c, who).await;
         let failed = what.contains("failed");
         step(what);
         drop(c);
@@ -75,8 +76,10 @@ pub async fn rolling(cluster: Arc<Mutex<Cluster>>, warmup: Duration, started: In
     let workers = cluster.lock().await.workers.len();
     for n in 1..=workers {
         let mut c = cluster.lock().await;
-        step(format!("upgrade worker w{n}: stopping"));
-        let what = format!("upgrade worker w{n}") + &upgrade_one(&mut c, Who::Worker(n)).await;
+        let who = Who::Worker(n);
+        step(format!("upgrade {who}: stopping"));
+        step(stop_one(&mut c, who).await);
+        let what = start_one(&mut c, who).await;
         let failed = what.contains("failed");
         step(what);
         drop(c);
@@ -89,20 +92,25 @@ pub async fn rolling(cluster: Arc<Mutex<Cluster>>, warmup: Duration, started: In
     faults
 }
 
-/// Stops `who` cleanly, starts it on the binary under test and waits until
-/// it is ready: a scheduler knows the leader and has applied what the
-/// leader had committed; a worker is connected. Says how it went.
-async fn upgrade_one(c: &mut Cluster, who: Who) -> String {
+/// Stops `who` cleanly (`SIGTERM`; `kill -9` after [`STOP_WITHIN`]). Says
+/// how it went.
+async fn stop_one(c: &mut Cluster, who: Who) -> String {
     let t = Instant::now();
     let clean = c.stop(who, STOP_WITHIN).await;
-    let stopped = t.elapsed().as_secs_f64();
-    let mut what = if clean {
-        format!(": stopped in {stopped:.1} s")
+    let took = t.elapsed().as_secs_f64();
+    if clean {
+        format!("upgrade {who}: stopped in {took:.1} s")
     } else {
-        format!(": killed after {stopped:.0} s without stopping")
-    };
+        format!("upgrade {who}: killed after {took:.0} s without stopping")
+    }
+}
+
+/// Starts `who` on the binary under test and waits until it is ready: a
+/// scheduler knows the leader and has applied what the leader had
+/// committed; a worker is connected. Says how it went.
+async fn start_one(c: &mut Cluster, who: Who) -> String {
     if let Err(e) = c.upgrade(who) {
-        return what + &format!(", restart failed: {e}");
+        return format!("upgrade {who}: restart failed: {e}");
     }
     let t = Instant::now();
     let ready = match who {
@@ -110,10 +118,9 @@ async fn upgrade_one(c: &mut Cluster, who: Who) -> String {
         Who::Worker(_) => c.wait_for_workers(READY_WITHIN).await,
     };
     match ready {
-        Ok(()) => what += &format!(", ready on the new binary in {:.1} s", t.elapsed().as_secs_f64()),
-        Err(e) => what += &format!(", failed to be ready: {e}"),
+        Ok(()) => format!("upgrade {who}: ready on the new binary in {:.1} s", t.elapsed().as_secs_f64()),
+        Err(e) => format!("upgrade {who}: failed to be ready: {e}"),
     }
-    what
 }
 
 async fn scheduler_ready(c: &Cluster, id: u64) -> anyhow::Result<()> {

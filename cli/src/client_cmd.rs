@@ -62,6 +62,13 @@ pub async fn cluster(args: &ClientArgs, cmd: ClusterCmd) -> u8 {
                 println!("leader: {} ({})   term: {}   moved in {} ms", r.leader_id, r.leader_addr, r.term, r.took_ms);
                 0
             }
+            Err(e) if e.is_unimplemented() => {
+                eprintln!(
+                    "error: the leader runs a ferry older than 0.2.0, which cannot hand leadership over: stop it \
+                     (SIGTERM) and the others elect a new leader"
+                );
+                1
+            }
             Err(e) => fail(e),
         },
     }

@@ -281,8 +281,15 @@ impl Scheduler {
     /// Stops serving, then stops Raft. In-flight calls finish first.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        // In-flight calls finish in this time; long streams (watches,
+        // keep-alives, worker sessions) are cut then, and their clients
+        // resume on another member.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
         for task in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abort.abort();
+            }
         }
         if let Err(e) = self.node.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
@@ -293,6 +300,9 @@ impl Scheduler {
         tracing::info!(id = self.node.id, "scheduler stopped");
     }
 }
+
+/// How long a stopping scheduler lets in-flight calls finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// True if any other member of `members` answers and knows a leader.
 async fn peers_have_leader(node: &Node, members: &std::collections::BTreeMap<u64, String>) -> bool {

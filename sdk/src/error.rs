@@ -33,6 +33,12 @@ impl Error {
         }
     }
 
+    /// True when the server does not know the call (gRPC `Unimplemented`):
+    /// it runs an older release.
+    pub fn is_unimplemented(&self) -> bool {
+        self.code() == tonic::Code::Unimplemented
+    }
+
     /// True when the caller's input was at fault (gRPC `InvalidArgument`).
     pub fn is_invalid_argument(&self) -> bool {
         self.code() == tonic::Code::InvalidArgument
