@@ -49,4 +49,34 @@ for scenario in rolling-upgrade mixed-old-majority mixed-new-majority; do
     "$bin/ferry-chaos" run "$scenario" --from "$bin/ferry-base" --ferry "$bin/ferry" \
         --duration "$DURATION" --seed "$SEED" || failed=1
 done
+
+echo "== going back: the previous release on a data directory where 0.2.0 forgot jobs"
+dir=$(mktemp -d)
+cleanup() { pkill -f -- "--data $dir/" 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+s=127.0.0.1:$(port)
+mkdir -p "$dir/r1" "$dir/r2"
+"$bin/ferry" scheduler --id 1 --listen "$s" --initial-cluster "1=$s" --data "$dir/s1" --job-history 1 >"$dir/s1.log" 2>&1 &
+for w in 1 2; do
+    "$bin/ferry" worker --name "w$w" --listen "127.0.0.1:$(port)" --schedulers "$s" --allow-root "$dir/r$w" \
+        --data "$dir/w$w/" >"$dir/w$w.log" 2>&1 &
+done
+head -c 100K /dev/urandom >"$dir/r1/a.bin"
+for i in 1 2 3; do
+    "$bin/ferry" --endpoints "$s" job submit --source w1 --file "$dir/r1/a.bin" --to w2 --dest "$dir/r2/" --wait >/dev/null
+done
+for _ in $(seq 100); do grep -q "forgot the oldest finished jobs" "$dir/s1.log" && break; sleep 0.2; done
+grep -q "forgot the oldest finished jobs" "$dir/s1.log" || { echo "FAIL: 0.2.0 did not forget jobs"; exit 1; }
+pkill -f -- "--data $dir/" || true
+sleep 1
+code=0
+timeout 30 "$bin/ferry-base" scheduler --id 1 --listen "$s" --data "$dir/s1" >"$dir/base.log" 2>&1 || code=$?
+if [ "$code" = 1 ] && grep -q "command kind unknown to ferry" "$dir/base.log"; then
+    echo "PASS: the previous release refuses it: $(grep -o 'cannot decode.*upgrade' "$dir/base.log" | head -1)"
+else
+    echo "FAIL: the previous release exited $code on a directory holding a newer command kind:"
+    cat "$dir/base.log"
+    failed=1
+fi
 exit $failed
