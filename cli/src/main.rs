@@ -91,6 +91,7 @@ fn main() -> ExitCode {
             args::Command::Probe(c) => client_cmd::probe(&cli.client, c).await,
             args::Command::Worker(w) => match w.sub {
                 Some(args::WorkerSub::List) => worker_cmd::list(&cli.client).await,
+                Some(args::WorkerSub::Drain { name }) => worker_cmd::drain(&cli.client, &name).await,
                 None => worker_cmd::run(*w.run).await,
             },
             args::Command::Job(j) => job_cmd::run(&cli.client, j).await,

@@ -20,8 +20,14 @@ pub struct WorkerCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum WorkerSub {
-    /// Every registered worker: labels, state (up/down), last seen, version.
+    /// Every registered worker: labels, state (up/down/draining), last seen, version.
     List,
+    /// Drain a worker before stopping it (an upgrade): it takes no new pulls
+    /// or uploads, finishes those in flight, and exits; waits until it has.
+    Drain {
+        /// The worker's name.
+        name: String,
+    },
 }
 
 /// Flags of the worker daemon; each overrides the same key of `--config`.
@@ -73,6 +79,10 @@ pub struct WorkerArgs {
     /// another holder (default 10s, at most 60s).
     #[arg(long, value_parser = duration)]
     pub pull_stall_timeout: Option<Duration>,
+    /// On SIGTERM or `ferry worker drain`: how long to wait for pulls and
+    /// uploads in flight before exiting (default 30s, at most 1h).
+    #[arg(long, value_parser = duration)]
+    pub drain_timeout: Option<Duration>,
     /// Leave chunk sockets at the host's default priority (by default pulls
     /// go first in the host's queue and uploads last).
     #[arg(long)]

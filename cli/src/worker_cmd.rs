@@ -61,6 +61,9 @@ fn merge(a: WorkerArgs) -> Result<WorkerConfig, String> {
     if let Some(v) = a.pull_stall_timeout {
         c.pull_stall_timeout = v;
     }
+    if let Some(v) = a.drain_timeout {
+        c.drain_timeout = v;
+    }
     if a.no_socket_priority {
         c.socket_priority = false;
     }
@@ -90,9 +93,16 @@ pub async fn run(a: WorkerArgs) -> u8 {
     };
     let code = tokio::select! {
         _ = crate::daemon_cmd::stop_signal() => {
-            tracing::info!("stopping on signal");
+            // Drain first: no new work, what is in flight finishes; a
+            // second signal stops at once.
+            worker.drain("signal");
+            tokio::select! {
+                _ = worker.drained() => {}
+                _ = crate::daemon_cmd::stop_signal() => tracing::info!("second signal: stopping without draining"),
+            }
             0
         }
+        _ = worker.drained() => 0,
         why = worker.refused() => {
             eprintln!("error: {why}");
             1
@@ -100,6 +110,31 @@ pub async fn run(a: WorkerArgs) -> u8 {
     };
     worker.shutdown().await;
     code
+}
+
+/// `ferry worker drain NAME`: asks, then waits until the worker has stopped.
+pub async fn drain(args: &ClientArgs, name: &str) -> u8 {
+    let c = match crate::client_cmd::client(args) {
+        Ok(c) => c,
+        Err(e) => return crate::client_cmd::fail(e),
+    };
+    if let Err(e) = c.drain_worker(name).await {
+        return crate::client_cmd::fail(e);
+    }
+    let started = std::time::Instant::now();
+    // A worker waits at most its drain_timeout (at most 1h) before it exits.
+    while started.elapsed() < std::time::Duration::from_secs(3660) {
+        let state = c.list_workers().await.ok().and_then(|list| {
+            list.into_iter().find(|w| w.info.as_ref().is_some_and(|i| i.name == name)).map(|w| w.state)
+        });
+        if state.as_deref() == Some("down") {
+            println!("worker {name} drained and stopped in {:.1}s", started.elapsed().as_secs_f64());
+            return 0;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    eprintln!("error: worker {name} is still running an hour after it was asked to drain");
+    1
 }
 
 /// `ferry worker list`.

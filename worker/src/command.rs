@@ -45,6 +45,8 @@ pub enum Command {
         /// Absolute paths.
         destinations: Vec<String>,
     },
+    /// Take no new work, finish what is in flight, then stop ([`crate::drain`]).
+    Drain,
 }
 
 /// One file of a job on this target.

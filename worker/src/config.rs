@@ -47,6 +47,10 @@ pub struct WorkerConfig {
     /// longer one.
     #[serde(with = "humantime_serde")]
     pub pull_stall_timeout: Duration,
+    /// How long a draining worker (SIGTERM, `ferry worker drain`) waits for
+    /// its pulls and uploads in flight before it exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
     /// Pull connections ask to go first in the host's queue and upload
     /// connections to go last (`SO_PRIORITY`; see [`crate::net`]). Off
     /// leaves the sockets at the host's default.
@@ -82,6 +86,7 @@ impl Default for WorkerConfig {
             upload_limit: None,
             download_limit: None,
             pull_stall_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
             socket_priority: true,
             store_limit: 1 << 30,
             heartbeat: Duration::from_secs(1),
@@ -299,6 +304,9 @@ impl WorkerConfig {
             if limit.is_some_and(|l| !(4096..=u32::MAX as u64).contains(&l)) {
                 return Err(bad(field, "must be between 4KiB/s and 4GiB/s"));
             }
+        }
+        if self.drain_timeout > Duration::from_secs(3600) {
+            return Err(bad("drain-timeout", "must be at most 1h"));
         }
         // Past 60 s the call's own deadline ends a pull first.
         if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&self.pull_stall_timeout) {

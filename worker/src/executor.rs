@@ -156,6 +156,8 @@ pub struct Executor {
     socket_priority: bool,
     pub(crate) metrics: Arc<WorkerMetrics>,
     pub(crate) retained: Retained,
+    /// Started by the leader's drain command (or the daemon's SIGTERM).
+    pub drain: crate::drain::Drain,
     jobs: Mutex<HashMap<String, Arc<JobWork>>>,
     /// Finished or cancelled job ids, oldest first (bounded).
     ended: Mutex<std::collections::VecDeque<String>>,
@@ -218,6 +220,7 @@ impl Executor {
             bandwidth: crate::limiter::Bandwidth::new(config.download_limit),
             stall_timeout: config.pull_stall_timeout,
             socket_priority: config.socket_priority,
+            drain: crate::drain::Drain::new(config.drain_timeout, config.heartbeat, metrics.clone()),
             metrics,
             retained,
             jobs: Mutex::new(HashMap::new()),
@@ -231,6 +234,10 @@ impl Executor {
     /// answer, if it has one.
     pub async fn handle(self: Arc<Self>, cmd: Command) -> Option<Report> {
         match cmd {
+            Command::Drain => {
+                self.drain.start("the leader asked");
+                None
+            }
             Command::Index { request, paths } => Some(Report::Indexed { request, result: self.index(paths).await }),
             Command::Prepare { job, files } => {
                 let this = self.clone();

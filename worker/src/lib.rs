@@ -27,6 +27,7 @@
 //! - [`render`] — the file formats (`raw`, `json`, `properties`).
 //! - [`atomic_file`] — replace a file atomically, only when it changes.
 //! - [`metrics`] — the admin port: metrics, health, readiness.
+//! - [`drain`] — finishing the work in flight before a stop.
 //!
 //! Test faults are fail points (the `fail` crate), compiled only with the
 //! `failpoints` feature, which the tests turn on and release builds do not;
@@ -37,6 +38,7 @@ pub mod atomic_file;
 pub mod chunk_server;
 pub mod command;
 pub mod config;
+pub mod drain;
 pub mod executor;
 pub mod file_tree;
 pub mod hooks;
@@ -87,6 +89,7 @@ pub struct Worker {
     admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     refused: watch::Receiver<Option<String>>,
+    drain: drain::Drain,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -200,10 +203,12 @@ impl Worker {
         );
         tasks.push(Arc::new(probes).spawn(rx.clone()));
         let (refused_tx, refused) = watch::channel(None);
-        let sessions = session::run(exec, hello, config.schedulers.clone(), config.heartbeat, rx, refused_tx);
+        let drain = exec.drain.clone();
+        let sessions =
+            session::run(exec, hello, config.schedulers.clone(), config.heartbeat, drain.clone(), rx, refused_tx);
         tasks.push(tokio::spawn(sessions));
         tracing::info!(name = %config.name, %addr, admin = ?admin_addr, "worker started");
-        Ok(Self { addr, admin_addr, shutdown, refused, tasks })
+        Ok(Self { addr, admin_addr, shutdown, refused, drain, tasks })
     }
 
     /// The chunk service address.
@@ -226,6 +231,17 @@ impl Worker {
             Err(_) => return std::future::pending().await,
         };
         why
+    }
+
+    /// Starts draining ([`drain`]): no new pulls or uploads; `why` is logged.
+    pub fn drain(&self, why: &str) {
+        self.drain.start(why);
+    }
+
+    /// Resolves once a drain (started here or by the leader's drain
+    /// command) has finished: stop the worker then.
+    pub async fn drained(&self) {
+        self.drain.finished().await
     }
 
     /// Stops the session and the chunk server.

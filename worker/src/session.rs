@@ -83,6 +83,7 @@ pub fn decode(msg: Ctl) -> Result<Command, Report> {
         Ctl::Pack(c) => Command::Pack { job: c.job_id, hook: c.hook },
         Ctl::Cancel(c) => Command::Cancel { job: c.job_id },
         Ctl::Check(c) => Command::Check { request: c.request, destinations: c.destinations },
+        Ctl::Drain(_) => Command::Drain,
     })
 }
 
@@ -171,6 +172,7 @@ pub async fn run(
     hello: pb::WorkerInfo,
     schedulers: Vec<String>,
     heartbeat: Duration,
+    drain: crate::drain::Drain,
     mut shutdown: watch::Receiver<bool>,
     refused: watch::Sender<Option<String>>,
 ) {
@@ -186,7 +188,7 @@ pub async fn run(
             turn += 1;
             schedulers[turn % schedulers.len()].clone()
         });
-        match serve(&exec, &outbox, &addr, &hello, heartbeat, &mut shutdown).await {
+        match serve(&exec, &outbox, &addr, &hello, heartbeat, &drain, &mut shutdown).await {
             Ended::Stop => return,
             Ended::Refused(why) => {
                 tracing::error!(scheduler = %addr, %why, "the scheduler refused this worker");
@@ -217,6 +219,7 @@ async fn serve(
     addr: &str,
     hello: &pb::WorkerInfo,
     heartbeat: Duration,
+    drain: &crate::drain::Drain,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
     let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
@@ -257,11 +260,17 @@ async fn serve(
     exec.metrics.connected.set(1);
     let beat = {
         let tx = tx.clone();
+        let mut draining = drain.watch();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(heartbeat);
             loop {
-                tick.tick().await;
-                if tx.send(pb::WorkerMessage { msg: Some(Msg::Heartbeat(pb::Heartbeat {})) }).await.is_err() {
+                // A drain is told at once, then in every heartbeat.
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    Ok(()) = draining.changed() => {}
+                }
+                let beat = pb::Heartbeat { draining: draining.borrow().is_some() };
+                if tx.send(pb::WorkerMessage { msg: Some(Msg::Heartbeat(beat)) }).await.is_err() {
                     return;
                 }
             }

@@ -33,7 +33,7 @@ const LEADER_ONLY: &[(&str, &[&str])] = &[
     (pb::registry_service_server::SERVICE_NAME, &["Register", "Deregister"]),
     (pb::probe_service_server::SERVICE_NAME, &["DefineProbe", "DeleteProbe", "Report"]),
     (pb::job_service_server::SERVICE_NAME, &["SubmitJob", "CancelJob"]),
-    (pb::worker_service_server::SERVICE_NAME, &["ListWorkers"]),
+    (pb::worker_service_server::SERVICE_NAME, &["ListWorkers", "DrainWorker"]),
     (pb::cluster_service_server::SERVICE_NAME, &["AddNode", "RemoveNode", "TransferLeader"]),
 ];
 

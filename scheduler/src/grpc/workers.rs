@@ -121,6 +121,7 @@ fn to_control(cmd: ToWorker) -> pb::ControlMessage {
         ToWorker::Pack { job, hook } => Ctl::Pack(pb::PackCommand { job_id: job, hook }),
         ToWorker::Cancel { job } => Ctl::Cancel(pb::CancelCommand { job_id: job }),
         ToWorker::Check { request, destinations } => Ctl::Check(pb::CheckCommand { request, destinations }),
+        ToWorker::Drain => Ctl::Drain(pb::DrainCommand {}),
     };
     pb::ControlMessage { msg: Some(msg) }
 }
@@ -163,6 +164,7 @@ impl WorkerServiceImpl {
     fn handle(&self, worker: &str, epoch: u64, msg: Msg) {
         let at_ms = now_ms();
         match msg {
+            Msg::Heartbeat(h) if h.draining => self.sessions.set_draining(worker, epoch),
             Msg::Hello(_) | Msg::Heartbeat(_) => {}
             // Only the worker that was asked may answer.
             Msg::Indexed(r) => self.sessions.answered(worker, r.request, Answer::Indexed(indexed(r))),
@@ -302,8 +304,13 @@ impl WorkerService for WorkerServiceImpl {
             .into_iter()
             .map(|w| {
                 let up = is_leader && self.sessions.epoch(&w.name).is_some();
+                let state = match (up, self.sessions.is_draining(&w.name)) {
+                    (false, _) => "down",
+                    (true, false) => "up",
+                    (true, true) => "draining",
+                };
                 pb::WorkerStatus {
-                    state: if up { "up" } else { "down" }.into(),
+                    state: state.into(),
                     last_seen_unix_ms: self.sessions.last_seen_ms(&w.name).unwrap_or(0),
                     info: Some(pb::WorkerInfo {
                         name: w.name,
@@ -319,5 +326,34 @@ impl WorkerService for WorkerServiceImpl {
             })
             .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers: out }))
+    }
+
+    async fn drain_worker(
+        &self,
+        request: Request<pb::DrainWorkerRequest>,
+    ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
+        let name = request.into_inner().name;
+        if !self.node.is_leader() {
+            return Err(self.node.not_leader().into());
+        }
+        let workers = self.node.reader.workers().map_err(Error::from)?;
+        let Some(w) = workers.iter().find(|w| w.name == name) else {
+            return Err(Error::InvalidArgument(format!("name: no worker {name} is registered")).into());
+        };
+        // The drain command is new in 0.2.0: an older worker would ignore it.
+        let since = crate::raft::versions::Version { major: 0, minor: 2, patch: 0 };
+        if w.version.parse::<crate::raft::versions::Version>().map_or(true, |v| v < since) {
+            return Err(Error::FailedPrecondition(format!(
+                "name: worker {name} runs ferry {}, which cannot drain on request (0.2.0 or later can); stop it with \
+                 SIGTERM",
+                w.version
+            ))
+            .into());
+        }
+        if !self.sessions.send(&name, ToWorker::Drain) {
+            return Err(Error::FailedPrecondition(format!("name: worker {name} is not connected")).into());
+        }
+        tracing::info!(worker = %name, "asked to drain");
+        Ok(Response::new(pb::DrainWorkerResponse {}))
     }
 }

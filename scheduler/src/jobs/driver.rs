@@ -81,7 +81,8 @@ pub async fn run(
             .into_iter()
             .map(|w| {
                 let zone = w.labels.get("zone").cloned().unwrap_or_default();
-                (w.name, Peer { addr: w.addr, zone })
+                let draining = sessions.is_draining(&w.name);
+                (w.name, Peer { addr: w.addr, zone, draining })
             })
             .collect();
         let live = sessions.live();

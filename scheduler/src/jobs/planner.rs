@@ -63,6 +63,9 @@ pub struct Peer {
     pub addr: String,
     /// Its `zone` label (empty: none).
     pub zone: String,
+    /// It drains: it gets no new pulls, and serves chunks only when no
+    /// other holder has them.
+    pub draining: bool,
 }
 
 /// What a round looks at.
@@ -404,6 +407,11 @@ impl Planner {
                     }
                     continue;
                 }
+                // A draining target takes no new pulls; it resumes after
+                // its restart (within the job's grace).
+                if v.workers.get(&t.worker).is_some_and(|w| w.draining) {
+                    continue;
+                }
                 eligible.push((ti, epoch));
             }
             plan_pulls(v, p, job, &eligible, &mut uploads, &mut out);
@@ -590,6 +598,10 @@ fn plan_pulls(
                     if oi != ti && has[oi][k] && live[oi] && free(&other.worker) {
                         holders.push(&other.worker);
                     }
+                }
+                let draining = |h: &&str| v.workers.get(*h).is_some_and(|w| w.draining);
+                if holders.iter().any(|h| !draining(h)) {
+                    holders.retain(|h| !draining(h));
                 }
                 if !holders.is_empty() {
                     best = Some((n, k, holders));

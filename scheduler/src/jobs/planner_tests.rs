@@ -62,7 +62,7 @@ impl Lab {
         };
         for w in std::iter::once("src").chain(targets.iter().copied()) {
             lab.live.insert(w.into(), 1);
-            lab.workers.insert(w.into(), Peer { addr: format!("{w}:7101"), zone: String::new() });
+            lab.workers.insert(w.into(), Peer { addr: format!("{w}:7101"), zone: String::new(), draining: false });
         }
         lab
     }
@@ -472,4 +472,29 @@ fn a_file_the_source_no_longer_has_fails_the_targets_missing_it_at_once() {
     let targets: Vec<&str> = failed.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(targets, ["t2", "t3"]);
     assert!(failed[0].1.starts_with("source changed: /srv/src/model.bin"), "{}", failed[0].1);
+}
+
+#[test]
+fn a_draining_worker_gets_no_new_pulls_and_serves_only_chunks_no_one_else_holds() {
+    let mut lab = Lab::new(&["a", "b", "c"], 2);
+    lab.prepare_all();
+    // a holds both chunks, c holds chunk 0: every chunk has left the source.
+    lab.holds_all("a");
+    lab.hold("c", 0, "src");
+    lab.workers.get_mut("a").expect("a").draining = true;
+    lab.workers.get_mut("b").expect("b").draining = true;
+    let planned = pulls(&lab.round());
+    assert!(planned.iter().all(|(target, _, _)| target != "b"), "b drains: no new pulls to it: {planned:?}");
+    // c needs chunk 1, which only a (draining) and the source hold: the
+    // source serves it, and a serves nothing another holder could.
+    assert!(planned.iter().all(|(_, _, from)| from != "a"), "a drains: {planned:?}");
+    assert!(planned.contains(&("c".into(), 1, "src".into())), "{planned:?}");
+    // With the source gone, a still serves what only it holds.
+    let mut lab2 = Lab::new(&["a", "c"], 2);
+    lab2.prepare_all();
+    lab2.holds_all("a");
+    lab2.hold("c", 0, "src");
+    lab2.workers.get_mut("a").expect("a").draining = true;
+    lab2.live.remove("src");
+    assert_eq!(pulls(&lab2.round()), [("c".into(), 1, "a".into())]);
 }

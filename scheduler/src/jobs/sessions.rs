@@ -32,6 +32,9 @@ struct Session {
     addr: String,
     last_seen: Instant,
     last_seen_ms: u64,
+    /// The worker said it drains: no new pulls to it, and chunks from it
+    /// only when no one else holds them.
+    draining: bool,
 }
 
 /// The leader's live sessions.
@@ -108,6 +111,19 @@ impl Sessions {
             .collect()
     }
 
+    /// Notes that `name` drains, in session `epoch`.
+    pub(crate) fn set_draining(&self, name: &str, epoch: u64) {
+        if let Some(s) = self.lock().get_mut(name).filter(|s| s.epoch == epoch && !s.draining) {
+            s.draining = true;
+            tracing::info!(worker = %name, "worker draining");
+        }
+    }
+
+    /// Whether `worker`'s current session drains.
+    pub fn is_draining(&self, worker: &str) -> bool {
+        self.lock().get(worker).is_some_and(|s| s.draining)
+    }
+
     /// Last time anything was heard from `worker` (ms since epoch), if ever.
     pub fn last_seen_ms(&self, worker: &str) -> Option<u64> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).get(worker).copied()
@@ -180,7 +196,14 @@ impl Sessions {
             return Err(held.addr.clone());
         }
         let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
-        let session = Session { tx, epoch, addr: addr.to_string(), last_seen: Instant::now(), last_seen_ms: now_ms() };
+        let session = Session {
+            tx,
+            epoch,
+            addr: addr.to_string(),
+            last_seen: Instant::now(),
+            last_seen_ms: now_ms(),
+            draining: false,
+        };
         map.insert(name.to_string(), session);
         drop(map);
         self.touch(name, epoch);

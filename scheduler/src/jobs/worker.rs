@@ -53,6 +53,8 @@ pub enum ToWorker {
         /// Absolute paths on the worker.
         destinations: Vec<String>,
     },
+    /// Stop taking work, finish what is in flight, exit (0.2.0 workers).
+    Drain,
 }
 
 /// A worker's answer to a request the leader waits for.

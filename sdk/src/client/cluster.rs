@@ -63,6 +63,12 @@ impl Client {
         self.call(Call::new("transfer-leader").only_unsent(), msg, ClusterServiceClient::transfer_leader).await
     }
 
+    /// Asks worker `name` to drain and stop (a worker of 0.2.0 or later).
+    pub async fn drain_worker(&self, name: &str) -> Result<(), Error> {
+        let msg = pb::DrainWorkerRequest { name: name.to_string() };
+        self.call("drain-worker", msg, WorkerServiceClient::drain_worker).await.map(|_| ())
+    }
+
     /// Every registered worker with its state (as the leader sees it).
     pub async fn list_workers(&self) -> Result<Vec<pb::WorkerStatus>, Error> {
         self.call("list-workers", pb::ListWorkersRequest {}, WorkerServiceClient::list_workers).await.map(|r| r.workers)
