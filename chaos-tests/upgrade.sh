@@ -63,13 +63,18 @@ for w in 1 2; do
         --data "$dir/w$w/" >"$dir/w$w.log" 2>&1 &
 done
 head -c 100K /dev/urandom >"$dir/r1/a.bin"
+for _ in $(seq 150); do
+    up=$("$bin/ferry" --endpoints "$s" --json worker list 2>/dev/null | grep -o '"state":"up"' | wc -l || true)
+    [ "$up" = 2 ] && break
+    sleep 0.2
+done
 for i in 1 2 3; do
     "$bin/ferry" --endpoints "$s" job submit --source w1 --file "$dir/r1/a.bin" --to w2 --dest "$dir/r2/" --wait >/dev/null
 done
 for _ in $(seq 100); do grep -q "forgot the oldest finished jobs" "$dir/s1.log" && break; sleep 0.2; done
 grep -q "forgot the oldest finished jobs" "$dir/s1.log" || { echo "FAIL: 0.2.0 did not forget jobs"; exit 1; }
 pkill -f -- "--data $dir/" || true
-sleep 1
+for _ in $(seq 150); do pgrep -f -- "--data $dir/" >/dev/null || break; sleep 0.2; done
 code=0
 timeout 30 "$bin/ferry-base" scheduler --id 1 --listen "$s" --data "$dir/s1" >"$dir/base.log" 2>&1 || code=$?
 if [ "$code" = 1 ] && grep -q "command kind unknown to ferry" "$dir/base.log"; then
