@@ -15,6 +15,7 @@ macro_rules! println {
 
 mod args;
 mod client_cmd;
+mod cluster_cmd;
 mod completions_cmd;
 mod daemon_cmd;
 mod demo_cmd;
@@ -84,7 +85,7 @@ fn main() -> ExitCode {
         match cli.command {
             args::Command::Scheduler(a) => daemon_cmd::scheduler(*a).await,
             args::Command::Dev(a) => daemon_cmd::dev(a).await,
-            args::Command::Cluster(c) => client_cmd::cluster(&cli.client, c).await,
+            args::Command::Cluster(c) => cluster_cmd::cluster(&cli.client, c).await,
             args::Command::Config(c) => client_cmd::config(&cli.client, c).await,
             args::Command::Lease(c) => client_cmd::lease(&cli.client, c).await,
             args::Command::Registry(c) => client_cmd::registry(&cli.client, c).await,

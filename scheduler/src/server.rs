@@ -149,7 +149,7 @@ impl Scheduler {
         tasks.push(tokio::spawn(crate::leases::run_expiry(node.clone(), clock, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::probes::run_alerts(node.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::raft::removal::run(node.clone(), shutdown_rx.clone())));
-        tasks.push(tokio::spawn(crate::raft::versions::run(node.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::raft::census::run(node.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::jobs::history::run(node.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::jobs::driver::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::raft::snapshots::run(
@@ -266,7 +266,7 @@ impl Scheduler {
             return;
         }
         if !self.node.versions.allows(Feature::TransferLeader) {
-            crate::raft::versions::refresh(&self.node).await;
+            crate::raft::census::refresh(&self.node).await;
         }
         if !self.node.versions.allows(Feature::TransferLeader) {
             tracing::info!(reason = %self.node.versions.refusal(Feature::TransferLeader), "stopping as leader");

@@ -8,8 +8,10 @@
 //! - [`removal`] — a removed node notices, stops Raft and turns clients away.
 //! - [`identity`] — the cluster id, and refusing another cluster's messages.
 //! - [`versions`] — the members' versions and the features they allow.
+//! - [`census`] — the leader asking every member for its version.
 //! - [`transfer`] — handing leadership to another voter.
 
+pub mod census;
 pub mod identity;
 pub mod network;
 pub mod node;

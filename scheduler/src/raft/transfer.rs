@@ -47,7 +47,7 @@ pub async fn transfer(node: &Node, to: Option<NodeId>) -> Result<Moved, Error> {
         return Err(node.not_leader());
     }
     if !node.versions.allows(Feature::TransferLeader) {
-        crate::raft::versions::refresh(node).await;
+        crate::raft::census::refresh(node).await;
     }
     if !node.versions.allows(Feature::TransferLeader) {
         return Err(Error::FailedPrecondition(node.versions.refusal(Feature::TransferLeader)));
