@@ -205,6 +205,9 @@ pub fn plan_of(name: &str) -> anyhow::Result<Plan> {
         "snapshot-install-crash" => {
             (Some("snapshot-install=50%return"), &["--snapshot-every", "300", "--logs-to-keep", "30"])
         }
+        // Snapshots often, so that a node of one release installs one that
+        // a leader of the other built.
+        "mixed-old-majority" | "mixed-new-majority" => (None, &["--snapshot-every", "300", "--logs-to-keep", "30"]),
         _ => (None, &[]),
     };
     let plan = Plan {
@@ -587,6 +590,15 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
             jobs.problems.push("no target caught a corrupt chunk: the fault did nothing".into());
         }
     }
+    let mut snapshot_notes = Vec::new();
+    if !plan.base.is_empty() {
+        let mut installed = Vec::new();
+        for id in c.node_ids() {
+            let n = c.metric(crate::cluster::Who::Node(id), "ferry_raft_snapshots_installed_total").await;
+            installed.push(format!("node {id} {}", n.map_or_else(|e| format!("? ({e})"), |n| n.to_string())));
+        }
+        snapshot_notes.push(format!("snapshots installed from a leader: {}", installed.join(", ")));
+    }
     workload::final_reads(&endpoints, &history, config).await?;
     // The watchers catch up with the last acknowledged write, then stop.
     let newest = history
@@ -636,7 +648,8 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         .map(|op| op.complete)
         .collect();
     written.sort_unstable();
-    let (upgrade_problems, notes) = upgrade_findings(&plan, &faults, &ops);
+    let (upgrade_problems, mut notes) = upgrade_findings(&plan, &faults, &ops);
+    notes.extend(snapshot_notes);
     let write_gap = written.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as f64 / 1e9;
     std::fs::write(dir.join("history.jsonl"), history::to_jsonl(&ops))?;
     write_jsonl(&dir.join("jobs.jsonl"), &jobs.runs)?;
