@@ -27,8 +27,8 @@ use crate::history::{Call, Op, Outcome};
 pub struct Violation {
     pub key: String,
     pub reason: String,
-    /// The operations around the first one that could not be placed, in
-    /// time order: the smallest excerpt that shows the problem.
+    /// A small part of the history that fails at the same operation, in
+    /// time order ([`shrink`]): what shows the problem.
     pub excerpt: Vec<Op>,
 }
 
@@ -85,11 +85,93 @@ impl Links {
     }
 }
 
+/// Why a search failed.
+enum Found {
+    /// Two answers disagree on a value's revision (needs no search).
+    Conflict(Violation),
+    /// The operation at this index fits no order of those before and
+    /// beside it.
+    Stuck(usize),
+}
+
 fn check_key(key: &str, ops: Vec<Op>) -> Result<(), Violation> {
+    match search(key, &ops) {
+        Ok(()) => Ok(()),
+        Err(Found::Conflict(v)) => Err(v),
+        Err(Found::Stuck(i)) => {
+            let stuck = &ops[i];
+            Err(Violation {
+                key: key.into(),
+                reason: format!(
+                    "process {}'s {:?} -> {:?} fits no order of the operations before and beside it",
+                    stuck.process, stuck.call, stuck.outcome
+                ),
+                excerpt: shrink(key, &ops, i),
+            })
+        }
+    }
+}
+
+/// Most searches one shrink may run.
+const SHRINK_CHECKS: usize = 400;
+
+/// A small part of a key's history that still fails at the same operation
+/// (the one at `stuck`): the operations invoked before it returned (later
+/// ones cannot help place it), then as many removed as can be, in chunks
+/// that halve (delta debugging), while the rest still fails there. A
+/// removal is kept only if every read left still has the write of the
+/// value it saw, so the excerpt never "fails" for want of a write that the
+/// real history had.
+fn shrink(key: &str, ops: &[Op], stuck: usize) -> Vec<Op> {
+    let target = (ops[stuck].process, ops[stuck].invoke);
+    let is_target = |o: &Op| (o.process, o.invoke) == target;
+    let fails_there = |candidate: &[Op]| {
+        let closed = candidate.iter().all(|o| match &o.outcome {
+            Outcome::Read { value: Some((v, _)) } => candidate.iter().any(|w| writes(w, v)),
+            _ => true,
+        });
+        closed && matches!(search(key, candidate), Err(Found::Stuck(i)) if is_target(&candidate[i]))
+    };
+    let mut kept: Vec<Op> = ops.iter().filter(|o| o.invoke <= ops[stuck].complete).cloned().collect();
+    if !fails_there(&kept) {
+        kept = ops.to_vec();
+    }
+    let (mut checks, mut chunk) = (0, kept.len().div_ceil(2));
+    while chunk > 0 && checks < SHRINK_CHECKS {
+        let mut removed = false;
+        let mut i = 0;
+        while i < kept.len() && checks < SHRINK_CHECKS {
+            let end = (i + chunk).min(kept.len());
+            if kept[i..end].iter().any(is_target) {
+                i = end;
+                continue;
+            }
+            let candidate: Vec<Op> = kept[..i].iter().chain(&kept[end..]).cloned().collect();
+            checks += 1;
+            if fails_there(&candidate) {
+                kept = candidate;
+                removed = true;
+            } else {
+                i = end;
+            }
+        }
+        if !removed {
+            chunk /= 2;
+        }
+    }
+    kept.sort_by_key(|o| o.invoke);
+    kept
+}
+
+fn writes(op: &Op, value: &str) -> bool {
+    matches!(&op.call, Call::Write { value: v } | Call::Cas { value: v, .. } if v == value)
+}
+
+fn search(key: &str, ops: &[Op]) -> Result<(), Found> {
     let violation = |reason: String, excerpt: Vec<Op>| Violation { key: key.into(), reason, excerpt };
     // The revision each value was written at, as the answers say.
     let mut revision: HashMap<&str, u64> = HashMap::new();
-    for op in &ops {
+    for op in ops {
         let seen = match (&op.call, &op.outcome) {
             (Call::Write { value } | Call::Cas { value, .. }, Outcome::Written { revision }) => {
                 Some((value, *revision))
@@ -100,7 +182,8 @@ fn check_key(key: &str, ops: Vec<Op>) -> Result<(), Violation> {
         if let Some((value, rev)) = seen {
             if let Some(known) = revision.insert(value, rev).filter(|known| *known != rev) {
                 let excerpt = ops.iter().filter(|o| mentions(o, value)).cloned().collect();
-                return Err(violation(format!("value {value:?} answered at revisions {known} and {rev}"), excerpt));
+                let reason = format!("value {value:?} answered at revisions {known} and {rev}");
+                return Err(Found::Conflict(violation(reason, excerpt)));
             }
         }
     }
@@ -184,21 +267,7 @@ fn check_key(key: &str, ops: Vec<Op>) -> Result<(), Violation> {
             deepest = (stack.len(), cur);
         }
         let Some((call, before)) = stack.pop() else {
-            let stuck = &ops[entries[deepest.1].op];
-            // Beside it, and the last three that ended before it began
-            // (what it should have seen).
-            let mut before: Vec<&Op> = ops.iter().filter(|o| o.complete < stuck.invoke).collect();
-            before.sort_by_key(|o| o.complete);
-            let beside = ops.iter().filter(|o| o.invoke <= stuck.complete && o.complete >= stuck.invoke);
-            let mut excerpt: Vec<Op> = before.iter().rev().take(3).copied().chain(beside).cloned().collect();
-            excerpt.sort_by_key(|o| o.invoke);
-            return Err(violation(
-                format!(
-                    "process {}'s {:?} -> {:?} fits no order of the operations before and beside it",
-                    stuck.process, stuck.call, stuck.outcome
-                ),
-                excerpt,
-            ));
+            return Err(Found::Stuck(entries[deepest.1].op));
         };
         let op = entries[call].op;
         linearized ^= zobrist[op];
@@ -290,6 +359,33 @@ mod tests {
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(v[0].reason.contains("fits no order"), "{}", v[0].reason);
         assert!(v[0].excerpt.iter().any(|o| o.process == 1));
+    }
+
+    #[test]
+    fn a_violation_deep_in_a_long_history_is_shown_by_the_few_operations_it_needs() {
+        let mut h = Vec::new();
+        let mut t = 0;
+        for i in 0..200u64 {
+            let v = format!("v{i}");
+            h.push(op(0, write(&v), wrote(i + 1), t, t + 5));
+            h.push(op(1, Call::Read, read(Some((&v, i + 1))), t + 6, t + 9));
+            t += 10;
+        }
+        // A read of v50 long after v199 was acknowledged, then more writes.
+        h.push(op(2, Call::Read, read(Some(("v50", 51))), t, t + 5));
+        for i in 200..300u64 {
+            h.push(op(0, write(&format!("v{i}")), wrote(i + 1), t + 10 + i, t + 11 + i));
+        }
+        let v = check(&h);
+        assert_eq!(v.len(), 1, "{v:?}");
+        let excerpt = &v[0].excerpt;
+        // The stale read, the write it saw, one write acknowledged after it.
+        assert_eq!(excerpt.len(), 3, "{excerpt:#?}");
+        assert_eq!(excerpt[2].process, 2);
+        assert!(matches!(&excerpt[0].call, Call::Write { value } if value == "v50"), "{excerpt:#?}");
+        assert!(matches!(&excerpt[1].call, Call::Write { .. }), "{excerpt:#?}");
+        // The excerpt fails on its own.
+        assert_eq!(check(excerpt).len(), 1);
     }
 
     #[test]
