@@ -63,12 +63,9 @@ pub async fn rolling(cluster: Arc<Mutex<Cluster>>, warmup: Duration, started: In
                 Err(e) => format!("upgrade {who}: the leader, stopped without moving leadership first: {e}"),
             });
         }
-        step(stop_one(&mut c, who).await);
-        let what = start_one(&mut c, who).await;
-        let failed = what.contains("failed");
-        step(what);
+        let moved = move_over(&mut c, who, &mut step).await;
         drop(c);
-        if failed {
+        if !moved {
             return faults;
         }
         tokio::time::sleep(BETWEEN).await;
@@ -78,18 +75,25 @@ pub async fn rolling(cluster: Arc<Mutex<Cluster>>, warmup: Duration, started: In
         let mut c = cluster.lock().await;
         let who = Who::Worker(n);
         step(format!("upgrade {who}: stopping"));
-        step(stop_one(&mut c, who).await);
-        let what = start_one(&mut c, who).await;
-        let failed = what.contains("failed");
-        step(what);
+        let moved = move_over(&mut c, who, &mut step).await;
         drop(c);
-        if failed {
+        if !moved {
             return faults;
         }
         tokio::time::sleep(BETWEEN).await;
     }
     step(DONE.into());
     faults
+}
+
+/// Stops `who` and starts it on the new binary, each part a step; false if
+/// it did not come back ready.
+async fn move_over(c: &mut Cluster, who: Who, step: &mut impl FnMut(String)) -> bool {
+    step(stop_one(c, who).await);
+    let what = start_one(c, who).await;
+    let ready = !what.contains("failed");
+    step(what);
+    ready
 }
 
 /// Stops `who` cleanly (`SIGTERM`; `kill -9` after [`STOP_WITHIN`]). Says
