@@ -648,7 +648,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         .map(|op| op.complete)
         .collect();
     written.sort_unstable();
-    let (upgrade_problems, mut notes) = upgrade_findings(&plan, &faults, &ops);
+    let (upgrade_problems, mut notes) = upgrade::findings(&faults, &ops, kind == Kind::Upgrade, plan.strict, plan.base);
     notes.extend(snapshot_notes);
     let write_gap = written.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as f64 / 1e9;
     std::fs::write(dir.join("history.jsonl"), history::to_jsonl(&ops))?;
@@ -686,56 +686,6 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
         report.kept = Some(tmp.keep());
     }
     Ok(report)
-}
-
-/// What a rolling upgrade or a mixed-version run found: problems (a step
-/// that failed or a process killed after not stopping; under
-/// [`Plan::strict`], any operation that did not succeed) and figures (the
-/// clients' latency before and during the upgrade; which release led when
-/// the leader was struck).
-fn upgrade_findings(plan: &Plan, faults: &[Fault], ops: &[history::Op]) -> (Vec<String>, Vec<String>) {
-    let (mut problems, mut notes) = (Vec::new(), Vec::new());
-    if plan.kind == Kind::Upgrade {
-        for f in faults.iter().filter(|f| f.what.contains("failed") || f.what.contains("killed after")) {
-            problems.push(format!("at {:.1} s: {}", f.at, f.what));
-        }
-        let at = |what: &str| faults.iter().find(|f| f.what == what).map(|f| f.at);
-        match (at(upgrade::START), at(upgrade::DONE)) {
-            (Some(start), Some(done)) => {
-                let ms = |(n, p99, max): (usize, f64, f64)| format!("{n} ops, p99 {p99:.0} ms, max {max:.0} ms");
-                notes.push(format!(
-                    "client latency before the upgrade: {}; during it ({:.0} s): {}",
-                    ms(upgrade::latency(ops, 0.0, start)),
-                    done - start,
-                    ms(upgrade::latency(ops, start, done))
-                ));
-            }
-            _ => problems.push("the upgrade did not finish within the run (see the steps above)".into()),
-        }
-        for f in faults.iter().filter(|f| f.what.starts_with("upgrade")) {
-            notes.push(format!("  at {:.1} s: {}", f.at, f.what));
-        }
-    }
-    if plan.strict {
-        let bad: Vec<&history::Op> =
-            ops.iter().filter(|op| matches!(op.outcome, Outcome::Fail { .. } | Outcome::Unknown { .. })).collect();
-        if !bad.is_empty() {
-            problems.push(format!("{} client operations did not succeed; the first: {:?}", bad.len(), bad[0]));
-        }
-    }
-    if !plan.base.is_empty() && plan.kind != Kind::Upgrade {
-        // "strike node N (leader N)": node N sits in slot N-1.
-        let leaders: Vec<usize> = faults
-            .iter()
-            .filter_map(|f| f.what.split_once("(leader ")?.1.split(')').next()?.parse::<usize>().ok())
-            .collect();
-        let older = leaders.iter().filter(|id| plan.base.contains(&(**id - 1))).count();
-        notes.push(format!(
-            "the struck leader ran the older release {older} times and this one {} times",
-            leaders.len() - older
-        ));
-    }
-    (problems, notes)
 }
 
 /// `items` as JSON lines (the run's records, kept beside `history.jsonl`).

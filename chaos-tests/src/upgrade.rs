@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 use crate::cluster::{Cluster, Who};
-use crate::history::Op;
+use crate::history::{Op, Outcome};
 use crate::nemesis::Fault;
 
 /// How long a process has to stop cleanly before it is killed.
@@ -165,6 +165,64 @@ pub fn latency(ops: &[Op], from: f64, to: f64) -> (usize, f64, f64) {
     took.sort_unstable();
     let p99 = took[(took.len() * 99 / 100).min(took.len() - 1)];
     (took.len(), p99 as f64 / 1e6, took[took.len() - 1] as f64 / 1e6)
+}
+
+/// What a rolling upgrade or a mixed-version run found: problems (a step
+/// that failed or a process killed after not stopping; under
+/// `strict`, any operation that did not succeed) and figures (the
+/// clients' latency before and during the upgrade; which release led when
+/// the leader was struck).
+/// `rolling`: the run was a rolling upgrade; `base`: the slots that
+/// started on the older release (a mixed-version run, when not rolling).
+pub fn findings(
+    faults: &[Fault],
+    ops: &[Op],
+    rolling: bool,
+    strict: bool,
+    base: &[usize],
+) -> (Vec<String>, Vec<String>) {
+    let (mut problems, mut notes) = (Vec::new(), Vec::new());
+    if rolling {
+        for f in faults.iter().filter(|f| f.what.contains("failed") || f.what.contains("killed after")) {
+            problems.push(format!("at {:.1} s: {}", f.at, f.what));
+        }
+        let at = |what: &str| faults.iter().find(|f| f.what == what).map(|f| f.at);
+        match (at(START), at(DONE)) {
+            (Some(start), Some(done)) => {
+                let ms = |(n, p99, max): (usize, f64, f64)| format!("{n} ops, p99 {p99:.0} ms, max {max:.0} ms");
+                notes.push(format!(
+                    "client latency before the upgrade: {}; during it ({:.0} s): {}",
+                    ms(latency(ops, 0.0, start)),
+                    done - start,
+                    ms(latency(ops, start, done))
+                ));
+            }
+            _ => problems.push("the upgrade did not finish within the run (see the steps above)".into()),
+        }
+        for f in faults.iter().filter(|f| f.what.starts_with("upgrade")) {
+            notes.push(format!("  at {:.1} s: {}", f.at, f.what));
+        }
+    }
+    if strict {
+        let bad: Vec<&Op> =
+            ops.iter().filter(|op| matches!(op.outcome, Outcome::Fail { .. } | Outcome::Unknown { .. })).collect();
+        if !bad.is_empty() {
+            problems.push(format!("{} client operations did not succeed; the first: {:?}", bad.len(), bad[0]));
+        }
+    }
+    if !base.is_empty() && !rolling {
+        // "strike node N (leader N)": node N sits in slot N-1.
+        let leaders: Vec<usize> = faults
+            .iter()
+            .filter_map(|f| f.what.split_once("(leader ")?.1.split(')').next()?.parse::<usize>().ok())
+            .collect();
+        let older = leaders.iter().filter(|id| base.contains(&(**id - 1))).count();
+        notes.push(format!(
+            "the struck leader ran the older release {older} times and this one {} times",
+            leaders.len() - older
+        ));
+    }
+    (problems, notes)
 }
 
 #[cfg(test)]

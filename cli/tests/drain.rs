@@ -9,12 +9,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn run(endpoints: &str, args: &[&str]) -> (i32, String) {
-    let out = ferry(&[&["--endpoints", endpoints], args].concat());
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_drained_mid_job_stops_cleanly_and_the_job_completes_after_its_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -27,7 +21,7 @@ async fn a_target_drained_mid_job_stops_cleanly_and_the_job_completes_after_its_
     let leader = sched.agreed_leader(&[1, 2, 3]).await;
     let follower = sched.addr((1..=3).find(|id| *id != leader).expect("a follower"));
 
-    let (code, text) = run(&follower, &["worker", "drain", "nosuch"]);
+    let (code, text) = ferry_at(&follower, &["worker", "drain", "nosuch"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("name: no worker nosuch"), "{text}");
 
@@ -35,7 +29,7 @@ async fn a_target_drained_mid_job_stops_cleanly_and_the_job_completes_after_its_
     std::fs::write(src.root.join("big.bin"), &data).expect("write");
     let file = src.root.join("big.bin").display().to_string();
     let (code, id) =
-        run(&follower, &["job", "submit", "--source", "src", "--file", &file, "--to", "t", "--dest", "d/"]);
+        ferry_at(&follower, &["job", "submit", "--source", "src", "--file", &file, "--to", "t", "--dest", "d/"]);
     assert_eq!(code, 0, "{id}");
     let id = id.trim().to_string();
     wait_for("the job under way", Duration::from_secs(20), || async {
@@ -44,7 +38,7 @@ async fn a_target_drained_mid_job_stops_cleanly_and_the_job_completes_after_its_
     })
     .await;
 
-    let (code, text) = run(&follower, &["worker", "drain", "t"]);
+    let (code, text) = ferry_at(&follower, &["worker", "drain", "t"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("worker t drained and stopped"), "{text}");
     let child = t.proc.child.as_mut().expect("t ran");

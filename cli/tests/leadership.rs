@@ -13,12 +13,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn run(endpoints: &str, args: &[&str]) -> (i32, String) {
-    let out = ferry(&[&["--endpoints", endpoints], args].concat());
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_moves_on_request_and_when_the_leader_stops_while_writes_go_on() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -29,7 +23,7 @@ async fn leadership_moves_on_request_and_when_the_leader_stops_while_writes_go_o
 
     // The versions, as an operator checks them before an upgrade.
     let status = wait_for("the cluster version", Duration::from_secs(20), || async {
-        let (code, text) = run(&all, &["cluster", "status"]);
+        let (code, text) = ferry_at(&all, &["cluster", "status"]);
         (code == 0 && text.contains("cluster version: ")).then_some(text)
     })
     .await;
@@ -39,12 +33,12 @@ async fn leadership_moves_on_request_and_when_the_leader_stops_while_writes_go_o
 
     // Bad input first: nothing moves.
     let one = sched.addr(followers[0]);
-    let (code, text) = run(&one, &["cluster", "transfer-leader", "--to", "9"]);
+    let (code, text) = ferry_at(&one, &["cluster", "transfer-leader", "--to", "9"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("to: node 9 is not a voter"), "{text}");
-    let (code, text) = run(&one, &["cluster", "transfer-leader", "--to", &leader.to_string()]);
+    let (code, text) = ferry_at(&one, &["cluster", "transfer-leader", "--to", &leader.to_string()]);
     assert_eq!((code, text.contains("already leads")), (2, true), "{text}");
-    let (code, text) = run(&one, &["cluster", "transfer-leader", "--to", "0"]);
+    let (code, text) = ferry_at(&one, &["cluster", "transfer-leader", "--to", "0"]);
     assert_eq!(code, 2, "{text}");
     assert_eq!(sched.agreed_leader(&[1, 2, 3]).await, leader, "a refused transfer moved nothing");
 
@@ -71,7 +65,7 @@ async fn leadership_moves_on_request_and_when_the_leader_stops_while_writes_go_o
 
     // Asked at a follower (forwarded to the leader), as the docs show it.
     let to = followers[1];
-    let (code, text) = run(&one, &["cluster", "transfer-leader", "--to", &to.to_string()]);
+    let (code, text) = ferry_at(&one, &["cluster", "transfer-leader", "--to", &to.to_string()]);
     assert_eq!(code, 0, "{text}\n{}", sched.logs());
     assert!(text.starts_with(&format!("leader: {to} ")), "{text}");
     // Read from a member that took no part in the call.
@@ -113,7 +107,7 @@ async fn a_short_job_history_forgets_the_oldest_finished_jobs_on_every_member() 
     for i in 0..4 {
         std::fs::write(src.root.join("f.bin"), random_bytes(64 * 1024, i)).expect("write");
         let file = src.root.join("f.bin").display().to_string();
-        let (code, text) = run(
+        let (code, text) = ferry_at(
             &sched.addr(leader),
             &["--json", "job", "submit", "--source", "src", "--file", &file, "--to", "t", "--dest", "d/", "--wait"],
         );
@@ -132,6 +126,6 @@ async fn a_short_job_history_forgets_the_oldest_finished_jobs_on_every_member() 
     for id in &ids[2..] {
         assert!(listed.contains(id), "{id} kept: {listed:?}");
     }
-    let (code, text) = run(&sched.addr(follower), &["job", "status", &ids[0]]);
+    let (code, text) = ferry_at(&sched.addr(follower), &["job", "status", &ids[0]]);
     assert_eq!(code, 1, "{text}");
 }

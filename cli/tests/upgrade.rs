@@ -11,14 +11,8 @@ use std::time::Duration;
 
 use common::*;
 
-fn run(endpoint: &str, args: &[&str]) -> (i32, String) {
-    let out = ferry(&[&["--endpoints", endpoint], args].concat());
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
-
 fn json(endpoint: &str, args: &[&str]) -> serde_json::Value {
-    let (code, text) = run(endpoint, &[&["--json"], args].concat());
+    let (code, text) = ferry_at(endpoint, &[&["--json"], args].concat());
     assert_eq!(code, 0, "ferry {args:?}: {text}");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("ferry {args:?}: {e}: {text}"))
 }
@@ -44,9 +38,9 @@ async fn a_format_3_data_directory_starts_with_every_key_lease_instance_job_and_
     assert!(node.log_text().contains("upgrading the data directory"), "{}", node.log_text());
 
     // Keys, their history, a gray variant.
-    assert_eq!(run(&ep, &["config", "get", "app/color"]), (0, "green\n".into()));
-    assert_eq!(run(&ep, &["config", "get", "app/limit"]), (0, "20\n".into()));
-    let (code, history) = run(&ep, &["--json", "config", "history", "app/color"]);
+    assert_eq!(ferry_at(&ep, &["config", "get", "app/color"]), (0, "green\n".into()));
+    assert_eq!(ferry_at(&ep, &["config", "get", "app/limit"]), (0, "20\n".into()));
+    let (code, history) = ferry_at(&ep, &["--json", "config", "history", "app/color"]);
     assert_eq!(code, 0, "{history}");
     let values: Vec<String> = history
         .lines()
@@ -54,11 +48,11 @@ async fn a_format_3_data_directory_starts_with_every_key_lease_instance_job_and_
         .filter_map(|e| e["value"].as_str().map(str::to_string))
         .collect();
     assert_eq!(values, ["blue", "green"]);
-    let variants = run(&ep, &["config", "gray", "list", "app/color"]);
+    let variants = ferry_at(&ep, &["config", "gray", "list", "app/color"]);
     assert_eq!(variants, (0, "zone=a red\n".into()));
 
     // The lease and its key.
-    let (_, lease) = run(&ep, &["config", "get", "fixture/lease"]);
+    let (_, lease) = ferry_at(&ep, &["config", "get", "fixture/lease"]);
     let ttl = json(&ep, &["lease", "ttl", lease.trim()]);
     assert_eq!(ttl["ttl_ms"], 86_400_000, "{ttl}");
     assert_eq!(ttl["keys"], serde_json::json!(["session/alive"]), "{ttl}");
@@ -72,7 +66,7 @@ async fn a_format_3_data_directory_starts_with_every_key_lease_instance_job_and_
     assert_eq!((w1.labels.get("zone"), w1.metadata.get("team")), (Some(&"a".into()), Some(&"edge".into())));
     let api = c.instances("api").await.expect("list api");
     assert!(api.instances.len() == 1 && api.instances[0].gray, "{api:?}");
-    let (_, raw) = run(&ep, &["config", "get", "registry/web/w1"]);
+    let (_, raw) = ferry_at(&ep, &["config", "get", "registry/web/w1"]);
     let stored: serde_json::Value = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("{e}: {raw:?}"));
     assert_eq!(stored["address"], "10.0.0.1");
     // w2 was deregistered explicitly: its history says so.
@@ -87,14 +81,14 @@ async fn a_format_3_data_directory_starts_with_every_key_lease_instance_job_and_
     assert_eq!(jobs[0]["state"], "succeeded");
     assert_eq!(jobs[0]["targets"][0]["state"], "installed");
     assert_eq!(jobs[0]["total_bytes"], 3_000_000);
-    let (code, probes) = run(&ep, &["--json", "probe", "list"]);
+    let (code, probes) = ferry_at(&ep, &["--json", "probe", "list"]);
     assert_eq!(code, 0, "{probes}");
     let probe: serde_json::Value = serde_json::from_str(probes.trim()).expect("one probe, one JSON line");
     assert_eq!(probe["name"], "cdn", "{probe}");
 
     // And it takes writes: a key, an instance.
-    assert_eq!(run(&ep, &["config", "put", "app/limit", "30"]).0, 0);
-    assert_eq!(run(&ep, &["config", "get", "app/limit"]), (0, "30\n".into()));
+    assert_eq!(ferry_at(&ep, &["config", "put", "app/limit", "30"]).0, 0);
+    assert_eq!(ferry_at(&ep, &["config", "get", "app/limit"]), (0, "30\n".into()));
     let mut i = ferry_sdk::pb::Instance { service: "web".into(), id: "w9".into(), ..Default::default() };
     (i.address, i.port) = ("10.0.0.9".into(), 80);
     c.register(i, Duration::from_secs(60)).await.expect("register");

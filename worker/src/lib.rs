@@ -204,8 +204,7 @@ impl Worker {
         tasks.push(Arc::new(probes).spawn(rx.clone()));
         let (refused_tx, refused) = watch::channel(None);
         let drain = exec.drain.clone();
-        let sessions =
-            session::run(exec, hello, config.schedulers.clone(), config.heartbeat, drain.clone(), rx, refused_tx);
+        let sessions = session::run(exec, hello, config.schedulers.clone(), config.heartbeat, rx, refused_tx);
         tasks.push(tokio::spawn(sessions));
         tracing::info!(name = %config.name, %addr, admin = ?admin_addr, "worker started");
         Ok(Self { addr, admin_addr, shutdown, refused, drain, tasks })

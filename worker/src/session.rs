@@ -172,7 +172,6 @@ pub async fn run(
     hello: pb::WorkerInfo,
     schedulers: Vec<String>,
     heartbeat: Duration,
-    drain: crate::drain::Drain,
     mut shutdown: watch::Receiver<bool>,
     refused: watch::Sender<Option<String>>,
 ) {
@@ -188,7 +187,7 @@ pub async fn run(
             turn += 1;
             schedulers[turn % schedulers.len()].clone()
         });
-        match serve(&exec, &outbox, &addr, &hello, heartbeat, &drain, &mut shutdown).await {
+        match serve(&exec, &outbox, &addr, &hello, heartbeat, &mut shutdown).await {
             Ended::Stop => return,
             Ended::Refused(why) => {
                 tracing::error!(scheduler = %addr, %why, "the scheduler refused this worker");
@@ -219,7 +218,6 @@ async fn serve(
     addr: &str,
     hello: &pb::WorkerInfo,
     heartbeat: Duration,
-    drain: &crate::drain::Drain,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
     let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
@@ -260,7 +258,7 @@ async fn serve(
     exec.metrics.connected.set(1);
     let beat = {
         let tx = tx.clone();
-        let mut draining = drain.watch();
+        let mut draining = exec.drain.watch();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(heartbeat);
             loop {

@@ -52,6 +52,14 @@ pub fn ferry(args: &[&str]) -> std::process::Output {
     Command::new(FERRY).args(args).output().expect("run ferry")
 }
 
+/// `ferry --endpoints ENDPOINTS ARGS`: its exit code (-1 if killed) and its
+/// stdout followed by its stderr.
+pub fn ferry_at(endpoints: &str, args: &[&str]) -> (i32, String) {
+    let out = ferry(&[&["--endpoints", endpoints], args].concat());
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
 /// A child `ferry` process with its stderr in a log file; SIGKILLed on drop.
 pub struct Proc {
     pub child: Option<Child>,

@@ -340,12 +340,12 @@ impl WorkerService for WorkerServiceImpl {
         let Some(w) = workers.iter().find(|w| w.name == name) else {
             return Err(Error::InvalidArgument(format!("name: no worker {name} is registered")).into());
         };
-        // The drain command is new in 0.2.0: an older worker would ignore it.
-        let since = crate::raft::versions::Version { major: 0, minor: 2, patch: 0 };
-        if w.version.parse::<crate::raft::versions::Version>().map_or(true, |v| v < since) {
+        // An older worker would ignore the drain command.
+        use crate::raft::versions::{Version, WORKER_DRAIN};
+        if !w.version.parse::<Version>().is_ok_and(|v| v >= WORKER_DRAIN) {
             return Err(Error::FailedPrecondition(format!(
-                "name: worker {name} runs ferry {}, which cannot drain on request (0.2.0 or later can); stop it with \
-                 SIGTERM",
+                "name: worker {name} runs ferry {}, which cannot drain on request ({WORKER_DRAIN} or later can); stop \
+                 it with SIGTERM",
                 w.version
             ))
             .into());

@@ -32,9 +32,14 @@ pub struct Version {
 }
 
 impl Version {
+    /// `MAJOR.MINOR.PATCH`.
+    pub const fn new(major: u32, minor: u32, patch: u32) -> Version {
+        Version { major, minor, patch }
+    }
+
     /// The version of this binary.
     pub fn this() -> Version {
-        env!("CARGO_PKG_VERSION").parse().unwrap_or(Version { major: 0, minor: 0, patch: 0 })
+        env!("CARGO_PKG_VERSION").parse().unwrap_or(Version::new(0, 0, 0))
     }
 }
 
@@ -45,7 +50,7 @@ impl FromStr for Version {
         let core = s.split(['-', '+']).next().unwrap_or_default();
         let mut parts = core.split('.').map(|p| p.parse::<u32>());
         match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(Ok(major)), Some(Ok(minor)), Some(Ok(patch)), None) => Ok(Version { major, minor, patch }),
+            (Some(Ok(major)), Some(Ok(minor)), Some(Ok(patch)), None) => Ok(Version::new(major, minor, patch)),
             _ => Err(format!("{s:?} is not MAJOR.MINOR.PATCH")),
         }
     }
@@ -66,14 +71,15 @@ pub enum Feature {
     TransferLeader,
 }
 
-impl Feature {
-    /// Every feature, oldest first.
-    pub const ALL: [Feature; 2] = [Feature::ForgetJobs, Feature::TransferLeader];
+/// The first release whose workers drain on request (`DrainCommand`): the
+/// leader sends it to no older worker.
+pub const WORKER_DRAIN: Version = Version::new(0, 2, 0);
 
+impl Feature {
     /// The release that added it.
     pub fn since(self) -> Version {
         match self {
-            Feature::ForgetJobs | Feature::TransferLeader => Version { major: 0, minor: 2, patch: 0 },
+            Feature::ForgetJobs | Feature::TransferLeader => Version::new(0, 2, 0),
         }
     }
 
