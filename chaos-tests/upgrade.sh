@@ -13,7 +13,7 @@
 # replaces target/*/ferry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BASE=${FERRY_UPGRADE_BASE:-d215c6df6ea9c2621d9afc0e4db4ad72334918b3}   # 0.1.0: the last commit before 0.2.0
+BASE=${FERRY_UPGRADE_BASE:-98dd568e9f770aefdd1819d73e4abd2c685542fc}   # 0.2.0: the last commit before 0.3.0
 DURATION=${DURATION:-90s}
 PROFILE=${PROFILE:-debug}
 SEED=${SEED:-1}
@@ -50,7 +50,9 @@ for scenario in rolling-upgrade mixed-old-majority mixed-new-majority; do
         --duration "$DURATION" --seed "$SEED" || failed=1
 done
 
-echo "== going back: the previous release on a data directory where 0.2.0 forgot jobs"
+echo "== going back: the previous release on a data directory where this release forgot jobs"
+# The previous release has no TLS: this one runs plaintext beside it.
+export FERRY_INSECURE=true
 dir=$(mktemp -d)
 cleanup() { pkill -f -- "--data $dir/" 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
@@ -72,7 +74,7 @@ for i in 1 2 3; do
     "$bin/ferry" --endpoints "$s" job submit --source w1 --file "$dir/r1/a.bin" --to w2 --dest "$dir/r2/" --wait >/dev/null
 done
 for _ in $(seq 100); do grep -q "forgot the oldest finished jobs" "$dir/s1.log" && break; sleep 0.2; done
-grep -q "forgot the oldest finished jobs" "$dir/s1.log" || { echo "FAIL: 0.2.0 did not forget jobs"; exit 1; }
+grep -q "forgot the oldest finished jobs" "$dir/s1.log" || { echo "FAIL: this release did not forget jobs"; exit 1; }
 pkill -f -- "--data $dir/" || true
 for _ in $(seq 150); do pgrep -f -- "--data $dir/" >/dev/null || break; sleep 0.2; done
 code=0

@@ -111,12 +111,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let mut elections = 0;
     for run in 1..=a.runs {
         let dir = tempfile::tempdir()?;
-        let procs = FerryProcs::start(&bin, dir.path()).await?;
+        let procs = FerryProcs::start(&bin, dir.path(), false).await?;
         let endpoints = procs.endpoints();
-        let all = ferry_sdk::Client::connect(&endpoints)?;
+        let all = ferry_sdk::Client::connect(&endpoints, procs.security())?;
         let leader = all.status().await?.leader_addr;
         let follower = endpoints.iter().find(|e| **e != leader).cloned().context("a follower")?;
-        let small = ferry_sdk::Client::connect([follower])?;
+        let small = ferry_sdk::Client::connect([follower], procs.security())?;
         // A fresh cluster settles first (its first heartbeats, connections).
         tokio::time::sleep(Duration::from_secs(2)).await;
         let term = all.status().await?.term;

@@ -75,9 +75,11 @@ fn next(state: &mut u64) -> u64 {
     state.wrapping_mul(0x2545_f491_4f6c_dd1d)
 }
 
+/// A one-node scheduler on `data`, in plaintext: what is measured here is
+/// the data directory, not the transport.
 fn scheduler(bin: &Path, data: &Path, addr: &str) -> Command {
     let mut cmd = Command::new(bin);
-    cmd.args(["scheduler", "--id", "1", "--listen", addr])
+    cmd.args(["scheduler", "--id", "1", "--insecure", "--listen", addr])
         .arg("--data")
         .arg(data)
         .args(["--initial-cluster", &format!("1={addr}")])
@@ -87,7 +89,7 @@ fn scheduler(bin: &Path, data: &Path, addr: &str) -> Command {
 
 /// Keys under `k/` the node at `addr` serves, once it has a leader.
 async fn served(addr: &str) -> Option<usize> {
-    let client = ferry_sdk::Client::connect(&[addr.to_string()]).ok()?;
+    let client = ferry_sdk::Client::connect(&[addr.to_string()], ferry_sdk::Security::Insecure).ok()?;
     client.status().await.ok().filter(|s| !s.leader_addr.is_empty())?;
     client.list("k/", false).await.ok().map(|keys| keys.len())
 }
@@ -98,7 +100,7 @@ async fn prepare(bin: &Path, dir: &Path, keys: usize, crash: bool) -> anyhow::Re
     let addr = format!("127.0.0.1:{}", free_ports(1)?[0]);
     let log = dir.join("pristine.log");
     let mut child = spawn_logged(scheduler(bin, &data, &addr), &log)?;
-    let client = ferry_sdk::Client::connect(std::slice::from_ref(&addr))?;
+    let client = ferry_sdk::Client::connect(std::slice::from_ref(&addr), ferry_sdk::Security::Insecure)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while client.put("k/0", b"v".to_vec()).await.is_err() {
         if Instant::now() > deadline {

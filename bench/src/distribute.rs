@@ -351,6 +351,8 @@ async fn once(a: &Args, ferry: &Path, with_naive: bool) -> anyhow::Result<Outcom
         if a.no_socket_priority {
             cmd.arg("--no-socket-priority");
         }
+        let files = cluster.files(&ferry_sdk::tls::Identity::Worker(name.clone()))?;
+        cmd.arg("--tls-ca").arg(&files.ca).arg("--tls-cert").arg(&files.cert).arg("--tls-key").arg(&files.key);
         let child = cmd
             .args(["--name", &name, "--schedulers", &endpoints])
             .arg("--data")
@@ -364,7 +366,8 @@ async fn once(a: &Args, ferry: &Path, with_naive: bool) -> anyhow::Result<Outcom
             .context("spawn worker")?;
         procs.push(Proc(child));
     }
-    let c = Client::connect(cluster.endpoints())?;
+    let c =
+        Client::connect(cluster.endpoints(), cluster.credentials(&ferry_sdk::tls::Identity::User("bench".into()))?)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.list_workers().await?.iter().filter(|w| w.state == "up").count() <= a.workers {
         if Instant::now() > deadline {

@@ -59,6 +59,15 @@ pub struct Args {
     /// Ferry only: do not start etcd.
     #[arg(long)]
     no_etcd: bool,
+    /// Run Ferry's nodes in plaintext (default: mutual TLS under a CA of
+    /// the run's own; a running cluster's credentials come from the
+    /// `FERRY_TLS_*` variables, as the CLI's do).
+    #[arg(long)]
+    insecure: bool,
+    /// Instead of etcd, compare with the same Ferry in plaintext (3 more
+    /// processes): what mutual TLS costs.
+    #[arg(long)]
+    vs_plaintext: bool,
     /// Directory under which both stores keep their data (a fresh
     /// subdirectory, removed at the end); default: the system temp dir.
     #[arg(long)]
@@ -328,21 +337,68 @@ fn medians(samples: &[Sample]) -> Option<(f64, f64, f64, Option<f64>)> {
     Some((m(|s| s.ops_per_sec), m(|s| s.p50), m(|s| s.p99), extra))
 }
 
-fn print_table(title: &str, extra: &str, rows: &[(Workload, Vec<Sample>, Vec<Sample>)], watch: bool) {
+/// A workload's samples on each side, run by run.
+type Rows = Vec<(Workload, Vec<Sample>, Vec<Sample>)>;
+
+/// The two sides of a comparison as the tables name them: a word and a
+/// letter each.
+#[derive(Clone, Copy)]
+struct Sides {
+    a: (&'static str, char),
+    b: (&'static str, char),
+}
+
+/// Ferry against etcd.
+const VS_ETCD: Sides = Sides { a: ("Ferry", 'F'), b: ("etcd", 'e') };
+/// Ferry with mutual TLS against Ferry in plaintext (`--vs-plaintext`).
+const VS_PLAIN: Sides = Sides { a: ("TLS", 'T'), b: ("plain", 'p') };
+
+/// Runs every workload `a.runs` times on `ferry` and on `other` (if any),
+/// alternating which goes first, so neither side always meets a disk or a
+/// page cache the other just stirred up.
+async fn compare<B: Target>(
+    ferry: &Ferry,
+    other: Option<&B>,
+    a: &Args,
+    workloads: &[Workload],
+) -> anyhow::Result<Rows> {
+    let mut rows: Rows = workloads.iter().map(|&w| (w, Vec::new(), Vec::new())).collect();
+    for run in 0..a.runs.max(1) {
+        for (w, ferry_samples, other_samples) in &mut rows {
+            if run % 2 == 1 {
+                if let Some(other) = other {
+                    other_samples.push(w.run(other, a).await.context("the other side")?);
+                }
+            }
+            ferry_samples.push(w.run(ferry, a).await.context("Ferry")?);
+            if run % 2 == 0 {
+                if let Some(other) = other {
+                    other_samples.push(w.run(other, a).await.context("the other side")?);
+                }
+            }
+        }
+        eprintln!("kv: run {}/{} done", run + 1, a.runs.max(1));
+    }
+    Ok(rows)
+}
+
+fn print_table(sides: Sides, title: &str, extra: &str, rows: &[(Workload, Vec<Sample>, Vec<Sample>)], watch: bool) {
     println!("\n{title}");
-    let ratio_head = if watch { "p99 F/e" } else { "ops F/e" };
+    let ((an, al), (bn, bl)) = (sides.a, sides.b);
+    let ratio_head = format!("{} {al}/{bl}", if watch { "p99" } else { "ops" });
+    let unit = if watch { "ev/s" } else { "op/s" };
     println!(
         "{:>16} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "",
-        if watch { "Ferry ev/s" } else { "Ferry op/s" },
-        if watch { "etcd ev/s" } else { "etcd op/s" },
+        format!("{an} {unit}"),
+        format!("{bn} {unit}"),
         ratio_head,
-        "Ferry p50",
-        "Ferry p99",
-        "etcd p50",
-        "etcd p99",
-        format!("F {extra}"),
-        format!("e {extra}"),
+        format!("{an} p50"),
+        format!("{an} p99"),
+        format!("{bn} p50"),
+        format!("{bn} p99"),
+        format!("{al} {extra}"),
+        format!("{bl} {extra}"),
     );
     for (w, ferry, etcd) in rows {
         let (f, e) = (medians(ferry), medians(etcd));
@@ -379,7 +435,7 @@ fn print_table(title: &str, extra: &str, rows: &[(Workload, Vec<Sample>, Vec<Sam
         let at_or_below = ratios.iter().filter(|r| **r <= 1.0).count();
         let list: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "{:>16} p99 F/e by run: {} (Ferry at or below etcd in {at_or_below} of {})",
+            "{:>16} p99 {al}/{bl} by run: {} ({an} at or below {bn} in {at_or_below} of {})",
             w.label(),
             list.join(" "),
             ratios.len()
@@ -400,29 +456,39 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     let root = tempfile::Builder::new().prefix("ferry-bench-kv-").tempdir_in(&parent).context("data directory")?;
     let bin = a.ferry.clone().or_else(crate::procs::ferry_beside_bench);
     let (mut procs, mut in_process) = (None, None);
-    let (endpoints, where_) = if !a.endpoints.is_empty() {
-        (a.endpoints.clone(), "running cluster".to_string())
+    let (endpoints, security, where_) = if !a.endpoints.is_empty() {
+        let security = if a.insecure { ferry_sdk::Security::Insecure } else { ferry_sdk::Security::from_env()? };
+        (a.endpoints.clone(), security, "running cluster".to_string())
     } else if let Some(bin) = &bin {
-        let p = FerryProcs::start(bin, &root.path().join("ferry")).await?;
-        let endpoints = p.endpoints();
+        let p = FerryProcs::start(bin, &root.path().join("ferry"), a.insecure).await?;
+        let (endpoints, security) = (p.endpoints(), p.security());
         procs = Some(p);
-        (endpoints, format!("3 processes of {}", bin.display()))
+        (endpoints, security, format!("3 processes of {}", bin.display()))
     } else {
-        let cluster = LocalCluster::start(&root.path().join("ferry"), 3, 0, None, |_| {}).await?;
+        let insecure = a.insecure;
+        let cluster = LocalCluster::start(&root.path().join("ferry"), 3, 0, None, |c| c.insecure = insecure).await?;
         cluster.wait_leader(Duration::from_secs(10)).await.context("no Ferry leader elected")?;
         let endpoints = cluster.endpoints();
+        let security = cluster.credentials(&ferry_sdk::tls::Identity::User("bench".into()))?;
         in_process = Some(cluster);
         let note = "3 nodes in this process, sharing its runtime with the clients (`cargo build --release -p ferry` \
                     to run them as processes, as etcd's are)";
-        (endpoints, note.to_string())
+        (endpoints, security, note.to_string())
     };
-    let ferry = Ferry::new(&endpoints).await?;
+    let ferry = Ferry::new(&endpoints, security).await?;
     println!("Ferry: {where_}, leader {}", ferry.leader());
-    let etcd = match start_etcd(&a, &root.path().join("etcd")).await {
-        Ok(etcd) => Some(etcd),
-        Err(why) => {
-            println!("{why}");
-            None
+    if a.vs_plaintext && a.insecure {
+        bail!("--vs-plaintext compares TLS with plaintext: leave out --insecure");
+    }
+    let etcd = if a.vs_plaintext {
+        None
+    } else {
+        match start_etcd(&a, &root.path().join("etcd")).await {
+            Ok(etcd) => Some(etcd),
+            Err(why) => {
+                println!("{why}");
+                None
+            }
         }
     };
     let baseline = fsync_baseline(root.path(), Duration::from_secs(2))?;
@@ -442,38 +508,31 @@ async fn bench(a: Args) -> anyhow::Result<()> {
     if a.watch_load > 0 {
         workloads.push(Workload::Watch { load: a.watch_load });
     }
-    let mut rows: Vec<(Workload, Vec<Sample>, Vec<Sample>)> =
-        workloads.iter().map(|&w| (w, Vec::new(), Vec::new())).collect();
-    for run in 0..a.runs.max(1) {
-        for (w, ferry_samples, etcd_samples) in &mut rows {
-            // Alternate who goes first, so neither side always meets a disk
-            // or page cache the other just stirred up.
-            if run % 2 == 1 {
-                if let Some(etcd) = &etcd {
-                    etcd_samples.push(w.run(etcd, &a).await.context("etcd")?);
-                }
-            }
-            ferry_samples.push(w.run(&ferry, &a).await.context("Ferry")?);
-            if run % 2 == 0 {
-                if let Some(etcd) = &etcd {
-                    etcd_samples.push(w.run(etcd, &a).await.context("etcd")?);
-                }
-            }
-        }
-        eprintln!("kv: run {}/{} done", run + 1, a.runs.max(1));
-    }
-
+    let (rows, sides, _plain) = if a.vs_plaintext {
+        // The same binary in plaintext, as the baseline of what TLS costs.
+        let bin = bin.as_ref().context("--vs-plaintext runs the nodes as processes: build ferry first")?;
+        let p = FerryProcs::start(bin, &root.path().join("plain"), true).await?;
+        let plain = Ferry::new(&p.endpoints(), p.security()).await?;
+        println!("plaintext Ferry: 3 more processes of {}, leader {}", bin.display(), plain.leader());
+        (compare(&ferry, Some(&plain), &a, &workloads).await?, VS_PLAIN, Some(p))
+    } else {
+        (compare(&ferry, etcd.as_ref(), &a, &workloads).await?, VS_ETCD, None)
+    };
     let (puts, watches): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| matches!(r.0, Workload::Puts(_)));
+    let (ah, bh) = (sides.a.0, sides.b.0);
+    let ratio = format!("{}/{}", sides.a.1, sides.b.1);
     print_table(
-        "puts (closed loop; F/e = Ferry/etcd throughput, higher is better for Ferry)",
+        sides,
+        &format!("puts (closed loop; {ratio} = {ah}/{bh} throughput, higher is better for {ah})"),
         "put/fsync",
         &puts,
         false,
     );
     print_table(
+        sides,
         &format!(
             "watch delivery: put call start -> event at one prefix watcher; writer at {} puts/s; \
-             F/e = Ferry/etcd p99 (lower is better for Ferry)",
+             {ratio} = {ah}/{bh} p99 (lower is better for {ah})",
             a.watch_rate
         ),
         "delivered",

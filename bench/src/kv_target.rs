@@ -49,12 +49,13 @@ pub struct Ferry {
     leader: String,
     /// Answers status calls (the leader's fsync counter).
     probe: Client,
+    security: ferry_sdk::Security,
 }
 
 impl Ferry {
     /// Finds the leader of the cluster at `endpoints`.
-    pub async fn new(endpoints: &[String]) -> anyhow::Result<Self> {
-        let probe = Client::connect(endpoints)?;
+    pub async fn new(endpoints: &[String], security: ferry_sdk::Security) -> anyhow::Result<Self> {
+        let probe = Client::connect(endpoints, security.clone())?;
         let status = probe.status().await.context("cluster status")?;
         if status.leader_addr.is_empty() {
             bail!("the Ferry cluster has no leader");
@@ -62,7 +63,7 @@ impl Ferry {
         let leader = status.leader_addr;
         let mut ordered = vec![leader.clone()];
         ordered.extend(endpoints.iter().filter(|e| **e != leader).cloned());
-        Ok(Self { endpoints: ordered, leader, probe })
+        Ok(Self { endpoints: ordered, leader, probe, security })
     }
 
     /// The leader's address.
@@ -71,7 +72,11 @@ impl Ferry {
     }
 
     fn client(&self) -> anyhow::Result<Client> {
-        let options = ClientOptions { request_timeout: Duration::from_secs(10), ..Default::default() };
+        let options = ClientOptions {
+            request_timeout: Duration::from_secs(10),
+            security: Some(self.security.clone()),
+            ..Default::default()
+        };
         Ok(Client::with_options(&self.endpoints, options)?)
     }
 }

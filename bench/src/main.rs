@@ -22,6 +22,7 @@ mod kv_target;
 mod procs;
 mod stats;
 mod stream;
+mod tls;
 
 use clap::{Parser, Subcommand};
 

@@ -8,6 +8,10 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ferry_sdk::tls::Identity;
+use ferry_sdk::Security;
+
+use crate::tls::BenchCa;
 pub use ferry_lab::procs::{free_ports, log_tail, spawn_logged};
 
 /// The `ferry` binary beside this bench's own (`cargo build --release -p
@@ -21,17 +25,24 @@ pub fn ferry_beside_bench() -> Option<PathBuf> {
 pub struct FerryProcs {
     children: Vec<(Child, PathBuf)>,
     endpoints: Vec<String>,
+    security: Security,
 }
 
 impl FerryProcs {
     /// Starts three nodes of `bin` with data and logs under `dir` and waits
-    /// until they agree on a leader.
-    pub async fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+    /// until they agree on a leader; under mutual TLS (a CA of their own in
+    /// `dir/tls`) unless `insecure`.
+    pub async fn start(bin: &Path, dir: &Path, insecure: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let ports = free_ports(3)?;
         let endpoints: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let members = endpoints.iter().enumerate().map(|(i, e)| format!("{}={e}", i + 1)).collect::<Vec<_>>();
-        let mut procs = FerryProcs { children: Vec::new(), endpoints };
+        let ca = if insecure { None } else { Some(BenchCa::new(&dir.join("tls"))?) };
+        let security = match &ca {
+            Some(ca) => ca.client()?,
+            None => Security::Insecure,
+        };
+        let mut procs = FerryProcs { children: Vec::new(), endpoints, security };
         for (i, listen) in procs.endpoints.clone().iter().enumerate() {
             let mut cmd = Command::new(bin);
             cmd.arg("scheduler")
@@ -40,6 +51,10 @@ impl FerryProcs {
                 .arg(dir.join(format!("s{}", i + 1)))
                 .args(["--initial-cluster", &members.join(",")])
                 .env("RUST_LOG", std::env::var("FERRY_BENCH_LOG").unwrap_or_else(|_| "warn".into()));
+            match &ca {
+                Some(ca) => cmd.args(ca.flags(&Identity::Scheduler(i as u64 + 1))?),
+                None => cmd.arg("--insecure"),
+            };
             let log = dir.join(format!("s{}.log", i + 1));
             let child = spawn_logged(cmd, &log).with_context(|| format!("starting {}", bin.display()))?;
             procs.children.push((child, log));
@@ -51,7 +66,7 @@ impl FerryProcs {
                     bail!("ferry scheduler {} exited ({status}) while starting:\n{}", i + 1, log_tail(log));
                 }
             }
-            let client = ferry_sdk::Client::connect(&procs.endpoints)?;
+            let client = ferry_sdk::Client::connect(&procs.endpoints, procs.security.clone())?;
             if client.status().await.is_ok_and(|s| !s.leader_addr.is_empty()) {
                 return Ok(procs);
             }
@@ -65,6 +80,11 @@ impl FerryProcs {
     /// The nodes' gRPC addresses.
     pub fn endpoints(&self) -> Vec<String> {
         self.endpoints.clone()
+    }
+
+    /// How clients reach the nodes.
+    pub fn security(&self) -> Security {
+        self.security.clone()
     }
 }
 

@@ -31,8 +31,13 @@ pub struct Args {
     dir: Option<PathBuf>,
 }
 
-async fn grpc_once(addr: &str, chunks: &[(Vec<u8>, u64)], concurrency: usize) -> anyhow::Result<Duration> {
-    let channel = ferry_worker::executor::peer_channel(addr, true).map_err(anyhow::Error::msg)?;
+async fn grpc_once(
+    addr: &str,
+    security: &ferry_sdk::Security,
+    chunks: &[(Vec<u8>, u64)],
+    concurrency: usize,
+) -> anyhow::Result<Duration> {
+    let channel = ferry_worker::executor::peer_channel(addr, true, security).map_err(anyhow::Error::msg)?;
     let start = Instant::now();
     let queue = std::sync::Arc::new(tokio::sync::Mutex::new(chunks.to_vec()));
     let mut tasks = Vec::new();
@@ -99,32 +104,52 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         store.put(&c.hash, &Location { path: file.clone(), offset: c.offset, len: c.len })?;
         chunks.push((c.hash.to_vec(), c.len));
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?.to_string();
-    let server = ChunkServiceServer::new(ChunkServer::new(store, 64, Bandwidth::new(None)));
-    let serving = tokio::spawn(
-        tonic::transport::Server::builder()
-            .initial_stream_window_size(Some(4 * 1024 * 1024))
-            .initial_connection_window_size(Some(16 * 1024 * 1024))
-            .add_service(server)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
-    );
+    // The same chunk service twice: with mutual TLS (a worker's
+    // certificate on each side, as between two workers) and in plaintext.
+    let ca = crate::tls::BenchCa::new(&dir.join("tls"))?;
+    let tls = ferry_sdk::Security::Tls(ferry_sdk::tls::Credentials::load(
+        ca.files(&ferry_sdk::tls::Identity::Worker("bench".into()))?,
+    )?);
+    let mut servers = Vec::new();
+    for security in [tls.clone(), ferry_sdk::Security::Insecure] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let server = ChunkServiceServer::new(ChunkServer::new(store.clone(), 64, Bandwidth::new(None)));
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let serving = tokio::spawn(
+            tonic::transport::Server::builder()
+                .initial_stream_window_size(Some(4 * 1024 * 1024))
+                .initial_connection_window_size(Some(16 * 1024 * 1024))
+                .add_service(server)
+                .serve_with_incoming(ferry_sdk::tls::incoming(incoming, security.clone())),
+        );
+        servers.push((addr, security, serving));
+    }
     let mib = a.size as f64 / (1024.0 * 1024.0);
-    let (mut grpc, mut tcp) = (Vec::new(), Vec::new());
-    for _ in 0..a.repeat.max(1) {
-        grpc.push(mib / grpc_once(&addr, &chunks, a.concurrency).await?.as_secs_f64());
+    let (mut secured, mut plain, mut tcp) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..a.repeat.max(1) {
+        // Alternate which goes first: neither always meets a cache the
+        // other just warmed.
+        for i in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
+            let (addr, security, _) = &servers[i];
+            let took = mib / grpc_once(addr, security, &chunks, a.concurrency).await?.as_secs_f64();
+            if i == 0 { &mut secured } else { &mut plain }.push(took);
+        }
         tcp.push(mib / tcp_once(&file).await?.as_secs_f64());
     }
-    serving.abort();
+    for (_, _, serving) in servers {
+        serving.abort();
+    }
     std::fs::remove_dir_all(&dir).ok();
-    let (g, t) = (median(grpc), median(tcp));
+    let (s, g, t) = (median(secured), median(plain), median(tcp));
     println!(
         "stream: {mib:.0} MiB from page cache over loopback, {} chunks, median of {} runs",
         chunks.len(),
         a.repeat.max(1)
     );
-    println!("  gRPC chunk streaming ({} chunks at once): {g:.0} MiB/s", a.concurrency);
-    println!("  plain TCP copy of the same bytes:         {t:.0} MiB/s");
-    println!("  ratio gRPC / TCP: {:.2}", g / t);
+    println!("  gRPC chunk streaming, mutual TLS ({} chunks at once): {s:.0} MiB/s", a.concurrency);
+    println!("  gRPC chunk streaming, plaintext:                       {g:.0} MiB/s");
+    println!("  plain TCP copy of the same bytes:                      {t:.0} MiB/s");
+    println!("  ratio TLS / plaintext: {:.2}   ratio plaintext gRPC / TCP: {:.2}", s / g, g / t);
     Ok(())
 }

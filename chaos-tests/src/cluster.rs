@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ferry_lab::netns::Lab;
 use ferry_lab::procs::{free_ports, run, spawn_logged};
+use ferry_sdk::tls::{Authority, Identity};
 
 use crate::lazyfs::LazyFs;
 
@@ -117,6 +118,24 @@ pub struct Cluster {
     disks: Vec<LazyFs>,
     /// Process `i`'s tmpfs, if [`Spec::small_disks`] (unmounted on drop).
     tmpfs: Vec<PathBuf>,
+    /// The run's CA (in `DIR/tls`), which issues every process and the
+    /// clients a certificate; `None` when the cluster starts on
+    /// [`Spec::base`], a release without TLS, and so runs plaintext.
+    ca: Option<Authority>,
+}
+
+/// The flags that give a process `identity`'s certificate from `ca`,
+/// issued into `dir`.
+fn tls_args(ca: &Authority, dir: &Path, identity: &Identity) -> anyhow::Result<Vec<OsString>> {
+    let files = ca.write_holder(dir, identity, &[])?;
+    Ok(vec![
+        "--tls-ca".into(),
+        files.ca.into(),
+        "--tls-cert".into(),
+        files.cert.into(),
+        "--tls-key".into(),
+        files.key.into(),
+    ])
 }
 
 impl Cluster {
@@ -165,6 +184,19 @@ impl Cluster {
             let (addrs, admins) = ports.split_at(all);
             (None, addrs.to_vec(), admins.to_vec())
         };
+        // TLS unless an older release (which has none) is part of the run.
+        let ca = match base {
+            Some(_) => None,
+            None => Some(Authority::new("chaos")?),
+        };
+        let tls_dir = dir.join("tls");
+        crate::workload::set_security(match &ca {
+            Some(ca) => {
+                let files = ca.write_holder(&tls_dir, &Identity::User("chaos".into()), &[])?;
+                ferry_sdk::Security::Tls(ferry_sdk::tls::Credentials::load(files)?)
+            }
+            None => ferry_sdk::Security::Insecure,
+        });
         let members = addrs[..nodes].iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>();
         let (members, schedulers) = (members.join(","), addrs[..nodes].join(","));
         let log = std::env::var("FERRY_CHAOS_LOG").unwrap_or_else(|_| "info".into());
@@ -183,7 +215,9 @@ impl Cluster {
                 let mut args: Vec<OsString> = args.iter().map(OsString::from).collect();
                 args.extend(["--data".into(), data.into()]);
                 args.extend(scheduler_args.iter().map(OsString::from));
-
+                if let Some(ca) = &ca {
+                    args.extend(tls_args(ca, &tls_dir, &Identity::Scheduler(i as u64 + 1))?);
+                }
                 (name, args)
             } else {
                 let name = format!("w{}", i - nodes + 1);
@@ -207,6 +241,9 @@ impl Cluster {
                 ];
                 let mut args: Vec<OsString> = args.iter().map(OsString::from).collect();
                 args.extend(["--data".into(), data.into(), "--allow-root".into(), root.clone().into()]);
+                if let Some(ca) = &ca {
+                    args.extend(tls_args(ca, &tls_dir, &Identity::Worker(name.clone()))?);
+                }
                 worker_dirs.push(WorkerDirs { name: name.clone(), root });
                 (name, args)
             };
@@ -228,6 +265,7 @@ impl Cluster {
             failpoints,
             disks,
             tmpfs,
+            ca,
         };
         for i in 0..all {
             cluster.spawn(i, &log)?;
@@ -263,6 +301,10 @@ impl Cluster {
         cmd.args(&proc.args).env("RUST_LOG", log);
         if i < self.nodes && *binary == self.ferry {
             cmd.args(&self.new_args);
+        }
+        if self.ca.is_none() && *binary == self.ferry {
+            // With a release without TLS in the cluster, plaintext for all.
+            cmd.arg("--insecure");
         }
         if let Some(failpoints) = &self.failpoints {
             cmd.env("FAILPOINTS", failpoints);
@@ -314,6 +356,9 @@ impl Cluster {
             ["scheduler", "--id", &new.to_string(), "--listen", &proc.addr].iter().map(OsString::from).collect();
         args.extend(["--data".into(), data.into(), "--admin-listen".into(), OsString::from(&proc.admin)]);
         args.extend(self.scheduler_args.iter().map(OsString::from));
+        if let Some(ca) = &self.ca {
+            args.extend(tls_args(ca, &self.dir.join("tls"), &Identity::Scheduler(new))?);
+        }
         proc.args = args;
         self.ids[slot] = new;
         let log = std::env::var("FERRY_CHAOS_LOG").unwrap_or_else(|_| "info".into());
@@ -576,7 +621,7 @@ impl Cluster {
     pub async fn leader(&self) -> Option<u64> {
         let mut best: Option<(u64, u64)> = None;
         for proc in self.procs[..self.nodes].iter().filter(|p| p.child.is_some()) {
-            let Ok(client) = ferry_sdk::Client::connect([proc.addr.clone()]) else { continue };
+            let Ok(client) = crate::workload::connect([proc.addr.clone()]) else { continue };
             let status = tokio::time::timeout(Duration::from_millis(500), client.status_of(&proc.addr)).await;
             if let Ok(Ok(status)) = status {
                 if status.leader_id != 0 && best.is_none_or(|(term, _)| status.term > term) {
@@ -604,7 +649,7 @@ impl Cluster {
     /// Waits until the leader lists every worker as connected.
     pub async fn wait_for_workers(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        let client = ferry_sdk::Client::connect(self.endpoints())?;
+        let client = crate::workload::connect(self.endpoints())?;
         loop {
             let listed = client.list_workers().await.unwrap_or_default();
             let connected = self
@@ -628,7 +673,7 @@ impl Cluster {
         loop {
             let mut out = Vec::new();
             for (i, proc) in self.procs[..self.nodes].iter().enumerate() {
-                let got = match ferry_sdk::Client::connect([proc.addr.clone()]) {
+                let got = match crate::workload::connect([proc.addr.clone()]) {
                     Ok(client) => client
                         .state_digest_of(&proc.addr)
                         .await

@@ -287,7 +287,7 @@ async fn job_loop(
 /// Every member that answers must know job `id` just acknowledged.
 async fn check_visible(endpoints: &[String], id: &str, k: usize, problems: &mut Vec<String>) {
     for addr in endpoints {
-        let Ok(one) = Client::connect([addr.clone()]) else { continue };
+        let Ok(one) = crate::workload::connect([addr.clone()]) else { continue };
         match tokio::time::timeout(Duration::from_secs(3), one.get_job(id)).await {
             Ok(Err(Error::Rejected(s))) if s.code() == tonic::Code::NotFound => {
                 problems.push(format!("job {k} ({id}): acknowledged, but {addr} answered {}", s.message()));
@@ -410,7 +410,7 @@ pub async fn final_check(
     let acknowledged: Vec<&JobRun> = jobs.runs.iter().filter(|r| r.job_id.is_some()).collect();
     let must = &acknowledged[acknowledged.len().saturating_sub(kept.unwrap_or(usize::MAX))..];
     for addr in endpoints {
-        let listed = match Client::connect([addr.clone()]) {
+        let listed = match crate::workload::connect([addr.clone()]) {
             Ok(one) => one.list_jobs().await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };

@@ -360,7 +360,7 @@ async fn replace_under_kill(
     let at = || started.elapsed().as_secs_f64();
     let fault = |what: String| Fault { at: at(), what, lost: 0 };
     let mut out = Vec::new();
-    let client = match ferry_sdk::Client::connect(cluster.lock().await.endpoints()) {
+    let client = match crate::workload::connect(cluster.lock().await.endpoints()) {
         Ok(client) => client,
         Err(e) => return vec![fault(format!("strike node {old}: replace failed: {e}"))],
     };

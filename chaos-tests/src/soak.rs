@@ -4,7 +4,8 @@
 //! 50 a second, two watchers and leases, while the leader is killed every
 //! two minutes. Every job must succeed; and every process's memory and
 //! data directory must stop growing, which [`sample`] measures at a tenth
-//! of the run, at its middle and at its end, and [`growth`] judges.
+//! of the run, at each quarter and at its end, and [`growth`] judges from
+//! the middle to the end.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +14,10 @@ use tokio::sync::Mutex;
 
 use crate::cluster::Cluster;
 use crate::jobs::Shape;
+
+/// Flags of the soak's schedulers: a job history of 20 (the default
+/// 1000 would take 8 hours of the soak's jobs to reach).
+pub const SCHEDULER_ARGS: &[&str] = &["--job-history", "20"];
 
 /// The soak's workers: the jobs' source and 19 targets.
 pub const WORKERS: usize = 20;
@@ -37,10 +42,15 @@ pub struct Sample {
     pub usage: Vec<(String, Option<(u64, u64)>)>,
 }
 
-/// Samples every process at 10 %, 55 % and 100 % of `duration`.
+/// When [`sample`] measures, as shares of the run; [`growth`] compares the
+/// one at [`MIDDLE`] with the last.
+const SHARES: [f64; 5] = [0.10, 0.25, 0.50, 0.75, 1.0];
+const MIDDLE: usize = 2;
+
+/// Samples every process at each of [`SHARES`] of `duration`.
 pub async fn sample(cluster: Arc<Mutex<Cluster>>, duration: Duration, started: Instant) -> Vec<Sample> {
     let mut out = Vec::new();
-    for share in [0.10, 0.55, 1.0] {
+    for share in SHARES {
         let at = duration.mul_f64(share);
         tokio::time::sleep(at.saturating_sub(started.elapsed())).await;
         let c = cluster.lock().await;
@@ -73,7 +83,7 @@ pub fn table(samples: &[Sample]) -> String {
 /// The processes that grew from the middle sample to the last by more
 /// than a quarter (and more than the slack).
 pub fn growth(samples: &[Sample]) -> Vec<String> {
-    let [.., middle, end] = samples else { return Vec::new() };
+    let (Some(middle), Some(end)) = (samples.get(MIDDLE), samples.last()) else { return Vec::new() };
     let mut problems = Vec::new();
     for ((who, before), (_, after)) in middle.usage.iter().zip(&end.usage) {
         let (Some(before), Some(after)) = (before, after) else { continue };
@@ -100,7 +110,7 @@ mod tests {
 
     fn samples(middle: (u64, u64), end: (u64, u64)) -> Vec<Sample> {
         let at = |at: f64, u: (u64, u64)| Sample { at, usage: vec![("w1".into(), Some((u.0 << 20, u.1 << 20)))] };
-        vec![at(10.0, (20, 5)), at(55.0, middle), at(100.0, end)]
+        vec![at(10.0, (20, 5)), at(25.0, (20, 5)), at(55.0, middle), at(75.0, (20, 5)), at(100.0, end)]
     }
 
     #[test]

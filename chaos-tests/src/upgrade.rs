@@ -130,7 +130,7 @@ async fn start_one(c: &mut Cluster, who: Who) -> String {
 async fn scheduler_ready(c: &Cluster, id: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_WITHIN;
     let addr = c.endpoints()[c.node_ids().iter().position(|i| *i == id).unwrap_or(0)].clone();
-    let client = ferry_sdk::Client::connect(c.endpoints())?;
+    let client = crate::workload::connect(c.endpoints())?;
     loop {
         let own = tokio::time::timeout(Duration::from_secs(1), client.status_of(&addr)).await;
         let leader = tokio::time::timeout(Duration::from_secs(1), client.status()).await;

@@ -35,12 +35,34 @@ pub struct Config {
     pub sdk_deadlines: bool,
 }
 
+/// How the harness's clients reach the cluster under test: set by
+/// [`crate::cluster::Cluster::start`] (a user certificate of the run's CA,
+/// or plaintext for a cluster that starts on a release without TLS). One
+/// cluster runs at a time.
+static SECURITY: std::sync::RwLock<Option<ferry_sdk::Security>> = std::sync::RwLock::new(None);
+
+/// Sets what [`security`] returns.
+pub fn set_security(security: ferry_sdk::Security) {
+    *SECURITY.write().unwrap_or_else(|e| e.into_inner()) = Some(security);
+}
+
+/// The security of the cluster under test (plaintext before one started).
+pub fn security() -> ferry_sdk::Security {
+    SECURITY.read().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or(ferry_sdk::Security::Insecure)
+}
+
+/// A client with the SDK's default deadlines.
+pub fn connect<I: IntoIterator<Item = S>, S: AsRef<str>>(endpoints: I) -> Result<Client, Error> {
+    Client::connect(endpoints, security())
+}
+
 /// A client that gives up soon: an operation cut off by a fault becomes
 /// `unknown` quickly instead of waiting out the SDK's default budget.
 pub fn client(endpoints: &[String]) -> anyhow::Result<Client> {
     let options = ClientOptions {
         request_timeout: Duration::from_secs(1),
         total_timeout: Duration::from_secs(3),
+        security: Some(security()),
         ..ClientOptions::default()
     };
     Ok(Client::with_options(endpoints.iter().cloned(), options)?)
@@ -132,11 +154,7 @@ pub fn start(
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     for process in 0..config.clients {
-        let client = if config.sdk_deadlines {
-            Client::with_options(endpoints.iter().cloned(), ClientOptions::default())?
-        } else {
-            client(endpoints)?
-        };
+        let client = if config.sdk_deadlines { connect(endpoints)? } else { client(endpoints)? };
         let task = client_loop(client, history.clone(), process, config, seed ^ (process as u64 + 1), stop.clone());
         tasks.push(tokio::spawn(task));
     }

@@ -38,6 +38,113 @@ pub struct ClientArgs {
     /// deadline: that is `job submit --job-timeout`.
     #[arg(long, global = true, default_value = "15s", value_parser = positive_duration)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// `ferry certs ...`: files are read from and written to `--dir`.
+#[derive(Subcommand, Debug)]
+pub enum CertsCmd {
+    /// Make a new CA: `ca.pem` (give it to every holder) and `ca-key.pem`
+    /// (keep it where certificates are issued, nowhere else).
+    Ca {
+        #[command(flatten)]
+        out: CertsOut,
+        /// A name for the CA (shown in its certificate).
+        #[arg(long, default_value = "ferry")]
+        name: String,
+    },
+    /// A scheduler's certificate, naming its node id.
+    Scheduler {
+        #[command(flatten)]
+        out: CertsOut,
+        /// The node's id (`--id` of `ferry scheduler`).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+        #[command(flatten)]
+        issue: CertsIssue,
+    },
+    /// A worker's certificate, naming the worker.
+    Worker {
+        #[command(flatten)]
+        out: CertsOut,
+        /// The worker's name (`--name` of `ferry worker`).
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        issue: CertsIssue,
+    },
+    /// A user's certificate, for the CLI, the SDK or grpcurl.
+    User {
+        #[command(flatten)]
+        out: CertsOut,
+        /// The user's name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        issue: CertsIssue,
+    },
+}
+
+/// Where `ferry certs` keeps the CA and writes certificates.
+#[derive(Args, Debug)]
+pub struct CertsOut {
+    /// The directory of `ca.pem` and `ca-key.pem`, where certificates are
+    /// written (`scheduler-1.pem`, `scheduler-1-key.pem`, ...).
+    #[arg(long, default_value = "tls")]
+    pub dir: PathBuf,
+}
+
+/// How a certificate is issued.
+#[derive(Args, Debug)]
+pub struct CertsIssue {
+    /// A host name or IP address clients may also check the certificate
+    /// against (grpcurl does); repeat for several.
+    #[arg(long = "host")]
+    pub hosts: Vec<String>,
+    /// How long the certificate is valid, in days.
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub days: u32,
+}
+
+/// Transport security, for client commands and daemons alike (a daemon's
+/// flags override its `[tls]` and `insecure` keys).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// The cluster CA's certificate (PEM): whom to trust.
+    #[arg(long, global = true, env = "FERRY_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This holder's certificate (PEM, from `ferry certs`): a user's for
+    /// client commands, the node's own for a daemon.
+    #[arg(long, global = true, env = "FERRY_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, global = true, env = "FERRY_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Plaintext, with no one checked: only for a trusted network (a
+    /// daemon warns at start).
+    #[arg(long, global = true, env = "FERRY_INSECURE", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    pub insecure: bool,
+}
+
+impl TlsArgs {
+    /// The `[tls]` settings these flags name.
+    pub fn config(&self) -> ferry_sdk::tls::TlsConfig {
+        ferry_sdk::tls::TlsConfig { ca: self.tls_ca.clone(), cert: self.tls_cert.clone(), key: self.tls_key.clone() }
+    }
+
+    /// Overrides a daemon's `[tls]` and `insecure` with the flags given.
+    pub fn apply(&self, tls: &mut ferry_sdk::tls::TlsConfig, insecure: &mut bool) {
+        let given = self.config();
+        for (mine, flag) in [(&mut tls.ca, given.ca), (&mut tls.cert, given.cert), (&mut tls.key, given.key)] {
+            if flag.is_some() {
+                *mine = flag;
+            }
+        }
+        if self.insecure {
+            *insecure = true;
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -69,6 +176,10 @@ pub enum Command {
     /// Ferry's main job on loopback: 3 schedulers and 6 workers in this
     /// process push a 200 MB file to every worker, then push a 1 MB change.
     Demo(DemoArgs),
+    /// Make the cluster's CA and issue scheduler, worker and user
+    /// certificates (docs/operations/security.md).
+    #[command(subcommand)]
+    Certs(CertsCmd),
     /// Print a shell completion script, e.g.
     /// `ferry completions bash > /etc/bash_completion.d/ferry`.
     Completions {
@@ -169,6 +280,10 @@ pub struct SchedulerArgs {
     /// Finished jobs kept; older ones are forgotten (0: keep all; default 1000).
     #[arg(long)]
     pub job_history: Option<u64>,
+    /// A host job callbacks and probe alerts may go to: a name, `*.domain`,
+    /// an IP address or network (repeatable; replaces `callback_hosts`).
+    #[arg(long = "callback-host", value_name = "HOST")]
+    pub callback_hosts: Vec<String>,
 }
 
 /// Flags of `ferry dev`.

@@ -10,7 +10,12 @@ use crate::args::{ClientArgs, ConfigCmd, GrayCmd, LeaseCmd, ProbeCmd, RegistryCm
 use crate::output::{self, escape};
 
 pub(crate) fn client(args: &ClientArgs) -> Result<Client, ferry_sdk::Error> {
-    let options = ClientOptions { total_timeout: args.timeout, ..ClientOptions::default() };
+    let security = args
+        .tls
+        .config()
+        .security(args.tls.insecure)
+        .map_err(|(field, reason)| ferry_sdk::Error::Credentials(format!("{field}: {reason}")))?;
+    let options = ClientOptions { total_timeout: args.timeout, security: Some(security), ..ClientOptions::default() };
     Client::with_options(&args.endpoints, options)
 }
 

@@ -119,7 +119,7 @@ async fn status(c: &Client, as_json: bool) -> u8 {
                 "id": m.id, "addr": m.addr, "kind": m.kind, "role": s.role,
                 "term": s.term, "applied_index": s.applied_index, "commit_index": s.commit_index,
                 "last_log_index": s.last_log_index, "snapshot_index": s.snapshot_index,
-                "version": s.version,
+                "version": s.version, "tls_not_after": s.tls_not_after,
             }),
             Err(_) => json!({"id": m.id, "addr": m.addr, "kind": m.kind, "role": "unreachable"}),
         };
@@ -146,21 +146,54 @@ async fn status(c: &Client, as_json: bool) -> u8 {
         if !cluster_version.is_empty() {
             println!("cluster version: {cluster_version}");
         }
-        println!("{:<4} {:<22} {:<8} {:<12} {:>10} {:>10}  VERSION", "ID", "ADDR", "KIND", "ROLE", "APPLIED", "COMMIT");
+        println!(
+            "{:<4} {:<22} {:<8} {:<12} {:>10} {:>10}  {:<8} CERT",
+            "ID", "ADDR", "KIND", "ROLE", "APPLIED", "COMMIT", "VERSION"
+        );
+        let mut expiring = Vec::new();
         for r in rows {
+            let cert = match r.get("tls_not_after").and_then(|v| v.as_i64()) {
+                None => String::new(),
+                Some(0) => "plaintext".to_string(),
+                Some(at) => {
+                    let days = (at - unix_now()).div_euclid(86_400);
+                    if days < CERT_WARN_DAYS {
+                        expiring.push((r["id"].clone(), days));
+                    }
+                    if days < 0 {
+                        "expired".to_string()
+                    } else {
+                        format!("{days}d left")
+                    }
+                }
+            };
             let num = |k: &str| r.get(k).and_then(|v| v.as_u64()).map(|n| n.to_string()).unwrap_or_else(|| "-".into());
             let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
             println!(
-                "{:<4} {:<22} {:<8} {:<12} {:>10} {:>10}  {}",
+                "{:<4} {:<22} {:<8} {:<12} {:>10} {:>10}  {:<8} {}",
                 num("id"),
                 s("addr"),
                 s("kind"),
                 s("role"),
                 num("applied_index"),
                 num("commit_index"),
-                s("version")
+                s("version"),
+                cert
+            );
+        }
+        for (id, days) in expiring {
+            println!(
+                "warning: node {id}'s certificate expires in {days} days: rotate it (docs/operations/security.md)"
             );
         }
     }
     0
+}
+
+/// A member whose certificate expires in fewer days than this is named in
+/// a warning under the table.
+const CERT_WARN_DAYS: i64 = 30;
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use ferry_scheduler::{LocalCluster, Scheduler, SchedulerConfig};
 
-use crate::args::{DevArgs, SchedulerArgs};
+use crate::args::{DevArgs, SchedulerArgs, TlsArgs};
 
 /// Resolves when SIGTERM or SIGINT arrives.
 pub(crate) async fn stop_signal() {
@@ -23,7 +23,7 @@ pub(crate) async fn stop_signal() {
     }
 }
 
-fn merge(a: SchedulerArgs) -> Result<SchedulerConfig, String> {
+fn merge(a: SchedulerArgs, tls: &TlsArgs) -> Result<SchedulerConfig, String> {
     let mut c = match &a.config {
         Some(path) => SchedulerConfig::from_toml_file(path).map_err(|e| e.to_string())?,
         None => SchedulerConfig::default(),
@@ -79,13 +79,17 @@ fn merge(a: SchedulerArgs) -> Result<SchedulerConfig, String> {
     if let Some(v) = a.job_history {
         c.job_history = v;
     }
+    if !a.callback_hosts.is_empty() {
+        c.callback_hosts = a.callback_hosts;
+    }
+    tls.apply(&mut c.tls, &mut c.insecure);
     c.validate().map_err(|e| format!("invalid value for --{e}"))?;
     Ok(c)
 }
 
 /// `ferry scheduler`.
-pub async fn scheduler(a: SchedulerArgs) -> u8 {
-    let config = match merge(a) {
+pub async fn scheduler(a: SchedulerArgs, tls: &TlsArgs) -> u8 {
+    let config = match merge(a, tls) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -115,9 +119,10 @@ pub async fn scheduler(a: SchedulerArgs) -> u8 {
     code
 }
 
-/// `ferry dev`: three schedulers in one process on loopback.
-pub async fn dev(a: DevArgs) -> u8 {
-    match run_dev(a).await {
+/// `ferry dev`: three schedulers in one process on loopback, under a
+/// throwaway CA (plaintext with `--insecure`).
+pub async fn dev(a: DevArgs, tls: &TlsArgs) -> u8 {
+    match run_dev(a, tls.insecure).await {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
@@ -126,13 +131,14 @@ pub async fn dev(a: DevArgs) -> u8 {
     }
 }
 
-async fn run_dev(a: DevArgs) -> Result<(), String> {
+async fn run_dev(a: DevArgs, insecure: bool) -> Result<(), String> {
     let (root, temporary) = match a.data {
         Some(d) => (d, false),
         None => (std::env::temp_dir().join(format!("ferry-dev-{}", std::process::id())), true),
     };
-    let cluster =
-        LocalCluster::start(&root, 3, a.base_port, Some(a.admin_base_port), |_| {}).await.map_err(|e| e.to_string())?;
+    let cluster = LocalCluster::start(&root, 3, a.base_port, Some(a.admin_base_port), |c| c.insecure = insecure)
+        .await
+        .map_err(|e| e.to_string())?;
     let addrs = cluster.endpoints();
     let endpoints = addrs.join(",");
     println!("ferry dev: 3 schedulers running, data in {}", root.display());
@@ -140,7 +146,26 @@ async fn run_dev(a: DevArgs) -> Result<(), String> {
         let admin = n.admin_addr().map(|a| a.to_string()).unwrap_or_default();
         println!("  node {}  grpc {}  admin http://{admin}/metrics", n.node().id, n.addr());
     }
-    println!("try:\n  export FERRY_ENDPOINTS={endpoints}\n  ferry cluster status\n  ferry config put greeting hello && ferry config get greeting");
+    let security = if insecure {
+        "export FERRY_INSECURE=true".to_string()
+    } else {
+        // A user certificate for the CLI, from the cluster's throwaway CA.
+        let files = cluster.files(&ferry_sdk::tls::Identity::User("dev".into())).map_err(|e| e.to_string())?;
+        format!(
+            "export FERRY_TLS_CA={} FERRY_TLS_CERT={} FERRY_TLS_KEY={}",
+            files.ca.display(),
+            files.cert.display(),
+            files.key.display()
+        )
+    };
+    // The two lines a shell needs, in a file to `source`.
+    let env = root.join("env");
+    std::fs::write(&env, format!("export FERRY_ENDPOINTS={endpoints}\n{security}\n"))
+        .map_err(|e| format!("{}: {e}", env.display()))?;
+    println!("try, in another shell:");
+    println!("  source {}        # FERRY_ENDPOINTS and the CLI's certificate", env.display());
+    println!("  ferry cluster status");
+    println!("  ferry config put greeting hello && ferry config get greeting");
     println!("Ctrl-C stops the cluster.");
     stop_signal().await;
     cluster.shutdown().await;

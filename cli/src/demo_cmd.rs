@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ferry_scheduler::LocalCluster;
+use ferry_sdk::tls::Identity;
 use ferry_sdk::{pb, Client};
 use ferry_worker::{Worker, WorkerConfig};
 
@@ -75,12 +76,13 @@ async fn demo(a: DemoArgs, root: &Path) -> anyhow::Result<()> {
             data: root.join(&name).join("data"),
             roots: vec![root.join(&name).join("root")],
             labels: [("zone".to_string(), if i % 2 == 0 { "a" } else { "b" }.to_string())].into(),
+            tls: cluster.files(&Identity::Worker(name.clone()))?.into(),
             ..WorkerConfig::default()
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         workers.push(Worker::start_with(config, listener).await?);
     }
-    let c = Client::connect(&endpoints)?;
+    let c = Client::connect(&endpoints, cluster.credentials(&Identity::User("demo".into()))?)?;
     let names: Vec<String> = (2..=a.workers).map(|i| format!("w{i}")).collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

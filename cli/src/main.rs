@@ -14,6 +14,7 @@ macro_rules! println {
 }
 
 mod args;
+mod certs_cmd;
 mod client_cmd;
 mod cluster_cmd;
 mod completions_cmd;
@@ -85,8 +86,8 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            args::Command::Scheduler(a) => daemon_cmd::scheduler(*a).await,
-            args::Command::Dev(a) => daemon_cmd::dev(a).await,
+            args::Command::Scheduler(a) => daemon_cmd::scheduler(*a, &cli.client.tls).await,
+            args::Command::Dev(a) => daemon_cmd::dev(a, &cli.client.tls).await,
             args::Command::Cluster(c) => cluster_cmd::cluster(&cli.client, c).await,
             args::Command::Config(c) => client_cmd::config(&cli.client, c).await,
             args::Command::Lease(c) => client_cmd::lease(&cli.client, c).await,
@@ -95,10 +96,11 @@ fn main() -> ExitCode {
             args::Command::Worker(w) => match w.sub {
                 Some(args::WorkerSub::List) => worker_cmd::list(&cli.client).await,
                 Some(args::WorkerSub::Drain { name }) => worker_cmd::drain(&cli.client, &name).await,
-                None => worker_cmd::run(*w.run).await,
+                None => worker_cmd::run(*w.run, &cli.client.tls).await,
             },
             args::Command::Job(j) => job_cmd::run(&cli.client, j).await,
             args::Command::Demo(d) => demo_cmd::run(d).await,
+            args::Command::Certs(c) => certs_cmd::run(c),
             args::Command::Completions { shell } => completions_cmd::run(shell),
         }
     });

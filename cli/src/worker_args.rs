@@ -57,6 +57,11 @@ pub struct WorkerArgs {
     /// A directory this worker may read from and write to (repeatable).
     #[arg(long = "allow-root")]
     pub allow_root: Vec<PathBuf>,
+    /// A host this worker may download probe targets from: a name,
+    /// `*.domain`, an IP address or network (repeatable; replaces
+    /// `fetch_hosts`).
+    #[arg(long = "fetch-host", value_name = "HOST")]
+    pub fetch_hosts: Vec<String>,
     /// Labels for selectors: k=v,k2=v2.
     #[arg(long, value_parser = labels)]
     pub labels: Option<std::collections::BTreeMap<String, String>>,

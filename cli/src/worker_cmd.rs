@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use ferry_worker::{Worker, WorkerConfig};
 use serde_json::json;
 
-use crate::args::{ClientArgs, WorkerArgs};
+use crate::args::{ClientArgs, TlsArgs, WorkerArgs};
 use crate::output::escape;
 
-fn merge(a: WorkerArgs) -> Result<WorkerConfig, String> {
+fn merge(a: WorkerArgs, tls: &TlsArgs) -> Result<WorkerConfig, String> {
     let mut c = match &a.config {
         Some(p) => WorkerConfig::from_toml_file(p).map_err(|e| e.to_string())?,
         None => WorkerConfig::default(),
@@ -39,6 +39,9 @@ fn merge(a: WorkerArgs) -> Result<WorkerConfig, String> {
     }
     if !a.allow_root.is_empty() {
         c.roots = a.allow_root;
+    }
+    if !a.fetch_hosts.is_empty() {
+        c.fetch_hosts = a.fetch_hosts;
     }
     if let Some(v) = a.labels {
         c.labels = v;
@@ -71,13 +74,14 @@ fn merge(a: WorkerArgs) -> Result<WorkerConfig, String> {
     if let Some(v) = a.config_resync {
         c.config_resync = v;
     }
+    tls.apply(&mut c.tls, &mut c.insecure);
     c.validate().map_err(|e| format!("invalid value for --{e}"))?;
     Ok(c)
 }
 
 /// Runs the worker until SIGTERM or Ctrl-C.
-pub async fn run(a: WorkerArgs) -> u8 {
-    let config = match merge(a) {
+pub async fn run(a: WorkerArgs, tls: &TlsArgs) -> u8 {
+    let config = match merge(a, tls) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -188,8 +192,9 @@ mod tests {
         use clap::Parser;
         let mut all = vec!["ferry", "worker", "--name", "w1", "--allow-root", "/srv/ferry"];
         all.extend_from_slice(argv);
-        match crate::args::Cli::try_parse_from(all).expect("parses").command {
-            crate::args::Command::Worker(w) => merge(*w.run).expect("valid"),
+        let cli = crate::args::Cli::try_parse_from(all).expect("parses");
+        match cli.command {
+            crate::args::Command::Worker(w) => merge(*w.run, &cli.client.tls).expect("valid"),
             other => panic!("not a worker: {other:?}"),
         }
     }

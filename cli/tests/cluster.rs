@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ferry_sdk::Client;
 
-use common::{ferry, free_port, metric, wait_for, Schedulers, FERRY};
+use common::{ferry, free_port, metric, wait_for, Schedulers};
 
 /// Waits until every node in `ids` has the same applied index and returns
 /// their (equal) digests.
@@ -236,8 +236,7 @@ impl Drop for KillOnDrop {
 
 fn start_single(data: &Path, port: u16) -> KillOnDrop {
     let addr = format!("127.0.0.1:{port}");
-    Command::new(FERRY)
-        .args(["scheduler", "--id", "1", "--listen", &addr, "--initial-cluster", &format!("1={addr}")])
+    common::command_for(&["scheduler", "--id", "1", "--listen", &addr, "--initial-cluster", &format!("1={addr}")])
         .arg("--data")
         .arg(data)
         .stdout(Stdio::null())
@@ -253,7 +252,7 @@ async fn single_node_cli_round_trip_and_locked_data_dir() {
     let port = free_port();
     let mut first = start_single(dir.path(), port);
     let endpoint = format!("127.0.0.1:{port}");
-    let client = Client::connect([endpoint.as_str()]).expect("client");
+    let client = Client::connect([endpoint.as_str()], common::security()).expect("client");
     wait_for("a single-node leader", Duration::from_secs(20), || async {
         (client.status().await.ok()?.leader_id == 1).then_some(())
     })
@@ -314,10 +313,10 @@ fn open_files_limits(pid: u32) -> Option<(String, String)> {
 fn daemons_lift_their_open_files_limit_to_the_hard_one() {
     use std::os::unix::process::CommandExt;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut cmd = Command::new(FERRY);
-    cmd.args(["worker", "--name", "w1", "--listen", "127.0.0.1:0", "--schedulers"])
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .arg("--data")
+    let schedulers = format!("127.0.0.1:{}", free_port());
+    let mut cmd =
+        common::command_for(&["worker", "--name", "w1", "--listen", "127.0.0.1:0", "--schedulers", &schedulers]);
+    cmd.arg("--data")
         .arg(tmp.path().join("data"))
         .arg("--allow-root")
         .arg(tmp.path())
@@ -398,7 +397,7 @@ async fn a_node_joins_only_once_caught_up_and_a_removed_node_turns_clients_away(
     let _n4 = common::Proc::spawn(&args, &dir.path().join("s4.log"));
     let (code, out, err) = cli(&["cluster", "add-node", "--id", "4", "--addr", &addr4]);
     assert_eq!(code, Some(0), "{out}{err}");
-    let four = Client::connect(vec![addr4.clone()]).expect("client of node 4");
+    let four = Client::connect(vec![addr4.clone()], common::security()).expect("client of node 4");
     wait_for("node 4 to serve a read", Duration::from_secs(20), || async {
         four.get_with("before", true).await.ok().flatten().map(|kv| kv.value)
     })

@@ -4,10 +4,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{ferry, marked_deregistered, Schedulers, FERRY};
+use common::{ferry, marked_deregistered, Schedulers};
 
 /// `ferry --endpoints ENDPOINTS ARGS`: exit code, trimmed stdout, stderr.
 fn run_at(endpoints: &str, args: &[&str]) -> (Option<i32>, String, String) {
@@ -97,7 +97,7 @@ async fn history_past_reads_and_compare_and_set_from_the_cli() {
     };
 
     // A `watch --json` process started before the writes prints each change.
-    let mut watcher = Command::new(FERRY)
+    let mut watcher = common::command()
         .args(["--endpoints", &endpoints, "--json", "config", "watch", "color"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-use common::*;
 
 #[test]
 fn the_demo_pushes_verifies_and_updates_every_copy() {
@@ -15,7 +13,7 @@ fn the_demo_pushes_verifies_and_updates_every_copy() {
     let data = dir.path().join("demo");
     let out_path = dir.path().join("out.txt");
     let out = std::fs::File::create(&out_path).expect("output file");
-    let mut child = Command::new(FERRY)
+    let mut child = common::command()
         .args(["demo", "--size", "24MiB", "--dir"])
         .arg(&data)
         .stdin(Stdio::null())

@@ -8,14 +8,14 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{ferry, random_bytes, Schedulers, FERRY};
+use common::{ferry, random_bytes, Schedulers};
 
 /// `ferry --endpoints ENDPOINT ARGS` with `stdin`: exit code, stdout bytes, stderr.
 fn run(endpoint: &str, args: &[&str], stdin: &[u8]) -> (Option<i32>, Vec<u8>, String) {
-    let mut child = Command::new(FERRY)
+    let mut child = common::command()
         .args(["--endpoints", endpoint])
         .args(args)
         .stdin(Stdio::piped())
@@ -71,7 +71,7 @@ async fn the_cli_at_its_edges_refuses_clearly_and_prints_safely() {
 
     // A watch the cluster refuses (a prefix over 4096 bytes) ends with exit 2.
     let long = "p".repeat(5000);
-    let mut watch = Command::new(FERRY)
+    let mut watch = common::command()
         .args(["--endpoints", &one, "config", "watch", &long])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -137,7 +137,7 @@ async fn the_cli_at_its_edges_refuses_clearly_and_prints_safely() {
     for i in 0..40 {
         c.put(&format!("many/{i:03}"), vec![b'v'; 4000]).await.expect("put");
     }
-    let mut list = Command::new(FERRY)
+    let mut list = common::command()
         .args(["--endpoints", &two, "config", "list", "many/"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -184,7 +184,7 @@ async fn a_listing_and_a_watch_over_seventy_mib_arrive_whole() {
     }
 
     // A watch from the first revision replays them all, promptly.
-    let mut watch = Command::new(FERRY)
+    let mut watch = common::command()
         .args(["--endpoints", &other, "config", "watch", "big/", "--rev", &first_revision.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -229,9 +229,8 @@ async fn a_key_that_is_not_utf8_is_invalid_argument_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sched = Schedulers::start(dir.path(), &[]);
     let leader = sched.agreed_leader(&[1, 2, 3]).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", sched.addr(leader)))
-        .expect("endpoint")
-        .connect()
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", sched.addr(leader))).expect("endpoint");
+    let channel = ferry_sdk::tls::client::connect(endpoint, &common::security(), ferry_sdk::tls::Role::Scheduler)
         .await
         .expect("connect");
     let mut grpc = tonic::client::Grpc::new(channel);

@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{exit_code_within, free_port, wait_for, Proc, Schedulers, FERRY};
+use common::{exit_code_within, free_port, wait_for, Proc, Schedulers};
 
 /// `cp -a FROM TO`.
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -20,8 +20,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 /// Runs `ferry ARGS` (a daemon expected to refuse to start) and returns its
 /// exit code and stderr, or panics if it still runs after `timeout`.
 fn refused_start(args: &[String], timeout: Duration) -> (Option<i32>, String) {
-    let mut child = Command::new(FERRY)
-        .args(args)
+    let mut child = common::command_for(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

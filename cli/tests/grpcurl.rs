@@ -50,9 +50,15 @@ fn grpcurl_binary() -> &'static std::path::Path {
     })
 }
 
-/// Runs `grpcurl ARGS`: stdout on success, or a panic with both streams.
+/// Runs `grpcurl -cacert CA -cert USER -key KEY ARGS` (the test user's
+/// certificate, as a user runs it): stdout on success, or a panic with both
+/// streams.
 async fn grpcurl(args: &[&str]) -> String {
-    let out = match tokio::process::Command::new(grpcurl_binary()).args(args).output().await {
+    let f = common::files(&common::user());
+    let tls =
+        ["-cacert", &*f.ca.to_string_lossy(), "-cert", &*f.cert.to_string_lossy(), "-key", &*f.key.to_string_lossy()]
+            .map(String::from);
+    let out = match tokio::process::Command::new(grpcurl_binary()).args(tls).args(args).output().await {
         Ok(out) => out,
         Err(e) => panic!("cannot run grpcurl: {e}"),
     };
@@ -66,9 +72,9 @@ async fn grpcurl(args: &[&str]) -> String {
     stdout
 }
 
-/// `grpcurl -plaintext -d JSON ADDR METHOD`, parsed.
+/// `grpcurl -d JSON ADDR METHOD`, parsed.
 async fn call(addr: &str, method: &str, body: &serde_json::Value) -> serde_json::Value {
-    let out = grpcurl(&["-plaintext", "-d", &body.to_string(), addr, method]).await;
+    let out = grpcurl(&["-d", &body.to_string(), addr, method]).await;
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{method} printed no JSON ({e}):\n{out}"))
 }
 
@@ -95,7 +101,7 @@ async fn grpcurl_lists_describes_and_submits_a_job() {
 
     // A scheduler lists its services, health and reflection, and not the
     // workers' ChunkService.
-    let listed = grpcurl(&["-plaintext", &addr, "list"]).await;
+    let listed = grpcurl(&[&addr, "list"]).await;
     let services = lines(&listed);
     for s in [
         "ferry.v1.JobService",
@@ -109,12 +115,12 @@ async fn grpcurl_lists_describes_and_submits_a_job() {
     }
     assert!(!services.contains(&"ferry.v1.ChunkService"), "a scheduler does not serve ChunkService:\n{listed}");
 
-    let described = grpcurl(&["-plaintext", &addr, "describe", "ferry.v1.JobService"]).await;
+    let described = grpcurl(&[&addr, "describe", "ferry.v1.JobService"]).await;
     for rpc in ["rpc SubmitJob", "rpc GetJob", "rpc ListJobs", "rpc WatchJob", "rpc CancelJob"] {
         assert!(described.contains(rpc), "`describe` lacks {rpc}:\n{described}");
     }
 
-    let health = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]).await;
+    let health = grpcurl(&[&addr, "grpc.health.v1.Health/Check"]).await;
     let health: serde_json::Value = serde_json::from_str(&health).expect("health check JSON");
     assert_eq!(health["status"], "SERVING", "{health}");
 
@@ -126,7 +132,7 @@ async fn grpcurl_lists_describes_and_submits_a_job() {
         .find(|i| i.name == "t0")
         .map(|i| i.addr.clone())
         .expect("t0 is registered");
-    let listed = grpcurl(&["-plaintext", &t0, "list"]).await;
+    let listed = grpcurl(&[&t0, "list"]).await;
     let services = lines(&listed);
     for s in ["ferry.v1.ChunkService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"] {
         assert!(services.contains(&s), "a worker's `list` lacks {s}:\n{listed}");

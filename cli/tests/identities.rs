@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use common::{exit_code_within, workers_up, Schedulers, WorkerProc, FERRY};
+use common::{exit_code_within, workers_up, Schedulers, WorkerProc};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_worker_with_a_taken_name_exits_and_the_first_keeps_its_session() {
@@ -38,7 +38,7 @@ async fn a_second_worker_with_a_taken_name_exits_and_the_first_keeps_its_session
 
 /// `ferry registry register bidder --id b1 --addr ADDR` against `endpoint`.
 fn register(endpoint: &str, addr: &str, extra: &[&str]) -> Child {
-    Command::new(FERRY)
+    common::command()
         .args(["--endpoints", endpoint, "registry", "register", "bidder", "--id", "b1", "--addr", addr])
         .args(extra)
         .stdout(Stdio::null())

@@ -505,7 +505,7 @@ async fn a_target_back_within_grace_resumes_and_cancel_leaves_no_final_file() {
 async fn the_callback_url_gets_the_final_report() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().expect("tempdir");
-    let sched = Schedulers::start(dir.path(), &[]);
+    let sched = Schedulers::start(dir.path(), &["--callback-host", "127.0.0.1"]);
     let c = sched.client(&[1, 2, 3]);
     let src = WorkerProc::start(dir.path(), "src", &sched.addrs, &[]);
     let _t = WorkerProc::start(dir.path(), "t", &sched.addrs, &[]);
@@ -537,6 +537,20 @@ async fn the_callback_url_gets_the_final_report() {
         sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.expect("respond");
         String::from_utf8_lossy(&req).into_owned()
     });
+    // A host the schedulers do not list is refused at submit.
+    let err = c
+        .submit_job(
+            spec("src", vec![src.root.join("cb.bin").display().to_string()], |s| {
+                s.targets = vec!["t".into()];
+                s.destination = "in/".into();
+                s.callback_url = "http://169.254.169.254/latest/meta-data".into();
+            }),
+            false,
+        )
+        .await
+        .expect_err("not an allowed host");
+    assert!(err.is_invalid_argument() && err.to_string().contains("callback_url: host '169.254.169.254'"), "{err}");
+    assert!(c.list_jobs().await.expect("list").is_empty(), "nothing was submitted");
     let id = c
         .submit_job(
             spec("src", vec![src.root.join("cb.bin").display().to_string()], |s| {
@@ -577,6 +591,7 @@ async fn job_watch_on_a_terminal_draws_progress_then_the_report() {
     let out = tokio::process::Command::new("script")
         .args(["--quiet", "--return", "--command", &command, "/dev/null"])
         .env("TERM", "xterm")
+        .envs(common::user_env())
         .output()
         .await
         .expect("run script (util-linux)");

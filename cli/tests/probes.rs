@@ -89,10 +89,12 @@ fn hook_runs(dir: &std::path::Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_ranks_two_servers_by_speed_renders_once_and_alerts_when_stale() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sched = Schedulers::start(dir.path(), &[]);
+    // Alerts may go to loopback only; w1 may download from loopback only.
+    let sched = Schedulers::start(dir.path(), &["--callback-host", "127.0.0.1"]);
     sched.agreed_leader(&[1, 2, 3]).await;
     let endpoints = sched.addrs.join(",");
-    let mut w1 = WorkerProc::start(dir.path(), "w1", &sched.addrs, &["--labels", "zone=a"]);
+    let mut w1 =
+        WorkerProc::start(dir.path(), "w1", &sched.addrs, &["--labels", "zone=a", "--fetch-host", "127.0.0.1"]);
     common::workers_up(&sched.client(&[1, 2, 3]), &["w1"]).await;
 
     let (fast, fast_seen) = object_server(256 * 1024, Duration::ZERO).await;
@@ -113,6 +115,7 @@ async fn a_probe_ranks_two_servers_by_speed_renders_once_and_alerts_when_stale()
         assert!(stderr.contains(field), "{args:?}: {stderr}");
     };
     refused(&["--target", "ftp://10.0.0.1/obj"], "targets[0].url");
+    refused(&["--target", &fast_url, "--alert", "http://169.254.169.254/latest"], "alert_url: host '169.254.169.254'");
     refused(&["--target", &fast_url, "--interval", "10ms"], "interval");
     refused(&["--target", &fast_url, "--output", "/etc/relays.txt"], "output.path");
     let inside = output.display().to_string();
@@ -205,4 +208,27 @@ async fn a_probe_ranks_two_servers_by_speed_renders_once_and_alerts_when_stale()
     let out = ferry(&["--endpoints", &endpoints, "probe", "delete", "relays"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(json_lines(&endpoints, &["probe", "list"]).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_downloads_only_from_hosts_its_own_config_allows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sched = Schedulers::start(dir.path(), &[]);
+    sched.agreed_leader(&[1, 2, 3]).await;
+    let endpoints = sched.addrs.join(",");
+    // w2 allows 10.0.0.0/8 only: the loopback server is not for it.
+    let _w2 = WorkerProc::start(dir.path(), "w2", &sched.addrs, &["--labels", "zone=b", "--fetch-host", "10.0.0.0/8"]);
+    common::workers_up(&sched.client(&[1, 2, 3]), &["w2"]).await;
+    let (server, seen) = object_server(1024, Duration::ZERO).await;
+    let url = format!("http://{server}/obj");
+    let out = ferry(&["--endpoints", &endpoints, "probe", "define", "inside", "--target", &url, "--interval", "1s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let results = wait_for("w2's result", Duration::from_secs(20), || async {
+        let r = json_lines(&endpoints, &["probe", "results", "inside"]);
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    let error = results[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("url: host '127.0.0.1' is not in fetch_hosts"), "{results:?}");
+    assert!(seen.lock().expect("lock").is_empty(), "no request was made");
 }

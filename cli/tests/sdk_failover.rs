@@ -162,6 +162,7 @@ async fn with_every_scheduler_down_a_caching_client_serves_stale_reads_then_catc
             total_timeout: total,
             connect_timeout: Duration::from_millis(200),
             cache_dir: Some(cache_dir.clone()),
+            security: Some(common::security()),
             ..Default::default()
         };
         Client::with_options(&addrs, options).expect("client")

@@ -51,6 +51,7 @@ fn readings(node: &Node) -> Readings {
         snapshots_built: node.reader.snapshots_built(),
         snapshots_installed: node.reader.snapshots_installed(),
         log_flushes: node.log.append_flushes(),
+        tls_not_after: node.peers.security().not_after_unix(),
         probes: crate::probes::statuses(node)
             .map(|all| all.into_iter().map(|(_, s)| (s.name, s.stale)).collect())
             .unwrap_or_default(),

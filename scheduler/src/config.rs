@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ferry_tls::{Identity, Security, TlsConfig};
 use serde::{Deserialize, Serialize};
 
 /// Everything one scheduler node needs. Every field has a default, so a TOML
@@ -68,6 +69,18 @@ pub struct SchedulerConfig {
     /// the leader forgets older ones, oldest finish first, once every
     /// scheduler runs 0.2.0 or later. 0 keeps every job.
     pub job_history: u64,
+    /// Mutual TLS (`[tls]`: `ca`, `cert`, `key`): the cluster's CA, this
+    /// node's certificate, which must name `scheduler <id>`, and its key.
+    /// Required unless `insecure`. Reloaded when the files change.
+    pub tls: TlsConfig,
+    /// Plaintext gRPC with no one checked, only when asked for (a warning
+    /// at start). For a trusted network, or a cluster upgraded from 0.2.
+    pub insecure: bool,
+    /// Hosts job callbacks and probe alerts may be sent to: names,
+    /// `*.domain`, IP addresses or networks (`10.0.0.0/8`). Empty: none,
+    /// and a job or probe naming a URL is refused. Give every scheduler
+    /// the same list.
+    pub callback_hosts: Vec<String>,
     /// Set by [`crate::LocalCluster`], never read from a file: several nodes
     /// share this process's runtime, so log syncs go to the blocking pool
     /// (see `ferry_storage::OpenOptions::sync_appends_inline`).
@@ -95,6 +108,9 @@ impl Default for SchedulerConfig {
             max_batch_entries: 4,
             registry_protect_threshold: 0.5,
             job_history: 1000,
+            tls: TlsConfig::default(),
+            insecure: false,
+            callback_hosts: Vec::new(),
             shares_runtime: false,
         }
     }
@@ -161,6 +177,17 @@ impl SchedulerConfig {
         self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
     }
 
+    /// How this node's connections are secured, its credentials loaded
+    /// and checked to name this node.
+    pub fn security(&self) -> Result<Security, ConfigError> {
+        self.tls.security_of(self.insecure, &Identity::Scheduler(self.id)).map_err(|(field, reason)| bad(field, reason))
+    }
+
+    /// The parsed `callback_hosts` (checked by [`SchedulerConfig::validate`]).
+    pub fn callback_hosts(&self) -> ferry_tls::allow::Hosts {
+        ferry_tls::allow::Hosts::parse(&self.callback_hosts).unwrap_or_default()
+    }
+
     /// The parsed `initial_cluster`.
     pub fn members(&self) -> Result<BTreeMap<u64, String>, ConfigError> {
         parse_initial_cluster(&self.initial_cluster).map_err(|r| bad("initial-cluster", r))
@@ -177,6 +204,7 @@ impl SchedulerConfig {
         if let Some(a) = &self.advertise {
             parse_host_port(a).map_err(|r| bad("advertise", r))?;
         }
+        ferry_tls::allow::Hosts::parse(&self.callback_hosts).map_err(|r| bad("callback-host", r))?;
         let members = self.members()?;
         if !members.is_empty() {
             match members.get(&self.id) {

@@ -1,10 +1,13 @@
 //! Several schedulers in one process on loopback: `ferry dev`, benchmarks and
 //! tests. Each node is a full [`Scheduler`] on real sockets with its own data
-//! directory; only the process is shared.
+//! directory; only the process is shared. Connections are mutual TLS under a
+//! throwaway CA kept in `ROOT/tls` ([`LocalCluster::credentials`] issues
+//! more certificates from it), unless the tweak asks for `insecure`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use ferry_tls::{Authority, Credentials, Identity, Security};
 use tokio::net::TcpListener;
 
 use crate::config::SchedulerConfig;
@@ -15,6 +18,40 @@ use crate::server::Scheduler;
 pub struct LocalCluster {
     /// The nodes, ids 1..=n in order.
     pub nodes: Vec<Scheduler>,
+    /// Where the CA and the certificates are.
+    tls_dir: PathBuf,
+    /// The hosts certificates name (the listening address and `localhost`).
+    hosts: Vec<String>,
+}
+
+/// The files of `identity`'s certificate in `dir`, issued by the CA there
+/// unless they are there already.
+fn issue(dir: &Path, identity: &Identity, hosts: &[String]) -> Result<ferry_tls::Files, Error> {
+    let stem = ferry_tls::authority::file_stem(identity);
+    let files = ferry_tls::Files {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("{stem}.pem")),
+        key: dir.join(format!("{stem}-key.pem")),
+    };
+    if files.cert.exists() && files.key.exists() {
+        return Ok(files);
+    }
+    authority(dir)?
+        .write_holder(dir, identity, hosts)
+        .map_err(|e| Error::Config(crate::config::ConfigError { field: "tls", reason: e.to_string() }))
+}
+
+/// The CA kept in `dir` (made on first use).
+fn authority(dir: &Path) -> Result<Authority, Error> {
+    let tls = |e: ferry_tls::Error| Error::Config(crate::config::ConfigError { field: "tls", reason: e.to_string() });
+    let (cert, key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    if cert.exists() && key.exists() {
+        return Authority::load(&cert, &key).map_err(tls);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| tls(ferry_tls::Error::Issue(format!("{}: {e}", dir.display()))))?;
+    let ca = Authority::new("local").map_err(tls)?;
+    ca.write(dir).map_err(tls)?;
+    Ok(ca)
 }
 
 async fn bind(ip: IpAddr, base: u16, offset: u16) -> Result<TcpListener, Error> {
@@ -60,6 +97,8 @@ impl LocalCluster {
             addrs.push(l.local_addr().map_err(|source| Error::Bind { addr: ip.to_string(), source })?.to_string());
         }
         let members = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+        let tls_dir = root.join("tls");
+        let hosts = vec![ip.to_string(), "localhost".to_string()];
         let mut nodes = Vec::new();
         for (i, (g, a)) in grpc.into_iter().zip(admin).enumerate() {
             let id = i as u64 + 1;
@@ -71,9 +110,35 @@ impl LocalCluster {
                 ..SchedulerConfig::default()
             };
             tweak(&mut config);
+            if !config.insecure && config.tls == ferry_tls::TlsConfig::default() {
+                config.tls = issue(&tls_dir, &Identity::Scheduler(id), &hosts)?.into();
+            }
             nodes.push(Scheduler::start_with(config, g, a).await?);
         }
-        Ok(Self { nodes })
+        Ok(Self { nodes, tls_dir, hosts })
+    }
+
+    /// Where the CA (`ca.pem`, `ca-key.pem`) and the certificates are.
+    pub fn tls_dir(&self) -> &Path {
+        &self.tls_dir
+    }
+
+    /// The files of `identity`'s certificate from this cluster's CA, issued
+    /// on first use.
+    pub fn files(&self, identity: &Identity) -> Result<ferry_tls::Files, Error> {
+        issue(&self.tls_dir, identity, &self.hosts)
+    }
+
+    /// Credentials for `identity` from this cluster's CA (issued and
+    /// written into [`LocalCluster::tls_dir`] on first use), or plaintext
+    /// when the cluster runs insecure.
+    pub fn credentials(&self, identity: &Identity) -> Result<Security, Error> {
+        if self.nodes.first().is_some_and(|n| n.node().peers.security().is_insecure()) {
+            return Ok(Security::Insecure);
+        }
+        Credentials::load(self.files(identity)?)
+            .map(Security::Tls)
+            .map_err(|e| Error::Config(crate::config::ConfigError { field: "tls", reason: e.to_string() }))
     }
 
     /// The gRPC addresses, node 1 first.

@@ -38,6 +38,8 @@ pub struct Readings {
     pub snapshots_installed: u64,
     /// fsyncs of appended log entries.
     pub log_flushes: u64,
+    /// When this node's certificate expires (Unix seconds; 0: plaintext).
+    pub tls_not_after: i64,
     /// Each probe and whether it is stale.
     pub probes: Vec<(String, bool)>,
 }
@@ -60,6 +62,7 @@ pub struct Metrics {
     apply_seconds: Histogram,
     applied_entries: Counter<u64, AtomicU64>,
     probe_stale: Family<Vec<(String, String)>, Gauge<i64, AtomicI64>>,
+    tls_not_after: Gauge<i64, AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -81,6 +84,7 @@ impl Default for Metrics {
             apply_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             applied_entries: Counter::default(),
             probe_stale: Family::default(),
+            tls_not_after: Gauge::default(),
             registry: Registry::default(),
         };
         let registry = root.sub_registry_with_prefix("ferry_raft");
@@ -102,6 +106,11 @@ impl Default for Metrics {
             "stale",
             "1 while a probe is stale (results stopped or its output unchanged too long)",
             m.probe_stale.clone(),
+        );
+        root.sub_registry_with_prefix("ferry_tls").register(
+            "cert_not_after_seconds",
+            "When this node's TLS certificate expires, Unix time (0: plaintext)",
+            m.tls_not_after.clone(),
         );
         Self { registry: root, ..m }
     }
@@ -132,6 +141,7 @@ impl Metrics {
         self.log_entries.set(r.log_entries as i64);
         self.snapshot_index.set(r.snapshot_index as i64);
         self.revision.set(r.revision as i64);
+        self.tls_not_after.set(r.tls_not_after);
         set_counter(&self.snapshots_built, r.snapshots_built);
         set_counter(&self.snapshots_installed, r.snapshots_installed);
         set_counter(&self.log_flushes, r.log_flushes);

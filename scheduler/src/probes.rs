@@ -172,6 +172,10 @@ fn check_output_on_workers(node: &Node, def: &ProbeDef) -> Result<(), Error> {
 /// Adds or replaces a probe.
 pub async fn define(node: &Node, d: Definition, request_id: String) -> Result<(), Error> {
     let def = check(d, now_ms())?;
+    if !def.alert_url.is_empty() {
+        let hosts = node.config.callback_hosts();
+        hosts.check_url(&def.alert_url, "alert_url", "callback_hosts").map_err(Error::InvalidArgument)?;
+    }
     check_output_on_workers(node, &def)?;
     let request_id = if request_id.is_empty() { new_request_id() } else { request_id };
     match node.propose(Command { request_id, op: Op::ProbeDefine(Box::new(def)) }).await? {
@@ -362,7 +366,8 @@ pub async fn run_alerts(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
                 "workers": state.workers,
             });
             tracing::warn!(probe = %def.name, reasons = ?state.reasons, "probe is stale; alerting");
-            tokio::spawn(crate::webhook::post_with_retries(def.alert_url.clone(), body.to_string()));
+            let hosts = node.config.callback_hosts();
+            tokio::spawn(crate::webhook::post_with_retries(def.alert_url.clone(), body.to_string(), hosts));
         }
     }
 }

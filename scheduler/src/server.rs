@@ -92,6 +92,10 @@ impl Scheduler {
         config.listen = addr;
         ferry_storage::crash::arm();
         config.validate()?;
+        let security = config.security()?;
+        if security.is_insecure() {
+            tracing::warn!("plaintext gRPC (insecure): anyone who reaches {addr} can read and change everything");
+        }
         let members = config.members()?;
         let raft_config = Arc::new(raft_config(&config)?);
 
@@ -109,7 +113,7 @@ impl Scheduler {
         let sm = sm.with_observer(Arc::new(move |took, n| observed.observe_apply(took, n)));
         let reader = sm.reader();
         let start_commit = log.committed_index().load(std::sync::atomic::Ordering::Relaxed);
-        let peers = Peers::default();
+        let peers = Peers::new(security);
         let network = NetworkFactory {
             peers: peers.clone(),
             snapshot_timeout: config.snapshot_timeout,
@@ -150,6 +154,10 @@ impl Scheduler {
         tasks.push(tokio::spawn(crate::probes::run_alerts(node.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::raft::removal::run(node.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::raft::census::run(node.clone(), shutdown_rx.clone())));
+        let mut stop = shutdown_rx.clone();
+        tasks.push(tokio::spawn(node.peers.security().clone().watch(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })));
         tasks.push(tokio::spawn(crate::jobs::history::run(node.clone(), shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::jobs::driver::run(node.clone(), sessions, planner_rx, shutdown_rx.clone())));
         tasks.push(tokio::spawn(crate::raft::snapshots::run(
@@ -382,7 +390,11 @@ async fn serve_grpc(
         let node = node.clone();
         move || node.raft.metrics().borrow().last_log_index.is_none()
     };
-    let check = identity::Check { cluster: node.cluster.clone(), empty: Arc::new(empty) };
+    let check = identity::Check {
+        cluster: node.cluster.clone(),
+        empty: Arc::new(empty),
+        checked: !node.peers.security().is_insecure(),
+    };
     let raft = tonic::service::interceptor::InterceptedService::new(raft, check);
     let config =
         ConfigServiceServer::new(ConfigServiceImpl { node: node.clone() }).max_decoding_message_size(8 * 1024 * 1024);
@@ -401,6 +413,7 @@ async fn serve_grpc(
     // itself; without it Nagle holds small replies (a Raft ack, a put's
     // trailers) behind the peer's delayed ACK for up to 40 ms.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = ferry_tls::incoming(incoming, node.peers.security().clone());
     let stop = async move {
         let _ = shutdown.wait_for(|s| *s).await;
     };

@@ -31,6 +31,13 @@ pub fn check_url(url: &str, field: &str) -> Result<hyper::Uri, String> {
     Ok(uri)
 }
 
+/// [`check_url`], and the URL's host must be in `hosts` (the scheduler's
+/// `callback_hosts`).
+pub fn check_allowed(url: &str, field: &str, hosts: &ferry_tls::allow::Hosts) -> Result<(), String> {
+    check_url(url, field)?;
+    hosts.check_url(url, field, "callback_hosts")
+}
+
 fn client() -> HttpsClient {
     let mut tcp = HttpConnector::new();
     // The TLS connector does the scheme check: https gets TLS, never plain text.
@@ -58,10 +65,12 @@ async fn post(client: &HttpsClient, url: &str, body: &str) -> Result<(), String>
     }
 }
 
-/// POSTs `body` to `url` until a 2xx answer or [`ATTEMPTS`] failures.
-pub async fn post_with_retries(url: String, body: String) {
-    if let Err(why) = url.parse::<hyper::Uri>() {
-        tracing::warn!(%url, %why, "webhook not sent: bad URL");
+/// POSTs `body` to `url` until a 2xx answer or [`ATTEMPTS`] failures; not
+/// at all unless `hosts` allows the URL's host (checked again here: the
+/// list may have changed since the job or probe was accepted).
+pub async fn post_with_retries(url: String, body: String, hosts: ferry_tls::allow::Hosts) {
+    if let Err(why) = check_allowed(&url, "url", &hosts) {
+        tracing::warn!(%url, %why, "webhook not sent");
         return;
     }
     let client = client();

@@ -16,6 +16,11 @@ async fn cluster(dir: &std::path::Path) -> LocalCluster {
     c
 }
 
+/// A user's credentials from the cluster's CA.
+fn user(c: &LocalCluster) -> ferry_sdk::Security {
+    c.credentials(&ferry_sdk::tls::Identity::User("test".into())).expect("user credentials")
+}
+
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect admin");
@@ -31,9 +36,8 @@ async fn every_listener_serves_health_reflection_and_admin() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cluster(dir.path()).await;
     for node in &c.nodes {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr()))
-            .expect("endpoint")
-            .connect()
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr())).expect("endpoint");
+        let channel = ferry_sdk::tls::client::connect(endpoint, &user(&c), ferry_sdk::tls::Role::Scheduler)
             .await
             .expect("connect");
         let mut health = HealthClient::new(channel.clone());
@@ -91,7 +95,7 @@ async fn every_listener_serves_health_reflection_and_admin() {
 async fn add_and_remove_a_node_while_writes_continue() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cluster(dir.path()).await;
-    let client = Client::connect(c.endpoints()).expect("client");
+    let client = Client::connect(c.endpoints(), user(&c)).expect("client");
 
     // A steady writer for the whole membership dance.
     let stop = Arc::new(AtomicBool::new(false));
@@ -113,7 +117,8 @@ async fn add_and_remove_a_node_while_writes_continue() {
     // Node 4 starts empty, without --initial-cluster, and waits to be added.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr4 = listener.local_addr().expect("addr").to_string();
-    let config = SchedulerConfig { id: 4, ..SchedulerConfig::for_test(4, dir.path().join("s4")) };
+    let tls = c.files(&ferry_sdk::tls::Identity::Scheduler(4)).expect("node 4's certificate").into();
+    let config = SchedulerConfig { id: 4, tls, ..SchedulerConfig::for_test(4, dir.path().join("s4")) };
     let n4 = Scheduler::start_with(config, listener, None).await.expect("start node 4");
 
     let resp = client.add_node(4, &addr4, false).await.expect("add node 4");
@@ -165,7 +170,7 @@ async fn removing_a_voter_without_a_reachable_quorum_is_refused() {
     // (leader + the stopped one) have no reachable quorum.
     let down = c.nodes.remove((followers[0] - 1) as usize);
     down.shutdown().await;
-    let client = Client::connect(c.endpoints()).expect("client");
+    let client = Client::connect(c.endpoints(), user(&c)).expect("client");
     let err = client.remove_node(followers[1]).await.expect_err("must be refused");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     assert!(err.to_string().contains("quorum"), "{err}");
@@ -182,7 +187,7 @@ async fn values_at_the_size_limit_replicate_to_every_node() {
     let mut tasks = Vec::new();
     for i in 0..24u8 {
         // Through every member in turn, so followers forward 1 MiB writes.
-        let client = Client::connect([endpoints[i as usize % 3].as_str()]).expect("client");
+        let client = Client::connect([endpoints[i as usize % 3].as_str()], user(&c)).expect("client");
         tasks.push(tokio::spawn(async move {
             let value = vec![i; ferry_storage::MAX_VALUE_BYTES];
             client.put(&format!("big/{i:02}"), value).await.expect("1 MiB put");
@@ -191,7 +196,7 @@ async fn values_at_the_size_limit_replicate_to_every_node() {
     for t in tasks {
         t.await.expect("writer");
     }
-    let client = Client::connect(&endpoints).expect("client");
+    let client = Client::connect(&endpoints, user(&c)).expect("client");
     let too_big = client.put("big/too", vec![0; ferry_storage::MAX_VALUE_BYTES + 1]).await.expect_err("over the limit");
     assert!(too_big.is_invalid_argument() && too_big.to_string().contains("value:"), "{too_big}");
 
@@ -222,11 +227,9 @@ async fn a_follower_forwards_writes_and_streams_once_and_serves_reads() {
     let leader = c.wait_leader(Duration::from_secs(10)).await.expect("a leader");
     let follower = c.nodes.iter().find(|n| n.node().id != leader).expect("a follower");
     let leader_addr = c.nodes.iter().find(|n| n.node().id == leader).expect("the leader").addr().to_string();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", follower.addr()))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", follower.addr())).expect("endpoint");
+    let channel =
+        ferry_sdk::tls::client::connect(endpoint, &user(&c), ferry_sdk::tls::Role::Scheduler).await.expect("connect");
 
     let mut config = ConfigServiceClient::new(channel.clone());
     let put = pb::PutRequest { key: "k".into(), value: b"v".to_vec(), ..Default::default() };

@@ -28,7 +28,7 @@ impl InstanceFault for Down {
 async fn main() -> anyhow::Result<()> {
     let endpoints: Vec<String> = std::env::args().skip(1).collect();
     let endpoints = if endpoints.is_empty() { vec!["127.0.0.1:7001".to_string()] } else { endpoints };
-    let client = Client::connect(&endpoints)?;
+    let client = Client::connect(&endpoints, ferry_sdk::Security::from_env()?)?;
 
     // Two instances, kept registered while their handles live.
     let mut registrations = Vec::new();

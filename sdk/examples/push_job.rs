@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
         bail!("usage: push_job SOURCE FILE TARGET[,TARGET...] DEST [ENDPOINT...]");
     };
     let endpoints = if endpoints.is_empty() { vec!["127.0.0.1:7001".to_string()] } else { endpoints.to_vec() };
-    let client = Client::connect(&endpoints)?;
+    let client = Client::connect(&endpoints, ferry_sdk::Security::from_env()?)?;
 
     let spec = pb::JobSpec {
         source: source.clone(),

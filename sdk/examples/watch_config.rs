@@ -29,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
         None => (0, Vec::new()),
     };
     let endpoints = if endpoints.is_empty() { vec!["127.0.0.1:7001".to_string()] } else { endpoints };
-    let client = Client::connect(&endpoints)?;
+    let client = Client::connect(&endpoints, ferry_sdk::Security::from_env()?)?;
 
     let mut watch = client.watch(prefix, start);
     println!("watching '{prefix}' (Ctrl-C to stop)");

@@ -240,6 +240,7 @@ mod tests {
             total_timeout: std::time::Duration::from_millis(400),
             connect_timeout: std::time::Duration::from_millis(100),
             cache_dir: Some(dir.to_path_buf()),
+            security: Some(crate::Security::Insecure),
             ..Default::default()
         };
         crate::Client::with_options([format!("127.0.0.1:{port}")], options).unwrap()

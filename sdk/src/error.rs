@@ -10,6 +10,14 @@ pub enum Error {
     /// No endpoints, or one that is not `host:port`.
     #[error("endpoints: {0}")]
     InvalidEndpoint(String),
+    /// The options say neither how to secure connections nor that they
+    /// may be plaintext.
+    #[error("no TLS credentials: give the cluster's CA, a certificate and its key, or ask for plaintext explicitly")]
+    NoSecurity,
+    /// The TLS credentials named could not be used (a file missing, a key
+    /// not matching its certificate).
+    #[error("{0}")]
+    Credentials(String),
     /// The server refused the request (bad argument, failed precondition, …).
     #[error("{}", .0.message())]
     Rejected(tonic::Status),
@@ -27,7 +35,7 @@ impl Error {
     /// The gRPC code behind the error.
     pub fn code(&self) -> tonic::Code {
         match self {
-            Error::InvalidEndpoint(_) => tonic::Code::InvalidArgument,
+            Error::InvalidEndpoint(_) | Error::NoSecurity | Error::Credentials(_) => tonic::Code::InvalidArgument,
             Error::Rejected(s) => s.code(),
             Error::Unavailable { last } => last.code(),
         }

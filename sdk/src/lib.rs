@@ -7,15 +7,19 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), ferry_sdk::Error> {
-//! let client = ferry_sdk::Client::connect(["127.0.0.1:7001", "127.0.0.1:7002"])?;
+//! use ferry_sdk::tls::{Credentials, Files};
+//! let files = Files { ca: "ca.pem".into(), cert: "user-alice.pem".into(), key: "user-alice-key.pem".into() };
+//! let security = ferry_sdk::Security::Tls(Credentials::load(files).expect("credentials"));
+//! let client = ferry_sdk::Client::connect(["127.0.0.1:7001", "127.0.0.1:7002"], security)?;
 //! client.put("app/feature", b"on".to_vec()).await?;
 //! let kv = client.get("app/feature").await?;
 //! # Ok(()) }
 //! ```
 //!
 //! Tuning (per-attempt and whole-call deadlines, the retry budget, the
-//! cache directory) is in [`ClientOptions`]. Connections are plain HTTP/2;
-//! TLS is not supported yet (planned). Runnable examples are in
+//! cache directory) is in [`ClientOptions`]. Connections are HTTP/2 over
+//! mutual TLS ([`Security`]; [`Security::from_env`] reads the files the CLI
+//! reads); plaintext only when asked for. Runnable examples are in
 //! `sdk/examples/`: `push_job` (submit a job and follow its progress),
 //! `watch_config` (print a prefix's changes, resuming by itself) and
 //! `balancer` (register instances and call them through a [`Balancer`]).
@@ -46,4 +50,7 @@ pub use client::{
 };
 pub use error::Error;
 pub use ferry_proto::pb;
+/// Transport security: credentials, identities, a CA for tests and tools.
+pub use ferry_tls as tls;
+pub use ferry_tls::Security;
 pub use registration::Registration;

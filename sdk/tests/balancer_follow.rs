@@ -56,7 +56,7 @@ async fn follow_applies_the_watch_keeps_the_last_non_empty_list_and_reconnects()
     let (addr, _server) = serve("registry", queue.clone()).await?;
 
     let balancer = Balancer::new(BalancerOptions::default());
-    balancer.follow(Client::connect([addr.to_string()])?, "svc");
+    balancer.follow(Client::connect([addr.to_string()], ferry_sdk::Security::Insecure)?, "svc");
 
     tx1.send(list(&["a", "b"])).await?;
     tokio::time::timeout(Duration::from_secs(10), balancer.ready()).await.context("first list")?;
@@ -86,7 +86,11 @@ async fn follow_empties_the_balancer_only_once_every_instance_was_deregistered()
     let queue = Arc::new(Mutex::new(VecDeque::from([rx1, rx2, rx3])));
     let (addr, _server) = serve("registry", queue.clone()).await?;
     let cache = tempfile::tempdir()?;
-    let options = ferry_sdk::ClientOptions { cache_dir: Some(cache.path().to_path_buf()), ..Default::default() };
+    let options = ferry_sdk::ClientOptions {
+        cache_dir: Some(cache.path().to_path_buf()),
+        security: Some(ferry_sdk::Security::Insecure),
+        ..Default::default()
+    };
     let client = Client::with_options([addr.to_string()], options)?;
 
     let balancer = Balancer::new(BalancerOptions::default());

@@ -22,6 +22,8 @@ fn client(addr: SocketAddr, cache: &std::path::Path) -> anyhow::Result<Client> {
         total_timeout: Duration::from_millis(600),
         connect_timeout: Duration::from_millis(100),
         cache_dir: Some(cache.to_path_buf()),
+        // The fake registry below is plaintext.
+        security: Some(ferry_sdk::Security::Insecure),
         ..Default::default()
     };
     Ok(Client::with_options([addr.to_string()], options)?)

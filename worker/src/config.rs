@@ -67,6 +67,17 @@ pub struct WorkerConfig {
     /// is put back.
     #[serde(with = "humantime_serde")]
     pub config_resync: Duration,
+    /// Mutual TLS (`[tls]`: `ca`, `cert`, `key`): the cluster's CA, this
+    /// worker's certificate, which must name `worker <name>`, and its key.
+    /// Required unless `insecure`. Reloaded when the files change.
+    pub tls: ferry_tls::TlsConfig,
+    /// Plaintext gRPC with no one checked, only when asked for (a warning
+    /// at start).
+    pub insecure: bool,
+    /// Hosts this worker may download from (probe targets): names,
+    /// `*.domain`, IP addresses or networks (`10.0.0.0/8`). Empty: none; a
+    /// probe target elsewhere gets an error result, and no request.
+    pub fetch_hosts: Vec<String>,
 }
 
 impl Default for WorkerConfig {
@@ -92,6 +103,9 @@ impl Default for WorkerConfig {
             heartbeat: Duration::from_secs(1),
             config_files: Vec::new(),
             config_resync: Duration::from_secs(30),
+            tls: ferry_tls::TlsConfig::default(),
+            insecure: false,
+            fetch_hosts: Vec::new(),
         }
     }
 }
@@ -270,6 +284,19 @@ impl WorkerConfig {
         self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
     }
 
+    /// How this worker's connections are secured, its credentials loaded
+    /// and checked to name this worker.
+    pub fn security(&self) -> Result<ferry_tls::Security, ConfigError> {
+        self.tls
+            .security_of(self.insecure, &ferry_tls::Identity::Worker(self.name.clone()))
+            .map_err(|(field, reason)| bad(field, reason))
+    }
+
+    /// The parsed `fetch_hosts` (checked by [`WorkerConfig::validate`]).
+    pub fn fetch_hosts(&self) -> ferry_tls::allow::Hosts {
+        ferry_tls::allow::Hosts::parse(&self.fetch_hosts).unwrap_or_default()
+    }
+
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !valid_name(&self.name) {
@@ -278,6 +305,7 @@ impl WorkerConfig {
         if self.roots.is_empty() {
             return Err(bad("allow-root", "at least one allowed root is needed"));
         }
+        ferry_tls::allow::Hosts::parse(&self.fetch_hosts).map_err(|r| bad("fetch-host", r))?;
         if let Some(r) = self.roots.iter().find(|r| !r.is_absolute()) {
             return Err(bad("allow-root", format!("{} is not an absolute path", r.display())));
         }

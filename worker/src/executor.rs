@@ -114,11 +114,13 @@ impl JobWork {
 const PULL_WINDOW: u32 = 512 * 1024;
 
 /// How a worker reaches a peer's chunk service (`ferry-bench stream`
-/// measures the same settings), connecting on first use; with
+/// measures the same settings), connecting on first use, secured as
+/// `security` says (the peer must hold a worker certificate); with
 /// `socket_priority` the connection's packets go first in the host's queue
 /// (see [`crate::net`]).
-pub fn peer_channel(addr: &str, socket_priority: bool) -> Result<Channel, String> {
-    let connector = crate::net::PullConnector::new(socket_priority.then_some(crate::net::INTERACTIVE));
+pub fn peer_channel(addr: &str, socket_priority: bool, security: &ferry_tls::Security) -> Result<Channel, String> {
+    let tcp = crate::net::PullConnector::new(socket_priority.then_some(crate::net::INTERACTIVE));
+    let connector = ferry_tls::Connector::new(tcp, security.clone(), ferry_tls::Role::Worker);
     Ok(peer_endpoint(addr)?.connect_with_connector_lazy(connector))
 }
 
@@ -154,6 +156,9 @@ pub struct Executor {
     stall_timeout: Duration,
     /// Whether pull connections ask to go first in the host's queue.
     socket_priority: bool,
+    /// How this worker's connections (to peers and to the leader) are
+    /// secured.
+    pub(crate) security: ferry_tls::Security,
     pub(crate) metrics: Arc<WorkerMetrics>,
     pub(crate) retained: Retained,
     /// Started by the leader's drain command (or the daemon's SIGTERM).
@@ -210,8 +215,10 @@ impl Executor {
         store: ChunkStore,
         metrics: Arc<WorkerMetrics>,
         retained: Retained,
+        security: ferry_tls::Security,
     ) -> Self {
         Self {
+            security,
             name: config.name.clone(),
             roots,
             store,
@@ -417,7 +424,7 @@ impl Executor {
         if let Some(ch) = peers.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = peer_channel(addr, self.socket_priority)?;
+        let ch = peer_channel(addr, self.socket_priority, &self.security)?;
         peers.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

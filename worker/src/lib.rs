@@ -108,23 +108,38 @@ impl Worker {
         let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen.to_string(), source })?;
         config.listen = addr;
         config.validate()?;
+        let security = config.security()?;
+        if security.is_insecure() {
+            tracing::warn!("plaintext gRPC (insecure): anyone who reaches {addr} can fetch this worker's chunks");
+        }
         let roots = roots::Roots::new(&config.roots).map_err(|e| Error::Storage(format!("allowed roots: {e}")))?;
         materializer::check_paths(&config.config_files, &roots)?;
-        let config_client =
-            if config.config_files.is_empty() { None } else { Some(materializer::client(&config.schedulers)?) };
+        let config_client = if config.config_files.is_empty() {
+            None
+        } else {
+            Some(materializer::client(&config.schedulers, &security)?)
+        };
         std::fs::create_dir_all(&config.data).map_err(|e| Error::Storage(format!("{}: {e}", config.data.display())))?;
         let store = store::ChunkStore::open_or_rebuild(&config.data).map_err(|e| Error::Storage(e.to_string()))?;
         let retained = store::Retained::open(&config.data, config.store_limit, &store)
             .map_err(|e| Error::Storage(format!("{}: {e}", config.data.display())))?;
         let metrics = Arc::new(metrics::WorkerMetrics::default());
         metrics.retained_bytes.set(retained.bytes() as i64);
+        metrics.watch_certificate(&security);
         let admin = match config.admin_listen {
             Some(a) => Some(TcpListener::bind(a).await.map_err(|source| Error::Bind { addr: a.to_string(), source })?),
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
 
-        let exec = Arc::new(executor::Executor::new(&config, roots.clone(), store.clone(), metrics.clone(), retained));
+        let exec = Arc::new(executor::Executor::new(
+            &config,
+            roots.clone(),
+            store.clone(),
+            metrics.clone(),
+            retained,
+            security.clone(),
+        ));
         let chunks = ChunkServerImpl::new(chunk_server::ChunkServer {
             store,
             uploads: Arc::new(Semaphore::new(config.max_uploads)),
@@ -139,6 +154,12 @@ impl Worker {
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut stop = rx.clone();
+        let tls = security.clone();
+        // Only workers of this cluster fetch chunks.
+        let chunks = tonic::service::interceptor::InterceptedService::new(
+            chunks,
+            ferry_tls::server::Admit::new(ferry_tls::Role::Worker, &security),
+        );
         tasks.push(tokio::spawn(async move {
             // Set here: the builder's `tcp_nodelay` covers only listeners it binds.
             let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -151,6 +172,7 @@ impl Worker {
                 }
                 conn
             });
+            let incoming = ferry_tls::incoming(incoming, tls);
             let result = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -196,12 +218,17 @@ impl Worker {
         }
         let probes = probes::ProbeRunner::new(
             &config.name,
-            materializer::client(&config.schedulers)?,
+            materializer::client(&config.schedulers, &security)?,
             roots.clone(),
             config.hooks.clone(),
+            config.fetch_hosts(),
             metrics.clone(),
         );
         tasks.push(Arc::new(probes).spawn(rx.clone()));
+        let mut stop = rx.clone();
+        tasks.push(tokio::spawn(security.clone().watch(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })));
         let (refused_tx, refused) = watch::channel(None);
         let drain = exec.drain.clone();
         let sessions = session::run(exec, hello, config.schedulers.clone(), config.heartbeat, rx, refused_tx);

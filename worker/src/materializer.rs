@@ -45,10 +45,11 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// A client for `schedulers` whose calls give up after a few seconds: a
 /// render that cannot read is retried by the materializer with backoff, and
 /// a short deadline keeps shutdown and logging prompt.
-pub fn client(schedulers: &[String]) -> Result<ferry_sdk::Client, ConfigError> {
+pub fn client(schedulers: &[String], security: &ferry_tls::Security) -> Result<ferry_sdk::Client, ConfigError> {
     let options = ferry_sdk::ClientOptions {
         request_timeout: Duration::from_secs(3),
         total_timeout: Duration::from_secs(5),
+        security: Some(security.clone()),
         ..Default::default()
     };
     ferry_sdk::Client::with_options(schedulers, options)

@@ -59,12 +59,18 @@ pub struct WorkerMetrics {
     pub probe_failures: Count,
     /// Probe output files created or replaced (the ranking changed).
     pub probe_outputs_written: Count,
+    /// When this worker's certificate expires (Unix seconds; 0: plaintext),
+    /// read from its credentials at each scrape.
+    tls_not_after: Level,
+    security: std::sync::OnceLock<ferry_tls::Security>,
 }
 
 impl Default for WorkerMetrics {
     fn default() -> Self {
         let mut m = Self {
             registry: Registry::with_prefix("ferry_worker"),
+            tls_not_after: Level::default(),
+            security: std::sync::OnceLock::new(),
             bytes_uploaded: Count::default(),
             bytes_downloaded: Count::default(),
             chunks_pulled: Count::default(),
@@ -105,13 +111,26 @@ impl Default for WorkerMetrics {
         r.register("probe_downloads", "Probe downloads made", m.probe_downloads.clone());
         r.register("probe_failures", "Probe downloads that failed", m.probe_failures.clone());
         r.register("probe_outputs_written", "Probe output files written", m.probe_outputs_written.clone());
+        r.register(
+            "tls_cert_not_after_seconds",
+            "When this worker's TLS certificate expires, Unix time (0: plaintext)",
+            m.tls_not_after.clone(),
+        );
         m
     }
 }
 
 impl WorkerMetrics {
+    /// Reports the expiry of `security`'s certificate from now on.
+    pub fn watch_certificate(&self, security: &ferry_tls::Security) {
+        let _ = self.security.set(security.clone());
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        if let Some(security) = self.security.get() {
+            self.tls_not_after.set(security.not_after_unix());
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

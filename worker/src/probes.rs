@@ -151,6 +151,8 @@ pub struct ProbeRunner {
     client: ferry_sdk::Client,
     roots: Roots,
     hooks: BTreeMap<String, String>,
+    /// The hosts this worker may download from (its `fetch_hosts`).
+    fetch: ferry_tls::allow::Hosts,
     metrics: Arc<WorkerMetrics>,
     http: HttpClient,
 }
@@ -172,9 +174,10 @@ impl ProbeRunner {
         client: ferry_sdk::Client,
         roots: Roots,
         hooks: BTreeMap<String, String>,
+        fetch: ferry_tls::allow::Hosts,
         metrics: Arc<WorkerMetrics>,
     ) -> Self {
-        Self { worker: worker.to_string(), client, roots, hooks, metrics, http: http_client() }
+        Self { worker: worker.to_string(), client, roots, hooks, fetch, metrics, http: http_client() }
     }
 
     /// Follows the definitions until `shutdown`: starts, restarts (on a
@@ -245,7 +248,17 @@ impl ProbeRunner {
             // worker's link and each figure is the target's own.
             let mut results = Vec::with_capacity(spec.targets.len());
             for t in &spec.targets {
-                results.push(download(&self.http, t, timeout).await);
+                results.push(match self.fetch.check_url(&t.url, "url", "fetch_hosts") {
+                    Ok(()) => download(&self.http, t, timeout).await,
+                    // Never a request to a host this worker does not allow.
+                    Err(error) => pb::ProbeResult {
+                        url: t.url.clone(),
+                        host: t.host.clone(),
+                        measured_unix_ms: now_ms(),
+                        error,
+                        ..Default::default()
+                    },
+                });
             }
             for (i, r) in results.iter_mut().enumerate() {
                 r.target = i as u32;

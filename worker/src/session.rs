@@ -228,7 +228,7 @@ async fn serve(
             .keep_alive_while_idle(true),
         Err(e) => return Ended::Failed(format!("bad scheduler address: {e}")),
     };
-    let channel = match endpoint.connect().await {
+    let channel = match ferry_tls::client::connect(endpoint, &exec.security, ferry_tls::Role::Scheduler).await {
         Ok(c) => c,
         Err(e) => return Ended::Failed(format!("connect: {e}")),
     };

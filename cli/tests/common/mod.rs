@@ -1,17 +1,159 @@
 //! Helpers for tests that start real `ferry` processes: free ports, child
 //! processes killed on drop, and waiting on conditions with deadlines.
+//!
+//! Everything runs under mutual TLS, as a real install does: each test
+//! binary makes one CA ([`test_ca`]); a scheduler or worker started through
+//! [`Proc`] gets a certificate naming it, and client commands ([`ferry`],
+//! [`command`]) and clients ([`client`], [`security`]) a user's, through
+//! the same `FERRY_TLS_*` variables a user exports.
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use ferry_sdk::{Client, ClientOptions};
+use ferry_sdk::tls::{Authority, Credentials, Files, Identity};
+use ferry_sdk::{Client, ClientOptions, Security};
 
 /// The binary under test.
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+/// This test binary's CA and the certificates issued so far (each identity
+/// once: tests run in parallel and must not rewrite each other's files).
+pub struct TestCa {
+    pub dir: PathBuf,
+    pub ca: Authority,
+    issued: Mutex<HashMap<Identity, Files>>,
+}
+
+/// The CA of this test binary (made on first use, in a directory left for
+/// inspection under the system's temporary directory).
+pub fn test_ca() -> &'static TestCa {
+    static CA: OnceLock<TestCa> = OnceLock::new();
+    CA.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("ferry-test-ca").tempdir().expect("CA dir").keep();
+        let ca = Authority::new("test").expect("CA");
+        ca.write(&dir).expect("write the CA");
+        TestCa { dir, ca, issued: Mutex::new(HashMap::new()) }
+    })
+}
+
+/// The certificate files of `identity` from [`test_ca`].
+pub fn files(identity: &Identity) -> Files {
+    let ca = test_ca();
+    let mut issued = ca.issued.lock().unwrap();
+    issued
+        .entry(identity.clone())
+        .or_insert_with(|| {
+            ca.ca.write_holder(&ca.dir, identity, &["127.0.0.1".into(), "localhost".into()]).expect("issue")
+        })
+        .clone()
+}
+
+/// Issues `identity` a new certificate and key in place of its files (a
+/// rotation): the files keep their names.
+pub fn reissue(identity: &Identity) -> Files {
+    let ca = test_ca();
+    let mut issued = ca.issued.lock().unwrap();
+    let files = ca.ca.write_holder(&ca.dir, identity, &["127.0.0.1".into(), "localhost".into()]).expect("reissue");
+    issued.insert(identity.clone(), files.clone());
+    files
+}
+
+/// Like [`reissue`], with a certificate valid for `days` from now.
+pub fn reissue_for(identity: &Identity, days: i64) -> Files {
+    let files = reissue(identity);
+    let now = time::OffsetDateTime::now_utc();
+    let issued = test_ca()
+        .ca
+        .issue_between(
+            identity,
+            &["127.0.0.1".into(), "localhost".into()],
+            now - time::Duration::minutes(5),
+            now + time::Duration::days(days),
+        )
+        .expect("issue");
+    ferry_sdk::tls::authority::write_file(&files.key, issued.key_pem.as_bytes(), true).expect("key");
+    ferry_sdk::tls::authority::write_file(&files.cert, issued.cert_pem.as_bytes(), false).expect("cert");
+    files
+}
+
+/// The flags giving a daemon `identity`'s certificate.
+pub fn tls_flags(identity: &Identity) -> Vec<String> {
+    let f = files(identity);
+    vec![
+        "--tls-ca".into(),
+        f.ca.display().to_string(),
+        "--tls-cert".into(),
+        f.cert.display().to_string(),
+        "--tls-key".into(),
+        f.key.display().to_string(),
+    ]
+}
+
+/// The tests' user.
+pub fn user() -> Identity {
+    Identity::User("test".into())
+}
+
+/// The variables a user exports for the CLI (`ferry dev` prints them).
+pub fn user_env() -> Vec<(&'static str, String)> {
+    let f = files(&user());
+    vec![
+        ("FERRY_TLS_CA", f.ca.display().to_string()),
+        ("FERRY_TLS_CERT", f.cert.display().to_string()),
+        ("FERRY_TLS_KEY", f.key.display().to_string()),
+    ]
+}
+
+/// The tests' user's credentials, for SDK clients.
+pub fn security() -> Security {
+    Security::Tls(Credentials::load(files(&user())).expect("credentials"))
+}
+
+/// `ferry` with the user's credentials in its environment.
+pub fn command() -> Command {
+    let mut cmd = Command::new(FERRY);
+    cmd.envs(user_env());
+    cmd
+}
+
+/// `ferry ARGS`, secured as [`Proc::spawn`] secures it: a scheduler or
+/// worker with its own certificate, anything else with the user's.
+pub fn command_for<S: AsRef<str>>(args: &[S]) -> Command {
+    let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
+    let mut cmd = Command::new(FERRY);
+    cmd.args(&args);
+    match daemon_identity(&args) {
+        Some(me) => cmd.args(tls_flags(&me)),
+        None => cmd.envs(user_env()),
+    };
+    cmd
+}
+
+/// The value of flag `name` in `args`.
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+}
+
+/// The identity a daemon started with `args` runs as, unless the flags
+/// already say how it is secured.
+fn daemon_identity(args: &[String]) -> Option<Identity> {
+    if args.iter().any(|a| a == "--insecure" || a == "--tls-ca") {
+        return None;
+    }
+    match args.first().map(String::as_str) {
+        Some("scheduler") => Some(Identity::Scheduler(flag(args, "--id").and_then(|v| v.parse().ok()).unwrap_or(1))),
+        Some("worker") if args.get(1).is_some_and(|a| a.starts_with("--")) => {
+            flag(args, "--name").map(|n| Identity::Worker(n.to_string()))
+        }
+        _ => None,
+    }
+}
 
 /// A port that was free a moment ago.
 ///
@@ -47,9 +189,9 @@ pub fn metric(admin: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
-/// Runs `ferry ARGS` to completion.
+/// Runs `ferry ARGS` to completion, secured as [`command_for`] secures it.
 pub fn ferry(args: &[&str]) -> std::process::Output {
-    Command::new(FERRY).args(args).output().expect("run ferry")
+    command_for(args).output().expect("run ferry")
 }
 
 /// `ferry --endpoints ENDPOINTS ARGS`: its exit code (-1 if killed) and its
@@ -72,11 +214,12 @@ impl Proc {
         Self::spawn_with_env(args, log, &[])
     }
 
-    /// Starts `ferry ARGS` with `env` set, logging to `log`.
+    /// Starts `ferry ARGS` with `env` set, logging to `log`. A scheduler
+    /// or worker gets its own certificate (unless `args` say otherwise),
+    /// anything else the user's.
     pub fn spawn_with_env(args: &[String], log: &Path, env: &[(&str, &str)]) -> Self {
         let file = std::fs::File::create(log).expect("log file");
-        let child = Command::new(FERRY)
-            .args(args)
+        let child = command_for(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -137,7 +280,8 @@ pub fn exit_code_within(child: &mut Child, timeout: Duration) -> Option<Option<i
 
 /// A client with a generous deadline.
 pub fn client(addrs: Vec<String>) -> Client {
-    let options = ClientOptions { total_timeout: Duration::from_secs(20), ..Default::default() };
+    let options =
+        ClientOptions { total_timeout: Duration::from_secs(20), security: Some(security()), ..Default::default() };
     Client::with_options(addrs, options).expect("client")
 }
 

@@ -138,6 +138,7 @@ impl ClusterService for ClusterServiceImpl {
             version: crate::raft::versions::Version::this().to_string(),
             log_flushes: node.log.append_flushes(),
             cluster_version: node.versions.cluster().map(|v| v.to_string()).unwrap_or_default(),
+            tls_not_after: node.peers.security().not_after_unix(),
         }))
     }
 

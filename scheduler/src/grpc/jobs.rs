@@ -71,6 +71,11 @@ impl JobService for JobServiceImpl {
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let req = request.into_inner();
         let spec = from_spec(req.spec.ok_or_else(|| Error::InvalidArgument("spec: missing".into()))?);
+        if !spec.callback_url.is_empty() {
+            let hosts = self.node.config.callback_hosts();
+            crate::webhook::check_allowed(&spec.callback_url, "callback_url", &hosts)
+                .map_err(Error::InvalidArgument)?;
+        }
         let request_id = if req.request_id.is_empty() { new_request_id() } else { req.request_id };
         let job = submission::submit(&self.node, &self.sessions, spec, request_id).await?;
         let report = if req.wait {

@@ -226,6 +226,22 @@ impl WorkerServiceImpl {
     }
 }
 
+/// Under TLS, a worker holds a session only as the worker its certificate
+/// names: another worker's name, a user's or a scheduler's certificate is
+/// refused.
+fn session_holder(caller: Option<&ferry_tls::Identity>, name: &str) -> Result<(), Status> {
+    match caller {
+        Some(ferry_tls::Identity::Worker(holder)) if holder == name => Ok(()),
+        Some(other) => {
+            tracing::warn!(caller = %other, name, "refused a worker session under a name the certificate does not name");
+            Err(Status::permission_denied(format!(
+                "name: this connection's certificate names {other}, not worker {name}; a worker holds a session only under its own name"
+            )))
+        }
+        None => Err(Status::unauthenticated("name: the caller is not known by a certificate")),
+    }
+}
+
 #[tonic::async_trait]
 impl WorkerService for WorkerServiceImpl {
     type SessionStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
@@ -237,6 +253,7 @@ impl WorkerService for WorkerServiceImpl {
         if !self.node.is_leader() {
             return Err(self.node.not_leader().into());
         }
+        let caller = ferry_tls::Peer::of(&request).and_then(|p| p.identity.clone());
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(pb::WorkerMessage { msg: Some(Msg::Hello(h)) }) => h,
@@ -245,6 +262,9 @@ impl WorkerService for WorkerServiceImpl {
             }
         };
         check_hello(&hello)?;
+        if !self.node.peers.security().is_insecure() {
+            session_holder(caller.as_ref(), &hello.name)?;
+        }
         if hello.protocol != ferry_proto::PROTOCOL {
             return Err(Error::FailedPrecondition(format!(
                 "protocol: worker {} speaks worker protocol {}, this scheduler {} ({}); run the same ferry version on both",

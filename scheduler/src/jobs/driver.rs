@@ -144,7 +144,8 @@ fn carry_out(node: &Arc<Node>, sessions: &Sessions, jobs: &[Job], action: &Actio
         Action::Callback { job: id } => {
             if let Some(job) = job(jobs, id) {
                 let body = JobReport::of(job).to_json().to_string();
-                tokio::spawn(crate::webhook::post_with_retries(job.callback_url.clone(), body));
+                let hosts = node.config.callback_hosts();
+                tokio::spawn(crate::webhook::post_with_retries(job.callback_url.clone(), body, hosts));
             }
             return true;
         }

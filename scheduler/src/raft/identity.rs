@@ -88,18 +88,30 @@ impl Interceptor for Stamp {
     }
 }
 
-/// Checks incoming Raft calls: refuses another cluster's; a node that does
-/// not know its id yet and holds no log (it is being added) takes the
-/// sender's.
+/// Checks incoming Raft calls: refuses any but a scheduler's (under TLS,
+/// by its certificate); refuses another cluster's; a node that does not
+/// know its id yet and holds no log (it is being added) takes the sender's.
 #[derive(Clone)]
 pub struct Check {
     pub(crate) cluster: Arc<ClusterId>,
     /// True while this node holds no log at all.
     pub(crate) empty: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Whether callers are known by certificate (TLS on).
+    pub(crate) checked: bool,
 }
 
 impl Interceptor for Check {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if self.checked {
+            match ferry_tls::Peer::of(&request).and_then(|p| p.identity.as_ref()) {
+                Some(ferry_tls::Identity::Scheduler(_)) => {}
+                Some(other) => {
+                    tracing::warn!(caller = %other, "refused a Raft message from a non-scheduler");
+                    return Err(Status::permission_denied(format!("only schedulers speak Raft; this is {other}")));
+                }
+                None => return Err(Status::unauthenticated("only schedulers speak Raft; the caller is not known")),
+            }
+        }
         let Some(theirs) = request.metadata().get(CLUSTER_HEADER).and_then(|v| v.to_str().ok()) else {
             return Ok(request);
         };
@@ -144,7 +156,7 @@ mod tests {
     #[test]
     fn another_clusters_messages_are_refused_and_a_new_node_takes_the_first_id_it_hears() {
         let fresh = ClusterId::unknown();
-        let mut check = Check { cluster: fresh.clone(), empty: Arc::new(|| true) };
+        let mut check = Check { cluster: fresh.clone(), empty: Arc::new(|| true), checked: false };
         assert!(check.call(from(None)).is_ok(), "an unstamped message (an older sender) passes");
         assert_eq!(fresh.get(), None);
         assert!(check.call(from(Some("aaaa"))).is_ok());
@@ -155,12 +167,27 @@ mod tests {
         // A node that holds a log but no id (a directory from before ids)
         // takes none: it cannot tell who is right.
         let old = ClusterId::unknown();
-        let mut check = Check { cluster: old.clone(), empty: Arc::new(|| false) };
+        let mut check = Check { cluster: old.clone(), empty: Arc::new(|| false), checked: false };
         assert!(check.call(from(Some("cccc"))).is_ok());
         assert_eq!(old.get(), None);
         // Outgoing calls carry the id once known.
         let stamped = Stamp(fresh).call(from(None)).unwrap();
         assert_eq!(stamped.metadata().get(CLUSTER_HEADER).unwrap(), "aaaa");
+    }
+
+    #[test]
+    fn under_tls_only_a_scheduler_certificate_is_heard() {
+        let mut check = Check { cluster: ClusterId::unknown(), empty: Arc::new(|| false), checked: true };
+        let by = |who: Option<ferry_tls::Identity>| {
+            let mut r = from(None);
+            r.extensions_mut().insert(ferry_tls::Peer { remote: None, identity: who });
+            r
+        };
+        assert!(check.call(by(Some(ferry_tls::Identity::Scheduler(2)))).is_ok());
+        let refused = check.call(by(Some(ferry_tls::Identity::Worker("w1".into())))).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(refused.message().contains("only schedulers speak Raft; this is worker w1"), "{}", refused.message());
+        assert_eq!(check.call(from(None)).unwrap_err().code(), tonic::Code::Unauthenticated);
     }
 
     #[test]

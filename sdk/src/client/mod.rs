@@ -24,6 +24,7 @@ use ferry_proto::pb::lease_service_client::LeaseServiceClient;
 use ferry_proto::pb::probe_service_client::ProbeServiceClient;
 use ferry_proto::pb::registry_service_client::RegistryServiceClient;
 use ferry_proto::pb::worker_service_client::WorkerServiceClient;
+use ferry_tls::{Role, Security};
 use tonic::transport::Endpoint;
 
 use crate::cache::Cache;
@@ -76,11 +77,13 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// the call surely did not reach a node. When the budget runs out the call
 /// fails with [`Error::Unavailable`] and the last failure.
 ///
-/// **Connections** are plain HTTP/2 (`http://`), opened lazily, with TCP
+/// **Connections** are HTTP/2 over mutual TLS ([`Security::Tls`]: the
+/// cluster's CA, a user certificate and its key), opened lazily, with TCP
 /// no-delay and HTTP/2 keepalive pings every 10 s (5 s to answer) so a
-/// paused node is noticed. **TLS is not supported yet**: it is planned for
-/// later; until then run the client on a trusted network (or through a
-/// tunnel).
+/// paused node is noticed. The client checks that each endpoint holds a
+/// scheduler certificate of the cluster's CA. Plaintext
+/// ([`Security::Insecure`]) only when asked for; with neither, the client
+/// is not made ([`Error::NoSecurity`]).
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// Deadline of one attempt against one endpoint (default 5 s). Streams
@@ -101,6 +104,9 @@ pub struct ClientOptions {
     /// serve them, marked stale, while the cluster is unreachable. `None`
     /// (the default): no cache.
     pub cache_dir: Option<PathBuf>,
+    /// How connections are secured; [`Client::connect`] sets it. `None`
+    /// (the default) refuses to make a client: plaintext is never implied.
+    pub security: Option<Security>,
 }
 
 impl Default for ClientOptions {
@@ -111,6 +117,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_millis(800),
             backoff: Duration::from_millis(50),
             cache_dir: None,
+            security: None,
         }
     }
 }
@@ -143,13 +150,14 @@ fn channel(addr: &str, options: &ClientOptions) -> Result<Transport, Error> {
     if host.is_empty() || port.parse::<u16>().map(|p| p == 0).unwrap_or(true) {
         return Err(Error::InvalidEndpoint(format!("'{addr}' is not HOST:PORT")));
     }
+    let security = options.security.as_ref().ok_or(Error::NoSecurity)?;
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| Error::InvalidEndpoint(format!("'{addr}': {e}")))?
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
-    Ok(Transport::new(endpoint.connect_lazy()))
+    Ok(Transport::new(ferry_tls::client::channel(endpoint, security, Role::Scheduler)))
 }
 
 /// Whether a failed attempt may be repeated.
@@ -278,17 +286,19 @@ pub fn request_id() -> String {
 }
 
 impl Client {
-    /// A client for `endpoints` (`host:port` each) with default options.
-    /// Connections are made lazily, on first use.
-    pub fn connect<I, S>(endpoints: I) -> Result<Self, Error>
+    /// A client for `endpoints` (`host:port` each) with default options,
+    /// its connections secured as `security` says. Connections are made
+    /// lazily, on first use.
+    pub fn connect<I, S>(endpoints: I, security: Security) -> Result<Self, Error>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        Self::with_options(endpoints, ClientOptions::default())
+        Self::with_options(endpoints, ClientOptions { security: Some(security), ..Default::default() })
     }
 
-    /// Like [`Client::connect`], with explicit options.
+    /// Like [`Client::connect`], with explicit options (which must say how
+    /// connections are secured).
     pub fn with_options<I, S>(endpoints: I, options: ClientOptions) -> Result<Self, Error>
     where
         I: IntoIterator<Item = S>,
@@ -447,6 +457,14 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn a_client_is_not_made_without_being_told_how_to_secure_it() {
+        let err = Client::with_options(["127.0.0.1:7001"], ClientOptions::default()).err().expect("refused");
+        assert!(matches!(err, Error::NoSecurity), "{err}");
+        assert!(err.is_invalid_argument(), "{err}");
+        assert!(Client::connect(["127.0.0.1:7001"], Security::Insecure).is_ok(), "plaintext when asked for");
+    }
+
+    #[tokio::test]
     async fn a_call_nobody_answers_tries_every_endpoint_with_one_request_id_until_the_budget_ends() {
         // Two ports nobody listens on (both held while the second is taken,
         // so they differ).
@@ -457,6 +475,7 @@ mod tests {
             request_timeout: Duration::from_millis(200),
             total_timeout: Duration::from_millis(400),
             connect_timeout: Duration::from_millis(100),
+            security: Some(Security::Insecure),
             ..Default::default()
         };
         let client = Client::with_options(&endpoints, options).unwrap();
