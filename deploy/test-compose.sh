@@ -3,19 +3,27 @@
 #
 #  1. builds the static binary (deploy/build-static.sh) and the image
 #     (deploy/build-image.sh, ferry:dev);
-#  2. starts deploy/compose.yaml (3 schedulers, 4 workers) under a project
-#     name of its own, and waits for a leader (`ferry cluster status` from
-#     the host, the containers' addresses as --endpoints), four workers up
-#     and every container healthy (the image's HEALTHCHECK);
-#  3. writes a random file into worker 1's root (as the container's user),
+#  2. makes the CA and the certificates with deploy/make-certs.sh, in a
+#     temporary directory (FERRY_TLS_DIR), as a user runs it into deploy/tls;
+#  3. starts deploy/compose.yaml (3 schedulers, 4 workers, every one with
+#     TLS) under a project name of its own, and waits for a leader
+#     (`ferry cluster status` from the host as the user admin, the
+#     containers' addresses as --endpoints), four workers up and every
+#     container healthy (the image's HEALTHCHECK);
+#  4. checks TLS: `docker-compose exec worker-1 ferry cluster status` works
+#     (the container's FERRY_TLS_* name the admin certificate), a plaintext
+#     client in a container and a client whose certificate is not of the
+#     cluster's CA are refused, a client without credentials exits 2, and
+#     SIGHUP makes a scheduler reread its certificates without stopping;
+#  5. writes a random file into worker 1's root (as the container's user),
 #     pushes it with `ferry job submit ... --hook installed --wait` as
 #     docs/guides/jobs.md shows, and checks every copy's sha256 and that
 #     the hook ran on every target;
-#  4. kills the leader's container (docker kill), waits for a new leader,
+#  6. kills the leader's container (docker kill), waits for a new leader,
 #     pushes a new version of the file (1 MiB of it changed) the same way
 #     and checks every copy and hook again;
-#  5. starts the killed scheduler again: it must rejoin on its volume;
-#  6. tears everything down (docker-compose down -v), on failure too.
+#  7. starts the killed scheduler again: it must rejoin on its volume;
+#  8. tears everything down (docker-compose down -v), on failure too.
 #
 #   deploy/test-compose.sh        # needs docker, docker-compose, busybox-static
 #
@@ -38,6 +46,13 @@ export FERRY_IMAGE=${FERRY_IMAGE:-ferry:dev}
 project=ferry-test-$$-$RANDOM
 compose=(docker-compose --project-name "$project" --file deploy/compose.yaml)
 tmp=$(mktemp -d)
+# The certificates: compose.yaml mounts FERRY_TLS_DIR in every container;
+# the CLI on the host is the user admin, as in the containers.
+export FERRY_TLS_DIR=$tmp/tls
+export FERRY_TLS_CA=$FERRY_TLS_DIR/ca.pem
+export FERRY_TLS_CERT=$FERRY_TLS_DIR/user-admin.pem
+export FERRY_TLS_KEY=$FERRY_TLS_DIR/user-admin-key.pem
+unset FERRY_INSECURE
 
 teardown() {
     local rc=$?
@@ -65,6 +80,19 @@ step "build the image"
 t=$SECONDS
 deploy/build-image.sh >/dev/null
 echo "image: $((SECONDS - t)) s"
+
+step "make the certificates (deploy/make-certs.sh $FERRY_TLS_DIR)"
+deploy/make-certs.sh "$FERRY_TLS_DIR" >/dev/null 2>"$tmp/certs.log" || fail "deploy/make-certs.sh failed:"$'\n'"$(cat "$tmp/certs.log")"
+# Every key readable by the containers' group, none by others; the CA's
+# key by its owner only.
+for key in "$FERRY_TLS_DIR"/*-key.pem; do
+    mode=$(stat -c '%a %g' "$key")
+    case $key in
+        */ca-key.pem) [ "$mode" = "600 10001" ] || fail "$key: mode and group $mode, want 600 10001" ;;
+        *) [ "$mode" = "640 10001" ] || fail "$key: mode and group $mode, want 640 10001" ;;
+    esac
+done
+echo "certificates: $(cd "$FERRY_TLS_DIR" && echo *.pem)"
 
 # A network left on the subnet (another run, a crashed one) makes `up` fail
 # with "Pool overlaps"; say which one.
@@ -103,6 +131,48 @@ wait_for 60 workers_up || fail "not four workers up within 60 s:"$'\n'"$("$bin" 
 wait_for 60 all_healthy || fail "not every container healthy within 60 s (HEALTHCHECK on /healthz):"$'\n'"$(docker inspect -f '{{.Name}} {{.State.Health.Status}}' $("${compose[@]}" ps -q))"
 
 w1=$(container worker-1)
+
+step "TLS: the admin certificate works; plaintext and a foreign certificate are refused; SIGHUP"
+out=$("${compose[@]}" exec -T worker-1 ferry cluster status 2>&1) \
+    || fail "docker-compose exec worker-1 ferry cluster status failed:"$'\n'"$out"
+grep -q '^leader: [0-9]' <<<"$out" || fail "docker-compose exec worker-1 ferry cluster status shows no leader:"$'\n'"$out"
+echo "ok   docker-compose exec worker-1 ferry cluster status (user admin, from FERRY_TLS_*)"
+# Runs "$@" expecting exit status $1; prints its output.
+refused() {
+    local want=$1 rc=0 out; shift
+    out=$("$@" 2>&1) || rc=$?
+    [ $rc -eq "$want" ] && ! grep -q '^leader:' <<<"$out" \
+        || fail "want exit $want from: $*"$'\n'"exit $rc: $out"
+    echo "$out" | tail -1
+}
+# In worker-1, without its FERRY_TLS_* (with them, --insecure is refused
+# before any connection: "choose one").
+refused 1 docker exec "$w1" env -u FERRY_TLS_CA -u FERRY_TLS_CERT -u FERRY_TLS_KEY \
+    ferry --insecure --timeout 5s cluster status
+# ... by the schedulers' TLS handshake, which says so in their logs.
+schedulers_logged() { "${compose[@]}" logs --no-color scheduler-1 scheduler-2 scheduler-3 2>&1 | grep -q "$1"; }
+wait_for 10 schedulers_logged 'TLS handshake refused.*InvalidContentType' \
+    || fail "no scheduler logged 'TLS handshake refused ... InvalidContentType' for the plaintext client"
+echo "ok   a plaintext client is refused"
+"$bin" certs ca --dir "$tmp/other" --name other >/dev/null
+"$bin" certs user --dir "$tmp/other" --name admin >/dev/null
+refused 1 env FERRY_TLS_CERT="$tmp/other/user-admin.pem" FERRY_TLS_KEY="$tmp/other/user-admin-key.pem" \
+    "$bin" --timeout 3s cluster status
+wait_for 10 schedulers_logged 'TLS handshake refused.*UnknownIssuer' \
+    || fail "no scheduler logged 'TLS handshake refused ... UnknownIssuer' for the certificate of another CA"
+echo "ok   a user certificate of another CA is refused"
+refused 2 env -u FERRY_TLS_CA -u FERRY_TLS_CERT -u FERRY_TLS_KEY "$bin" cluster status
+echo "ok   a client without credentials exits 2"
+# SIGHUP through tini (init: true): rereads the certificates, ends nothing.
+s1=$(container scheduler-1)
+docker kill -s HUP "$s1" >/dev/null
+hup_logged() { docker logs "$s1" 2>&1 | grep -q 'TLS credentials unchanged'; }
+wait_for 10 hup_logged || fail "scheduler-1 did not log 'TLS credentials unchanged' after SIGHUP:"$'\n'"$(docker logs --tail 10 "$s1" 2>&1)"
+sleep 1
+[ "$(docker inspect -f '{{.State.Running}} {{.RestartCount}}' "$s1")" = "true 0" ] \
+    || fail "scheduler-1 stopped or restarted on SIGHUP:"$'\n'"$(docker logs --tail 10 "$s1" 2>&1)"
+echo "ok   docker kill -s HUP scheduler-1: certificates reread, still running"
+
 # Writes stdin to PATH in worker 1's root, as the container's user (10001),
 # then renames it into place.
 put_on_w1() {
