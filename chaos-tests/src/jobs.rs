@@ -395,20 +395,31 @@ pub fn staging_left(workers: &[WorkerDirs]) -> Vec<String> {
     out
 }
 
+/// How many finished jobs the cluster keeps, as far as the checks know.
+#[derive(Debug, Clone, Copy)]
+pub enum Kept {
+    /// Every job (the default history outlasts any run).
+    All,
+    /// At least the newest `n`; older ones may be forgotten (a mixed
+    /// cluster: only a leader of the release with the short history forgets).
+    AtLeast(usize),
+    /// The newest `n`, and the oldest must be gone by the end.
+    Newest(usize),
+}
+
 /// After the run, with every process back: every member lists every
-/// acknowledged job, and no staging file is left.
-pub async fn final_check(
-    endpoints: &[String],
-    jobs: &Jobs,
-    workers: &[WorkerDirs],
-    kept: Option<usize>,
-) -> Vec<String> {
+/// acknowledged job the history keeps (see [`Kept`]), and no staging file
+/// is left.
+pub async fn final_check(endpoints: &[String], jobs: &Jobs, workers: &[WorkerDirs], kept: Kept) -> Vec<String> {
     let mut problems = staging_left(workers);
-    // With a bounded history (`kept`), only the newest jobs must still be
-    // listed (the workload runs one job at a time), and the oldest must be
-    // gone.
+    // With a bounded history, only the newest jobs must still be listed
+    // (the workload runs one job at a time).
     let acknowledged: Vec<&JobRun> = jobs.runs.iter().filter(|r| r.job_id.is_some()).collect();
-    let must = &acknowledged[acknowledged.len().saturating_sub(kept.unwrap_or(usize::MAX))..];
+    let newest = match kept {
+        Kept::All => usize::MAX,
+        Kept::AtLeast(n) | Kept::Newest(n) => n,
+    };
+    let must = &acknowledged[acknowledged.len().saturating_sub(newest)..];
     for addr in endpoints {
         let listed = match crate::workload::connect([addr.clone()]) {
             Ok(one) => one.list_jobs().await.map_err(|e| e.to_string()),
@@ -425,7 +436,7 @@ pub async fn final_check(
                 // The first job finished long before the end: a bounded
                 // history has forgotten it.
                 let first = acknowledged.first().and_then(|r| r.job_id.as_ref());
-                if let (Some(kept), Some(first)) = (kept, first) {
+                if let (Kept::Newest(kept), Some(first)) = (kept, first) {
                     if acknowledged.len() > 2 * kept && listed.iter().any(|j| &j.job_id == first) {
                         problems.push(format!(
                             "{addr} still lists the first job ({first}) of {}: its history of {kept} was not bounded",

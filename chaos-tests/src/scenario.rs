@@ -230,9 +230,10 @@ pub fn plan_of(name: &str) -> anyhow::Result<Plan> {
     };
     // Slots: schedulers 0-2, then workers w1 (the jobs' source) to w4.
     Ok(match name {
-        // A short job history on the new release: its leader must keep every
-        // job while an older scheduler runs (which could not apply the op
-        // that forgets them), and forget the oldest once all are upgraded.
+        // A short job history on the new release: its leader forgets the
+        // oldest jobs once the cluster version allows the op that forgets
+        // them (from a release before it: only once all are upgraded), and
+        // never a job still running.
         "rolling-upgrade" => Plan { base: &[0, 1, 2, 3, 4, 5, 6], strict: true, new_args: SHORT_HISTORY, ..plan },
         "mixed-old-majority" => Plan { base: &[0, 1, 3, 5], every: secs(20), new_args: SHORT_HISTORY, ..plan },
         "mixed-new-majority" => Plan { base: &[0, 4], every: secs(20), new_args: SHORT_HISTORY, ..plan },
@@ -570,8 +571,13 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     if let Err(e) = c.wait_for_workers(Duration::from_secs(30)).await {
         jobs.problems.push(e.to_string());
     }
-    // Once every scheduler runs the new release, its short history applies.
-    let kept = (kind == Kind::Upgrade).then_some(SHORT_HISTORY_KEEP);
+    // Once every scheduler runs the new release, its short history applies;
+    // in a mixed cluster it does while a new-release node leads.
+    let kept = match kind {
+        Kind::Upgrade => jobs::Kept::Newest(SHORT_HISTORY_KEEP),
+        _ if !plan.base.is_empty() => jobs::Kept::AtLeast(SHORT_HISTORY_KEEP),
+        _ => jobs::Kept::All,
+    };
     jobs.problems.extend(jobs::final_check(&endpoints, &jobs, &c.workers, kept).await);
     if plan.soak || plan.strict {
         for run in jobs.runs.iter().filter(|r| r.state != "succeeded") {

@@ -147,7 +147,10 @@ async fn scheduler_ready(c: &Cluster, id: u64) -> anyhow::Result<()> {
 /// Moves leadership away from the leader at `endpoint` with the CLI of the
 /// binary under test.
 pub fn transfer_leader(ferry: &std::path::Path, endpoint: &str) -> anyhow::Result<String> {
-    let out = Command::new(ferry).args(["--endpoints", endpoint, "cluster", "transfer-leader"]).output()?;
+    let out = Command::new(ferry)
+        .args(["--endpoints", endpoint, "cluster", "transfer-leader"])
+        .envs(crate::workload::cli_env())
+        .output()?;
     let text = String::from_utf8_lossy(&out.stdout).trim().to_string() + &String::from_utf8_lossy(&out.stderr);
     anyhow::ensure!(out.status.success(), "ferry cluster transfer-leader: {}", text.trim());
     Ok(text)

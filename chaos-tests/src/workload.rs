@@ -51,6 +51,21 @@ pub fn security() -> ferry_sdk::Security {
     SECURITY.read().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or(ferry_sdk::Security::Insecure)
 }
 
+/// The environment that gives the `ferry` CLI the harness's credentials.
+pub fn cli_env() -> Vec<(&'static str, std::ffi::OsString)> {
+    match security() {
+        ferry_sdk::Security::Insecure => vec![("FERRY_INSECURE", "true".into())],
+        ferry_sdk::Security::Tls(c) => {
+            let f = c.files();
+            vec![
+                ("FERRY_TLS_CA", f.ca.clone().into()),
+                ("FERRY_TLS_CERT", f.cert.clone().into()),
+                ("FERRY_TLS_KEY", f.key.clone().into()),
+            ]
+        }
+    }
+}
+
 /// A client with the SDK's default deadlines.
 pub fn connect<I: IntoIterator<Item = S>, S: AsRef<str>>(endpoints: I) -> Result<Client, Error> {
     Client::connect(endpoints, security())

@@ -133,6 +133,21 @@ impl TlsArgs {
         ferry_sdk::tls::TlsConfig { ca: self.tls_ca.clone(), cert: self.tls_cert.clone(), key: self.tls_key.clone() }
     }
 
+    /// Drops what came from the environment rather than the command line.
+    pub fn forget_env(&mut self, matches: &clap::ArgMatches) {
+        let from_env = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::EnvVariable);
+        for (id, value) in
+            [("tls_ca", &mut self.tls_ca), ("tls_cert", &mut self.tls_cert), ("tls_key", &mut self.tls_key)]
+        {
+            if from_env(id) {
+                *value = None;
+            }
+        }
+        if from_env("insecure") {
+            self.insecure = false;
+        }
+    }
+
     /// Overrides a daemon's `[tls]` and `insecure` with the flags given.
     pub fn apply(&self, tls: &mut ferry_sdk::tls::TlsConfig, insecure: &mut bool) {
         let given = self.config();

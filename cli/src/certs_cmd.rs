@@ -13,14 +13,15 @@ pub fn run(cmd: CertsCmd) -> u8 {
     let (out, identity, issue) = match cmd {
         CertsCmd::Ca { out, name } => return make_ca(&out, &name),
         CertsCmd::Scheduler { out, id, issue } => (out, Identity::Scheduler(id), issue),
-        CertsCmd::Worker { out, name, issue } | CertsCmd::User { out, name, issue } if !valid_name(&name) => {
-            let _ = (out, issue);
-            eprintln!("error: name: '{name}' must be 1 to 128 characters of letters, digits, '.', '-', '_' or '@'");
-            return 2;
-        }
         CertsCmd::Worker { out, name, issue } => (out, Identity::Worker(name), issue),
         CertsCmd::User { out, name, issue } => (out, Identity::User(name), issue),
     };
+    if let Identity::Worker(name) | Identity::User(name) = &identity {
+        if !valid_name(name) {
+            eprintln!("error: name: '{name}' must be 1 to 128 characters of letters, digits, '.', '-', '_' or '@'");
+            return 2;
+        }
+    }
     issue_one(&out, &identity, &issue)
 }
 

@@ -28,7 +28,7 @@ mod worker_cmd;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 /// Most open files a daemon asks for when its hard limit is unlimited.
 const OPEN_FILES_CAP: libc::rlim_t = 1 << 20;
@@ -59,7 +59,13 @@ fn raise_open_files_limit() {
 }
 
 fn main() -> ExitCode {
-    let cli = args::Cli::parse();
+    let matches = args::Cli::command().get_matches();
+    let mut cli = args::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if cli.command.is_daemon() {
+        // The FERRY_TLS_* and FERRY_INSECURE variables are the CLI's (a
+        // user's certificate): a daemon takes its own from flags or TOML.
+        cli.client.tls.forget_env(&matches);
+    }
     // The demo shares two cores between three schedulers and six workers;
     // openraft's retry chatter under that load would drown its output.
     let default_level = match &cli.command {

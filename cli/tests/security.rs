@@ -77,6 +77,16 @@ async fn clients_without_the_clusters_certificate_are_refused_and_change_nothing
     let (code, text) = ferry_with(&env_of(&old), &put);
     assert_eq!(code, 1, "{text}");
 
+    // A daemon never takes the CLI's variables for its own credentials.
+    let data = dir.path().join("s9").display().to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let daemon = ["scheduler", "--id", "9", "--data", &data, "--listen", &listen];
+    for env in [env_of(&files(&user())), vec![("FERRY_INSECURE", "true".to_string())]] {
+        let (code, text) = ferry_with(&env, &daemon);
+        assert_eq!(code, 2, "{env:?}: {text}");
+        assert!(text.contains("tls-ca: not set"), "{text}");
+    }
+
     // None of them wrote: the key is not there, read from another member.
     let (code, text) = ferry_at(&sched.addr(3), &["config", "get", "k"]);
     assert_eq!(code, 1, "{text}");
@@ -176,8 +186,8 @@ async fn presented(addr: &str, role: Role) -> Vec<u8> {
     let mut connector = ferry_sdk::tls::Connector::new(ferry_sdk::tls::client::tcp(), creds(&user()), role);
     let conn = connector.call(format!("http://{addr}").parse().expect("uri")).await.expect("handshake");
     match conn.into_inner() {
-        ClientConn::Tls(tls) => tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec(),
-        ClientConn::Plain(_) => panic!("plaintext"),
+        ClientConn::Tls(tls, ()) => tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec(),
+        ClientConn::Plain(..) => panic!("plaintext"),
     }
 }
 
@@ -274,4 +284,104 @@ async fn certificates_rotated_on_disk_during_a_job_and_config_writes_fail_nothin
     let workers = c.list_workers().await.expect("list");
     let rt_addr = workers.iter().filter_map(|w| w.info.as_ref()).find(|i| i.name == "rt").expect("rt").addr.clone();
     assert_eq!(presented(&rt_addr, Role::Worker).await, der(&fresh[4].cert), "worker rt");
+}
+
+/// The setup of docs/operations/security.md, by `ferry certs`: bad input
+/// first, then a CA, a scheduler, a worker and a user, and the three work
+/// together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferry_certs_makes_what_a_cluster_needs_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = dir.path().join("tls");
+    let t = tls.display().to_string();
+    let certs = |args: &[&str]| ferry_with(&[], &[&["certs"], args, &["--dir", &t]].concat());
+
+    let (code, text) = certs(&["worker", "--name", "w1"]);
+    assert_eq!(code, 2, "no CA yet: {text}");
+    assert!(text.contains("dir: no CA in") && text.contains("ferry certs ca"), "{text}");
+    let (code, text) = certs(&["ca"]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = certs(&["ca"]);
+    assert_eq!(code, 2, "a second CA would orphan the first's certificates: {text}");
+    let (code, text) = certs(&["user", "--name", "a b"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("name: 'a b'"), "{text}");
+    let (code, text) = certs(&["scheduler", "--id", "0"]);
+    assert_eq!(code, 2, "{text}");
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    for args in [
+        vec!["scheduler", "--id", "1", "--host", "127.0.0.1"],
+        vec!["worker", "--name", "w1"],
+        vec!["user", "--name", "alice", "--days", "30"],
+    ] {
+        let (code, text) = certs(&args);
+        assert_eq!(code, 0, "{args:?}: {text}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(tls.join("user-alice-key.pem")).expect("key").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "keys are the owner's only");
+
+    let f = |name: &str| tls.join(name).display().to_string();
+    let data = dir.path().join("s1").display().to_string();
+    let _s1 = Proc::spawn(
+        &[
+            "scheduler",
+            "--id",
+            "1",
+            "--listen",
+            &addr,
+            "--initial-cluster",
+            &format!("1={addr}"),
+            "--data",
+            &data,
+            "--tls-ca",
+            &f("ca.pem"),
+            "--tls-cert",
+            &f("scheduler-1.pem"),
+            "--tls-key",
+            &f("scheduler-1-key.pem"),
+        ]
+        .map(String::from),
+        &dir.path().join("s1.log"),
+    );
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).expect("root");
+    let _w1 = Proc::spawn(
+        &[
+            "worker",
+            "--name",
+            "w1",
+            "--listen",
+            "127.0.0.1:0",
+            "--schedulers",
+            &addr,
+            "--data",
+            &dir.path().join("w1").display().to_string(),
+            "--allow-root",
+            &root.display().to_string(),
+            "--tls-ca",
+            &f("ca.pem"),
+            "--tls-cert",
+            &f("worker-w1.pem"),
+            "--tls-key",
+            &f("worker-w1-key.pem"),
+        ]
+        .map(String::from),
+        &dir.path().join("w1.log"),
+    );
+    let alice = env_of(&Files {
+        ca: tls.join("ca.pem"),
+        cert: tls.join("user-alice.pem"),
+        key: tls.join("user-alice-key.pem"),
+    });
+    let listed = wait_for("w1 up, seen by alice", Duration::from_secs(30), || async {
+        let (code, text) = ferry_with(&alice, &["--endpoints", &addr, "worker", "list"]);
+        (code == 0 && text.contains("w1") && text.contains("up")).then_some(text)
+    })
+    .await;
+    assert!(listed.contains("w1"), "{listed}");
+    let (code, text) = ferry_with(&alice, &["--endpoints", &addr, "cluster", "status"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("364d left"), "the scheduler's certificate, issued for 365 days: {text}");
 }

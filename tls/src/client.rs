@@ -15,7 +15,6 @@ use std::time::Duration;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tower::Service;
@@ -24,12 +23,7 @@ use crate::identity::Role;
 use crate::Security;
 
 /// An opened connection, plaintext or TLS.
-pub enum ClientConn {
-    /// Plaintext (`--insecure`).
-    Plain(TcpStream),
-    /// TLS, handshake done.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
+pub type ClientConn = crate::io::Io<tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// A TLS connector over `C` (which opens TCP connections).
 #[derive(Clone)]
@@ -90,7 +84,7 @@ where
         Box::pin(async move {
             let tcp = connecting.await.map_err(|e| io::Error::other(e.into()))?.into_inner();
             let credentials = match security {
-                Security::Insecure => return Ok(TokioIo::new(ClientConn::Plain(tcp))),
+                Security::Insecure => return Ok(TokioIo::new(ClientConn::Plain(tcp, ()))),
                 Security::Tls(c) => c,
             };
             let name = ServerName::try_from(server.server_name()).map_err(io::Error::other)?;
@@ -98,58 +92,8 @@ where
             let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-            Ok(TokioIo::new(ClientConn::Tls(Box::new(tls))))
+            Ok(TokioIo::new(ClientConn::Tls(Box::new(tls), ())))
         })
-    }
-}
-
-impl AsyncRead for ClientConn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(s) => s.is_write_vectored(),
-            Self::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
     }
 }
 
@@ -177,7 +121,7 @@ mod tests {
         let uri: Uri = format!("http://{addr}").parse().unwrap();
         let mut good = Connector::new(tcp(), Security::Tls(alice.clone()), Role::Scheduler);
         let conn = good.call(uri.clone()).await.unwrap();
-        assert!(matches!(conn.into_inner(), ClientConn::Tls(_)));
+        assert!(matches!(conn.into_inner(), ClientConn::Tls(..)));
         let peer = match futures::StreamExt::next(&mut accepted).await.unwrap().unwrap() {
             crate::server::Conn::Tls(_, peer) => peer,
             crate::server::Conn::Plain(..) => panic!("plaintext"),

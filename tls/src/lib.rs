@@ -28,6 +28,7 @@ pub mod authority;
 pub mod client;
 pub mod credentials;
 pub mod identity;
+pub mod io;
 pub mod server;
 
 pub use authority::Authority;

@@ -8,12 +8,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -41,71 +38,14 @@ impl Peer {
     }
 }
 
-/// An accepted connection, plaintext or TLS.
-pub enum Conn {
-    /// A plaintext connection (`--insecure`).
-    Plain(TcpStream, Peer),
-    /// A TLS connection whose handshake is done.
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Peer),
-}
+/// An accepted connection, plaintext or TLS, with its peer.
+pub type Conn = crate::io::Io<tokio_rustls::server::TlsStream<TcpStream>, Peer>;
 
 impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = Peer;
 
     fn connect_info(&self) -> Peer {
-        match self {
-            Self::Plain(_, peer) | Self::Tls(_, peer) => peer.clone(),
-        }
-    }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(s, _) => s.is_write_vectored(),
-            Self::Tls(s, _) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s, _) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        self.meta().clone()
     }
 }
 
