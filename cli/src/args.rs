@@ -108,10 +108,12 @@ pub struct CertsIssue {
 }
 
 /// Transport security, for client commands and daemons alike (a daemon's
-/// flags override its `[tls]` and `insecure` keys).
+/// flags override its `[tls]` and `insecure` keys). The environment
+/// variables are read by client commands only: a daemon ignores them.
 #[derive(Args, Debug, Clone, Default)]
 pub struct TlsArgs {
-    /// The cluster CA's certificate (PEM): whom to trust.
+    /// The cluster CA's certificate (PEM): whom to trust. (The variable is
+    /// read by client commands only, never by a daemon.)
     #[arg(long, global = true, env = "FERRY_TLS_CA", value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
     /// This holder's certificate (PEM, from `ferry certs`): a user's for

@@ -70,6 +70,9 @@ fn main() -> ExitCode {
     // openraft's retry chatter under that load would drown its output.
     let default_level = match &cli.command {
         args::Command::Demo(_) => "warn,openraft=off",
+        // Three nodes starting in one process: openraft's chatter while
+        // they find each other would bury what `ferry dev` prints.
+        args::Command::Dev(_) => "info,openraft=off",
         c if c.is_daemon() => "info",
         _ => "warn",
     };

@@ -124,7 +124,7 @@ pub enum Error {
     #[error("certificate {path}: {reason}")]
     Identity { path: String, reason: String },
     /// rustls refused the material (a key not matching, a bad CA).
-    #[error("TLS: {0}")]
+    #[error("{0}")]
     Rustls(String),
     /// A setting is missing (TLS on, but a file not named).
     #[error("{0} is not set: name the cluster's CA, a certificate and its key (or ask for plaintext explicitly)")]
@@ -163,7 +163,9 @@ impl TlsConfig {
         let need = |field: &'static str, value: &Option<std::path::PathBuf>| {
             value.clone().ok_or((
                 field,
-                "not set: name the cluster's CA, a certificate and its key (made by `ferry certs`), or ask for plaintext (insecure)".to_string(),
+                "not set: give --tls-ca, --tls-cert and --tls-key (made by `ferry certs`; client commands also read \
+                 FERRY_TLS_CA, FERRY_TLS_CERT and FERRY_TLS_KEY, a daemon its TOML's [tls]), or --insecure for plaintext"
+                    .to_string(),
             ))
         };
         let files = Files {

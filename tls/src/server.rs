@@ -90,7 +90,15 @@ where
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
-                        tracing::info!(peer = ?remote, error = %e, "TLS handshake refused");
+                        // A certificate or a protocol refused (a plaintext
+                        // client, another CA's certificate) is worth an
+                        // operator's eye; a peer that went away is not.
+                        let refused = e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>());
+                        if refused {
+                            tracing::info!(peer = ?remote, error = %e, "TLS handshake refused");
+                        } else {
+                            tracing::debug!(peer = ?remote, error = %e, "TLS handshake failed");
+                        }
                         return;
                     }
                     Err(_) => {
