@@ -576,6 +576,7 @@ pub async fn run(name: &str, options: &Options) -> anyhow::Result<Report> {
     let kept = match kind {
         Kind::Upgrade => jobs::Kept::Newest(SHORT_HISTORY_KEEP),
         _ if !plan.base.is_empty() => jobs::Kept::AtLeast(SHORT_HISTORY_KEEP),
+        _ if plan.soak => jobs::Kept::Newest(soak::JOB_HISTORY),
         _ => jobs::Kept::All,
     };
     jobs.problems.extend(jobs::final_check(&endpoints, &jobs, &c.workers, kept).await);

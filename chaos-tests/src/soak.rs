@@ -15,8 +15,11 @@ use tokio::sync::Mutex;
 use crate::cluster::Cluster;
 use crate::jobs::Shape;
 
-/// Flags of the soak's schedulers: a job history of 20 (the default
-/// 1000 would take 8 hours of the soak's jobs to reach).
+/// The soak's schedulers keep this many finished jobs (the default 1000
+/// would take 8 hours of the soak's jobs to reach).
+pub const JOB_HISTORY: usize = 20;
+
+/// Flags of the soak's schedulers: [`JOB_HISTORY`].
 pub const SCHEDULER_ARGS: &[&str] = &["--job-history", "20"];
 
 /// The soak's workers: the jobs' source and 19 targets.
