@@ -352,7 +352,7 @@ async fn once(a: &Args, ferry: &Path, with_naive: bool) -> anyhow::Result<Outcom
             cmd.arg("--no-socket-priority");
         }
         let files = cluster.files(&ferry_sdk::tls::Identity::Worker(name.clone()))?;
-        cmd.arg("--tls-ca").arg(&files.ca).arg("--tls-cert").arg(&files.cert).arg("--tls-key").arg(&files.key);
+        cmd.args(files.flags());
         let child = cmd
             .args(["--name", &name, "--schedulers", &endpoints])
             .arg("--data")

@@ -28,12 +28,8 @@ impl BenchCa {
     }
 
     /// The flags that give a `ferry` daemon `identity`'s certificate.
-    pub fn flags(&self, identity: &Identity) -> anyhow::Result<Vec<String>> {
-        let f = self.files(identity)?;
-        Ok([("--tls-ca", f.ca), ("--tls-cert", f.cert), ("--tls-key", f.key)]
-            .into_iter()
-            .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
-            .collect())
+    pub fn flags(&self, identity: &Identity) -> anyhow::Result<Vec<std::ffi::OsString>> {
+        Ok(self.files(identity)?.flags())
     }
 
     /// Credentials of the bench's own clients.

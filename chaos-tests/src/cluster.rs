@@ -127,15 +127,7 @@ pub struct Cluster {
 /// The flags that give a process `identity`'s certificate from `ca`,
 /// issued into `dir`.
 fn tls_args(ca: &Authority, dir: &Path, identity: &Identity) -> anyhow::Result<Vec<OsString>> {
-    let files = ca.write_holder(dir, identity, &[])?;
-    Ok(vec![
-        "--tls-ca".into(),
-        files.ca.into(),
-        "--tls-cert".into(),
-        files.cert.into(),
-        "--tls-key".into(),
-        files.key.into(),
-    ])
+    Ok(ca.write_holder(dir, identity, &[])?.flags())
 }
 
 impl Cluster {

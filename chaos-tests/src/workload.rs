@@ -55,14 +55,7 @@ pub fn security() -> ferry_sdk::Security {
 pub fn cli_env() -> Vec<(&'static str, std::ffi::OsString)> {
     match security() {
         ferry_sdk::Security::Insecure => vec![("FERRY_INSECURE", "true".into())],
-        ferry_sdk::Security::Tls(c) => {
-            let f = c.files();
-            vec![
-                ("FERRY_TLS_CA", f.ca.clone().into()),
-                ("FERRY_TLS_CERT", f.cert.clone().into()),
-                ("FERRY_TLS_KEY", f.key.clone().into()),
-            ]
-        }
+        ferry_sdk::Security::Tls(c) => c.files().env(),
     }
 }
 

@@ -24,11 +24,7 @@ fn ferry_with(env: &[(&str, String)], args: &[&str]) -> (i32, String) {
 }
 
 fn env_of(f: &Files) -> Vec<(&'static str, String)> {
-    vec![
-        ("FERRY_TLS_CA", f.ca.display().to_string()),
-        ("FERRY_TLS_CERT", f.cert.display().to_string()),
-        ("FERRY_TLS_KEY", f.key.display().to_string()),
-    ]
+    f.env().into_iter().map(|(k, v)| (k, v.to_string_lossy().into_owned())).collect()
 }
 
 /// A channel to `addr`, a server of `role`, as `security` says.

@@ -33,6 +33,25 @@ pub struct Files {
     pub key: PathBuf,
 }
 
+impl Files {
+    /// The daemon flags that name these files (`--tls-ca FILE ...`).
+    pub fn flags(&self) -> Vec<std::ffi::OsString> {
+        [("--tls-ca", &self.ca), ("--tls-cert", &self.cert), ("--tls-key", &self.key)]
+            .into_iter()
+            .flat_map(|(flag, path)| [flag.into(), path.clone().into_os_string()])
+            .collect()
+    }
+
+    /// The variables the CLI reads for these files (`FERRY_TLS_CA`, ...).
+    pub fn env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        vec![
+            ("FERRY_TLS_CA", self.ca.clone().into_os_string()),
+            ("FERRY_TLS_CERT", self.cert.clone().into_os_string()),
+            ("FERRY_TLS_KEY", self.key.clone().into_os_string()),
+        ]
+    }
+}
+
 /// How often [`Credentials::watch`] looks at the files.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(5);
 

@@ -83,16 +83,8 @@ pub fn reissue_for(identity: &Identity, days: i64) -> Files {
 }
 
 /// The flags giving a daemon `identity`'s certificate.
-pub fn tls_flags(identity: &Identity) -> Vec<String> {
-    let f = files(identity);
-    vec![
-        "--tls-ca".into(),
-        f.ca.display().to_string(),
-        "--tls-cert".into(),
-        f.cert.display().to_string(),
-        "--tls-key".into(),
-        f.key.display().to_string(),
-    ]
+pub fn tls_flags(identity: &Identity) -> Vec<std::ffi::OsString> {
+    files(identity).flags()
 }
 
 /// The tests' user.
@@ -101,13 +93,8 @@ pub fn user() -> Identity {
 }
 
 /// The variables a user exports for the CLI (`ferry dev` prints them).
-pub fn user_env() -> Vec<(&'static str, String)> {
-    let f = files(&user());
-    vec![
-        ("FERRY_TLS_CA", f.ca.display().to_string()),
-        ("FERRY_TLS_CERT", f.cert.display().to_string()),
-        ("FERRY_TLS_KEY", f.key.display().to_string()),
-    ]
+pub fn user_env() -> Vec<(&'static str, std::ffi::OsString)> {
+    files(&user()).env()
 }
 
 /// The tests' user's credentials, for SDK clients.
